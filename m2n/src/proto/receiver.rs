@@ -1,0 +1,215 @@
+use std::time::{Duration, Instant};
+
+use super::{ChannelId, Geometry, Immediate, ProtoError};
+
+/// A round whose messages from every sender have all arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveredRound {
+    pub round: u64,
+    /// Length of each sender's message; its bytes are at
+    /// `Geometry::slot_offset(sender, slot)` in the ring.
+    pub lens: Vec<u32>,
+    pub slot: usize,
+}
+
+/// A credit to write to every sender: "I have released `released` rounds".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditOp {
+    pub released: u64,
+}
+
+/// The receiving side of one channel, for one receiver.
+#[derive(Debug)]
+pub struct RecvChannel {
+    geo: Geometry,
+    channel: ChannelId,
+    /// Per sender: rounds that have arrived.
+    arrived: Vec<u64>,
+    /// Message length per (sender, slot).
+    lens: Vec<u32>,
+    /// The next round to deliver to the application.
+    delivered: u64,
+    /// Rounds released, counted from 0; `release_flags` covers rounds
+    /// `released..delivered`.
+    released: u64,
+    release_flags: Vec<bool>,
+    /// A credit not yet emitted.
+    credit_dirty: bool,
+    last_credit_at: Option<Instant>,
+    refresh: Duration,
+}
+
+impl RecvChannel {
+    /// `refresh` is how often the current credit is re-sent even without
+    /// news, so that a lost credit write cannot stall a sender forever.
+    pub fn new(geo: Geometry, channel: ChannelId, refresh: Duration) -> Result<Self, ProtoError> {
+        geo.validate()?;
+        Ok(Self {
+            geo,
+            channel,
+            arrived: vec![0; geo.senders],
+            lens: vec![0; geo.senders * geo.depth],
+            delivered: 0,
+            released: 0,
+            release_flags: vec![false; geo.depth],
+            credit_dirty: false,
+            last_credit_at: None,
+            refresh,
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// Validates and records a write that arrived from transport peer
+    /// `peer` (its sender index) carrying `imm` and `len` bytes.
+    ///
+    /// Every check happens before any state changes; a failed check is a
+    /// protocol error naming the peer.
+    pub fn on_arrival(&mut self, peer: usize, imm: u32, len: usize) -> Result<(), ProtoError> {
+        let imm = Immediate::decode(imm);
+        let claimed = usize::from(imm.sender);
+        if claimed >= self.geo.senders {
+            return Err(ProtoError::UnknownSender {
+                peer,
+                claimed,
+                senders: self.geo.senders,
+            });
+        }
+        if claimed != peer {
+            return Err(ProtoError::Misrouted { peer, claimed });
+        }
+        if imm.channel != self.channel {
+            return Err(ProtoError::WrongChannel {
+                peer,
+                got: imm.channel,
+                expected: self.channel,
+            });
+        }
+        let expected = self.arrived[peer];
+        match imm.round_distance(expected) {
+            0 => {}
+            d if d < 0 => {
+                return Err(ProtoError::StaleRound {
+                    peer,
+                    round_bits: imm.round_bits,
+                    expected,
+                })
+            }
+            _ => {
+                return Err(ProtoError::FutureRound {
+                    peer,
+                    round_bits: imm.round_bits,
+                    expected,
+                })
+            }
+        }
+        let slot = self.geo.slot_of(expected);
+        if usize::from(imm.slot) != slot {
+            return Err(ProtoError::WrongSlot {
+                peer,
+                slot: usize::from(imm.slot),
+                expected: slot,
+                round: expected,
+            });
+        }
+        if len > self.geo.slot_bytes {
+            return Err(ProtoError::TooLong {
+                peer,
+                len,
+                slot_bytes: self.geo.slot_bytes,
+            });
+        }
+        if expected >= self.released + self.geo.depth as u64 {
+            return Err(ProtoError::CreditOverrun {
+                peer,
+                round: expected,
+                consumed: self.released,
+                depth: self.geo.depth,
+            });
+        }
+        self.lens[peer * self.geo.depth + slot] = len as u32;
+        self.arrived[peer] = expected + 1;
+        Ok(())
+    }
+
+    /// The next complete round, in order, if every sender's message is in.
+    pub fn poll_round(&mut self) -> Option<DeliveredRound> {
+        let round = self.delivered;
+        if self.arrived.iter().any(|&a| a <= round) {
+            return None;
+        }
+        let slot = self.geo.slot_of(round);
+        let lens = (0..self.geo.senders)
+            .map(|s| self.lens[s * self.geo.depth + slot])
+            .collect();
+        self.delivered += 1;
+        Some(DeliveredRound { round, lens, slot })
+    }
+
+    /// Senders whose message for the next undelivered round is missing.
+    pub fn missing_senders(&self) -> impl Iterator<Item = usize> + '_ {
+        let round = self.delivered;
+        (0..self.geo.senders).filter(move |&s| self.arrived[s] <= round)
+    }
+
+    /// The next round [`poll_round`](Self::poll_round) will deliver.
+    pub fn next_round(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Rounds released so far.
+    pub fn released(&self) -> u64 {
+        self.released
+    }
+
+    /// Releases a delivered round; its slots become free for the senders.
+    /// Rounds may be released in any order; credit covers the released prefix.
+    pub fn release(&mut self, round: u64) -> Result<(), ProtoError> {
+        if round >= self.delivered {
+            return Err(ProtoError::BadRelease {
+                round,
+                why: "it has not been delivered",
+            });
+        }
+        if round < self.released {
+            return Err(ProtoError::BadRelease {
+                round,
+                why: "it was already released",
+            });
+        }
+        let flag = &mut self.release_flags[self.geo.slot_of(round)];
+        if *flag {
+            return Err(ProtoError::BadRelease {
+                round,
+                why: "it was already released",
+            });
+        }
+        *flag = true;
+        while self.released < self.delivered && self.release_flags[self.geo.slot_of(self.released)] {
+            self.release_flags[self.geo.slot_of(self.released)] = false;
+            self.released += 1;
+            self.credit_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// The credit to write to every sender now, if any: after a release, or
+    /// every `refresh` interval to repair a lost credit.
+    pub fn poll_credit(&mut self, now: Instant) -> Option<CreditOp> {
+        let due = match self.last_credit_at {
+            _ if self.credit_dirty => true,
+            Some(at) => self.released > 0 && now.saturating_duration_since(at) >= self.refresh,
+            None => false,
+        };
+        if !due {
+            return None;
+        }
+        self.credit_dirty = false;
+        self.last_credit_at = Some(now);
+        Some(CreditOp {
+            released: self.released,
+        })
+    }
+}
