@@ -1,0 +1,284 @@
+//! One-sided RDMA semantics behind a small trait.
+//!
+//! A transport registers memory (handing out a portable descriptor a peer
+//! can import), connects to peers from their endpoint descriptors, posts
+//! writes with or without an immediate on a [`Lane`], and reports
+//! completions when polled. "Not now" is [`TransportError::WouldBlock`], a
+//! normal answer: call [`Transport::poll`] and try again.
+//!
+//! Backends: [`shm`] (processes on one host). The `tcp` and `verbs` backends
+//! implement the same trait.
+
+use std::any::Any;
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::codec::DecodeError;
+pub use crate::proto::Lane;
+
+pub mod shm;
+
+/// Which backend moves the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Shm,
+    Tcp,
+    Verbs,
+    /// Pick the best one that reaches every peer.
+    Auto,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Shm => "shm",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Verbs => "verbs",
+            TransportKind::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "shm" => Ok(Self::Shm),
+            "tcp" => Ok(Self::Tcp),
+            "verbs" => Ok(Self::Verbs),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("unknown transport {other:?}: expected shm, tcp, verbs or auto")),
+        }
+    }
+}
+
+/// Errors of the transport layer; each names the operation and peer.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    /// A queue is full; poll completions and retry. Not a failure.
+    #[error("transport queue full, retry after polling")]
+    WouldBlock,
+    #[error("{op}: {source}")]
+    Os {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad descriptor from peer {peer}: {source}")]
+    BadDescriptor {
+        peer: usize,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("{side} range {offset}+{len} is outside its region of {region_len} bytes (peer {peer})")]
+    OutOfBounds {
+        side: &'static str,
+        peer: usize,
+        offset: usize,
+        len: usize,
+        region_len: usize,
+    },
+    #[error("peer {0} is not connected")]
+    NotConnected(usize),
+    #[error("local region {0} is not registered (or was freed)")]
+    UnknownRegion(u32),
+    #[error("peer {peer} corrupted shared state: {detail}")]
+    Corrupt { peer: usize, detail: String },
+    #[error("transport {0} is not available: {1}")]
+    Unavailable(TransportKind, String),
+}
+
+impl TransportError {
+    pub(crate) fn os(op: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+        Self::Os {
+            op: op.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Identifies a local registered region within its transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RegionId(pub u32);
+
+/// A peer's region this process may write into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    pub peer: usize,
+    /// The transport's handle for the imported region.
+    pub key: u32,
+    pub len: usize,
+}
+
+/// Registered memory: owned by the application, readable and writable by
+/// the transport (and, for receive regions, by peers).
+///
+/// While a write from this region is in flight (posted, completion not yet
+/// seen), its bytes must not change; while a peer may write into it, the
+/// protocol (credits) says who owns which bytes.
+pub struct Region {
+    id: RegionId,
+    ptr: NonNull<u8>,
+    len: usize,
+    descriptor: Vec<u8>,
+    _keep: Arc<dyn Any + Send + Sync>,
+}
+
+// SAFETY: the memory is owned through `_keep` (Send + Sync) and the handle
+// hands out references only through `&self`/`&mut self` borrows.
+unsafe impl Send for Region {}
+// SAFETY: as above; shared access is read-only except through atomics.
+unsafe impl Sync for Region {}
+
+impl fmt::Debug for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region").field("id", &self.id).field("len", &self.len).finish()
+    }
+}
+
+impl Region {
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid for reads and writes as long as `keep` lives.
+    pub(crate) unsafe fn new(
+        id: RegionId,
+        ptr: NonNull<u8>,
+        len: usize,
+        descriptor: Vec<u8>,
+        keep: Arc<dyn Any + Send + Sync>,
+    ) -> Self {
+        Self {
+            id,
+            ptr,
+            len,
+            descriptor,
+            _keep: keep,
+        }
+    }
+
+    pub fn id(&self) -> RegionId {
+        self.id
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The portable blob a peer passes to [`Transport::import`].
+    pub fn descriptor(&self) -> &[u8] {
+        &self.descriptor
+    }
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: valid for `len` bytes while `_keep` lives (constructor contract).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes this the only borrow through the handle.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Reads an 8-byte word that peers write atomically (credits).
+    pub fn load_u64(&self, offset: usize) -> u64 {
+        assert!(offset % 8 == 0 && offset + 8 <= self.len, "unaligned or out-of-range word {offset}");
+        // SAFETY: in range and 8-aligned (mappings are page-aligned); peers write it atomically.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }.load(Ordering::Acquire)
+    }
+
+    /// Writes an 8-byte word atomically (the source of a credit write).
+    pub fn store_u64(&self, offset: usize, value: u64) {
+        assert!(offset % 8 == 0 && offset + 8 <= self.len, "unaligned or out-of-range word {offset}");
+        // SAFETY: in range and 8-aligned; concurrent readers use atomics too.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }.store(value, Ordering::Release)
+    }
+}
+
+/// One write to a peer's region.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteRequest {
+    pub local: RegionId,
+    pub local_offset: usize,
+    pub len: usize,
+    pub remote: RemoteRegion,
+    pub remote_offset: usize,
+    /// With an immediate, the peer sees a [`Completion::Arrived`].
+    pub imm: Option<u32>,
+    /// Returned in [`Completion::WriteDone`] when `signaled`.
+    pub wr_id: u64,
+    pub signaled: bool,
+}
+
+/// What [`Transport::poll`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// A signalled local write finished; its source may be reused.
+    WriteDone { wr_id: u64 },
+    /// A peer's write with immediate landed in one of our regions.
+    Arrived { peer: usize, imm: u32, len: usize },
+}
+
+/// The transport contract (see the module docs).
+///
+/// Writes of exactly 8 bytes between 8-aligned offsets are single-copy
+/// atomic: credits rely on it.
+pub trait Transport: Send + fmt::Debug {
+    fn kind(&self) -> TransportKind;
+
+    /// This endpoint's descriptor, for peers' [`connect`](Self::connect).
+    fn endpoint(&self) -> Vec<u8>;
+
+    /// Allocates and registers `len` bytes that peers can write into.
+    fn alloc(&mut self, len: usize) -> Result<Region, TransportError>;
+
+    /// Connects to transport peer `peer` from its endpoint descriptor.
+    fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError>;
+
+    /// Imports a region descriptor received from `peer`.
+    fn import(&mut self, peer: usize, descriptor: &[u8]) -> Result<RemoteRegion, TransportError>;
+
+    /// Posts one write. Bounds are checked against both regions before a
+    /// byte moves.
+    ///
+    /// # Safety
+    /// The bytes `req.local_offset..+req.len` of the local region must not
+    /// be modified until the write's completion (or, unsignalled, until a
+    /// later signalled write on the same peer and lane completes).
+    unsafe fn post_write(&mut self, peer: usize, lane: Lane, req: &WriteRequest) -> Result<(), TransportError>;
+
+    /// Appends completions to `out`.
+    fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError>;
+}
+
+/// Checks `offset + len <= region_len` without overflow.
+pub(crate) fn check_range(
+    side: &'static str,
+    peer: usize,
+    offset: usize,
+    len: usize,
+    region_len: usize,
+) -> Result<(), TransportError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= region_len => Ok(()),
+        _ => Err(TransportError::OutOfBounds {
+            side,
+            peer,
+            offset,
+            len,
+            region_len,
+        }),
+    }
+}
