@@ -1,5 +1,21 @@
+//! m2n: zero-copy M-to-N communication for disaggregated Mixture-of-Experts
+//! inference.
+//!
+//! Layers, top to bottom: [`comm`] (the public API), [`proto`] (the M2N
+//! protocol, sans-IO), [`transport`] (one-sided writes: `shm`), and
+//! [`bootstrap`] (rendezvous). See the README for the configuration table.
+
 pub mod bootstrap;
 pub mod codec;
+pub mod comm;
+pub mod config;
 pub mod group;
+pub mod pattern;
 pub mod proto;
 pub mod transport;
+
+pub use bootstrap::{Root, UniqueId};
+pub use comm::{Channel, Communicator, Error, Msg, RecvRound, Result};
+pub use config::{ChannelConfig, Config, WaitPolicy};
+pub use group::{Peer, Role, Shape};
+pub use transport::{Region, TransportKind};

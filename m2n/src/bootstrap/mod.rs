@@ -15,6 +15,7 @@
 //! deadline.
 
 mod uid;
+pub(crate) use uid::secrets_match;
 mod wire;
 
 use std::io;

@@ -1,0 +1,181 @@
+//! The demo's launcher: hosts the bootstrap root, starts one process per
+//! rank, and summarises what they report.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use m2n::{Role, Root};
+
+use crate::RunArgs;
+
+struct Report {
+    role: Role,
+    rank: usize,
+    transport: String,
+    elapsed_ns: u64,
+    wrong: u64,
+    latencies_ns: Vec<u64>,
+}
+
+fn parse_result(line: &str) -> Option<Report> {
+    let mut it = line.strip_prefix("M2N-RESULT ")?.split(' ');
+    let role = it.next()?.parse().ok()?;
+    let rank = it.next()?.parse().ok()?;
+    let mut report = Report {
+        role,
+        rank,
+        transport: String::new(),
+        elapsed_ns: 0,
+        wrong: 0,
+        latencies_ns: Vec::new(),
+    };
+    for field in it {
+        let (k, v) = field.split_once('=')?;
+        match k {
+            "transport" => report.transport = v.to_string(),
+            "elapsed_ns" => report.elapsed_ns = v.parse().ok()?,
+            "wrong" => report.wrong = v.parse().ok()?,
+            "lat_ns" if !v.is_empty() => {
+                report.latencies_ns = v.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?
+            }
+            _ => {}
+        }
+    }
+    Some(report)
+}
+
+struct Rank {
+    role: Role,
+    rank: usize,
+    child: Child,
+    output: std::thread::JoinHandle<Vec<String>>,
+}
+
+pub fn main(args: &RunArgs) -> i32 {
+    let (m, n) = (args.senders as usize, args.receivers as usize);
+    let root = match Root::bind("127.0.0.1:0".parse().expect("literal address")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("m2n-demo: cannot start the bootstrap root: {e}");
+            return 1;
+        }
+    };
+    let uid = root.unique_id().to_string();
+    let served = root.spawn(Duration::from_secs(args.timeout_s));
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("m2n-demo: cannot find my own executable: {e}");
+            return 1;
+        }
+    };
+    let mut ranks = Vec::new();
+    for (role, count) in [(Role::Attention, m), (Role::Expert, n)] {
+        for rank in 0..count {
+            let spawned = Command::new(&exe)
+                .args(["--worker", "--role", role.name(), "--rank", &rank.to_string()])
+                .args(["--senders", &m.to_string(), "--receivers", &n.to_string()])
+                .args(["--rounds", &args.rounds.to_string(), "--bytes", &args.bytes.to_string()])
+                .args(["--window", &args.window.to_string(), "--timeout-s", &args.timeout_s.to_string()])
+                .env("M2N_UNIQUE_ID", &uid)
+                .stdout(Stdio::piped())
+                .spawn();
+            let mut child = match spawned {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("m2n-demo: cannot start {role} {rank}: {e}");
+                    ranks.iter_mut().for_each(|r: &mut Rank| {
+                        let _ = r.child.kill();
+                    });
+                    return 1;
+                }
+            };
+            let stdout = child.stdout.take().expect("piped");
+            let output = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect());
+            ranks.push(Rank {
+                role,
+                rank,
+                child,
+                output,
+            });
+        }
+    }
+    let mut reports = Vec::new();
+    let mut failed = false;
+    for r in ranks {
+        let Rank {
+            role,
+            rank,
+            mut child,
+            output,
+        } = r;
+        let status = child.wait();
+        let lines = output.join().unwrap_or_default();
+        match lines.iter().find_map(|l| parse_result(l)) {
+            Some(rep) if status.as_ref().is_ok_and(|s| s.success()) => reports.push(rep),
+            _ => {
+                failed = true;
+                let why = lines
+                    .iter()
+                    .find(|l| l.starts_with("M2N-ERROR"))
+                    .cloned()
+                    .unwrap_or_else(|| format!("exited with {status:?}"));
+                eprintln!("m2n-demo: {role} {rank} failed: {why}");
+                for l in lines.iter().filter(|l| l.starts_with("M2N-RESULT")) {
+                    if let Some(rep) = parse_result(l) {
+                        eprintln!("m2n-demo: {role} {rank} found {} wrong bytes", rep.wrong);
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(Err(e)) = served.join() {
+        eprintln!("m2n-demo: bootstrap: {e}");
+        failed = true;
+    }
+    if failed {
+        return 1;
+    }
+    summarise(args, &reports);
+    0
+}
+
+fn summarise(args: &RunArgs, reports: &[Report]) {
+    let (m, n) = (args.senders as u64, args.receivers as u64);
+    let elapsed_s = reports.iter().map(|r| r.elapsed_ns).max().unwrap_or(1).max(1) as f64 / 1e9;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+    for r in reports.iter().filter(|r| r.role == Role::Attention) {
+        for &ns in &r.latencies_ns {
+            let _ = hist.record(ns.max(1));
+        }
+    }
+    // Payload moved: every pair, both directions, every round.
+    let messages = 2 * m * n * args.rounds;
+    let bytes = messages as f64 * args.bytes as f64;
+    let transport = reports.first().map_or("?", |r| r.transport.as_str());
+    println!(
+        "m2n-demo: {m} attention x {n} expert ranks over {transport}, {} rounds of {} B per pair, window {}",
+        args.rounds, args.bytes, args.window
+    );
+    println!("  rounds/s      : {:.1}", args.rounds as f64 / elapsed_s);
+    println!(
+        "  GB/s          : {:.3}  (dispatch + combine payload over all pairs, GB = 1e9 B)",
+        bytes / elapsed_s / 1e9
+    );
+    println!(
+        "  round latency : p50 {:.1} us, p99 {:.1} us, max {:.1} us  (dispatch posted -> combine received, {} samples)",
+        hist.value_at_quantile(0.5) as f64 / 1e3,
+        hist.value_at_quantile(0.99) as f64 / 1e3,
+        hist.max() as f64 / 1e3,
+        hist.len()
+    );
+    let wrong: u64 = reports.iter().map(|r| r.wrong).sum();
+    let ranks: Vec<String> = reports.iter().map(|r| format!("{} {}", r.role, r.rank)).collect();
+    println!(
+        "  data check    : {messages} messages, every byte checked, {wrong} wrong  ({} ranks: {})",
+        reports.len(),
+        ranks.join(", ")
+    );
+}

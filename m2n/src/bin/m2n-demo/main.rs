@@ -1,0 +1,62 @@
+//! m2n-demo: launches M attention and N expert processes on this host and
+//! runs dispatch + combine rounds between them, checking every byte.
+//!
+//! ```text
+//! cargo run --release -p m2n --bin m2n-demo -- --senders 2 --receivers 2 --rounds 1000 --bytes 65536
+//! ```
+
+mod launcher;
+mod worker;
+
+use clap::Parser;
+
+/// Settings shared by the launcher and its workers.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Attention ranks (M): they send on dispatch and receive on combine.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub senders: u32,
+    /// Expert ranks (N): they receive on dispatch and send on combine.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub receivers: u32,
+    /// Rounds of dispatch followed by combine.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
+    /// Bytes per sender-receiver pair and round (K/M/G suffixes allowed).
+    #[arg(long, default_value = "65536", value_parser = parse_bytes)]
+    pub bytes: usize,
+    /// Rounds an attention rank keeps in flight (at most the depth).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub window: u32,
+    /// Seconds any single wait may take before the run fails.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_s: u64,
+}
+
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    m2n::config::parse_bytes(s)
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "m2n-demo", about = "Run an M2N exchange between local processes and check every byte")]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Internal: run as one worker (set by the launcher and tests).
+    #[arg(long, hide = true, requires_all = ["role", "rank"])]
+    worker: bool,
+    #[arg(long, hide = true)]
+    role: Option<m2n::Role>,
+    #[arg(long, hide = true)]
+    rank: Option<u32>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = if cli.worker {
+        worker::main(&cli.run, cli.role.expect("required"), cli.rank.expect("required") as usize)
+    } else {
+        launcher::main(&cli.run)
+    };
+    std::process::exit(code);
+}

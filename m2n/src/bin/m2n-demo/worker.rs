@@ -1,0 +1,136 @@
+//! One rank of the demo. Prints `M2N-RESULT ...` on success, or
+//! `M2N-ERROR <kind>: <message>` and exits non-zero.
+
+use std::time::{Duration, Instant};
+
+use m2n::pattern;
+use m2n::proto::ChannelId;
+use m2n::{Communicator, Config, Error, Msg, Role, Shape};
+
+use crate::RunArgs;
+
+/// Exit status of a worker whose data check failed.
+pub const EXIT_WRONG: i32 = 2;
+/// Exit status of a worker that hit an error.
+pub const EXIT_ERROR: i32 = 3;
+
+pub fn main(args: &RunArgs, role: Role, rank: usize) -> i32 {
+    match run(args, role, rank) {
+        Ok(wrong) if wrong == 0 => 0,
+        Ok(_) => EXIT_WRONG,
+        Err(e) => {
+            let kind = match &e {
+                Error::PeerLost { .. } => "peer-lost",
+                Error::Timeout { .. } => "timeout",
+                Error::Bootstrap(_) => "bootstrap",
+                Error::Config(_) => "config",
+                Error::Protocol { .. } => "protocol",
+                _ => "other",
+            };
+            println!("M2N-ERROR {kind}: {role} {rank}: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+fn run(args: &RunArgs, role: Role, rank: usize) -> m2n::Result<usize> {
+    let uid_text = std::env::var("M2N_UNIQUE_ID")
+        .map_err(|_| Error::InvalidArgument("M2N_UNIQUE_ID is not set (the launcher sets it)".into()))?;
+    let uid = uid_text.parse().map_err(Error::InvalidArgument)?;
+    let mut config = Config::default();
+    // Slots fit the messages and the window, unless the environment says otherwise.
+    let depth = (args.window as usize).max(2);
+    config.dispatch.slot_bytes = args.bytes;
+    config.combine.slot_bytes = args.bytes;
+    config.dispatch.depth = depth;
+    config.combine.depth = depth;
+    config.apply_env(std::env::vars())?;
+    let shape = Shape::new(args.senders as usize, args.receivers as usize);
+    let mut comm = Communicator::init(config, role, rank, shape, &uid)?;
+    println!("M2N-READY {role} {rank} pid={}", std::process::id());
+    match role {
+        Role::Attention => attention(&mut comm, args),
+        Role::Expert => expert(&mut comm, args),
+    }
+}
+
+fn fill_round(buf: &mut m2n::Region, base: usize, channel: ChannelId, me: usize, peers: usize, round: u64, bytes: usize) {
+    for p in 0..peers {
+        let off = base + p * bytes;
+        pattern::fill(&mut buf.as_mut_slice()[off..off + bytes], pattern::seed(channel, me, p, round));
+    }
+}
+
+fn msgs(buf: &m2n::Region, base: usize, peers: usize, bytes: usize) -> Vec<Msg<'_>> {
+    (0..peers).map(|p| Msg::new(buf, base + p * bytes, bytes)).collect()
+}
+
+fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    let (me, n, bytes, window) = (comm.rank(), comm.shape().experts, args.bytes, args.window as u64);
+    let stride = n * bytes;
+    let mut buf = comm.alloc(stride * window as usize)?;
+    let mut sent_at = vec![Instant::now(); window as usize];
+    let mut latencies_ns = Vec::with_capacity(args.rounds as usize);
+    let mut wrong = 0usize;
+    let (mut next_send, mut next_recv) = (0u64, 0u64);
+    let start = Instant::now();
+    while next_recv < args.rounds {
+        while next_send < args.rounds && next_send - next_recv < window {
+            let base = (next_send % window) as usize * stride;
+            fill_round(&mut buf, base, ChannelId::Dispatch, me, n, next_send, bytes);
+            sent_at[(next_send % window) as usize] = Instant::now();
+            let round = comm.dispatch().send(&msgs(&buf, base, n, bytes), timeout)?;
+            debug_assert_eq!(round, next_send);
+            next_send += 1;
+        }
+        let got = comm.combine().recv(timeout)?;
+        let done = Instant::now();
+        let round = got.round();
+        for e in 0..n {
+            let m = comm.message(&got, e);
+            wrong += (m.len() != bytes) as usize * bytes.max(1);
+            wrong += pattern::count_wrong(m, pattern::seed(ChannelId::Combine, e, me, round));
+        }
+        comm.combine().release(got)?;
+        latencies_ns.push(done.duration_since(sent_at[(round % window) as usize]).as_nanos() as u64);
+        next_recv += 1;
+    }
+    let elapsed = start.elapsed();
+    let lat: Vec<String> = latencies_ns.iter().map(u64::to_string).collect();
+    println!(
+        "M2N-RESULT attention {me} transport={} elapsed_ns={} wrong={wrong} lat_ns={}",
+        comm.transport_kind(),
+        elapsed.as_nanos(),
+        lat.join(",")
+    );
+    Ok(wrong)
+}
+
+fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    let (me, m, bytes) = (comm.rank(), comm.shape().attention, args.bytes);
+    let stride = m * bytes;
+    let mut buf = comm.alloc(stride)?;
+    let mut wrong = 0usize;
+    let start = Instant::now();
+    for round in 0..args.rounds {
+        let got = comm.dispatch().recv(timeout)?;
+        debug_assert_eq!(got.round(), round);
+        for a in 0..m {
+            let msg = comm.message(&got, a);
+            wrong += (msg.len() != bytes) as usize * bytes.max(1);
+            wrong += pattern::count_wrong(msg, pattern::seed(ChannelId::Dispatch, a, me, round));
+        }
+        comm.dispatch().release(got)?;
+        fill_round(&mut buf, 0, ChannelId::Combine, me, m, round, bytes);
+        let sent = comm.combine().send(&msgs(&buf, 0, m, bytes), timeout)?;
+        comm.combine().wait_sent(sent, timeout)?;
+    }
+    println!(
+        "M2N-RESULT expert {me} transport={} elapsed_ns={} wrong={wrong} lat_ns=",
+        comm.transport_kind(),
+        start.elapsed().as_nanos()
+    );
+    Ok(wrong)
+}

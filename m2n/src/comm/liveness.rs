@@ -1,0 +1,209 @@
+//! Peer liveness: one TCP link per pair of ranks that talk, carrying
+//! heartbeats. A killed process's links close at once (the kernel sends a
+//! FIN or RST); a hung one stops sending heartbeats and is declared lost
+//! after the peer timeout.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::bootstrap::SECRET_BYTES;
+use crate::group::{Peer, Shape};
+
+const HEARTBEAT: u8 = 1;
+const GOODBYE: u8 = 2;
+
+#[derive(Debug)]
+struct Link {
+    peer: Peer,
+    stream: TcpStream,
+    last_heard: Instant,
+    last_sent: Instant,
+    lost: Option<String>,
+}
+
+/// The liveness links of one rank.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    links: Vec<Link>,
+    timeout: Duration,
+    interval: Duration,
+    last_poll: Instant,
+}
+
+/// Pre-handshake state: our listener.
+#[derive(Debug)]
+pub(crate) struct LivenessListener {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+impl LivenessListener {
+    pub fn bind(ip: std::net::IpAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((ip, 0))?;
+        let addr = listener.local_addr()?;
+        Ok(Self { listener, addr })
+    }
+}
+
+fn hello(secret: &[u8; SECRET_BYTES], global: usize) -> Vec<u8> {
+    let mut v = secret.to_vec();
+    v.extend_from_slice(&(global as u32).to_le_bytes());
+    v
+}
+
+impl Liveness {
+    /// Builds the links: `me` (global rank) connects to every peer in
+    /// `dial` and accepts one connection from every peer in `accept`.
+    pub fn establish(
+        listener: LivenessListener,
+        shape: Shape,
+        me: usize,
+        secret: &[u8; SECRET_BYTES],
+        dial: &[(usize, SocketAddr)],
+        accept: &[usize],
+        deadline: Instant,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Result<Self, String> {
+        let now = Instant::now();
+        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let mut links = Vec::new();
+        let link = |global: usize, stream: TcpStream| -> Result<Link, String> {
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let (role, rank) = shape.member(global);
+            Ok(Link {
+                peer: Peer { role, rank },
+                stream,
+                last_heard: now,
+                last_sent: now,
+                lost: None,
+            })
+        };
+        for &(global, addr) in dial {
+            let (role, rank) = shape.member(global);
+            let mut s = TcpStream::connect_timeout(&addr, left())
+                .map_err(|e| format!("liveness link to {} at {addr}: {e}", Peer { role, rank }))?;
+            s.write_all(&hello(secret, me))
+                .map_err(|e| format!("liveness hello to {}: {e}", Peer { role, rank }))?;
+            links.push(link(global, s)?);
+        }
+        listener.listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let mut pending: Vec<usize> = accept.to_vec();
+        while !pending.is_empty() {
+            if Instant::now() >= deadline {
+                let names: Vec<String> = pending
+                    .iter()
+                    .map(|&g| {
+                        let (role, rank) = shape.member(g);
+                        Peer { role, rank }.to_string()
+                    })
+                    .collect();
+                return Err(format!("liveness links never came from: {}", names.join(", ")));
+            }
+            let mut s = match listener.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                Err(e) => return Err(format!("liveness accept: {e}")),
+            };
+            s.set_nonblocking(false).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+            let mut buf = [0u8; SECRET_BYTES + 4];
+            if s.read_exact(&mut buf).is_err() || !crate::bootstrap::secrets_match(&buf[..SECRET_BYTES], secret) {
+                continue; // a stranger: ignore it
+            }
+            let global = u32::from_le_bytes(buf[SECRET_BYTES..].try_into().expect("4 bytes")) as usize;
+            let Some(i) = pending.iter().position(|&g| g == global) else {
+                continue;
+            };
+            pending.swap_remove(i);
+            links.push(link(global, s)?);
+        }
+        Ok(Self {
+            links,
+            timeout,
+            interval,
+            last_poll: now,
+        })
+    }
+
+    /// Reads heartbeats, sends ours, and marks links lost. Cheap to call
+    /// often: does nothing more than once a millisecond unless `force`.
+    pub fn poll(&mut self, now: Instant, force: bool) {
+        if !force && now.saturating_duration_since(self.last_poll) < Duration::from_millis(1) {
+            return;
+        }
+        self.last_poll = now;
+        let mut buf = [0u8; 64];
+        for l in self.links.iter_mut().filter(|l| l.lost.is_none()) {
+            loop {
+                match l.stream.read(&mut buf) {
+                    Ok(0) => {
+                        l.lost = Some("its connection closed (the process exited or was killed)".into());
+                        break;
+                    }
+                    Ok(n) => {
+                        l.last_heard = now;
+                        if buf[..n].contains(&GOODBYE) {
+                            l.lost = Some("it closed its communicator".into());
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        l.lost = Some(format!("its connection failed: {e}"));
+                        break;
+                    }
+                }
+            }
+            if l.lost.is_some() {
+                continue;
+            }
+            if now.saturating_duration_since(l.last_heard) > self.timeout {
+                l.lost = Some(format!("no heartbeat for {:?}", self.timeout));
+                continue;
+            }
+            if now.saturating_duration_since(l.last_sent) >= self.interval {
+                match send_byte(&l.stream, HEARTBEAT) {
+                    Ok(()) => l.last_sent = now,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => l.lost = Some(format!("heartbeat failed: {e}")),
+                }
+            }
+        }
+    }
+
+    /// Why `peer` is lost, if it is.
+    pub fn lost(&self, peer: Peer) -> Option<&str> {
+        self.links.iter().find(|l| l.peer == peer).and_then(|l| l.lost.as_deref())
+    }
+
+    /// Tells peers we are leaving on purpose, then closes.
+    pub fn goodbye(&mut self) {
+        for l in &self.links {
+            let _ = send_byte(&l.stream, GOODBYE);
+        }
+        self.links.clear();
+    }
+
+    /// Closes without a goodbye (abort): peers see the connection drop.
+    pub fn close(&mut self) {
+        for l in &self.links {
+            let _ = l.stream.shutdown(std::net::Shutdown::Both);
+        }
+        self.links.clear();
+    }
+}
+
+/// Sends one byte without raising SIGPIPE in a process that did not ignore it.
+fn send_byte(stream: &TcpStream, b: u8) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    nix::sys::socket::send(stream.as_raw_fd(), &[b], nix::sys::socket::MsgFlags::MSG_NOSIGNAL)
+        .map(|_| ())
+        .map_err(std::io::Error::from)
+}

@@ -1,0 +1,817 @@
+//! The public API: a [`Communicator`] per process and its two [`Channel`]s.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use m2n::{Communicator, Config, Msg, Role, Shape, UniqueId};
+//!
+//! # fn main() -> m2n::Result<()> {
+//! let uid: UniqueId = std::env::var("M2N_UNIQUE_ID").unwrap().parse().unwrap();
+//! let shape = Shape::new(2, 2);
+//! let mut comm = Communicator::init(Config::from_env()?, Role::Attention, 0, shape, &uid)?;
+//! let mut buf = comm.alloc(2 * 4096)?;
+//! buf.as_mut_slice().fill(7);
+//! // Round 0 of dispatch: 4 KiB to each expert, from one registered buffer.
+//! let round = comm.dispatch().send(&[Msg::new(&buf, 0, 4096), Msg::new(&buf, 4096, 4096)],
+//!                                  Duration::from_secs(5))?;
+//! comm.dispatch().wait_sent(round, Duration::from_secs(5))?;
+//! // The experts' answers, zero-copy, then released (which returns credit).
+//! let got = comm.combine().recv(Duration::from_secs(5))?;
+//! for expert in 0..shape.experts {
+//!     let bytes: &[u8] = comm.message(&got, expert);
+//!     # let _ = bytes;
+//! }
+//! comm.combine().release(got)?;
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod liveness;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+pub use error::{Error, Result};
+use liveness::{Liveness, LivenessListener};
+
+use crate::bootstrap::{self, UniqueId};
+use crate::codec::{Reader, Writer};
+use crate::config::{Config, WaitPolicy};
+use crate::group::{Peer, Role, Shape};
+use crate::proto::{ChannelId, Geometry, Lane, RecvChannel, SendChannel, WriteOp};
+use crate::transport::{shm::ShmTransport, Completion, Region, RegionId, RemoteRegion, Transport, TransportError, TransportKind, WriteRequest};
+
+/// One message of a round: `len` bytes at `offset` of a registered region.
+#[derive(Debug, Clone, Copy)]
+pub struct Msg<'a> {
+    region: Option<&'a Region>,
+    offset: usize,
+    len: usize,
+}
+
+impl<'a> Msg<'a> {
+    pub fn new(region: &'a Region, offset: usize, len: usize) -> Self {
+        Self {
+            region: Some(region),
+            offset,
+            len,
+        }
+    }
+    /// An empty message: the receiver still counts it toward the round.
+    pub const EMPTY: Msg<'static> = Msg {
+        region: None,
+        offset: 0,
+        len: 0,
+    };
+}
+
+/// A received round: every sender's message is in the ring. Read the
+/// messages with [`Communicator::message`], then hand it back with
+/// [`Channel::release`] so the senders may reuse the slots.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a received round holds its slots until released"]
+pub struct RecvRound {
+    round: u64,
+    slot: usize,
+    lens: Vec<u32>,
+}
+
+impl RecvRound {
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+    /// Length of each sender's message.
+    pub fn lens(&self) -> &[u32] {
+        &self.lens
+    }
+}
+
+#[derive(Debug)]
+struct SendSide {
+    id: ChannelId,
+    proto: SendChannel,
+    /// Receivers' rings, by receiver index.
+    rings: Vec<RemoteRegion>,
+    /// Receivers write their credits here, 8 bytes each.
+    credits: Region,
+    /// Sources of rounds `sources_base..`, one (region, offset) per receiver.
+    sources: VecDeque<Vec<(RegionId, usize)>>,
+    sources_base: u64,
+    stalled: Option<WriteOp>,
+}
+
+#[derive(Debug)]
+struct RecvSide {
+    id: ChannelId,
+    proto: RecvChannel,
+    ring: Region,
+    /// Our released-round counter, the source of credit writes.
+    credit_src: Region,
+    /// Senders' credit regions, by sender index.
+    credit_dst: Vec<RemoteRegion>,
+    /// Senders still owed the latest credit (their queue was full).
+    credit_owed: Vec<usize>,
+}
+
+/// Why a communicator stopped working, kept to answer later calls.
+#[derive(Debug, Clone)]
+enum Fatal {
+    Protocol(Peer, crate::proto::ProtoError),
+    Transport(Option<Peer>, String),
+    Aborted,
+}
+
+/// One process's membership in an M2N group. See the module docs.
+#[derive(Debug)]
+pub struct Communicator {
+    role: Role,
+    rank: usize,
+    shape: Shape,
+    config: Config,
+    transport: Box<dyn Transport>,
+    send: SendSide,
+    recv: RecvSide,
+    liveness: Liveness,
+    completions: Vec<Completion>,
+    fatal: Option<Fatal>,
+}
+
+/// Everything a rank publishes in the all-gather.
+struct Published {
+    endpoint: Vec<u8>,
+    ring: Vec<u8>,
+    credits: Vec<u8>,
+    liveness: std::net::SocketAddr,
+}
+
+impl Published {
+    fn encode(&self) -> Vec<u8> {
+        Writer::new()
+            .bytes(&self.endpoint)
+            .bytes(&self.ring)
+            .bytes(&self.credits)
+            .bytes(self.liveness.to_string().as_bytes())
+            .finish()
+    }
+
+    fn decode(blob: &[u8]) -> std::result::Result<Self, crate::codec::DecodeError> {
+        let mut r = Reader::new(blob);
+        let endpoint = r.bytes("endpoint", 64 << 10)?.to_vec();
+        let ring = r.bytes("ring descriptor", 64 << 10)?.to_vec();
+        let credits = r.bytes("credit descriptor", 64 << 10)?.to_vec();
+        let addr = r.bytes("liveness address", 256)?;
+        let liveness = std::str::from_utf8(addr)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| crate::codec::DecodeError::Invalid {
+                field: "liveness address",
+                detail: String::from_utf8_lossy(addr).into_owned(),
+            })?;
+        r.finish()?;
+        Ok(Self {
+            endpoint,
+            ring,
+            credits,
+            liveness,
+        })
+    }
+}
+
+fn make_transport(config: &Config, me: usize, world: usize) -> Result<Box<dyn Transport>> {
+    let t = |source| Error::Transport { peer: None, source };
+    match config.transport {
+        // One host is all `auto` can serve until cross-host transports exist.
+        TransportKind::Shm | TransportKind::Auto => {
+            Ok(Box::new(ShmTransport::new(me, world, config.shm_queue_depth).map_err(t)?))
+        }
+        other => Err(t(TransportError::Unavailable(
+            other,
+            "this build of m2n has only the shm transport; use M2N_TRANSPORT=shm or auto".into(),
+        ))),
+    }
+}
+
+impl Communicator {
+    /// Joins the group identified by `uid` as `role` `rank` of `shape`:
+    /// allocates the rings, rendezvous, connects and barriers. Blocks until
+    /// every rank has done the same, or `config.bootstrap_timeout`.
+    pub fn init(config: Config, role: Role, rank: usize, shape: Shape, uid: &UniqueId) -> Result<Self> {
+        config.validate()?;
+        if shape.attention == 0 || shape.experts == 0 {
+            return Err(Error::InvalidArgument(format!("shape {shape} needs at least one rank per side")));
+        }
+        if rank >= shape.side(role) {
+            return Err(Error::InvalidArgument(format!(
+                "{role} rank {rank} is outside 0..{}",
+                shape.side(role)
+            )));
+        }
+        let deadline = Instant::now() + config.bootstrap_timeout;
+        let me = shape.global(role, rank);
+        let (send_id, recv_id, send_cfg, recv_cfg) = match role {
+            Role::Attention => (ChannelId::Dispatch, ChannelId::Combine, config.dispatch, config.combine),
+            Role::Expert => (ChannelId::Combine, ChannelId::Dispatch, config.combine, config.dispatch),
+        };
+        let mine = shape.side(role);
+        let theirs = shape.world() - mine;
+        let send_geo = Geometry {
+            senders: mine,
+            receivers: theirs,
+            depth: send_cfg.depth,
+            slot_bytes: send_cfg.slot_bytes,
+        };
+        let recv_geo = Geometry {
+            senders: theirs,
+            receivers: mine,
+            depth: recv_cfg.depth,
+            slot_bytes: recv_cfg.slot_bytes,
+        };
+        let proto = |source| Error::Protocol {
+            peer: Peer { role, rank },
+            source,
+        };
+        let send_proto = SendChannel::new(send_geo, send_id, rank).map_err(proto)?;
+        let recv_proto = RecvChannel::new(recv_geo, recv_id, config.credit_refresh).map_err(proto)?;
+
+        let mut transport = make_transport(&config, me, shape.world())?;
+        let t = |source| Error::Transport { peer: None, source };
+        let ring = transport.alloc(recv_geo.ring_bytes().expect("validated")).map_err(t)?;
+        let credits = transport.alloc(8 * theirs).map_err(t)?;
+        let credit_src = transport.alloc(8).map_err(t)?;
+
+        // Liveness links listen where the root can reach us, i.e. the address
+        // our route to the root leaves from.
+        let probe_ip = local_ip_toward(uid.root);
+        let listener = LivenessListener::bind(probe_ip).map_err(|e| Error::Bootstrap(bootstrap::BootstrapError::Io {
+            op: format!("liveness listener on {probe_ip}"),
+            source: e,
+        }))?;
+        let published = Published {
+            endpoint: transport.endpoint(),
+            ring: ring.descriptor().to_vec(),
+            credits: credits.descriptor().to_vec(),
+            liveness: listener.addr,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let rv = bootstrap::join(uid, role, rank, shape, published.encode(), left)?;
+
+        let other = match role {
+            Role::Attention => Role::Expert,
+            Role::Expert => Role::Attention,
+        };
+        let mut rings = Vec::with_capacity(theirs);
+        let mut credit_dst = Vec::with_capacity(theirs);
+        let mut dial = Vec::new();
+        let mut accept = Vec::new();
+        for i in 0..theirs {
+            let g = shape.global(other, i);
+            let peer = Peer { role: other, rank: i };
+            let tp = |source| Error::Transport { peer: Some(peer), source };
+            let p = Published::decode(&rv.payloads[g]).map_err(|source| {
+                tp(TransportError::BadDescriptor { peer: g, source })
+            })?;
+            transport.connect(g, &p.endpoint).map_err(tp)?;
+            rings.push(transport.import(g, &p.ring).map_err(tp)?);
+            credit_dst.push(transport.import(g, &p.credits).map_err(tp)?);
+            // Attention ranks dial, experts accept.
+            match role {
+                Role::Attention => dial.push((g, p.liveness)),
+                Role::Expert => accept.push(g),
+            }
+        }
+        let liveness = Liveness::establish(
+            listener,
+            shape,
+            me,
+            &uid.secret,
+            &dial,
+            &accept,
+            deadline,
+            config.peer_timeout,
+            config.heartbeat_interval,
+        )
+        .map_err(|e| Error::Bootstrap(bootstrap::BootstrapError::Group(e)))?;
+        rv.barrier(deadline.saturating_duration_since(Instant::now()))?;
+
+        Ok(Self {
+            role,
+            rank,
+            shape,
+            config,
+            transport,
+            send: SendSide {
+                id: send_id,
+                proto: send_proto,
+                rings,
+                credits,
+                sources: VecDeque::new(),
+                sources_base: 0,
+                stalled: None,
+            },
+            recv: RecvSide {
+                id: recv_id,
+                proto: recv_proto,
+                ring,
+                credit_src,
+                credit_dst,
+                credit_owed: Vec::new(),
+            },
+            liveness,
+            completions: Vec::new(),
+            fatal: None,
+        })
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn transport_kind(&self) -> TransportKind {
+        self.transport.kind()
+    }
+
+    /// Allocates `len` bytes of registered memory for outgoing messages.
+    pub fn alloc(&mut self, len: usize) -> Result<Region> {
+        self.transport
+            .alloc(len)
+            .map_err(|source| Error::Transport { peer: None, source })
+    }
+
+    /// The dispatch channel (attention sends, experts receive).
+    pub fn dispatch(&mut self) -> Channel<'_> {
+        Channel {
+            comm: self,
+            id: ChannelId::Dispatch,
+        }
+    }
+
+    /// The combine channel (experts send, attention receives).
+    pub fn combine(&mut self) -> Channel<'_> {
+        Channel {
+            comm: self,
+            id: ChannelId::Combine,
+        }
+    }
+
+    fn other_side(&self, index: usize) -> Peer {
+        let role = match self.role {
+            Role::Attention => Role::Expert,
+            Role::Expert => Role::Attention,
+        };
+        Peer { role, rank: index }
+    }
+
+    fn check_fatal(&self) -> Result<()> {
+        match &self.fatal {
+            None => Ok(()),
+            Some(Fatal::Protocol(peer, e)) => Err(Error::Protocol {
+                peer: *peer,
+                source: e.clone(),
+            }),
+            Some(Fatal::Transport(peer, msg)) => Err(Error::Transport {
+                peer: *peer,
+                source: TransportError::Corrupt {
+                    peer: peer.map_or(usize::MAX, |p| p.rank),
+                    detail: msg.clone(),
+                },
+            }),
+            Some(Fatal::Aborted) => Err(Error::Aborted),
+        }
+    }
+
+    fn fail(&mut self, err: Error) -> Error {
+        self.fatal = match &err {
+            Error::Protocol { peer, source } => Some(Fatal::Protocol(*peer, source.clone())),
+            Error::Transport { peer, source } => Some(Fatal::Transport(*peer, source.to_string())),
+            _ => return err,
+        };
+        err
+    }
+
+    /// Moves everything that can move now: posts queued writes and credits,
+    /// polls completions and arrivals, reads credits, checks peers.
+    /// Never blocks. Returns whether anything happened.
+    pub fn progress(&mut self) -> Result<bool> {
+        self.check_fatal()?;
+        let now = Instant::now();
+        let mut moved = self.post_writes()?;
+        moved |= self.post_credits(now)?;
+        moved |= self.poll_transport()?;
+        moved |= self.read_credits()?;
+        self.liveness.poll(now, false);
+        Ok(moved)
+    }
+
+    fn post_writes(&mut self) -> Result<bool> {
+        let mut moved = false;
+        loop {
+            let op = match self.send.stalled.take() {
+                Some(op) => op,
+                None => match self.send.proto.poll_transmit() {
+                    Some(op) => op,
+                    None => break,
+                },
+            };
+            let (local, local_offset) = self.send.sources[(op.round - self.send.sources_base) as usize][op.receiver];
+            let peer_global = self.shape.global(self.other_side(0).role, op.receiver);
+            let req = WriteRequest {
+                local,
+                local_offset,
+                len: op.len,
+                remote: self.send.rings[op.receiver],
+                remote_offset: op.remote_offset,
+                imm: Some(op.imm),
+                wr_id: op.round,
+                signaled: true,
+            };
+            // SAFETY: the source bytes stay untouched until the round is sent:
+            // that is the documented contract of `Channel::send`.
+            match unsafe { self.transport.post_write(peer_global, op.lane, &req) } {
+                Ok(()) => moved = true,
+                Err(TransportError::WouldBlock) => {
+                    self.send.stalled = Some(op);
+                    break;
+                }
+                Err(source) => {
+                    let peer = Some(self.other_side(op.receiver));
+                    return Err(self.fail(Error::Transport { peer, source }));
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    fn post_credits(&mut self, now: Instant) -> Result<bool> {
+        if let Some(c) = self.recv.proto.poll_credit(now) {
+            self.recv.credit_src.store_u64(0, c.released);
+            self.recv.credit_owed = (0..self.recv.credit_dst.len()).collect();
+        }
+        if self.recv.credit_owed.is_empty() {
+            return Ok(false);
+        }
+        let my_slot = self.rank * 8;
+        let mut owed = std::mem::take(&mut self.recv.credit_owed);
+        let mut result = Ok(true);
+        owed.retain(|&sender| {
+            if result.is_err() {
+                return true;
+            }
+            let req = WriteRequest {
+                local: self.recv.credit_src.id(),
+                local_offset: 0,
+                len: 8,
+                remote: self.recv.credit_dst[sender],
+                remote_offset: my_slot,
+                imm: None,
+                wr_id: u64::MAX,
+                signaled: false,
+            };
+            let peer_global = self.shape.global(self.other_side(0).role, sender);
+            // SAFETY: the credit word only ever grows and any value of it is a
+            // valid credit, so changes while in flight are harmless.
+            match unsafe { self.transport.post_write(peer_global, Lane::Ack, &req) } {
+                Ok(()) => false,
+                Err(TransportError::WouldBlock) => true,
+                Err(source) => {
+                    result = Err(Error::Transport {
+                        peer: Some(self.other_side(sender)),
+                        source,
+                    });
+                    true
+                }
+            }
+        });
+        self.recv.credit_owed = owed;
+        result.map_err(|e| self.fail(e))
+    }
+
+    fn poll_transport(&mut self) -> Result<bool> {
+        let mut comps = std::mem::take(&mut self.completions);
+        comps.clear();
+        if let Err(source) = self.transport.poll(&mut comps) {
+            let peer = match &source {
+                TransportError::Corrupt { peer, .. } => Some(self.peer_of_global(*peer)),
+                _ => None,
+            };
+            return Err(self.fail(Error::Transport { peer, source }));
+        }
+        let moved = !comps.is_empty();
+        for c in comps.drain(..) {
+            match c {
+                Completion::WriteDone { wr_id } => self.send.proto.on_write_complete(wr_id),
+                Completion::Arrived { peer, imm, len } => {
+                    let from = self.peer_of_global(peer);
+                    let index = if from.role == self.role { usize::MAX } else { from.rank };
+                    if let Err(source) = self.recv.proto.on_arrival(index, imm, len) {
+                        return Err(self.fail(Error::Protocol { peer: from, source }));
+                    }
+                }
+            }
+        }
+        self.completions = comps;
+        // Forget sources of rounds whose writes all completed.
+        while !self.send.sources.is_empty() && self.send.proto.round_sent(self.send.sources_base) {
+            self.send.sources.pop_front();
+            self.send.sources_base += 1;
+        }
+        Ok(moved)
+    }
+
+    fn read_credits(&mut self) -> Result<bool> {
+        let mut moved = false;
+        for r in 0..self.send.rings.len() {
+            let v = self.send.credits.load_u64(r * 8);
+            if v > self.send.proto.credit(r) {
+                if let Err(source) = self.send.proto.on_credit(r, v) {
+                    let peer = self.other_side(r);
+                    return Err(self.fail(Error::Protocol { peer, source }));
+                }
+                moved = true;
+            }
+        }
+        Ok(moved)
+    }
+
+    fn peer_of_global(&self, global: usize) -> Peer {
+        let (role, rank) = self.shape.member(global.min(self.shape.world().saturating_sub(1)));
+        Peer { role, rank }
+    }
+
+    /// `PeerLost` for the first of `indices` (other-side ranks) that is lost.
+    fn lost_among(&mut self, indices: impl IntoIterator<Item = usize>, force: bool) -> Result<()> {
+        self.liveness.poll(Instant::now(), force);
+        for i in indices {
+            let peer = self.other_side(i);
+            if let Some(reason) = self.liveness.lost(peer) {
+                return Err(Error::PeerLost {
+                    peer,
+                    reason: reason.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sender `sender`'s message of a received round: a borrowed, zero-copy
+    /// view of the receive ring, valid until the round is released.
+    ///
+    /// # Panics
+    /// If `sender` is not a sender index of the round's channel.
+    pub fn message(&self, round: &RecvRound, sender: usize) -> &[u8] {
+        let geo = self.recv.proto.geometry();
+        let off = geo.slot_offset(sender, round.slot);
+        &self.recv.ring.as_slice()[off..off + round.lens[sender] as usize]
+    }
+
+    /// Aborts: closes every link without a goodbye, so peers fail fast with
+    /// `PeerLost`, and makes every later call fail with `Aborted`.
+    pub fn abort(&mut self) {
+        self.liveness.close();
+        self.fatal = Some(Fatal::Aborted);
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        self.liveness.goodbye();
+    }
+}
+
+/// Waits between empty progress calls according to a [`WaitPolicy`].
+#[derive(Debug)]
+struct Backoff {
+    policy: WaitPolicy,
+    idle: u32,
+}
+
+impl Backoff {
+    fn new(policy: WaitPolicy) -> Self {
+        Self { policy, idle: 0 }
+    }
+    fn wait(&mut self, moved: bool) {
+        if moved {
+            self.idle = 0;
+            return;
+        }
+        self.idle = self.idle.saturating_add(1);
+        match self.policy {
+            WaitPolicy::Spin => std::hint::spin_loop(),
+            WaitPolicy::Yield => std::thread::yield_now(),
+            WaitPolicy::SpinThenYield(n) if self.idle <= n => std::hint::spin_loop(),
+            WaitPolicy::SpinThenYield(_) => std::thread::yield_now(),
+        }
+    }
+}
+
+/// One channel of a communicator, as seen from this rank: it either sends
+/// on it or receives on it, depending on the role.
+#[derive(Debug)]
+pub struct Channel<'a> {
+    comm: &'a mut Communicator,
+    id: ChannelId,
+}
+
+impl Channel<'_> {
+    fn sending(&self) -> Result<()> {
+        if self.comm.send.id == self.id {
+            Ok(())
+        } else {
+            Err(Error::Usage(format!(
+                "{} ranks receive on the {:?} channel; they cannot send on it",
+                self.comm.role, self.id
+            )))
+        }
+    }
+
+    fn receiving(&self) -> Result<()> {
+        if self.comm.recv.id == self.id {
+            Ok(())
+        } else {
+            Err(Error::Usage(format!(
+                "{} ranks send on the {:?} channel; they cannot receive on it",
+                self.comm.role, self.id
+            )))
+        }
+    }
+
+    /// Posts the next round without blocking: `msgs[r]` goes to receiver
+    /// `r` (one per receiver; [`Msg::EMPTY`] for nothing). Returns the round
+    /// number, or `None` when some receiver still holds `depth` rounds.
+    ///
+    /// The bytes named by `msgs` must stay unchanged until
+    /// [`is_sent`](Self::is_sent) says the round is sent.
+    pub fn try_send(&mut self, msgs: &[Msg<'_>]) -> Result<Option<u64>> {
+        self.sending()?;
+        self.comm.progress()?;
+        let geo = *self.comm.send.proto.geometry();
+        if msgs.len() != geo.receivers {
+            return Err(Error::InvalidArgument(format!(
+                "a round needs one message per receiver: got {}, there are {}",
+                msgs.len(),
+                geo.receivers
+            )));
+        }
+        let mut sources = Vec::with_capacity(msgs.len());
+        for (r, m) in msgs.iter().enumerate() {
+            let src = match m.region {
+                Some(region) => {
+                    let ok = m.offset.checked_add(m.len).is_some_and(|end| end <= region.len());
+                    if !ok {
+                        return Err(Error::InvalidArgument(format!(
+                            "message for receiver {r}: {}+{} is outside its region of {} bytes",
+                            m.offset,
+                            m.len,
+                            region.len()
+                        )));
+                    }
+                    (region.id(), m.offset)
+                }
+                None => (self.comm.recv.credit_src.id(), 0),
+            };
+            sources.push(src);
+        }
+        let lens: Vec<usize> = msgs.iter().map(|m| m.len).collect();
+        let peer = Peer {
+            role: self.comm.role,
+            rank: self.comm.rank,
+        };
+        let posted = self
+            .comm
+            .send
+            .proto
+            .post_round(&lens)
+            .map_err(|source| match source {
+                crate::proto::ProtoError::MessageTooLarge { .. } => Error::InvalidArgument(source.to_string()),
+                _ => Error::Protocol { peer, source },
+            })?;
+        let Some(round) = posted else {
+            return Ok(None);
+        };
+        debug_assert_eq!(round, self.comm.send.sources_base + self.comm.send.sources.len() as u64);
+        self.comm.send.sources.push_back(sources);
+        self.comm.progress()?;
+        Ok(Some(round))
+    }
+
+    /// Posts the next round, waiting up to `timeout` for credit.
+    pub fn send(&mut self, msgs: &[Msg<'_>], timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new(self.comm.config.wait);
+        loop {
+            if let Some(round) = self.try_send(msgs)? {
+                return Ok(round);
+            }
+            let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
+            let now = Instant::now();
+            self.comm.lost_among(blocking.iter().copied(), now >= deadline)?;
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "credit from {}",
+                        blocking.iter().map(|&r| self.comm.other_side(r).to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                    waited: timeout,
+                });
+            }
+            backoff.wait(false);
+        }
+    }
+
+    /// Whether every write of `round` has completed, so its source bytes
+    /// may change.
+    pub fn is_sent(&mut self, round: u64) -> Result<bool> {
+        self.sending()?;
+        self.comm.progress()?;
+        Ok(self.comm.send.proto.round_sent(round))
+    }
+
+    /// Waits until `round` is sent (see [`is_sent`](Self::is_sent)).
+    pub fn wait_sent(&mut self, round: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new(self.comm.config.wait);
+        while !self.is_sent(round)? {
+            let now = Instant::now();
+            let all = 0..self.comm.send.rings.len();
+            self.comm.lost_among(all, now >= deadline)?;
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("local completion of round {round}"),
+                    waited: timeout,
+                });
+            }
+            backoff.wait(false);
+        }
+        Ok(())
+    }
+
+    /// The next complete round, if it is in.
+    pub fn try_recv(&mut self) -> Result<Option<RecvRound>> {
+        self.receiving()?;
+        self.comm.progress()?;
+        Ok(self.comm.recv.proto.poll_round().map(|d| RecvRound {
+            round: d.round,
+            slot: d.slot,
+            lens: d.lens,
+        }))
+    }
+
+    /// Waits up to `timeout` for the next complete round. A sender that is
+    /// lost while its message is missing fails the wait with `PeerLost`.
+    pub fn recv(&mut self, timeout: Duration) -> Result<RecvRound> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new(self.comm.config.wait);
+        loop {
+            if let Some(r) = self.try_recv()? {
+                return Ok(r);
+            }
+            let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
+            let now = Instant::now();
+            self.comm.lost_among(missing.iter().copied(), now >= deadline)?;
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "round {} from {}",
+                        self.comm.recv.proto.next_round(),
+                        missing.iter().map(|&s| self.comm.other_side(s).to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                    waited: timeout,
+                });
+            }
+            backoff.wait(false);
+        }
+    }
+
+    /// Hands a round back: its slots return to the senders as credit.
+    pub fn release(&mut self, round: RecvRound) -> Result<()> {
+        self.receiving()?;
+        let peer = Peer {
+            role: self.comm.role,
+            rank: self.comm.rank,
+        };
+        self.comm
+            .recv
+            .proto
+            .release(round.round)
+            .map_err(|source| Error::Protocol { peer, source })?;
+        self.comm.progress()?;
+        Ok(())
+    }
+}
+
+/// The local address the kernel would use to reach `root`.
+fn local_ip_toward(root: std::net::SocketAddr) -> std::net::IpAddr {
+    std::net::UdpSocket::bind(if root.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+        .and_then(|s| {
+            s.connect(root)?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(root.ip())
+}

@@ -1,0 +1,278 @@
+//! Communicator configuration: a struct with defaults, and environment
+//! overrides read in one place.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `M2N_TRANSPORT` | `shm`, `tcp`, `verbs` or `auto` | `auto` |
+//! | `M2N_DEPTH` | slots per sender on each receiver, both channels (1..=256) | 4 |
+//! | `M2N_DISPATCH_DEPTH`, `M2N_COMBINE_DEPTH` | the same, per channel | 4 |
+//! | `M2N_SLOT_BYTES` | largest message per sender-receiver pair and round, both channels (K/M/G suffixes) | 1M |
+//! | `M2N_DISPATCH_SLOT_BYTES`, `M2N_COMBINE_SLOT_BYTES` | the same, per channel | 1M |
+//! | `M2N_PEER_TIMEOUT_MS` | silence after which a peer is declared lost | 5000 |
+//! | `M2N_HEARTBEAT_MS` | interval of liveness heartbeats | 500 |
+//! | `M2N_BOOTSTRAP_TIMEOUT_MS` | deadline for the rendezvous | 30000 |
+//! | `M2N_CREDIT_REFRESH_MS` | re-send of the current credit, repairing a lost one | 100 |
+//! | `M2N_SHM_QUEUE_DEPTH` | completion ring entries per peer (shm) | 1024 |
+//! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, or `spin-yield[:N]` (N spins, then yield) | `spin-yield:256` |
+//!
+//! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks; it is
+//! read by launchers (the demo, the benchmark), not by [`Config`]. Any other
+//! `M2N_*` variable is an error, so a typo never passes silently.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::transport::TransportKind;
+
+/// A bad configuration value, naming the variable or field.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("configuration {name}={value:?}: {why}")]
+pub struct ConfigError {
+    pub name: String,
+    pub value: String,
+    pub why: String,
+}
+
+/// Memory and window of one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelConfig {
+    /// Rounds a sender may run ahead of a receiver (slots per sender).
+    pub depth: usize,
+    /// Largest message per sender-receiver pair and round.
+    pub slot_bytes: usize,
+}
+
+/// How blocking helpers wait between progress calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitPolicy {
+    /// Busy-poll: lowest latency, needs a core per rank.
+    Spin,
+    /// Yield the CPU after every empty poll: for oversubscribed hosts.
+    Yield,
+    /// Spin this many empty polls, then yield on each further one.
+    SpinThenYield(u32),
+}
+
+impl std::fmt::Display for WaitPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitPolicy::Spin => f.write_str("spin"),
+            WaitPolicy::Yield => f.write_str("yield"),
+            WaitPolicy::SpinThenYield(n) => write!(f, "spin-yield:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for WaitPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "spin" => Ok(Self::Spin),
+            "yield" => Ok(Self::Yield),
+            "spin-yield" => Ok(Self::SpinThenYield(256)),
+            _ => match s.strip_prefix("spin-yield:") {
+                Some(n) => n
+                    .parse()
+                    .map(Self::SpinThenYield)
+                    .map_err(|_| format!("{n:?} is not a spin count")),
+                None => Err("expected spin, yield or spin-yield[:N]".into()),
+            },
+        }
+    }
+}
+
+/// Everything a communicator can be tuned with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub transport: TransportKind,
+    pub dispatch: ChannelConfig,
+    pub combine: ChannelConfig,
+    pub peer_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub bootstrap_timeout: Duration,
+    pub credit_refresh: Duration,
+    pub shm_queue_depth: usize,
+    pub wait: WaitPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let ch = ChannelConfig {
+            depth: 4,
+            slot_bytes: 1 << 20,
+        };
+        Self {
+            transport: TransportKind::Auto,
+            dispatch: ch,
+            combine: ch,
+            peer_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_millis(500),
+            bootstrap_timeout: Duration::from_secs(30),
+            credit_refresh: Duration::from_millis(100),
+            shm_queue_depth: 1024,
+            wait: WaitPolicy::SpinThenYield(256),
+        }
+    }
+}
+
+/// Parses a byte count with an optional K/M/G (binary) suffix.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1usize << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a byte count (e.g. 4096, 64K, 1M)"))
+}
+
+/// Variables with an `M2N_` prefix that are not configuration.
+const NOT_CONFIG: &[&str] = &["M2N_UNIQUE_ID"];
+
+impl Config {
+    /// The defaults with the process environment's `M2N_*` overrides.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut cfg = Self::default();
+        cfg.apply_env(std::env::vars())?;
+        Ok(cfg)
+    }
+
+    /// Applies `M2N_*` overrides from `vars`; other names are ignored.
+    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+        for (name, value) in vars {
+            if !name.starts_with("M2N_") || NOT_CONFIG.contains(&name.as_str()) {
+                continue;
+            }
+            let err = |why: String| ConfigError {
+                name: name.clone(),
+                value: value.clone(),
+                why,
+            };
+            let ms = |v: &str| {
+                v.parse::<u64>()
+                    .map(Duration::from_millis)
+                    .map_err(|_| err("expected milliseconds".into()))
+            };
+            let depth = |v: &str| match v.parse::<usize>() {
+                Ok(d) if (1..=crate::proto::imm::MAX_DEPTH).contains(&d) => Ok(d),
+                _ => Err(err(format!("expected a depth in 1..={}", crate::proto::imm::MAX_DEPTH))),
+            };
+            let bytes = |v: &str| parse_bytes(v).map_err(err);
+            match name.as_str() {
+                "M2N_TRANSPORT" => self.transport = value.parse().map_err(err)?,
+                "M2N_DEPTH" => {
+                    let d = depth(&value)?;
+                    self.dispatch.depth = d;
+                    self.combine.depth = d;
+                }
+                "M2N_DISPATCH_DEPTH" => self.dispatch.depth = depth(&value)?,
+                "M2N_COMBINE_DEPTH" => self.combine.depth = depth(&value)?,
+                "M2N_SLOT_BYTES" => {
+                    let b = bytes(&value)?;
+                    self.dispatch.slot_bytes = b;
+                    self.combine.slot_bytes = b;
+                }
+                "M2N_DISPATCH_SLOT_BYTES" => self.dispatch.slot_bytes = bytes(&value)?,
+                "M2N_COMBINE_SLOT_BYTES" => self.combine.slot_bytes = bytes(&value)?,
+                "M2N_PEER_TIMEOUT_MS" => self.peer_timeout = ms(&value)?,
+                "M2N_HEARTBEAT_MS" => self.heartbeat_interval = ms(&value)?,
+                "M2N_BOOTSTRAP_TIMEOUT_MS" => self.bootstrap_timeout = ms(&value)?,
+                "M2N_CREDIT_REFRESH_MS" => self.credit_refresh = ms(&value)?,
+                "M2N_SHM_QUEUE_DEPTH" => match value.parse::<usize>() {
+                    Ok(n) if n > 0 => self.shm_queue_depth = n,
+                    _ => return Err(err("expected a positive entry count".into())),
+                },
+                "M2N_WAIT" => self.wait = value.parse().map_err(err)?,
+                _ => return Err(err("unknown M2N_ variable (see the configuration table in the README)".into())),
+            }
+        }
+        self.validate()
+    }
+
+    /// Checks relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |name: &str, value: String, why: &str| {
+            Err(ConfigError {
+                name: name.into(),
+                value,
+                why: why.into(),
+            })
+        };
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.peer_timeout {
+            return bad(
+                "heartbeat_interval",
+                format!("{:?}", self.heartbeat_interval),
+                "must be positive and shorter than peer_timeout",
+            );
+        }
+        for (name, ch) in [("dispatch", self.dispatch), ("combine", self.combine)] {
+            if ch.depth == 0 || ch.depth > crate::proto::imm::MAX_DEPTH {
+                return bad(name, format!("depth {}", ch.depth), "depth must be in 1..=256");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        c.apply_env(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))?;
+        Ok(c)
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let c = env(&[
+            ("M2N_TRANSPORT", "shm"),
+            ("M2N_DEPTH", "8"),
+            ("M2N_COMBINE_SLOT_BYTES", "64K"),
+            ("M2N_PEER_TIMEOUT_MS", "1500"),
+            ("M2N_WAIT", "spin-yield:10"),
+            ("M2N_UNIQUE_ID", "ignored"),
+            ("PATH", "/bin"),
+        ])
+        .unwrap();
+        assert_eq!(c.transport, TransportKind::Shm);
+        assert_eq!((c.dispatch.depth, c.combine.depth), (8, 8));
+        assert_eq!(c.combine.slot_bytes, 65536);
+        assert_eq!(c.dispatch.slot_bytes, 1 << 20);
+        assert_eq!(c.peer_timeout, Duration::from_millis(1500));
+        assert_eq!(c.wait, WaitPolicy::SpinThenYield(10));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [
+            ("M2N_TRANSPORT", "carrier-pigeon"),
+            ("M2N_DEPTH", "0"),
+            ("M2N_DEPTH", "257"),
+            ("M2N_SLOT_BYTES", "lots"),
+            ("M2N_PEER_TIMEOUT_MS", "-1"),
+            ("M2N_WAIT", "nap"),
+            ("M2N_DEPHT", "4"),
+        ] {
+            let err = env(&[(k, v)]).unwrap_err();
+            assert_eq!(err.name, k, "{err}");
+            assert!(err.to_string().contains(v), "{err}");
+        }
+        assert!(env(&[("M2N_HEARTBEAT_MS", "9000")]).is_err(), "heartbeat longer than the peer timeout");
+    }
+
+    #[test]
+    fn byte_suffixes() {
+        assert_eq!(parse_bytes("4097"), Ok(4097));
+        assert_eq!(parse_bytes("2k"), Ok(2048));
+        assert_eq!(parse_bytes("8M"), Ok(8 << 20));
+        assert!(parse_bytes("1T").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+}
