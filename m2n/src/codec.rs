@@ -133,7 +133,13 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let blob = Writer::new().u8(7).u16(513).u32(70000).u64(u64::MAX).bytes(b"abc").finish();
+        let blob = Writer::new()
+            .u8(7)
+            .u16(513)
+            .u32(70000)
+            .u64(u64::MAX)
+            .bytes(b"abc")
+            .finish();
         let mut r = Reader::new(&blob);
         assert_eq!(r.u8("a").unwrap(), 7);
         assert_eq!(r.u16("b").unwrap(), 513);
@@ -149,7 +155,14 @@ mod tests {
         let err = Reader::new(&blob).bytes("payload", 8).unwrap_err();
         assert!(err.to_string().contains("payload"), "{err}");
         let err = Reader::new(&blob[..10]).bytes("payload", 64).unwrap_err();
-        assert!(matches!(err, DecodeError::Truncated { field: "payload", needed: 32, left: 6 }));
+        assert!(matches!(
+            err,
+            DecodeError::Truncated {
+                field: "payload",
+                needed: 32,
+                left: 6
+            }
+        ));
     }
 
     proptest! {

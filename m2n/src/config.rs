@@ -143,7 +143,10 @@ impl Config {
     }
 
     /// Applies `M2N_*` overrides from `vars`; other names are ignored.
-    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
         for (name, value) in vars {
             if !name.starts_with("M2N_") || NOT_CONFIG.contains(&name.as_str()) {
                 continue;
@@ -160,7 +163,10 @@ impl Config {
             };
             let depth = |v: &str| match v.parse::<usize>() {
                 Ok(d) if (1..=crate::proto::imm::MAX_DEPTH).contains(&d) => Ok(d),
-                _ => Err(err(format!("expected a depth in 1..={}", crate::proto::imm::MAX_DEPTH))),
+                _ => Err(err(format!(
+                    "expected a depth in 1..={}",
+                    crate::proto::imm::MAX_DEPTH
+                ))),
             };
             let bytes = |v: &str| parse_bytes(v).map_err(err);
             match name.as_str() {
@@ -188,7 +194,11 @@ impl Config {
                     _ => return Err(err("expected a positive entry count".into())),
                 },
                 "M2N_WAIT" => self.wait = value.parse().map_err(err)?,
-                _ => return Err(err("unknown M2N_ variable (see the configuration table in the README)".into())),
+                _ => {
+                    return Err(err(
+                        "unknown M2N_ variable (see the configuration table in the README)".into(),
+                    ))
+                }
             }
         }
         self.validate()
@@ -212,7 +222,11 @@ impl Config {
         }
         for (name, ch) in [("dispatch", self.dispatch), ("combine", self.combine)] {
             if ch.depth == 0 || ch.depth > crate::proto::imm::MAX_DEPTH {
-                return bad(name, format!("depth {}", ch.depth), "depth must be in 1..=256");
+                return bad(
+                    name,
+                    format!("depth {}", ch.depth),
+                    "depth must be in 1..=256",
+                );
             }
         }
         Ok(())
@@ -264,7 +278,10 @@ mod tests {
             assert_eq!(err.name, k, "{err}");
             assert!(err.to_string().contains(v), "{err}");
         }
-        assert!(env(&[("M2N_HEARTBEAT_MS", "9000")]).is_err(), "heartbeat longer than the peer timeout");
+        assert!(
+            env(&[("M2N_HEARTBEAT_MS", "9000")]).is_err(),
+            "heartbeat longer than the peer timeout"
+        );
     }
 
     #[test]
@@ -274,5 +291,33 @@ mod tests {
         assert_eq!(parse_bytes("8M"), Ok(8 << 20));
         assert!(parse_bytes("1T").is_err());
         assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+}
+
+#[cfg(test)]
+mod docs {
+    /// Every variable the parser knows is in the README's table.
+    #[test]
+    fn readme_lists_every_variable() {
+        let readme = include_str!("../../README.md");
+        let source = include_str!("config.rs");
+        let mut names: Vec<&str> = source
+            .split('"')
+            .filter(|s| {
+                s.starts_with("M2N_")
+                    && s.len() > 4
+                    && s.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(names.len() >= 12, "{names:?}");
+        for n in names {
+            assert!(
+                readme.contains(&format!("`{n}`")),
+                "README's configuration table lacks {n}"
+            );
+        }
     }
 }

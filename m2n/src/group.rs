@@ -32,7 +32,9 @@ impl std::str::FromStr for Role {
         match s.to_ascii_lowercase().as_str() {
             "attention" | "sender" | "a" => Ok(Role::Attention),
             "expert" | "receiver" | "e" => Ok(Role::Expert),
-            other => Err(format!("unknown role {other:?}: expected attention or expert")),
+            other => Err(format!(
+                "unknown role {other:?}: expected attention or expert"
+            )),
         }
     }
 }

@@ -19,3 +19,8 @@ pub use comm::{Channel, Communicator, Error, Msg, RecvRound, Result};
 pub use config::{ChannelConfig, Config, WaitPolicy};
 pub use group::{Peer, Role, Shape};
 pub use transport::{Region, TransportKind};
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

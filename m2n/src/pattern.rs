@@ -7,7 +7,10 @@ use crate::proto::ChannelId;
 /// The seed of one message.
 pub fn seed(channel: ChannelId, sender: usize, receiver: usize, round: u64) -> u64 {
     let ch = matches!(channel, ChannelId::Combine) as u64;
-    let mut x = ch ^ (sender as u64) << 1 ^ (receiver as u64) << 22 ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut x = ch
+        ^ (sender as u64) << 1
+        ^ (receiver as u64) << 22
+        ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     // splitmix64 finaliser
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -64,8 +67,17 @@ mod tests {
                 assert_eq!(count_wrong(&b, s), 1);
             }
         }
-        assert_ne!(seed(ChannelId::Dispatch, 0, 1, 0), seed(ChannelId::Dispatch, 1, 0, 0));
-        assert_ne!(seed(ChannelId::Dispatch, 0, 0, 0), seed(ChannelId::Combine, 0, 0, 0));
-        assert_ne!(seed(ChannelId::Dispatch, 0, 0, 0), seed(ChannelId::Dispatch, 0, 0, 1));
+        assert_ne!(
+            seed(ChannelId::Dispatch, 0, 1, 0),
+            seed(ChannelId::Dispatch, 1, 0, 0)
+        );
+        assert_ne!(
+            seed(ChannelId::Dispatch, 0, 0, 0),
+            seed(ChannelId::Combine, 0, 0, 0)
+        );
+        assert_ne!(
+            seed(ChannelId::Dispatch, 0, 0, 0),
+            seed(ChannelId::Dispatch, 0, 0, 1)
+        );
     }
 }

@@ -53,7 +53,10 @@ fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> BootstrapError {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {
@@ -114,15 +117,23 @@ impl Root {
         let result = self.gather(deadline, &mut joined).and_then(|shape| {
             let mut by_rank: Vec<&mut Joined> = joined.iter_mut().collect();
             by_rank.sort_by_key(|j| shape.global(j.peer.role, j.peer.rank));
-            let all = Frame::AllGather(by_rank.iter_mut().map(|j| std::mem::take(&mut j.payload)).collect());
+            let all = Frame::AllGather(
+                by_rank
+                    .iter_mut()
+                    .map(|j| std::mem::take(&mut j.payload))
+                    .collect(),
+            );
             for j in &mut by_rank {
-                wire::send(&mut j.stream, &all).map_err(io_err(format!("all-gather to {}", j.peer)))?;
+                wire::send(&mut j.stream, &all)
+                    .map_err(io_err(format!("all-gather to {}", j.peer)))?;
             }
             for j in &mut by_rank {
                 let left = remaining(deadline).ok_or_else(|| {
                     BootstrapError::Timeout(format!("{} did not reach the barrier in time", j.peer))
                 })?;
-                j.stream.set_read_timeout(Some(left)).map_err(io_err("set_read_timeout"))?;
+                j.stream
+                    .set_read_timeout(Some(left))
+                    .map_err(io_err("set_read_timeout"))?;
                 match wire::recv(&mut j.stream) {
                     Ok(Frame::Ready) => {}
                     Ok(other) => {
@@ -137,7 +148,12 @@ impl Root {
                             j.peer
                         )))
                     }
-                    Err(e) => return Err(BootstrapError::Group(format!("{} left before the barrier: {e}", j.peer))),
+                    Err(e) => {
+                        return Err(BootstrapError::Group(format!(
+                            "{} left before the barrier: {e}",
+                            j.peer
+                        )))
+                    }
                 }
             }
             for j in &mut by_rank {
@@ -157,7 +173,9 @@ impl Root {
 
     /// Accepts hellos until the whole group is in; returns its shape.
     fn gather(&self, deadline: Instant, joined: &mut Vec<Joined>) -> Result<Shape, BootstrapError> {
-        self.listener.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
+        self.listener
+            .set_nonblocking(true)
+            .map_err(io_err("set_nonblocking"))?;
         let mut shape: Option<(Shape, Peer)> = None;
         loop {
             if let Some((s, _)) = shape {
@@ -169,7 +187,11 @@ impl Root {
                 let missing = match shape {
                     Some((s, _)) => (0..s.world())
                         .map(|g| s.member(g))
-                        .filter(|(role, rank)| !joined.iter().any(|j| j.peer.role == *role && j.peer.rank == *rank))
+                        .filter(|(role, rank)| {
+                            !joined
+                                .iter()
+                                .any(|j| j.peer.role == *role && j.peer.rank == *rank)
+                        })
                         .map(|(role, rank)| Peer { role, rank }.to_string())
                         .collect::<Vec<_>>()
                         .join(", "),
@@ -189,7 +211,9 @@ impl Root {
                 }
                 Err(e) => return Err(io_err("accept")(e)),
             };
-            stream.set_nonblocking(false).map_err(io_err("set_nonblocking"))?;
+            stream
+                .set_nonblocking(false)
+                .map_err(io_err("set_nonblocking"))?;
             stream.set_nodelay(true).map_err(io_err("set_nodelay"))?;
             // A connector that says nothing must not hold the root up for long.
             stream
@@ -198,7 +222,10 @@ impl Root {
             let hello = match wire::recv(&mut stream) {
                 Ok(f) => f,
                 Err(e) => {
-                    let _ = wire::send(&mut stream, &Frame::Reject(format!("unreadable hello: {e}")));
+                    let _ = wire::send(
+                        &mut stream,
+                        &Frame::Reject(format!("unreadable hello: {e}")),
+                    );
                     continue;
                 }
             };
@@ -215,13 +242,19 @@ impl Root {
                 continue;
             };
             if !uid::secrets_match(&secret, &self.uid.secret) {
-                let _ = wire::send(&mut stream, &Frame::Reject("wrong secret in unique id".into()));
+                let _ = wire::send(
+                    &mut stream,
+                    &Frame::Reject("wrong secret in unique id".into()),
+                );
                 continue;
             }
             if version != wire::VERSION {
                 let _ = wire::send(
                     &mut stream,
-                    &Frame::Reject(format!("protocol version {version}, root speaks {}", wire::VERSION)),
+                    &Frame::Reject(format!(
+                        "protocol version {version}, root speaks {}",
+                        wire::VERSION
+                    )),
                 );
                 continue;
             }
@@ -245,18 +278,31 @@ impl Root {
             }
             let (s, _) = shape.expect("set above");
             if s.attention == 0 || s.experts == 0 {
-                return Err(refuse(stream, format!("shape {s} needs at least one rank per side")));
+                return Err(refuse(
+                    stream,
+                    format!("shape {s} needs at least one rank per side"),
+                ));
             }
             if peer.rank >= s.side(role) {
                 return Err(refuse(
                     stream,
-                    format!("{peer} is out of range: the group has {} {role} ranks", s.side(role)),
+                    format!(
+                        "{peer} is out of range: the group has {} {role} ranks",
+                        s.side(role)
+                    ),
                 ));
             }
             if joined.iter().any(|j| j.peer == peer) {
-                return Err(refuse(stream, format!("duplicate rank: {peer} joined twice")));
+                return Err(refuse(
+                    stream,
+                    format!("duplicate rank: {peer} joined twice"),
+                ));
             }
-            joined.push(Joined { stream, peer, payload });
+            joined.push(Joined {
+                stream,
+                peer,
+                payload,
+            });
         }
     }
 }
@@ -322,14 +368,22 @@ pub fn join(
             p.len(),
             shape.world()
         ))),
-        other => Err(BootstrapError::Group(format!("root sent {other:?} instead of the all-gather"))),
+        other => Err(BootstrapError::Group(format!(
+            "root sent {other:?} instead of the all-gather"
+        ))),
     }
 }
 
-fn recv_before(stream: &mut TcpStream, deadline: Instant, what: &str) -> Result<Frame, BootstrapError> {
+fn recv_before(
+    stream: &mut TcpStream,
+    deadline: Instant,
+    what: &str,
+) -> Result<Frame, BootstrapError> {
     let timeout = || BootstrapError::Timeout(format!("the root did not send {what} in time"));
     let left = remaining(deadline).ok_or_else(timeout)?;
-    stream.set_read_timeout(Some(left)).map_err(io_err("set_read_timeout"))?;
+    stream
+        .set_read_timeout(Some(left))
+        .map_err(io_err("set_read_timeout"))?;
     match wire::recv(stream) {
         Ok(Frame::Reject(why)) => Err(BootstrapError::Rejected(why)),
         Ok(f) => Ok(f),
@@ -348,7 +402,9 @@ impl Rendezvous {
         wire::send(&mut self.stream, &Frame::Ready).map_err(io_err("barrier"))?;
         match recv_before(&mut self.stream, deadline, "the barrier release")? {
             Frame::Go => Ok(()),
-            other => Err(BootstrapError::Group(format!("root sent {other:?} at the barrier"))),
+            other => Err(BootstrapError::Group(format!(
+                "root sent {other:?} at the barrier"
+            ))),
         }
     }
 }
@@ -369,7 +425,14 @@ mod tests {
     ) -> std::thread::JoinHandle<Result<Vec<Vec<u8>>, BootstrapError>> {
         let uid = uid.clone();
         std::thread::spawn(move || {
-            let rv = join(&uid, role, rank, shape, vec![rank as u8, role as u8], Duration::from_secs(5))?;
+            let rv = join(
+                &uid,
+                role,
+                rank,
+                shape,
+                vec![rank as u8, role as u8],
+                Duration::from_secs(5),
+            )?;
             let p = rv.payloads.clone();
             rv.barrier(Duration::from_secs(5))?;
             Ok(p)
@@ -388,7 +451,10 @@ mod tests {
             spawn_join(&uid, Role::Expert, 0, shape),
         ];
         for h in hs {
-            assert_eq!(h.join().unwrap().unwrap(), vec![vec![0, 0], vec![0, 1], vec![1, 1]]);
+            assert_eq!(
+                h.join().unwrap().unwrap(),
+                vec![vec![0, 0], vec![0, 1], vec![1, 1]]
+            );
         }
         served.join().unwrap().unwrap();
     }
@@ -400,7 +466,15 @@ mod tests {
         let served = root.spawn(Duration::from_secs(5));
         let mut bad = uid.clone();
         bad.secret[0] ^= 1;
-        let err = join(&bad, Role::Attention, 0, Shape::new(1, 1), vec![], Duration::from_secs(5)).unwrap_err();
+        let err = join(
+            &bad,
+            Role::Attention,
+            0,
+            Shape::new(1, 1),
+            vec![],
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("wrong secret"), "{err}");
         let a = spawn_join(&uid, Role::Attention, 0, Shape::new(1, 1));
         let e = spawn_join(&uid, Role::Expert, 0, Shape::new(1, 1));
@@ -420,10 +494,16 @@ mod tests {
             let served = root.spawn(Duration::from_secs(5));
             let first = spawn_join(&uid, Role::Attention, 0, Shape::new(2, 1));
             std::thread::sleep(Duration::from_millis(200));
-            let err = spawn_join(&uid, second, 0, shape2).join().unwrap().unwrap_err();
+            let err = spawn_join(&uid, second, 0, shape2)
+                .join()
+                .unwrap()
+                .unwrap_err();
             assert!(err.to_string().contains(needle), "{err}");
             let err = first.join().unwrap().unwrap_err();
-            assert!(err.to_string().contains(needle), "first rank is told too: {err}");
+            assert!(
+                err.to_string().contains(needle),
+                "first rank is told too: {err}"
+            );
             assert!(served.join().unwrap().is_err());
         }
     }
@@ -437,15 +517,34 @@ mod tests {
             secret: [0; SECRET_BYTES],
         };
         let t = Instant::now();
-        let err = join(&uid, Role::Attention, 0, Shape::new(1, 1), vec![], Duration::from_millis(300)).unwrap_err();
+        let err = join(
+            &uid,
+            Role::Attention,
+            0,
+            Shape::new(1, 1),
+            vec![],
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
         assert!(matches!(err, BootstrapError::Timeout(_)), "{err}");
         assert!(t.elapsed() < Duration::from_secs(5));
         // Nobody listening at all.
         let addr = silent.local_addr().unwrap();
         drop(silent);
         let uid = UniqueId { root: addr, ..uid };
-        let err = join(&uid, Role::Attention, 0, Shape::new(1, 1), vec![], Duration::from_millis(300)).unwrap_err();
-        assert!(err.to_string().contains("could not reach the root"), "{err}");
+        let err = join(
+            &uid,
+            Role::Attention,
+            0,
+            Shape::new(1, 1),
+            vec![],
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("could not reach the root"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -453,7 +552,10 @@ mod tests {
         let root = local_root();
         let uid = root.unique_id().clone();
         let served = root.spawn(Duration::from_millis(500));
-        let err = spawn_join(&uid, Role::Attention, 0, Shape::new(1, 2)).join().unwrap().unwrap_err();
+        let err = spawn_join(&uid, Role::Attention, 0, Shape::new(1, 2))
+            .join()
+            .unwrap()
+            .unwrap_err();
         assert!(err.to_string().contains("expert 0, expert 1"), "{err}");
         assert!(served.join().unwrap().is_err());
     }

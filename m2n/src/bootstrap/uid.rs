@@ -18,7 +18,9 @@ pub struct UniqueId {
 impl fmt::Debug for UniqueId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the secret in debug output.
-        f.debug_struct("UniqueId").field("root", &self.root).finish_non_exhaustive()
+        f.debug_struct("UniqueId")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
     }
 }
 
@@ -43,7 +45,10 @@ impl FromStr for UniqueId {
             .parse()
             .map_err(|e| format!("unique id root address {addr:?}: {e}"))?;
         if hex.len() != SECRET_BYTES * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("unique id secret must be {} hex digits", SECRET_BYTES * 2));
+            return Err(format!(
+                "unique id secret must be {} hex digits",
+                SECRET_BYTES * 2
+            ));
         }
         let mut secret = [0u8; SECRET_BYTES];
         for (i, byte) in secret.iter_mut().enumerate() {
@@ -73,7 +78,10 @@ mod tests {
         assert_eq!(text.parse::<UniqueId>().unwrap(), uid);
         let v6: UniqueId = format!("m2n1@[::1]:9#{}", "00".repeat(16)).parse().unwrap();
         assert_eq!(v6.root.port(), 9);
-        assert!(!format!("{uid:?}").contains("abab"), "debug output leaks the secret");
+        assert!(
+            !format!("{uid:?}").contains("abab"),
+            "debug output leaks the secret"
+        );
     }
 
     #[test]

@@ -44,7 +44,9 @@ impl Frame {
             } => {
                 w.u8(1).u32(MAGIC).u16(*version).raw(secret);
                 w.u8(matches!(role, Role::Expert) as u8).u32(*rank);
-                w.u32(shape.attention as u32).u32(shape.experts as u32).bytes(payload);
+                w.u32(shape.attention as u32)
+                    .u32(shape.experts as u32)
+                    .bytes(payload);
             }
             Frame::Reject(why) => {
                 w.u8(2).bytes(why.as_bytes());
@@ -92,7 +94,10 @@ impl Frame {
                     }
                 };
                 let rank = r.u32("rank")?;
-                let shape = Shape::new(r.u32("attention ranks")? as usize, r.u32("expert ranks")? as usize);
+                let shape = Shape::new(
+                    r.u32("attention ranks")? as usize,
+                    r.u32("expert ranks")? as usize,
+                );
                 let payload = r.bytes("payload", MAX_PAYLOAD)?.to_vec();
                 Frame::Hello {
                     version,

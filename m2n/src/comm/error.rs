@@ -29,7 +29,10 @@ pub enum Error {
     #[error("peer lost: {peer}: {reason}")]
     PeerLost { peer: Peer, reason: String },
     #[error("timed out after {waited:?} waiting for {what}")]
-    Timeout { what: String, waited: std::time::Duration },
+    Timeout {
+        what: String,
+        waited: std::time::Duration,
+    },
     /// The call does not fit the communicator's role or state.
     #[error("invalid use: {0}")]
     Usage(String),

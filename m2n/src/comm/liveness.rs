@@ -52,22 +52,44 @@ fn hello(secret: &[u8; SECRET_BYTES], global: usize) -> Vec<u8> {
     v
 }
 
+/// Which links a rank makes, and how they are watched.
+#[derive(Debug)]
+pub(crate) struct LinkPlan<'a> {
+    pub shape: Shape,
+    /// Our global rank.
+    pub me: usize,
+    pub secret: &'a [u8; SECRET_BYTES],
+    /// Peers we connect to: (global rank, liveness address).
+    pub dial: &'a [(usize, SocketAddr)],
+    /// Peers that connect to us (global ranks).
+    pub accept: &'a [usize],
+    pub timeout: Duration,
+    pub interval: Duration,
+}
+
 impl Liveness {
     /// Builds the links: `me` (global rank) connects to every peer in
     /// `dial` and accepts one connection from every peer in `accept`.
     pub fn establish(
         listener: LivenessListener,
-        shape: Shape,
-        me: usize,
-        secret: &[u8; SECRET_BYTES],
-        dial: &[(usize, SocketAddr)],
-        accept: &[usize],
+        plan: LinkPlan<'_>,
         deadline: Instant,
-        timeout: Duration,
-        interval: Duration,
     ) -> Result<Self, String> {
+        let LinkPlan {
+            shape,
+            me,
+            secret,
+            dial,
+            accept,
+            timeout,
+            interval,
+        } = plan;
         let now = Instant::now();
-        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
         let mut links = Vec::new();
         let link = |global: usize, stream: TcpStream| -> Result<Link, String> {
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -89,7 +111,10 @@ impl Liveness {
                 .map_err(|e| format!("liveness hello to {}: {e}", Peer { role, rank }))?;
             links.push(link(global, s)?);
         }
-        listener.listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        listener
+            .listener
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
         let mut pending: Vec<usize> = accept.to_vec();
         while !pending.is_empty() {
             if Instant::now() >= deadline {
@@ -100,7 +125,10 @@ impl Liveness {
                         Peer { role, rank }.to_string()
                     })
                     .collect();
-                return Err(format!("liveness links never came from: {}", names.join(", ")));
+                return Err(format!(
+                    "liveness links never came from: {}",
+                    names.join(", ")
+                ));
             }
             let mut s = match listener.listener.accept() {
                 Ok((s, _)) => s,
@@ -111,12 +139,16 @@ impl Liveness {
                 Err(e) => return Err(format!("liveness accept: {e}")),
             };
             s.set_nonblocking(false).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(left()))
+                .map_err(|e| e.to_string())?;
             let mut buf = [0u8; SECRET_BYTES + 4];
-            if s.read_exact(&mut buf).is_err() || !crate::bootstrap::secrets_match(&buf[..SECRET_BYTES], secret) {
+            if s.read_exact(&mut buf).is_err()
+                || !crate::bootstrap::secrets_match(&buf[..SECRET_BYTES], secret)
+            {
                 continue; // a stranger: ignore it
             }
-            let global = u32::from_le_bytes(buf[SECRET_BYTES..].try_into().expect("4 bytes")) as usize;
+            let global =
+                u32::from_le_bytes(buf[SECRET_BYTES..].try_into().expect("4 bytes")) as usize;
             let Some(i) = pending.iter().position(|&g| g == global) else {
                 continue;
             };
@@ -143,7 +175,8 @@ impl Liveness {
             loop {
                 match l.stream.read(&mut buf) {
                     Ok(0) => {
-                        l.lost = Some("its connection closed (the process exited or was killed)".into());
+                        l.lost =
+                            Some("its connection closed (the process exited or was killed)".into());
                         break;
                     }
                     Ok(n) => {
@@ -180,7 +213,10 @@ impl Liveness {
 
     /// Why `peer` is lost, if it is.
     pub fn lost(&self, peer: Peer) -> Option<&str> {
-        self.links.iter().find(|l| l.peer == peer).and_then(|l| l.lost.as_deref())
+        self.links
+            .iter()
+            .find(|l| l.peer == peer)
+            .and_then(|l| l.lost.as_deref())
     }
 
     /// Tells peers we are leaving on purpose, then closes.
@@ -203,7 +239,11 @@ impl Liveness {
 /// Sends one byte without raising SIGPIPE in a process that did not ignore it.
 fn send_byte(stream: &TcpStream, b: u8) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    nix::sys::socket::send(stream.as_raw_fd(), &[b], nix::sys::socket::MsgFlags::MSG_NOSIGNAL)
-        .map(|_| ())
-        .map_err(std::io::Error::from)
+    nix::sys::socket::send(
+        stream.as_raw_fd(),
+        &[b],
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    )
+    .map(|_| ())
+    .map_err(std::io::Error::from)
 }

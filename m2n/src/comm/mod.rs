@@ -31,14 +31,17 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 pub use error::{Error, Result};
-use liveness::{Liveness, LivenessListener};
+use liveness::{LinkPlan, Liveness, LivenessListener};
 
 use crate::bootstrap::{self, UniqueId};
 use crate::codec::{Reader, Writer};
 use crate::config::{Config, WaitPolicy};
 use crate::group::{Peer, Role, Shape};
 use crate::proto::{ChannelId, Geometry, Lane, RecvChannel, SendChannel, WriteOp};
-use crate::transport::{shm::ShmTransport, Completion, Region, RegionId, RemoteRegion, Transport, TransportError, TransportKind, WriteRequest};
+use crate::transport::{
+    shm::ShmTransport, Completion, Region, RegionId, RemoteRegion, Transport, TransportError,
+    TransportKind, WriteRequest,
+};
 
 /// One message of a round: `len` bytes at `offset` of a registered region.
 #[derive(Debug, Clone, Copy)]
@@ -180,9 +183,9 @@ fn make_transport(config: &Config, me: usize, world: usize) -> Result<Box<dyn Tr
     let t = |source| Error::Transport { peer: None, source };
     match config.transport {
         // One host is all `auto` can serve until cross-host transports exist.
-        TransportKind::Shm | TransportKind::Auto => {
-            Ok(Box::new(ShmTransport::new(me, world, config.shm_queue_depth).map_err(t)?))
-        }
+        TransportKind::Shm | TransportKind::Auto => Ok(Box::new(
+            ShmTransport::new(me, world, config.shm_queue_depth).map_err(t)?,
+        )),
         other => Err(t(TransportError::Unavailable(
             other,
             "this build of m2n has only the shm transport; use M2N_TRANSPORT=shm or auto".into(),
@@ -194,10 +197,18 @@ impl Communicator {
     /// Joins the group identified by `uid` as `role` `rank` of `shape`:
     /// allocates the rings, rendezvous, connects and barriers. Blocks until
     /// every rank has done the same, or `config.bootstrap_timeout`.
-    pub fn init(config: Config, role: Role, rank: usize, shape: Shape, uid: &UniqueId) -> Result<Self> {
+    pub fn init(
+        config: Config,
+        role: Role,
+        rank: usize,
+        shape: Shape,
+        uid: &UniqueId,
+    ) -> Result<Self> {
         config.validate()?;
         if shape.attention == 0 || shape.experts == 0 {
-            return Err(Error::InvalidArgument(format!("shape {shape} needs at least one rank per side")));
+            return Err(Error::InvalidArgument(format!(
+                "shape {shape} needs at least one rank per side"
+            )));
         }
         if rank >= shape.side(role) {
             return Err(Error::InvalidArgument(format!(
@@ -208,8 +219,18 @@ impl Communicator {
         let deadline = Instant::now() + config.bootstrap_timeout;
         let me = shape.global(role, rank);
         let (send_id, recv_id, send_cfg, recv_cfg) = match role {
-            Role::Attention => (ChannelId::Dispatch, ChannelId::Combine, config.dispatch, config.combine),
-            Role::Expert => (ChannelId::Combine, ChannelId::Dispatch, config.combine, config.dispatch),
+            Role::Attention => (
+                ChannelId::Dispatch,
+                ChannelId::Combine,
+                config.dispatch,
+                config.combine,
+            ),
+            Role::Expert => (
+                ChannelId::Combine,
+                ChannelId::Dispatch,
+                config.combine,
+                config.dispatch,
+            ),
         };
         let mine = shape.side(role);
         let theirs = shape.world() - mine;
@@ -230,21 +251,26 @@ impl Communicator {
             source,
         };
         let send_proto = SendChannel::new(send_geo, send_id, rank).map_err(proto)?;
-        let recv_proto = RecvChannel::new(recv_geo, recv_id, config.credit_refresh).map_err(proto)?;
+        let recv_proto =
+            RecvChannel::new(recv_geo, recv_id, config.credit_refresh).map_err(proto)?;
 
         let mut transport = make_transport(&config, me, shape.world())?;
         let t = |source| Error::Transport { peer: None, source };
-        let ring = transport.alloc(recv_geo.ring_bytes().expect("validated")).map_err(t)?;
+        let ring = transport
+            .alloc(recv_geo.ring_bytes().expect("validated"))
+            .map_err(t)?;
         let credits = transport.alloc(8 * theirs).map_err(t)?;
         let credit_src = transport.alloc(8).map_err(t)?;
 
         // Liveness links listen where the root can reach us, i.e. the address
         // our route to the root leaves from.
         let probe_ip = local_ip_toward(uid.root);
-        let listener = LivenessListener::bind(probe_ip).map_err(|e| Error::Bootstrap(bootstrap::BootstrapError::Io {
-            op: format!("liveness listener on {probe_ip}"),
-            source: e,
-        }))?;
+        let listener = LivenessListener::bind(probe_ip).map_err(|e| {
+            Error::Bootstrap(bootstrap::BootstrapError::Io {
+                op: format!("liveness listener on {probe_ip}"),
+                source: e,
+            })
+        })?;
         let published = Published {
             endpoint: transport.endpoint(),
             ring: ring.descriptor().to_vec(),
@@ -264,11 +290,16 @@ impl Communicator {
         let mut accept = Vec::new();
         for i in 0..theirs {
             let g = shape.global(other, i);
-            let peer = Peer { role: other, rank: i };
-            let tp = |source| Error::Transport { peer: Some(peer), source };
-            let p = Published::decode(&rv.payloads[g]).map_err(|source| {
-                tp(TransportError::BadDescriptor { peer: g, source })
-            })?;
+            let peer = Peer {
+                role: other,
+                rank: i,
+            };
+            let tp = |source| Error::Transport {
+                peer: Some(peer),
+                source,
+            };
+            let p = Published::decode(&rv.payloads[g])
+                .map_err(|source| tp(TransportError::BadDescriptor { peer: g, source }))?;
             transport.connect(g, &p.endpoint).map_err(tp)?;
             rings.push(transport.import(g, &p.ring).map_err(tp)?);
             credit_dst.push(transport.import(g, &p.credits).map_err(tp)?);
@@ -278,18 +309,17 @@ impl Communicator {
                 Role::Expert => accept.push(g),
             }
         }
-        let liveness = Liveness::establish(
-            listener,
+        let plan = LinkPlan {
             shape,
             me,
-            &uid.secret,
-            &dial,
-            &accept,
-            deadline,
-            config.peer_timeout,
-            config.heartbeat_interval,
-        )
-        .map_err(|e| Error::Bootstrap(bootstrap::BootstrapError::Group(e)))?;
+            secret: &uid.secret,
+            dial: &dial,
+            accept: &accept,
+            timeout: config.peer_timeout,
+            interval: config.heartbeat_interval,
+        };
+        let liveness = Liveness::establish(listener, plan, deadline)
+            .map_err(|e| Error::Bootstrap(bootstrap::BootstrapError::Group(e)))?;
         rv.barrier(deadline.saturating_duration_since(Instant::now()))?;
 
         Ok(Self {
@@ -419,7 +449,8 @@ impl Communicator {
                     None => break,
                 },
             };
-            let (local, local_offset) = self.send.sources[(op.round - self.send.sources_base) as usize][op.receiver];
+            let (local, local_offset) =
+                self.send.sources[(op.round - self.send.sources_base) as usize][op.receiver];
             let peer_global = self.shape.global(self.other_side(0).role, op.receiver);
             let req = WriteRequest {
                 local,
@@ -508,7 +539,11 @@ impl Communicator {
                 Completion::WriteDone { wr_id } => self.send.proto.on_write_complete(wr_id),
                 Completion::Arrived { peer, imm, len } => {
                     let from = self.peer_of_global(peer);
-                    let index = if from.role == self.role { usize::MAX } else { from.rank };
+                    let index = if from.role == self.role {
+                        usize::MAX
+                    } else {
+                        from.rank
+                    };
                     if let Err(source) = self.recv.proto.on_arrival(index, imm, len) {
                         return Err(self.fail(Error::Protocol { peer: from, source }));
                     }
@@ -540,7 +575,9 @@ impl Communicator {
     }
 
     fn peer_of_global(&self, global: usize) -> Peer {
-        let (role, rank) = self.shape.member(global.min(self.shape.world().saturating_sub(1)));
+        let (role, rank) = self
+            .shape
+            .member(global.min(self.shape.world().saturating_sub(1)));
         Peer { role, rank }
     }
 
@@ -662,7 +699,10 @@ impl Channel<'_> {
         for (r, m) in msgs.iter().enumerate() {
             let src = match m.region {
                 Some(region) => {
-                    let ok = m.offset.checked_add(m.len).is_some_and(|end| end <= region.len());
+                    let ok = m
+                        .offset
+                        .checked_add(m.len)
+                        .is_some_and(|end| end <= region.len());
                     if !ok {
                         return Err(Error::InvalidArgument(format!(
                             "message for receiver {r}: {}+{} is outside its region of {} bytes",
@@ -688,13 +728,18 @@ impl Channel<'_> {
             .proto
             .post_round(&lens)
             .map_err(|source| match source {
-                crate::proto::ProtoError::MessageTooLarge { .. } => Error::InvalidArgument(source.to_string()),
+                crate::proto::ProtoError::MessageTooLarge { .. } => {
+                    Error::InvalidArgument(source.to_string())
+                }
                 _ => Error::Protocol { peer, source },
             })?;
         let Some(round) = posted else {
             return Ok(None);
         };
-        debug_assert_eq!(round, self.comm.send.sources_base + self.comm.send.sources.len() as u64);
+        debug_assert_eq!(
+            round,
+            self.comm.send.sources_base + self.comm.send.sources.len() as u64
+        );
         self.comm.send.sources.push_back(sources);
         self.comm.progress()?;
         Ok(Some(round))
@@ -710,12 +755,17 @@ impl Channel<'_> {
             }
             let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
             let now = Instant::now();
-            self.comm.lost_among(blocking.iter().copied(), now >= deadline)?;
+            self.comm
+                .lost_among(blocking.iter().copied(), now >= deadline)?;
             if now >= deadline {
                 return Err(Error::Timeout {
                     what: format!(
                         "credit from {}",
-                        blocking.iter().map(|&r| self.comm.other_side(r).to_string()).collect::<Vec<_>>().join(", ")
+                        blocking
+                            .iter()
+                            .map(|&r| self.comm.other_side(r).to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                     waited: timeout,
                 });
@@ -773,13 +823,18 @@ impl Channel<'_> {
             }
             let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
             let now = Instant::now();
-            self.comm.lost_among(missing.iter().copied(), now >= deadline)?;
+            self.comm
+                .lost_among(missing.iter().copied(), now >= deadline)?;
             if now >= deadline {
                 return Err(Error::Timeout {
                     what: format!(
                         "round {} from {}",
                         self.comm.recv.proto.next_round(),
-                        missing.iter().map(|&s| self.comm.other_side(s).to_string()).collect::<Vec<_>>().join(", ")
+                        missing
+                            .iter()
+                            .map(|&s| self.comm.other_side(s).to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                     waited: timeout,
                 });
@@ -807,11 +862,15 @@ impl Channel<'_> {
 
 /// The local address the kernel would use to reach `root`.
 fn local_ip_toward(root: std::net::SocketAddr) -> std::net::IpAddr {
-    std::net::UdpSocket::bind(if root.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
-        .and_then(|s| {
-            s.connect(root)?;
-            s.local_addr()
-        })
-        .map(|a| a.ip())
-        .unwrap_or(root.ip())
+    std::net::UdpSocket::bind(if root.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .and_then(|s| {
+        s.connect(root)?;
+        s.local_addr()
+    })
+    .map(|a| a.ip())
+    .unwrap_or(root.ip())
 }

@@ -8,7 +8,9 @@ use thiserror::Error;
 pub enum ProtoError {
     #[error("invalid channel geometry: {0}")]
     InvalidGeometry(String),
-    #[error("immediate from peer {peer} names sender {claimed}, but the channel has {senders} senders")]
+    #[error(
+        "immediate from peer {peer} names sender {claimed}, but the channel has {senders} senders"
+    )]
     UnknownSender {
         peer: usize,
         claimed: usize,
@@ -22,19 +24,25 @@ pub enum ProtoError {
         got: super::ChannelId,
         expected: super::ChannelId,
     },
-    #[error("stale write from sender {peer}: round bits {round_bits:#x}, expected round {expected}")]
+    #[error(
+        "stale write from sender {peer}: round bits {round_bits:#x}, expected round {expected}"
+    )]
     StaleRound {
         peer: usize,
         round_bits: u16,
         expected: u64,
     },
-    #[error("future write from sender {peer}: round bits {round_bits:#x}, expected round {expected}")]
+    #[error(
+        "future write from sender {peer}: round bits {round_bits:#x}, expected round {expected}"
+    )]
     FutureRound {
         peer: usize,
         round_bits: u16,
         expected: u64,
     },
-    #[error("write from sender {peer} names slot {slot}, expected slot {expected} for round {round}")]
+    #[error(
+        "write from sender {peer} names slot {slot}, expected slot {expected} for round {round}"
+    )]
     WrongSlot {
         peer: usize,
         slot: usize,
@@ -54,15 +62,23 @@ pub enum ProtoError {
         consumed: u64,
         depth: usize,
     },
-    #[error("receiver {peer} returned credit for {consumed} rounds, but only {sent} were sent to it")]
-    BogusCredit { peer: usize, consumed: u64, sent: u64 },
+    #[error(
+        "receiver {peer} returned credit for {consumed} rounds, but only {sent} were sent to it"
+    )]
+    BogusCredit {
+        peer: usize,
+        consumed: u64,
+        sent: u64,
+    },
     #[error("message for receiver {receiver} is {len} bytes, over the slot size of {slot_bytes}")]
     MessageTooLarge {
         receiver: usize,
         len: usize,
         slot_bytes: usize,
     },
-    #[error("a round needs exactly one message per receiver: got {got}, the channel has {receivers}")]
+    #[error(
+        "a round needs exactly one message per receiver: got {got}, the channel has {receivers}"
+    )]
     WrongMessageCount { got: usize, receivers: usize },
     #[error("round {round} cannot be released: {why}")]
     BadRelease { round: u64, why: &'static str },

@@ -70,10 +70,17 @@ impl Geometry {
             return bad(format!("at most {} ranks per side", imm::MAX_SENDERS));
         }
         if self.depth == 0 || self.depth > imm::MAX_DEPTH {
-            return bad(format!("depth {} is outside 1..={}", self.depth, imm::MAX_DEPTH));
+            return bad(format!(
+                "depth {} is outside 1..={}",
+                self.depth,
+                imm::MAX_DEPTH
+            ));
         }
         if self.slot_bytes > u32::MAX as usize {
-            return bad(format!("slot_bytes {} does not fit in 32 bits", self.slot_bytes));
+            return bad(format!(
+                "slot_bytes {} does not fit in 32 bits",
+                self.slot_bytes
+            ));
         }
         if self.ring_bytes().is_none() {
             return bad("senders * depth * slot_bytes overflows".into());

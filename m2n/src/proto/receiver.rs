@@ -187,7 +187,8 @@ impl RecvChannel {
             });
         }
         *flag = true;
-        while self.released < self.delivered && self.release_flags[self.geo.slot_of(self.released)] {
+        while self.released < self.delivered && self.release_flags[self.geo.slot_of(self.released)]
+        {
             self.release_flags[self.geo.slot_of(self.released)] = false;
             self.released += 1;
             self.credit_dirty = true;

@@ -90,7 +90,11 @@ impl SendChannel {
                 receivers: self.geo.receivers,
             });
         }
-        if let Some((receiver, &len)) = lens.iter().enumerate().find(|(_, &l)| l > self.geo.slot_bytes) {
+        if let Some((receiver, &len)) = lens
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l > self.geo.slot_bytes)
+        {
             return Err(ProtoError::MessageTooLarge {
                 receiver,
                 len,

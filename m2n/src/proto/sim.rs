@@ -50,13 +50,27 @@ struct SimReceiver {
 }
 
 /// Runs `rounds` rounds over an `m` x `n` channel; panics on any violation.
-fn simulate(seed: u64, m: usize, n: usize, depth: usize, slot_bytes: usize, rounds: u64, credit_loss: u64) {
-    let geo = Geometry { senders: m, receivers: n, depth, slot_bytes };
+fn simulate(
+    seed: u64,
+    m: usize,
+    n: usize,
+    depth: usize,
+    slot_bytes: usize,
+    rounds: u64,
+    credit_loss: u64,
+) {
+    let geo = Geometry {
+        senders: m,
+        receivers: n,
+        depth,
+        slot_bytes,
+    };
     let mut rng = Rng(seed | 1);
     let t0 = Instant::now();
     let refresh = Duration::from_millis(5);
-    let mut senders: Vec<SendChannel> =
-        (0..m).map(|s| SendChannel::new(geo, ChannelId::Dispatch, s).unwrap()).collect();
+    let mut senders: Vec<SendChannel> = (0..m)
+        .map(|s| SendChannel::new(geo, ChannelId::Dispatch, s).unwrap())
+        .collect();
     let mut receivers: Vec<SimReceiver> = (0..n)
         .map(|_| SimReceiver {
             proto: RecvChannel::new(geo, ChannelId::Dispatch, refresh).unwrap(),
@@ -83,7 +97,9 @@ fn simulate(seed: u64, m: usize, n: usize, depth: usize, slot_bytes: usize, roun
                 let snd = &mut senders[s];
                 if snd.next_round() < rounds {
                     let round = snd.next_round();
-                    let lens: Vec<usize> = (0..n).map(|r| payload_len(s, r, round, slot_bytes)).collect();
+                    let lens: Vec<usize> = (0..n)
+                        .map(|r| payload_len(s, r, round, slot_bytes))
+                        .collect();
                     let can = snd.can_post();
                     let got = snd.post_round(&lens).unwrap();
                     assert_eq!(got.is_some(), can);
@@ -102,7 +118,9 @@ fn simulate(seed: u64, m: usize, n: usize, depth: usize, slot_bytes: usize, roun
                         snd.retry(op);
                         break;
                     }
-                    let bytes = (0..op.len).map(|i| payload_byte(s, op.receiver, op.round, i)).collect();
+                    let bytes = (0..op.len)
+                        .map(|i| payload_byte(s, op.receiver, op.round, i))
+                        .collect();
                     snd.on_write_complete(op.round);
                     data[s * n + op.receiver].push_back(InFlight { op, bytes });
                 }
@@ -122,7 +140,8 @@ fn simulate(seed: u64, m: usize, n: usize, depth: usize, slot_bytes: usize, roun
                 let held = &mut rx.occupied[s * depth + slot];
                 assert!(held.is_none(), "slot {slot} of sender {s} on receiver {r} overwritten before release (held by round {held:?})");
                 *held = Some(w.op.round);
-                rx.ring[w.op.remote_offset..w.op.remote_offset + w.bytes.len()].copy_from_slice(&w.bytes);
+                rx.ring[w.op.remote_offset..w.op.remote_offset + w.bytes.len()]
+                    .copy_from_slice(&w.bytes);
                 rx.proto.on_arrival(s, w.op.imm, w.bytes.len()).unwrap();
             }
             2 => {
@@ -135,7 +154,12 @@ fn simulate(seed: u64, m: usize, n: usize, depth: usize, slot_bytes: usize, roun
                         assert_eq!(len, payload_len(s, r, d.round, slot_bytes));
                         let off = geo.slot_offset(s, d.slot);
                         for i in 0..len {
-                            assert_eq!(rx.ring[off + i], payload_byte(s, r, d.round, i), "byte {i} of round {} from {s} at {r}", d.round);
+                            assert_eq!(
+                                rx.ring[off + i],
+                                payload_byte(s, r, d.round, i),
+                                "byte {i} of round {} from {s} at {r}",
+                                d.round
+                            );
                         }
                     }
                     rx.held.push_back(d);
@@ -148,7 +172,10 @@ fn simulate(seed: u64, m: usize, n: usize, depth: usize, slot_bytes: usize, roun
                         rx.occupied[s * depth + d.slot] = None;
                     }
                     rx.proto.release(d.round).unwrap();
-                    assert_eq!(rx.proto.release(d.round).is_err(), true, "double release accepted");
+                    assert!(
+                        rx.proto.release(d.round).is_err(),
+                        "double release accepted"
+                    );
                     rx.done += 1;
                 }
                 if let Some(c) = rx.proto.poll_credit(now) {
@@ -189,7 +216,12 @@ fn lossy_credits_recover_by_refresh() {
 }
 
 fn pair(depth: usize) -> (SendChannel, RecvChannel, Geometry) {
-    let geo = Geometry { senders: 2, receivers: 1, depth, slot_bytes: 64 };
+    let geo = Geometry {
+        senders: 2,
+        receivers: 1,
+        depth,
+        slot_bytes: 64,
+    };
     (
         SendChannel::new(geo, ChannelId::Dispatch, 1).unwrap(),
         RecvChannel::new(geo, ChannelId::Dispatch, Duration::from_millis(1)).unwrap(),
@@ -205,18 +237,34 @@ fn sender_stops_at_depth_and_resumes_on_credit() {
         let op = tx.poll_transmit().unwrap();
         rx.on_arrival(1, op.imm, op.len).unwrap();
     }
-    assert_eq!(tx.post_round(&[8]).unwrap(), None, "third round must wait for credit");
+    assert_eq!(
+        tx.post_round(&[8]).unwrap(),
+        None,
+        "third round must wait for credit"
+    );
     assert_eq!(tx.blocking_receivers().collect::<Vec<_>>(), vec![0]);
     tx.on_credit(0, 1).unwrap();
     assert_eq!(tx.post_round(&[8]).unwrap(), Some(2));
     // Credit beyond what was sent is a peer bug, named.
     let err = tx.on_credit(0, 9).unwrap_err();
-    assert!(matches!(err, ProtoError::BogusCredit { peer: 0, consumed: 9, .. }));
+    assert!(matches!(
+        err,
+        ProtoError::BogusCredit {
+            peer: 0,
+            consumed: 9,
+            ..
+        }
+    ));
 }
 
 #[test]
 fn zero_length_messages_complete_rounds() {
-    let geo = Geometry { senders: 2, receivers: 1, depth: 1, slot_bytes: 0 };
+    let geo = Geometry {
+        senders: 2,
+        receivers: 1,
+        depth: 1,
+        slot_bytes: 0,
+    };
     let mut rx = RecvChannel::new(geo, ChannelId::Combine, Duration::from_secs(1)).unwrap();
     for s in 0..2 {
         assert!(rx.poll_round().is_none());
@@ -232,22 +280,55 @@ fn bad_immediates_are_rejected_naming_the_peer() {
     let (_, mut rx, _) = pair(4);
     let ok = |round| Immediate::new(ChannelId::Dispatch, 1, round as usize % 4, round).encode();
     let cases: Vec<(usize, u32, usize, &str)> = vec![
-        (1, Immediate::new(ChannelId::Dispatch, 5, 0, 0).encode(), 1, "UnknownSender"),
+        (
+            1,
+            Immediate::new(ChannelId::Dispatch, 5, 0, 0).encode(),
+            1,
+            "UnknownSender",
+        ),
         (0, ok(0), 1, "Misrouted"),
-        (1, Immediate::new(ChannelId::Combine, 1, 0, 0).encode(), 1, "WrongChannel"),
-        (1, Immediate::new(ChannelId::Dispatch, 1, 3, 0).encode(), 1, "WrongSlot"),
-        (1, Immediate::new(ChannelId::Dispatch, 1, 1, 1).encode(), 1, "FutureRound"),
+        (
+            1,
+            Immediate::new(ChannelId::Combine, 1, 0, 0).encode(),
+            1,
+            "WrongChannel",
+        ),
+        (
+            1,
+            Immediate::new(ChannelId::Dispatch, 1, 3, 0).encode(),
+            1,
+            "WrongSlot",
+        ),
+        (
+            1,
+            Immediate::new(ChannelId::Dispatch, 1, 1, 1).encode(),
+            1,
+            "FutureRound",
+        ),
         (1, ok(0), 65, "TooLong"),
     ];
     for (peer, imm, len, want) in cases {
         let err = rx.on_arrival(peer, imm, len).unwrap_err();
-        assert!(format!("{err:?}").starts_with(want), "wanted {want}, got {err:?}");
+        assert!(
+            format!("{err:?}").starts_with(want),
+            "wanted {want}, got {err:?}"
+        );
         assert!(err.to_string().contains(&peer.to_string()));
     }
     // None of the rejected writes changed state: round 0 is still expected.
     rx.on_arrival(1, ok(0), 1).unwrap();
     let err = rx.on_arrival(1, ok(0), 1).unwrap_err();
-    assert!(matches!(err, ProtoError::StaleRound { peer: 1, expected: 1, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ProtoError::StaleRound {
+                peer: 1,
+                expected: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -256,26 +337,59 @@ fn writes_beyond_credit_are_detected() {
     let imm = |round| Immediate::new(ChannelId::Dispatch, 1, 0, round).encode();
     rx.on_arrival(1, imm(0), 1).unwrap();
     let err = rx.on_arrival(1, imm(1), 1).unwrap_err();
-    assert!(matches!(err, ProtoError::CreditOverrun { peer: 1, round: 1, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ProtoError::CreditOverrun {
+                peer: 1,
+                round: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn oversize_and_miscounted_rounds_are_refused_before_queueing() {
     let (mut tx, _, _) = pair(2);
-    assert!(matches!(tx.post_round(&[65]), Err(ProtoError::MessageTooLarge { receiver: 0, len: 65, .. })));
-    assert!(matches!(tx.post_round(&[1, 2]), Err(ProtoError::WrongMessageCount { got: 2, receivers: 1 })));
+    assert!(matches!(
+        tx.post_round(&[65]),
+        Err(ProtoError::MessageTooLarge {
+            receiver: 0,
+            len: 65,
+            ..
+        })
+    ));
+    assert!(matches!(
+        tx.post_round(&[1, 2]),
+        Err(ProtoError::WrongMessageCount {
+            got: 2,
+            receivers: 1
+        })
+    ));
     assert!(tx.poll_transmit().is_none());
     assert_eq!(tx.next_round(), 0);
 }
 
 #[test]
 fn release_rules() {
-    let geo = Geometry { senders: 1, receivers: 1, depth: 3, slot_bytes: 8 };
+    let geo = Geometry {
+        senders: 1,
+        receivers: 1,
+        depth: 3,
+        slot_bytes: 8,
+    };
     let mut rx = RecvChannel::new(geo, ChannelId::Dispatch, Duration::from_secs(60)).unwrap();
     let t = Instant::now();
     assert!(rx.release(0).is_err(), "release before delivery");
     for round in 0..3 {
-        rx.on_arrival(0, Immediate::new(ChannelId::Dispatch, 0, round as usize, round).encode(), 0).unwrap();
+        rx.on_arrival(
+            0,
+            Immediate::new(ChannelId::Dispatch, 0, round as usize, round).encode(),
+            0,
+        )
+        .unwrap();
         rx.poll_round().unwrap();
     }
     rx.release(1).unwrap();
@@ -283,5 +397,8 @@ fn release_rules() {
     rx.release(0).unwrap();
     assert_eq!(rx.poll_credit(t), Some(CreditOp { released: 2 }));
     assert_eq!(rx.poll_credit(t), None);
-    assert!(rx.poll_credit(t + Duration::from_secs(61)).is_some(), "refresh re-sends the credit");
+    assert!(
+        rx.poll_credit(t + Duration::from_secs(61)).is_some(),
+        "refresh re-sends the credit"
+    );
 }

@@ -57,7 +57,9 @@ impl std::str::FromStr for TransportKind {
             "tcp" => Ok(Self::Tcp),
             "verbs" => Ok(Self::Verbs),
             "auto" => Ok(Self::Auto),
-            other => Err(format!("unknown transport {other:?}: expected shm, tcp, verbs or auto")),
+            other => Err(format!(
+                "unknown transport {other:?}: expected shm, tcp, verbs or auto"
+            )),
         }
     }
 }
@@ -80,7 +82,9 @@ pub enum TransportError {
         #[source]
         source: DecodeError,
     },
-    #[error("{side} range {offset}+{len} is outside its region of {region_len} bytes (peer {peer})")]
+    #[error(
+        "{side} range {offset}+{len} is outside its region of {region_len} bytes (peer {peer})"
+    )]
     OutOfBounds {
         side: &'static str,
         peer: usize,
@@ -142,7 +146,10 @@ unsafe impl Sync for Region {}
 
 impl fmt::Debug for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Region").field("id", &self.id).field("len", &self.len).finish()
+        f.debug_struct("Region")
+            .field("id", &self.id)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -194,16 +201,23 @@ impl Region {
 
     /// Reads an 8-byte word that peers write atomically (credits).
     pub fn load_u64(&self, offset: usize) -> u64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.len, "unaligned or out-of-range word {offset}");
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.len,
+            "unaligned or out-of-range word {offset}"
+        );
         // SAFETY: in range and 8-aligned (mappings are page-aligned); peers write it atomically.
         unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }.load(Ordering::Acquire)
     }
 
     /// Writes an 8-byte word atomically (the source of a credit write).
     pub fn store_u64(&self, offset: usize, value: u64) {
-        assert!(offset % 8 == 0 && offset + 8 <= self.len, "unaligned or out-of-range word {offset}");
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.len,
+            "unaligned or out-of-range word {offset}"
+        );
         // SAFETY: in range and 8-aligned; concurrent readers use atomics too.
-        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }.store(value, Ordering::Release)
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }
+            .store(value, Ordering::Release)
     }
 }
 
@@ -257,7 +271,12 @@ pub trait Transport: Send + fmt::Debug {
     /// The bytes `req.local_offset..+req.len` of the local region must not
     /// be modified until the write's completion (or, unsignalled, until a
     /// later signalled write on the same peer and lane completes).
-    unsafe fn post_write(&mut self, peer: usize, lane: Lane, req: &WriteRequest) -> Result<(), TransportError>;
+    unsafe fn post_write(
+        &mut self,
+        peer: usize,
+        lane: Lane,
+        req: &WriteRequest,
+    ) -> Result<(), TransportError>;
 
     /// Appends completions to `out`.
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError>;

@@ -38,7 +38,10 @@ fn parse_result(line: &str) -> Option<Report> {
             "elapsed_ns" => report.elapsed_ns = v.parse().ok()?,
             "wrong" => report.wrong = v.parse().ok()?,
             "lat_ns" if !v.is_empty() => {
-                report.latencies_ns = v.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?
+                report.latencies_ns = v
+                    .split(',')
+                    .map(|x| x.parse().ok())
+                    .collect::<Option<_>>()?
             }
             _ => {}
         }
@@ -75,10 +78,26 @@ pub fn main(args: &RunArgs) -> i32 {
     for (role, count) in [(Role::Attention, m), (Role::Expert, n)] {
         for rank in 0..count {
             let spawned = Command::new(&exe)
-                .args(["--worker", "--role", role.name(), "--rank", &rank.to_string()])
+                .args([
+                    "--worker",
+                    "--role",
+                    role.name(),
+                    "--rank",
+                    &rank.to_string(),
+                ])
                 .args(["--senders", &m.to_string(), "--receivers", &n.to_string()])
-                .args(["--rounds", &args.rounds.to_string(), "--bytes", &args.bytes.to_string()])
-                .args(["--window", &args.window.to_string(), "--timeout-s", &args.timeout_s.to_string()])
+                .args([
+                    "--rounds",
+                    &args.rounds.to_string(),
+                    "--bytes",
+                    &args.bytes.to_string(),
+                ])
+                .args([
+                    "--window",
+                    &args.window.to_string(),
+                    "--timeout-s",
+                    &args.timeout_s.to_string(),
+                ])
                 .env("M2N_UNIQUE_ID", &uid)
                 .stdout(Stdio::piped())
                 .spawn();
@@ -93,7 +112,12 @@ pub fn main(args: &RunArgs) -> i32 {
                 }
             };
             let stdout = child.stdout.take().expect("piped");
-            let output = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect());
+            let output = std::thread::spawn(move || {
+                BufReader::new(stdout)
+                    .lines()
+                    .map_while(Result::ok)
+                    .collect()
+            });
             ranks.push(Rank {
                 role,
                 rank,
@@ -144,8 +168,15 @@ pub fn main(args: &RunArgs) -> i32 {
 
 fn summarise(args: &RunArgs, reports: &[Report]) {
     let (m, n) = (args.senders as u64, args.receivers as u64);
-    let elapsed_s = reports.iter().map(|r| r.elapsed_ns).max().unwrap_or(1).max(1) as f64 / 1e9;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+    let elapsed_s = reports
+        .iter()
+        .map(|r| r.elapsed_ns)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        / 1e9;
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
     for r in reports.iter().filter(|r| r.role == Role::Attention) {
         for &ns in &r.latencies_ns {
             let _ = hist.record(ns.max(1));
@@ -172,7 +203,10 @@ fn summarise(args: &RunArgs, reports: &[Report]) {
         hist.len()
     );
     let wrong: u64 = reports.iter().map(|r| r.wrong).sum();
-    let ranks: Vec<String> = reports.iter().map(|r| format!("{} {}", r.role, r.rank)).collect();
+    let ranks: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{} {}", r.role, r.rank))
+        .collect();
     println!(
         "  data check    : {messages} messages, every byte checked, {wrong} wrong  ({} ranks: {})",
         reports.len(),

@@ -38,7 +38,10 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "m2n-demo", about = "Run an M2N exchange between local processes and check every byte")]
+#[command(
+    name = "m2n-demo",
+    about = "Run an M2N exchange between local processes and check every byte"
+)]
 struct Cli {
     #[command(flatten)]
     run: RunArgs,
@@ -54,7 +57,11 @@ struct Cli {
 fn main() {
     let cli = Cli::parse();
     let code = if cli.worker {
-        worker::main(&cli.run, cli.role.expect("required"), cli.rank.expect("required") as usize)
+        worker::main(
+            &cli.run,
+            cli.role.expect("required"),
+            cli.rank.expect("required") as usize,
+        )
     } else {
         launcher::main(&cli.run)
     };

@@ -16,7 +16,7 @@ pub const EXIT_ERROR: i32 = 3;
 
 pub fn main(args: &RunArgs, role: Role, rank: usize) -> i32 {
     match run(args, role, rank) {
-        Ok(wrong) if wrong == 0 => 0,
+        Ok(0) => 0,
         Ok(_) => EXIT_WRONG,
         Err(e) => {
             let kind = match &e {
@@ -34,8 +34,9 @@ pub fn main(args: &RunArgs, role: Role, rank: usize) -> i32 {
 }
 
 fn run(args: &RunArgs, role: Role, rank: usize) -> m2n::Result<usize> {
-    let uid_text = std::env::var("M2N_UNIQUE_ID")
-        .map_err(|_| Error::InvalidArgument("M2N_UNIQUE_ID is not set (the launcher sets it)".into()))?;
+    let uid_text = std::env::var("M2N_UNIQUE_ID").map_err(|_| {
+        Error::InvalidArgument("M2N_UNIQUE_ID is not set (the launcher sets it)".into())
+    })?;
     let uid = uid_text.parse().map_err(Error::InvalidArgument)?;
     let mut config = Config::default();
     // Slots fit the messages and the window, unless the environment says otherwise.
@@ -54,20 +55,38 @@ fn run(args: &RunArgs, role: Role, rank: usize) -> m2n::Result<usize> {
     }
 }
 
-fn fill_round(buf: &mut m2n::Region, base: usize, channel: ChannelId, me: usize, peers: usize, round: u64, bytes: usize) {
+fn fill_round(
+    buf: &mut m2n::Region,
+    base: usize,
+    channel: ChannelId,
+    me: usize,
+    peers: usize,
+    round: u64,
+    bytes: usize,
+) {
     for p in 0..peers {
         let off = base + p * bytes;
-        pattern::fill(&mut buf.as_mut_slice()[off..off + bytes], pattern::seed(channel, me, p, round));
+        pattern::fill(
+            &mut buf.as_mut_slice()[off..off + bytes],
+            pattern::seed(channel, me, p, round),
+        );
     }
 }
 
 fn msgs(buf: &m2n::Region, base: usize, peers: usize, bytes: usize) -> Vec<Msg<'_>> {
-    (0..peers).map(|p| Msg::new(buf, base + p * bytes, bytes)).collect()
+    (0..peers)
+        .map(|p| Msg::new(buf, base + p * bytes, bytes))
+        .collect()
 }
 
 fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
     let timeout = Duration::from_secs(args.timeout_s);
-    let (me, n, bytes, window) = (comm.rank(), comm.shape().experts, args.bytes, args.window as u64);
+    let (me, n, bytes, window) = (
+        comm.rank(),
+        comm.shape().experts,
+        args.bytes,
+        args.window as u64,
+    );
     let stride = n * bytes;
     let mut buf = comm.alloc(stride * window as usize)?;
     let mut sent_at = vec![Instant::now(); window as usize];
@@ -93,7 +112,10 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
             wrong += pattern::count_wrong(m, pattern::seed(ChannelId::Combine, e, me, round));
         }
         comm.combine().release(got)?;
-        latencies_ns.push(done.duration_since(sent_at[(round % window) as usize]).as_nanos() as u64);
+        latencies_ns.push(
+            done.duration_since(sent_at[(round % window) as usize])
+                .as_nanos() as u64,
+        );
         next_recv += 1;
     }
     let elapsed = start.elapsed();

@@ -45,7 +45,9 @@ impl Ring {
             Self {
                 head: NonNull::new_unchecked(hdr.cast()),
                 tail: NonNull::new_unchecked(hdr.add(64).cast()),
-                entries: NonNull::new_unchecked(base.add(HEADER * (world + 1) + index * cap * ENTRY)),
+                entries: NonNull::new_unchecked(
+                    base.add(HEADER * (world + 1) + index * cap * ENTRY),
+                ),
                 cap: cap as u64,
             }
         }
@@ -81,7 +83,13 @@ impl Ring {
         let word = (u64::from(len) << 32) | u64::from(imm);
         // SAFETY: `at` is inside the ring's entry array; the slot is free
         // (has_room) so the consumer does not read it now.
-        unsafe { self.entries.as_ptr().add(at).cast::<u64>().write_volatile(word) };
+        unsafe {
+            self.entries
+                .as_ptr()
+                .add(at)
+                .cast::<u64>()
+                .write_volatile(word)
+        };
         self.tail().store(tail + 1, Ordering::Release);
     }
 
@@ -96,7 +104,10 @@ impl Ring {
         if tail < head || tail - head > self.cap {
             return Err(TransportError::Corrupt {
                 peer,
-                detail: format!("it moved our completion ring's tail to {tail} (head {head}, capacity {})", self.cap),
+                detail: format!(
+                    "it moved our completion ring's tail to {tail} (head {head}, capacity {})",
+                    self.cap
+                ),
             });
         }
         for i in head..tail {

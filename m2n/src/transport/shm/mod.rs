@@ -17,8 +17,8 @@ use inbox::{inbox_bytes, Ring};
 use segment::Segment;
 
 use super::{
-    check_range, Completion, Lane, Region, RegionId, RemoteRegion, Transport, TransportError, TransportKind,
-    WriteRequest,
+    check_range, Completion, Lane, Region, RegionId, RemoteRegion, Transport, TransportError,
+    TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -71,10 +71,16 @@ impl ShmTransport {
     pub fn new(me: usize, world: usize, queue_depth: usize) -> Result<Self, TransportError> {
         assert!(me < world && queue_depth > 0);
         let mut token = [0u8; 8];
-        getrandom::getrandom(&mut token).map_err(|e| TransportError::os("getrandom", std::io::Error::other(e.to_string())))?;
+        getrandom::getrandom(&mut token)
+            .map_err(|e| TransportError::os("getrandom", std::io::Error::other(e.to_string())))?;
         let token = u64::from_le_bytes(token);
-        let inbox = Segment::create(&format!("m2n-{token:016x}-inbox"), inbox_bytes(world, queue_depth))?;
-        let rings = (0..world).map(|p| Ring::of(&inbox, world, queue_depth, p)).collect();
+        let inbox = Segment::create(
+            &format!("m2n-{token:016x}-inbox"),
+            inbox_bytes(world, queue_depth),
+        )?;
+        let rings = (0..world)
+            .map(|p| Ring::of(&inbox, world, queue_depth, p))
+            .collect();
         Ok(Self {
             me,
             world,
@@ -91,7 +97,10 @@ impl ShmTransport {
         })
     }
 
-    fn decode_endpoint(peer: usize, blob: &[u8]) -> Result<(u32, i32, u32, u32, String, String), DecodeError> {
+    fn decode_endpoint(
+        peer: usize,
+        blob: &[u8],
+    ) -> Result<(u32, i32, u32, u32, String, String), DecodeError> {
         let mut r = Reader::new(blob);
         if r.u32("shm endpoint magic")? != ENDPOINT_MAGIC {
             return Err(DecodeError::Invalid {
@@ -153,7 +162,10 @@ impl Transport for ShmTransport {
         if host != self.host {
             return Err(TransportError::Unavailable(
                 TransportKind::Shm,
-                format!("peer {peer} runs on another host or kernel (boot id {host:?}, ours {:?})", self.host),
+                format!(
+                    "peer {peer} runs on another host or kernel (boot id {host:?}, ours {:?})",
+                    self.host
+                ),
             ));
         }
         if world as usize != self.world || cap == 0 {
@@ -161,7 +173,10 @@ impl Transport for ShmTransport {
                 peer,
                 source: DecodeError::Invalid {
                     field: "world",
-                    detail: format!("peer has world {world} and queue depth {cap}; ours is world {}", self.world),
+                    detail: format!(
+                        "peer has world {world} and queue depth {cap}; ours is world {}",
+                        self.world
+                    ),
                 },
             });
         }
@@ -183,7 +198,8 @@ impl Transport for ShmTransport {
         let pid = r.u32("pid").map_err(bad)?;
         let fd = r.u32("region fd").map_err(bad)? as i32;
         let len = r.u64("region length").map_err(bad)?;
-        let name = String::from_utf8_lossy(r.bytes("region name", MAX_NAME).map_err(bad)?).into_owned();
+        let name =
+            String::from_utf8_lossy(r.bytes("region name", MAX_NAME).map_err(bad)?).into_owned();
         r.finish().map_err(bad)?;
         let len = usize::try_from(len).map_err(|_| {
             bad(DecodeError::Invalid {
@@ -197,7 +213,12 @@ impl Transport for ShmTransport {
         Ok(RemoteRegion { peer, key, len })
     }
 
-    unsafe fn post_write(&mut self, peer: usize, _lane: Lane, req: &WriteRequest) -> Result<(), TransportError> {
+    unsafe fn post_write(
+        &mut self,
+        peer: usize,
+        _lane: Lane,
+        req: &WriteRequest,
+    ) -> Result<(), TransportError> {
         let ring = self
             .peers
             .get(peer)
@@ -270,7 +291,13 @@ mod tests {
         (a, b)
     }
 
-    fn write(local: &Region, remote: RemoteRegion, off: usize, len: usize, imm: Option<u32>) -> WriteRequest {
+    fn write(
+        local: &Region,
+        remote: RemoteRegion,
+        off: usize,
+        len: usize,
+        imm: Option<u32>,
+    ) -> WriteRequest {
         WriteRequest {
             local: local.id(),
             local_offset: 0,
@@ -287,7 +314,10 @@ mod tests {
     fn write_with_imm_lands_and_completes() {
         let (mut a, mut b) = pair();
         let mut src = a.alloc(64).unwrap();
-        src.as_mut_slice().iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+        src.as_mut_slice()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = i as u8);
         let dst = b.alloc(128).unwrap();
         let remote = a.import(1, dst.descriptor()).unwrap();
         // SAFETY: src is not modified while in flight (the copy is synchronous).
@@ -297,7 +327,14 @@ mod tests {
         assert_eq!(out, vec![Completion::WriteDone { wr_id: 7 }]);
         out.clear();
         b.poll(&mut out).unwrap();
-        assert_eq!(out, vec![Completion::Arrived { peer: 0, imm: 0xabc, len: 64 }]);
+        assert_eq!(
+            out,
+            vec![Completion::Arrived {
+                peer: 0,
+                imm: 0xabc,
+                len: 64
+            }]
+        );
         assert_eq!(&dst.as_slice()[32..96], src.as_slice());
         assert!(dst.as_slice()[..32].iter().all(|&x| x == 0));
     }
@@ -313,14 +350,28 @@ mod tests {
             unsafe { a.post_write(1, Lane::Data, &write(&src, remote, 0, 0, Some(1))) }.unwrap();
         }
         // SAFETY: as above.
-        let err = unsafe { a.post_write(1, Lane::Data, &write(&src, remote, 0, 0, Some(1))) }.unwrap_err();
+        let err = unsafe { a.post_write(1, Lane::Data, &write(&src, remote, 0, 0, Some(1))) }
+            .unwrap_err();
         assert!(matches!(err, TransportError::WouldBlock));
         let mut out = Vec::new();
         b.poll(&mut out).unwrap();
         assert_eq!(out.len(), 4);
         // SAFETY: as above; this one must be refused before copying.
-        let err = unsafe { a.post_write(1, Lane::Data, &write(&src, remote, 1, 8, None)) }.unwrap_err();
-        assert!(matches!(err, TransportError::OutOfBounds { side: "remote", peer: 1, offset: 1, len: 8, .. }), "{err}");
+        let err =
+            unsafe { a.post_write(1, Lane::Data, &write(&src, remote, 1, 8, None)) }.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::OutOfBounds {
+                    side: "remote",
+                    peer: 1,
+                    offset: 1,
+                    len: 8,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -50,8 +50,12 @@ impl Segment {
     /// holds at least `len` bytes.
     pub fn open(owner_pid: u32, fd: i32, name: &str, len: usize) -> Result<Self, TransportError> {
         let path = format!("/proc/{owner_pid}/fd/{fd}");
-        let target = std::fs::read_link(&path)
-            .map_err(|e| TransportError::os(format!("readlink {path} (is the owner alive and the same user?)"), e))?;
+        let target = std::fs::read_link(&path).map_err(|e| {
+            TransportError::os(
+                format!("readlink {path} (is the owner alive and the same user?)"),
+                e,
+            )
+        })?;
         let want = format!("/memfd:{name} (deleted)");
         if target.to_string_lossy() != want {
             return Err(TransportError::os(

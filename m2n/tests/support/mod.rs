@@ -1,0 +1,158 @@
+//! Launching demo workers as separate processes, with the test as the
+//! bootstrap root, so a test can kill, stop or mislead single ranks.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use m2n::{Role, Root, UniqueId};
+
+pub const DEMO: &str = env!("CARGO_BIN_EXE_m2n-demo");
+
+/// One worker process and its output lines.
+pub struct Worker {
+    pub role: Role,
+    pub rank: usize,
+    pub child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Worker {
+    /// Waits for a line starting with `prefix`, up to `timeout`.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return Some(l);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Waits for the process to exit, up to `timeout`; kills it otherwise.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                // Collect what is left of the output.
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(l);
+                }
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("signal worker");
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts one worker of an `m` x `n` group with extra demo flags and env.
+pub fn spawn_worker(
+    uid: &UniqueId,
+    role: Role,
+    rank: usize,
+    m: usize,
+    n: usize,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> Worker {
+    let mut cmd = Command::new(DEMO);
+    cmd.args([
+        "--worker",
+        "--role",
+        role.name(),
+        "--rank",
+        &rank.to_string(),
+    ])
+    .args(["--senders", &m.to_string(), "--receivers", &n.to_string()])
+    .args(flags)
+    .env("M2N_UNIQUE_ID", uid.to_string())
+    .stdout(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn m2n-demo worker");
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, lines) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    Worker {
+        role,
+        rank,
+        child,
+        lines,
+        seen: Vec::new(),
+    }
+}
+
+/// A root plus every worker of an `m` x `n` group.
+pub fn spawn_group(
+    m: usize,
+    n: usize,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    Vec<Worker>,
+    std::thread::JoinHandle<Result<(), m2n::bootstrap::BootstrapError>>,
+) {
+    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let uid = root.unique_id().clone();
+    let served = root.spawn(Duration::from_secs(60));
+    let mut workers = Vec::new();
+    for rank in 0..m {
+        workers.push(spawn_worker(&uid, Role::Attention, rank, m, n, flags, env));
+    }
+    for rank in 0..n {
+        workers.push(spawn_worker(&uid, Role::Expert, rank, m, n, flags, env));
+    }
+    (workers, served)
+}
+
+/// Runs the demo launcher and returns (success, stdout, stderr).
+pub fn run_demo(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(DEMO);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run m2n-demo");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
