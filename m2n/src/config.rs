@@ -13,6 +13,10 @@
 //! | `M2N_BOOTSTRAP_TIMEOUT_MS` | deadline for the rendezvous | 30000 |
 //! | `M2N_CREDIT_REFRESH_MS` | re-send of the current credit, repairing a lost one | 100 |
 //! | `M2N_SHM_QUEUE_DEPTH` | completion ring entries per peer (shm) | 1024 |
+//! | `M2N_SOCKET_IFNAME` | tcp: interfaces to use, NCCL style (`eth,ens` prefixes, `=eth0` exact, `^docker,lo` to exclude) | the route to the root |
+//! | `M2N_TCP_DATA_DSCP`, `M2N_TCP_ACK_DSCP` | tcp: DiffServ code point per lane (0..=63) | 0, 46 (EF) |
+//! | `M2N_TCP_DATA_PRIORITY`, `M2N_TCP_ACK_PRIORITY` | tcp: `SO_PRIORITY` per lane (0..=6 unprivileged) | 0, 6 |
+//! | `M2N_TCP_QUEUE_FRAMES` | tcp: frames queued per connection before back-pressure | 256 |
 //! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, or `spin-yield[:N]` (N spins, then yield) | `spin-yield:256` |
 //!
 //! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks; it is
@@ -23,6 +27,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::transport::tcp::LaneOptions;
 use crate::transport::TransportKind;
 
 /// A bad configuration value, naming the variable or field.
@@ -82,6 +87,36 @@ impl std::str::FromStr for WaitPolicy {
     }
 }
 
+/// Settings of the tcp transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// Interface selection (`M2N_SOCKET_IFNAME`); `None`: the address the
+    /// route to the bootstrap root leaves from.
+    pub ifname: Option<String>,
+    pub data: LaneOptions,
+    /// The ACK lane: by default DSCP 46 (expedited forwarding) and the
+    /// highest unprivileged socket priority, so credits overtake data.
+    pub ack: LaneOptions,
+    pub queue_frames: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            ifname: None,
+            data: LaneOptions {
+                dscp: 0,
+                priority: 0,
+            },
+            ack: LaneOptions {
+                dscp: 46,
+                priority: 6,
+            },
+            queue_frames: 256,
+        }
+    }
+}
+
 /// Everything a communicator can be tuned with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -93,6 +128,7 @@ pub struct Config {
     pub bootstrap_timeout: Duration,
     pub credit_refresh: Duration,
     pub shm_queue_depth: usize,
+    pub tcp: TcpConfig,
     pub wait: WaitPolicy,
 }
 
@@ -111,6 +147,7 @@ impl Default for Config {
             bootstrap_timeout: Duration::from_secs(30),
             credit_refresh: Duration::from_millis(100),
             shm_queue_depth: 1024,
+            tcp: TcpConfig::default(),
             wait: WaitPolicy::SpinThenYield(256),
         }
     }
@@ -169,6 +206,16 @@ impl Config {
                 ))),
             };
             let bytes = |v: &str| parse_bytes(v).map_err(err);
+            let dscp = |v: &str| match v.parse::<u8>() {
+                Ok(d) if d < 64 => Ok(d),
+                _ => Err(err("expected a DSCP value in 0..=63".into())),
+            };
+            let prio = |v: &str| match v.parse::<u32>() {
+                Ok(p) if p <= 15 => Ok(p),
+                _ => Err(err(
+                    "expected a socket priority in 0..=15 (above 6 needs CAP_NET_ADMIN)".into(),
+                )),
+            };
             match name.as_str() {
                 "M2N_TRANSPORT" => self.transport = value.parse().map_err(err)?,
                 "M2N_DEPTH" => {
@@ -194,6 +241,17 @@ impl Config {
                     _ => return Err(err("expected a positive entry count".into())),
                 },
                 "M2N_WAIT" => self.wait = value.parse().map_err(err)?,
+                "M2N_SOCKET_IFNAME" => {
+                    self.tcp.ifname = Some(value.clone()).filter(|v| !v.trim().is_empty())
+                }
+                "M2N_TCP_DATA_DSCP" => self.tcp.data.dscp = dscp(&value)?,
+                "M2N_TCP_ACK_DSCP" => self.tcp.ack.dscp = dscp(&value)?,
+                "M2N_TCP_DATA_PRIORITY" => self.tcp.data.priority = prio(&value)?,
+                "M2N_TCP_ACK_PRIORITY" => self.tcp.ack.priority = prio(&value)?,
+                "M2N_TCP_QUEUE_FRAMES" => match value.parse::<usize>() {
+                    Ok(n) if n > 0 => self.tcp.queue_frames = n,
+                    _ => return Err(err("expected a positive frame count".into())),
+                },
                 _ => {
                     return Err(err(
                         "unknown M2N_ variable (see the configuration table in the README)".into(),
@@ -273,6 +331,8 @@ mod tests {
             ("M2N_PEER_TIMEOUT_MS", "-1"),
             ("M2N_WAIT", "nap"),
             ("M2N_DEPHT", "4"),
+            ("M2N_TCP_ACK_DSCP", "64"),
+            ("M2N_TCP_DATA_PRIORITY", "high"),
         ] {
             let err = env(&[(k, v)]).unwrap_err();
             assert_eq!(err.name, k, "{err}");

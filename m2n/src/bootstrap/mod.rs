@@ -4,6 +4,8 @@
 //! ```text
 //! rank -> root   Hello { secret, role, rank, shape, payload }
 //! root -> rank   AllGather [payload of every global rank]   (or Reject)
+//! rank -> root   Contribute payload                          (any number of
+//! root -> rank   AllGather [payload of every global rank]     further rounds)
 //! rank -> root   Ready
 //! root -> rank   Go                                          (or Reject)
 //! ```
@@ -115,48 +117,59 @@ impl Root {
         let deadline = Instant::now() + timeout;
         let mut joined: Vec<Joined> = Vec::new();
         let result = self.gather(deadline, &mut joined).and_then(|shape| {
-            let mut by_rank: Vec<&mut Joined> = joined.iter_mut().collect();
-            by_rank.sort_by_key(|j| shape.global(j.peer.role, j.peer.rank));
-            let all = Frame::AllGather(
-                by_rank
-                    .iter_mut()
-                    .map(|j| std::mem::take(&mut j.payload))
-                    .collect(),
-            );
-            for j in &mut by_rank {
-                wire::send(&mut j.stream, &all)
-                    .map_err(io_err(format!("all-gather to {}", j.peer)))?;
-            }
-            for j in &mut by_rank {
-                let left = remaining(deadline).ok_or_else(|| {
-                    BootstrapError::Timeout(format!("{} did not reach the barrier in time", j.peer))
-                })?;
-                j.stream
-                    .set_read_timeout(Some(left))
-                    .map_err(io_err("set_read_timeout"))?;
-                match wire::recv(&mut j.stream) {
-                    Ok(Frame::Ready) => {}
-                    Ok(other) => {
-                        return Err(BootstrapError::Group(format!(
-                            "{} sent {other:?} at the barrier",
+            joined.sort_by_key(|j| shape.global(j.peer.role, j.peer.rank));
+            let mut payloads: Vec<Vec<u8>> = joined
+                .iter_mut()
+                .map(|j| std::mem::take(&mut j.payload))
+                .collect();
+            // Any number of all-gathers, then the barrier; every rank must
+            // take the same steps.
+            loop {
+                let all = Frame::AllGather(payloads);
+                for j in &mut joined {
+                    wire::send(&mut j.stream, &all)
+                        .map_err(io_err(format!("all-gather to {}", j.peer)))?;
+                }
+                let mut next = Vec::with_capacity(joined.len());
+                let mut ready = 0;
+                for j in &mut joined {
+                    let late = || {
+                        BootstrapError::Timeout(format!(
+                            "{} did not take its next bootstrap step in time",
                             j.peer
-                        )))
-                    }
-                    Err(e) if is_timeout(&e) => {
-                        return Err(BootstrapError::Timeout(format!(
-                            "{} did not reach the barrier in time",
-                            j.peer
-                        )))
-                    }
-                    Err(e) => {
-                        return Err(BootstrapError::Group(format!(
-                            "{} left before the barrier: {e}",
-                            j.peer
-                        )))
+                        ))
+                    };
+                    let left = remaining(deadline).ok_or_else(late)?;
+                    j.stream
+                        .set_read_timeout(Some(left))
+                        .map_err(io_err("set_read_timeout"))?;
+                    match wire::recv(&mut j.stream) {
+                        Ok(Frame::Ready) => ready += 1,
+                        Ok(Frame::Contribute(p)) => next.push(p),
+                        Ok(other) => {
+                            return Err(BootstrapError::Group(format!("{} sent {other:?}", j.peer)))
+                        }
+                        Err(e) if is_timeout(&e) => return Err(late()),
+                        Err(e) => {
+                            return Err(BootstrapError::Group(format!(
+                                "{} left during the bootstrap: {e}",
+                                j.peer
+                            )))
+                        }
                     }
                 }
+                if ready == joined.len() {
+                    break;
+                }
+                if ready > 0 {
+                    return Err(BootstrapError::Group(format!(
+                        "{ready} ranks reached the barrier while {} started another all-gather",
+                        next.len()
+                    )));
+                }
+                payloads = next;
             }
-            for j in &mut by_rank {
+            for j in &mut joined {
                 // A rank that exits right after Go is not our problem.
                 let _ = wire::send(&mut j.stream, &Frame::Go);
             }
@@ -396,6 +409,24 @@ fn recv_before(
 }
 
 impl Rendezvous {
+    /// Another all-gather: every rank's `payload`, by global rank. Every
+    /// rank must call it the same number of times before the barrier.
+    pub fn all_gather(
+        &mut self,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>, BootstrapError> {
+        let deadline = Instant::now() + timeout;
+        let world = self.payloads.len();
+        wire::send(&mut self.stream, &Frame::Contribute(payload)).map_err(io_err("all-gather"))?;
+        match recv_before(&mut self.stream, deadline, "the all-gather")? {
+            Frame::AllGather(p) if p.len() == world => Ok(p),
+            other => Err(BootstrapError::Group(format!(
+                "root sent {other:?} instead of the all-gather"
+            ))),
+        }
+    }
+
     /// Waits until every rank has called `barrier`.
     pub fn barrier(mut self, timeout: Duration) -> Result<(), BootstrapError> {
         let deadline = Instant::now() + timeout;

@@ -27,6 +27,8 @@ pub enum Frame {
     AllGather(Vec<Vec<u8>>),
     Ready,
     Go,
+    /// A rank's payload for a further all-gather.
+    Contribute(Vec<u8>),
 }
 
 impl Frame {
@@ -62,6 +64,9 @@ impl Frame {
             }
             Frame::Go => {
                 w.u8(5);
+            }
+            Frame::Contribute(p) => {
+                w.u8(6).bytes(p);
             }
         }
         let mut buf = w.finish();
@@ -119,6 +124,7 @@ impl Frame {
             }
             4 => Frame::Ready,
             5 => Frame::Go,
+            6 => Frame::Contribute(r.bytes("payload", MAX_PAYLOAD)?.to_vec()),
             other => {
                 return Err(DecodeError::Invalid {
                     field: "frame type",
@@ -172,6 +178,7 @@ mod tests {
             Frame::AllGather(vec![vec![], vec![9; 10]]),
             Frame::Ready,
             Frame::Go,
+            Frame::Contribute(vec![4, 5]),
         ] {
             let bytes = f.encode();
             assert_eq!(recv(&mut &bytes[..]).unwrap(), f);

@@ -19,7 +19,16 @@ struct Link {
     stream: TcpStream,
     last_heard: Instant,
     last_sent: Instant,
-    lost: Option<String>,
+    lost: Option<Lost>,
+}
+
+/// Why and when a link was lost.
+#[derive(Debug, Clone)]
+pub(crate) struct Lost {
+    pub reason: String,
+    pub at: Instant,
+    /// The peer hung rather than left: nothing more will come from it.
+    pub hung: bool,
 }
 
 /// The liveness links of one rank.
@@ -29,6 +38,16 @@ pub(crate) struct Liveness {
     timeout: Duration,
     interval: Duration,
     last_poll: Instant,
+}
+
+impl Lost {
+    fn left(at: Instant, reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            at,
+            hung: false,
+        }
+    }
 }
 
 /// Pre-handshake state: our listener.
@@ -175,21 +194,23 @@ impl Liveness {
             loop {
                 match l.stream.read(&mut buf) {
                     Ok(0) => {
-                        l.lost =
-                            Some("its connection closed (the process exited or was killed)".into());
+                        l.lost = Some(Lost::left(
+                            now,
+                            "its connection closed (the process exited or was killed)",
+                        ));
                         break;
                     }
                     Ok(n) => {
                         l.last_heard = now;
                         if buf[..n].contains(&GOODBYE) {
-                            l.lost = Some("it closed its communicator".into());
+                            l.lost = Some(Lost::left(now, "it closed its communicator"));
                             break;
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        l.lost = Some(format!("its connection failed: {e}"));
+                        l.lost = Some(Lost::left(now, format!("its connection failed: {e}")));
                         break;
                     }
                 }
@@ -198,25 +219,29 @@ impl Liveness {
                 continue;
             }
             if now.saturating_duration_since(l.last_heard) > self.timeout {
-                l.lost = Some(format!("no heartbeat for {:?}", self.timeout));
+                l.lost = Some(Lost {
+                    reason: format!("no heartbeat for {:?}", self.timeout),
+                    at: now,
+                    hung: true,
+                });
                 continue;
             }
             if now.saturating_duration_since(l.last_sent) >= self.interval {
                 match send_byte(&l.stream, HEARTBEAT) {
                     Ok(()) => l.last_sent = now,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => l.lost = Some(format!("heartbeat failed: {e}")),
+                    Err(e) => l.lost = Some(Lost::left(now, format!("heartbeat failed: {e}"))),
                 }
             }
         }
     }
 
     /// Why `peer` is lost, if it is.
-    pub fn lost(&self, peer: Peer) -> Option<&str> {
+    pub fn lost(&self, peer: Peer) -> Option<&Lost> {
         self.links
             .iter()
             .find(|l| l.peer == peer)
-            .and_then(|l| l.lost.as_deref())
+            .and_then(|l| l.lost.as_ref())
     }
 
     /// Tells peers we are leaving on purpose, then closes.

@@ -26,21 +26,21 @@
 
 mod error;
 mod liveness;
+mod setup;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 pub use error::{Error, Result};
-use liveness::{LinkPlan, Liveness, LivenessListener};
+use liveness::{LinkPlan, Liveness, LivenessListener, Lost};
 
 use crate::bootstrap::{self, UniqueId};
-use crate::codec::{Reader, Writer};
 use crate::config::{Config, WaitPolicy};
 use crate::group::{Peer, Role, Shape};
 use crate::proto::{ChannelId, Geometry, Lane, RecvChannel, SendChannel, WriteOp};
 use crate::transport::{
-    shm::ShmTransport, Completion, Region, RegionId, RemoteRegion, Transport, TransportError,
-    TransportKind, WriteRequest,
+    Completion, Region, RegionId, RemoteRegion, Transport, TransportError, TransportKind,
+    WriteRequest,
 };
 
 /// One message of a round: `len` bytes at `offset` of a registered region.
@@ -138,61 +138,6 @@ pub struct Communicator {
     fatal: Option<Fatal>,
 }
 
-/// Everything a rank publishes in the all-gather.
-struct Published {
-    endpoint: Vec<u8>,
-    ring: Vec<u8>,
-    credits: Vec<u8>,
-    liveness: std::net::SocketAddr,
-}
-
-impl Published {
-    fn encode(&self) -> Vec<u8> {
-        Writer::new()
-            .bytes(&self.endpoint)
-            .bytes(&self.ring)
-            .bytes(&self.credits)
-            .bytes(self.liveness.to_string().as_bytes())
-            .finish()
-    }
-
-    fn decode(blob: &[u8]) -> std::result::Result<Self, crate::codec::DecodeError> {
-        let mut r = Reader::new(blob);
-        let endpoint = r.bytes("endpoint", 64 << 10)?.to_vec();
-        let ring = r.bytes("ring descriptor", 64 << 10)?.to_vec();
-        let credits = r.bytes("credit descriptor", 64 << 10)?.to_vec();
-        let addr = r.bytes("liveness address", 256)?;
-        let liveness = std::str::from_utf8(addr)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| crate::codec::DecodeError::Invalid {
-                field: "liveness address",
-                detail: String::from_utf8_lossy(addr).into_owned(),
-            })?;
-        r.finish()?;
-        Ok(Self {
-            endpoint,
-            ring,
-            credits,
-            liveness,
-        })
-    }
-}
-
-fn make_transport(config: &Config, me: usize, world: usize) -> Result<Box<dyn Transport>> {
-    let t = |source| Error::Transport { peer: None, source };
-    match config.transport {
-        // One host is all `auto` can serve until cross-host transports exist.
-        TransportKind::Shm | TransportKind::Auto => Ok(Box::new(
-            ShmTransport::new(me, world, config.shm_queue_depth).map_err(t)?,
-        )),
-        other => Err(t(TransportError::Unavailable(
-            other,
-            "this build of m2n has only the shm transport; use M2N_TRANSPORT=shm or auto".into(),
-        ))),
-    }
-}
-
 impl Communicator {
     /// Joins the group identified by `uid` as `role` `rank` of `shape`:
     /// allocates the rings, rendezvous, connects and barriers. Blocks until
@@ -254,31 +199,49 @@ impl Communicator {
         let recv_proto =
             RecvChannel::new(recv_geo, recv_id, config.credit_refresh).map_err(proto)?;
 
-        let mut transport = make_transport(&config, me, shape.world())?;
+        // Phase 1: where everyone is. Liveness links listen on the address
+        // the transport will use.
+        let ip = setup::local_ip(&config, uid.root)?;
+        let listener = LivenessListener::bind(ip).map_err(|e| {
+            Error::Bootstrap(bootstrap::BootstrapError::Io {
+                op: format!("liveness listener on {ip}"),
+                source: e,
+            })
+        })?;
+        let presence = setup::Presence {
+            host: crate::transport::host_identity(),
+            liveness: listener.addr,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut rv = bootstrap::join(uid, role, rank, shape, presence.encode(), left)?;
+        let everyone = rv
+            .payloads
+            .iter()
+            .enumerate()
+            .map(|(g, blob)| {
+                setup::Presence::decode(blob).map_err(|source| Error::Transport {
+                    peer: Some(setup::peer(shape, g)),
+                    source: TransportError::BadDescriptor { peer: g, source },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let kind = setup::choose_transport(config.transport, shape, &everyone)?;
+
+        // Phase 2: the transport, its rings, and their descriptors.
+        let mut transport = setup::make_transport(kind, &config, ip, me, shape.world())?;
         let t = |source| Error::Transport { peer: None, source };
         let ring = transport
             .alloc(recv_geo.ring_bytes().expect("validated"))
             .map_err(t)?;
         let credits = transport.alloc(8 * theirs).map_err(t)?;
         let credit_src = transport.alloc(8).map_err(t)?;
-
-        // Liveness links listen where the root can reach us, i.e. the address
-        // our route to the root leaves from.
-        let probe_ip = local_ip_toward(uid.root);
-        let listener = LivenessListener::bind(probe_ip).map_err(|e| {
-            Error::Bootstrap(bootstrap::BootstrapError::Io {
-                op: format!("liveness listener on {probe_ip}"),
-                source: e,
-            })
-        })?;
-        let published = Published {
+        let published = setup::Published {
             endpoint: transport.endpoint(),
             ring: ring.descriptor().to_vec(),
             credits: credits.descriptor().to_vec(),
-            liveness: listener.addr,
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let rv = bootstrap::join(uid, role, rank, shape, published.encode(), left)?;
+        let payloads = rv.all_gather(published.encode(), left)?;
 
         let other = match role {
             Role::Attention => Role::Expert,
@@ -298,14 +261,14 @@ impl Communicator {
                 peer: Some(peer),
                 source,
             };
-            let p = Published::decode(&rv.payloads[g])
+            let p = setup::Published::decode(&payloads[g])
                 .map_err(|source| tp(TransportError::BadDescriptor { peer: g, source }))?;
             transport.connect(g, &p.endpoint).map_err(tp)?;
             rings.push(transport.import(g, &p.ring).map_err(tp)?);
             credit_dst.push(transport.import(g, &p.credits).map_err(tp)?);
             // Attention ranks dial, experts accept.
             match role {
-                Role::Attention => dial.push((g, p.liveness)),
+                Role::Attention => dial.push((g, everyone[g].liveness)),
                 Role::Expert => accept.push(g),
             }
         }
@@ -470,6 +433,15 @@ impl Communicator {
                     self.send.stalled = Some(op);
                     break;
                 }
+                Err(TransportError::PeerClosed { reason, .. }) => {
+                    // Keep the write: the state stays consistent and every
+                    // later call reports the same lost peer.
+                    self.send.stalled = Some(op);
+                    return Err(Error::PeerLost {
+                        peer: self.other_side(op.receiver),
+                        reason,
+                    });
+                }
                 Err(source) => {
                     let peer = Some(self.other_side(op.receiver));
                     return Err(self.fail(Error::Transport { peer, source }));
@@ -510,6 +482,8 @@ impl Communicator {
             match unsafe { self.transport.post_write(peer_global, Lane::Ack, &req) } {
                 Ok(()) => false,
                 Err(TransportError::WouldBlock) => true,
+                // A departed sender needs no more credit.
+                Err(TransportError::PeerClosed { .. }) => false,
                 Err(source) => {
                     result = Err(Error::Transport {
                         peer: Some(self.other_side(sender)),
@@ -581,15 +555,36 @@ impl Communicator {
         Peer { role, rank }
     }
 
-    /// `PeerLost` for the first of `indices` (other-side ranks) that is lost.
-    fn lost_among(&mut self, indices: impl IntoIterator<Item = usize>, force: bool) -> Result<()> {
+    /// Polls liveness and returns the other-side peers lost so far. Take
+    /// the snapshot *before* draining the transport: whatever a peer wrote
+    /// before it left is then drained before its loss is judged.
+    fn lost_snapshot(&mut self, force: bool) -> Vec<(usize, Lost)> {
         self.liveness.poll(Instant::now(), force);
-        for i in indices {
-            let peer = self.other_side(i);
-            if let Some(reason) = self.liveness.lost(peer) {
+        let n = self.shape.side(self.other_side(0).role);
+        (0..n)
+            .filter_map(|i| {
+                self.liveness
+                    .lost(self.other_side(i))
+                    .map(|l| (i, l.clone()))
+            })
+            .collect()
+    }
+
+    /// `PeerLost` for the first of `indices` (other-side ranks) that was
+    /// lost in `snapshot`. A peer that left (rather than hung) may still
+    /// have data in flight on the transport (tcp can deliver it after the
+    /// liveness goodbye): it counts once the transport has drained it, or
+    /// a peer timeout after it left.
+    fn check_lost(&self, snapshot: &[(usize, Lost)], indices: &[usize]) -> Result<()> {
+        let now = Instant::now();
+        let other = self.other_side(0).role;
+        for (i, lost) in snapshot.iter().filter(|(i, _)| indices.contains(i)) {
+            let drained = self.transport.peer_drained(self.shape.global(other, *i));
+            let grace_over = now.saturating_duration_since(lost.at) >= self.config.peer_timeout;
+            if lost.hung || drained || grace_over {
                 return Err(Error::PeerLost {
-                    peer,
-                    reason: reason.to_string(),
+                    peer: self.other_side(*i),
+                    reason: lost.reason.clone(),
                 });
             }
         }
@@ -750,13 +745,13 @@ impl Channel<'_> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
+            let lost = self.comm.lost_snapshot(Instant::now() >= deadline);
             if let Some(round) = self.try_send(msgs)? {
                 return Ok(round);
             }
             let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
             let now = Instant::now();
-            self.comm
-                .lost_among(blocking.iter().copied(), now >= deadline)?;
+            self.comm.check_lost(&lost, &blocking)?;
             if now >= deadline {
                 return Err(Error::Timeout {
                     what: format!(
@@ -786,10 +781,14 @@ impl Channel<'_> {
     pub fn wait_sent(&mut self, round: u64, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
-        while !self.is_sent(round)? {
+        loop {
+            let lost = self.comm.lost_snapshot(Instant::now() >= deadline);
+            if self.is_sent(round)? {
+                return Ok(());
+            }
             let now = Instant::now();
-            let all = 0..self.comm.send.rings.len();
-            self.comm.lost_among(all, now >= deadline)?;
+            let all: Vec<usize> = (0..self.comm.send.rings.len()).collect();
+            self.comm.check_lost(&lost, &all)?;
             if now >= deadline {
                 return Err(Error::Timeout {
                     what: format!("local completion of round {round}"),
@@ -798,7 +797,6 @@ impl Channel<'_> {
             }
             backoff.wait(false);
         }
-        Ok(())
     }
 
     /// The next complete round, if it is in.
@@ -818,13 +816,13 @@ impl Channel<'_> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
+            let lost = self.comm.lost_snapshot(Instant::now() >= deadline);
             if let Some(r) = self.try_recv()? {
                 return Ok(r);
             }
             let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
             let now = Instant::now();
-            self.comm
-                .lost_among(missing.iter().copied(), now >= deadline)?;
+            self.comm.check_lost(&lost, &missing)?;
             if now >= deadline {
                 return Err(Error::Timeout {
                     what: format!(
@@ -858,19 +856,4 @@ impl Channel<'_> {
         self.comm.progress()?;
         Ok(())
     }
-}
-
-/// The local address the kernel would use to reach `root`.
-fn local_ip_toward(root: std::net::SocketAddr) -> std::net::IpAddr {
-    std::net::UdpSocket::bind(if root.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    })
-    .and_then(|s| {
-        s.connect(root)?;
-        s.local_addr()
-    })
-    .map(|a| a.ip())
-    .unwrap_or(root.ip())
 }

@@ -21,6 +21,7 @@ use crate::codec::DecodeError;
 pub use crate::proto::Lane;
 
 pub mod shm;
+pub mod tcp;
 
 /// Which backend moves the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +95,9 @@ pub enum TransportError {
     },
     #[error("peer {0} is not connected")]
     NotConnected(usize),
+    /// The peer's connection is gone (it exited, crashed or hung up).
+    #[error("peer {peer} closed: {reason}")]
+    PeerClosed { peer: usize, reason: String },
     #[error("local region {0} is not registered (or was freed)")]
     UnknownRegion(u32),
     #[error("peer {peer} corrupted shared state: {detail}")]
@@ -280,6 +284,21 @@ pub trait Transport: Send + fmt::Debug {
 
     /// Appends completions to `out`.
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError>;
+
+    /// Whether everything `peer` sent has been delivered, as far as the
+    /// transport can tell (its connection is closed or there is none).
+    /// Transports whose writes land synchronously always say yes.
+    fn peer_drained(&self, _peer: usize) -> bool {
+        true
+    }
+}
+
+/// Identifies this boot of this host, so processes on different hosts (or
+/// in different kernels) never try to share memory.
+pub fn host_identity() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Checks `offset + len <= region_len` without overflow.

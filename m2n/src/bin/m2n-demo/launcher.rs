@@ -56,6 +56,25 @@ struct Rank {
     output: std::thread::JoinHandle<Vec<String>>,
 }
 
+/// Hosts only a bootstrap root: prints `M2N-UID <id>`, serves one group.
+pub fn serve_root(addr: std::net::SocketAddr, timeout_s: u64) -> i32 {
+    let root = match Root::bind(addr) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("m2n-demo: cannot start the bootstrap root at {addr}: {e}");
+            return 1;
+        }
+    };
+    println!("M2N-UID {}", root.unique_id());
+    match root.serve(Duration::from_secs(timeout_s)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("m2n-demo: bootstrap: {e}");
+            1
+        }
+    }
+}
+
 pub fn main(args: &RunArgs) -> i32 {
     let (m, n) = (args.senders as usize, args.receivers as usize);
     let root = match Root::bind("127.0.0.1:0".parse().expect("literal address")) {
@@ -155,11 +174,12 @@ pub fn main(args: &RunArgs) -> i32 {
             }
         }
     }
+    if failed {
+        // The root may still wait for ranks that died; do not wait for it.
+        return 1;
+    }
     if let Ok(Err(e)) = served.join() {
         eprintln!("m2n-demo: bootstrap: {e}");
-        failed = true;
-    }
-    if failed {
         return 1;
     }
     summarise(args, &reports);

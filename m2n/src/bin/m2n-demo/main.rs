@@ -52,11 +52,17 @@ struct Cli {
     role: Option<m2n::Role>,
     #[arg(long, hide = true)]
     rank: Option<u32>,
+    /// Internal: only host a bootstrap root at this address, print its
+    /// unique id, and serve one rendezvous (for multi-host tests).
+    #[arg(long, hide = true, conflicts_with = "worker")]
+    serve_root: Option<std::net::SocketAddr>,
 }
 
 fn main() {
     let cli = Cli::parse();
-    let code = if cli.worker {
+    let code = if let Some(addr) = cli.serve_root {
+        launcher::serve_root(addr, cli.run.timeout_s)
+    } else if cli.worker {
         worker::main(
             &cli.run,
             cli.role.expect("required"),

@@ -9,7 +9,7 @@
 //! Lanes need no separate queues here: an ACK is a single atomic store.
 
 mod inbox;
-mod segment;
+pub(crate) mod segment;
 
 use std::sync::{Arc, Weak};
 
@@ -25,14 +25,6 @@ use crate::codec::{DecodeError, Reader, Writer};
 const ENDPOINT_MAGIC: u32 = 0x4d32_4e53; // "M2NS"
 const REGION_MAGIC: u32 = 0x4d32_4e52; // "M2NR"
 const MAX_NAME: usize = 256;
-
-/// Identifies this boot of this host, so processes on different hosts (or in
-/// different kernels) never try to share memory.
-fn host_identity() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
 
 #[derive(Debug)]
 struct PeerInbox {
@@ -87,7 +79,7 @@ impl ShmTransport {
             cap: queue_depth,
             pid: std::process::id(),
             token,
-            host: host_identity(),
+            host: super::host_identity(),
             inbox,
             rings,
             peers: (0..world).map(|_| None).collect(),

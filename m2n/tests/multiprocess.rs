@@ -1,6 +1,6 @@
-//! Multi-process tests over the shm transport: every byte of every message
-//! is checked by the workers (content depends on sender, receiver, round
-//! and channel), and faults are injected by killing or stopping ranks.
+//! Multi-process tests, run over every transport: every byte of every
+//! message is checked by the workers (content depends on sender, receiver,
+//! round and channel), and faults are injected by killing or stopping ranks.
 
 mod support;
 
@@ -10,7 +10,11 @@ use m2n::Role;
 use nix::sys::signal::Signal;
 use support::*;
 
-fn check_demo(m: usize, n: usize, rounds: u64, bytes: usize, slot: usize) {
+/// The transport a suite runs over, set by `transport_suite!`.
+#[derive(Clone, Copy)]
+struct T(&'static str);
+
+fn check_demo(t: T, m: usize, n: usize, rounds: u64, bytes: usize, slot: usize) {
     let (ok, out, err) = run_demo(
         &[
             "--senders",
@@ -25,11 +29,15 @@ fn check_demo(m: usize, n: usize, rounds: u64, bytes: usize, slot: usize) {
             "2",
         ],
         &[
-            ("M2N_TRANSPORT", "shm"),
+            ("M2N_TRANSPORT", t.0),
             ("M2N_SLOT_BYTES", &slot.to_string()),
         ],
     );
     assert!(ok, "{m}x{n} at {bytes} B failed:\n{out}\n{err}");
+    assert!(
+        out.contains(&format!("over {}", t.0)),
+        "ran over the wrong transport:\n{out}"
+    );
     let messages = 2 * m as u64 * n as u64 * rounds;
     assert!(
         out.contains(&format!("{messages} messages, every byte checked, 0 wrong")),
@@ -37,24 +45,23 @@ fn check_demo(m: usize, n: usize, rounds: u64, bytes: usize, slot: usize) {
     );
 }
 
-#[test]
-fn shapes_and_sizes_deliver_every_byte() {
+fn shapes_and_sizes_deliver_every_byte(t: T) {
     const SLOT: usize = 65536;
     for (m, n) in [(1, 1), (2, 3), (3, 2)] {
         for bytes in [0, 1, 4097, SLOT] {
-            check_demo(m, n, 100, bytes, SLOT);
+            check_demo(t, m, n, 100, bytes, SLOT);
         }
     }
 }
 
-#[test]
-fn ten_thousand_rounds_2x3() {
-    check_demo(2, 3, 10_000, 4097, 8192);
+fn ten_thousand_rounds_2x3(t: T) {
+    check_demo(t, 2, 3, 10_000, 4097, 8192);
 }
 
 /// Kills one rank mid-run; every rank that talks to it must report
 /// `PeerLost` naming it, well within the peer timeout, never hang.
-fn kill_mid_run(victim_role: Role) {
+/// Large messages make it likely (over tcp) that the victim dies mid-frame.
+fn kill_mid_run(t: T, victim_role: Role) {
     let (m, n) = (2, 2);
     let (mut workers, _root) = spawn_group(
         m,
@@ -63,11 +70,11 @@ fn kill_mid_run(victim_role: Role) {
             "--rounds",
             "100000000",
             "--bytes",
-            "4096",
+            "1M",
             "--timeout-s",
             "120",
         ],
-        &[("M2N_TRANSPORT", "shm"), ("M2N_PEER_TIMEOUT_MS", "3000")],
+        &[("M2N_TRANSPORT", t.0), ("M2N_PEER_TIMEOUT_MS", "3000")],
     );
     for w in workers.iter_mut() {
         assert!(
@@ -120,18 +127,15 @@ fn kill_mid_run(victim_role: Role) {
     assert!(killed_at.elapsed() < Duration::from_secs(20));
 }
 
-#[test]
-fn killed_receiver_is_peer_lost_for_its_senders() {
-    kill_mid_run(Role::Expert);
+fn killed_receiver_is_peer_lost_for_its_senders(t: T) {
+    kill_mid_run(t, Role::Expert);
 }
 
-#[test]
-fn killed_sender_is_peer_lost_for_its_receivers() {
-    kill_mid_run(Role::Attention);
+fn killed_sender_is_peer_lost_for_its_receivers(t: T) {
+    kill_mid_run(t, Role::Attention);
 }
 
-#[test]
-fn stopped_peer_is_lost_after_the_heartbeat_timeout() {
+fn stopped_peer_is_lost_after_the_heartbeat_timeout(t: T) {
     let (mut workers, _root) = spawn_group(
         1,
         1,
@@ -144,7 +148,7 @@ fn stopped_peer_is_lost_after_the_heartbeat_timeout() {
             "120",
         ],
         &[
-            ("M2N_TRANSPORT", "shm"),
+            ("M2N_TRANSPORT", t.0),
             ("M2N_PEER_TIMEOUT_MS", "1500"),
             ("M2N_HEARTBEAT_MS", "100"),
         ],
@@ -207,3 +211,36 @@ fn demo_rejects_bad_flags_and_config() {
     );
     assert!(!ok && err.contains("M2N_DEPTH"), "{err}");
 }
+
+/// Instantiates every test above for one transport.
+macro_rules! transport_suite {
+    ($module:ident, $name:literal) => {
+        mod $module {
+            use super::*;
+            const TR: T = T($name);
+            #[test]
+            fn shapes_and_sizes_deliver_every_byte() {
+                super::shapes_and_sizes_deliver_every_byte(TR)
+            }
+            #[test]
+            fn ten_thousand_rounds_2x3() {
+                super::ten_thousand_rounds_2x3(TR)
+            }
+            #[test]
+            fn killed_receiver_is_peer_lost_for_its_senders() {
+                super::killed_receiver_is_peer_lost_for_its_senders(TR)
+            }
+            #[test]
+            fn killed_sender_is_peer_lost_for_its_receivers() {
+                super::killed_sender_is_peer_lost_for_its_receivers(TR)
+            }
+            #[test]
+            fn stopped_peer_is_lost_after_the_heartbeat_timeout() {
+                super::stopped_peer_is_lost_after_the_heartbeat_timeout(TR)
+            }
+        }
+    };
+}
+
+transport_suite!(shm, "shm");
+transport_suite!(tcp, "tcp");

@@ -1,0 +1,223 @@
+//! What ranks exchange while a communicator is set up, and the choice of
+//! transport that follows from it.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::{Error, Result};
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::config::Config;
+use crate::group::{Peer, Shape};
+use crate::transport::shm::ShmTransport;
+use crate::transport::tcp::{TcpOptions, TcpTransport};
+use crate::transport::{Transport, TransportError, TransportKind};
+
+pub(super) fn peer(shape: Shape, global: usize) -> Peer {
+    let (role, rank) = shape.member(global);
+    Peer { role, rank }
+}
+
+/// First all-gather: where a rank runs and where its liveness link listens.
+#[derive(Debug)]
+pub(super) struct Presence {
+    pub host: String,
+    pub liveness: SocketAddr,
+}
+
+fn parse_addr(field: &'static str, raw: &[u8]) -> std::result::Result<SocketAddr, DecodeError> {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| DecodeError::Invalid {
+            field,
+            detail: String::from_utf8_lossy(raw).into_owned(),
+        })
+}
+
+impl Presence {
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::new()
+            .bytes(self.host.as_bytes())
+            .bytes(self.liveness.to_string().as_bytes())
+            .finish()
+    }
+
+    pub fn decode(blob: &[u8]) -> std::result::Result<Self, DecodeError> {
+        let mut r = Reader::new(blob);
+        let host = String::from_utf8_lossy(r.bytes("host id", 256)?).into_owned();
+        let liveness = parse_addr("liveness address", r.bytes("liveness address", 256)?)?;
+        r.finish()?;
+        Ok(Self { host, liveness })
+    }
+}
+
+/// Second all-gather: the transport endpoint and the regions peers write.
+#[derive(Debug)]
+pub(super) struct Published {
+    pub endpoint: Vec<u8>,
+    /// The ring of the channel this rank receives on.
+    pub ring: Vec<u8>,
+    /// Where receivers write credits for the channel this rank sends on.
+    pub credits: Vec<u8>,
+}
+
+impl Published {
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::new()
+            .bytes(&self.endpoint)
+            .bytes(&self.ring)
+            .bytes(&self.credits)
+            .finish()
+    }
+
+    pub fn decode(blob: &[u8]) -> std::result::Result<Self, DecodeError> {
+        let mut r = Reader::new(blob);
+        let endpoint = r.bytes("endpoint", 64 << 10)?.to_vec();
+        let ring = r.bytes("ring descriptor", 64 << 10)?.to_vec();
+        let credits = r.bytes("credit descriptor", 64 << 10)?.to_vec();
+        r.finish()?;
+        Ok(Self {
+            endpoint,
+            ring,
+            credits,
+        })
+    }
+}
+
+/// The transport every rank will use. All ranks see the same all-gather,
+/// so they all reach the same answer.
+pub(super) fn choose_transport(
+    asked: TransportKind,
+    shape: Shape,
+    everyone: &[Presence],
+) -> Result<TransportKind> {
+    let elsewhere = everyone.iter().position(|p| p.host != everyone[0].host);
+    match (asked, elsewhere) {
+        (TransportKind::Shm, Some(g)) => Err(Error::Transport {
+            peer: Some(peer(shape, g)),
+            source: TransportError::Unavailable(
+                TransportKind::Shm,
+                format!(
+                    "M2N_TRANSPORT=shm, but {} runs on another host than {}",
+                    peer(shape, g),
+                    peer(shape, 0)
+                ),
+            ),
+        }),
+        (TransportKind::Auto, None) => Ok(TransportKind::Shm),
+        (TransportKind::Auto, Some(_)) => Ok(TransportKind::Tcp),
+        (TransportKind::Verbs, _) => Err(Error::Transport {
+            peer: None,
+            source: TransportError::Unavailable(
+                TransportKind::Verbs,
+                "this build of m2n has no verbs transport; use M2N_TRANSPORT=shm, tcp or auto"
+                    .into(),
+            ),
+        }),
+        (kind, _) => Ok(kind),
+    }
+}
+
+/// The address this rank listens on: the configured interface's, or the
+/// one its route to the bootstrap root leaves from.
+pub(super) fn local_ip(config: &Config, root: SocketAddr) -> Result<IpAddr> {
+    if let Some(spec) = &config.tcp.ifname {
+        return crate::transport::tcp::sock::interface_address(spec)
+            .map_err(|source| Error::Transport { peer: None, source });
+    }
+    Ok(std::net::UdpSocket::bind(if root.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .and_then(|s| {
+        s.connect(root)?;
+        s.local_addr()
+    })
+    .map(|a| a.ip())
+    .unwrap_or(root.ip()))
+}
+
+pub(super) fn make_transport(
+    kind: TransportKind,
+    config: &Config,
+    ip: IpAddr,
+    me: usize,
+    world: usize,
+) -> Result<Box<dyn Transport>> {
+    let t = |source| Error::Transport { peer: None, source };
+    Ok(match kind {
+        TransportKind::Shm => {
+            Box::new(ShmTransport::new(me, world, config.shm_queue_depth).map_err(t)?)
+        }
+        TransportKind::Tcp => Box::new(
+            TcpTransport::new(
+                me,
+                world,
+                TcpOptions {
+                    bind_ip: ip,
+                    data: config.tcp.data,
+                    ack: config.tcp.ack,
+                    connect_timeout: config.bootstrap_timeout,
+                    queue_frames: config.tcp.queue_frames,
+                },
+            )
+            .map_err(t)?,
+        ),
+        other => {
+            return Err(t(TransportError::Unavailable(
+                other,
+                "not built into this m2n".into(),
+            )));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(hosts: &[&str]) -> Vec<Presence> {
+        hosts
+            .iter()
+            .map(|h| Presence {
+                host: h.to_string(),
+                liveness: "127.0.0.1:1".parse().unwrap(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn auto_picks_shm_on_one_host_and_tcp_across_hosts() {
+        let shape = Shape::new(1, 2);
+        assert_eq!(
+            choose_transport(TransportKind::Auto, shape, &at(&["a", "a", "a"])).unwrap(),
+            TransportKind::Shm
+        );
+        assert_eq!(
+            choose_transport(TransportKind::Auto, shape, &at(&["a", "b", "a"])).unwrap(),
+            TransportKind::Tcp
+        );
+        assert_eq!(
+            choose_transport(TransportKind::Tcp, shape, &at(&["a", "a", "a"])).unwrap(),
+            TransportKind::Tcp
+        );
+        let err = choose_transport(TransportKind::Shm, shape, &at(&["a", "a", "b"])).unwrap_err();
+        assert!(
+            err.to_string().contains("expert 1 runs on another host"),
+            "{err}"
+        );
+        let err = choose_transport(TransportKind::Verbs, shape, &at(&["a", "a", "a"])).unwrap_err();
+        assert!(err.to_string().contains("no verbs transport"), "{err}");
+    }
+
+    #[test]
+    fn presence_round_trips_and_rejects_garbage() {
+        let p = Presence {
+            host: "boot".into(),
+            liveness: "[::1]:80".parse().unwrap(),
+        };
+        let back = Presence::decode(&p.encode()).unwrap();
+        assert_eq!((back.host, back.liveness), (p.host, p.liveness));
+        assert!(Presence::decode(b"\x01\x00\x00\x00x\x03\x00\x00\x00bad").is_err());
+    }
+}

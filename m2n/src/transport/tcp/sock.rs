@@ -1,0 +1,179 @@
+//! Socket options and interface selection for the tcp transport.
+
+use std::net::{IpAddr, TcpStream};
+use std::os::fd::AsRawFd;
+
+use crate::transport::TransportError;
+
+/// Per-lane socket settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneOptions {
+    /// DiffServ code point (0..=63), written as `IP_TOS = dscp << 2`
+    /// (`IPV6_TCLASS` on IPv6).
+    pub dscp: u8,
+    /// `SO_PRIORITY`: the kernel's queueing priority (0..=6 without
+    /// CAP_NET_ADMIN).
+    pub priority: u32,
+}
+
+fn setsockopt_int(
+    fd: i32,
+    level: i32,
+    name: i32,
+    value: i32,
+    what: &str,
+) -> Result<(), TransportError> {
+    // SAFETY: passes a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(TransportError::os(
+            format!("setsockopt({what}={value})"),
+            std::io::Error::last_os_error(),
+        ))
+    }
+}
+
+/// Reads an integer socket option (for tests and diagnostics).
+pub fn getsockopt_int(stream: &TcpStream, level: i32, name: i32) -> std::io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: value and len are live and sized for a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Applies TCP_NODELAY, the lane's DSCP and SO_PRIORITY.
+pub fn apply(stream: &TcpStream, lane: LaneOptions) -> Result<(), TransportError> {
+    stream
+        .set_nodelay(true)
+        .map_err(|e| TransportError::os("TCP_NODELAY", e))?;
+    let fd = stream.as_raw_fd();
+    let tos = i32::from(lane.dscp) << 2;
+    match stream
+        .local_addr()
+        .map_err(|e| TransportError::os("local_addr", e))?
+        .ip()
+    {
+        IpAddr::V4(_) => setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_TOS, tos, "IP_TOS")?,
+        IpAddr::V6(_) => setsockopt_int(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            tos,
+            "IPV6_TCLASS",
+        )?,
+    }
+    setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_PRIORITY,
+        lane.priority as i32,
+        "SO_PRIORITY",
+    )
+}
+
+/// The address of the first usable interface matching `spec`, NCCL style:
+/// a comma-separated list of name prefixes (`eth,ens`), `=name` for an
+/// exact name, and a leading `^` to exclude instead (`^docker,lo`).
+/// IPv4 addresses are preferred over IPv6 ones.
+pub fn interface_address(spec: &str) -> Result<IpAddr, TransportError> {
+    let (exclude, list) = match spec.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, spec),
+    };
+    let pats: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let matches = |name: &str| {
+        let hit = pats.iter().any(|p| match p.strip_prefix('=') {
+            Some(exact) => name == exact,
+            None => name.starts_with(p),
+        });
+        hit != exclude
+    };
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| TransportError::os("getifaddrs", e))?;
+    let mut seen = Vec::new();
+    let mut best: Option<IpAddr> = None;
+    for ifa in addrs {
+        let Some(ip) = ifa.address.as_ref().and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|s| IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        }) else {
+            continue;
+        };
+        seen.push(format!("{}={ip}", ifa.interface_name));
+        let up = ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+        if !up || !matches(&ifa.interface_name) {
+            continue;
+        }
+        if let IpAddr::V6(v6) = ip {
+            if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                continue; // link-local needs a scope id; not usable as a plain address
+            }
+        }
+        if best.is_none_or(|b| b.is_ipv6() && ip.is_ipv4()) {
+            best = Some(ip);
+        }
+    }
+    best.ok_or_else(|| {
+        TransportError::Unavailable(
+            crate::transport::TransportKind::Tcp,
+            format!(
+                "no usable (up, non-link-local) interface matches M2N_SOCKET_IFNAME={spec:?}; interfaces: {}",
+                seen.join(", ")
+            ),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_found_by_prefix_and_exact_name() {
+        assert_eq!(
+            interface_address("lo").unwrap(),
+            IpAddr::from([127, 0, 0, 1])
+        );
+        assert_eq!(
+            interface_address("=lo").unwrap(),
+            IpAddr::from([127, 0, 0, 1])
+        );
+    }
+
+    #[test]
+    fn no_match_lists_the_interfaces() {
+        let err = interface_address("nosuchif0").unwrap_err().to_string();
+        assert!(err.contains("nosuchif0") && err.contains("lo="), "{err}");
+        // Excluding loopback never yields a loopback address.
+        if let Ok(ip) = interface_address("^lo") {
+            assert!(!ip.is_loopback(), "{ip}");
+        }
+    }
+}
