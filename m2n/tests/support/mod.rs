@@ -22,6 +22,26 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Collects the output lines of `child` in the background.
+    pub fn watch(role: Role, rank: usize, mut child: Child) -> Worker {
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Worker {
+            role,
+            rank,
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
     /// Waits for a line starting with `prefix`, up to `timeout`.
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
         if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
@@ -85,7 +105,29 @@ pub fn spawn_worker(
     flags: &[&str],
     env: &[(&str, &str)],
 ) -> Worker {
-    let mut cmd = Command::new(DEMO);
+    spawn_worker_in(&[], uid, role, rank, m, n, flags, env)
+}
+
+/// Like [`spawn_worker`], run under a command prefix (e.g. `ip netns exec ns`).
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_worker_in(
+    prefix: &[&str],
+    uid: &UniqueId,
+    role: Role,
+    rank: usize,
+    m: usize,
+    n: usize,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> Worker {
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(DEMO);
+            c
+        }
+        None => Command::new(DEMO),
+    };
     cmd.args([
         "--worker",
         "--role",
@@ -100,23 +142,8 @@ pub fn spawn_worker(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn m2n-demo worker");
-    let stdout = child.stdout.take().expect("piped");
-    let (tx, lines) = channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    Worker {
-        role,
-        rank,
-        child,
-        lines,
-        seen: Vec::new(),
-    }
+    let child = cmd.spawn().expect("spawn m2n-demo worker");
+    Worker::watch(role, rank, child)
 }
 
 /// A root plus every worker of an `m` x `n` group.
