@@ -164,3 +164,25 @@ fn bad_rank_and_shape_are_refused_up_front() {
     let err = Communicator::init(config(), Role::Attention, 0, Shape::new(1, 0), &uid).unwrap_err();
     assert!(err.to_string().contains("1x0"), "{err}");
 }
+
+#[test]
+fn registered_application_memory_is_a_zero_copy_source() {
+    let (mut a, mut e) = pair();
+    let mut tensor: Vec<u8> = (0..200u8).collect();
+    // SAFETY: `tensor` outlives the region and is not modified until sent.
+    let region = unsafe { a.register(tensor.as_mut_ptr(), tensor.len()) }.unwrap();
+    assert!(
+        region.descriptor().is_empty(),
+        "application memory is not remotely writable"
+    );
+    let round = a
+        .dispatch()
+        .send(&[Msg::new(&region, 50, 100)], Duration::from_secs(5))
+        .unwrap();
+    a.dispatch()
+        .wait_sent(round, Duration::from_secs(5))
+        .unwrap();
+    let got = e.dispatch().recv(Duration::from_secs(5)).unwrap();
+    assert_eq!(e.message(&got, 0), &tensor[50..150]);
+    e.dispatch().release(got).unwrap();
+}

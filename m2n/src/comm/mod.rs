@@ -337,6 +337,18 @@ impl Communicator {
             .map_err(|source| Error::Transport { peer: None, source })
     }
 
+    /// Registers application memory (a tensor, a buffer) as a source of
+    /// messages, without copying it. Dropping the region deregisters it.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid until the region is dropped and every
+    /// round sent from it is sent ([`Channel::is_sent`]).
+    pub unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region> {
+        // SAFETY: forwarded contract.
+        unsafe { self.transport.register(ptr, len) }
+            .map_err(|source| Error::Transport { peer: None, source })
+    }
+
     /// The dispatch channel (attention sends, experts receive).
     pub fn dispatch(&mut self) -> Channel<'_> {
         Channel {

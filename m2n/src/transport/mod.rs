@@ -9,11 +9,10 @@
 //! Backends: [`shm`] (processes on one host). The `tcp` and `verbs` backends
 //! implement the same trait.
 
-use std::any::Any;
 use std::fmt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use thiserror::Error;
 
@@ -128,8 +127,102 @@ pub struct RemoteRegion {
     pub len: usize,
 }
 
-/// Registered memory: owned by the application, readable and writable by
-/// the transport (and, for receive regions, by peers).
+/// The memory behind a local region: a segment m2n allocated, or memory
+/// the application registered.
+pub(crate) trait LocalMemory: Send + Sync + fmt::Debug {
+    fn base(&self) -> *mut u8;
+    fn len(&self) -> usize;
+}
+
+impl LocalMemory for shm::segment::Segment {
+    fn base(&self) -> *mut u8 {
+        self.as_ptr().as_ptr()
+    }
+    fn len(&self) -> usize {
+        shm::segment::Segment::len(self)
+    }
+}
+
+/// Application memory registered with [`Transport::register`].
+#[derive(Debug)]
+pub(crate) struct External {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the registrant promised the memory stays valid while registered;
+// m2n only reads it while posting writes.
+unsafe impl Send for External {}
+// SAFETY: as above.
+unsafe impl Sync for External {}
+
+impl LocalMemory for External {
+    fn base(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// A transport's local regions, held weakly: dropping a [`Region`]
+/// deregisters it.
+#[derive(Debug, Default)]
+pub(crate) struct LocalRegions(Vec<Weak<dyn LocalMemory>>);
+
+impl LocalRegions {
+    pub(crate) fn next_id(&self) -> RegionId {
+        RegionId(self.0.len() as u32)
+    }
+
+    /// Registers `mem` and returns its handle.
+    pub(crate) fn add(&mut self, mem: Arc<dyn LocalMemory>, descriptor: Vec<u8>) -> Region {
+        let id = self.next_id();
+        self.0.push(Arc::downgrade(&mem));
+        Region {
+            id,
+            ptr: NonNull::new(mem.base()).unwrap_or(NonNull::dangling()),
+            len: mem.len(),
+            descriptor,
+            _mem: mem,
+        }
+    }
+
+    /// Registers application memory as a write source (not remotely writable).
+    ///
+    /// # Safety
+    /// As [`Transport::register`].
+    pub(crate) unsafe fn add_external(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<Region, TransportError> {
+        let ptr = match NonNull::new(ptr) {
+            Some(p) => p,
+            None if len == 0 => NonNull::dangling(),
+            None => {
+                return Err(TransportError::os(
+                    "register",
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "null pointer with a non-zero length",
+                    ),
+                ))
+            }
+        };
+        Ok(self.add(Arc::new(External { ptr, len }), Vec::new()))
+    }
+
+    pub(crate) fn get(&self, id: RegionId) -> Result<Arc<dyn LocalMemory>, TransportError> {
+        self.0
+            .get(id.0 as usize)
+            .and_then(Weak::upgrade)
+            .ok_or(TransportError::UnknownRegion(id.0))
+    }
+}
+
+/// Registered memory: readable and writable by the transport (and, for
+/// regions m2n allocated, by peers).
 ///
 /// While a write from this region is in flight (posted, completion not yet
 /// seen), its bytes must not change; while a peer may write into it, the
@@ -139,10 +232,11 @@ pub struct Region {
     ptr: NonNull<u8>,
     len: usize,
     descriptor: Vec<u8>,
-    _keep: Arc<dyn Any + Send + Sync>,
+    /// Keeps the memory (and its registration) alive.
+    _mem: Arc<dyn LocalMemory>,
 }
 
-// SAFETY: the memory is owned through `_keep` (Send + Sync) and the handle
+// SAFETY: the memory is owned through `_mem` (Send + Sync) and the handle
 // hands out references only through `&self`/`&mut self` borrows.
 unsafe impl Send for Region {}
 // SAFETY: as above; shared access is read-only except through atomics.
@@ -158,24 +252,6 @@ impl fmt::Debug for Region {
 }
 
 impl Region {
-    /// # Safety
-    /// `ptr..ptr+len` must stay valid for reads and writes as long as `keep` lives.
-    pub(crate) unsafe fn new(
-        id: RegionId,
-        ptr: NonNull<u8>,
-        len: usize,
-        descriptor: Vec<u8>,
-        keep: Arc<dyn Any + Send + Sync>,
-    ) -> Self {
-        Self {
-            id,
-            ptr,
-            len,
-            descriptor,
-            _keep: keep,
-        }
-    }
-
     pub fn id(&self) -> RegionId {
         self.id
     }
@@ -185,7 +261,8 @@ impl Region {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// The portable blob a peer passes to [`Transport::import`].
+    /// The portable blob a peer passes to [`Transport::import`] (empty for
+    /// registered application memory, which peers cannot write).
     pub fn descriptor(&self) -> &[u8] {
         &self.descriptor
     }
@@ -194,7 +271,7 @@ impl Region {
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: valid for `len` bytes while `_keep` lives (constructor contract).
+        // SAFETY: valid for `len` bytes while `_mem` lives.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -261,6 +338,14 @@ pub trait Transport: Send + fmt::Debug {
 
     /// Allocates and registers `len` bytes that peers can write into.
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError>;
+
+    /// Registers application memory as a source of writes (peers cannot
+    /// write into it). Dropping the region deregisters it.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid for reads until the region is dropped
+    /// and every write posted from it has completed.
+    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region, TransportError>;
 
     /// Connects to transport peer `peer` from its endpoint descriptor.
     fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError>;

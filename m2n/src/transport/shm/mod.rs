@@ -11,13 +11,13 @@
 mod inbox;
 pub(crate) mod segment;
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use inbox::{inbox_bytes, Ring};
 use segment::Segment;
 
 use super::{
-    check_range, Completion, Lane, Region, RegionId, RemoteRegion, Transport, TransportError,
+    check_range, Completion, Lane, LocalRegions, Region, RemoteRegion, Transport, TransportError,
     TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
@@ -52,7 +52,7 @@ pub struct ShmTransport {
     /// Our inbox's rings, one per producing peer (we consume).
     rings: Vec<Ring>,
     peers: Vec<Option<PeerInbox>>,
-    locals: Vec<Weak<Segment>>,
+    locals: LocalRegions,
     imports: Vec<Imported>,
     done: Vec<Completion>,
 }
@@ -83,7 +83,7 @@ impl ShmTransport {
             inbox,
             rings,
             peers: (0..world).map(|_| None).collect(),
-            locals: Vec::new(),
+            locals: LocalRegions::default(),
             imports: Vec::new(),
             done: Vec::new(),
         })
@@ -129,7 +129,7 @@ impl Transport for ShmTransport {
     }
 
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
-        let id = RegionId(self.locals.len() as u32);
+        let id = self.locals.next_id();
         let name = format!("m2n-{:016x}-r{}", self.token, id.0);
         let seg = Arc::new(Segment::create(&name, len)?);
         let descriptor = Writer::new()
@@ -139,10 +139,12 @@ impl Transport for ShmTransport {
             .u64(len as u64)
             .bytes(name.as_bytes())
             .finish();
-        self.locals.push(Arc::downgrade(&seg));
-        let ptr = seg.as_ptr();
-        // SAFETY: the mapping lives as long as the Arc the region keeps.
-        Ok(unsafe { Region::new(id, ptr, len, descriptor, seg) })
+        Ok(self.locals.add(seg, descriptor))
+    }
+
+    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region, TransportError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.locals.add_external(ptr, len) }
     }
 
     fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError> {
@@ -223,11 +225,7 @@ impl Transport for ShmTransport {
             .filter(|r| r.peer == peer)
             .ok_or(TransportError::NotConnected(peer))?;
         check_range("remote", peer, req.remote_offset, req.len, remote.seg.len())?;
-        let local = self
-            .locals
-            .get(req.local.0 as usize)
-            .and_then(Weak::upgrade)
-            .ok_or(TransportError::UnknownRegion(req.local.0))?;
+        let local = self.locals.get(req.local)?;
         check_range("local", peer, req.local_offset, req.len, local.len())?;
         if req.imm.is_some() && !ring.has_room(peer)? {
             return Err(TransportError::WouldBlock);
@@ -236,7 +234,7 @@ impl Transport for ShmTransport {
         // protocol guarantees the remote range is ours to write (credit) and
         // the caller guarantees the local range is stable (`# Safety`).
         unsafe {
-            let src = local.as_ptr().as_ptr().add(req.local_offset);
+            let src = local.base().add(req.local_offset);
             let dst = remote.seg.as_ptr().as_ptr().add(req.remote_offset);
             if req.len == 8 && (src as usize) % 8 == 0 && (dst as usize) % 8 == 0 {
                 use std::sync::atomic::{AtomicU64, Ordering};

@@ -22,8 +22,8 @@ pub use sock::LaneOptions;
 
 use super::shm::segment::Segment;
 use super::{
-    check_range, Completion, Lane, Region, RegionId, RemoteRegion, Transport, TransportError,
-    TransportKind, WriteRequest,
+    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RemoteRegion, Transport,
+    TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -58,7 +58,7 @@ struct OutFrame {
     sent: usize,
     wr_id: u64,
     signaled: bool,
-    _keep: Arc<Segment>,
+    _keep: Arc<dyn LocalMemory>,
 }
 
 impl OutFrame {
@@ -164,12 +164,13 @@ struct Peer {
     ack: Conn,
 }
 
-#[derive(Debug)]
-struct Regions(Vec<Arc<Segment>>);
+/// Regions peers may write into (those m2n allocated), by region id.
+#[derive(Debug, Default)]
+struct Regions(Vec<Option<Arc<Segment>>>);
 
 impl RegionTable for Regions {
     fn lookup(&self, id: u32) -> Option<RegionRef> {
-        let seg = self.0.get(id as usize)?;
+        let seg = self.0.get(id as usize)?.as_ref()?;
         Some(RegionRef {
             base: seg.as_ptr().as_ptr(),
             len: seg.len(),
@@ -187,7 +188,10 @@ pub struct TcpTransport {
     listener: TcpListener,
     addr: SocketAddr,
     token: [u8; TOKEN_BYTES],
+    /// Writable by peers.
     regions: Regions,
+    /// Sources of our writes: every region, allocated or registered.
+    locals: LocalRegions,
     peers: Vec<Option<Peer>>,
     /// Connections accepted before their peer's `connect` asked for them.
     stash: Vec<(usize, Lane, TcpStream)>,
@@ -223,7 +227,8 @@ impl TcpTransport {
             listener,
             addr,
             token,
-            regions: Regions(Vec::new()),
+            regions: Regions::default(),
+            locals: LocalRegions::default(),
             peers: (0..world).map(|_| None).collect(),
             stash: Vec::new(),
             imports: Vec::new(),
@@ -396,17 +401,21 @@ impl Transport for TcpTransport {
     }
 
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
-        let id = RegionId(self.regions.0.len() as u32);
+        let id = self.locals.next_id();
         let seg = Arc::new(Segment::create(&format!("m2n-tcp-r{}", id.0), len)?);
         let descriptor = Writer::new()
             .u32(REGION_MAGIC)
             .u32(id.0)
             .u64(len as u64)
             .finish();
-        self.regions.0.push(seg.clone());
-        let ptr = seg.as_ptr();
-        // SAFETY: the mapping lives as long as the Arc the region keeps.
-        Ok(unsafe { Region::new(id, ptr, len, descriptor, seg) })
+        self.regions.0.resize(id.0 as usize + 1, None);
+        self.regions.0[id.0 as usize] = Some(seg.clone());
+        Ok(self.locals.add(seg, descriptor))
+    }
+
+    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region, TransportError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.locals.add_external(ptr, len) }
     }
 
     fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError> {
@@ -492,12 +501,7 @@ impl Transport for TcpTransport {
             return Err(TransportError::NotConnected(peer));
         }
         check_range("remote", peer, req.remote_offset, req.len, req.remote.len)?;
-        let seg = self
-            .regions
-            .0
-            .get(req.local.0 as usize)
-            .cloned()
-            .ok_or(TransportError::UnknownRegion(req.local.0))?;
+        let seg = self.locals.get(req.local)?;
         check_range("local", peer, req.local_offset, req.len, seg.len())?;
         let len32 = u32::try_from(req.len).map_err(|_| TransportError::OutOfBounds {
             side: "frame",
@@ -516,7 +520,7 @@ impl Transport for TcpTransport {
         let frame = OutFrame {
             header: header.encode(),
             // SAFETY: in range, checked above.
-            src: unsafe { seg.as_ptr().as_ptr().add(req.local_offset) },
+            src: unsafe { seg.base().add(req.local_offset) },
             len: req.len,
             sent: 0,
             wr_id: req.wr_id,
