@@ -19,8 +19,10 @@
 //! | `M2N_TCP_QUEUE_FRAMES` | tcp: frames queued per connection before back-pressure | 256 |
 //! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, or `spin-yield[:N]` (N spins, then yield) | `spin-yield:256` |
 //!
-//! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks; it is
-//! read by launchers (the demo, the benchmark), not by [`Config`]. Any other
+//! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks, and
+//! `M2N_BOOTSTRAP_ADDR` says where `m2n_get_unique_id` (C) hosts its root;
+//! launchers read them, not [`Config`] (nor does it read `M2N_LIB`, the
+//! Python binding's library path). Any other
 //! `M2N_*` variable is an error, so a typo never passes silently.
 
 use std::time::Duration;
@@ -169,7 +171,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 }
 
 /// Variables with an `M2N_` prefix that are not configuration.
-const NOT_CONFIG: &[&str] = &["M2N_UNIQUE_ID"];
+const NOT_CONFIG: &[&str] = &["M2N_UNIQUE_ID", "M2N_BOOTSTRAP_ADDR", "M2N_LIB"];
 
 impl Config {
     /// The defaults with the process environment's `M2N_*` overrides.

@@ -785,6 +785,12 @@ impl Channel<'_> {
     /// may change.
     pub fn is_sent(&mut self, round: u64) -> Result<bool> {
         self.sending()?;
+        let next = self.comm.send.proto.next_round();
+        if round >= next {
+            return Err(Error::InvalidArgument(format!(
+                "round {round} was never posted (the next round is {next})"
+            )));
+        }
         self.comm.progress()?;
         Ok(self.comm.send.proto.round_sent(round))
     }
