@@ -1,0 +1,82 @@
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Pattern {
+    /// One-way M -> N rounds.
+    Dispatch,
+    /// Dispatch, then a combine of the same size back (a MoE layer).
+    Roundtrip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Baseline {
+    /// MPI_Isend / MPI_Irecv / MPI_Waitall per round.
+    Mpi,
+    /// NCCL grouped ncclSend/ncclRecv on GPU buffers (needs GPUs).
+    Nccl,
+    None,
+}
+
+fn bytes(s: &str) -> Result<usize, String> {
+    m2n::config::parse_bytes(s)
+}
+
+/// nccl-tests-style M2N benchmark. Launch with `mpiexec -n <M+N> m2n_perf
+/// --senders M ...`: MPI ranks 0..M are attention ranks (senders), the rest
+/// experts (receivers).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "m2n_perf")]
+pub struct Args {
+    /// Minimum bytes per sender-receiver pair (K/M/G suffixes).
+    #[arg(short = 'b', long = "minbytes", default_value = "2K", value_parser = bytes)]
+    pub min_bytes: usize,
+    /// Maximum bytes per sender-receiver pair.
+    #[arg(short = 'e', long = "maxbytes", default_value = "8M", value_parser = bytes)]
+    pub max_bytes: usize,
+    /// Multiplicative step between sizes.
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..))]
+    pub factor: u32,
+    /// Timed iterations per size.
+    #[arg(short = 'n', long = "iters", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub iters: u32,
+    /// Warm-up iterations per size (not timed).
+    #[arg(short = 'w', long = "warmup_iters", default_value_t = 10)]
+    pub warmup: u32,
+    /// Check data (1) in an extra iteration per size, or not (0).
+    #[arg(short = 'c', long = "check", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub check: u8,
+    /// Per-iteration statistics columns (min, max, cv%) besides p50/p99.
+    #[arg(short = 'I', long = "iter-stats", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub iter_stats: u8,
+    /// Attention ranks (M); the other ranks are experts.
+    #[arg(long)]
+    pub senders: usize,
+    /// Transport for m2n: shm, tcp, verbs or auto.
+    #[arg(long, default_value = "auto")]
+    pub transport: m2n::TransportKind,
+    #[arg(long, value_enum, default_value_t = Pattern::Dispatch)]
+    pub pattern: Pattern,
+    #[arg(long, value_enum, default_value_t = Baseline::Mpi)]
+    pub baseline: Baseline,
+    /// How m2n's blocking calls wait: spin, yield, spin-yield[:N].
+    #[arg(long, default_value = "spin-yield:256")]
+    pub wait: m2n::WaitPolicy,
+    /// Rounds a sender may run ahead (slots per sender).
+    #[arg(long, default_value_t = 4)]
+    pub depth: usize,
+    /// Write rows, sample summaries and the utilisation curve here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    pub fn sizes(&self) -> Vec<usize> {
+        let mut v = Vec::new();
+        let mut s = self.min_bytes.max(1);
+        while s <= self.max_bytes {
+            v.push(s);
+            s = s.saturating_mul(self.factor as usize);
+        }
+        v
+    }
+}

@@ -1,0 +1,443 @@
+//! m2n_perf: an nccl-tests-style benchmark of M2N rounds, m2n against MPI
+//! (and NCCL on GPUs), measured in the same run with the same timing. See
+//! `run` for exactly how a sample is timed.
+
+mod cli;
+mod limit;
+mod mpi_base;
+mod run;
+mod stats;
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Parser;
+use mpi::collective::SystemOperation;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::Communicator as _;
+use mpi::traits::Root as _;
+use mpi::traits::*;
+use serde::Serialize;
+
+use cli::{Args, Baseline, Pattern};
+use m2n::{Communicator, Config, Role, Root, Shape, UniqueId};
+use run::{M2nRank, MpiRank, Sample};
+use stats::Summary;
+
+#[derive(Debug, Serialize)]
+struct Side {
+    time_us: f64,
+    algbw_gbps: f64,
+    busbw_gbps: f64,
+    wrong: u64,
+    stats: Summary,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    bytes: usize,
+    m2n: Side,
+    baseline: Option<Side>,
+    memcpy_gbps: f64,
+    /// m2n busbw / the peak (see `peak_source`).
+    utilisation: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    tool: &'static str,
+    version: &'static str,
+    pattern: String,
+    transport: String,
+    baseline: String,
+    senders: usize,
+    receivers: usize,
+    iters: u32,
+    warmup: u32,
+    wait: String,
+    depth: usize,
+    timing: &'static str,
+    peak_source: &'a str,
+    rows: &'a [Row],
+    /// Achieved / peak bandwidth per message size: what the deployment
+    /// planner's Util() reads.
+    utilisation_curve: Vec<(usize, f64)>,
+}
+
+const TIMING: &str = "per iteration: MPI barrier, then each rank times from leaving the barrier to its part of the round being complete; the sample is the maximum over ranks";
+
+fn fail(world: &SimpleCommunicator, msg: &str) -> ! {
+    if world.rank() == 0 {
+        eprintln!("m2n_perf: {msg}");
+    }
+    std::process::exit(2);
+}
+
+/// Rank 0 hosts the rendezvous and broadcasts the unique id.
+fn share_unique_id(world: &SimpleCommunicator) -> Result<UniqueId, String> {
+    let mut buf = [0u8; 128];
+    let mut err = 0u8;
+    if world.rank() == 0 {
+        let addr_text =
+            std::env::var("M2N_BOOTSTRAP_ADDR").unwrap_or_else(|_| "127.0.0.1:0".into());
+        match addr_text
+            .parse()
+            .map_err(|e| format!("M2N_BOOTSTRAP_ADDR={addr_text:?}: {e}"))
+            .and_then(|a| Root::bind(a).map_err(|e| e.to_string()))
+        {
+            Ok(root) => {
+                let text = root.unique_id().to_string();
+                buf[..text.len()].copy_from_slice(text.as_bytes());
+                drop(root.spawn(Duration::from_secs(120)));
+            }
+            Err(e) => {
+                eprintln!("m2n_perf: bootstrap root: {e}");
+                err = 1;
+            }
+        }
+    }
+    let root = world.process_at_rank(0);
+    root.broadcast_into(&mut err);
+    root.broadcast_into(&mut buf[..]);
+    if err != 0 {
+        return Err("rank 0 could not start the bootstrap root".into());
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..len]).parse()
+}
+
+fn host_line(world: &SimpleCommunicator, role: Role, rank: usize) -> Vec<String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let line = format!(
+        "Pid {:6} on {:>12} role {role} {rank}",
+        std::process::id(),
+        host.trim()
+    );
+    let mut mine = [0u8; 96];
+    let n = line.len().min(96);
+    mine[..n].copy_from_slice(&line.as_bytes()[..n]);
+    let mut all = vec![0u8; 96 * world.size() as usize];
+    world.all_gather_into(&mine[..], &mut all[..]);
+    all.chunks(96)
+        .map(|c| {
+            String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(96)]).into_owned()
+        })
+        .collect()
+}
+
+/// Runs warm-up, timed and check iterations of one contender at one size;
+/// returns (samples as maxima over ranks, wrong bytes over all ranks).
+fn measure(
+    world: &SimpleCommunicator,
+    args: &Args,
+    mut iteration: impl FnMut(bool) -> Sample,
+) -> (Vec<f64>, u64) {
+    for _ in 0..args.warmup {
+        iteration(false);
+    }
+    let mine: Vec<f64> = (0..args.iters).map(|_| iteration(false).secs).collect();
+    let mut samples = vec![0.0f64; mine.len()];
+    world.all_reduce_into(&mine[..], &mut samples[..], SystemOperation::max());
+    let mut wrong = 0u64;
+    if args.check == 1 {
+        let mine = iteration(true).wrong;
+        world.all_reduce_into(&mine, &mut wrong, SystemOperation::sum());
+    }
+    (samples, wrong)
+}
+
+fn side(args: &Args, m: usize, n: usize, size: usize, samples: &[f64], wrong: u64) -> Side {
+    let stats = Summary::of(samples);
+    let time = stats.mean_us * 1e-6;
+    let rounds = if args.pattern == Pattern::Roundtrip {
+        2.0
+    } else {
+        1.0
+    };
+    // algbw: all payload of one iteration over all pairs, per second.
+    let algbw = rounds * (m * n * size) as f64 / time / 1e9;
+    // busbw: what the busiest rank's link carries: max(N, M) messages each way.
+    let busbw = rounds * (m.max(n) * size) as f64 / time / 1e9;
+    Side {
+        time_us: stats.mean_us,
+        algbw_gbps: algbw,
+        busbw_gbps: busbw,
+        wrong,
+        stats,
+    }
+}
+
+fn main() {
+    let universe = mpi::initialize().expect("MPI_Init");
+    let world = universe.world();
+    let (size, me) = (world.size() as usize, world.rank() as usize);
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            if me == 0 {
+                let _ = e.print();
+            }
+            std::process::exit(2);
+        }
+    };
+    if args.senders == 0 || args.senders >= size {
+        fail(
+            &world,
+            &format!(
+                "--senders {} needs 1..{} with {size} MPI ranks (the rest are receivers)",
+                args.senders, size
+            ),
+        );
+    }
+    if args.min_bytes > args.max_bytes {
+        fail(
+            &world,
+            &format!("-b {} is larger than -e {}", args.min_bytes, args.max_bytes),
+        );
+    }
+    if args.baseline == Baseline::Nccl {
+        fail(&world, "the nccl baseline needs GPUs and an m2n-bench built with NCCL support, which this build lacks; use --baseline mpi or none");
+    }
+    let (m, n) = (args.senders, size - args.senders);
+    let (role, rank) = if me < m {
+        (Role::Attention, me)
+    } else {
+        (Role::Expert, me - m)
+    };
+
+    let uid = share_unique_id(&world).unwrap_or_else(|e| fail(&world, &e));
+    let mut config = Config::from_env().unwrap_or_else(|e| fail(&world, &e.to_string()));
+    config.transport = args.transport;
+    config.wait = args.wait;
+    for ch in [&mut config.dispatch, &mut config.combine] {
+        ch.depth = args.depth;
+        ch.slot_bytes = args.max_bytes;
+    }
+    let comm = match Communicator::init(config.clone(), role, rank, Shape::new(m, n), &uid) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("m2n_perf: {role} {rank}: {e}");
+            world.abort(3);
+        }
+    };
+    let transport = comm.transport_kind();
+    let mut contender = M2nRank::new(comm, args.max_bytes).unwrap_or_else(|e| {
+        eprintln!("m2n_perf: {role} {rank}: {e}");
+        world.abort(3)
+    });
+    let mut baseline = (args.baseline == Baseline::Mpi)
+        .then(|| MpiRank::new(role, rank, m, n, args.max_bytes, args.wait));
+    let hosts = host_line(&world, role, rank);
+    let sizes = args.sizes();
+    let peak_source = if transport == m2n::TransportKind::Shm {
+        "single-core memcpy at the same size"
+    } else {
+        "the best m2n busbw of the sweep"
+    };
+
+    if me == 0 {
+        let mpi_version = mpi::environment::library_version().unwrap_or_default();
+        println!(
+            "# m2n_perf {} : M2N {:?}, nccl-tests layout",
+            env!("CARGO_PKG_VERSION"),
+            args.pattern
+        );
+        println!("# senders (attention) M: {m}  receivers (experts) N: {n}  ranks: {size}");
+        println!(
+            "# minBytes {} maxBytes {} step: {}(factor) warmup iters: {} iters: {} validation: {} per-iter stats: {}",
+            args.min_bytes, args.max_bytes, args.factor, args.warmup, args.iters, args.check, args.iter_stats
+        );
+        println!(
+            "# transport: {transport}  depth: {}  slot: {} B  wait: {}  peer timeout: {:?}",
+            args.depth, args.max_bytes, args.wait, config.peer_timeout
+        );
+        println!(
+            "# baseline: {}",
+            match args.baseline {
+                Baseline::Mpi => format!(
+                    "MPI_Isend/MPI_Irecv per round, completed by {} ({})",
+                    if args.wait == m2n::WaitPolicy::Spin {
+                        "MPI_Waitall"
+                    } else {
+                        "MPI_Testall polled with the same wait policy"
+                    },
+                    mpi_version
+                        .lines()
+                        .next()
+                        .unwrap_or("MPI")
+                        .replace('\t', " ")
+                        .trim()
+                ),
+                _ => "none".into(),
+            }
+        );
+        println!(
+            "# machine: {} cpus, {}",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| format!("Linux {}", s.trim()))
+                .unwrap_or_default()
+        );
+        println!(
+            "# timing: {TIMING}; time = mean, p50/p99 over {} samples",
+            args.iters
+        );
+        println!("# size = bytes per sender-receiver pair and round; algbw = all pairs' bytes / time; busbw = busiest rank's bytes / time");
+        println!("# Using devices");
+        for (i, h) in hosts.iter().enumerate() {
+            println!("#  Rank {i:2} {h}");
+        }
+        let mut head = format!(
+            "#{:>11} {:>12} {:>6} {:>9} {:>8} {:>8} {:>7} {:>9} {:>9}",
+            "size", "count", "type", "time", "algbw", "busbw", "#wrong", "p50", "p99"
+        );
+        let mut unit = format!(
+            "#{:>11} {:>12} {:>6} {:>9} {:>8} {:>8} {:>7} {:>9} {:>9}",
+            "(B)", "(elements)", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(us)"
+        );
+        if args.iter_stats == 1 {
+            head += &format!(" {:>9} {:>9} {:>6}", "i_min", "i_max", "i_cv%");
+            unit += &format!(" {:>9} {:>9} {:>6}", "(us)", "(us)", "");
+        }
+        if baseline.is_some() {
+            head += &format!(
+                " | {:>9} {:>8} {:>8} {:>7} {:>9} {:>9} | {:>6} {:>7} {:>7}",
+                "mpi time", "algbw", "busbw", "#wrong", "p50", "p99", "bw x", "p50 -%", "p99 -%"
+            );
+            unit += &format!(
+                " | {:>9} {:>8} {:>8} {:>7} {:>9} {:>9} | {:>6} {:>7} {:>7}",
+                "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(us)", "", "", ""
+            );
+        }
+        head += &format!(" | {:>8} {:>6}", "memcpy", "%lim");
+        unit += &format!(" | {:>8} {:>6}", "(GB/s)", "");
+        println!("{head}\n{unit}");
+    }
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut total_wrong = 0u64;
+    for &s in &sizes {
+        let (samples, wrong) = measure(&world, &args, |verify| {
+            contender
+                .iteration(&world, args.pattern, s, verify)
+                .unwrap_or_else(|e| {
+                    eprintln!("m2n_perf: {role} {rank}: {e}");
+                    world.abort(3)
+                })
+        });
+        let m2n_side = side(&args, m, n, s, &samples, wrong);
+        let base_side = baseline.as_mut().map(|b| {
+            let (samples, wrong) = measure(&world, &args, |verify| {
+                b.iteration(&world, args.pattern, s, verify)
+            });
+            side(&args, m, n, s, &samples, wrong)
+        });
+        world.barrier();
+        if me != 0 {
+            continue;
+        }
+        let memcpy = limit::memcpy_gbps(s, args.depth);
+        total_wrong += m2n_side.wrong + base_side.as_ref().map_or(0, |b| b.wrong);
+        let mut line = format!(
+            "{:>12} {:>12} {:>6} {:>9.2} {:>8.2} {:>8.2} {:>7} {:>9.2} {:>9.2}",
+            s,
+            s,
+            "uint8",
+            m2n_side.time_us,
+            m2n_side.algbw_gbps,
+            m2n_side.busbw_gbps,
+            m2n_side.wrong,
+            m2n_side.stats.p50_us,
+            m2n_side.stats.p99_us
+        );
+        if args.iter_stats == 1 {
+            line += &format!(
+                " {:>9.2} {:>9.2} {:>6.1}",
+                m2n_side.stats.min_us, m2n_side.stats.max_us, m2n_side.stats.cv_pct
+            );
+        }
+        if let Some(b) = &base_side {
+            line += &format!(
+                " | {:>9.2} {:>8.2} {:>8.2} {:>7} {:>9.2} {:>9.2} | {:>6.2} {:>7.1} {:>7.1}",
+                b.time_us,
+                b.algbw_gbps,
+                b.busbw_gbps,
+                b.wrong,
+                b.stats.p50_us,
+                b.stats.p99_us,
+                m2n_side.algbw_gbps / b.algbw_gbps,
+                100.0 * (1.0 - m2n_side.stats.p50_us / b.stats.p50_us),
+                100.0 * (1.0 - m2n_side.stats.p99_us / b.stats.p99_us),
+            );
+        }
+        line += &format!(
+            " | {:>8.2} {:>6.1}",
+            memcpy,
+            100.0 * m2n_side.busbw_gbps / memcpy
+        );
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        rows.push(Row {
+            bytes: s,
+            m2n: m2n_side,
+            baseline: base_side,
+            memcpy_gbps: memcpy,
+            utilisation: 0.0,
+        });
+    }
+    if me == 0 {
+        let best = rows.iter().map(|r| r.m2n.busbw_gbps).fold(0.0, f64::max);
+        for r in &mut rows {
+            let peak = if transport == m2n::TransportKind::Shm {
+                r.memcpy_gbps
+            } else {
+                best
+            };
+            r.utilisation = (r.m2n.busbw_gbps / peak).min(1.0);
+        }
+        let avg = rows.iter().map(|r| r.m2n.busbw_gbps).sum::<f64>() / rows.len().max(1) as f64;
+        println!(
+            "# Out of bounds values : {} {}",
+            total_wrong,
+            if total_wrong == 0 { "OK" } else { "FAILED" }
+        );
+        println!("# Avg bus bandwidth    : {avg:.4}");
+        if let Some(avg_b) = (!rows.is_empty() && rows[0].baseline.is_some()).then(|| {
+            rows.iter()
+                .filter_map(|r| r.baseline.as_ref())
+                .map(|b| b.busbw_gbps)
+                .sum::<f64>()
+                / rows.len() as f64
+        }) {
+            println!("# Avg bus bandwidth (mpi): {avg_b:.4}");
+        }
+        println!("# M2N test concluded: {:?}", args.pattern);
+        if let Some(path) = &args.json {
+            let report = Report {
+                tool: "m2n_perf",
+                version: env!("CARGO_PKG_VERSION"),
+                pattern: format!("{:?}", args.pattern).to_lowercase(),
+                transport: transport.to_string(),
+                baseline: format!("{:?}", args.baseline).to_lowercase(),
+                senders: m,
+                receivers: n,
+                iters: args.iters,
+                warmup: args.warmup,
+                wait: args.wait.to_string(),
+                depth: args.depth,
+                timing: TIMING,
+                peak_source,
+                rows: &rows,
+                utilisation_curve: rows.iter().map(|r| (r.bytes, r.utilisation)).collect(),
+            };
+            let text = serde_json::to_string_pretty(&report).expect("serialisable");
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("m2n_perf: cannot write {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
+        if total_wrong > 0 {
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The MPI baseline: one round is MPI_Isend / MPI_Irecv to and from every
+//! peer, then MPI_Waitall, timed exactly like m2n's rounds.
+
+use std::ffi::c_int;
+
+use m2n::WaitPolicy;
+use mpi::ffi;
+use mpi::raw::AsRaw;
+use mpi::topology::SimpleCommunicator;
+
+/// Completes `reqs` as the wait policy says: `spin` is MPI_Waitall (MPI's
+/// own busy wait); the yielding policies poll MPI_Testall and yield the CPU
+/// between polls, so oversubscribed ranks do not starve each other.
+pub fn wait_all(reqs: &mut [ffi::MPI_Request], policy: WaitPolicy) {
+    // SAFETY: RSMPI_STATUSES_IGNORE is a constant set up by MPI_Init.
+    let ignore = unsafe { ffi::RSMPI_STATUSES_IGNORE };
+    if policy == WaitPolicy::Spin {
+        // SAFETY: every request is live or null; statuses are ignored.
+        let rc = unsafe { ffi::MPI_Waitall(reqs.len() as c_int, reqs.as_mut_ptr(), ignore) };
+        assert_eq!(rc, 0, "MPI_Waitall failed");
+        return;
+    }
+    let spins = match policy {
+        WaitPolicy::SpinThenYield(n) => n,
+        _ => 0,
+    };
+    let mut polls = 0u32;
+    loop {
+        let mut done: c_int = 0;
+        // SAFETY: as above.
+        let rc =
+            unsafe { ffi::MPI_Testall(reqs.len() as c_int, reqs.as_mut_ptr(), &mut done, ignore) };
+        assert_eq!(rc, 0, "MPI_Testall failed");
+        if done != 0 {
+            return;
+        }
+        polls = polls.saturating_add(1);
+        if polls > spins {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// A barrier that waits by `policy` (MPI_Ibarrier + [`wait_all`]).
+pub fn barrier(world: &SimpleCommunicator, policy: WaitPolicy) {
+    // SAFETY: RSMPI_REQUEST_NULL is a constant; the request is completed below.
+    let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+    // SAFETY: a valid communicator and an out-parameter.
+    let rc = unsafe { ffi::MPI_Ibarrier(world.as_raw(), &mut req) };
+    assert_eq!(rc, 0, "MPI_Ibarrier failed");
+    wait_all(std::slice::from_mut(&mut req), policy);
+}
+
+/// Posts all `recvs` (source rank, buffer) with `recv_tag` and all `sends`
+/// (destination rank, bytes) with `send_tag`, then waits for all of them.
+pub fn exchange(
+    world: &SimpleCommunicator,
+    sends: &[(i32, &[u8])],
+    send_tag: i32,
+    recvs: &mut [(i32, &mut [u8])],
+    recv_tag: i32,
+    policy: WaitPolicy,
+) {
+    let mut reqs: Vec<ffi::MPI_Request> = Vec::with_capacity(sends.len() + recvs.len());
+    let comm = world.as_raw();
+    // SAFETY: RSMPI_UINT8_T is a constant MPI initialised before main's
+    // first MPI call.
+    let u8_type = unsafe { ffi::RSMPI_UINT8_T };
+    for (src, buf) in recvs.iter_mut() {
+        // SAFETY: the request is a fresh out-parameter; `buf` outlives the
+        // MPI_Waitall below, which completes the request.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: as above; count fits (checked by the caller's size limit).
+        let rc = unsafe {
+            ffi::MPI_Irecv(
+                buf.as_mut_ptr().cast(),
+                buf.len() as c_int,
+                u8_type,
+                *src,
+                recv_tag,
+                comm,
+                &mut req,
+            )
+        };
+        assert_eq!(rc, 0, "MPI_Irecv failed");
+        reqs.push(req);
+    }
+    for (dst, buf) in sends {
+        // SAFETY: as for the receives.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: `buf` outlives the MPI_Waitall below.
+        let rc = unsafe {
+            ffi::MPI_Isend(
+                buf.as_ptr().cast(),
+                buf.len() as c_int,
+                u8_type,
+                *dst,
+                send_tag,
+                comm,
+                &mut req,
+            )
+        };
+        assert_eq!(rc, 0, "MPI_Isend failed");
+        reqs.push(req);
+    }
+    wait_all(&mut reqs, policy);
+}

@@ -1,0 +1,317 @@
+//! One timed iteration of each contender, on one rank.
+//!
+//! How a sample is timed (the same for m2n and the baseline):
+//! 1. every rank enters an MPI barrier (not timed; MPI_Ibarrier completed
+//!    with the run's wait policy, so waiting ranks yield when asked to);
+//! 2. each rank reads its clock when it leaves the barrier (t0) and again
+//!    when its part of the round is complete (t1): for a sender, when its
+//!    writes have completed locally (and, in `roundtrip`, when the combine
+//!    round has arrived); for a receiver, when the whole round has arrived
+//!    (and, in `roundtrip`, when its combine writes have completed);
+//! 3. the iteration's sample is the maximum of `t1 - t0` over all ranks
+//!    (one element-wise MPI all-reduce of every rank's samples after the
+//!    size's last iteration): the time until the slowest rank finished,
+//!    i.e. the time the M2N round took.
+//!
+//! Data checks run in one extra iteration per size whose time is not
+//! recorded: senders fill every byte with a pattern that depends on sender,
+//! receiver, round and channel; receivers count wrong bytes.
+
+use std::time::{Duration, Instant};
+
+use m2n::pattern;
+use m2n::proto::ChannelId;
+use m2n::{Communicator, Msg, Region, Role, WaitPolicy};
+use mpi::topology::SimpleCommunicator;
+
+use crate::cli::Pattern;
+use crate::mpi_base;
+
+/// What one rank reports for one iteration.
+pub struct Sample {
+    pub secs: f64,
+    pub wrong: u64,
+}
+
+fn check(buf: &[u8], want_len: usize, seed: u64) -> u64 {
+    if buf.len() != want_len {
+        return want_len.max(buf.len()) as u64;
+    }
+    pattern::count_wrong(buf, seed) as u64
+}
+
+/// One message of `size` bytes per peer, from consecutive slices of `send`.
+fn msgs(send: &Region, peers: usize, size: usize) -> Vec<Msg<'_>> {
+    (0..peers).map(|p| Msg::new(send, p * size, size)).collect()
+}
+
+/// m2n on one rank.
+pub struct M2nRank {
+    pub comm: Communicator,
+    send: Region,
+    role: Role,
+    rank: usize,
+    peers: usize,
+    /// Iterations so far: the round number of the next dispatch and combine.
+    k: u64,
+    timeout: Duration,
+}
+
+impl M2nRank {
+    pub fn new(mut comm: Communicator, max_bytes: usize) -> m2n::Result<Self> {
+        let (role, rank) = (comm.role(), comm.rank());
+        let shape = comm.shape();
+        let peers = match role {
+            Role::Attention => shape.experts,
+            Role::Expert => shape.attention,
+        };
+        let send = comm.alloc(peers * max_bytes)?;
+        Ok(Self {
+            comm,
+            send,
+            role,
+            rank,
+            peers,
+            k: 0,
+            timeout: Duration::from_secs(60),
+        })
+    }
+
+    fn fill(&mut self, channel: ChannelId, size: usize) {
+        let (me, k) = (self.rank, self.k);
+        for p in 0..self.peers {
+            pattern::fill(
+                &mut self.send.as_mut_slice()[p * size..(p + 1) * size],
+                pattern::seed(channel, me, p, k),
+            );
+        }
+    }
+
+    fn received(&mut self, channel: ChannelId, size: usize, verify: bool) -> m2n::Result<u64> {
+        let timeout = self.timeout;
+        let r = match channel {
+            ChannelId::Dispatch => self.comm.dispatch().recv(timeout)?,
+            ChannelId::Combine => self.comm.combine().recv(timeout)?,
+        };
+        let mut wrong = 0;
+        if verify {
+            for s in 0..self.peers {
+                wrong += check(
+                    self.comm.message(&r, s),
+                    size,
+                    pattern::seed(channel, s, self.rank, r.round()),
+                );
+            }
+        }
+        match channel {
+            ChannelId::Dispatch => self.comm.dispatch().release(r)?,
+            ChannelId::Combine => self.comm.combine().release(r)?,
+        }
+        Ok(wrong)
+    }
+
+    /// One iteration; `verify` fills and checks every byte.
+    pub fn iteration(
+        &mut self,
+        world: &SimpleCommunicator,
+        pattern: Pattern,
+        size: usize,
+        verify: bool,
+    ) -> m2n::Result<Sample> {
+        let timeout = self.timeout;
+        let mut wrong = 0;
+        if verify && self.role == Role::Attention {
+            self.fill(ChannelId::Dispatch, size);
+        }
+        mpi_base::barrier(world, self.comm.config().wait);
+        let t0 = Instant::now();
+        let t1 = match (self.role, pattern) {
+            (Role::Attention, _) => {
+                let msgs = msgs(&self.send, self.peers, size);
+                let round = self.comm.dispatch().send(&msgs, timeout)?;
+                self.comm.dispatch().wait_sent(round, timeout)?;
+                if pattern == Pattern::Roundtrip {
+                    // Released before t1 too: the expert side's release is timed as well.
+                    wrong += self.received(ChannelId::Combine, size, verify)?;
+                }
+                Instant::now()
+            }
+            (Role::Expert, Pattern::Dispatch) => {
+                let r = self.comm.dispatch().recv(timeout)?;
+                let t1 = Instant::now();
+                if verify {
+                    for s in 0..self.peers {
+                        let seed = pattern::seed(ChannelId::Dispatch, s, self.rank, r.round());
+                        wrong += check(self.comm.message(&r, s), size, seed);
+                    }
+                }
+                self.comm.dispatch().release(r)?;
+                t1
+            }
+            (Role::Expert, Pattern::Roundtrip) => {
+                wrong += self.received(ChannelId::Dispatch, size, verify)?;
+                if verify {
+                    self.fill(ChannelId::Combine, size);
+                }
+                let msgs = msgs(&self.send, self.peers, size);
+                let round = self.comm.combine().send(&msgs, timeout)?;
+                self.comm.combine().wait_sent(round, timeout)?;
+                Instant::now()
+            }
+        };
+        self.k += 1;
+        Ok(Sample {
+            secs: (t1 - t0).as_secs_f64(),
+            wrong,
+        })
+    }
+}
+
+/// The MPI baseline on one rank.
+pub struct MpiRank {
+    role: Role,
+    rank: usize,
+    m: usize,
+    n: usize,
+    send: Vec<u8>,
+    recv: Vec<u8>,
+    k: u64,
+    wait: WaitPolicy,
+}
+
+impl MpiRank {
+    pub fn new(
+        role: Role,
+        rank: usize,
+        m: usize,
+        n: usize,
+        max_bytes: usize,
+        wait: WaitPolicy,
+    ) -> Self {
+        let peers = if role == Role::Attention { n } else { m };
+        Self {
+            role,
+            rank,
+            m,
+            n,
+            send: vec![0; peers * max_bytes],
+            recv: vec![0; peers * max_bytes],
+            k: 0,
+            wait,
+        }
+    }
+
+    fn peers(&self) -> usize {
+        if self.role == Role::Attention {
+            self.n
+        } else {
+            self.m
+        }
+    }
+
+    /// MPI rank of peer `p` on the other side.
+    fn mpi_rank(&self, p: usize) -> i32 {
+        (if self.role == Role::Attention {
+            self.m + p
+        } else {
+            p
+        }) as i32
+    }
+
+    fn fill(&mut self, channel: ChannelId, size: usize) {
+        for p in 0..self.peers() {
+            pattern::fill(
+                &mut self.send[p * size..(p + 1) * size],
+                pattern::seed(channel, self.rank, p, self.k),
+            );
+        }
+    }
+
+    fn count_wrong(&self, channel: ChannelId, size: usize) -> u64 {
+        (0..self.peers())
+            .map(|p| {
+                check(
+                    &self.recv[p * size..(p + 1) * size],
+                    size,
+                    pattern::seed(channel, p, self.rank, self.k),
+                )
+            })
+            .sum()
+    }
+
+    fn sends(&self, size: usize) -> Vec<(i32, &[u8])> {
+        (0..self.peers())
+            .map(|p| (self.mpi_rank(p), &self.send[p * size..(p + 1) * size]))
+            .collect()
+    }
+
+    pub fn iteration(
+        &mut self,
+        world: &SimpleCommunicator,
+        pattern: Pattern,
+        size: usize,
+        verify: bool,
+    ) -> Sample {
+        const DISPATCH: i32 = 1;
+        const COMBINE: i32 = 2;
+        let mut wrong = 0;
+        let peers: Vec<i32> = (0..self.peers()).map(|p| self.mpi_rank(p)).collect();
+        if verify && self.role == Role::Attention {
+            self.fill(ChannelId::Dispatch, size);
+        }
+        mpi_base::barrier(world, self.wait);
+        let t0 = Instant::now();
+        match (self.role, pattern) {
+            (Role::Attention, Pattern::Dispatch) => {
+                mpi_base::exchange(world, &self.sends(size), DISPATCH, &mut [], 0, self.wait);
+            }
+            (Role::Attention, Pattern::Roundtrip) => {
+                // Dispatch out and combine back in one Waitall, the combine
+                // receives posted first, as MPI codes do.
+                let sends: Vec<(i32, &[u8])> = peers
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &r)| (r, &self.send[p * size..(p + 1) * size]))
+                    .collect();
+                let mut recvs: Vec<(i32, &mut [u8])> = peers
+                    .iter()
+                    .copied()
+                    .zip(self.recv.chunks_mut(size))
+                    .collect();
+                mpi_base::exchange(world, &sends, DISPATCH, &mut recvs, COMBINE, self.wait);
+            }
+            (Role::Expert, p) => {
+                let mut recvs: Vec<(i32, &mut [u8])> = peers
+                    .iter()
+                    .copied()
+                    .zip(self.recv.chunks_mut(size))
+                    .collect();
+                mpi_base::exchange(world, &[], 0, &mut recvs, DISPATCH, self.wait);
+                if p == Pattern::Roundtrip {
+                    if verify {
+                        wrong += self.count_wrong(ChannelId::Dispatch, size);
+                        self.fill(ChannelId::Combine, size);
+                    }
+                    mpi_base::exchange(world, &self.sends(size), COMBINE, &mut [], 0, self.wait);
+                }
+            }
+        }
+        let t1 = Instant::now();
+        if verify {
+            match (self.role, pattern) {
+                (Role::Expert, Pattern::Dispatch) => {
+                    wrong += self.count_wrong(ChannelId::Dispatch, size)
+                }
+                (Role::Attention, Pattern::Roundtrip) => {
+                    wrong += self.count_wrong(ChannelId::Combine, size)
+                }
+                _ => {}
+            }
+        }
+        self.k += 1;
+        Sample {
+            secs: (t1 - t0).as_secs_f64(),
+            wrong,
+        }
+    }
+}
