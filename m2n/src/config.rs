@@ -17,6 +17,11 @@
 //! | `M2N_TCP_DATA_DSCP`, `M2N_TCP_ACK_DSCP` | tcp: DiffServ code point per lane (0..=63) | 0, 46 (EF) |
 //! | `M2N_TCP_DATA_PRIORITY`, `M2N_TCP_ACK_PRIORITY` | tcp: `SO_PRIORITY` per lane (0..=6 unprivileged) | 0, 6 |
 //! | `M2N_TCP_QUEUE_FRAMES` | tcp: frames queued per connection before back-pressure | 256 |
+//! | `M2N_IB_DEVICE`, `M2N_IB_PORT`, `M2N_IB_GID_INDEX` | verbs: device, port, GID index | first device, first active port, first RoCE v2 IPv4 GID |
+//! | `M2N_IB_DATA_TC`, `M2N_IB_ACK_TC` | verbs: GRH traffic class per lane | 0, 184 (DSCP 46) |
+//! | `M2N_IB_DATA_SL`, `M2N_IB_ACK_SL` | verbs: service level per lane | 0, 6 |
+//! | `M2N_IB_TIMEOUT`, `M2N_IB_RETRY_CNT`, `M2N_IB_RNR_RETRY` | verbs: QP ACK timeout exponent, retries, RNR retries | 14, 7, 7 |
+//! | `M2N_IB_MTU`, `M2N_IB_MAX_INLINE` | verbs: path MTU bytes, inline payload limit | 4096, 64 |
 //! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, or `spin-yield[:N]` (N spins, then yield) | `spin-yield:256` |
 //!
 //! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks, and
@@ -119,6 +124,70 @@ impl Default for TcpConfig {
     }
 }
 
+/// Per-lane priority on RDMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneClass {
+    /// GRH traffic class (DSCP << 2 on RoCE).
+    pub traffic_class: u8,
+    /// Service level (the priority the fabric maps it to).
+    pub service_level: u8,
+}
+
+/// Settings of the verbs transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IbConfig {
+    /// Device name (`M2N_IB_DEVICE`); `None`: the first device.
+    pub device: Option<String>,
+    /// Port (`M2N_IB_PORT`); `None`: the first active port.
+    pub port: Option<u8>,
+    /// GID index (`M2N_IB_GID_INDEX`); `None`: the first RoCE v2 GID with
+    /// an IPv4 address (index 0 on InfiniBand).
+    pub gid_index: Option<u8>,
+    pub data: LaneClass,
+    /// The ACK lane: DSCP 46 (expedited forwarding) and service level 6 by
+    /// default, so credits overtake data in the fabric's queues.
+    pub ack: LaneClass,
+    /// Local ACK timeout exponent: 4.096 us * 2^timeout (0..=31).
+    pub timeout: u8,
+    /// Transport retries (0..=7).
+    pub retry_cnt: u8,
+    /// Receiver-not-ready retries (0..=7; 7 retries forever).
+    pub rnr_retry: u8,
+    /// Path MTU in bytes (256..=4096, capped by the port's active MTU).
+    pub mtu: u32,
+    /// Largest payload sent inline with its work request.
+    pub max_inline: u32,
+    /// Send queue depth per queue pair.
+    pub sq_depth: u32,
+    /// Receives kept posted on the shared receive queue.
+    pub srq_depth: u32,
+}
+
+impl Default for IbConfig {
+    fn default() -> Self {
+        Self {
+            device: None,
+            port: None,
+            gid_index: None,
+            data: LaneClass {
+                traffic_class: 0,
+                service_level: 0,
+            },
+            ack: LaneClass {
+                traffic_class: 46 << 2,
+                service_level: 6,
+            },
+            timeout: 14,
+            retry_cnt: 7,
+            rnr_retry: 7,
+            mtu: 4096,
+            max_inline: 64,
+            sq_depth: 512,
+            srq_depth: 4096,
+        }
+    }
+}
+
 /// Everything a communicator can be tuned with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -131,6 +200,7 @@ pub struct Config {
     pub credit_refresh: Duration,
     pub shm_queue_depth: usize,
     pub tcp: TcpConfig,
+    pub ib: IbConfig,
     pub wait: WaitPolicy,
 }
 
@@ -150,6 +220,7 @@ impl Default for Config {
             credit_refresh: Duration::from_millis(100),
             shm_queue_depth: 1024,
             tcp: TcpConfig::default(),
+            ib: IbConfig::default(),
             wait: WaitPolicy::SpinThenYield(256),
         }
     }
@@ -212,6 +283,10 @@ impl Config {
                 Ok(d) if d < 64 => Ok(d),
                 _ => Err(err("expected a DSCP value in 0..=63".into())),
             };
+            let small = |v: &str, max: u8, what: &str| match v.parse::<u8>() {
+                Ok(x) if x <= max => Ok(x),
+                _ => Err(err(format!("expected {what} in 0..={max}"))),
+            };
             let prio = |v: &str| match v.parse::<u32>() {
                 Ok(p) if p <= 15 => Ok(p),
                 _ => Err(err(
@@ -250,6 +325,21 @@ impl Config {
                 "M2N_TCP_ACK_DSCP" => self.tcp.ack.dscp = dscp(&value)?,
                 "M2N_TCP_DATA_PRIORITY" => self.tcp.data.priority = prio(&value)?,
                 "M2N_TCP_ACK_PRIORITY" => self.tcp.ack.priority = prio(&value)?,
+                "M2N_IB_DEVICE" => self.ib.device = Some(value.clone()).filter(|v| !v.trim().is_empty()),
+                "M2N_IB_PORT" => self.ib.port = Some(small(&value, 255, "a port number").and_then(|p| if p == 0 { Err(err("ports count from 1".into())) } else { Ok(p) })?),
+                "M2N_IB_GID_INDEX" => self.ib.gid_index = Some(small(&value, 255, "a GID index")?),
+                "M2N_IB_DATA_TC" => self.ib.data.traffic_class = small(&value, 255, "a traffic class")?,
+                "M2N_IB_ACK_TC" => self.ib.ack.traffic_class = small(&value, 255, "a traffic class")?,
+                "M2N_IB_DATA_SL" => self.ib.data.service_level = small(&value, 15, "a service level")?,
+                "M2N_IB_ACK_SL" => self.ib.ack.service_level = small(&value, 15, "a service level")?,
+                "M2N_IB_TIMEOUT" => self.ib.timeout = small(&value, 31, "a timeout exponent")?,
+                "M2N_IB_RETRY_CNT" => self.ib.retry_cnt = small(&value, 7, "a retry count")?,
+                "M2N_IB_RNR_RETRY" => self.ib.rnr_retry = small(&value, 7, "an RNR retry count")?,
+                "M2N_IB_MTU" => match value.parse::<u32>() {
+                    Ok(m @ (256 | 512 | 1024 | 2048 | 4096)) => self.ib.mtu = m,
+                    _ => return Err(err("expected 256, 512, 1024, 2048 or 4096".into())),
+                },
+                "M2N_IB_MAX_INLINE" => self.ib.max_inline = bytes(&value)? as u32,
                 "M2N_TCP_QUEUE_FRAMES" => match value.parse::<usize>() {
                     Ok(n) if n > 0 => self.tcp.queue_frames = n,
                     _ => return Err(err("expected a positive frame count".into())),
@@ -321,6 +411,8 @@ mod tests {
         assert_eq!(c.dispatch.slot_bytes, 1 << 20);
         assert_eq!(c.peer_timeout, Duration::from_millis(1500));
         assert_eq!(c.wait, WaitPolicy::SpinThenYield(10));
+        let c = env(&[("M2N_IB_DEVICE", "rxe0"), ("M2N_IB_GID_INDEX", "1"), ("M2N_IB_ACK_TC", "104"), ("M2N_IB_MTU", "1024")]).unwrap();
+        assert_eq!((c.ib.device.as_deref(), c.ib.gid_index, c.ib.ack.traffic_class, c.ib.mtu), (Some("rxe0"), Some(1), 104, 1024));
     }
 
     #[test]
@@ -335,6 +427,9 @@ mod tests {
             ("M2N_DEPHT", "4"),
             ("M2N_TCP_ACK_DSCP", "64"),
             ("M2N_TCP_DATA_PRIORITY", "high"),
+            ("M2N_IB_MTU", "1500"),
+            ("M2N_IB_RETRY_CNT", "8"),
+            ("M2N_IB_PORT", "0"),
         ] {
             let err = env(&[(k, v)]).unwrap_err();
             assert_eq!(err.name, k, "{err}");

@@ -208,9 +208,13 @@ impl Communicator {
                 source: e,
             })
         })?;
+        // Probing for an RDMA device is only worth it when verbs may be chosen.
+        let verbs = matches!(config.transport, TransportKind::Verbs | TransportKind::Auto)
+            && setup::verbs_here(&config).is_ok();
         let presence = setup::Presence {
             host: crate::transport::host_identity(),
             liveness: listener.addr,
+            verbs,
         };
         let left = deadline.saturating_duration_since(Instant::now());
         let mut rv = bootstrap::join(uid, role, rank, shape, presence.encode(), left)?;

@@ -21,6 +21,9 @@ pub(super) fn peer(shape: Shape, global: usize) -> Peer {
 pub(super) struct Presence {
     pub host: String,
     pub liveness: SocketAddr,
+    /// This rank has a usable RDMA device (built with verbs, device, active
+    /// port, GID).
+    pub verbs: bool,
 }
 
 fn parse_addr(field: &'static str, raw: &[u8]) -> std::result::Result<SocketAddr, DecodeError> {
@@ -38,6 +41,7 @@ impl Presence {
         Writer::new()
             .bytes(self.host.as_bytes())
             .bytes(self.liveness.to_string().as_bytes())
+            .u8(self.verbs as u8)
             .finish()
     }
 
@@ -45,8 +49,9 @@ impl Presence {
         let mut r = Reader::new(blob);
         let host = String::from_utf8_lossy(r.bytes("host id", 256)?).into_owned();
         let liveness = parse_addr("liveness address", r.bytes("liveness address", 256)?)?;
+        let verbs = r.u8("verbs flag")? != 0;
         r.finish()?;
-        Ok(Self { host, liveness })
+        Ok(Self { host, liveness, verbs })
     }
 }
 
@@ -83,14 +88,28 @@ impl Published {
     }
 }
 
+/// Whether this rank can use verbs, and if not, why.
+pub(super) fn verbs_here(config: &Config) -> std::result::Result<(), String> {
+    #[cfg(feature = "verbs")]
+    {
+        crate::transport::verbs::probe(&config.ib).map(|_| ()).map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "verbs"))]
+    {
+        let _ = config;
+        Err(VERBS_NOT_BUILT.into())
+    }
+}
+
+#[cfg(not(feature = "verbs"))]
+const VERBS_NOT_BUILT: &str = "this m2n was built without the `verbs` feature (build with default features; it needs libibverbs-dev, librdmacm-dev and libclang)";
+
 /// The transport every rank will use. All ranks see the same all-gather,
-/// so they all reach the same answer.
-pub(super) fn choose_transport(
-    asked: TransportKind,
-    shape: Shape,
-    everyone: &[Presence],
-) -> Result<TransportKind> {
+/// so they all reach the same answer: `auto` takes verbs when every rank
+/// has an RDMA device, else shm when all are on one host, else tcp.
+pub(super) fn choose_transport(asked: TransportKind, shape: Shape, everyone: &[Presence]) -> Result<TransportKind> {
     let elsewhere = everyone.iter().position(|p| p.host != everyone[0].host);
+    let no_verbs = everyone.iter().position(|p| !p.verbs);
     match (asked, elsewhere) {
         (TransportKind::Shm, Some(g)) => Err(Error::Transport {
             peer: Some(peer(shape, g)),
@@ -103,16 +122,19 @@ pub(super) fn choose_transport(
                 ),
             ),
         }),
+        (TransportKind::Verbs, _) => match no_verbs {
+            None => Ok(TransportKind::Verbs),
+            Some(g) => Err(Error::Transport {
+                peer: Some(peer(shape, g)),
+                source: TransportError::Unavailable(
+                    TransportKind::Verbs,
+                    format!("M2N_TRANSPORT=verbs, but {} has no usable RDMA device", peer(shape, g)),
+                ),
+            }),
+        },
+        (TransportKind::Auto, _) if no_verbs.is_none() => Ok(TransportKind::Verbs),
         (TransportKind::Auto, None) => Ok(TransportKind::Shm),
         (TransportKind::Auto, Some(_)) => Ok(TransportKind::Tcp),
-        (TransportKind::Verbs, _) => Err(Error::Transport {
-            peer: None,
-            source: TransportError::Unavailable(
-                TransportKind::Verbs,
-                "this build of m2n has no verbs transport; use M2N_TRANSPORT=shm, tcp or auto"
-                    .into(),
-            ),
-        }),
         (kind, _) => Ok(kind),
     }
 }
@@ -180,8 +202,9 @@ mod tests {
         hosts
             .iter()
             .map(|h| Presence {
-                host: h.to_string(),
+                host: h.trim_end_matches('+').to_string(),
                 liveness: "127.0.0.1:1".parse().unwrap(),
+                verbs: h.ends_with('+'),
             })
             .collect()
     }
@@ -206,8 +229,11 @@ mod tests {
             err.to_string().contains("expert 1 runs on another host"),
             "{err}"
         );
-        let err = choose_transport(TransportKind::Verbs, shape, &at(&["a", "a", "a"])).unwrap_err();
-        assert!(err.to_string().contains("no verbs transport"), "{err}");
+        let err = choose_transport(TransportKind::Verbs, shape, &at(&["a+", "a", "a+"])).unwrap_err();
+        assert!(err.to_string().contains("expert 0 has no usable RDMA device"), "{err}");
+        // `+`: that rank has an RDMA device. auto prefers verbs only when all do.
+        assert_eq!(choose_transport(TransportKind::Auto, shape, &at(&["a+", "b+", "a+"])).unwrap(), TransportKind::Verbs);
+        assert_eq!(choose_transport(TransportKind::Auto, shape, &at(&["a+", "a", "a+"])).unwrap(), TransportKind::Shm);
     }
 
     #[test]
@@ -215,9 +241,10 @@ mod tests {
         let p = Presence {
             host: "boot".into(),
             liveness: "[::1]:80".parse().unwrap(),
+            verbs: true,
         };
         let back = Presence::decode(&p.encode()).unwrap();
-        assert_eq!((back.host, back.liveness), (p.host, p.liveness));
+        assert_eq!((back.host, back.liveness, back.verbs), (p.host, p.liveness, true));
         assert!(Presence::decode(b"\x01\x00\x00\x00x\x03\x00\x00\x00bad").is_err());
     }
 }

@@ -21,6 +21,8 @@ pub use crate::proto::Lane;
 
 pub mod shm;
 pub mod tcp;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 /// Which backend moves the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +134,10 @@ pub struct RemoteRegion {
 pub(crate) trait LocalMemory: Send + Sync + fmt::Debug {
     fn base(&self) -> *mut u8;
     fn len(&self) -> usize;
+    /// The transport's local key for this memory (a verbs lkey; 0 elsewhere).
+    fn key(&self) -> u32 {
+        0
+    }
 }
 
 impl LocalMemory for shm::segment::Segment {
