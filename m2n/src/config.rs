@@ -325,13 +325,31 @@ impl Config {
                 "M2N_TCP_ACK_DSCP" => self.tcp.ack.dscp = dscp(&value)?,
                 "M2N_TCP_DATA_PRIORITY" => self.tcp.data.priority = prio(&value)?,
                 "M2N_TCP_ACK_PRIORITY" => self.tcp.ack.priority = prio(&value)?,
-                "M2N_IB_DEVICE" => self.ib.device = Some(value.clone()).filter(|v| !v.trim().is_empty()),
-                "M2N_IB_PORT" => self.ib.port = Some(small(&value, 255, "a port number").and_then(|p| if p == 0 { Err(err("ports count from 1".into())) } else { Ok(p) })?),
+                "M2N_IB_DEVICE" => {
+                    self.ib.device = Some(value.clone()).filter(|v| !v.trim().is_empty())
+                }
+                "M2N_IB_PORT" => {
+                    self.ib.port = Some(small(&value, 255, "a port number").and_then(|p| {
+                        if p == 0 {
+                            Err(err("ports count from 1".into()))
+                        } else {
+                            Ok(p)
+                        }
+                    })?)
+                }
                 "M2N_IB_GID_INDEX" => self.ib.gid_index = Some(small(&value, 255, "a GID index")?),
-                "M2N_IB_DATA_TC" => self.ib.data.traffic_class = small(&value, 255, "a traffic class")?,
-                "M2N_IB_ACK_TC" => self.ib.ack.traffic_class = small(&value, 255, "a traffic class")?,
-                "M2N_IB_DATA_SL" => self.ib.data.service_level = small(&value, 15, "a service level")?,
-                "M2N_IB_ACK_SL" => self.ib.ack.service_level = small(&value, 15, "a service level")?,
+                "M2N_IB_DATA_TC" => {
+                    self.ib.data.traffic_class = small(&value, 255, "a traffic class")?
+                }
+                "M2N_IB_ACK_TC" => {
+                    self.ib.ack.traffic_class = small(&value, 255, "a traffic class")?
+                }
+                "M2N_IB_DATA_SL" => {
+                    self.ib.data.service_level = small(&value, 15, "a service level")?
+                }
+                "M2N_IB_ACK_SL" => {
+                    self.ib.ack.service_level = small(&value, 15, "a service level")?
+                }
                 "M2N_IB_TIMEOUT" => self.ib.timeout = small(&value, 31, "a timeout exponent")?,
                 "M2N_IB_RETRY_CNT" => self.ib.retry_cnt = small(&value, 7, "a retry count")?,
                 "M2N_IB_RNR_RETRY" => self.ib.rnr_retry = small(&value, 7, "an RNR retry count")?,
@@ -411,8 +429,22 @@ mod tests {
         assert_eq!(c.dispatch.slot_bytes, 1 << 20);
         assert_eq!(c.peer_timeout, Duration::from_millis(1500));
         assert_eq!(c.wait, WaitPolicy::SpinThenYield(10));
-        let c = env(&[("M2N_IB_DEVICE", "rxe0"), ("M2N_IB_GID_INDEX", "1"), ("M2N_IB_ACK_TC", "104"), ("M2N_IB_MTU", "1024")]).unwrap();
-        assert_eq!((c.ib.device.as_deref(), c.ib.gid_index, c.ib.ack.traffic_class, c.ib.mtu), (Some("rxe0"), Some(1), 104, 1024));
+        let c = env(&[
+            ("M2N_IB_DEVICE", "rxe0"),
+            ("M2N_IB_GID_INDEX", "1"),
+            ("M2N_IB_ACK_TC", "104"),
+            ("M2N_IB_MTU", "1024"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.ib.device.as_deref(),
+                c.ib.gid_index,
+                c.ib.ack.traffic_class,
+                c.ib.mtu
+            ),
+            (Some("rxe0"), Some(1), 104, 1024)
+        );
     }
 
     #[test]

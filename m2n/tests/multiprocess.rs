@@ -217,7 +217,9 @@ fn available(t: T) -> bool {
     if t.0 != "verbs" {
         return true;
     }
-    let devices = std::fs::read_dir("/sys/class/infiniband").map(|d| d.count()).unwrap_or(0);
+    let devices = std::fs::read_dir("/sys/class/infiniband")
+        .map(|d| d.count())
+        .unwrap_or(0);
     if devices == 0 {
         println!("SKIPPED: no RDMA device here; scripts/rxe-vm runs the verbs suite on Soft-RoCE");
     }

@@ -51,7 +51,11 @@ impl Presence {
         let liveness = parse_addr("liveness address", r.bytes("liveness address", 256)?)?;
         let verbs = r.u8("verbs flag")? != 0;
         r.finish()?;
-        Ok(Self { host, liveness, verbs })
+        Ok(Self {
+            host,
+            liveness,
+            verbs,
+        })
     }
 }
 
@@ -92,7 +96,9 @@ impl Published {
 pub(super) fn verbs_here(config: &Config) -> std::result::Result<(), String> {
     #[cfg(feature = "verbs")]
     {
-        crate::transport::verbs::probe(&config.ib).map(|_| ()).map_err(|e| e.to_string())
+        crate::transport::verbs::probe(&config.ib)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
     #[cfg(not(feature = "verbs"))]
     {
@@ -107,7 +113,11 @@ const VERBS_NOT_BUILT: &str = "this m2n was built without the `verbs` feature (b
 /// The transport every rank will use. All ranks see the same all-gather,
 /// so they all reach the same answer: `auto` takes verbs when every rank
 /// has an RDMA device, else shm when all are on one host, else tcp.
-pub(super) fn choose_transport(asked: TransportKind, shape: Shape, everyone: &[Presence]) -> Result<TransportKind> {
+pub(super) fn choose_transport(
+    asked: TransportKind,
+    shape: Shape,
+    everyone: &[Presence],
+) -> Result<TransportKind> {
     let elsewhere = everyone.iter().position(|p| p.host != everyone[0].host);
     let no_verbs = everyone.iter().position(|p| !p.verbs);
     match (asked, elsewhere) {
@@ -128,7 +138,10 @@ pub(super) fn choose_transport(asked: TransportKind, shape: Shape, everyone: &[P
                 peer: Some(peer(shape, g)),
                 source: TransportError::Unavailable(
                     TransportKind::Verbs,
-                    format!("M2N_TRANSPORT=verbs, but {} has no usable RDMA device", peer(shape, g)),
+                    format!(
+                        "M2N_TRANSPORT=verbs, but {} has no usable RDMA device",
+                        peer(shape, g)
+                    ),
                 ),
             }),
         },
@@ -185,12 +198,19 @@ pub(super) fn make_transport(
             )
             .map_err(t)?,
         ),
-        other => {
+        #[cfg(feature = "verbs")]
+        TransportKind::Verbs => Box::new(
+            crate::transport::verbs::VerbsTransport::new(me, world, config.ib.clone())
+                .map_err(t)?,
+        ),
+        #[cfg(not(feature = "verbs"))]
+        TransportKind::Verbs => {
             return Err(t(TransportError::Unavailable(
-                other,
-                "not built into this m2n".into(),
-            )));
+                TransportKind::Verbs,
+                VERBS_NOT_BUILT.into(),
+            )))
         }
+        TransportKind::Auto => unreachable!("choose_transport resolves auto"),
     })
 }
 
@@ -229,11 +249,22 @@ mod tests {
             err.to_string().contains("expert 1 runs on another host"),
             "{err}"
         );
-        let err = choose_transport(TransportKind::Verbs, shape, &at(&["a+", "a", "a+"])).unwrap_err();
-        assert!(err.to_string().contains("expert 0 has no usable RDMA device"), "{err}");
+        let err =
+            choose_transport(TransportKind::Verbs, shape, &at(&["a+", "a", "a+"])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expert 0 has no usable RDMA device"),
+            "{err}"
+        );
         // `+`: that rank has an RDMA device. auto prefers verbs only when all do.
-        assert_eq!(choose_transport(TransportKind::Auto, shape, &at(&["a+", "b+", "a+"])).unwrap(), TransportKind::Verbs);
-        assert_eq!(choose_transport(TransportKind::Auto, shape, &at(&["a+", "a", "a+"])).unwrap(), TransportKind::Shm);
+        assert_eq!(
+            choose_transport(TransportKind::Auto, shape, &at(&["a+", "b+", "a+"])).unwrap(),
+            TransportKind::Verbs
+        );
+        assert_eq!(
+            choose_transport(TransportKind::Auto, shape, &at(&["a+", "a", "a+"])).unwrap(),
+            TransportKind::Shm
+        );
     }
 
     #[test]
@@ -244,7 +275,10 @@ mod tests {
             verbs: true,
         };
         let back = Presence::decode(&p.encode()).unwrap();
-        assert_eq!((back.host, back.liveness, back.verbs), (p.host, p.liveness, true));
+        assert_eq!(
+            (back.host, back.liveness, back.verbs),
+            (p.host, p.liveness, true)
+        );
         assert!(Presence::decode(b"\x01\x00\x00\x00x\x03\x00\x00\x00bad").is_err());
     }
 }

@@ -18,7 +18,11 @@ pub enum IbError {
     #[error("{device}: no active port (ports: {ports})")]
     NoActivePort { device: String, ports: String },
     #[error("{device} port {port}: no usable GID (tried: {tried})")]
-    NoGid { device: String, port: u8, tried: String },
+    NoGid {
+        device: String,
+        port: u8,
+        tried: String,
+    },
     #[error("{device} port {port} QP {qpn}: transition {from} -> {to} refused: {source}")]
     Transition {
         device: String,
@@ -67,7 +71,11 @@ pub fn device_names() -> Vec<String> {
     }
     let names = (0..n as usize)
         // SAFETY: i < n entries, each a valid device with a NUL-terminated name.
-        .map(|i| unsafe { CStr::from_ptr(ibv_get_device_name(*list.add(i))) }.to_string_lossy().into_owned())
+        .map(|i| {
+            unsafe { CStr::from_ptr(ibv_get_device_name(*list.add(i))) }
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     // SAFETY: the list came from ibv_get_device_list.
     unsafe { ibv_free_device_list(list) };
@@ -93,7 +101,9 @@ impl Context {
             // SAFETY: i < n.
             let dev = unsafe { *list.add(i) };
             // SAFETY: a valid device has a NUL-terminated name.
-            let name = unsafe { CStr::from_ptr(ibv_get_device_name(dev)) }.to_string_lossy().into_owned();
+            let name = unsafe { CStr::from_ptr(ibv_get_device_name(dev)) }
+                .to_string_lossy()
+                .into_owned();
             if chosen.is_none() && wanted.is_none_or(|w| w == name) {
                 chosen = Some((dev, name.clone()));
             }
@@ -108,7 +118,12 @@ impl Context {
                 // SAFETY: dev is from the live list.
                 let ctx = unsafe { ibv_open_device(dev) };
                 NonNull::new(ctx)
-                    .map(|ctx| Arc::new(Context { ctx, name: name.clone() }))
+                    .map(|ctx| {
+                        Arc::new(Context {
+                            ctx,
+                            name: name.clone(),
+                        })
+                    })
                     .ok_or_else(|| IbError::Call {
                         op: "ibv_open_device".into(),
                         device: name,
@@ -165,7 +180,11 @@ impl Context {
         }
         Err(IbError::NoActivePort {
             device: self.name.clone(),
-            ports: if seen.is_empty() { "none matching".into() } else { seen.join(", ") },
+            ports: if seen.is_empty() {
+                "none matching".into()
+            } else {
+                seen.join(", ")
+            },
         })
     }
 
@@ -182,7 +201,12 @@ impl Context {
 
     /// `wanted`, or the first RoCE v2 GID holding an IPv4 address (then
     /// any RoCE v2 GID; index 0 on InfiniBand).
-    pub fn choose_gid(&self, port: u8, attr: &ibv_port_attr, wanted: Option<u8>) -> Result<(u8, [u8; 16]), IbError> {
+    pub fn choose_gid(
+        &self,
+        port: u8,
+        attr: &ibv_port_attr,
+        wanted: Option<u8>,
+    ) -> Result<(u8, [u8; 16]), IbError> {
         if let Some(i) = wanted {
             return Ok((i, self.gid(port, i)?));
         }
@@ -214,7 +238,11 @@ impl Context {
         fallback.ok_or_else(|| IbError::NoGid {
             device: self.name.clone(),
             port,
-            tried: if tried.is_empty() { "no non-zero GIDs".into() } else { tried.join(", ") },
+            tried: if tried.is_empty() {
+                "no non-zero GIDs".into()
+            } else {
+                tried.join(", ")
+            },
         })
     }
 }
@@ -243,7 +271,12 @@ impl Pd {
         // SAFETY: valid context.
         let pd = unsafe { ibv_alloc_pd(ctx.as_ptr()) };
         NonNull::new(pd)
-            .map(|pd| Arc::new(Pd { pd, ctx: ctx.clone() }))
+            .map(|pd| {
+                Arc::new(Pd {
+                    pd,
+                    ctx: ctx.clone(),
+                })
+            })
             .ok_or_else(|| ctx.call("ibv_alloc_pd"))
     }
     pub fn as_ptr(&self) -> *mut ibv_pd {
@@ -275,7 +308,12 @@ impl Mr {
     ///
     /// # Safety
     /// The memory must stay valid until the Mr is dropped.
-    pub unsafe fn register(pd: &Arc<Pd>, addr: *mut u8, len: usize, remote_write: bool) -> Result<Self, IbError> {
+    pub unsafe fn register(
+        pd: &Arc<Pd>,
+        addr: *mut u8,
+        len: usize,
+        remote_write: bool,
+    ) -> Result<Self, IbError> {
         let mut access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
         if remote_write {
             access |= ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
@@ -283,7 +321,10 @@ impl Mr {
         // SAFETY: the caller keeps the memory valid; the PD is live.
         let mr = unsafe { ibv_reg_mr(pd.as_ptr(), addr.cast(), len.max(1), access as i32) };
         NonNull::new(mr)
-            .map(|mr| Mr { mr, _pd: pd.clone() })
+            .map(|mr| Mr {
+                mr,
+                _pd: pd.clone(),
+            })
             .ok_or_else(|| pd.ctx.call(&format!("ibv_reg_mr({len} bytes)")))
     }
 
@@ -292,7 +333,10 @@ impl Mr {
     /// # Safety
     /// `mr` must be a live MR of `pd`, owned by the result from now on.
     pub unsafe fn from_raw(pd: &Arc<Pd>, mr: *mut ibv_mr) -> Option<Self> {
-        NonNull::new(mr).map(|mr| Mr { mr, _pd: pd.clone() })
+        NonNull::new(mr).map(|mr| Mr {
+            mr,
+            _pd: pd.clone(),
+        })
     }
 
     pub fn lkey(&self) -> u32 {
@@ -327,9 +371,22 @@ unsafe impl Sync for Cq {}
 impl Cq {
     pub fn new(ctx: &Arc<Context>, depth: i32) -> Result<Arc<Self>, IbError> {
         // SAFETY: valid context; no channel, no completion vector.
-        let cq = unsafe { ibv_create_cq(ctx.as_ptr(), depth, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        let cq = unsafe {
+            ibv_create_cq(
+                ctx.as_ptr(),
+                depth,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
         NonNull::new(cq)
-            .map(|cq| Arc::new(Cq { cq, _ctx: ctx.clone() }))
+            .map(|cq| {
+                Arc::new(Cq {
+                    cq,
+                    _ctx: ctx.clone(),
+                })
+            })
             .ok_or_else(|| ctx.call(&format!("ibv_create_cq({depth})")))
     }
     pub fn as_ptr(&self) -> *mut ibv_cq {
@@ -376,7 +433,12 @@ impl Srq {
         // SAFETY: valid PD and attributes.
         let srq = unsafe { ibv_create_srq(pd.as_ptr(), &mut attr) };
         NonNull::new(srq)
-            .map(|srq| Arc::new(Srq { srq, pd: pd.clone() }))
+            .map(|srq| {
+                Arc::new(Srq {
+                    srq,
+                    pd: pd.clone(),
+                })
+            })
             .ok_or_else(|| pd.ctx.call(&format!("ibv_create_srq({depth})")))
     }
     pub fn as_ptr(&self) -> *mut ibv_srq {
@@ -448,7 +510,14 @@ unsafe impl Send for Qp {}
 unsafe impl Sync for Qp {}
 
 impl Qp {
-    pub fn new(pd: &Arc<Pd>, send_cq: &Arc<Cq>, recv_cq: &Arc<Cq>, srq: &Arc<Srq>, sq_depth: u32, max_inline: u32) -> Result<Self, IbError> {
+    pub fn new(
+        pd: &Arc<Pd>,
+        send_cq: &Arc<Cq>,
+        recv_cq: &Arc<Cq>,
+        srq: &Arc<Srq>,
+        sq_depth: u32,
+        max_inline: u32,
+    ) -> Result<Self, IbError> {
         // SAFETY: zeroed plain-data struct.
         let mut attr: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         attr.send_cq = send_cq.as_ptr();
@@ -477,7 +546,14 @@ impl Qp {
         unsafe { self.qp.as_ref().qp_num }
     }
 
-    fn modify(&self, attr: &mut ibv_qp_attr, mask: u32, port: u8, from: &'static str, to: &'static str) -> Result<(), IbError> {
+    fn modify(
+        &self,
+        attr: &mut ibv_qp_attr,
+        mask: u32,
+        port: u8,
+        from: &'static str,
+        to: &'static str,
+    ) -> Result<(), IbError> {
         // SAFETY: live QP; attr and mask describe a valid transition.
         let rc = unsafe { ibv_modify_qp(self.qp.as_ptr(), attr, mask as i32) };
         if rc != 0 {
@@ -501,8 +577,15 @@ impl Qp {
         a.qp_state = ibv_qp_state::IBV_QPS_INIT;
         a.pkey_index = 0;
         a.port_num = path.port;
-        a.qp_access_flags = ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0 | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-        self.modify(&mut a, (m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS).0, path.port, "RESET", "INIT")?;
+        a.qp_access_flags = ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+            | ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+        self.modify(
+            &mut a,
+            (m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS).0,
+            path.port,
+            "RESET",
+            "INIT",
+        )?;
 
         // SAFETY: zeroed plain-data struct.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
@@ -516,7 +599,9 @@ impl Qp {
         a.ah_attr.dlid = path.remote_lid;
         a.ah_attr.sl = path.service_level;
         a.ah_attr.port_num = path.port;
-        a.ah_attr.grh.dgid = ibv_gid { raw: path.remote_gid };
+        a.ah_attr.grh.dgid = ibv_gid {
+            raw: path.remote_gid,
+        };
         a.ah_attr.grh.sgid_index = path.gid_index;
         a.ah_attr.grh.hop_limit = 64;
         a.ah_attr.grh.traffic_class = path.traffic_class;
@@ -537,7 +622,12 @@ impl Qp {
         a.rnr_retry = path.rnr_retry;
         a.sq_psn = 0;
         a.max_rd_atomic = 1;
-        let mask = m::IBV_QP_STATE | m::IBV_QP_TIMEOUT | m::IBV_QP_RETRY_CNT | m::IBV_QP_RNR_RETRY | m::IBV_QP_SQ_PSN | m::IBV_QP_MAX_QP_RD_ATOMIC;
+        let mask = m::IBV_QP_STATE
+            | m::IBV_QP_TIMEOUT
+            | m::IBV_QP_RETRY_CNT
+            | m::IBV_QP_RNR_RETRY
+            | m::IBV_QP_SQ_PSN
+            | m::IBV_QP_MAX_QP_RD_ATOMIC;
         self.modify(&mut a, mask.0, path.port, "RTR", "RTS")
     }
 
@@ -585,5 +675,7 @@ pub fn mtu_bytes(mtu: ibv_mtu::Type) -> u32 {
 /// `ibv_wc_status_str` as a Rust string.
 pub fn status_str(status: ibv_wc_status::Type) -> String {
     // SAFETY: returns a static NUL-terminated string for any value.
-    unsafe { CStr::from_ptr(ibv_wc_status_str(status)) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(ibv_wc_status_str(status)) }
+        .to_string_lossy()
+        .into_owned()
 }

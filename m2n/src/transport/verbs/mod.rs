@@ -20,8 +20,8 @@ use rdma_sys::*;
 
 use super::shm::segment::Segment;
 use super::{
-    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RemoteRegion, Transport, TransportError,
-    TransportKind, WriteRequest,
+    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RemoteRegion, Transport,
+    TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -34,9 +34,10 @@ pub use crate::config::IbConfig as VerbsOptions;
 
 fn ib_err(e: IbError) -> TransportError {
     match e {
-        IbError::NoDevice | IbError::DeviceNotFound { .. } | IbError::NoActivePort { .. } | IbError::NoGid { .. } => {
-            TransportError::Unavailable(TransportKind::Verbs, e.to_string())
-        }
+        IbError::NoDevice
+        | IbError::DeviceNotFound { .. }
+        | IbError::NoActivePort { .. }
+        | IbError::NoGid { .. } => TransportError::Unavailable(TransportKind::Verbs, e.to_string()),
         other => TransportError::os(other.to_string(), std::io::Error::other("verbs")),
     }
 }
@@ -45,7 +46,9 @@ fn ib_err(e: IbError) -> TransportError {
 pub fn probe(opts: &VerbsOptions) -> Result<String, TransportError> {
     let ctx = Context::open(opts.device.as_deref()).map_err(ib_err)?;
     let (port, attr) = ctx.choose_port(opts.port).map_err(ib_err)?;
-    let (gid_index, _) = ctx.choose_gid(port, &attr, opts.gid_index).map_err(ib_err)?;
+    let (gid_index, _) = ctx
+        .choose_gid(port, &attr, opts.gid_index)
+        .map_err(ib_err)?;
     Ok(format!("{} port {port} gid {gid_index}", ctx.name))
 }
 
@@ -170,7 +173,9 @@ impl VerbsTransport {
     pub fn new(me: usize, world: usize, opts: VerbsOptions) -> Result<Self, TransportError> {
         let ctx = Context::open(opts.device.as_deref()).map_err(ib_err)?;
         let (port, attr) = ctx.choose_port(opts.port).map_err(ib_err)?;
-        let (gid_index, gid) = ctx.choose_gid(port, &attr, opts.gid_index).map_err(ib_err)?;
+        let (gid_index, gid) = ctx
+            .choose_gid(port, &attr, opts.gid_index)
+            .map_err(ib_err)?;
         let mtu = opts.mtu.min(ib::mtu_bytes(attr.active_mtu));
         let pd = Pd::new(&ctx).map_err(ib_err)?;
         let cq_depth = (opts.sq_depth as i32) * 2 * world as i32 + 64;
@@ -182,7 +187,15 @@ impl VerbsTransport {
         let mut by_qpn = HashMap::new();
         for peer in 0..world {
             for lane in [Lane::Data, Lane::Ack] {
-                let qp = Qp::new(&pd, &send_cq, &recv_cq, &srq, opts.sq_depth, opts.max_inline).map_err(ib_err)?;
+                let qp = Qp::new(
+                    &pd,
+                    &send_cq,
+                    &recv_cq,
+                    &srq,
+                    opts.sq_depth,
+                    opts.max_inline,
+                )
+                .map_err(ib_err)?;
                 by_qpn.insert(qp.num(), qps.len());
                 qps.push(QpSlot {
                     qp,
@@ -222,7 +235,10 @@ impl VerbsTransport {
 
     /// Device, port and GID index in use.
     pub fn describe(&self) -> String {
-        format!("{} port {} gid index {} mtu {}", self.ctx.name, self.port, self.gid_index, self.mtu)
+        format!(
+            "{} port {} gid index {} mtu {}",
+            self.ctx.name, self.port, self.gid_index, self.mtu
+        )
     }
 
     fn close_peer(&mut self, peer: usize, reason: String) {
@@ -248,7 +264,10 @@ impl VerbsTransport {
                 })
                 .collect();
             // SAFETY: zeroed plain-data work requests, filled in below.
-            let mut wrs: Vec<ibv_send_wr> = batch.iter().map(|_| unsafe { std::mem::zeroed() }).collect();
+            let mut wrs: Vec<ibv_send_wr> = batch
+                .iter()
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect();
             let n = wrs.len();
             for (k, p) in batch.iter().enumerate() {
                 let wr = &mut wrs[k];
@@ -292,7 +311,9 @@ impl VerbsTransport {
         while slot.in_flight.front().is_some_and(|f| f.seq <= seq) {
             let f = slot.in_flight.pop_front().expect("front exists");
             if f.report {
-                self.done.push(Completion::WriteDone { wr_id: f.user_wr_id });
+                self.done.push(Completion::WriteDone {
+                    wr_id: f.user_wr_id,
+                });
             }
         }
     }
@@ -335,9 +356,14 @@ impl Transport for VerbsTransport {
 
     fn endpoint(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.u32(ENDPOINT_MAGIC).u16(self.lid).raw(&self.gid).u32(self.mtu).u32(self.world as u32);
+        w.u32(ENDPOINT_MAGIC)
+            .u16(self.lid)
+            .raw(&self.gid)
+            .u32(self.mtu)
+            .u32(self.world as u32);
         for peer in 0..self.world {
-            w.u32(self.qps[2 * peer].qp.num()).u32(self.qps[2 * peer + 1].qp.num());
+            w.u32(self.qps[2 * peer].qp.num())
+                .u32(self.qps[2 * peer + 1].qp.num());
         }
         w.finish()
     }
@@ -348,7 +374,12 @@ impl Transport for VerbsTransport {
         let base = seg.as_ptr().as_ptr();
         // SAFETY: the segment lives in the same VerbsMemory as the MR.
         let mr = unsafe { Mr::register(&self.pd, base, len, true) }.map_err(ib_err)?;
-        let descriptor = Writer::new().u32(REGION_MAGIC).u64(base as u64).u32(mr.rkey()).u64(len as u64).finish();
+        let descriptor = Writer::new()
+            .u32(REGION_MAGIC)
+            .u64(base as u64)
+            .u32(mr.rkey())
+            .u64(len as u64)
+            .finish();
         Ok(self.locals.add(
             Arc::new(VerbsMemory {
                 base,
@@ -364,7 +395,10 @@ impl Transport for VerbsTransport {
         if ptr.is_null() && len > 0 {
             return Err(TransportError::os(
                 "register",
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "null pointer with a non-zero length"),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "null pointer with a non-zero length",
+                ),
             ));
         }
         // SAFETY: forwarded contract: valid until the region drops.
@@ -384,9 +418,13 @@ impl Transport for VerbsTransport {
         if peer >= self.world || peer == self.me {
             return Err(TransportError::NotConnected(peer));
         }
-        let (lid, gid, mtu, data_qpn, ack_qpn) =
-            self.decode_endpoint(endpoint).map_err(|source| TransportError::BadDescriptor { peer, source })?;
-        for (lane, remote_qpn, class) in [(Lane::Data, data_qpn, self.opts.data), (Lane::Ack, ack_qpn, self.opts.ack)] {
+        let (lid, gid, mtu, data_qpn, ack_qpn) = self
+            .decode_endpoint(endpoint)
+            .map_err(|source| TransportError::BadDescriptor { peer, source })?;
+        for (lane, remote_qpn, class) in [
+            (Lane::Data, data_qpn, self.opts.data),
+            (Lane::Ack, ack_qpn, self.opts.ack),
+        ] {
             let path = PathSettings {
                 port: self.port,
                 gid_index: self.gid_index,
@@ -400,7 +438,10 @@ impl Transport for VerbsTransport {
                 retry_cnt: self.opts.retry_cnt,
                 rnr_retry: self.opts.rnr_retry,
             };
-            self.qps[2 * peer + lane_index(lane)].qp.connect(&path).map_err(ib_err)?;
+            self.qps[2 * peer + lane_index(lane)]
+                .qp
+                .connect(&path)
+                .map_err(ib_err)?;
         }
         Ok(())
     }
@@ -429,7 +470,12 @@ impl Transport for VerbsTransport {
         Ok(RemoteRegion { peer, key, len })
     }
 
-    unsafe fn post_write(&mut self, peer: usize, lane: Lane, req: &WriteRequest) -> Result<(), TransportError> {
+    unsafe fn post_write(
+        &mut self,
+        peer: usize,
+        lane: Lane,
+        req: &WriteRequest,
+    ) -> Result<(), TransportError> {
         if peer >= self.world {
             return Err(TransportError::NotConnected(peer));
         }
@@ -523,7 +569,10 @@ impl Transport for VerbsTransport {
                 };
                 let peer = self.qps[slot_index].peer;
                 if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
-                    self.close_peer(peer, format!("receive failed: {}", ib::status_str(wc.status)));
+                    self.close_peer(
+                        peer,
+                        format!("receive failed: {}", ib::status_str(wc.status)),
+                    );
                     continue;
                 }
                 if wc.opcode == ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM {
@@ -568,7 +617,13 @@ mod tests {
         Some((a, b))
     }
 
-    fn req(local: &Region, remote: RemoteRegion, off: usize, len: usize, imm: Option<u32>) -> WriteRequest {
+    fn req(
+        local: &Region,
+        remote: RemoteRegion,
+        off: usize,
+        len: usize,
+        imm: Option<u32>,
+    ) -> WriteRequest {
         WriteRequest {
             local: local.id(),
             local_offset: 0,
@@ -589,11 +644,16 @@ mod tests {
         let dst = b.alloc((1 << 20) + 64).unwrap();
         let remote = a.import(1, dst.descriptor()).unwrap();
         // SAFETY: src is not modified until its completion.
-        let err = unsafe { a.post_write(1, Lane::Data, &req(&src, remote, 65, 1 << 20, None)) }.unwrap_err();
-        assert!(matches!(err, TransportError::OutOfBounds { side: "remote", .. }), "{err}");
+        let err = unsafe { a.post_write(1, Lane::Data, &req(&src, remote, 65, 1 << 20, None)) }
+            .unwrap_err();
+        assert!(
+            matches!(err, TransportError::OutOfBounds { side: "remote", .. }),
+            "{err}"
+        );
         for (off, len, imm) in [(64, 1 << 20, 0xabcd), (0, 0, 7), (8, 8, 8)] {
             // SAFETY: as above.
-            unsafe { a.post_write(1, Lane::Data, &req(&src, remote, off, len, Some(imm))) }.unwrap();
+            unsafe { a.post_write(1, Lane::Data, &req(&src, remote, off, len, Some(imm))) }
+                .unwrap();
             let (mut ca, mut cb) = (Vec::new(), Vec::new());
             let deadline = Instant::now() + Duration::from_secs(20);
             while cb.is_empty() || !ca.contains(&Completion::WriteDone { wr_id: 9 }) {
@@ -609,11 +669,17 @@ mod tests {
     #[test]
     fn no_device_is_a_clear_unavailable_error() {
         if !ib::device_names().is_empty() {
-            println!("skipped: this machine has RDMA devices {:?}", ib::device_names());
+            println!(
+                "skipped: this machine has RDMA devices {:?}",
+                ib::device_names()
+            );
             return;
         }
         let err = VerbsTransport::new(0, 2, VerbsOptions::default()).unwrap_err();
-        assert!(matches!(err, TransportError::Unavailable(TransportKind::Verbs, _)), "{err}");
+        assert!(
+            matches!(err, TransportError::Unavailable(TransportKind::Verbs, _)),
+            "{err}"
+        );
         assert!(err.to_string().contains("no RDMA device"), "{err}");
         let err = probe(&VerbsOptions {
             device: Some("mlx5_9".into()),
