@@ -70,8 +70,8 @@ pub fn device_names() -> Vec<String> {
         return Vec::new();
     }
     let names = (0..n as usize)
-        // SAFETY: i < n entries, each a valid device with a NUL-terminated name.
         .map(|i| {
+            // SAFETY: i < n entries, each a valid device with a NUL-terminated name.
             unsafe { CStr::from_ptr(ibv_get_device_name(*list.add(i))) }
                 .to_string_lossy()
                 .into_owned()
