@@ -9,6 +9,8 @@ pub mod bootstrap;
 pub mod codec;
 pub mod comm;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod group;
 pub mod pattern;
 pub mod proto;

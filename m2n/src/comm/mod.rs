@@ -353,6 +353,20 @@ impl Communicator {
             .map_err(|source| Error::Transport { peer: None, source })
     }
 
+    /// Registers GPU memory (a CUDA device pointer from the same process)
+    /// as a zero-copy source of messages, through dma-buf or, failing that,
+    /// the peer-memory path. Needs the verbs transport and a GPU; without
+    /// either the error says which is missing.
+    ///
+    /// # Safety
+    /// As [`register`](Self::register), for device memory.
+    #[cfg(feature = "cuda")]
+    pub unsafe fn register_gpu(&mut self, dptr: u64, len: usize) -> Result<Region> {
+        // SAFETY: forwarded contract.
+        unsafe { self.transport.register_device(dptr, len) }
+            .map_err(|source| Error::Transport { peer: None, source })
+    }
+
     /// The dispatch channel (attention sends, experts receive).
     pub fn dispatch(&mut self) -> Channel<'_> {
         Channel {

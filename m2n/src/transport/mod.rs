@@ -191,8 +191,17 @@ impl LocalRegions {
             ptr: NonNull::new(mem.base()).unwrap_or(NonNull::dangling()),
             len: mem.len(),
             descriptor,
+            host: true,
             _mem: mem,
         }
+    }
+
+    /// Registers device memory: like [`add`](Self::add), not host-accessible.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn add_device(&mut self, mem: Arc<dyn LocalMemory>) -> Region {
+        let mut r = self.add(mem, Vec::new());
+        r.host = false;
+        r
     }
 
     /// Registers application memory as a write source (not remotely writable).
@@ -239,6 +248,8 @@ pub struct Region {
     ptr: NonNull<u8>,
     len: usize,
     descriptor: Vec<u8>,
+    /// Whether the bytes live in host memory (false for GPU memory).
+    host: bool,
     /// Keeps the memory (and its registration) alive.
     _mem: Arc<dyn LocalMemory>,
 }
@@ -277,12 +288,23 @@ impl Region {
         self.ptr.as_ptr()
     }
 
+    /// Whether the bytes are in host memory (GPU regions are not).
+    pub fn is_host(&self) -> bool {
+        self.host
+    }
+
+    /// # Panics
+    /// For GPU memory, which the host cannot read.
     pub fn as_slice(&self) -> &[u8] {
+        assert!(self.host, "a GPU memory region has no host view");
         // SAFETY: valid for `len` bytes while `_mem` lives.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
+    /// # Panics
+    /// For GPU memory, which the host cannot write.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        assert!(self.host, "a GPU memory region has no host view");
         // SAFETY: as above, and `&mut self` makes this the only borrow through the handle.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
@@ -353,6 +375,20 @@ pub trait Transport: Send + fmt::Debug {
     /// `ptr..ptr+len` must stay valid for reads until the region is dropped
     /// and every write posted from it has completed.
     unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region, TransportError>;
+
+    /// Registers GPU memory (a CUDA device pointer) as a source of writes.
+    /// The region's bytes are not host-accessible.
+    ///
+    /// # Safety
+    /// As [`register`](Self::register), for device memory.
+    #[cfg(feature = "cuda")]
+    unsafe fn register_device(&mut self, dptr: u64, len: usize) -> Result<Region, TransportError> {
+        let _ = (dptr, len);
+        Err(TransportError::Unavailable(
+            self.kind(),
+            "GPU memory needs the verbs transport (GPUDirect RDMA)".into(),
+        ))
+    }
 
     /// Connects to transport peer `peer` from its endpoint descriptor.
     fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError>;

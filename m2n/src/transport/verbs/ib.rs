@@ -328,15 +328,31 @@ impl Mr {
             .ok_or_else(|| pd.ctx.call(&format!("ibv_reg_mr({len} bytes)")))
     }
 
-    /// Wraps an MR registered elsewhere (e.g. through dma-buf).
+    /// Registers GPU memory `iova..iova+len` exported as the dma-buf `fd`.
     ///
     /// # Safety
-    /// `mr` must be a live MR of `pd`, owned by the result from now on.
-    pub unsafe fn from_raw(pd: &Arc<Pd>, mr: *mut ibv_mr) -> Option<Self> {
-        NonNull::new(mr).map(|mr| Mr {
-            mr,
-            _pd: pd.clone(),
-        })
+    /// The device memory must stay allocated until the Mr is dropped.
+    #[cfg(feature = "cuda")]
+    pub unsafe fn register_dmabuf(
+        pd: &Arc<Pd>,
+        fd: std::os::fd::OwnedFd,
+        iova: u64,
+        len: usize,
+    ) -> Result<Self, IbError> {
+        use std::os::fd::AsRawFd;
+        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
+            | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+        // SAFETY: a live PD and a dma-buf fd covering [0, len).
+        let mr =
+            unsafe { ibv_reg_dmabuf_mr(pd.as_ptr(), 0, len, iova, fd.as_raw_fd(), access as i32) };
+        // The MR holds its own reference to the dma-buf; our fd may close.
+        drop(fd);
+        NonNull::new(mr)
+            .map(|mr| Mr {
+                mr,
+                _pd: pd.clone(),
+            })
+            .ok_or_else(|| pd.ctx.call(&format!("ibv_reg_dmabuf_mr({len} bytes)")))
     }
 
     pub fn lkey(&self) -> u32 {

@@ -414,6 +414,39 @@ impl Transport for VerbsTransport {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    unsafe fn register_device(&mut self, dptr: u64, len: usize) -> Result<Region, TransportError> {
+        let gpu = |e: crate::gpu::GpuError| {
+            TransportError::Unavailable(TransportKind::Verbs, format!("GPU memory: {e}"))
+        };
+        crate::gpu::init().map_err(gpu)?;
+        // dma-buf first (upstream kernels), then the peer-memory path
+        // (nvidia-peermem), where ibv_reg_mr takes the device pointer.
+        let dmabuf = crate::gpu::dmabuf_fd(dptr, len)
+            .map_err(|e| e.to_string())
+            .and_then(|fd| {
+                // SAFETY: the fd describes exactly dptr..dptr+len; the MR owns nothing else.
+                unsafe { ib::Mr::register_dmabuf(&self.pd, fd, dptr, len) }
+                    .map_err(|e| e.to_string())
+            });
+        let mr = match dmabuf {
+            Ok(mr) => mr,
+            // SAFETY: forwarded contract: the device memory outlives the region.
+            Err(dmabuf_err) => unsafe { Mr::register(&self.pd, dptr as *mut u8, len, false) }.map_err(|e| {
+                TransportError::Unavailable(
+                    TransportKind::Verbs,
+                    format!("GPU memory could not be registered: dma-buf: {dmabuf_err}; ibv_reg_mr (peer memory): {e}"),
+                )
+            })?,
+        };
+        Ok(self.locals.add_device(Arc::new(VerbsMemory {
+            base: dptr as *mut u8,
+            len,
+            mr,
+            _owner: None,
+        })))
+    }
+
     fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError> {
         if peer >= self.world || peer == self.me {
             return Err(TransportError::NotConnected(peer));
