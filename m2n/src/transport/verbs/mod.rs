@@ -149,6 +149,8 @@ pub struct VerbsTransport {
     locals: LocalRegions,
     imports: Vec<Imported>,
     closed: Vec<Option<String>>,
+    /// Receives consumed but not yet re-posted.
+    srq_owed: usize,
     done: Vec<Completion>,
     wcs: WcBuf,
 }
@@ -226,6 +228,7 @@ impl VerbsTransport {
             locals: LocalRegions::default(),
             imports: Vec::new(),
             closed: vec![None; world],
+            srq_owed: 0,
             done: Vec::new(),
             // SAFETY: zeroed plain-data completion entries are valid.
             wcs: WcBuf((0..64).map(|_| unsafe { std::mem::zeroed() }).collect()),
@@ -592,7 +595,7 @@ impl Transport for VerbsTransport {
                 break;
             }
         }
-        let mut consumed = 0;
+        let mut consumed = self.srq_owed;
         loop {
             let n = self.recv_cq.poll(&mut wcs).map_err(ib_err)?;
             for wc in &wcs[..n] {
@@ -623,8 +626,14 @@ impl Transport for VerbsTransport {
             }
         }
         self.wcs.0 = wcs;
-        // Keep the shared receive queue full.
-        self.srq.post_receives(consumed).map_err(ib_err)?;
+        // Keep the shared receive queue full, a batch at a time (each post
+        // may be a system call, e.g. on Soft-RoCE).
+        let batch = (self.opts.srq_depth as usize / 8).clamp(1, 64);
+        if consumed >= batch {
+            self.srq.post_receives(consumed).map_err(ib_err)?;
+            consumed = 0;
+        }
+        self.srq_owed = consumed;
         out.append(&mut self.done);
         Ok(())
     }
