@@ -312,7 +312,7 @@ impl Region {
     /// Reads an 8-byte word that peers write atomically (credits).
     pub fn load_u64(&self, offset: usize) -> u64 {
         assert!(
-            offset % 8 == 0 && offset + 8 <= self.len,
+            offset.is_multiple_of(8) && offset + 8 <= self.len,
             "unaligned or out-of-range word {offset}"
         );
         // SAFETY: in range and 8-aligned (mappings are page-aligned); peers write it atomically.
@@ -322,7 +322,7 @@ impl Region {
     /// Writes an 8-byte word atomically (the source of a credit write).
     pub fn store_u64(&self, offset: usize, value: u64) {
         assert!(
-            offset % 8 == 0 && offset + 8 <= self.len,
+            offset.is_multiple_of(8) && offset + 8 <= self.len,
             "unaligned or out-of-range word {offset}"
         );
         // SAFETY: in range and 8-aligned; concurrent readers use atomics too.

@@ -236,7 +236,8 @@ impl Transport for ShmTransport {
         unsafe {
             let src = local.base().add(req.local_offset);
             let dst = remote.seg.as_ptr().as_ptr().add(req.remote_offset);
-            if req.len == 8 && (src as usize) % 8 == 0 && (dst as usize) % 8 == 0 {
+            if req.len == 8 && (src as usize).is_multiple_of(8) && (dst as usize).is_multiple_of(8)
+            {
                 use std::sync::atomic::{AtomicU64, Ordering};
                 let v = AtomicU64::from_ptr(src.cast()).load(Ordering::Acquire);
                 AtomicU64::from_ptr(dst.cast()).store(v, Ordering::Release);

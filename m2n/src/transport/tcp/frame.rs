@@ -257,7 +257,7 @@ impl Decoder {
                     self.reset();
                     return Ok(Some(Arrived { header }));
                 }
-                self.state = if header.len == 8 && (dst as usize) % 8 == 0 {
+                self.state = if header.len == 8 && (dst as usize).is_multiple_of(8) {
                     State::Word {
                         header,
                         dst,

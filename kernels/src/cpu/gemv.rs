@@ -1,0 +1,179 @@
+//! `out[t][j] = sum_i x[t][i] * w[j][i]`: activations (f32, `n x k`) times
+//! a bf16 weight matrix (`m x k`, one output feature per row).
+//!
+//! Decode batches are memory-bound: [`matmul_bf16`] streams every weight
+//! row once, widening it to f32 in a row buffer that stays in L1 while all
+//! `n` tokens use it. Large batches are compute-bound: [`matmul_f32`] runs
+//! `matrixmultiply`'s blocked SGEMM on f32 weights prepared once.
+
+use half::bf16;
+
+/// Reference: the definition, element by element.
+pub fn matmul_ref(x: &[f32], n: usize, k: usize, w: &[bf16], m: usize, out: &mut [f32]) {
+    for t in 0..n {
+        for j in 0..m {
+            let mut s = 0.0f32;
+            for i in 0..k {
+                s += x[t * k + i] * w[j * k + i].to_f32();
+            }
+            out[t * m + j] = s;
+        }
+    }
+}
+
+/// Widens bf16 to f32 (a 16-bit shift, which vectorises).
+#[inline]
+pub fn widen(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+    }
+}
+
+/// Fast, for small `n`: each weight row is read from memory once (and from
+/// L1 for every further block of four tokens). On x86-64 with AVX2 and FMA
+/// (detected at run time) the row is widened and multiplied in registers.
+pub fn matmul_bf16(x: &[f32], n: usize, k: usize, w: &[bf16], m: usize, out: &mut [f32]) {
+    assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected; the asserts bound every access.
+        unsafe { avx2::matmul_bf16(x, n, k, w, m, out) };
+        return;
+    }
+    let mut row = vec![0.0f32; k];
+    for j in 0..m {
+        widen(&w[j * k..(j + 1) * k], &mut row);
+        for t in 0..n {
+            out[t * m + j] = super::dot(&x[t * k..(t + 1) * k], &row);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    /// Eight bf16 at `p` widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable u16 at p (16 bytes).
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+                16,
+            ))
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// See [`super::matmul_bf16`]. Blocks of four tokens share each widened
+    /// chunk of a row; a lone token uses four accumulators.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; slices as asserted by the caller.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matmul_bf16(
+        x: &[f32],
+        n: usize,
+        k: usize,
+        w: &[bf16],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let k8 = k / 8 * 8;
+        let xp = x.as_ptr();
+        let tail = |t: usize, j: usize, i0: usize| -> f32 {
+            (i0..k).map(|i| x[t * k + i] * w[j * k + i].to_f32()).sum()
+        };
+        for j in 0..m {
+            // SAFETY: j < m, i + 8 <= k8 <= k and t + b < n keep every load
+            // inside w (m x k bf16) and x (n x k f32), as the caller asserted.
+            unsafe {
+                let row = w.as_ptr().add(j * k).cast::<u16>();
+                let mut t = 0;
+                while t + 4 <= n {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut i = 0;
+                    while i < k8 {
+                        let wv = load8(row.add(i));
+                        for (b, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add((t + b) * k + i)), *a);
+                        }
+                        i += 8;
+                    }
+                    for (b, a) in acc.iter().enumerate() {
+                        out[(t + b) * m + j] = hsum(*a) + tail(t + b, j, k8);
+                    }
+                    t += 4;
+                }
+                while t < n {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut i = 0;
+                    while i + 32 <= k8 {
+                        for (c, a) in acc.iter_mut().enumerate() {
+                            let o = i + 8 * c;
+                            *a = _mm256_fmadd_ps(
+                                load8(row.add(o)),
+                                _mm256_loadu_ps(xp.add(t * k + o)),
+                                *a,
+                            );
+                        }
+                        i += 32;
+                    }
+                    while i < k8 {
+                        acc[0] = _mm256_fmadd_ps(
+                            load8(row.add(i)),
+                            _mm256_loadu_ps(xp.add(t * k + i)),
+                            acc[0],
+                        );
+                        i += 8;
+                    }
+                    let sum =
+                        _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                    out[t * m + j] = hsum(sum) + tail(t, j, k8);
+                    t += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Fast, for large `n`: blocked SGEMM against f32 weights (`m x k`).
+pub fn matmul_f32(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, out: &mut [f32]) {
+    assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
+    if n == 0 || m == 0 {
+        return;
+    }
+    // SAFETY: the asserts above bound every access the strides describe:
+    // A = x (n x k, row-major), B = w^T (k x m: element (i, j) at w[j*k + i]),
+    // C = out (n x m, row-major).
+    unsafe {
+        matrixmultiply::sgemm(
+            n,
+            k,
+            m,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            out.as_mut_ptr(),
+            m as isize,
+            1,
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! CPU kernels. Each has `*_ref`, the plain definition, and a fast
+//! version; the property tests hold them to each other.
+
+pub mod attention;
+pub mod ffn;
+pub mod gemv;
+pub mod layout;
+pub mod norm;
+pub mod rope;
+pub mod router;
+
+use half::bf16;
+
+/// bf16 slice to f32 vector.
+pub fn to_f32(x: &[bf16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// f32 slice to bf16 vector (round to nearest even).
+pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// A dot product with eight independent f32 accumulators (vectorises).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s
+}

@@ -1,0 +1,43 @@
+//! Rotary position embeddings, rotate-half (GPT-NeoX / Mixtral) layout, on
+//! `[tokens, heads, head_dim]`.
+
+use half::bf16;
+
+pub fn rope_ref(x: &mut [bf16], heads: usize, head_dim: usize, positions: &[u32], theta: f32) {
+    let half = head_dim / 2;
+    for (t, &pos) in positions.iter().enumerate() {
+        for h in 0..heads {
+            let base = (t * heads + h) * head_dim;
+            for i in 0..half {
+                let freq = theta.powf(-2.0 * i as f32 / head_dim as f32);
+                let (s, c) = (pos as f32 * freq).sin_cos();
+                let (x0, x1) = (x[base + i].to_f32(), x[base + i + half].to_f32());
+                x[base + i] = bf16::from_f32(x0 * c - x1 * s);
+                x[base + i + half] = bf16::from_f32(x1 * c + x0 * s);
+            }
+        }
+    }
+}
+
+/// Fast: frequencies once, sines and cosines once per token for all heads.
+pub fn rope(x: &mut [bf16], heads: usize, head_dim: usize, positions: &[u32], theta: f32) {
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| theta.powf(-2.0 * i as f32 / head_dim as f32))
+        .collect();
+    let (mut sin, mut cos) = (vec![0.0f32; half], vec![0.0f32; half]);
+    for (t, &pos) in positions.iter().enumerate() {
+        for i in 0..half {
+            (sin[i], cos[i]) = (pos as f32 * inv[i]).sin_cos();
+        }
+        for h in 0..heads {
+            let v = &mut x[(t * heads + h) * head_dim..][..head_dim];
+            let (a, b) = v.split_at_mut(half);
+            for i in 0..half {
+                let (x0, x1) = (a[i].to_f32(), b[i].to_f32());
+                a[i] = bf16::from_f32(x0 * cos[i] - x1 * sin[i]);
+                b[i] = bf16::from_f32(x1 * cos[i] + x0 * sin[i]);
+            }
+        }
+    }
+}
