@@ -58,8 +58,9 @@ pub struct Args {
     pub pattern: Pattern,
     #[arg(long, value_enum, default_value_t = Baseline::Mpi)]
     pub baseline: Baseline,
-    /// How m2n's blocking calls wait: spin, yield, spin-yield[:N].
-    #[arg(long, default_value = "spin-yield:256")]
+    /// How m2n's (and the MPI baseline's) blocking calls wait: spin, yield,
+    /// spin-yield[:N], or auto (yield when ranks outnumber cores).
+    #[arg(long, default_value = "auto")]
     pub wait: m2n::WaitPolicy,
     /// Rounds a sender may run ahead (slots per sender).
     #[arg(long, default_value_t = 4)]

@@ -221,12 +221,14 @@ fn main() {
         }
     };
     let transport = comm.transport_kind();
+    // The policy `auto` resolved to; the MPI baseline waits the same way.
+    let wait = comm.config().wait;
     let mut contender = M2nRank::new(comm, args.max_bytes).unwrap_or_else(|e| {
         eprintln!("m2n_perf: {role} {rank}: {e}");
         world.abort(3)
     });
     let mut baseline = (args.baseline == Baseline::Mpi)
-        .then(|| MpiRank::new(role, rank, m, n, args.max_bytes, args.wait));
+        .then(|| MpiRank::new(role, rank, m, n, args.max_bytes, wait));
     let hosts = host_line(&world, role, rank);
     let sizes = args.sizes();
     let peak_source = if transport == m2n::TransportKind::Shm {
@@ -249,14 +251,14 @@ fn main() {
         );
         println!(
             "# transport: {transport}  depth: {}  slot: {} B  wait: {}  peer timeout: {:?}",
-            args.depth, args.max_bytes, args.wait, config.peer_timeout
+            args.depth, args.max_bytes, wait, config.peer_timeout
         );
         println!(
             "# baseline: {}",
             match args.baseline {
                 Baseline::Mpi => format!(
                     "MPI_Isend/MPI_Irecv per round, completed by {} ({})",
-                    if args.wait == m2n::WaitPolicy::Spin {
+                    if wait == m2n::WaitPolicy::Spin {
                         "MPI_Waitall"
                     } else {
                         "MPI_Testall polled with the same wait policy"
@@ -423,7 +425,7 @@ fn main() {
                 receivers: n,
                 iters: args.iters,
                 warmup: args.warmup,
-                wait: args.wait.to_string(),
+                wait: wait.to_string(),
                 depth: args.depth,
                 timing: TIMING,
                 peak_source,

@@ -22,7 +22,7 @@
 //! | `M2N_IB_DATA_SL`, `M2N_IB_ACK_SL` | verbs: service level per lane | 0, 6 |
 //! | `M2N_IB_TIMEOUT`, `M2N_IB_RETRY_CNT`, `M2N_IB_RNR_RETRY` | verbs: QP ACK timeout exponent, retries, RNR retries | 14, 7, 7 |
 //! | `M2N_IB_MTU`, `M2N_IB_MAX_INLINE` | verbs: path MTU bytes, inline payload limit | 4096, 64 |
-//! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, or `spin-yield[:N]` (N spins, then yield) | `spin-yield:256` |
+//! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, `spin-yield[:N]` (N empty polls, then yield), or `auto` (`yield` when this host runs more ranks than it has cores, else `spin-yield:256`) | `auto` |
 //!
 //! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks, and
 //! `M2N_BOOTSTRAP_ADDR` says where `m2n_get_unique_id` (C) hosts its root;
@@ -64,6 +64,21 @@ pub enum WaitPolicy {
     Yield,
     /// Spin this many empty polls, then yield on each further one.
     SpinThenYield(u32),
+    /// Decided when the communicator forms: [`WaitPolicy::Yield`] when
+    /// this host runs more ranks of the group than it has cores (spinning
+    /// would starve the peers that share them), else `SpinThenYield(256)`.
+    Auto,
+}
+
+impl WaitPolicy {
+    /// The concrete policy for `local_ranks` ranks on a host with `cores`.
+    pub fn resolve(self, local_ranks: usize, cores: usize) -> WaitPolicy {
+        match self {
+            WaitPolicy::Auto if local_ranks > cores => WaitPolicy::Yield,
+            WaitPolicy::Auto => WaitPolicy::SpinThenYield(256),
+            other => other,
+        }
+    }
 }
 
 impl std::fmt::Display for WaitPolicy {
@@ -72,6 +87,7 @@ impl std::fmt::Display for WaitPolicy {
             WaitPolicy::Spin => f.write_str("spin"),
             WaitPolicy::Yield => f.write_str("yield"),
             WaitPolicy::SpinThenYield(n) => write!(f, "spin-yield:{n}"),
+            WaitPolicy::Auto => f.write_str("auto"),
         }
     }
 }
@@ -82,13 +98,14 @@ impl std::str::FromStr for WaitPolicy {
         match s {
             "spin" => Ok(Self::Spin),
             "yield" => Ok(Self::Yield),
+            "auto" => Ok(Self::Auto),
             "spin-yield" => Ok(Self::SpinThenYield(256)),
             _ => match s.strip_prefix("spin-yield:") {
                 Some(n) => n
                     .parse()
                     .map(Self::SpinThenYield)
                     .map_err(|_| format!("{n:?} is not a spin count")),
-                None => Err("expected spin, yield or spin-yield[:N]".into()),
+                None => Err("expected spin, yield, spin-yield[:N] or auto".into()),
             },
         }
     }
@@ -221,7 +238,7 @@ impl Default for Config {
             shm_queue_depth: 1024,
             tcp: TcpConfig::default(),
             ib: IbConfig::default(),
-            wait: WaitPolicy::SpinThenYield(256),
+            wait: WaitPolicy::Auto,
         }
     }
 }
@@ -471,6 +488,17 @@ mod tests {
             env(&[("M2N_HEARTBEAT_MS", "9000")]).is_err(),
             "heartbeat longer than the peer timeout"
         );
+    }
+
+    #[test]
+    fn auto_wait_yields_only_when_oversubscribed() {
+        assert_eq!(WaitPolicy::Auto.resolve(4, 2), WaitPolicy::Yield);
+        assert_eq!(
+            WaitPolicy::Auto.resolve(2, 2),
+            WaitPolicy::SpinThenYield(256)
+        );
+        assert_eq!(WaitPolicy::Spin.resolve(64, 2), WaitPolicy::Spin);
+        assert_eq!("auto".parse::<WaitPolicy>(), Ok(WaitPolicy::Auto));
     }
 
     #[test]

@@ -230,6 +230,13 @@ impl Communicator {
             })
             .collect::<Result<Vec<_>>>()?;
         let kind = setup::choose_transport(config.transport, shape, &everyone)?;
+        let mut config = config;
+        let local_ranks = everyone
+            .iter()
+            .filter(|p| p.host == everyone[me].host)
+            .count();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        config.wait = config.wait.resolve(local_ranks, cores);
 
         // Phase 2: the transport, its rings, and their descriptors.
         let mut transport = setup::make_transport(kind, &config, ip, me, shape.world())?;
@@ -667,7 +674,7 @@ impl Backoff {
             WaitPolicy::Spin => std::hint::spin_loop(),
             WaitPolicy::Yield => std::thread::yield_now(),
             WaitPolicy::SpinThenYield(n) if self.idle <= n => std::hint::spin_loop(),
-            WaitPolicy::SpinThenYield(_) => std::thread::yield_now(),
+            WaitPolicy::SpinThenYield(_) | WaitPolicy::Auto => std::thread::yield_now(),
         }
     }
 }
