@@ -104,6 +104,31 @@ impl<'a> Reader<'a> {
     pub fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
+    /// A u32 that must equal `magic`; `what` names the expected blob.
+    pub fn magic(
+        &mut self,
+        field: &'static str,
+        magic: u32,
+        what: &str,
+    ) -> Result<(), DecodeError> {
+        if self.u32(field)? != magic {
+            return Err(DecodeError::Invalid {
+                field,
+                detail: format!("not {what}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// A u64 length that must fit in memory.
+    pub fn len(&mut self, field: &'static str) -> Result<usize, DecodeError> {
+        let v = self.u64(field)?;
+        usize::try_from(v).map_err(|_| DecodeError::Invalid {
+            field,
+            detail: format!("{v} does not fit in memory"),
+        })
+    }
+
     /// A length-prefixed byte string of at most `max` bytes.
     pub fn bytes(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], DecodeError> {
         let len = self.u32(field)? as usize;

@@ -94,12 +94,11 @@ impl ShmTransport {
         blob: &[u8],
     ) -> Result<(u32, i32, u32, u32, String, String), DecodeError> {
         let mut r = Reader::new(blob);
-        if r.u32("shm endpoint magic")? != ENDPOINT_MAGIC {
-            return Err(DecodeError::Invalid {
-                field: "shm endpoint magic",
-                detail: format!("peer {peer} did not send a shm endpoint"),
-            });
-        }
+        r.magic(
+            "shm endpoint magic",
+            ENDPOINT_MAGIC,
+            &format!("a shm endpoint (from peer {peer})"),
+        )?;
         let pid = r.u32("pid")?;
         let fd = r.u32("inbox fd")? as i32;
         let world = r.u32("world")?;
@@ -183,24 +182,14 @@ impl Transport for ShmTransport {
     fn import(&mut self, peer: usize, descriptor: &[u8]) -> Result<RemoteRegion, TransportError> {
         let bad = |source| TransportError::BadDescriptor { peer, source };
         let mut r = Reader::new(descriptor);
-        if r.u32("shm region magic").map_err(bad)? != REGION_MAGIC {
-            return Err(bad(DecodeError::Invalid {
-                field: "shm region magic",
-                detail: "not a shm region descriptor".into(),
-            }));
-        }
+        r.magic("shm region magic", REGION_MAGIC, "a shm region descriptor")
+            .map_err(bad)?;
         let pid = r.u32("pid").map_err(bad)?;
         let fd = r.u32("region fd").map_err(bad)? as i32;
-        let len = r.u64("region length").map_err(bad)?;
+        let len = r.len("region length").map_err(bad)?;
         let name =
             String::from_utf8_lossy(r.bytes("region name", MAX_NAME).map_err(bad)?).into_owned();
         r.finish().map_err(bad)?;
-        let len = usize::try_from(len).map_err(|_| {
-            bad(DecodeError::Invalid {
-                field: "region length",
-                detail: format!("{len} does not fit in memory"),
-            })
-        })?;
         let seg = Segment::open(pid, fd, &name, len)?;
         let key = self.imports.len() as u32;
         self.imports.push(Imported { peer, seg });

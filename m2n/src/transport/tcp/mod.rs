@@ -424,12 +424,8 @@ impl Transport for TcpTransport {
         }
         let bad = |source| TransportError::BadDescriptor { peer, source };
         let mut r = Reader::new(endpoint);
-        if r.u32("tcp endpoint magic").map_err(bad)? != ENDPOINT_MAGIC {
-            return Err(bad(DecodeError::Invalid {
-                field: "tcp endpoint magic",
-                detail: "not a tcp endpoint".into(),
-            }));
-        }
+        r.magic("tcp endpoint magic", ENDPOINT_MAGIC, "a tcp endpoint")
+            .map_err(bad)?;
         let addr_text = r.bytes("address", 128).map_err(bad)?;
         let addr: SocketAddr = std::str::from_utf8(addr_text)
             .ok()
@@ -471,21 +467,11 @@ impl Transport for TcpTransport {
     fn import(&mut self, peer: usize, descriptor: &[u8]) -> Result<RemoteRegion, TransportError> {
         let bad = |source| TransportError::BadDescriptor { peer, source };
         let mut r = Reader::new(descriptor);
-        if r.u32("tcp region magic").map_err(bad)? != REGION_MAGIC {
-            return Err(bad(DecodeError::Invalid {
-                field: "tcp region magic",
-                detail: "not a tcp region descriptor".into(),
-            }));
-        }
+        r.magic("tcp region magic", REGION_MAGIC, "a tcp region descriptor")
+            .map_err(bad)?;
         let key = r.u32("region id").map_err(bad)?;
-        let len = r.u64("region length").map_err(bad)?;
+        let len = r.len("region length").map_err(bad)?;
         r.finish().map_err(bad)?;
-        let len = usize::try_from(len).map_err(|_| {
-            bad(DecodeError::Invalid {
-                field: "region length",
-                detail: format!("{len}"),
-            })
-        })?;
         let remote = RemoteRegion { peer, key, len };
         self.imports.push(remote);
         Ok(remote)

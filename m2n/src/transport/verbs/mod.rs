@@ -323,12 +323,7 @@ impl VerbsTransport {
 
     fn decode_endpoint(&self, blob: &[u8]) -> Result<(u16, [u8; 16], u32, u32, u32), DecodeError> {
         let mut r = Reader::new(blob);
-        if r.u32("verbs endpoint magic")? != ENDPOINT_MAGIC {
-            return Err(DecodeError::Invalid {
-                field: "verbs endpoint magic",
-                detail: "not a verbs endpoint".into(),
-            });
-        }
+        r.magic("verbs endpoint magic", ENDPOINT_MAGIC, "a verbs endpoint")?;
         let lid = r.u16("lid")?;
         let mut gid = [0u8; 16];
         gid.copy_from_slice(r.raw(16, "gid")?);
@@ -485,22 +480,16 @@ impl Transport for VerbsTransport {
     fn import(&mut self, peer: usize, descriptor: &[u8]) -> Result<RemoteRegion, TransportError> {
         let bad = |source| TransportError::BadDescriptor { peer, source };
         let mut r = Reader::new(descriptor);
-        if r.u32("verbs region magic").map_err(bad)? != REGION_MAGIC {
-            return Err(bad(DecodeError::Invalid {
-                field: "verbs region magic",
-                detail: "not a verbs region descriptor".into(),
-            }));
-        }
+        r.magic(
+            "verbs region magic",
+            REGION_MAGIC,
+            "a verbs region descriptor",
+        )
+        .map_err(bad)?;
         let addr = r.u64("address").map_err(bad)?;
         let rkey = r.u32("rkey").map_err(bad)?;
-        let len = r.u64("length").map_err(bad)?;
+        let len = r.len("length").map_err(bad)?;
         r.finish().map_err(bad)?;
-        let len = usize::try_from(len).map_err(|_| {
-            bad(DecodeError::Invalid {
-                field: "length",
-                detail: format!("{len}"),
-            })
-        })?;
         let key = self.imports.len() as u32;
         self.imports.push(Imported { peer, addr, rkey });
         Ok(RemoteRegion { peer, key, len })
