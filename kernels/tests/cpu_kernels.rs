@@ -7,23 +7,11 @@ use kernels::cpu::attention::{attention, attention_ref, KvCache};
 use kernels::cpu::ffn::{swiglu, swiglu_ref, Expert, GEMM_TOKENS};
 use kernels::cpu::layout::{combine, combine_ref, permute, permute_ref};
 use kernels::cpu::norm::{rmsnorm, rmsnorm_ref};
+use kernels::cpu::random_bf16 as values;
 use kernels::cpu::rope::{rope, rope_ref};
 use kernels::cpu::router::{route, route_ref, Route};
 use kernels::LayerShape;
 use proptest::prelude::*;
-
-/// Deterministic pseudo-random bf16 values in [-scale, scale].
-fn values(seed: u64, n: usize, scale: f32) -> Vec<bf16> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
-        })
-        .collect()
-}
 
 /// Close within bf16 rounding: relative to each element and to the
 /// output's overall scale (sums of many rounded terms).

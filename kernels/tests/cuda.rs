@@ -5,6 +5,7 @@
 
 use half::bf16;
 use kernels::cpu;
+use kernels::cpu::random_bf16 as values;
 use kernels::cuda::{compile, CudaError, Gpu, SOURCES};
 use kernels::LayerShape;
 
@@ -43,18 +44,6 @@ fn a_compile_error_names_the_file() {
         Err(CudaError::NoNvrtc) => println!("SKIPPED: {}", CudaError::NoNvrtc),
         other => panic!("expected a compile error, got {other:?}"),
     }
-}
-
-fn values(seed: u64, n: usize, scale: f32) -> Vec<bf16> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
-        })
-        .collect()
 }
 
 fn close(gpu: &[bf16], cpu: &[bf16], rtol: f32, what: &str) {

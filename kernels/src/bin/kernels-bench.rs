@@ -11,6 +11,7 @@ use kernels::cpu::attention::{attention, KvCache};
 use kernels::cpu::ffn::{swiglu, Expert};
 use kernels::cpu::layout::{combine, permute};
 use kernels::cpu::norm::rmsnorm;
+use kernels::cpu::random_bf16 as values;
 use kernels::cpu::rope::rope;
 use kernels::cpu::router::route;
 use kernels::LayerShape;
@@ -156,18 +157,6 @@ unsafe fn fma_peak_avx512() -> f64 {
         best = best.max((iters * 10 * 16 * 2) as f64 / t.elapsed().as_secs_f64());
     }
     best
-}
-
-fn values(seed: u64, n: usize, scale: f32) -> Vec<bf16> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
-        })
-        .collect()
 }
 
 struct Limits {

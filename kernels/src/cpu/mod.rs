@@ -11,6 +11,20 @@ pub mod router;
 
 use half::bf16;
 
+/// Deterministic pseudo-random bf16 values in `[-scale, scale]` (xorshift
+/// from `seed`): the data of tests and benchmarks.
+pub fn random_bf16(seed: u64, n: usize, scale: f32) -> Vec<bf16> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        })
+        .collect()
+}
+
 /// bf16 slice to f32 vector.
 pub fn to_f32(x: &[bf16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
