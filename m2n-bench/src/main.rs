@@ -5,6 +5,8 @@
 mod cli;
 mod limit;
 mod mpi_base;
+#[cfg(feature = "cuda")]
+mod nccl_base;
 mod run;
 mod stats;
 
@@ -23,6 +25,13 @@ use cli::{Args, Baseline, Pattern};
 use m2n::{Communicator, Config, Role, Root, Shape, UniqueId};
 use run::{M2nRank, MpiRank, Sample};
 use stats::Summary;
+
+/// The baseline a run compares with.
+enum Contender {
+    Mpi(MpiRank),
+    #[cfg(feature = "cuda")]
+    Nccl(Box<nccl_base::NcclRank>),
+}
 
 #[derive(Debug, Serialize)]
 struct Side {
@@ -195,9 +204,15 @@ fn main() {
             &format!("-b {} is larger than -e {}", args.min_bytes, args.max_bytes),
         );
     }
+    #[cfg(not(feature = "cuda"))]
     if args.baseline == Baseline::Nccl {
-        fail(&world, "the nccl baseline needs GPUs and an m2n-bench built with NCCL support, which this build lacks; use --baseline mpi or none");
+        fail(&world, "the nccl baseline needs an m2n-bench built with `--features cuda` and GPUs; use --baseline mpi or none");
     }
+    // With NCCL, both contenders run on GPU buffers: open the GPU first, so a
+    // machine without one is told so before anything else starts.
+    #[cfg(feature = "cuda")]
+    let gpu_stream = (args.baseline == Baseline::Nccl)
+        .then(|| nccl_base::open_gpu(&world).unwrap_or_else(|e| fail(&world, &e)));
     let (m, n) = (args.senders, size - args.senders);
     let (role, rank) = if me < m {
         (Role::Attention, me)
@@ -227,8 +242,45 @@ fn main() {
         eprintln!("m2n_perf: {role} {rank}: {e}");
         world.abort(3)
     });
-    let mut baseline = (args.baseline == Baseline::Mpi)
-        .then(|| MpiRank::new(role, rank, m, n, args.max_bytes, wait));
+    let mut baseline: Option<Contender> = match args.baseline {
+        Baseline::Mpi => Some(Contender::Mpi(MpiRank::new(
+            role,
+            rank,
+            m,
+            n,
+            args.max_bytes,
+            wait,
+        ))),
+        #[cfg(feature = "cuda")]
+        Baseline::Nccl => {
+            let stream = gpu_stream.clone().expect("opened above");
+            contender = contender
+                .with_gpu_buffers(stream.clone(), args.max_bytes)
+                .unwrap_or_else(|e| {
+                    eprintln!("m2n_perf: {role} {rank}: m2n on GPU buffers: {e}");
+                    world.abort(3)
+                });
+            let r = nccl_base::NcclRank::new(
+                &world,
+                stream,
+                (role, rank),
+                Shape::new(m, n),
+                args.max_bytes,
+                wait,
+            )
+            .unwrap_or_else(|e| {
+                eprintln!("m2n_perf: {role} {rank}: {e}");
+                world.abort(3)
+            });
+            Some(Contender::Nccl(Box::new(r)))
+        }
+        _ => None,
+    };
+    let base_name = match args.baseline {
+        Baseline::Mpi => "mpi",
+        Baseline::Nccl => "nccl",
+        Baseline::None => "none",
+    };
     let hosts = host_line(&world, role, rank);
     let sizes = args.sizes();
     let peak_source = if transport == m2n::TransportKind::Shm {
@@ -270,7 +322,8 @@ fn main() {
                         .replace('\t', " ")
                         .trim()
                 ),
-                _ => "none".into(),
+                Baseline::Nccl => "NCCL grouped ncclSend/ncclRecv per round on GPU buffers, then a stream sync; m2n sends from GPU buffers too".into(),
+                Baseline::None => "none".into(),
             }
         );
         println!(
@@ -304,7 +357,15 @@ fn main() {
         if baseline.is_some() {
             head += &format!(
                 " | {:>9} {:>8} {:>8} {:>7} {:>9} {:>9} | {:>6} {:>7} {:>7}",
-                "mpi time", "algbw", "busbw", "#wrong", "p50", "p99", "bw x", "p50 -%", "p99 -%"
+                format!("{} time", base_name),
+                "algbw",
+                "busbw",
+                "#wrong",
+                "p50",
+                "p99",
+                "bw x",
+                "p50 -%",
+                "p99 -%"
             );
             unit += &format!(
                 " | {:>9} {:>8} {:>8} {:>7} {:>9} {:>9} | {:>6} {:>7} {:>7}",
@@ -329,8 +390,16 @@ fn main() {
         });
         let m2n_side = side(&args, m, n, s, &samples, wrong);
         let base_side = baseline.as_mut().map(|b| {
-            let (samples, wrong) = measure(&world, &args, |verify| {
-                b.iteration(&world, args.pattern, s, verify)
+            let (samples, wrong) = measure(&world, &args, |verify| match b {
+                Contender::Mpi(r) => r.iteration(&world, args.pattern, s, verify),
+                #[cfg(feature = "cuda")]
+                Contender::Nccl(r) => {
+                    r.iteration(&world, args.pattern, s, verify)
+                        .unwrap_or_else(|e| {
+                            eprintln!("m2n_perf: {role} {rank}: {e}");
+                            world.abort(3)
+                        })
+                }
             });
             side(&args, m, n, s, &samples, wrong)
         });
@@ -411,7 +480,7 @@ fn main() {
                 .sum::<f64>()
                 / rows.len() as f64
         }) {
-            println!("# Avg bus bandwidth (mpi): {avg_b:.4}");
+            println!("# Avg bus bandwidth ({base_name}): {avg_b:.4}");
         }
         println!("# M2N test concluded: {:?}", args.pattern);
         if let Some(path) = &args.json {

@@ -45,10 +45,20 @@ fn msgs(send: &Region, peers: usize, size: usize) -> Vec<Msg<'_>> {
     (0..peers).map(|p| Msg::new(send, p * size, size)).collect()
 }
 
+/// A GPU send buffer registered with m2n (feature `cuda`).
+#[cfg(feature = "cuda")]
+struct GpuSend {
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    buf: cudarc::driver::CudaSlice<u8>,
+}
+
 /// m2n on one rank.
 pub struct M2nRank {
     pub comm: Communicator,
+    /// Host memory, or (with a GPU) the registration of `gpu`'s buffer.
     send: Region,
+    #[cfg(feature = "cuda")]
+    gpu: Option<GpuSend>,
     role: Role,
     rank: usize,
     peers: usize,
@@ -69,6 +79,8 @@ impl M2nRank {
         Ok(Self {
             comm,
             send,
+            #[cfg(feature = "cuda")]
+            gpu: None,
             role,
             rank,
             peers,
@@ -77,8 +89,44 @@ impl M2nRank {
         })
     }
 
+    /// m2n sending from GPU memory (GPUDirect RDMA: needs the verbs
+    /// transport), for the comparison with NCCL on GPU buffers.
+    #[cfg(feature = "cuda")]
+    pub fn with_gpu_buffers(
+        mut self,
+        stream: std::sync::Arc<cudarc::driver::CudaStream>,
+        max_bytes: usize,
+    ) -> Result<Self, String> {
+        use cudarc::driver::DevicePtr;
+        let len = self.peers * max_bytes;
+        let buf = stream
+            .alloc_zeros::<u8>(len.max(1))
+            .map_err(|e| format!("cudaMalloc: {e:?}"))?;
+        let (dptr, _sync) = buf.device_ptr(&stream);
+        // SAFETY: the device buffer lives in `self.gpu` as long as the region.
+        self.send = unsafe { self.comm.register_gpu(dptr, len) }.map_err(|e| e.to_string())?;
+        drop(_sync);
+        self.gpu = Some(GpuSend { stream, buf });
+        Ok(self)
+    }
+
     fn fill(&mut self, channel: ChannelId, size: usize) {
         let (me, k) = (self.rank, self.k);
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.gpu {
+            let mut host = vec![0u8; self.peers * size];
+            for p in 0..self.peers {
+                pattern::fill(
+                    &mut host[p * size..(p + 1) * size],
+                    pattern::seed(channel, me, p, k),
+                );
+            }
+            let mut dst = g.buf.slice_mut(0..host.len());
+            g.stream
+                .memcpy_htod(&host, &mut dst)
+                .expect("copy the check pattern to the GPU");
+            return;
+        }
         for p in 0..self.peers {
             pattern::fill(
                 &mut self.send.as_mut_slice()[p * size..(p + 1) * size],

@@ -1,0 +1,200 @@
+//! The NCCL baseline (feature `cuda`): one round is a grouped
+//! `ncclSend`/`ncclRecv` to and from every peer on GPU buffers, then a
+//! stream synchronisation, timed exactly like m2n's rounds.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::nccl::{group_end, group_start, Comm, Id};
+use m2n::pattern;
+use m2n::proto::ChannelId;
+use m2n::Role;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator as _, Root as _};
+
+use crate::cli::Pattern;
+use crate::mpi_base;
+use crate::run::Sample;
+
+/// The GPU this rank uses: ranks are spread over the devices round-robin.
+pub fn open_gpu(world: &SimpleCommunicator) -> Result<Arc<CudaStream>, String> {
+    let count =
+        m2n::gpu::init().map_err(|e| format!("the nccl baseline needs an NVIDIA GPU: {e}"))?;
+    let ctx = CudaContext::new(world.rank() as usize % count)
+        .map_err(|e| format!("CUDA context: {e:?}"))?;
+    Ok(ctx.default_stream())
+}
+
+pub struct NcclRank {
+    comm: Comm,
+    stream: Arc<CudaStream>,
+    role: Role,
+    rank: usize,
+    m: usize,
+    n: usize,
+    send: CudaSlice<u8>,
+    recv: CudaSlice<u8>,
+    k: u64,
+    wait: m2n::WaitPolicy,
+}
+
+impl NcclRank {
+    pub fn new(
+        world: &SimpleCommunicator,
+        stream: Arc<CudaStream>,
+        (role, rank): (Role, usize),
+        shape: m2n::Shape,
+        max_bytes: usize,
+        wait: m2n::WaitPolicy,
+    ) -> Result<Self, String> {
+        let (m, n) = (shape.attention, shape.experts);
+        // Rank 0 makes the NCCL unique id; MPI carries it to everyone.
+        let mut internal = [0 as std::ffi::c_char; 128];
+        if world.rank() == 0 {
+            internal = *Id::new()
+                .map_err(|e| format!("ncclGetUniqueId: {e:?}"))?
+                .internal();
+        }
+        world.process_at_rank(0).broadcast_into(&mut internal[..]);
+        let comm = Comm::from_rank(
+            stream.clone(),
+            world.rank() as usize,
+            world.size() as usize,
+            Id::uninit(internal),
+        )
+        .map_err(|e| format!("ncclCommInitRank: {e:?}"))?;
+        let peers = if role == Role::Attention { n } else { m };
+        let alloc = |len: usize| {
+            stream
+                .alloc_zeros::<u8>(len.max(1))
+                .map_err(|e| format!("cudaMalloc: {e:?}"))
+        };
+        Ok(Self {
+            send: alloc(peers * max_bytes)?,
+            recv: alloc(peers * max_bytes)?,
+            comm,
+            stream,
+            role,
+            rank,
+            m,
+            n,
+            k: 0,
+            wait,
+        })
+    }
+
+    fn peers(&self) -> usize {
+        if self.role == Role::Attention {
+            self.n
+        } else {
+            self.m
+        }
+    }
+
+    fn mpi_rank(&self, p: usize) -> i32 {
+        (if self.role == Role::Attention {
+            self.m + p
+        } else {
+            p
+        }) as i32
+    }
+
+    fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
+        let mut host = vec![0u8; self.peers() * size];
+        for p in 0..self.peers() {
+            pattern::fill(
+                &mut host[p * size..(p + 1) * size],
+                pattern::seed(channel, self.rank, p, self.k),
+            );
+        }
+        let mut dst = self.send.slice_mut(0..host.len());
+        self.stream
+            .memcpy_htod(&host, &mut dst)
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
+        let host = self
+            .stream
+            .memcpy_dtov(&self.recv.slice(0..self.peers() * size))
+            .map_err(|e| format!("{e:?}"))?;
+        Ok((0..self.peers())
+            .map(|p| {
+                pattern::count_wrong(
+                    &host[p * size..(p + 1) * size],
+                    pattern::seed(channel, p, self.rank, self.k),
+                ) as u64
+            })
+            .sum())
+    }
+
+    /// One grouped exchange: sends to `send_to`, receives from `recv_from`.
+    fn exchange(&mut self, size: usize, send: bool, recv: bool) -> Result<(), String> {
+        let e = |x: cudarc::nccl::result::NcclError| format!("NCCL: {x:?}");
+        group_start().map_err(e)?;
+        for p in 0..self.peers() {
+            let peer = self.mpi_rank(p);
+            if send {
+                self.comm
+                    .send(&self.send.slice(p * size..(p + 1) * size), peer)
+                    .map_err(e)?;
+            }
+            if recv {
+                self.comm
+                    .recv(&mut self.recv.slice_mut(p * size..(p + 1) * size), peer)
+                    .map_err(e)?;
+            }
+        }
+        group_end().map_err(e)?;
+        self.stream.synchronize().map_err(|x| format!("{x:?}"))
+    }
+
+    pub fn iteration(
+        &mut self,
+        world: &SimpleCommunicator,
+        pattern: Pattern,
+        size: usize,
+        verify: bool,
+    ) -> Result<Sample, String> {
+        let mut wrong = 0;
+        if verify && self.role == Role::Attention {
+            self.fill(ChannelId::Dispatch, size)?;
+        }
+        mpi_base::barrier(world, self.wait);
+        let t0 = Instant::now();
+        match (self.role, pattern) {
+            (Role::Attention, Pattern::Dispatch) => self.exchange(size, true, false)?,
+            (Role::Expert, Pattern::Dispatch) => self.exchange(size, false, true)?,
+            (Role::Attention, Pattern::Roundtrip) => {
+                self.exchange(size, true, false)?;
+                self.exchange(size, false, true)?;
+            }
+            (Role::Expert, Pattern::Roundtrip) => {
+                self.exchange(size, false, true)?;
+                if verify {
+                    wrong += self.count_wrong(ChannelId::Dispatch, size)?;
+                    self.fill(ChannelId::Combine, size)?;
+                }
+                self.exchange(size, true, false)?;
+            }
+        }
+        let t1 = Instant::now();
+        if verify {
+            match (self.role, pattern) {
+                (Role::Expert, Pattern::Dispatch) => {
+                    wrong += self.count_wrong(ChannelId::Dispatch, size)?
+                }
+                (Role::Attention, Pattern::Roundtrip) => {
+                    wrong += self.count_wrong(ChannelId::Combine, size)?
+                }
+                _ => {}
+            }
+        }
+        self.k += 1;
+        Ok(Sample {
+            secs: (t1 - t0).as_secs_f64(),
+            wrong,
+        })
+    }
+}
