@@ -186,3 +186,16 @@ fn registered_application_memory_is_a_zero_copy_source() {
     assert_eq!(e.message(&got, 0), &tensor[50..150]);
     e.dispatch().release(got).unwrap();
 }
+
+#[test]
+fn a_region_of_another_communicator_is_refused() {
+    let (mut a1, _e1) = pair();
+    let (mut a2, _e2) = pair();
+    let foreign = a2.alloc(16).unwrap();
+    let _own = a1.alloc(16).unwrap();
+    let err = a1
+        .dispatch()
+        .try_send(&[Msg::new(&foreign, 0, 8)])
+        .unwrap_err();
+    assert!(err.to_string().contains("another communicator"), "{err}");
+}

@@ -730,6 +730,11 @@ impl Channel<'_> {
         let mut sources = Vec::with_capacity(msgs.len());
         for (r, m) in msgs.iter().enumerate() {
             let src = match m.region {
+                Some(region) if !self.comm.transport.owns(region.id()) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "message for receiver {r}: its region was registered with another communicator"
+                    )));
+                }
                 Some(region) => {
                     let ok = m
                         .offset

@@ -99,7 +99,7 @@ pub enum TransportError {
     /// The peer's connection is gone (it exited, crashed or hung up).
     #[error("peer {peer} closed: {reason}")]
     PeerClosed { peer: usize, reason: String },
-    #[error("local region {0} is not registered (or was freed)")]
+    #[error("local region {0} is not registered with this communicator (or was freed)")]
     UnknownRegion(u32),
     #[error("peer {peer} corrupted shared state: {detail}")]
     Corrupt { peer: usize, detail: String },
@@ -118,7 +118,19 @@ impl TransportError {
 
 /// Identifies a local registered region within its transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RegionId(pub u32);
+pub struct RegionId {
+    /// Which transport instance registered it (regions of another
+    /// communicator are refused, not misread).
+    owner: u32,
+    index: u32,
+}
+
+impl RegionId {
+    /// The region's index within its transport.
+    pub fn index(self) -> u32 {
+        self.index
+    }
+}
 
 /// A peer's region this process may write into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,18 +186,39 @@ impl LocalMemory for External {
 
 /// A transport's local regions, held weakly: dropping a [`Region`]
 /// deregisters it.
-#[derive(Debug, Default)]
-pub(crate) struct LocalRegions(Vec<Weak<dyn LocalMemory>>);
+#[derive(Debug)]
+pub(crate) struct LocalRegions {
+    owner: u32,
+    regions: Vec<Weak<dyn LocalMemory>>,
+}
+
+impl Default for LocalRegions {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        Self {
+            owner: NEXT.fetch_add(1, Ordering::Relaxed),
+            regions: Vec::new(),
+        }
+    }
+}
 
 impl LocalRegions {
     pub(crate) fn next_id(&self) -> RegionId {
-        RegionId(self.0.len() as u32)
+        RegionId {
+            owner: self.owner,
+            index: self.regions.len() as u32,
+        }
+    }
+
+    /// Whether `id` was registered here.
+    pub(crate) fn owns(&self, id: RegionId) -> bool {
+        id.owner == self.owner
     }
 
     /// Registers `mem` and returns its handle.
     pub(crate) fn add(&mut self, mem: Arc<dyn LocalMemory>, descriptor: Vec<u8>) -> Region {
         let id = self.next_id();
-        self.0.push(Arc::downgrade(&mem));
+        self.regions.push(Arc::downgrade(&mem));
         Region {
             id,
             ptr: NonNull::new(mem.base()).unwrap_or(NonNull::dangling()),
@@ -230,10 +263,11 @@ impl LocalRegions {
     }
 
     pub(crate) fn get(&self, id: RegionId) -> Result<Arc<dyn LocalMemory>, TransportError> {
-        self.0
-            .get(id.0 as usize)
+        self.regions
+            .get(id.index as usize)
+            .filter(|_| self.owns(id))
             .and_then(Weak::upgrade)
-            .ok_or(TransportError::UnknownRegion(id.0))
+            .ok_or(TransportError::UnknownRegion(id.index))
     }
 }
 
@@ -395,6 +429,10 @@ pub trait Transport: Send + fmt::Debug {
 
     /// Imports a region descriptor received from `peer`.
     fn import(&mut self, peer: usize, descriptor: &[u8]) -> Result<RemoteRegion, TransportError>;
+
+    /// Whether `region` was registered with this transport (and not with
+    /// another communicator's).
+    fn owns(&self, region: RegionId) -> bool;
 
     /// Posts one write. Bounds are checked against both regions before a
     /// byte moves.

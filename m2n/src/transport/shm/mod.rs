@@ -17,8 +17,8 @@ use inbox::{inbox_bytes, Ring};
 use segment::Segment;
 
 use super::{
-    check_range, Completion, Lane, LocalRegions, Region, RemoteRegion, Transport, TransportError,
-    TransportKind, WriteRequest,
+    check_range, Completion, Lane, LocalRegions, Region, RegionId, RemoteRegion, Transport,
+    TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -129,7 +129,7 @@ impl Transport for ShmTransport {
 
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
         let id = self.locals.next_id();
-        let name = format!("m2n-{:016x}-r{}", self.token, id.0);
+        let name = format!("m2n-{:016x}-r{}", self.token, id.index());
         let seg = Arc::new(Segment::create(&name, len)?);
         let descriptor = Writer::new()
             .u32(REGION_MAGIC)
@@ -241,6 +241,10 @@ impl Transport for ShmTransport {
             self.done.push(Completion::WriteDone { wr_id: req.wr_id });
         }
         Ok(())
+    }
+
+    fn owns(&self, region: RegionId) -> bool {
+        self.locals.owns(region)
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {

@@ -22,8 +22,8 @@ pub use sock::LaneOptions;
 
 use super::shm::segment::Segment;
 use super::{
-    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RemoteRegion, Transport,
-    TransportError, TransportKind, WriteRequest,
+    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion,
+    Transport, TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -402,14 +402,14 @@ impl Transport for TcpTransport {
 
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
         let id = self.locals.next_id();
-        let seg = Arc::new(Segment::create(&format!("m2n-tcp-r{}", id.0), len)?);
+        let seg = Arc::new(Segment::create(&format!("m2n-tcp-r{}", id.index()), len)?);
         let descriptor = Writer::new()
             .u32(REGION_MAGIC)
-            .u32(id.0)
+            .u32(id.index())
             .u64(len as u64)
             .finish();
-        self.regions.0.resize(id.0 as usize + 1, None);
-        self.regions.0[id.0 as usize] = Some(seg.clone());
+        self.regions.0.resize(id.index() as usize + 1, None);
+        self.regions.0[id.index() as usize] = Some(seg.clone());
         Ok(self.locals.add(seg, descriptor))
     }
 
@@ -517,6 +517,10 @@ impl Transport for TcpTransport {
         let result = self.enqueue(peer, lane, frame, &mut done);
         self.done = done;
         result
+    }
+
+    fn owns(&self, region: RegionId) -> bool {
+        self.locals.owns(region)
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {

@@ -20,8 +20,8 @@ use rdma_sys::*;
 
 use super::shm::segment::Segment;
 use super::{
-    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RemoteRegion, Transport,
-    TransportError, TransportKind, WriteRequest,
+    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion,
+    Transport, TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -368,7 +368,7 @@ impl Transport for VerbsTransport {
 
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
         let id = self.locals.next_id();
-        let seg = Segment::create(&format!("m2n-verbs-r{}", id.0), len)?;
+        let seg = Segment::create(&format!("m2n-verbs-r{}", id.index()), len)?;
         let base = seg.as_ptr().as_ptr();
         // SAFETY: the segment lives in the same VerbsMemory as the MR.
         let mr = unsafe { Mr::register(&self.pd, base, len, true) }.map_err(ib_err)?;
@@ -561,6 +561,10 @@ impl Transport for VerbsTransport {
             self.flush();
         }
         Ok(())
+    }
+
+    fn owns(&self, region: RegionId) -> bool {
+        self.locals.owns(region)
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {
