@@ -320,30 +320,90 @@ impl VerbsTransport {
             }
         }
     }
+}
 
-    fn decode_endpoint(&self, blob: &[u8]) -> Result<(u16, [u8; 16], u32, u32, u32), DecodeError> {
+/// What a peer needs to connect its queue pairs to ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub lid: u16,
+    pub gid: [u8; 16],
+    pub mtu: u32,
+    /// For every transport rank: our (data, ack) queue pair numbers for it.
+    pub qpns: Vec<(u32, u32)>,
+}
+
+impl Endpoint {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(ENDPOINT_MAGIC)
+            .u16(self.lid)
+            .raw(&self.gid)
+            .u32(self.mtu)
+            .u32(self.qpns.len() as u32);
+        for &(d, a) in &self.qpns {
+            w.u32(d).u32(a);
+        }
+        w.finish()
+    }
+
+    /// Decodes a peer's endpoint; it must list exactly `world` ranks.
+    pub fn decode(blob: &[u8], world: usize) -> Result<Endpoint, DecodeError> {
         let mut r = Reader::new(blob);
         r.magic("verbs endpoint magic", ENDPOINT_MAGIC, "a verbs endpoint")?;
         let lid = r.u16("lid")?;
         let mut gid = [0u8; 16];
         gid.copy_from_slice(r.raw(16, "gid")?);
         let mtu = r.u32("mtu")?;
-        let world = r.u32("world")? as usize;
-        if world != self.world {
+        let n = r.u32("world")? as usize;
+        if n != world {
             return Err(DecodeError::Invalid {
                 field: "world",
-                detail: format!("peer has world {world}, ours is {}", self.world),
+                detail: format!("peer has world {n}, ours is {world}"),
             });
         }
-        let mut mine = (0, 0);
-        for p in 0..world {
-            let (d, a) = (r.u32("data qpn")?, r.u32("ack qpn")?);
-            if p == self.me {
-                mine = (d, a);
-            }
-        }
+        let qpns = (0..n)
+            .map(|_| Ok((r.u32("data qpn")?, r.u32("ack qpn")?)))
+            .collect::<Result<Vec<_>, DecodeError>>()?;
         r.finish()?;
-        Ok((lid, gid, mtu, mine.0, mine.1))
+        Ok(Endpoint {
+            lid,
+            gid,
+            mtu,
+            qpns,
+        })
+    }
+}
+
+/// A region a peer may write: where it is and its remote key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionDescriptor {
+    pub addr: u64,
+    pub rkey: u32,
+    pub len: usize,
+}
+
+impl RegionDescriptor {
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::new()
+            .u32(REGION_MAGIC)
+            .u64(self.addr)
+            .u32(self.rkey)
+            .u64(self.len as u64)
+            .finish()
+    }
+
+    pub fn decode(blob: &[u8]) -> Result<RegionDescriptor, DecodeError> {
+        let mut r = Reader::new(blob);
+        r.magic(
+            "verbs region magic",
+            REGION_MAGIC,
+            "a verbs region descriptor",
+        )?;
+        let addr = r.u64("address")?;
+        let rkey = r.u32("rkey")?;
+        let len = r.len("length")?;
+        r.finish()?;
+        Ok(RegionDescriptor { addr, rkey, len })
     }
 }
 
@@ -353,17 +413,15 @@ impl Transport for VerbsTransport {
     }
 
     fn endpoint(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u32(ENDPOINT_MAGIC)
-            .u16(self.lid)
-            .raw(&self.gid)
-            .u32(self.mtu)
-            .u32(self.world as u32);
-        for peer in 0..self.world {
-            w.u32(self.qps[2 * peer].qp.num())
-                .u32(self.qps[2 * peer + 1].qp.num());
+        Endpoint {
+            lid: self.lid,
+            gid: self.gid,
+            mtu: self.mtu,
+            qpns: (0..self.world)
+                .map(|p| (self.qps[2 * p].qp.num(), self.qps[2 * p + 1].qp.num()))
+                .collect(),
         }
-        w.finish()
+        .encode()
     }
 
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
@@ -372,12 +430,12 @@ impl Transport for VerbsTransport {
         let base = seg.as_ptr().as_ptr();
         // SAFETY: the segment lives in the same VerbsMemory as the MR.
         let mr = unsafe { Mr::register(&self.pd, base, len, true) }.map_err(ib_err)?;
-        let descriptor = Writer::new()
-            .u32(REGION_MAGIC)
-            .u64(base as u64)
-            .u32(mr.rkey())
-            .u64(len as u64)
-            .finish();
+        let descriptor = RegionDescriptor {
+            addr: base as u64,
+            rkey: mr.rkey(),
+            len,
+        }
+        .encode();
         Ok(self.locals.add(
             Arc::new(VerbsMemory {
                 base,
@@ -449,9 +507,10 @@ impl Transport for VerbsTransport {
         if peer >= self.world || peer == self.me {
             return Err(TransportError::NotConnected(peer));
         }
-        let (lid, gid, mtu, data_qpn, ack_qpn) = self
-            .decode_endpoint(endpoint)
+        let ep = Endpoint::decode(endpoint, self.world)
             .map_err(|source| TransportError::BadDescriptor { peer, source })?;
+        let (lid, gid, mtu) = (ep.lid, ep.gid, ep.mtu);
+        let (data_qpn, ack_qpn) = ep.qpns[self.me];
         for (lane, remote_qpn, class) in [
             (Lane::Data, data_qpn, self.opts.data),
             (Lane::Ack, ack_qpn, self.opts.ack),
@@ -478,18 +537,8 @@ impl Transport for VerbsTransport {
     }
 
     fn import(&mut self, peer: usize, descriptor: &[u8]) -> Result<RemoteRegion, TransportError> {
-        let bad = |source| TransportError::BadDescriptor { peer, source };
-        let mut r = Reader::new(descriptor);
-        r.magic(
-            "verbs region magic",
-            REGION_MAGIC,
-            "a verbs region descriptor",
-        )
-        .map_err(bad)?;
-        let addr = r.u64("address").map_err(bad)?;
-        let rkey = r.u32("rkey").map_err(bad)?;
-        let len = r.len("length").map_err(bad)?;
-        r.finish().map_err(bad)?;
+        let RegionDescriptor { addr, rkey, len } = RegionDescriptor::decode(descriptor)
+            .map_err(|source| TransportError::BadDescriptor { peer, source })?;
         let key = self.imports.len() as u32;
         self.imports.push(Imported { peer, addr, rkey });
         Ok(RemoteRegion { peer, key, len })
@@ -722,6 +771,32 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("RDMA device"), "{err}");
+    }
+
+    #[test]
+    fn descriptors_round_trip_and_reject_garbage() {
+        let ep = Endpoint {
+            lid: 7,
+            gid: [0xfe; 16],
+            mtu: 1024,
+            qpns: vec![(11, 12), (21, 22), (31, 32)],
+        };
+        assert_eq!(Endpoint::decode(&ep.encode(), 3).unwrap(), ep);
+        let err = Endpoint::decode(&ep.encode(), 4).unwrap_err().to_string();
+        assert!(err.contains("world 3, ours is 4"), "{err}");
+        let mut cut = ep.encode();
+        cut.truncate(cut.len() - 2);
+        assert!(Endpoint::decode(&cut, 3).is_err());
+        let rd = RegionDescriptor {
+            addr: 0x7f00_0000_1000,
+            rkey: 0xabcd,
+            len: 4096,
+        };
+        assert_eq!(RegionDescriptor::decode(&rd.encode()).unwrap(), rd);
+        let err = RegionDescriptor::decode(&ep.encode())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a verbs region descriptor"), "{err}");
     }
 
     #[test]
