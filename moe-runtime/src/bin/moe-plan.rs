@@ -49,7 +49,8 @@ struct Cli {
     /// Link utilisation curve from `m2n_perf --json`.
     #[arg(long)]
     util: Option<std::path::PathBuf>,
-    /// Measured coefficients: {"attention": {"per_token", "fixed"}, "expert": {...}} in seconds.
+    /// Measured coefficients: a `kernels-bench --json` report (fitted for the
+    /// model), or {"attention": {"per_token", "fixed"}, "expert": {...}} in seconds.
     #[arg(long)]
     profile: Option<std::path::PathBuf>,
     /// Runners-up shown.
@@ -108,10 +109,7 @@ fn run(cli: Cli) -> Result<(), PlanError> {
         None => UtilCurve::default(),
     };
     let profile: Option<Profile> = match &cli.profile {
-        Some(p) => Some(
-            serde_json::from_str(&read(p)?)
-                .map_err(|e| PlanError::BadConfig(format!("profile: {e}")))?,
-        ),
+        Some(p) => Some(Profile::from_json(&read(p)?, &model.name)?),
         None => None,
     };
     if !cli.slo_ms.is_finite() || cli.slo_ms <= 0.0 {

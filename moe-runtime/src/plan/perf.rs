@@ -177,6 +177,91 @@ pub struct Profile {
     pub expert: Linear,
 }
 
+/// Least-squares line through (tokens, seconds) points.
+pub fn fit(points: &[(f64, f64)]) -> Result<Linear, PlanError> {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return Err(PlanError::BadConfig(format!(
+            "a profile needs at least two batch sizes, got {}",
+            points.len()
+        )));
+    }
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let sxx: f64 = points.iter().map(|(x, _)| (x - mx).powi(2)).sum();
+    if sxx == 0.0 {
+        return Err(PlanError::BadConfig(
+            "a profile needs at least two different batch sizes".into(),
+        ));
+    }
+    let sxy: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let per_token = sxy / sxx;
+    Ok(Linear {
+        per_token: per_token.max(0.0),
+        fixed: (my - per_token * mx).max(0.0),
+    })
+}
+
+impl Profile {
+    /// A profile from JSON: either `{"attention": {...}, "expert": {...}}`
+    /// with the coefficients, or a `kernels-bench --json` report, fitted per
+    /// layer for `model` (its row name, e.g. "mixtral-8x22b"): the expert
+    /// from the `expert_ffn` rows (time vs tokens per expert), attention from
+    /// the sum of the `attention`, `rmsnorm`, `rope` and `router` rows at
+    /// the batch sizes where all were measured.
+    pub fn from_json(json: &str, model: &str) -> Result<Profile, PlanError> {
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| PlanError::BadConfig(format!("profile: {e}")))?;
+        let Some(rows) = v.get("rows").and_then(|r| r.as_array()) else {
+            return serde_json::from_value(v)
+                .map_err(|e| PlanError::BadConfig(format!("profile: {e}")));
+        };
+        let mut by: std::collections::BTreeMap<(String, u64), f64> = Default::default();
+        for r in rows
+            .iter()
+            .filter(|r| r.get("model").and_then(|m| m.as_str()) == Some(model))
+        {
+            let (Some(k), Some(t), Some(us)) = (
+                r.get("kernel").and_then(|x| x.as_str()),
+                r.get("tokens").and_then(|x| x.as_u64()),
+                r.get("time_us").and_then(|x| x.as_f64()),
+            ) else {
+                return Err(PlanError::BadConfig(format!(
+                    "kernels-bench row {r} lacks kernel, tokens or time_us"
+                )));
+            };
+            by.insert((k.to_string(), t), us * 1e-6);
+        }
+        let tokens: std::collections::BTreeSet<u64> = by.keys().map(|(_, t)| *t).collect();
+        let expert: Vec<(f64, f64)> = tokens
+            .iter()
+            .filter_map(|&t| by.get(&("expert_ffn".into(), t)).map(|&s| (t as f64, s)))
+            .collect();
+        let parts = ["attention", "rmsnorm", "rope", "router"];
+        let attention: Vec<(f64, f64)> = tokens
+            .iter()
+            .filter_map(|&t| {
+                let times: Option<Vec<f64>> = parts
+                    .iter()
+                    .map(|k| by.get(&(k.to_string(), t)).copied())
+                    .collect();
+                times.map(|ts| (t as f64, ts.iter().sum()))
+            })
+            .collect();
+        if expert.is_empty() && attention.is_empty() {
+            return Err(PlanError::BadConfig(format!(
+                "the kernels-bench report has no rows for model {model:?}"
+            )));
+        }
+        Ok(Profile {
+            attention: fit(&attention)?,
+            expert: fit(&expert)?,
+        })
+    }
+}
+
 /// Everything fixed while a plan is evaluated.
 #[derive(Debug, Clone)]
 pub struct Setting {
@@ -240,6 +325,41 @@ impl Setting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profiles_from_kernels_bench_are_least_squares_lines() {
+        let mut rows = Vec::new();
+        for t in [1u64, 8, 64] {
+            // expert: 2 us per token + 100 us; attention parts: 1 us per token + 10 us in all.
+            rows.push(serde_json::json!({"model": "m", "kernel": "expert_ffn", "tokens": t, "time_us": 2.0 * t as f64 + 100.0}));
+            for (k, per, fixed) in [
+                ("attention", 0.7, 4.0),
+                ("rmsnorm", 0.1, 2.0),
+                ("rope", 0.1, 2.0),
+                ("router", 0.1, 2.0),
+            ] {
+                rows.push(serde_json::json!({"model": "m", "kernel": k, "tokens": t, "time_us": per * t as f64 + fixed}));
+            }
+            rows.push(serde_json::json!({"model": "other", "kernel": "expert_ffn", "tokens": t, "time_us": 1e6}));
+        }
+        let json = serde_json::json!({"rows": rows}).to_string();
+        let p = Profile::from_json(&json, "m").unwrap();
+        assert!(
+            (p.expert.per_token - 2e-6).abs() < 1e-12 && (p.expert.fixed - 100e-6).abs() < 1e-12,
+            "{p:?}"
+        );
+        assert!(
+            (p.attention.per_token - 1e-6).abs() < 1e-12
+                && (p.attention.fixed - 10e-6).abs() < 1e-12,
+            "{p:?}"
+        );
+        assert!(Profile::from_json(&json, "nope").is_err());
+        let direct = r#"{"attention": {"per_token": 1e-6, "fixed": 1e-5}, "expert": {"per_token": 2e-6, "fixed": 1e-4}}"#;
+        assert_eq!(
+            Profile::from_json(direct, "m").unwrap().expert.per_token,
+            2e-6
+        );
+    }
 
     #[test]
     fn util_curves() {
