@@ -463,6 +463,70 @@ impl Gpu {
         Ok(self.down(&y)?.into_iter().map(bf16::from_f32).collect())
     }
 
+    /// Device copy bandwidth (bytes read + written per second) of a
+    /// `bytes`-byte device-to-device copy, best of `reps`.
+    pub fn bench_copy(&self, bytes: usize, reps: usize) -> Result<f64, CudaError> {
+        let src = self.stream.alloc_zeros::<u8>(bytes).map_err(drv)?;
+        let mut dst = self.stream.alloc_zeros::<u8>(bytes).map_err(drv)?;
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(1) + 1 {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+            self.synchronize()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * bytes as f64 / best)
+    }
+
+    /// cuBLAS's rate (flop/s) on a square bf16 GEMM of side `n`, best of `reps`.
+    pub fn bench_gemm(&self, n: usize, reps: usize) -> Result<f64, CudaError> {
+        let a = self.stream.alloc_zeros::<u16>(n * n).map_err(drv)?;
+        let b = self.stream.alloc_zeros::<u16>(n * n).map_err(drv)?;
+        let mut c = self.stream.alloc_zeros::<f32>(n * n).map_err(drv)?;
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(1) + 1 {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            self.gemm(&a, n, n, &b, n, &mut c)?;
+            self.synchronize()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * (n * n * n) as f64 / best)
+    }
+
+    /// The SwiGLU expert on `tokens` tokens with everything already on the
+    /// device: seconds per call, best of `reps`.
+    pub fn bench_expert(&self, e: &Expert, tokens: usize, reps: usize) -> Result<f64, CudaError> {
+        let n = tokens.max(1);
+        let dx = self.up(&vec![0x3f80u16; n * e.hidden])?;
+        let (gw, uw, dw) = (
+            self.up(&bits(&e.gate))?,
+            self.up(&bits(&e.up))?,
+            self.up(&bits(&e.down))?,
+        );
+        let mut g = self.stream.alloc_zeros::<f32>(n * e.ffn).map_err(drv)?;
+        let mut u = self.stream.alloc_zeros::<f32>(n * e.ffn).map_err(drv)?;
+        let mut a = self.stream.alloc_zeros::<u16>(n * e.ffn).map_err(drv)?;
+        let mut y = self.stream.alloc_zeros::<f32>(n * e.hidden).map_err(drv)?;
+        let count = (n * e.ffn) as i32;
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(1) + 1 {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            self.gemm(&dx, n, e.hidden, &gw, e.ffn, &mut g)?;
+            self.gemm(&dx, n, e.hidden, &uw, e.ffn, &mut u)?;
+            let mut b = self.stream.launch_builder(&self.funcs["swiglu_act"]);
+            b.arg(&g).arg(&u).arg(&mut a).arg(&count);
+            // SAFETY: argument types and buffer sizes match the kernel.
+            unsafe { b.launch(cfg(((n * e.ffn).div_ceil(256) as u32, 1), 256, 0)) }.map_err(drv)?;
+            self.gemm(&a, n, e.ffn, &dw, e.hidden, &mut y)?;
+            self.synchronize()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    }
+
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.stream.synchronize().map_err(drv)
     }

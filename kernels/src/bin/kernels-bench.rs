@@ -34,6 +34,10 @@ struct Cli {
     context: usize,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Also run the expert FFN on GPU 0 (feature `cuda`), next to the
+    /// device's copy bandwidth and cuBLAS's GEMM rate measured in the run.
+    #[arg(long)]
+    gpu: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -282,6 +286,77 @@ fn bench_model(name: &str, s: LayerShape, cli: &Cli, lim: &Limits, rows: &mut Ve
     }
 }
 
+#[cfg(feature = "cuda")]
+type GpuHandle = kernels::cuda::Gpu;
+#[cfg(not(feature = "cuda"))]
+type GpuHandle = std::convert::Infallible;
+
+/// Opens GPU 0 for `--gpu`, before any timing, or exits saying why not.
+#[cfg(feature = "cuda")]
+fn open_gpu() -> GpuHandle {
+    kernels::cuda::Gpu::new().unwrap_or_else(|e| {
+        eprintln!("kernels-bench: --gpu: {e}");
+        std::process::exit(2);
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu() -> GpuHandle {
+    eprintln!("kernels-bench: --gpu needs a build with `--features cuda` (and a GPU)");
+    std::process::exit(2);
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_bench(gpu: &GpuHandle, cli: &Cli, rows: &mut Vec<Row>) {
+    let mut run = || -> Result<(), kernels::cuda::CudaError> {
+        let mem = gpu.bench_copy(1 << 30, 5)?;
+        let flops = gpu.bench_gemm(8192, 3)?;
+        println!("# GPU {}: device copy {:.1} GB/s (read + written), cuBLAS bf16 GEMM 8192^3 {:.1} TFLOP/s", gpu.name, mem / 1e9, flops / 1e12);
+        for (name, full) in [
+            ("mixtral-8x22b", LayerShape::mixtral_8x22b()),
+            ("dbrx", LayerShape::dbrx()),
+        ] {
+            // The real shapes: a GPU holds them.
+            let s = full.scaled(cli.scale.min(1));
+            let e = Expert::new(
+                s.hidden,
+                s.ffn,
+                values(1, s.ffn * s.hidden, 0.02),
+                values(2, s.ffn * s.hidden, 0.02),
+                values(3, s.hidden * s.ffn, 0.02),
+            );
+            for &n in &cli.tokens {
+                let t = gpu.bench_expert(&e, n, 10)?;
+                let r = Row {
+                    model: format!("{name} (gpu)"),
+                    kernel: "expert_ffn",
+                    tokens: n,
+                    time_us: t * 1e6,
+                    gflops: 6.0 * (s.hidden * s.ffn * n) as f64 / t / 1e9,
+                    gbps: e.weight_bytes() as f64 / t / 1e9,
+                    pct_mem: 100.0 * e.weight_bytes() as f64 / t / mem,
+                    pct_fma: 100.0 * 6.0 * (s.hidden * s.ffn * n) as f64 / t / flops,
+                };
+                println!(
+                    "  {:<20} {:<10} {:>6} {:>11.1} {:>9.2} {:>8.2} {:>6.1} {:>6.1}  (% of device copy, % of cuBLAS)",
+                    r.model, r.kernel, r.tokens, r.time_us, r.gflops, r.gbps, r.pct_mem, r.pct_fma
+                );
+                rows.push(r);
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = run() {
+        eprintln!("kernels-bench: --gpu: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_bench(gpu: &GpuHandle, _cli: &Cli, _rows: &mut [Row]) {
+    match *gpu {}
+}
+
 fn main() {
     let cli = Cli::parse();
     let models: Vec<(&str, LayerShape)> = match cli.model.as_str() {
@@ -296,6 +371,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let gpu = cli.gpu.then(open_gpu);
     let lim = Limits {
         mem: copy_bandwidth(),
         fma: fma_peak(),
@@ -324,6 +400,9 @@ fn main() {
     let mut rows = Vec::new();
     for (name, full) in models {
         bench_model(name, full.scaled(cli.scale), &cli, &lim, &mut rows);
+    }
+    if let Some(g) = &gpu {
+        gpu_bench(g, &cli, &mut rows);
     }
     if let Some(path) = &cli.json {
         let v = serde_json::json!({
