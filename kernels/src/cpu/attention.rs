@@ -55,13 +55,12 @@ pub fn attention_ref(q: &[bf16], caches: &[KvCache], s: &LayerShape, out: &mut [
     }
 }
 
-/// Fast: each KV row is widened once and used by every query head of its
-/// group; scores and the weighted sum use vectorised f32 loops.
+/// Fast: each KV row is read once for every query head of its group,
+/// widened from bf16 in registers (AVX2/FMA where available).
 pub fn attention(q: &[bf16], caches: &[KvCache], s: &LayerShape, out: &mut [bf16]) {
     let (hd, kvh, g) = (s.head_dim, s.kv_heads, s.group());
     let scale = 1.0 / (hd as f32).sqrt();
     let mut qf = vec![0.0f32; g * hd];
-    let mut row = vec![0.0f32; hd];
     let mut acc = vec![0.0f32; g * hd];
     for (t, cache) in caches.iter().enumerate() {
         let n = cache.len;
@@ -69,9 +68,9 @@ pub fn attention(q: &[bf16], caches: &[KvCache], s: &LayerShape, out: &mut [bf16
         for kh in 0..kvh {
             super::gemv::widen(&q[(t * s.heads + kh * g) * hd..][..g * hd], &mut qf);
             for p in 0..n {
-                super::gemv::widen(&cache.k[(p * kvh + kh) * hd..][..hd], &mut row);
+                let kr = &cache.k[(p * kvh + kh) * hd..][..hd];
                 for j in 0..g {
-                    scores[j * n + p] = super::dot(&qf[j * hd..][..hd], &row) * scale;
+                    scores[j * n + p] = super::gemv::dot_bf16(&qf[j * hd..][..hd], kr) * scale;
                 }
             }
             let mut sums = vec![0.0f32; g];
@@ -85,12 +84,9 @@ pub fn attention(q: &[bf16], caches: &[KvCache], s: &LayerShape, out: &mut [bf16
             }
             acc.iter_mut().for_each(|a| *a = 0.0);
             for p in 0..n {
-                super::gemv::widen(&cache.v[(p * kvh + kh) * hd..][..hd], &mut row);
+                let vr = &cache.v[(p * kvh + kh) * hd..][..hd];
                 for j in 0..g {
-                    let w = scores[j * n + p];
-                    for (a, v) in acc[j * hd..][..hd].iter_mut().zip(&row) {
-                        *a += w * *v;
-                    }
+                    super::gemv::axpy_bf16(&mut acc[j * hd..][..hd], scores[j * n + p], vr);
                 }
             }
             for j in 0..g {

@@ -29,6 +29,35 @@ pub fn widen(src: &[bf16], dst: &mut [f32]) {
     }
 }
 
+/// `sum_i a[i] * b[i]` with `b` in bf16, widened in registers.
+pub fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if n >= 8 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected; both slices hold n elements.
+        return unsafe { avx2::dot_bf16(&a[..n], &b[..n]) };
+    }
+    a[..n]
+        .iter()
+        .zip(&b[..n])
+        .map(|(x, y)| x * y.to_f32())
+        .sum()
+}
+
+/// `acc[i] += w * v[i]` with `v` in bf16, widened in registers.
+pub fn axpy_bf16(acc: &mut [f32], w: f32, v: &[bf16]) {
+    let n = acc.len().min(v.len());
+    #[cfg(target_arch = "x86_64")]
+    if n >= 8 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected; both slices hold n elements.
+        unsafe { avx2::axpy_bf16(&mut acc[..n], w, &v[..n]) };
+        return;
+    }
+    for (a, x) in acc[..n].iter_mut().zip(&v[..n]) {
+        *a += w * x.to_f32();
+    }
+}
+
 /// Fast, for small `n`: each weight row is read from memory once (and from
 /// L1 for every further block of four tokens). On x86-64 with AVX2 and FMA
 /// (detected at run time) the row is widened and multiplied in registers.
@@ -75,6 +104,58 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+
+    /// See [`super::dot_bf16`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `a` and `b` have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr().cast::<u16>());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY: every load reads 8 elements below n.
+        unsafe {
+            while i + 16 <= n {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load8(pb.add(i)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), load8(pb.add(i + 8)), s1);
+                i += 16;
+            }
+            if i + 8 <= n {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load8(pb.add(i)), s0);
+                i += 8;
+            }
+        }
+        let mut sum = hsum(_mm256_add_ps(s0, s1));
+        for j in i..n {
+            sum += a[j] * b[j].to_f32();
+        }
+        sum
+    }
+
+    /// See [`super::axpy_bf16`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `acc` and `v` have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_bf16(acc: &mut [f32], w: f32, v: &[bf16]) {
+        let n = acc.len();
+        let (pa, pv) = (acc.as_mut_ptr(), v.as_ptr().cast::<u16>());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        // SAFETY: every access covers 8 elements below n.
+        unsafe {
+            while i + 8 <= n {
+                let a = _mm256_loadu_ps(pa.add(i));
+                _mm256_storeu_ps(pa.add(i), _mm256_fmadd_ps(wv, load8(pv.add(i)), a));
+                i += 8;
+            }
+        }
+        for j in i..n {
+            acc[j] += w * v[j].to_f32();
+        }
     }
 
     /// See [`super::matmul_bf16`]. Blocks of four tokens share each widened
