@@ -262,6 +262,21 @@ impl LocalRegions {
         Ok(self.add(Arc::new(External { ptr, len }), Vec::new()))
     }
 
+    /// The source of `req`, after checking both ranges: the remote one
+    /// against `remote_len` (the peer's region) and the local one against
+    /// the registered region. Nothing is posted when either is out of range.
+    pub(crate) fn source(
+        &self,
+        peer: usize,
+        req: &WriteRequest,
+        remote_len: usize,
+    ) -> Result<Arc<dyn LocalMemory>, TransportError> {
+        check_range("remote", peer, req.remote_offset, req.len, remote_len)?;
+        let local = self.get(req.local)?;
+        check_range("local", peer, req.local_offset, req.len, local.len())?;
+        Ok(local)
+    }
+
     pub(crate) fn get(&self, id: RegionId) -> Result<Arc<dyn LocalMemory>, TransportError> {
         self.regions
             .get(id.index as usize)

@@ -17,8 +17,8 @@ use inbox::{inbox_bytes, Ring};
 use segment::Segment;
 
 use super::{
-    check_range, Completion, Lane, LocalRegions, Region, RegionId, RemoteRegion, Transport,
-    TransportError, TransportKind, WriteRequest,
+    Completion, Lane, LocalRegions, Region, RegionId, RemoteRegion, Transport, TransportError,
+    TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -213,9 +213,7 @@ impl Transport for ShmTransport {
             .get(req.remote.key as usize)
             .filter(|r| r.peer == peer)
             .ok_or(TransportError::NotConnected(peer))?;
-        check_range("remote", peer, req.remote_offset, req.len, remote.seg.len())?;
-        let local = self.locals.get(req.local)?;
-        check_range("local", peer, req.local_offset, req.len, local.len())?;
+        let local = self.locals.source(peer, req, remote.seg.len())?;
         if req.imm.is_some() && !ring.has_room(peer)? {
             return Err(TransportError::WouldBlock);
         }

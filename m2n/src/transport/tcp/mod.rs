@@ -22,8 +22,8 @@ pub use sock::LaneOptions;
 
 use super::shm::segment::Segment;
 use super::{
-    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion,
-    Transport, TransportError, TransportKind, WriteRequest,
+    Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Transport,
+    TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -486,9 +486,7 @@ impl Transport for TcpTransport {
         if req.remote.peer != peer {
             return Err(TransportError::NotConnected(peer));
         }
-        check_range("remote", peer, req.remote_offset, req.len, req.remote.len)?;
-        let seg = self.locals.get(req.local)?;
-        check_range("local", peer, req.local_offset, req.len, seg.len())?;
+        let seg = self.locals.source(peer, req, req.remote.len)?;
         let len32 = u32::try_from(req.len).map_err(|_| TransportError::OutOfBounds {
             side: "frame",
             peer,

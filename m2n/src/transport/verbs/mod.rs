@@ -20,8 +20,8 @@ use rdma_sys::*;
 
 use super::shm::segment::Segment;
 use super::{
-    check_range, Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion,
-    Transport, TransportError, TransportKind, WriteRequest,
+    Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Transport,
+    TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -565,9 +565,7 @@ impl Transport for VerbsTransport {
             .filter(|r| r.peer == peer)
             .ok_or(TransportError::NotConnected(peer))?;
         // The library refuses out-of-range writes before posting.
-        check_range("remote", peer, req.remote_offset, req.len, req.remote.len)?;
-        let local = self.locals.get(req.local)?;
-        check_range("local", peer, req.local_offset, req.len, local.len())?;
+        let local = self.locals.source(peer, req, req.remote.len)?;
         let len = u32::try_from(req.len).map_err(|_| TransportError::OutOfBounds {
             side: "work request",
             peer,
