@@ -220,6 +220,7 @@ fn main() {
         (Role::Expert, me - m)
     };
 
+    let place = run::Place { role, rank, m, n };
     let uid = share_unique_id(&world).unwrap_or_else(|e| fail(&world, &e));
     let mut config = Config::from_env().unwrap_or_else(|e| fail(&world, &e.to_string()));
     config.transport = args.transport;
@@ -243,14 +244,7 @@ fn main() {
         world.abort(3)
     });
     let mut baseline: Option<Contender> = match args.baseline {
-        Baseline::Mpi => Some(Contender::Mpi(MpiRank::new(
-            role,
-            rank,
-            m,
-            n,
-            args.max_bytes,
-            wait,
-        ))),
+        Baseline::Mpi => Some(Contender::Mpi(MpiRank::new(place, args.max_bytes, wait))),
         #[cfg(feature = "cuda")]
         Baseline::Nccl => {
             let stream = gpu_stream.clone().expect("opened above");
@@ -260,18 +254,11 @@ fn main() {
                     eprintln!("m2n_perf: {role} {rank}: m2n on GPU buffers: {e}");
                     world.abort(3)
                 });
-            let r = nccl_base::NcclRank::new(
-                &world,
-                stream,
-                (role, rank),
-                Shape::new(m, n),
-                args.max_bytes,
-                wait,
-            )
-            .unwrap_or_else(|e| {
-                eprintln!("m2n_perf: {role} {rank}: {e}");
-                world.abort(3)
-            });
+            let r = nccl_base::NcclRank::new(&world, stream, place, args.max_bytes, wait)
+                .unwrap_or_else(|e| {
+                    eprintln!("m2n_perf: {role} {rank}: {e}");
+                    world.abort(3)
+                });
             Some(Contender::Nccl(Box::new(r)))
         }
         _ => None,

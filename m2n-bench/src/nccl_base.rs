@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::{group_end, group_start, Comm, Id};
-use m2n::pattern;
 use m2n::proto::ChannelId;
 use m2n::Role;
 use mpi::topology::SimpleCommunicator;
@@ -15,7 +14,7 @@ use mpi::traits::{Communicator as _, Root as _};
 
 use crate::cli::Pattern;
 use crate::mpi_base;
-use crate::run::Sample;
+use crate::run::{Place, Sample};
 
 /// The GPU this rank uses: ranks are spread over the devices round-robin.
 pub fn open_gpu(world: &SimpleCommunicator) -> Result<Arc<CudaStream>, String> {
@@ -29,10 +28,7 @@ pub fn open_gpu(world: &SimpleCommunicator) -> Result<Arc<CudaStream>, String> {
 pub struct NcclRank {
     comm: Comm,
     stream: Arc<CudaStream>,
-    role: Role,
-    rank: usize,
-    m: usize,
-    n: usize,
+    place: Place,
     send: CudaSlice<u8>,
     recv: CudaSlice<u8>,
     k: u64,
@@ -43,12 +39,10 @@ impl NcclRank {
     pub fn new(
         world: &SimpleCommunicator,
         stream: Arc<CudaStream>,
-        (role, rank): (Role, usize),
-        shape: m2n::Shape,
+        place: Place,
         max_bytes: usize,
         wait: m2n::WaitPolicy,
     ) -> Result<Self, String> {
-        let (m, n) = (shape.attention, shape.experts);
         // Rank 0 makes the NCCL unique id; MPI carries it to everyone.
         let mut internal = [0 as std::ffi::c_char; 128];
         if world.rank() == 0 {
@@ -64,7 +58,7 @@ impl NcclRank {
             Id::uninit(internal),
         )
         .map_err(|e| format!("ncclCommInitRank: {e:?}"))?;
-        let peers = if role == Role::Attention { n } else { m };
+        let peers = place.peers();
         let alloc = |len: usize| {
             stream
                 .alloc_zeros::<u8>(len.max(1))
@@ -75,39 +69,15 @@ impl NcclRank {
             recv: alloc(peers * max_bytes)?,
             comm,
             stream,
-            role,
-            rank,
-            m,
-            n,
+            place,
             k: 0,
             wait,
         })
     }
 
-    fn peers(&self) -> usize {
-        if self.role == Role::Attention {
-            self.n
-        } else {
-            self.m
-        }
-    }
-
-    fn mpi_rank(&self, p: usize) -> i32 {
-        (if self.role == Role::Attention {
-            self.m + p
-        } else {
-            p
-        }) as i32
-    }
-
     fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
-        let mut host = vec![0u8; self.peers() * size];
-        for p in 0..self.peers() {
-            pattern::fill(
-                &mut host[p * size..(p + 1) * size],
-                pattern::seed(channel, self.rank, p, self.k),
-            );
-        }
+        let mut host = vec![0u8; self.place.peers() * size];
+        self.place.fill(&mut host, channel, size, self.k);
         let mut dst = self.send.slice_mut(0..host.len());
         self.stream
             .memcpy_htod(&host, &mut dst)
@@ -117,24 +87,17 @@ impl NcclRank {
     fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
         let host = self
             .stream
-            .memcpy_dtov(&self.recv.slice(0..self.peers() * size))
+            .memcpy_dtov(&self.recv.slice(0..self.place.peers() * size))
             .map_err(|e| format!("{e:?}"))?;
-        Ok((0..self.peers())
-            .map(|p| {
-                pattern::count_wrong(
-                    &host[p * size..(p + 1) * size],
-                    pattern::seed(channel, p, self.rank, self.k),
-                ) as u64
-            })
-            .sum())
+        Ok(self.place.count_wrong(&host, channel, size, self.k))
     }
 
     /// One grouped exchange: sends to `send_to`, receives from `recv_from`.
     fn exchange(&mut self, size: usize, send: bool, recv: bool) -> Result<(), String> {
         let e = |x: cudarc::nccl::result::NcclError| format!("NCCL: {x:?}");
         group_start().map_err(e)?;
-        for p in 0..self.peers() {
-            let peer = self.mpi_rank(p);
+        for p in 0..self.place.peers() {
+            let peer = self.place.mpi_rank(p);
             if send {
                 self.comm
                     .send(&self.send.slice(p * size..(p + 1) * size), peer)
@@ -158,12 +121,12 @@ impl NcclRank {
         verify: bool,
     ) -> Result<Sample, String> {
         let mut wrong = 0;
-        if verify && self.role == Role::Attention {
+        if verify && self.place.role == Role::Attention {
             self.fill(ChannelId::Dispatch, size)?;
         }
         mpi_base::barrier(world, self.wait);
         let t0 = Instant::now();
-        match (self.role, pattern) {
+        match (self.place.role, pattern) {
             (Role::Attention, Pattern::Dispatch) => self.exchange(size, true, false)?,
             (Role::Expert, Pattern::Dispatch) => self.exchange(size, false, true)?,
             (Role::Attention, Pattern::Roundtrip) => {
@@ -181,7 +144,7 @@ impl NcclRank {
         }
         let t1 = Instant::now();
         if verify {
-            match (self.role, pattern) {
+            match (self.place.role, pattern) {
                 (Role::Expert, Pattern::Dispatch) => {
                     wrong += self.count_wrong(ChannelId::Dispatch, size)?
                 }

@@ -40,6 +40,60 @@ fn check(buf: &[u8], want_len: usize, seed: u64) -> u64 {
     pattern::count_wrong(buf, seed) as u64
 }
 
+/// Where a rank sits in the group, and the check patterns of its messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Place {
+    pub role: Role,
+    pub rank: usize,
+    /// Attention ranks (M) and experts (N).
+    pub m: usize,
+    pub n: usize,
+}
+
+impl Place {
+    /// Ranks on the other side.
+    pub fn peers(&self) -> usize {
+        if self.role == Role::Attention {
+            self.n
+        } else {
+            self.m
+        }
+    }
+
+    /// MPI rank of peer `p` on the other side (attention ranks come first).
+    pub fn mpi_rank(&self, p: usize) -> i32 {
+        (if self.role == Role::Attention {
+            self.m + p
+        } else {
+            p
+        }) as i32
+    }
+
+    /// Fills `buf` (one `size`-byte message per peer) with this rank's
+    /// pattern for round `k` on `channel`.
+    pub fn fill(&self, buf: &mut [u8], channel: ChannelId, size: usize, k: u64) {
+        for p in 0..self.peers() {
+            pattern::fill(
+                &mut buf[p * size..(p + 1) * size],
+                pattern::seed(channel, self.rank, p, k),
+            );
+        }
+    }
+
+    /// Wrong bytes in `buf` (one message per peer) received in round `k`.
+    pub fn count_wrong(&self, buf: &[u8], channel: ChannelId, size: usize, k: u64) -> u64 {
+        (0..self.peers())
+            .map(|p| {
+                check(
+                    &buf[p * size..(p + 1) * size],
+                    size,
+                    pattern::seed(channel, p, self.rank, k),
+                )
+            })
+            .sum()
+    }
+}
+
 /// One message of `size` bytes per peer, from consecutive slices of `send`.
 fn msgs(send: &Region, peers: usize, size: usize) -> Vec<Msg<'_>> {
     (0..peers).map(|p| Msg::new(send, p * size, size)).collect()
@@ -217,10 +271,7 @@ impl M2nRank {
 
 /// The MPI baseline on one rank.
 pub struct MpiRank {
-    role: Role,
-    rank: usize,
-    m: usize,
-    n: usize,
+    place: Place,
     send: Vec<u8>,
     recv: Vec<u8>,
     k: u64,
@@ -228,68 +279,27 @@ pub struct MpiRank {
 }
 
 impl MpiRank {
-    pub fn new(
-        role: Role,
-        rank: usize,
-        m: usize,
-        n: usize,
-        max_bytes: usize,
-        wait: WaitPolicy,
-    ) -> Self {
-        let peers = if role == Role::Attention { n } else { m };
+    pub fn new(place: Place, max_bytes: usize, wait: WaitPolicy) -> Self {
         Self {
-            role,
-            rank,
-            m,
-            n,
-            send: vec![0; peers * max_bytes],
-            recv: vec![0; peers * max_bytes],
+            place,
+            send: vec![0; place.peers() * max_bytes],
+            recv: vec![0; place.peers() * max_bytes],
             k: 0,
             wait,
         }
     }
 
-    fn peers(&self) -> usize {
-        if self.role == Role::Attention {
-            self.n
-        } else {
-            self.m
-        }
-    }
-
-    /// MPI rank of peer `p` on the other side.
-    fn mpi_rank(&self, p: usize) -> i32 {
-        (if self.role == Role::Attention {
-            self.m + p
-        } else {
-            p
-        }) as i32
-    }
-
     fn fill(&mut self, channel: ChannelId, size: usize) {
-        for p in 0..self.peers() {
-            pattern::fill(
-                &mut self.send[p * size..(p + 1) * size],
-                pattern::seed(channel, self.rank, p, self.k),
-            );
-        }
+        self.place.fill(&mut self.send, channel, size, self.k);
     }
 
     fn count_wrong(&self, channel: ChannelId, size: usize) -> u64 {
-        (0..self.peers())
-            .map(|p| {
-                check(
-                    &self.recv[p * size..(p + 1) * size],
-                    size,
-                    pattern::seed(channel, p, self.rank, self.k),
-                )
-            })
-            .sum()
+        self.place.count_wrong(&self.recv, channel, size, self.k)
     }
 
     fn sends(&self, size: usize) -> Vec<(i32, &[u8])> {
-        (0..self.peers())
-            .map(|p| (self.mpi_rank(p), &self.send[p * size..(p + 1) * size]))
+        (0..self.place.peers())
+            .map(|p| (self.place.mpi_rank(p), &self.send[p * size..(p + 1) * size]))
             .collect()
     }
 
@@ -303,13 +313,15 @@ impl MpiRank {
         const DISPATCH: i32 = 1;
         const COMBINE: i32 = 2;
         let mut wrong = 0;
-        let peers: Vec<i32> = (0..self.peers()).map(|p| self.mpi_rank(p)).collect();
-        if verify && self.role == Role::Attention {
+        let peers: Vec<i32> = (0..self.place.peers())
+            .map(|p| self.place.mpi_rank(p))
+            .collect();
+        if verify && self.place.role == Role::Attention {
             self.fill(ChannelId::Dispatch, size);
         }
         mpi_base::barrier(world, self.wait);
         let t0 = Instant::now();
-        match (self.role, pattern) {
+        match (self.place.role, pattern) {
             (Role::Attention, Pattern::Dispatch) => {
                 mpi_base::exchange(world, &self.sends(size), DISPATCH, &mut [], 0, self.wait);
             }
@@ -346,7 +358,7 @@ impl MpiRank {
         }
         let t1 = Instant::now();
         if verify {
-            match (self.role, pattern) {
+            match (self.place.role, pattern) {
                 (Role::Expert, Pattern::Dispatch) => {
                     wrong += self.count_wrong(ChannelId::Dispatch, size)
                 }

@@ -395,6 +395,31 @@ pub struct WriteRequest {
     pub signaled: bool,
 }
 
+#[cfg(test)]
+impl WriteRequest {
+    /// A signalled test write of `len` bytes from the start of `local` to
+    /// `remote_offset` of `remote`.
+    pub(crate) fn test(
+        local: &Region,
+        remote: RemoteRegion,
+        remote_offset: usize,
+        len: usize,
+        imm: Option<u32>,
+        wr_id: u64,
+    ) -> Self {
+        Self {
+            local: local.id(),
+            local_offset: 0,
+            len,
+            remote,
+            remote_offset,
+            imm,
+            wr_id,
+            signaled: true,
+        }
+    }
+}
+
 /// What [`Transport::poll`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {

@@ -280,16 +280,7 @@ mod tests {
         len: usize,
         imm: Option<u32>,
     ) -> WriteRequest {
-        WriteRequest {
-            local: local.id(),
-            local_offset: 0,
-            len,
-            remote,
-            remote_offset: off,
-            imm,
-            wr_id: 7,
-            signaled: true,
-        }
+        WriteRequest::test(local, remote, off, len, imm, 7)
     }
 
     #[test]

@@ -40,16 +40,7 @@ fn req(
     len: usize,
     imm: Option<u32>,
 ) -> WriteRequest {
-    WriteRequest {
-        local: local.id(),
-        local_offset: 0,
-        len,
-        remote,
-        remote_offset: off,
-        imm,
-        wr_id: 5,
-        signaled: true,
-    }
+    WriteRequest::test(local, remote, off, len, imm, 5)
 }
 
 /// Polls both until `b` has seen `want` arrivals; returns (a's, b's) completions.
