@@ -259,7 +259,16 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 }
 
 /// Variables with an `M2N_` prefix that are not configuration.
-const NOT_CONFIG: &[&str] = &["M2N_UNIQUE_ID", "M2N_BOOTSTRAP_ADDR", "M2N_LIB"];
+/// (The project's scripts and tests use a few too; they must not make a
+/// rank that inherits them fail.)
+const NOT_CONFIG: &[&str] = &[
+    "M2N_UNIQUE_ID",
+    "M2N_BOOTSTRAP_ADDR",
+    "M2N_LIB",
+    "M2N_SKIP_VM",
+    "M2N_REQUIRE_NVRTC",
+    "M2N_BLESS",
+];
 
 impl Config {
     /// The defaults with the process environment's `M2N_*` overrides.
@@ -437,6 +446,7 @@ mod tests {
             ("M2N_PEER_TIMEOUT_MS", "1500"),
             ("M2N_WAIT", "spin-yield:10"),
             ("M2N_UNIQUE_ID", "ignored"),
+            ("M2N_SKIP_VM", "1"),
             ("PATH", "/bin"),
         ])
         .unwrap();
