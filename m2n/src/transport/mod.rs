@@ -264,13 +264,23 @@ impl LocalRegions {
 
     /// The source of `req`, after checking both ranges: the remote one
     /// against `remote_len` (the peer's region) and the local one against
-    /// the registered region. Nothing is posted when either is out of range.
+    /// the registered region, and that the length fits the 32 bits every
+    /// transport carries it in. Nothing is posted when a check fails.
     pub(crate) fn source(
         &self,
         peer: usize,
         req: &WriteRequest,
         remote_len: usize,
     ) -> Result<Arc<dyn LocalMemory>, TransportError> {
+        if u32::try_from(req.len).is_err() {
+            return Err(TransportError::OutOfBounds {
+                side: "write",
+                peer,
+                offset: req.local_offset,
+                len: req.len,
+                region_len: u32::MAX as usize,
+            });
+        }
         check_range("remote", peer, req.remote_offset, req.len, remote_len)?;
         let local = self.get(req.local)?;
         check_range("local", peer, req.local_offset, req.len, local.len())?;

@@ -487,13 +487,8 @@ impl Transport for TcpTransport {
             return Err(TransportError::NotConnected(peer));
         }
         let seg = self.locals.source(peer, req, req.remote.len)?;
-        let len32 = u32::try_from(req.len).map_err(|_| TransportError::OutOfBounds {
-            side: "frame",
-            peer,
-            offset: req.local_offset,
-            len: req.len,
-            region_len: u32::MAX as usize,
-        })?;
+        // `source` checked that the length fits in 32 bits.
+        let len32 = req.len as u32;
         let header = Header {
             lane,
             region: req.remote.key,

@@ -566,13 +566,8 @@ impl Transport for VerbsTransport {
             .ok_or(TransportError::NotConnected(peer))?;
         // The library refuses out-of-range writes before posting.
         let local = self.locals.source(peer, req, req.remote.len)?;
-        let len = u32::try_from(req.len).map_err(|_| TransportError::OutOfBounds {
-            side: "work request",
-            peer,
-            offset: req.local_offset,
-            len: req.len,
-            region_len: u32::MAX as usize,
-        })?;
+        // `source` checked that the length fits in 32 bits.
+        let len = req.len as u32;
         let sq_depth = self.opts.sq_depth as usize;
         let slot_index = 2 * peer + lane_index(lane);
         let slot = &mut self.qps[slot_index];
