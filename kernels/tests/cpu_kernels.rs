@@ -3,8 +3,11 @@
 //! the layout's exact properties.
 
 use half::bf16;
-use kernels::cpu::attention::{attention, attention_ref, KvCache};
-use kernels::cpu::ffn::{swiglu, swiglu_ref, Expert, GEMM_TOKENS};
+use kernels::cpu::attention::{
+    attention, attention_ref, prefill_attention, prefill_attention_ref, AttnScratch, KvCache,
+};
+use kernels::cpu::ffn::{swiglu, swiglu_ref, swiglu_rows, Expert, FfnScratch, GEMM_TOKENS};
+use kernels::cpu::gemv::matmul_bf16;
 use kernels::cpu::layout::{combine, combine_ref, permute, permute_ref};
 use kernels::cpu::norm::{rmsnorm, rmsnorm_ref};
 use kernels::cpu::random_bf16 as values;
@@ -88,6 +91,58 @@ proptest! {
         attention(&q, &caches, &s, &mut a);
         attention_ref(&q, &caches, &s, &mut b);
         assert_close(&a, &b, 2e-2, "attention");
+    }
+
+    #[test]
+    fn prefill_attention_matches_and_equals_decode_steps(seed in any::<u64>(), g in 1usize..4, kvh in 1usize..3, hd in 1usize..40, start in 0usize..6, c in 1usize..7) {
+        let s = shape(g, kvh, hd, 2, 1, 8);
+        let len = start + c;
+        let cache = KvCache {
+            k: values(seed ^ 1, len * kvh * hd, 2.0),
+            v: values(seed ^ 2, len * kvh * hd, 2.0),
+            len,
+        };
+        let row = s.heads * hd;
+        let q = values(seed ^ 3, c * row, 2.0);
+        let (mut a, mut b) = (vec![bf16::ZERO; q.len()], vec![bf16::ZERO; q.len()]);
+        let mut scratch = AttnScratch::default();
+        prefill_attention(&q, &cache, start, &s, &mut a, &mut scratch);
+        prefill_attention_ref(&q, &cache, start, &s, &mut b);
+        assert_close(&a, &b, 2e-2, "prefill attention");
+        // Causal: token i sees exactly the first start + i + 1 rows, with the
+        // decode kernel's arithmetic (so chunked prefill changes no bit).
+        for i in 0..c {
+            let n = (start + i + 1) * kvh * hd;
+            let prefix = KvCache { k: cache.k[..n].to_vec(), v: cache.v[..n].to_vec(), len: start + i + 1 };
+            let mut d = vec![bf16::ZERO; row];
+            attention(&q[i * row..][..row], std::slice::from_ref(&prefix), &s, &mut d);
+            prop_assert_eq!(&a[i * row..][..row], &d[..], "token {}", i);
+        }
+    }
+
+    #[test]
+    fn gemv_and_swiglu_rows_are_batch_invariant(seed in any::<u64>(), n in 1usize..9, k in 1usize..80, m in 1usize..20, f in 1usize..40) {
+        // Each token alone must give the same bits as inside any batch.
+        let x: Vec<f32> = kernels::cpu::to_f32(&values(seed, n * k, 1.0));
+        let w = values(seed ^ 4, m * k, 1.0);
+        let mut all = vec![0.0f32; n * m];
+        matmul_bf16(&x, n, k, &w, m, &mut all);
+        for t in 0..n {
+            let mut one = vec![0.0f32; m];
+            matmul_bf16(&x[t * k..][..k], 1, k, &w, m, &mut one);
+            prop_assert_eq!(&all[t * m..][..m], &one[..], "token {} of {}", t, n);
+        }
+        let e = Expert::new(k, f, values(seed, f * k, 0.5), values(seed ^ 1, f * k, 0.5), values(seed ^ 2, k * f, 0.5));
+        let xb = values(seed ^ 9, n * k, 1.0);
+        let mut sc = FfnScratch::default();
+        let mut out = vec![bf16::ZERO; n * k];
+        swiglu_rows(&e, &xb, &mut out, &mut sc);
+        assert_close(&out, &swiglu_ref(&e, &xb), 3e-2, "swiglu_rows");
+        for t in (0..n).rev() {
+            let mut one = vec![bf16::ZERO; k];
+            swiglu_rows(&e, &xb[t * k..][..k], &mut one, &mut sc);
+            prop_assert_eq!(&out[t * k..][..k], &one[..], "swiglu token {} of {}", t, n);
+        }
     }
 
     #[test]

@@ -58,46 +58,140 @@ pub fn attention_ref(q: &[bf16], caches: &[KvCache], s: &LayerShape, out: &mut [
 /// Fast: each KV row is read once for every query head of its group,
 /// widened from bf16 in registers (AVX2/FMA where available).
 pub fn attention(q: &[bf16], caches: &[KvCache], s: &LayerShape, out: &mut [bf16]) {
+    let mut scratch = AttnScratch::default();
+    let row = s.heads * s.head_dim;
+    for (t, cache) in caches.iter().enumerate() {
+        attend(
+            &q[t * row..][..row],
+            cache,
+            cache.len,
+            s,
+            &mut out[t * row..][..row],
+            &mut scratch,
+        );
+    }
+}
+
+/// Reference causal (prefill) attention: `q` holds `c` query tokens of one
+/// sequence, at positions `start..start + c`, whose keys and values are
+/// already in `cache`; token `i` attends to cache rows `0..=start + i`.
+pub fn prefill_attention_ref(
+    q: &[bf16],
+    cache: &KvCache,
+    start: usize,
+    s: &LayerShape,
+    out: &mut [bf16],
+) {
+    let row = s.heads * s.head_dim;
+    let c = q.len() / row;
+    assert!(start + c <= cache.len, "prefill past the cache");
+    for i in 0..c {
+        let len = start + i + 1;
+        let prefix = KvCache {
+            k: cache.k[..len * s.kv_heads * s.head_dim].to_vec(),
+            v: cache.v[..len * s.kv_heads * s.head_dim].to_vec(),
+            len,
+        };
+        attention_ref(
+            &q[i * row..][..row],
+            std::slice::from_ref(&prefix),
+            s,
+            &mut out[i * row..][..row],
+        );
+    }
+}
+
+/// Fast causal (prefill) attention, as [`prefill_attention_ref`]. Each
+/// query row runs exactly the arithmetic of a decode step at its position,
+/// so prefilling a prompt in one piece, in chunks, or token by token gives
+/// the same bits.
+pub fn prefill_attention(
+    q: &[bf16],
+    cache: &KvCache,
+    start: usize,
+    s: &LayerShape,
+    out: &mut [bf16],
+    scratch: &mut AttnScratch,
+) {
+    let row = s.heads * s.head_dim;
+    let c = q.len() / row;
+    assert!(start + c <= cache.len, "prefill past the cache");
+    for i in 0..c {
+        attend(
+            &q[i * row..][..row],
+            cache,
+            start + i + 1,
+            s,
+            &mut out[i * row..][..row],
+            scratch,
+        );
+    }
+}
+
+/// Reusable buffers of the fast attention (no allocation per call once
+/// they have grown).
+#[derive(Debug, Default)]
+pub struct AttnScratch {
+    qf: Vec<f32>,
+    acc: Vec<f32>,
+    scores: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+/// One query token (`heads * head_dim`) against the first `len` rows of
+/// `cache`.
+fn attend(
+    q: &[bf16],
+    cache: &KvCache,
+    len: usize,
+    s: &LayerShape,
+    out: &mut [bf16],
+    sc: &mut AttnScratch,
+) {
     let (hd, kvh, g) = (s.head_dim, s.kv_heads, s.group());
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut qf = vec![0.0f32; g * hd];
-    let mut acc = vec![0.0f32; g * hd];
-    for (t, cache) in caches.iter().enumerate() {
-        let n = cache.len;
-        let mut scores = vec![0.0f32; g * n];
-        for kh in 0..kvh {
-            super::gemv::widen(&q[(t * s.heads + kh * g) * hd..][..g * hd], &mut qf);
-            for p in 0..n {
-                let kr = &cache.k[(p * kvh + kh) * hd..][..hd];
-                for j in 0..g {
-                    scores[j * n + p] = super::gemv::dot_bf16(&qf[j * hd..][..hd], kr) * scale;
-                }
-            }
-            let mut sums = vec![0.0f32; g];
+    let n = len;
+    sc.qf.resize(g * hd, 0.0);
+    sc.acc.resize(g * hd, 0.0);
+    sc.scores.resize(g * n, 0.0);
+    sc.sums.resize(g, 0.0);
+    let AttnScratch {
+        qf,
+        acc,
+        scores,
+        sums,
+    } = sc;
+    for kh in 0..kvh {
+        super::gemv::widen(&q[kh * g * hd..][..g * hd], qf);
+        for p in 0..n {
+            let kr = &cache.k[(p * kvh + kh) * hd..][..hd];
             for j in 0..g {
-                let sc = &mut scores[j * n..][..n];
-                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for x in sc.iter_mut() {
-                    *x = (*x - max).exp();
-                }
-                sums[j] = sc.iter().sum();
+                scores[j * n + p] = super::gemv::dot_bf16(&qf[j * hd..][..hd], kr) * scale;
             }
-            acc.iter_mut().for_each(|a| *a = 0.0);
-            for p in 0..n {
-                let vr = &cache.v[(p * kvh + kh) * hd..][..hd];
-                for j in 0..g {
-                    super::gemv::axpy_bf16(&mut acc[j * hd..][..hd], scores[j * n + p], vr);
-                }
+        }
+        for j in 0..g {
+            let sc = &mut scores[j * n..][..n];
+            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in sc.iter_mut() {
+                *x = (*x - max).exp();
             }
+            sums[j] = sc.iter().sum();
+        }
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for p in 0..n {
+            let vr = &cache.v[(p * kvh + kh) * hd..][..hd];
             for j in 0..g {
-                let o = &mut out[(t * s.heads + kh * g + j) * hd..][..hd];
-                for d in 0..hd {
-                    o[d] = bf16::from_f32(if sums[j] > 0.0 {
-                        acc[j * hd + d] / sums[j]
-                    } else {
-                        0.0
-                    });
-                }
+                super::gemv::axpy_bf16(&mut acc[j * hd..][..hd], scores[j * n + p], vr);
+            }
+        }
+        for j in 0..g {
+            let o = &mut out[(kh * g + j) * hd..][..hd];
+            for d in 0..hd {
+                o[d] = bf16::from_f32(if sums[j] > 0.0 {
+                    acc[j * hd + d] / sums[j]
+                } else {
+                    0.0
+                });
             }
         }
     }

@@ -104,3 +104,39 @@ pub fn swiglu(e: &Expert, x: &[bf16]) -> Vec<bf16> {
     }
     super::to_bf16(&y)
 }
+
+/// Reusable buffers of [`swiglu_rows`].
+#[derive(Debug, Default)]
+pub struct FfnScratch {
+    x: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// Batch-invariant SwiGLU into `out` (`n x hidden`): always the bf16 GEMV
+/// path, whose per-token arithmetic does not depend on the batch, so a
+/// token's result is the same whichever tokens share its expert call (the
+/// price: no SGEMM for large batches). What the MoE runtime runs, on the
+/// attention-free expert side and in the reference alike.
+pub fn swiglu_rows(e: &Expert, x: &[bf16], out: &mut [bf16], sc: &mut FfnScratch) {
+    let n = x.len() / e.hidden;
+    assert_eq!(out.len(), n * e.hidden, "output rows");
+    if n == 0 {
+        return;
+    }
+    sc.x.resize(n * e.hidden, 0.0);
+    sc.g.resize(n * e.ffn, 0.0);
+    sc.u.resize(n * e.ffn, 0.0);
+    sc.y.resize(n * e.hidden, 0.0);
+    gemv::widen(x, &mut sc.x);
+    gemv::matmul_bf16(&sc.x, n, e.hidden, &e.gate, e.ffn, &mut sc.g);
+    gemv::matmul_bf16(&sc.x, n, e.hidden, &e.up, e.ffn, &mut sc.u);
+    for (g, &u) in sc.g.iter_mut().zip(&sc.u) {
+        *g = bf16::from_f32(silu(*g) * u).to_f32();
+    }
+    gemv::matmul_bf16(&sc.g, n, e.ffn, &e.down, e.hidden, &mut sc.y);
+    for (o, &y) in out.iter_mut().zip(&sc.y) {
+        *o = bf16::from_f32(y);
+    }
+}

@@ -59,8 +59,10 @@ pub fn axpy_bf16(acc: &mut [f32], w: f32, v: &[bf16]) {
 }
 
 /// Fast, for small `n`: each weight row is read from memory once (and from
-/// L1 for every further block of four tokens). On x86-64 with AVX2 and FMA
+/// L1 for every further pair of tokens). On x86-64 with AVX2 and FMA
 /// (detected at run time) the row is widened and multiplied in registers.
+/// Batch-invariant: row `t` of `out` depends only on row `t` of `x`, never
+/// on `n` or on where the token sits in the batch.
 pub fn matmul_bf16(x: &[f32], n: usize, k: usize, w: &[bf16], m: usize, out: &mut [f32]) {
     assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
     #[cfg(target_arch = "x86_64")]
@@ -158,8 +160,14 @@ mod avx2 {
         }
     }
 
-    /// See [`super::matmul_bf16`]. Blocks of four tokens share each widened
-    /// chunk of a row; a lone token uses four accumulators.
+    /// See [`super::matmul_bf16`]. Every token's dot product has the same
+    /// arithmetic wherever it sits in the batch: chunk `q` of eight
+    /// elements goes into accumulator `q % 4`, the four are summed as
+    /// `(a0 + a1) + (a2 + a3)`, then the tail. Pairs of tokens share each
+    /// widened chunk of a row (eight accumulators stay in registers); a
+    /// lone last token runs the same sums on its own. So a token's output
+    /// does not depend on the batch (batch invariance: a disaggregated run
+    /// matches a single-process one bit for bit).
     ///
     /// # Safety
     /// AVX2 and FMA must be available; slices as asserted by the caller.
@@ -177,53 +185,68 @@ mod avx2 {
         let tail = |t: usize, j: usize, i0: usize| -> f32 {
             (i0..k).map(|i| x[t * k + i] * w[j * k + i].to_f32()).sum()
         };
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn finish(a: &[__m256; 4]) -> f32 {
+            hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ))
+        }
         for j in 0..m {
-            // SAFETY: j < m, i + 8 <= k8 <= k and t + b < n keep every load
+            // SAFETY: j < m, i + 8 <= k8 <= k and t + 1 < n keep every load
             // inside w (m x k bf16) and x (n x k f32), as the caller asserted.
             unsafe {
                 let row = w.as_ptr().add(j * k).cast::<u16>();
                 let mut t = 0;
-                while t + 4 <= n {
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    let mut i = 0;
-                    while i < k8 {
-                        let wv = load8(row.add(i));
-                        for (b, a) in acc.iter_mut().enumerate() {
-                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add((t + b) * k + i)), *a);
-                        }
-                        i += 8;
-                    }
-                    for (b, a) in acc.iter().enumerate() {
-                        out[(t + b) * m + j] = hsum(*a) + tail(t + b, j, k8);
-                    }
-                    t += 4;
-                }
-                while t < n {
-                    let mut acc = [_mm256_setzero_ps(); 4];
+                while t + 2 <= n {
+                    let mut a = [_mm256_setzero_ps(); 4];
+                    let mut b = [_mm256_setzero_ps(); 4];
+                    let (x0, x1) = (xp.add(t * k), xp.add((t + 1) * k));
                     let mut i = 0;
                     while i + 32 <= k8 {
-                        for (c, a) in acc.iter_mut().enumerate() {
-                            let o = i + 8 * c;
-                            *a = _mm256_fmadd_ps(
+                        for q in 0..4 {
+                            let o = i + 8 * q;
+                            let wv = load8(row.add(o));
+                            a[q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0.add(o)), a[q]);
+                            b[q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1.add(o)), b[q]);
+                        }
+                        i += 32;
+                    }
+                    let mut q = 0;
+                    while i < k8 {
+                        let wv = load8(row.add(i));
+                        a[q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0.add(i)), a[q]);
+                        b[q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1.add(i)), b[q]);
+                        i += 8;
+                        q += 1;
+                    }
+                    out[t * m + j] = finish(&a) + tail(t, j, k8);
+                    out[(t + 1) * m + j] = finish(&b) + tail(t + 1, j, k8);
+                    t += 2;
+                }
+                if t < n {
+                    let mut a = [_mm256_setzero_ps(); 4];
+                    let x0 = xp.add(t * k);
+                    let mut i = 0;
+                    while i + 32 <= k8 {
+                        for q in 0..4 {
+                            let o = i + 8 * q;
+                            a[q] = _mm256_fmadd_ps(
                                 load8(row.add(o)),
-                                _mm256_loadu_ps(xp.add(t * k + o)),
-                                *a,
+                                _mm256_loadu_ps(x0.add(o)),
+                                a[q],
                             );
                         }
                         i += 32;
                     }
+                    let mut q = 0;
                     while i < k8 {
-                        acc[0] = _mm256_fmadd_ps(
-                            load8(row.add(i)),
-                            _mm256_loadu_ps(xp.add(t * k + i)),
-                            acc[0],
-                        );
+                        a[q] = _mm256_fmadd_ps(load8(row.add(i)), _mm256_loadu_ps(x0.add(i)), a[q]);
                         i += 8;
+                        q += 1;
                     }
-                    let sum =
-                        _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                    out[t * m + j] = hsum(sum) + tail(t, j, k8);
-                    t += 1;
+                    out[t * m + j] = finish(&a) + tail(t, j, k8);
                 }
             }
         }
