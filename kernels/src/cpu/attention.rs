@@ -6,7 +6,7 @@ use half::bf16;
 use crate::LayerShape;
 
 /// One sequence's KV cache: `[len, kv_heads, head_dim]` for keys and values.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct KvCache {
     pub k: Vec<bf16>,
     pub v: Vec<bf16>,

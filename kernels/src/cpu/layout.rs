@@ -56,15 +56,11 @@ pub fn permute_ref(
     out
 }
 
-/// Fast permute: a counting sort by expert, then one row copy per entry
-/// into buffers allocated once at their final size.
-pub fn permute(
-    x: &[bf16],
-    hidden: usize,
-    routes: &[Route],
-    experts: usize,
-    ranks: usize,
-) -> Vec<RankBuffer> {
+/// The layout alone: for each rank, its entries in buffer order (by
+/// expert, tokens in order within an expert), by a counting sort. The MoE
+/// runtime gathers rows straight into its registered send buffers from
+/// this; [`permute`] gathers them into vectors.
+pub fn plan(routes: &[Route], experts: usize, ranks: usize) -> Vec<Vec<Entry>> {
     let mut counts = vec![0usize; experts];
     for r in routes {
         for &e in &r.experts {
@@ -72,35 +68,24 @@ pub fn permute(
         }
     }
     // Row index of each expert's first entry within its rank's buffer.
-    let mut start = vec![0usize; experts];
+    let mut next = vec![0usize; experts];
     let mut per_rank = vec![0usize; ranks];
     for e in 0..experts {
         let r = rank_of(e, experts, ranks);
-        start[e] = per_rank[r];
+        next[e] = per_rank[r];
         per_rank[r] += counts[e];
     }
-    let mut out: Vec<RankBuffer> = per_rank
-        .iter()
-        .map(|&n| RankBuffer {
-            rows: vec![bf16::ZERO; n * hidden],
-            entries: vec![
-                Entry {
-                    token: 0,
-                    expert: 0,
-                    weight: 0.0
-                };
-                n
-            ],
-        })
-        .collect();
-    let mut next = start;
+    let blank = Entry {
+        token: 0,
+        expert: 0,
+        weight: 0.0,
+    };
+    let mut out: Vec<Vec<Entry>> = per_rank.iter().map(|&n| vec![blank; n]).collect();
     for (t, route) in routes.iter().enumerate() {
         for (&e, &w) in route.experts.iter().zip(&route.weights) {
-            let rb = &mut out[rank_of(e, experts, ranks)];
             let i = next[e];
             next[e] += 1;
-            rb.rows[i * hidden..(i + 1) * hidden].copy_from_slice(&x[t * hidden..][..hidden]);
-            rb.entries[i] = Entry {
+            out[rank_of(e, experts, ranks)][i] = Entry {
                 token: t,
                 expert: e,
                 weight: w,
@@ -108,6 +93,27 @@ pub fn permute(
         }
     }
     out
+}
+
+/// Fast permute: [`plan`], then one row copy per entry into buffers
+/// allocated once at their final size.
+pub fn permute(
+    x: &[bf16],
+    hidden: usize,
+    routes: &[Route],
+    experts: usize,
+    ranks: usize,
+) -> Vec<RankBuffer> {
+    plan(routes, experts, ranks)
+        .into_iter()
+        .map(|entries| {
+            let mut rows = vec![bf16::ZERO; entries.len() * hidden];
+            for (row, e) in rows.chunks_exact_mut(hidden).zip(&entries) {
+                row.copy_from_slice(&x[e.token * hidden..][..hidden]);
+            }
+            RankBuffer { rows, entries }
+        })
+        .collect()
 }
 
 /// Reference combine: `out[t] = sum over t's entries of weight * row`.
@@ -141,15 +147,35 @@ pub fn combine(
     tokens: usize,
     hidden: usize,
 ) -> Vec<bf16> {
-    let mut acc = vec![0.0f32; tokens * hidden];
-    let mut row = vec![0.0f32; hidden];
-    for (rows, plan) in outputs.iter().zip(plans) {
-        for (i, e) in plan.entries.iter().enumerate() {
-            super::gemv::widen(&rows[i * hidden..][..hidden], &mut row);
-            for (a, v) in acc[e.token * hidden..][..hidden].iter_mut().zip(&row) {
+    let entries: Vec<&[Entry]> = plans.iter().map(|p| p.entries.as_slice()).collect();
+    let mut out = vec![bf16::ZERO; tokens * hidden];
+    combine_into(outputs, &entries, hidden, &mut Vec::new(), &mut out);
+    out
+}
+
+/// [`combine`] on bare entry lists, into `out` (`tokens x hidden`), with a
+/// reusable accumulator. A token's terms are summed in rank order, then in
+/// buffer order: by expert, whatever the number of ranks, so the result does
+/// not depend on how the experts are split.
+pub fn combine_into(
+    outputs: &[&[bf16]],
+    entries: &[&[Entry]],
+    hidden: usize,
+    acc: &mut Vec<f32>,
+    out: &mut [bf16],
+) {
+    acc.clear();
+    acc.resize(out.len() + hidden, 0.0);
+    let (acc, row) = acc.split_at_mut(out.len());
+    for (rows, plan) in outputs.iter().zip(entries) {
+        for (i, e) in plan.iter().enumerate() {
+            super::gemv::widen(&rows[i * hidden..][..hidden], row);
+            for (a, v) in acc[e.token * hidden..][..hidden].iter_mut().zip(&*row) {
                 *a += e.weight * *v;
             }
         }
     }
-    super::to_bf16(&acc)
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = bf16::from_f32(*a);
+    }
 }

@@ -24,6 +24,20 @@ pub struct ModelConfig {
     pub vocab: u64,
     /// Bytes per parameter and activation element (bf16: 2).
     pub dtype_bytes: u64,
+    /// RoPE base (`rope_theta`).
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon (`rms_norm_eps`).
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+}
+
+fn default_rope_theta() -> f64 {
+    1e6
+}
+
+fn default_norm_eps() -> f64 {
+    1e-5
 }
 
 impl ModelConfig {
@@ -66,7 +80,10 @@ impl ModelConfig {
         2 * self.kv_heads * self.head_dim * self.dtype_bytes
     }
 
-    /// The presets: the paper's three models and a tiny test shape.
+    /// The presets: the paper's three models, and small shapes that run in
+    /// seconds on a CPU (`tiny`, and `mixtral-mini` / `dbrx-mini`, which keep
+    /// the published expert counts, top-k, a 4:1 GQA group and the FFN to
+    /// hidden ratio).
     pub fn presets() -> Vec<ModelConfig> {
         let m =
             |name: &str, hidden, layers, heads, kv_heads, experts, top_k, ffn, vocab| ModelConfig {
@@ -81,6 +98,8 @@ impl ModelConfig {
                 ffn,
                 vocab,
                 dtype_bytes: 2,
+                rope_theta: 1e6,
+                norm_eps: 1e-5,
             };
         vec![
             // Hugging Face mistralai/Mixtral-8x22B-v0.1.
@@ -92,6 +111,10 @@ impl ModelConfig {
             m("scaled-moe", 8192, 48, 64, 8, 32, 4, 8192, 32000),
             // A tiny shape for tests and the end-to-end demo.
             m("tiny", 64, 2, 4, 2, 4, 2, 128, 256),
+            // Mixtral's 8 experts, top-2, FFN = 2.67 x hidden; 8/2 heads.
+            m("mixtral-mini", 256, 4, 8, 2, 8, 2, 688, 1024),
+            // DBRX's 16 experts, top-4, FFN = 1.75 x hidden; 8/2 heads.
+            m("dbrx-mini", 256, 4, 8, 2, 16, 4, 448, 1024),
         ]
     }
 
@@ -109,6 +132,45 @@ impl ModelConfig {
                     .collect::<Vec<_>>()
                     .join(", "),
             })
+    }
+
+    /// A Hugging Face `config.json` in Mixtral's naming, which
+    /// [`from_hf_config`](Self::from_hf_config) reads back to `self`.
+    pub fn to_hf_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "_name_or_path": self.name,
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "num_local_experts": self.experts,
+            "num_experts_per_tok": self.top_k,
+            "intermediate_size": self.ffn,
+            "vocab_size": self.vocab,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.norm_eps,
+            "hidden_act": "silu",
+            "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16",
+        })
+    }
+
+    /// The kernels' view of one layer.
+    pub fn layer_shape(&self) -> kernels::LayerShape {
+        kernels::LayerShape {
+            hidden: self.hidden as usize,
+            heads: self.heads as usize,
+            kv_heads: self.kv_heads as usize,
+            head_dim: self.head_dim as usize,
+            experts: self.experts as usize,
+            top_k: self.top_k as usize,
+            ffn: self.ffn as usize,
+            rope_theta: self.rope_theta as f32,
+            norm_eps: self.norm_eps as f32,
+        }
     }
 
     /// Reads a Hugging Face `config.json` (Mixtral and DBRX naming).
@@ -148,9 +210,22 @@ impl ModelConfig {
             ffn: need(&["intermediate_size", "ffn_config.ffn_hidden_size"])?,
             vocab: need(&["vocab_size"])?,
             dtype_bytes: 2,
+            rope_theta: v
+                .get("rope_theta")
+                .or_else(|| v.get("attn_config").and_then(|a| a.get("rope_theta")))
+                .and_then(|x| x.as_f64())
+                .unwrap_or(default_rope_theta()),
+            norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(default_norm_eps()),
         };
         if cfg.heads == 0
             || cfg.kv_heads == 0
+            || cfg.heads % cfg.kv_heads != 0
+            || cfg.head_dim % 2 != 0
+            || cfg.hidden == 0
+            || cfg.vocab == 0
             || cfg.experts == 0
             || cfg.top_k == 0
             || cfg.top_k > cfg.experts
@@ -178,6 +253,14 @@ mod tests {
         );
         assert!((b("dbrx") - 132.0).abs() < 3.0, "{}", b("dbrx"));
         assert!((b("scaled-moe") - 317.0).abs() < 5.0, "{}", b("scaled-moe"));
+    }
+
+    #[test]
+    fn hf_config_round_trips() {
+        for m in ModelConfig::presets() {
+            let text = m.to_hf_config().to_string();
+            assert_eq!(ModelConfig::from_hf_config(&m.name, &text).unwrap(), m);
+        }
     }
 
     #[test]

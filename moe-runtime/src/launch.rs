@@ -1,0 +1,224 @@
+//! Starting a disaggregated group: a launcher hosts m2n's rendezvous root
+//! and starts one process per worker (its own executable with `--worker
+//! ROLE --rank R`), as `m2n-demo` does; each worker joins the group and
+//! reports on stdout in lines the launcher reads:
+//!
+//! - `MOE-OUT <text>`: a result line, passed through;
+//! - `MOE-ERROR <role> <rank>: <error>`: what stopped it.
+//!
+//! A worker that dies makes its peers fail with m2n's `PeerLost` naming it;
+//! the launcher then reports every worker that failed, the lost ones (those
+//! killed by a signal or that exited without a word) first.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use m2n::{Communicator, Config, Role, Root, Shape, UniqueId};
+
+use crate::model::weights::{AttentionWeights, Checkpoint, ExpertWeights};
+use crate::model::{load_config, ModelConfig, RuntimeError};
+use crate::worker::attention::AttentionWorker;
+use crate::worker::expert::ExpertWorker;
+use crate::worker::Deployment;
+
+/// What one worker process printed and how it ended.
+#[derive(Debug)]
+pub struct WorkerOutput {
+    pub role: Role,
+    pub rank: usize,
+    pub status: std::io::Result<ExitStatus>,
+    /// Its `MOE-OUT` lines, without the prefix.
+    pub out: Vec<String>,
+    /// Its `MOE-ERROR` line, if any.
+    pub error: Option<String>,
+}
+
+impl WorkerOutput {
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.status.as_ref().is_ok_and(|s| s.success())
+    }
+
+    /// Killed by a signal, or exited without saying why: a lost worker,
+    /// not one that gave up because a peer was lost.
+    pub fn lost(&self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
+        match &self.status {
+            Ok(s) if s.signal().is_some() => Some(format!("killed by signal {}", s.signal().unwrap_or(0))),
+            Ok(s) if !s.success() && self.error.is_none() => Some(format!("exited with {s} without an error report")),
+            Err(e) => Some(format!("could not be waited for: {e}")),
+            _ => None,
+        }
+    }
+}
+
+/// A started group of worker processes.
+#[derive(Debug)]
+pub struct Group {
+    children: Vec<(Role, usize, Child, std::thread::JoinHandle<Vec<String>>)>,
+    root: std::thread::JoinHandle<Result<(), m2n::bootstrap::BootstrapError>>,
+}
+
+/// Starts `deploy.attention + deploy.experts` copies of this executable
+/// with `args` plus `--worker ROLE --rank R`, joined through a fresh
+/// rendezvous root.
+pub fn spawn(deploy: &Deployment, args: &[String], bootstrap: Duration) -> Result<Group, RuntimeError> {
+    let root = Root::bind("127.0.0.1:0".parse().expect("literal address"))
+        .map_err(|e| RuntimeError::Io(format!("cannot start the rendezvous root: {e}")))?;
+    let uid = root.unique_id().to_string();
+    let served = root.spawn(bootstrap);
+    let exe = std::env::current_exe()
+        .map_err(|e| RuntimeError::Io(format!("cannot find my own executable: {e}")))?;
+    let mut children = Vec::new();
+    for (role, count) in [(Role::Attention, deploy.attention), (Role::Expert, deploy.experts)] {
+        for rank in 0..count {
+            let spawned = Command::new(&exe)
+                .args(args)
+                .args(["--worker", role.name(), "--rank", &rank.to_string()])
+                .env("M2N_UNIQUE_ID", &uid)
+                .stdout(Stdio::piped())
+                .spawn();
+            let mut child = match spawned {
+                Ok(c) => c,
+                Err(e) => {
+                    for (_, _, c, _) in children.iter_mut() {
+                        let _ = Child::kill(c);
+                    }
+                    return Err(RuntimeError::Io(format!("cannot start {role} {rank}: {e}")));
+                }
+            };
+            let stdout = child.stdout.take().expect("piped");
+            let lines = std::thread::spawn(move || {
+                BufReader::new(stdout).lines().map_while(Result::ok).collect()
+            });
+            children.push((role, rank, child, lines));
+        }
+    }
+    Ok(Group {
+        children,
+        root: served,
+    })
+}
+
+impl Group {
+    /// Process ids, by role and rank (for fault tests).
+    pub fn pids(&self) -> Vec<(Role, usize, u32)> {
+        self.children.iter().map(|(r, k, c, _)| (*r, *k, c.id())).collect()
+    }
+
+    /// Waits for every worker.
+    pub fn wait(self) -> Vec<WorkerOutput> {
+        let outs: Vec<WorkerOutput> = self
+            .children
+            .into_iter()
+            .map(|(role, rank, mut child, lines)| {
+                let status = child.wait();
+                let lines = lines.join().unwrap_or_default();
+                WorkerOutput {
+                    role,
+                    rank,
+                    status,
+                    out: lines
+                        .iter()
+                        .filter_map(|l| l.strip_prefix("MOE-OUT ").map(str::to_string))
+                        .collect(),
+                    error: lines
+                        .iter()
+                        .find_map(|l| l.strip_prefix("MOE-ERROR ").map(str::to_string)),
+                }
+            })
+            .collect();
+        // The root has served (or will time out on its own): do not wait for it
+        // when a worker failed before joining.
+        if outs.iter().all(WorkerOutput::ok) {
+            let _ = self.root.join();
+        }
+        outs
+    }
+}
+
+/// The launcher's verdict on a group: `Ok` when every worker succeeded,
+/// else one message naming the lost workers and every error.
+pub fn verdict(outs: &[WorkerOutput]) -> Result<(), String> {
+    if outs.iter().all(WorkerOutput::ok) {
+        return Ok(());
+    }
+    let mut lines = Vec::new();
+    for o in outs {
+        if let Some(why) = o.lost() {
+            lines.push(format!("lost {} {}: {why}", o.role, o.rank));
+        }
+    }
+    for o in outs {
+        if let Some(e) = &o.error {
+            lines.push(format!("{e}"));
+        }
+    }
+    Err(lines.join("\n"))
+}
+
+/// m2n's configuration for a deployment: defaults, `M2N_*`, then slots and
+/// depth that fit.
+pub fn m2n_config(config: &ModelConfig, deploy: &Deployment) -> Result<Config, RuntimeError> {
+    let base = Config::from_env().map_err(|e| RuntimeError::Config(e.to_string()))?;
+    Ok(deploy.m2n_config(config, base))
+}
+
+/// The unique id a launcher passed in `M2N_UNIQUE_ID`.
+pub fn unique_id_from_env() -> Result<UniqueId, RuntimeError> {
+    let text = std::env::var("M2N_UNIQUE_ID")
+        .map_err(|_| RuntimeError::Config("M2N_UNIQUE_ID is not set (the launcher sets it)".into()))?;
+    text.parse()
+        .map_err(|e: String| RuntimeError::Config(format!("M2N_UNIQUE_ID: {e}")))
+}
+
+/// Loads the attention weights and joins the group as attention `rank`.
+pub fn attention_worker(
+    dir: &Path,
+    deploy: Deployment,
+    rank: usize,
+    uid: &UniqueId,
+    timeout: Duration,
+) -> Result<AttentionWorker, RuntimeError> {
+    let config = load_config(dir)?;
+    deploy.validate(&config)?;
+    let weights = AttentionWeights::load(&Checkpoint::open(dir)?, &config)?;
+    let cfg = m2n_config(&config, &deploy)?;
+    let comm = Communicator::init(
+        cfg,
+        Role::Attention,
+        rank,
+        Shape::new(deploy.attention, deploy.experts),
+        uid,
+    )?;
+    AttentionWorker::new(config, deploy, weights, comm, timeout)
+}
+
+/// Loads this rank's experts and joins the group as expert `rank`.
+pub fn expert_worker(
+    dir: &Path,
+    deploy: Deployment,
+    rank: usize,
+    uid: &UniqueId,
+    timeout: Duration,
+) -> Result<ExpertWorker, RuntimeError> {
+    let config = load_config(dir)?;
+    deploy.validate(&config)?;
+    let range = deploy.experts_of(&config, rank);
+    let weights = ExpertWeights::load(&Checkpoint::open(dir)?, &config, range.start, range.len())?;
+    let cfg = m2n_config(&config, &deploy)?;
+    let comm = Communicator::init(
+        cfg,
+        Role::Expert,
+        rank,
+        Shape::new(deploy.attention, deploy.experts),
+        uid,
+    )?;
+    ExpertWorker::new(config, deploy, weights, comm, timeout)
+}
+
+/// Prints a worker's error in the launcher's format.
+pub fn report_error(role: Role, rank: usize, e: &RuntimeError) {
+    println!("MOE-ERROR {role} {rank}: {e}");
+}

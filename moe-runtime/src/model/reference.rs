@@ -1,0 +1,133 @@
+//! The single-process reference decoder: the oracle that every
+//! disaggregated run must match token for token.
+//!
+//! It is deliberately plain: one sequence at a time, the whole prompt in
+//! one prefill, then one token per step; every expert of a layer in this
+//! process, in expert order; no micro-batches, no messages. It uses the
+//! same batch-invariant kernels ([`super::forward`]) as the workers, so a
+//! disaggregated run that gives other bits has a bug in its batching,
+//! routing, messages or combine, not in the arithmetic.
+
+use std::path::Path;
+
+use half::bf16;
+use kernels::cpu::attention::KvCache;
+use kernels::cpu::ffn::FfnScratch;
+use kernels::cpu::layout::{combine_into, plan};
+use kernels::LayerShape;
+
+use super::forward::{self, Scratch, Segment};
+use super::weights::{AttentionWeights, Checkpoint, ExpertWeights};
+use super::{load_config, ModelConfig, RuntimeError};
+
+/// A generated token and its natural-log probability.
+pub type Generated = (u32, f32);
+
+/// Every weight of the model in one process.
+#[derive(Debug)]
+pub struct Reference {
+    pub config: ModelConfig,
+    shape: LayerShape,
+    attn: AttentionWeights,
+    experts: ExpertWeights,
+}
+
+impl Reference {
+    pub fn load(dir: &Path) -> Result<Self, RuntimeError> {
+        let config = load_config(dir)?;
+        let ck = Checkpoint::open(dir)?;
+        Ok(Self {
+            shape: config.layer_shape(),
+            attn: AttentionWeights::load(&ck, &config)?,
+            experts: ExpertWeights::load(&ck, &config, 0, config.experts as usize)?,
+            config,
+        })
+    }
+
+    /// Greedy decoding of `max_new` tokens after `prompt`.
+    pub fn generate(&self, prompt: &[u32], max_new: usize) -> Result<Vec<Generated>, RuntimeError> {
+        check_prompt(prompt, self.config.vocab)?;
+        let s = &self.shape;
+        let mut caches = vec![KvCache::default(); s_layers(&self.config)];
+        let mut sc = Scratch::default();
+        let mut ffn = FfnScratch::default();
+        let mut out = Vec::with_capacity(max_new);
+        let mut input: Vec<u32> = prompt.to_vec();
+        let mut pos = 0;
+        let mut x = Vec::new();
+        let mut logits = Vec::new();
+        while out.len() < max_new {
+            forward::embed(&self.attn, s.hidden, &input, &mut x);
+            for (l, cache) in caches.iter_mut().enumerate() {
+                let mut segs = [Segment {
+                    cache,
+                    start: pos,
+                    len: input.len(),
+                }];
+                self.layer(l, &mut x, &mut segs, &mut sc, &mut ffn);
+            }
+            let last = &x[(input.len() - 1) * s.hidden..];
+            forward::lm_head(s, &self.attn, last, &mut logits);
+            let (tok, lp) = forward::greedy(&logits);
+            out.push((tok, lp));
+            pos += input.len();
+            input = vec![tok];
+        }
+        Ok(out)
+    }
+
+    fn layer(
+        &self,
+        l: usize,
+        x: &mut [bf16],
+        segs: &mut [Segment<'_>],
+        sc: &mut Scratch,
+        ffn: &mut FfnScratch,
+    ) {
+        let s = &self.shape;
+        let w = &self.attn.layers[l];
+        forward::attention(s, w, x, segs, sc);
+        let mut y = Vec::new();
+        let routes = forward::moe_input(s, w, x, &mut y);
+        let entries = plan(&routes, s.experts, 1).remove(0);
+        // Every expert's rows, in buffer order (by expert).
+        let mut rows = vec![bf16::ZERO; entries.len() * s.hidden];
+        for (r, e) in rows.chunks_exact_mut(s.hidden).zip(&entries) {
+            r.copy_from_slice(&y[e.token * s.hidden..][..s.hidden]);
+        }
+        let mut outs = vec![bf16::ZERO; rows.len()];
+        let mut i = 0;
+        while i < entries.len() {
+            let e = entries[i].expert;
+            let j = i + entries[i..].iter().take_while(|x| x.expert == e).count();
+            let span = i * s.hidden..j * s.hidden;
+            forward::expert_rows(
+                &self.experts.layers[l][e],
+                &rows[span.clone()],
+                &mut outs[span],
+                ffn,
+            );
+            i = j;
+        }
+        let mut moe = vec![bf16::ZERO; x.len()];
+        combine_into(&[&outs], &[&entries], s.hidden, &mut Vec::new(), &mut moe);
+        forward::add_residual(x, &moe);
+    }
+}
+
+fn s_layers(c: &ModelConfig) -> usize {
+    c.layers as usize
+}
+
+/// A prompt must be non-empty and every id inside the vocabulary.
+pub fn check_prompt(prompt: &[u32], vocab: u64) -> Result<(), RuntimeError> {
+    if prompt.is_empty() {
+        return Err(RuntimeError::Request("an empty prompt".into()));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| u64::from(t) >= vocab) {
+        return Err(RuntimeError::Request(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}

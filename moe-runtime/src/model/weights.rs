@@ -1,0 +1,270 @@
+//! Weights from safetensors checkpoints with Hugging Face's Mixtral tensor
+//! names: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. Files are memory-mapped; a worker reads
+//! only the tensors of its role, so an attention worker never touches an
+//! expert's pages and the reverse. bf16 and f32 tensors load as bf16.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use half::bf16;
+use kernels::cpu::ffn::Expert;
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensors;
+
+use super::{ModelConfig, RuntimeError};
+
+/// The single-file checkpoint's name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The sharded checkpoint's index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Hugging Face names of every tensor.
+pub mod names {
+    pub const EMBED: &str = "model.embed_tokens.weight";
+    pub const NORM: &str = "model.norm.weight";
+    pub const LM_HEAD: &str = "lm_head.weight";
+    pub fn layer(i: usize, rest: &str) -> String {
+        format!("model.layers.{i}.{rest}")
+    }
+    pub fn expert(i: usize, j: usize, w: &str) -> String {
+        format!("model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight")
+    }
+}
+
+/// One mapped file with its parsed header.
+#[derive(Debug)]
+struct Mapped {
+    map: Mmap,
+    header: usize,
+    meta: Metadata,
+}
+
+/// A checkpoint directory: which file holds each tensor, with files mapped
+/// on first use.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    /// Tensor name to file name, from the index (sharded checkpoints).
+    index: Option<BTreeMap<String, String>>,
+    files: Mutex<HashMap<String, Arc<Mapped>>>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: `model.safetensors.index.json` when present, else
+    /// `model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Self, RuntimeError> {
+        let index_path = dir.join(INDEX_FILE);
+        let index = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| RuntimeError::Checkpoint {
+                file: index_path.clone(),
+                detail: e.to_string(),
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| RuntimeError::Checkpoint {
+                    file: index_path.clone(),
+                    detail: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| RuntimeError::Checkpoint {
+                    file: index_path.clone(),
+                    detail: "no \"weight_map\" object".into(),
+                })?;
+            let mut out = BTreeMap::new();
+            for (k, f) in map {
+                let f = f.as_str().ok_or_else(|| RuntimeError::Checkpoint {
+                    file: index_path.clone(),
+                    detail: format!("weight_map[{k:?}] is not a file name"),
+                })?;
+                if f.contains('/') || f.contains("..") {
+                    return Err(RuntimeError::Checkpoint {
+                        file: index_path.clone(),
+                        detail: format!("weight_map[{k:?}] = {f:?} leaves the directory"),
+                    });
+                }
+                out.insert(k.clone(), f.to_string());
+            }
+            Some(out)
+        } else if dir.join(SINGLE_FILE).exists() {
+            None
+        } else {
+            return Err(RuntimeError::Checkpoint {
+                file: dir.to_path_buf(),
+                detail: format!("neither {INDEX_FILE} nor {SINGLE_FILE} is there"),
+            });
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            index,
+            files: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn file_of(&self, name: &str) -> Result<String, RuntimeError> {
+        match &self.index {
+            None => Ok(SINGLE_FILE.to_string()),
+            Some(idx) => idx
+                .get(name)
+                .cloned()
+                .ok_or_else(|| RuntimeError::MissingTensor {
+                    tensor: name.into(),
+                    file: self.dir.join(INDEX_FILE),
+                }),
+        }
+    }
+
+    fn mapped(&self, file: &str) -> Result<Arc<Mapped>, RuntimeError> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = files.get(file) {
+            return Ok(m.clone());
+        }
+        let path = self.dir.join(file);
+        let err = |detail: String| RuntimeError::Checkpoint {
+            file: path.clone(),
+            detail,
+        };
+        let f = File::open(&path).map_err(|e| err(e.to_string()))?;
+        // SAFETY: the file is mapped read-only; a checkpoint is not modified
+        // while it is being served (as with every mmap-based loader).
+        let map = unsafe { Mmap::map(&f) }.map_err(|e| err(e.to_string()))?;
+        let (header, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
+        let m = Arc::new(Mapped { map, header, meta });
+        files.insert(file.to_string(), m.clone());
+        Ok(m)
+    }
+
+    /// Tensor `name` as bf16 (converted from f32 when stored so), checked
+    /// against `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<bf16>, RuntimeError> {
+        let file = self.file_of(name)?;
+        let m = self.mapped(&file)?;
+        let path = self.dir.join(&file);
+        let info = m.meta.info(name).ok_or_else(|| RuntimeError::MissingTensor {
+            tensor: name.into(),
+            file: path.clone(),
+        })?;
+        if info.shape != shape {
+            return Err(RuntimeError::TensorShape {
+                tensor: name.into(),
+                file: path,
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let (a, b) = info.data_offsets;
+        let start = 8 + m.header;
+        let bytes = &m.map[start + a..start + b];
+        let n: usize = shape.iter().product();
+        match info.dtype {
+            Dtype::BF16 if bytes.len() == 2 * n => Ok(bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect()),
+            Dtype::F32 if bytes.len() == 4 * n => Ok(bytes
+                .chunks_exact(4)
+                .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect()),
+            other => Err(RuntimeError::Checkpoint {
+                file: path,
+                detail: format!("{name}: dtype {other:?} is not supported (bf16 or f32)"),
+            }),
+        }
+    }
+}
+
+/// One layer's attention-side weights.
+#[derive(Debug)]
+pub struct AttentionLayer {
+    pub input_norm: Vec<bf16>,
+    /// `heads * head_dim x hidden`.
+    pub q: Vec<bf16>,
+    /// `kv_heads * head_dim x hidden`.
+    pub k: Vec<bf16>,
+    pub v: Vec<bf16>,
+    /// `hidden x heads * head_dim`.
+    pub o: Vec<bf16>,
+    pub post_norm: Vec<bf16>,
+    /// The router, `experts x hidden`.
+    pub gate: Vec<bf16>,
+}
+
+/// Everything an attention worker holds: embeddings, every layer's
+/// attention and router, the final norm and the LM head.
+#[derive(Debug)]
+pub struct AttentionWeights {
+    /// `vocab x hidden`.
+    pub embed: Vec<bf16>,
+    pub layers: Vec<AttentionLayer>,
+    pub norm: Vec<bf16>,
+    /// `vocab x hidden`.
+    pub lm_head: Vec<bf16>,
+}
+
+impl AttentionWeights {
+    pub fn load(ck: &Checkpoint, c: &ModelConfig) -> Result<Self, RuntimeError> {
+        let (h, v) = (c.hidden as usize, c.vocab as usize);
+        let (q, kv) = (
+            (c.heads * c.head_dim) as usize,
+            (c.kv_heads * c.head_dim) as usize,
+        );
+        let layers = (0..c.layers as usize)
+            .map(|i| {
+                let t = |rest: &str, shape: &[usize]| ck.tensor(&names::layer(i, rest), shape);
+                Ok(AttentionLayer {
+                    input_norm: t("input_layernorm.weight", &[h])?,
+                    q: t("self_attn.q_proj.weight", &[q, h])?,
+                    k: t("self_attn.k_proj.weight", &[kv, h])?,
+                    v: t("self_attn.v_proj.weight", &[kv, h])?,
+                    o: t("self_attn.o_proj.weight", &[h, q])?,
+                    post_norm: t("post_attention_layernorm.weight", &[h])?,
+                    gate: t("block_sparse_moe.gate.weight", &[c.experts as usize, h])?,
+                })
+            })
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok(Self {
+            embed: ck.tensor(names::EMBED, &[v, h])?,
+            layers,
+            norm: ck.tensor(names::NORM, &[h])?,
+            lm_head: ck.tensor(names::LM_HEAD, &[v, h])?,
+        })
+    }
+}
+
+/// The experts `first..first + count` of every layer: `layers[l][j]` is
+/// expert `first + j` of layer `l`.
+#[derive(Debug)]
+pub struct ExpertWeights {
+    pub first: usize,
+    pub layers: Vec<Vec<Expert>>,
+}
+
+impl ExpertWeights {
+    pub fn load(
+        ck: &Checkpoint,
+        c: &ModelConfig,
+        first: usize,
+        count: usize,
+    ) -> Result<Self, RuntimeError> {
+        let (h, f) = (c.hidden as usize, c.ffn as usize);
+        let layers = (0..c.layers as usize)
+            .map(|i| {
+                (first..first + count)
+                    .map(|j| {
+                        // Mixtral: w1 = gate, w3 = up (both ffn x hidden), w2 = down.
+                        let gate = ck.tensor(&names::expert(i, j, "w1"), &[f, h])?;
+                        let down = ck.tensor(&names::expert(i, j, "w2"), &[h, f])?;
+                        let up = ck.tensor(&names::expert(i, j, "w3"), &[f, h])?;
+                        Ok(Expert::new(h, f, gate, up, down))
+                    })
+                    .collect::<Result<Vec<_>, RuntimeError>>()
+            })
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok(Self { first, layers })
+    }
+}

@@ -1,0 +1,503 @@
+//! The attention worker: sequences, KV caches, attention, router and
+//! dispatch layout, the LM head; and the engine API a driver uses
+//! ([`AttentionWorker::submit`], [`step`](AttentionWorker::step),
+//! [`cancel`](AttentionWorker::cancel)).
+//!
+//! # The ping-pong schedule
+//!
+//! A step runs every sequence forward by its next rows (a prefill chunk or
+//! one decode token). The rows are split into `m` micro-batches, and each
+//! layer is pipelined over them: while the experts work on micro-batch
+//! `i`, attention works on `i + 1`:
+//!
+//! ```text
+//! for layer l:
+//!     for micro-batch i:
+//!         if l > 0: recv combine (l-1, i); x_i = h_i + combine   (finish)
+//!         h_i = x_i + attention_l(x_i); route; send dispatch (l, i)
+//! for micro-batch i: recv combine (L-1, i); x_i = h_i + combine
+//! LM head on each sequence's last row
+//! ```
+//!
+//! Rounds go out in `(layer, micro-batch)` order on both channels, so at
+//! most `m` rounds are in flight per attention worker and m2n's depth must
+//! be at least `m`. Every attention worker sends every expert worker one
+//! message per round (with zero rows when it has nothing for it), so all
+//! ranks stay in lockstep whatever their batches.
+//!
+//! # Ending
+//!
+//! Each dispatch carries ACTIVE (this rank has sequences this step); the
+//! experts OR them in the first round of a step and echo the result in
+//! every combine as GROUP_ACTIVE. A step in which no attention rank had
+//! work is the group's last: every rank finishes it and stops.
+
+use std::time::{Duration, Instant};
+
+use half::bf16;
+use kernels::cpu::attention::KvCache;
+use kernels::cpu::layout::{combine_into, plan, Entry};
+use kernels::LayerShape;
+use m2n::{Communicator, Msg, Region};
+
+use super::msg::{self, Header, FLAG_ACTIVE};
+use super::{Deployment, POLL};
+use crate::model::forward::{self, Scratch, Segment};
+use crate::model::reference::check_prompt;
+use crate::model::weights::AttentionWeights;
+use crate::model::{ModelConfig, RuntimeError};
+
+/// A sequence's id, chosen by the driver.
+pub type SeqId = u64;
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// It generated a stop token.
+    Stop,
+    /// It reached its token budget.
+    Length,
+}
+
+/// What a step produced for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub seq: SeqId,
+    pub token: u32,
+    /// Natural-log probability of `token` under the f32 logits.
+    pub logprob: f32,
+    /// The sequence ended with this token (and left the batch).
+    pub finish: Option<Finish>,
+}
+
+/// Timing of one micro-batch in one layer, in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MbTiming {
+    pub layer: u16,
+    pub microbatch: u16,
+    /// Rows (tokens) of the micro-batch.
+    pub rows: u32,
+    /// Rows sent to experts (tokens x top-k).
+    pub expert_rows: u32,
+    /// Attention compute for this micro-batch and layer (T_a): attention,
+    /// router, layout into the send buffer.
+    pub t_a: u64,
+    /// Slowest expert's compute on it (T_e).
+    pub t_e: u64,
+    /// Communication (T_c): dispatch posted to combine received, less the
+    /// time the round spent at the slowest expert.
+    pub t_c: u64,
+}
+
+/// One step's outcome.
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    pub tokens: Vec<Token>,
+    /// Whether any attention rank had work this step; when false, this was
+    /// the group's last step and the experts have stopped.
+    pub group_active: bool,
+    /// Rows this rank ran, prefill and decode.
+    pub rows: usize,
+    pub wall_ns: u64,
+    /// Time blocked waiting for combine rounds.
+    pub wait_ns: u64,
+    pub timings: Vec<MbTiming>,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    id: SeqId,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    max_new: usize,
+    stop: Vec<u32>,
+    caches: Vec<KvCache>,
+    /// Tokens in the caches.
+    pos: usize,
+    /// This step: micro-batch and rows, if scheduled.
+    mb: Option<usize>,
+    rows: usize,
+}
+
+impl Sequence {
+    /// The tokens of its next rows, up to `cap`.
+    fn next_input(&self, cap: usize) -> &[u32] {
+        if self.pos < self.prompt.len() {
+            let end = self.prompt.len().min(self.pos + cap);
+            &self.prompt[self.pos..end]
+        } else {
+            let last = self.generated.len() - 1;
+            &self.generated[last..]
+        }
+    }
+}
+
+/// One micro-batch's state within a step.
+#[derive(Debug, Default)]
+struct MicroBatch {
+    /// The residual stream (`rows x hidden`).
+    x: Vec<bf16>,
+    /// The experts' input (post-attention norm).
+    y: Vec<bf16>,
+    /// Entries per expert rank (the dispatch layout).
+    entries: Vec<Vec<Entry>>,
+    /// Dispatch round in flight, and when it was posted.
+    round: Option<u64>,
+    posted: Option<Instant>,
+    t_a: u64,
+}
+
+/// An attention worker. See the module docs.
+#[derive(Debug)]
+pub struct AttentionWorker {
+    config: ModelConfig,
+    shape: LayerShape,
+    deploy: Deployment,
+    rank: usize,
+    weights: AttentionWeights,
+    comm: Communicator,
+    /// One registered send buffer per micro-batch: a section of
+    /// `dispatch.slot_bytes` per expert rank.
+    send: Vec<Region>,
+    section: usize,
+    seqs: Vec<Sequence>,
+    mbs: Vec<MicroBatch>,
+    step: u64,
+    scratch: Scratch,
+    acc: Vec<f32>,
+    moe_out: Vec<bf16>,
+    logits: Vec<f32>,
+    timeout: Duration,
+}
+
+impl AttentionWorker {
+    /// Wraps a communicator (joined as attention rank `rank`) and the
+    /// weights into a worker.
+    pub fn new(
+        config: ModelConfig,
+        deploy: Deployment,
+        weights: AttentionWeights,
+        mut comm: Communicator,
+        timeout: Duration,
+    ) -> Result<Self, RuntimeError> {
+        deploy.validate(&config)?;
+        let section = comm.config().dispatch.slot_bytes;
+        let send = (0..deploy.microbatches)
+            .map(|_| comm.alloc(section * deploy.experts))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            shape: config.layer_shape(),
+            rank: comm.rank(),
+            config,
+            deploy,
+            weights,
+            comm,
+            send,
+            section,
+            seqs: Vec::new(),
+            mbs: (0..deploy.microbatches).map(|_| MicroBatch::default()).collect(),
+            step: 0,
+            scratch: Scratch::default(),
+            acc: Vec::new(),
+            moe_out: Vec::new(),
+            logits: Vec::new(),
+            timeout,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Adds a sequence: it joins the batch at the next step.
+    pub fn submit(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_new: usize,
+        stop: Vec<u32>,
+    ) -> Result<(), RuntimeError> {
+        check_prompt(&prompt, self.config.vocab)?;
+        if max_new == 0 {
+            return Err(RuntimeError::Request("max new tokens must be at least 1".into()));
+        }
+        if self.seqs.iter().any(|s| s.id == id) {
+            return Err(RuntimeError::Request(format!("sequence {id} is already running")));
+        }
+        self.seqs.push(Sequence {
+            id,
+            prompt,
+            generated: Vec::new(),
+            max_new,
+            stop,
+            caches: vec![KvCache::default(); self.config.layers as usize],
+            pos: 0,
+            mb: None,
+            rows: 0,
+        });
+        Ok(())
+    }
+
+    /// Drops a sequence and its KV cache; false if it is not running.
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        let before = self.seqs.len();
+        self.seqs.retain(|s| s.id != id);
+        self.seqs.len() != before
+    }
+
+    /// Sequences running on this worker.
+    pub fn running(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// KV-cache tokens held, over all sequences (per layer).
+    pub fn kv_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.pos).sum()
+    }
+
+    /// Splits this step's rows over the micro-batches: each sequence goes
+    /// to the micro-batch with the fewest rows; a prefill chunk is cut to
+    /// the room left; a sequence that finds no room waits a step.
+    fn schedule(&mut self) -> usize {
+        let m = self.deploy.microbatches;
+        let cap = self.deploy.max_tokens;
+        let mut load = vec![0usize; m];
+        let mut total = 0;
+        // Decode rows first (one each, they must not starve), then prefill.
+        let order: Vec<usize> = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].pos >= self.seqs[i].prompt.len())
+            .chain((0..self.seqs.len()).filter(|&i| self.seqs[i].pos < self.seqs[i].prompt.len()))
+            .collect();
+        for i in order {
+            let s = &mut self.seqs[i];
+            let (mb, used) = load
+                .iter()
+                .enumerate()
+                .min_by_key(|&(_, &l)| l)
+                .map(|(i, &l)| (i, l))
+                .expect("m >= 1");
+            let want = s.next_input(cap).len();
+            let rows = want.min(cap - used);
+            if rows == 0 {
+                s.mb = None;
+                s.rows = 0;
+                continue;
+            }
+            s.mb = Some(mb);
+            s.rows = rows;
+            load[mb] += rows;
+            total += rows;
+        }
+        total
+    }
+
+    /// Runs one step of the whole group: every layer, pipelined over the
+    /// micro-batches, with the experts across m2n. Returns the tokens made.
+    pub fn step(&mut self) -> Result<StepReport, RuntimeError> {
+        let start = Instant::now();
+        let rows = self.schedule();
+        let active = !self.seqs.is_empty();
+        let layers = self.config.layers as usize;
+        let m = self.deploy.microbatches;
+        let h = self.shape.hidden;
+        let mut report = StepReport {
+            rows,
+            ..Default::default()
+        };
+        // Embeddings of each micro-batch's rows.
+        for (i, mb) in self.mbs.iter_mut().enumerate() {
+            let mut tokens = Vec::new();
+            for s in self.seqs.iter().filter(|s| s.mb == Some(i)) {
+                tokens.extend_from_slice(&s.next_input(s.rows)[..s.rows]);
+            }
+            forward::embed(&self.weights, h, &tokens, &mut mb.x);
+        }
+        let mut group_active = active;
+        for l in 0..layers {
+            for i in 0..m {
+                if l > 0 {
+                    let g = self.finish_moe(l - 1, i, &mut report)?;
+                    group_active = g;
+                }
+                self.attention_and_dispatch(l, i, active)?;
+            }
+        }
+        for i in 0..m {
+            group_active = self.finish_moe(layers - 1, i, &mut report)?;
+        }
+        report.group_active = group_active;
+        self.sample(&mut report);
+        self.step += 1;
+        report.wall_ns = start.elapsed().as_nanos() as u64;
+        Ok(report)
+    }
+
+    /// Attention of micro-batch `i` in layer `l`, its routes and layout
+    /// straight into the registered send buffer, and the dispatch.
+    fn attention_and_dispatch(&mut self, l: usize, i: usize, active: bool) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
+        let s = self.shape;
+        let h = s.hidden;
+        let w = &self.weights.layers[l];
+        let mb = &mut self.mbs[i];
+        let mut segs: Vec<Segment<'_>> = self
+            .seqs
+            .iter_mut()
+            .filter(|q| q.mb == Some(i))
+            .map(|q| Segment {
+                start: q.pos,
+                len: q.rows,
+                cache: &mut q.caches[l],
+            })
+            .collect();
+        forward::attention(&s, w, &mut mb.x, &mut segs, &mut self.scratch);
+        drop(segs);
+        let routes = forward::moe_input(&s, w, &mb.x, &mut mb.y);
+        mb.entries = plan(&routes, s.experts, self.deploy.experts);
+        // The previous round from this buffer must be out before we overwrite it.
+        if let Some(prev) = mb.round.take() {
+            self.comm.dispatch().wait_sent(prev, self.timeout)?;
+        }
+        let per = s.experts / self.deploy.experts;
+        let head = |rows: usize| Header {
+            flags: if active { FLAG_ACTIVE } else { 0 },
+            step: self.step as u32,
+            layer: l as u16,
+            microbatch: i as u16,
+            rows: rows as u32,
+            hidden: h as u32,
+            extra: [self.deploy.microbatches as u32, self.config.layers as u32],
+        };
+        let buf = &mut self.send[i];
+        let mut lens = Vec::with_capacity(self.deploy.experts);
+        for (r, entries) in mb.entries.iter().enumerate() {
+            debug_assert!(entries.iter().all(|e| e.expert / per == r));
+            let out = &mut buf.as_mut_slice()[r * self.section..(r + 1) * self.section];
+            lens.push(msg::write_dispatch(out, &head(entries.len()), entries, &mb.y, h));
+        }
+        let msgs: Vec<Msg<'_>> = lens
+            .iter()
+            .enumerate()
+            .map(|(r, &len)| Msg::new(buf, r * self.section, len))
+            .collect();
+        mb.t_a = t0.elapsed().as_nanos() as u64;
+        mb.posted = Some(Instant::now());
+        let round = loop {
+            match self.comm.dispatch().send(&msgs, POLL) {
+                Ok(r) => break r,
+                Err(m2n::Error::Timeout { .. }) if t0.elapsed() < self.timeout => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        mb.round = Some(round);
+        Ok(())
+    }
+
+    /// Receives the combine of micro-batch `i` in layer `l` and adds it to
+    /// the residual stream. Returns GROUP_ACTIVE.
+    fn finish_moe(&mut self, l: usize, i: usize, report: &mut StepReport) -> Result<bool, RuntimeError> {
+        let h = self.shape.hidden;
+        let t0 = Instant::now();
+        let round = loop {
+            match self.comm.combine().recv(POLL) {
+                Ok(r) => break r,
+                Err(m2n::Error::Timeout { .. }) if t0.elapsed() < self.timeout => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let arrived = Instant::now();
+        report.wait_ns += (arrived - t0).as_nanos() as u64;
+        let mb = &mut self.mbs[i];
+        let mut views: Vec<&[bf16]> = Vec::with_capacity(self.deploy.experts);
+        let (mut t_e, mut residence, mut group_active) = (0u64, 0u64, false);
+        for r in 0..self.deploy.experts {
+            let m = self.comm.message(&round, r);
+            let (head, rows) = msg::read_combine(
+                m,
+                h,
+                self.step as u32,
+                l as u16,
+                i as u16,
+                mb.entries[r].len(),
+            )
+            .map_err(|detail| RuntimeError::Message {
+                peer: format!("expert {r}"),
+                detail,
+            })?;
+            group_active |= head.flags & FLAG_ACTIVE != 0;
+            residence = residence.max(u64::from(head.extra[0]));
+            t_e = t_e.max(u64::from(head.extra[1]));
+            views.push(rows);
+        }
+        let entries: Vec<&[Entry]> = mb.entries.iter().map(|e| e.as_slice()).collect();
+        self.moe_out.clear();
+        self.moe_out.resize(mb.x.len(), bf16::ZERO);
+        combine_into(&views, &entries, h, &mut self.acc, &mut self.moe_out);
+        drop(views);
+        self.comm.combine().release(round)?;
+        forward::add_residual(&mut mb.x, &self.moe_out);
+        let rtt = mb
+            .posted
+            .map_or(0, |p| arrived.saturating_duration_since(p).as_nanos() as u64);
+        report.timings.push(MbTiming {
+            layer: l as u16,
+            microbatch: i as u16,
+            rows: (mb.x.len() / h) as u32,
+            expert_rows: entries.iter().map(|e| e.len() as u32).sum(),
+            t_a: mb.t_a,
+            t_e,
+            t_c: rtt.saturating_sub(residence),
+        });
+        Ok(group_active)
+    }
+
+    /// LM head on each scheduled sequence's last row (when its prompt is
+    /// all in), greedy choice, and the sequences that end leave.
+    fn sample(&mut self, report: &mut StepReport) {
+        let h = self.shape.hidden;
+        let vocab = self.config.vocab as usize;
+        for (i, mb) in self.mbs.iter().enumerate() {
+            let mut row = 0;
+            for s in self.seqs.iter_mut().filter(|s| s.mb == Some(i)) {
+                let last = row + s.rows - 1;
+                row += s.rows;
+                s.pos += s.rows;
+                if s.pos < s.prompt.len() {
+                    continue; // more prompt to prefill
+                }
+                forward::lm_head(&self.shape, &self.weights, &mb.x[last * h..][..h], &mut self.logits);
+                let (token, logprob) = forward::greedy(&self.logits[..vocab]);
+                s.generated.push(token);
+                let finish = if s.stop.contains(&token) {
+                    Some(Finish::Stop)
+                } else if s.generated.len() >= s.max_new {
+                    Some(Finish::Length)
+                } else {
+                    None
+                };
+                report.tokens.push(Token {
+                    seq: s.id,
+                    token,
+                    logprob,
+                    finish,
+                });
+            }
+        }
+        let done: Vec<SeqId> = report
+            .tokens
+            .iter()
+            .filter(|t| t.finish.is_some())
+            .map(|t| t.seq)
+            .collect();
+        self.seqs.retain(|s| !done.contains(&s.id));
+        for s in &mut self.seqs {
+            s.mb = None;
+            s.rows = 0;
+        }
+    }
+
+    /// Aborts the communicator, so that peers fail fast.
+    pub fn abort(&mut self) {
+        self.comm.abort();
+    }
+}

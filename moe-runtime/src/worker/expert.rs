@@ -1,0 +1,210 @@
+//! The expert worker: its `E / N` experts of every layer, fed by dispatch
+//! rounds, answering with combine rounds.
+//!
+//! Rounds arrive in `(step, layer, micro-batch)` order. For each, every
+//! attention rank's message is checked ([`super::msg::read_dispatch`]),
+//! each run of rows of one expert goes through that expert straight from
+//! the receive ring into the registered combine buffer, the dispatch round
+//! is released (its slots return as credit) and the combine round is
+//! posted. Two combine buffers alternate, so computing round `k + 1` never
+//! waits for round `k` to leave.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use kernels::cpu::ffn::FfnScratch;
+use m2n::{Communicator, Msg, Region};
+
+use super::msg::{self, Header, FLAG_ACTIVE};
+use super::{Deployment, POLL};
+use crate::model::forward;
+use crate::model::weights::ExpertWeights;
+use crate::model::{ModelConfig, RuntimeError};
+
+/// What an expert worker did, for benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpertStats {
+    pub rounds: u64,
+    pub steps: u64,
+    pub rows: u64,
+    /// Time computing (from a round in to its combine posted).
+    pub busy_ns: u64,
+    /// Time waiting for dispatch rounds.
+    pub idle_ns: u64,
+}
+
+/// An expert worker. See the module docs.
+#[derive(Debug)]
+pub struct ExpertWorker {
+    config: ModelConfig,
+    deploy: Deployment,
+    weights: ExpertWeights,
+    experts: Range<usize>,
+    comm: Communicator,
+    send: [Region; 2],
+    sent: [Option<u64>; 2],
+    section: usize,
+    scratch: FfnScratch,
+    timeout: Duration,
+}
+
+impl ExpertWorker {
+    pub fn new(
+        config: ModelConfig,
+        deploy: Deployment,
+        weights: ExpertWeights,
+        mut comm: Communicator,
+        timeout: Duration,
+    ) -> Result<Self, RuntimeError> {
+        deploy.validate(&config)?;
+        let experts = deploy.experts_of(&config, comm.rank());
+        if weights.first != experts.start || weights.layers.first().map_or(0, |l| l.len()) != experts.len() {
+            return Err(RuntimeError::Config(format!(
+                "expert rank {} needs experts {}..{}",
+                comm.rank(),
+                experts.start,
+                experts.end
+            )));
+        }
+        let section = comm.config().combine.slot_bytes;
+        let total = section * deploy.attention;
+        let send = [comm.alloc(total)?, comm.alloc(total)?];
+        Ok(Self {
+            config,
+            deploy,
+            weights,
+            experts,
+            comm,
+            send,
+            sent: [None, None],
+            section,
+            scratch: FfnScratch::default(),
+            timeout,
+        })
+    }
+
+    /// Serves rounds until the attention ranks finish a step in which none
+    /// of them had work (see the attention module's "Ending").
+    pub fn run(&mut self) -> Result<ExpertStats, RuntimeError> {
+        let layers = self.config.layers as usize;
+        let m = self.deploy.microbatches;
+        let h = self.config.hidden as usize;
+        let range = self.experts.start as u32..self.experts.end as u32;
+        let mut stats = ExpertStats::default();
+        let mut idle_since = Instant::now();
+        let mut group_active = true;
+        for k in 0u64.. {
+            let step = k / (layers * m) as u64;
+            let layer = (k / m as u64 % layers as u64) as u16;
+            let mb = (k % m as u64) as u16;
+            let round = loop {
+                match self.comm.dispatch().recv(POLL) {
+                    Ok(r) => break r,
+                    Err(m2n::Error::Timeout { .. }) if idle_since.elapsed() < self.timeout => {
+                        continue
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let t_in = Instant::now();
+            stats.idle_ns += (t_in - idle_since).as_nanos() as u64;
+            let buf = (k % 2) as usize;
+            if let Some(prev) = self.sent[buf].take() {
+                self.comm.combine().wait_sent(prev, self.timeout)?;
+            }
+            let mut lens = Vec::with_capacity(self.deploy.attention);
+            let mut any_active = false;
+            for a in 0..self.deploy.attention {
+                let m_in = self.comm.message(&round, a);
+                let d = msg::read_dispatch(m_in, h, range.clone()).map_err(|detail| {
+                    RuntimeError::Message {
+                        peer: format!("attention {a}"),
+                        detail,
+                    }
+                })?;
+                let want = (step as u32, layer, mb, m as u32, layers as u32);
+                let got = (d.head.step, d.head.layer, d.head.microbatch, d.head.extra[0], d.head.extra[1]);
+                if got != want {
+                    return Err(RuntimeError::Message {
+                        peer: format!("attention {a}"),
+                        detail: format!(
+                            "(step, layer, micro-batch, micro-batches, layers) = {got:?}, expected {want:?}"
+                        ),
+                    });
+                }
+                any_active |= d.head.flags & FLAG_ACTIVE != 0;
+                let rows = d.entries.len();
+                let out = &mut self.send[buf].as_mut_slice()[a * self.section..(a + 1) * self.section];
+                let y = msg::combine_rows_mut(out, rows, h);
+                let mut i = 0;
+                while i < rows {
+                    let e = d.entries[i].0;
+                    let j = i + d.entries[i..].iter().take_while(|x| x.0 == e).count();
+                    let expert = &self.weights.layers[layer as usize][e as usize - self.experts.start];
+                    forward::expert_rows(
+                        expert,
+                        &d.rows[i * h..j * h],
+                        &mut y[i * h..j * h],
+                        &mut self.scratch,
+                    );
+                    i = j;
+                }
+                stats.rows += rows as u64;
+                lens.push(msg::combine_len(rows, h));
+            }
+            if layer == 0 && mb == 0 {
+                group_active = any_active;
+            }
+            let compute = t_in.elapsed().as_nanos() as u64;
+            self.comm.dispatch().release(round)?;
+            let residence = t_in.elapsed().as_nanos() as u64;
+            for (a, &len) in lens.iter().enumerate() {
+                let rows = (len - msg::HEADER) / (2 * h);
+                let head = Header {
+                    flags: if group_active { FLAG_ACTIVE } else { 0 },
+                    step: step as u32,
+                    layer,
+                    microbatch: mb,
+                    rows: rows as u32,
+                    hidden: h as u32,
+                    extra: [clamp32(residence), clamp32(compute)],
+                };
+                let out = &mut self.send[buf].as_mut_slice()[a * self.section..];
+                msg::write_combine_header(out, &head);
+            }
+            let region = &self.send[buf];
+            let msgs: Vec<Msg<'_>> = lens
+                .iter()
+                .enumerate()
+                .map(|(a, &len)| Msg::new(region, a * self.section, len))
+                .collect();
+            let sent = self.comm.combine().send(&msgs, self.timeout)?;
+            self.sent[buf] = Some(sent);
+            stats.rounds += 1;
+            stats.busy_ns += t_in.elapsed().as_nanos() as u64;
+            idle_since = Instant::now();
+            let last_of_step = layer as usize == layers - 1 && mb as usize == m - 1;
+            if last_of_step {
+                stats.steps += 1;
+                if !group_active {
+                    break;
+                }
+            }
+        }
+        for s in self.sent.iter_mut() {
+            if let Some(r) = s.take() {
+                self.comm.combine().wait_sent(r, self.timeout)?;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Aborts the communicator, so that peers fail fast.
+    pub fn abort(&mut self) {
+        self.comm.abort();
+    }
+}
+
+fn clamp32(ns: u64) -> u32 {
+    ns.min(u64::from(u32::MAX)) as u32
+}

@@ -1,0 +1,95 @@
+//! Attention and expert workers joined by one m2n communicator.
+//!
+//! `M` attention workers are data parallel: each owns a disjoint set of
+//! sequences with their KV caches, and the embedding, attention, router and
+//! LM-head weights. `N` expert workers each own `E / N` experts of every
+//! layer. Every layer and micro-batch, each attention worker sends each
+//! expert worker the rows routed to its experts ([`msg`], the dispatch) and
+//! gets their outputs back (the combine), all through m2n; see
+//! [`attention`] for the ping-pong schedule and [`expert`] for the other
+//! side.
+
+pub mod attention;
+pub mod expert;
+pub mod msg;
+
+use std::ops::Range;
+use std::time::Duration;
+
+use m2n::Config;
+
+use crate::model::{ModelConfig, RuntimeError};
+
+/// How a model is split over processes. Every rank must use the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deployment {
+    /// Attention workers M.
+    pub attention: usize,
+    /// Expert workers N (must divide the number of experts).
+    pub experts: usize,
+    /// Micro-batches per layer m (1..=4): the ping-pong depth.
+    pub microbatches: usize,
+    /// Most rows (tokens) in one micro-batch: bounds the message sizes;
+    /// long prompts are prefilled in chunks that fit.
+    pub max_tokens: usize,
+}
+
+/// How long a blocked worker waits for its peers before it checks again;
+/// a lost peer ends the wait earlier (m2n's liveness links).
+pub const POLL: Duration = Duration::from_secs(1);
+
+impl Deployment {
+    pub fn validate(&self, c: &ModelConfig) -> Result<(), RuntimeError> {
+        let bad = |s: String| Err(RuntimeError::Config(s));
+        if self.attention == 0 || self.experts == 0 {
+            return bad("at least one attention and one expert worker".into());
+        }
+        if c.experts as usize % self.experts != 0 {
+            return bad(format!(
+                "{} experts do not split evenly over {} expert workers",
+                c.experts, self.experts
+            ));
+        }
+        if !(1..=4).contains(&self.microbatches) {
+            return bad(format!(
+                "{} micro-batches: the ping-pong pipeline takes 1 to 4",
+                self.microbatches
+            ));
+        }
+        if self.max_tokens == 0 {
+            return bad("max tokens per micro-batch must be at least 1".into());
+        }
+        if c.layers > u64::from(u16::MAX) {
+            return bad(format!("{} layers do not fit the message header", c.layers));
+        }
+        Ok(())
+    }
+
+    /// Experts held by expert worker `rank`.
+    pub fn experts_of(&self, c: &ModelConfig, rank: usize) -> Range<usize> {
+        let per = c.experts as usize / self.experts;
+        rank * per..(rank + 1) * per
+    }
+
+    /// Most rows one expert worker can get from one attention worker in
+    /// one micro-batch.
+    pub fn max_rows(&self, c: &ModelConfig) -> usize {
+        let per = c.experts as usize / self.experts;
+        self.max_tokens * per.min(c.top_k as usize)
+    }
+
+    /// m2n's configuration: `base` (defaults plus `M2N_*`), with slots that
+    /// fit the largest messages and a depth of at least `m`.
+    pub fn m2n_config(&self, c: &ModelConfig, mut base: Config) -> Config {
+        let h = c.hidden as usize;
+        let rows = self.max_rows(c);
+        let round = |b: usize| b.div_ceil(4096) * 4096;
+        let d = round(msg::dispatch_len(rows, h));
+        let k = round(msg::combine_len(rows, h));
+        base.dispatch.slot_bytes = base.dispatch.slot_bytes.max(d);
+        base.combine.slot_bytes = base.combine.slot_bytes.max(k);
+        base.dispatch.depth = base.dispatch.depth.max(self.microbatches);
+        base.combine.depth = base.combine.depth.max(self.microbatches);
+        base
+    }
+}
