@@ -45,8 +45,12 @@ impl WorkerOutput {
     pub fn lost(&self) -> Option<String> {
         use std::os::unix::process::ExitStatusExt;
         match &self.status {
-            Ok(s) if s.signal().is_some() => Some(format!("killed by signal {}", s.signal().unwrap_or(0))),
-            Ok(s) if !s.success() && self.error.is_none() => Some(format!("exited with {s} without an error report")),
+            Ok(s) if s.signal().is_some() => {
+                Some(format!("killed by signal {}", s.signal().unwrap_or(0)))
+            }
+            Ok(s) if !s.success() && self.error.is_none() => {
+                Some(format!("exited with {s} without an error report"))
+            }
             Err(e) => Some(format!("could not be waited for: {e}")),
             _ => None,
         }
@@ -63,7 +67,11 @@ pub struct Group {
 /// Starts `deploy.attention + deploy.experts` copies of this executable
 /// with `args` plus `--worker ROLE --rank R`, joined through a fresh
 /// rendezvous root.
-pub fn spawn(deploy: &Deployment, args: &[String], bootstrap: Duration) -> Result<Group, RuntimeError> {
+pub fn spawn(
+    deploy: &Deployment,
+    args: &[String],
+    bootstrap: Duration,
+) -> Result<Group, RuntimeError> {
     let root = Root::bind("127.0.0.1:0".parse().expect("literal address"))
         .map_err(|e| RuntimeError::Io(format!("cannot start the rendezvous root: {e}")))?;
     let uid = root.unique_id().to_string();
@@ -71,7 +79,10 @@ pub fn spawn(deploy: &Deployment, args: &[String], bootstrap: Duration) -> Resul
     let exe = std::env::current_exe()
         .map_err(|e| RuntimeError::Io(format!("cannot find my own executable: {e}")))?;
     let mut children = Vec::new();
-    for (role, count) in [(Role::Attention, deploy.attention), (Role::Expert, deploy.experts)] {
+    for (role, count) in [
+        (Role::Attention, deploy.attention),
+        (Role::Expert, deploy.experts),
+    ] {
         for rank in 0..count {
             let spawned = Command::new(&exe)
                 .args(args)
@@ -90,7 +101,10 @@ pub fn spawn(deploy: &Deployment, args: &[String], bootstrap: Duration) -> Resul
             };
             let stdout = child.stdout.take().expect("piped");
             let lines = std::thread::spawn(move || {
-                BufReader::new(stdout).lines().map_while(Result::ok).collect()
+                BufReader::new(stdout)
+                    .lines()
+                    .map_while(Result::ok)
+                    .collect()
             });
             children.push((role, rank, child, lines));
         }
@@ -104,7 +118,10 @@ pub fn spawn(deploy: &Deployment, args: &[String], bootstrap: Duration) -> Resul
 impl Group {
     /// Process ids, by role and rank (for fault tests).
     pub fn pids(&self) -> Vec<(Role, usize, u32)> {
-        self.children.iter().map(|(r, k, c, _)| (*r, *k, c.id())).collect()
+        self.children
+            .iter()
+            .map(|(r, k, c, _)| (*r, *k, c.id()))
+            .collect()
     }
 
     /// Waits for every worker.
@@ -167,8 +184,9 @@ pub fn m2n_config(config: &ModelConfig, deploy: &Deployment) -> Result<Config, R
 
 /// The unique id a launcher passed in `M2N_UNIQUE_ID`.
 pub fn unique_id_from_env() -> Result<UniqueId, RuntimeError> {
-    let text = std::env::var("M2N_UNIQUE_ID")
-        .map_err(|_| RuntimeError::Config("M2N_UNIQUE_ID is not set (the launcher sets it)".into()))?;
+    let text = std::env::var("M2N_UNIQUE_ID").map_err(|_| {
+        RuntimeError::Config("M2N_UNIQUE_ID is not set (the launcher sets it)".into())
+    })?;
     text.parse()
         .map_err(|e: String| RuntimeError::Config(format!("M2N_UNIQUE_ID: {e}")))
 }

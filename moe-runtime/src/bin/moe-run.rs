@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::Parser;
 use m2n::Role;
 use moe_runtime::launch;
-use moe_runtime::model::reference::Reference;
-use moe_runtime::model::RuntimeError;
+use moe_runtime::model::reference::{check_prompt, Reference};
+use moe_runtime::model::{load_config, RuntimeError};
 use moe_runtime::worker::Deployment;
 
 /// Greedy decoding over a disaggregated MoE group.
@@ -139,6 +139,24 @@ fn reference(a: &Args, prompts: &[Vec<u32>]) -> ExitCode {
 }
 
 fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duration) -> ExitCode {
+    // Everything the workers would refuse, refused once, here.
+    let checked = load_config(&a.model).and_then(|c| {
+        deploy.validate(&c)?;
+        for (i, p) in prompts.iter().enumerate() {
+            check_prompt(p, c.vocab).map_err(|e| {
+                RuntimeError::Request(format!(
+                    "prompt {}: {}",
+                    i + 1,
+                    e.to_string().trim_start_matches("bad request: ")
+                ))
+            })?;
+        }
+        Ok(())
+    });
+    if let Err(e) = checked {
+        eprintln!("moe-run: {e}");
+        return ExitCode::from(2);
+    }
     // Workers get the same command line, less nothing: they pick their part.
     let args: Vec<String> = std::env::args().skip(1).collect();
     let group = match launch::spawn(&deploy, &args, timeout) {
@@ -159,7 +177,9 @@ fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duratio
     let mut lines: Vec<(usize, usize, String)> = Vec::new();
     for o in &outs {
         for l in &o.out {
-            let Some((i, rest)) = l.split_once(' ') else { continue };
+            let Some((i, rest)) = l.split_once(' ') else {
+                continue;
+            };
             let Ok(i) = i.parse::<usize>() else { continue };
             let kind = usize::from(rest.starts_with("logprobs"));
             lines.push((i, kind, rest.to_string()));
@@ -178,7 +198,6 @@ fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duratio
     for (_, _, text) in lines {
         println!("{text}");
     }
-    let _ = a;
     ExitCode::SUCCESS
 }
 
@@ -203,10 +222,17 @@ fn worker(
             }
             Role::Attention => {
                 let mut w = launch::attention_worker(&a.model, deploy, rank, &uid, timeout)?;
-                let mine: Vec<usize> = (0..prompts.len()).filter(|i| i % deploy.attention == rank).collect();
+                let mine: Vec<usize> = (0..prompts.len())
+                    .filter(|i| i % deploy.attention == rank)
+                    .collect();
                 let mut out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); prompts.len()];
                 for &i in &mine {
-                    w.submit(i as u64, prompts[i].clone(), a.max_new_tokens, a.stop_ids.clone())?;
+                    w.submit(
+                        i as u64,
+                        prompts[i].clone(),
+                        a.max_new_tokens,
+                        a.stop_ids.clone(),
+                    )?;
                 }
                 loop {
                     let r = w.step()?;

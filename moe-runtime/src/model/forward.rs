@@ -87,15 +87,25 @@ pub fn attention(
             .extend((g.start..g.start + g.len).map(|p| p as u32));
     }
     rope(&mut sc.qb, s.heads, s.head_dim, &sc.positions, s.rope_theta);
-    rope(&mut sc.kb, s.kv_heads, s.head_dim, &sc.positions, s.rope_theta);
+    rope(
+        &mut sc.kb,
+        s.kv_heads,
+        s.head_dim,
+        &sc.positions,
+        s.rope_theta,
+    );
     sc.attn.resize(rows * qd, bf16::ZERO);
     let mut row = 0;
     for g in segs.iter_mut() {
         assert_eq!(g.cache.len, g.start, "a sequence's rows continue its cache");
-        g.cache.k.extend_from_slice(&sc.kb[row * kvd..(row + g.len) * kvd]);
         g.cache
-            .v
-            .extend(sc.v[row * kvd..(row + g.len) * kvd].iter().map(|&v| bf16::from_f32(v)));
+            .k
+            .extend_from_slice(&sc.kb[row * kvd..(row + g.len) * kvd]);
+        g.cache.v.extend(
+            sc.v[row * kvd..(row + g.len) * kvd]
+                .iter()
+                .map(|&v| bf16::from_f32(v)),
+        );
         g.cache.len += g.len;
         prefill_attention(
             &sc.qb[row * qd..(row + g.len) * qd],

@@ -30,15 +30,26 @@ pub enum StoreDtype {
 /// random values (`None`: a norm weight, `1 + U(-0.2, 0.2)`).
 pub fn tensor_specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Option<f32>)> {
     let (h, v, f) = (c.hidden as usize, c.vocab as usize, c.ffn as usize);
-    let (qd, kvd) = ((c.heads * c.head_dim) as usize, (c.kv_heads * c.head_dim) as usize);
+    let (qd, kvd) = (
+        (c.heads * c.head_dim) as usize,
+        (c.kv_heads * c.head_dim) as usize,
+    );
     // Uniform(-a, a) has variance a^2 / 3: a = sqrt(3 / fan_in) keeps unit scale.
     let unit = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
     let mut t = vec![(names::EMBED.to_string(), vec![v, h], Some(1.0))];
     for i in 0..c.layers as usize {
         let l = |rest: &str| names::layer(i, rest);
         t.push((l("input_layernorm.weight"), vec![h], None));
-        t.push((l("self_attn.q_proj.weight"), vec![qd, h], Some(2.0 * unit(h))));
-        t.push((l("self_attn.k_proj.weight"), vec![kvd, h], Some(2.0 * unit(h))));
+        t.push((
+            l("self_attn.q_proj.weight"),
+            vec![qd, h],
+            Some(2.0 * unit(h)),
+        ));
+        t.push((
+            l("self_attn.k_proj.weight"),
+            vec![kvd, h],
+            Some(2.0 * unit(h)),
+        ));
         t.push((l("self_attn.v_proj.weight"), vec![kvd, h], Some(unit(h))));
         t.push((l("self_attn.o_proj.weight"), vec![h, qd], Some(unit(qd))));
         t.push((l("post_attention_layernorm.weight"), vec![h], None));
@@ -147,8 +158,11 @@ pub fn write_checkpoint(
     if shards > 1 {
         let path = dir.join(INDEX_FILE);
         let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-        std::fs::write(&path, serde_json::to_string_pretty(&index).expect("JSON value"))
-            .map_err(|e| io(&path, &e))?;
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&index).expect("JSON value"),
+        )
+        .map_err(|e| io(&path, &e))?;
     } else {
         let _ = std::fs::remove_file(dir.join(INDEX_FILE));
     }

@@ -59,10 +59,11 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, RuntimeError> {
         let index_path = dir.join(INDEX_FILE);
         let index = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| RuntimeError::Checkpoint {
-                file: index_path.clone(),
-                detail: e.to_string(),
-            })?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| RuntimeError::Checkpoint {
+                    file: index_path.clone(),
+                    detail: e.to_string(),
+                })?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| RuntimeError::Checkpoint {
                     file: index_path.clone(),
@@ -145,10 +146,13 @@ impl Checkpoint {
         let file = self.file_of(name)?;
         let m = self.mapped(&file)?;
         let path = self.dir.join(&file);
-        let info = m.meta.info(name).ok_or_else(|| RuntimeError::MissingTensor {
-            tensor: name.into(),
-            file: path.clone(),
-        })?;
+        let info = m
+            .meta
+            .info(name)
+            .ok_or_else(|| RuntimeError::MissingTensor {
+                tensor: name.into(),
+                file: path.clone(),
+            })?;
         if info.shape != shape {
             return Err(RuntimeError::TensorShape {
                 tensor: name.into(),

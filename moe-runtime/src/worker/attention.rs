@@ -195,7 +195,9 @@ impl AttentionWorker {
             send,
             section,
             seqs: Vec::new(),
-            mbs: (0..deploy.microbatches).map(|_| MicroBatch::default()).collect(),
+            mbs: (0..deploy.microbatches)
+                .map(|_| MicroBatch::default())
+                .collect(),
             step: 0,
             scratch: Scratch::default(),
             acc: Vec::new(),
@@ -219,10 +221,14 @@ impl AttentionWorker {
     ) -> Result<(), RuntimeError> {
         check_prompt(&prompt, self.config.vocab)?;
         if max_new == 0 {
-            return Err(RuntimeError::Request("max new tokens must be at least 1".into()));
+            return Err(RuntimeError::Request(
+                "max new tokens must be at least 1".into(),
+            ));
         }
         if self.seqs.iter().any(|s| s.id == id) {
-            return Err(RuntimeError::Request(format!("sequence {id} is already running")));
+            return Err(RuntimeError::Request(format!(
+                "sequence {id} is already running"
+            )));
         }
         self.seqs.push(Sequence {
             id,
@@ -334,7 +340,12 @@ impl AttentionWorker {
 
     /// Attention of micro-batch `i` in layer `l`, its routes and layout
     /// straight into the registered send buffer, and the dispatch.
-    fn attention_and_dispatch(&mut self, l: usize, i: usize, active: bool) -> Result<(), RuntimeError> {
+    fn attention_and_dispatch(
+        &mut self,
+        l: usize,
+        i: usize,
+        active: bool,
+    ) -> Result<(), RuntimeError> {
         let t0 = Instant::now();
         let s = self.shape;
         let h = s.hidden;
@@ -373,7 +384,13 @@ impl AttentionWorker {
         for (r, entries) in mb.entries.iter().enumerate() {
             debug_assert!(entries.iter().all(|e| e.expert / per == r));
             let out = &mut buf.as_mut_slice()[r * self.section..(r + 1) * self.section];
-            lens.push(msg::write_dispatch(out, &head(entries.len()), entries, &mb.y, h));
+            lens.push(msg::write_dispatch(
+                out,
+                &head(entries.len()),
+                entries,
+                &mb.y,
+                h,
+            ));
         }
         let msgs: Vec<Msg<'_>> = lens
             .iter()
@@ -395,7 +412,12 @@ impl AttentionWorker {
 
     /// Receives the combine of micro-batch `i` in layer `l` and adds it to
     /// the residual stream. Returns GROUP_ACTIVE.
-    fn finish_moe(&mut self, l: usize, i: usize, report: &mut StepReport) -> Result<bool, RuntimeError> {
+    fn finish_moe(
+        &mut self,
+        l: usize,
+        i: usize,
+        report: &mut StepReport,
+    ) -> Result<bool, RuntimeError> {
         let h = self.shape.hidden;
         let t0 = Instant::now();
         let round = loop {
@@ -436,9 +458,9 @@ impl AttentionWorker {
         drop(views);
         self.comm.combine().release(round)?;
         forward::add_residual(&mut mb.x, &self.moe_out);
-        let rtt = mb
-            .posted
-            .map_or(0, |p| arrived.saturating_duration_since(p).as_nanos() as u64);
+        let rtt = mb.posted.map_or(0, |p| {
+            arrived.saturating_duration_since(p).as_nanos() as u64
+        });
         report.timings.push(MbTiming {
             layer: l as u16,
             microbatch: i as u16,
@@ -465,7 +487,12 @@ impl AttentionWorker {
                 if s.pos < s.prompt.len() {
                     continue; // more prompt to prefill
                 }
-                forward::lm_head(&self.shape, &self.weights, &mb.x[last * h..][..h], &mut self.logits);
+                forward::lm_head(
+                    &self.shape,
+                    &self.weights,
+                    &mb.x[last * h..][..h],
+                    &mut self.logits,
+                );
                 let (token, logprob) = forward::greedy(&self.logits[..vocab]);
                 s.generated.push(token);
                 let finish = if s.stop.contains(&token) {

@@ -58,7 +58,9 @@ impl ExpertWorker {
     ) -> Result<Self, RuntimeError> {
         deploy.validate(&config)?;
         let experts = deploy.experts_of(&config, comm.rank());
-        if weights.first != experts.start || weights.layers.first().map_or(0, |l| l.len()) != experts.len() {
+        if weights.first != experts.start
+            || weights.layers.first().map_or(0, |l| l.len()) != experts.len()
+        {
             return Err(RuntimeError::Config(format!(
                 "expert rank {} needs experts {}..{}",
                 comm.rank(),
@@ -123,7 +125,13 @@ impl ExpertWorker {
                     }
                 })?;
                 let want = (step as u32, layer, mb, m as u32, layers as u32);
-                let got = (d.head.step, d.head.layer, d.head.microbatch, d.head.extra[0], d.head.extra[1]);
+                let got = (
+                    d.head.step,
+                    d.head.layer,
+                    d.head.microbatch,
+                    d.head.extra[0],
+                    d.head.extra[1],
+                );
                 if got != want {
                     return Err(RuntimeError::Message {
                         peer: format!("attention {a}"),
@@ -134,13 +142,15 @@ impl ExpertWorker {
                 }
                 any_active |= d.head.flags & FLAG_ACTIVE != 0;
                 let rows = d.entries.len();
-                let out = &mut self.send[buf].as_mut_slice()[a * self.section..(a + 1) * self.section];
+                let out =
+                    &mut self.send[buf].as_mut_slice()[a * self.section..(a + 1) * self.section];
                 let y = msg::combine_rows_mut(out, rows, h);
                 let mut i = 0;
                 while i < rows {
                     let e = d.entries[i].0;
                     let j = i + d.entries[i..].iter().take_while(|x| x.0 == e).count();
-                    let expert = &self.weights.layers[layer as usize][e as usize - self.experts.start];
+                    let expert =
+                        &self.weights.layers[layer as usize][e as usize - self.experts.start];
                     forward::expert_rows(
                         expert,
                         &d.rows[i * h..j * h],

@@ -104,7 +104,10 @@ impl Header {
 
     fn read(magic: [u8; 4], m: &[u8], extra_u16: bool) -> Result<Self, String> {
         if m.len() < HEADER {
-            return Err(format!("{} bytes, shorter than the {HEADER}-byte header", m.len()));
+            return Err(format!(
+                "{} bytes, shorter than the {HEADER}-byte header",
+                m.len()
+            ));
         }
         if m[0..4] != magic {
             return Err(format!(
@@ -155,8 +158,7 @@ pub fn write_dispatch(
     }
     let start = dispatch_rows_offset(entries.len());
     out[HEADER + 8 * entries.len()..start].fill(0);
-    let rows: &mut [bf16] =
-        bytemuck::cast_slice_mut(&mut out[start..]);
+    let rows: &mut [bf16] = bytemuck::cast_slice_mut(&mut out[start..]);
     for (row, e) in rows.chunks_exact_mut(hidden).zip(entries) {
         row.copy_from_slice(&y[e.token * hidden..][..hidden]);
     }
@@ -181,7 +183,10 @@ pub fn read_dispatch(
 ) -> Result<Dispatch<'_>, String> {
     let head = Header::read(DISPATCH_MAGIC, m, true)?;
     if head.hidden as usize != hidden {
-        return Err(format!("hidden size {}, the model's is {hidden}", head.hidden));
+        return Err(format!(
+            "hidden size {}, the model's is {hidden}",
+            head.hidden
+        ));
     }
     let rows = head.rows as usize;
     let need = dispatch_len(rows, hidden);
@@ -204,7 +209,9 @@ pub fn read_dispatch(
             ));
         }
         if e < last {
-            return Err(format!("row {i}: expert {e} after expert {last} (rows must be grouped by expert)"));
+            return Err(format!(
+                "row {i}: expert {e} after expert {last} (rows must be grouped by expert)"
+            ));
         }
         if !w.is_finite() {
             return Err(format!("row {i}: gate weight {w}"));
@@ -243,7 +250,13 @@ pub fn read_combine(
 ) -> Result<(Header, &[bf16]), String> {
     let head = Header::read(COMBINE_MAGIC, m, false)?;
     let want = (step, layer, microbatch, rows as u32, hidden as u32);
-    let got = (head.step, head.layer, head.microbatch, head.rows, head.hidden);
+    let got = (
+        head.step,
+        head.layer,
+        head.microbatch,
+        head.rows,
+        head.hidden,
+    );
     if got != want {
         return Err(format!(
             "(step, layer, micro-batch, rows, hidden) = {got:?}, expected {want:?}"
@@ -281,8 +294,16 @@ mod tests {
     fn dispatch_round_trips_and_is_checked() {
         let y: Vec<bf16> = (0..12).map(|i| bf16::from_f32(i as f32)).collect();
         let entries = [
-            Entry { token: 2, expert: 4, weight: 0.75 },
-            Entry { token: 0, expert: 5, weight: 0.25 },
+            Entry {
+                token: 2,
+                expert: 4,
+                weight: 0.75,
+            },
+            Entry {
+                token: 0,
+                expert: 5,
+                weight: 0.25,
+            },
         ];
         let mut buf = vec![0u8; 4096];
         let len = write_dispatch(&mut buf, &head(2), &entries, &y, 4);
@@ -301,11 +322,15 @@ mod tests {
         assert!(err.contains("bytes"), "{err}");
         let mut bad = buf.clone();
         bad[0] = b'X';
-        assert!(read_dispatch(&bad[..len], 4, 4..6).unwrap_err().contains("magic"));
+        assert!(read_dispatch(&bad[..len], 4, 4..6)
+            .unwrap_err()
+            .contains("magic"));
         let mut bad = buf.clone();
         bad[HEADER + 8..HEADER + 12].copy_from_slice(&3u32.to_le_bytes());
         bad[HEADER..HEADER + 4].copy_from_slice(&5u32.to_le_bytes());
-        assert!(read_dispatch(&bad[..len], 4, 3..6).unwrap_err().contains("grouped"));
+        assert!(read_dispatch(&bad[..len], 4, 3..6)
+            .unwrap_err()
+            .contains("grouped"));
     }
 
     #[test]

@@ -1,0 +1,164 @@
+//! Disaggregated decoding over m2n against the single-process reference:
+//! every model preset, every M x N shape, shm and tcp, 1 to 4 micro-batches.
+//!
+//! Tolerance: none. The reference uses the same batch-invariant kernels
+//! (a token's arithmetic does not depend on its batch, micro-batch, chunk
+//! or on how experts are split over ranks, and the combine sums in expert
+//! order), so disaggregation must not change a single bit: the tokens and
+//! every printed log-probability (f32, shortest round-trip form) are equal.
+
+mod support;
+
+use moe_runtime::model::init::StoreDtype;
+use support::*;
+
+/// Prompts of different lengths; the 40-token one prefills in chunks
+/// (`--max-tokens 16`).
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 2, 3],
+        (5..18).collect(),
+        vec![200],
+        (0..40).map(|i| (i * 37 + 11) % 250).collect(),
+    ]
+}
+
+fn reference(model: &std::path::Path, prompts: &[Vec<u32>], new: usize) -> String {
+    let mut args = vec![
+        "--model".into(),
+        model.display().to_string(),
+        "--reference".into(),
+        "--logprobs".into(),
+    ];
+    args.extend(prompt_args(prompts));
+    args.extend(["--max-new-tokens".into(), new.to_string()]);
+    let o = moe_run(&args, &[]);
+    assert!(o.status.success(), "reference: {}", stderr(&o));
+    stdout(&o)
+}
+
+fn disaggregated(
+    model: &std::path::Path,
+    prompts: &[Vec<u32>],
+    new: usize,
+    (m, n, mb): (usize, usize, usize),
+    transport: &str,
+    extra: &[&str],
+) -> String {
+    let mut args: Vec<String> = vec![
+        "--model".into(),
+        model.display().to_string(),
+        "--logprobs".into(),
+        "--attention".into(),
+        m.to_string(),
+        "--experts".into(),
+        n.to_string(),
+        "--microbatches".into(),
+        mb.to_string(),
+        "--max-new-tokens".into(),
+        new.to_string(),
+        "--max-tokens".into(),
+        "16".into(),
+        "--timeout-s".into(),
+        "60".into(),
+    ];
+    args.extend(prompt_args(prompts));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = moe_run(
+        &args,
+        &[("M2N_TRANSPORT", transport), ("M2N_WAIT", "yield")],
+    );
+    assert!(
+        o.status.success(),
+        "{m}x{n} m={mb} over {transport}: {}",
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+fn matrix(preset: &str, seed: u64) {
+    let dir = TempDir::new(preset);
+    let model = checkpoint(dir.path(), preset, seed, 1, StoreDtype::Bf16);
+    let prompts = prompts();
+    let want = reference(&model, &prompts, 16);
+    let parsed = results(&want);
+    assert_eq!(parsed.len(), prompts.len());
+    for (toks, lps) in &parsed {
+        assert_eq!(toks.len(), 16);
+        assert_eq!(lps.len(), 16);
+        // A sharp model: greedy tokens are clear winners on average, so a
+        // bug that moves the logits changes tokens.
+        let mean = lps.iter().sum::<f32>() / lps.len() as f32;
+        assert!(
+            mean > -2.5,
+            "{preset}: mean greedy log-probability {mean} (not sharp)"
+        );
+    }
+    for transport in ["shm", "tcp"] {
+        for (m, n) in [(1, 1), (2, 1), (1, 2), (2, 2)] {
+            for mb in 1..=4 {
+                let got = disaggregated(&model, &prompts, 16, (m, n, mb), transport, &[]);
+                assert_eq!(
+                    got, want,
+                    "{preset}: {m} attention x {n} expert workers, {mb} micro-batches over {transport}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tiny_matches_the_reference_on_every_shape() {
+    matrix("tiny", 11);
+}
+
+#[test]
+fn mixtral_mini_matches_the_reference_on_every_shape() {
+    matrix("mixtral-mini", 12);
+}
+
+#[test]
+fn dbrx_mini_matches_the_reference_on_every_shape() {
+    matrix("dbrx-mini", 13);
+}
+
+#[test]
+fn idle_micro_batches_and_ranks_still_complete_their_rounds() {
+    // One prompt on 2 attention ranks with 4 micro-batches: attention rank 1
+    // has nothing at all, and rank 0 fills one micro-batch of four, so
+    // every expert gets empty messages in most rounds.
+    let dir = TempDir::new("idle");
+    let model = checkpoint(dir.path(), "dbrx-mini", 5, 1, StoreDtype::Bf16);
+    let prompts = vec![vec![7, 8, 9]];
+    let want = reference(&model, &prompts, 12);
+    let got = disaggregated(&model, &prompts, 12, (2, 2, 4), "shm", &[]);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_sequence_that_ends_early_leaves_the_others_unchanged() {
+    let dir = TempDir::new("stop");
+    let model = checkpoint(dir.path(), "mixtral-mini", 6, 1, StoreDtype::Bf16);
+    let prompts = prompts();
+    let full = results(&disaggregated(&model, &prompts, 16, (1, 2, 2), "shm", &[]));
+    // Stop on the 4th token of prompt 2: that sequence leaves mid-batch.
+    let stop = full[1].0[3];
+    let stopped = results(&disaggregated(
+        &model,
+        &prompts,
+        16,
+        (1, 2, 2),
+        "shm",
+        &["--stop-ids", &stop.to_string()],
+    ));
+    for (i, (a, b)) in full.iter().zip(&stopped).enumerate() {
+        // Each sequence is cut at its first stop token, the rest is the same.
+        let cut =
+            a.0.iter()
+                .position(|&t| t == stop)
+                .map_or(a.0.len(), |k| k + 1);
+        assert_eq!(b.0, a.0[..cut], "prompt {i}");
+        assert_eq!(b.1, a.1[..cut], "prompt {i}");
+    }
+    assert_eq!(stopped[1].0.len(), 4, "prompt 2 stops at its 4th token");
+}
