@@ -124,25 +124,62 @@ impl Group {
             .collect()
     }
 
-    /// Waits for every worker.
-    pub fn wait(self) -> Vec<WorkerOutput> {
-        let outs: Vec<WorkerOutput> = self
-            .children
+    /// Waits for every worker. Once one fails, the others get `grace` to
+    /// notice (their errors name the lost peer) and are then stopped, so a
+    /// worker stuck before the group formed cannot hold the launcher.
+    pub fn wait(self, grace: Duration) -> Vec<WorkerOutput> {
+        let mut children = self.children;
+        let mut status: Vec<Option<std::io::Result<ExitStatus>>> =
+            children.iter().map(|_| None).collect();
+        let mut stopped = vec![false; children.len()];
+        let mut failed_at: Option<std::time::Instant> = None;
+        while status.iter().any(Option::is_none) {
+            for (i, (_, _, child, _)) in children.iter_mut().enumerate() {
+                if status[i].is_some() {
+                    continue;
+                }
+                match child.try_wait() {
+                    Ok(Some(s)) => {
+                        if !s.success() && failed_at.is_none() {
+                            failed_at = Some(std::time::Instant::now());
+                        }
+                        status[i] = Some(Ok(s));
+                    }
+                    Ok(None) => {
+                        if failed_at.is_some_and(|t| t.elapsed() > grace) {
+                            let _ = child.kill();
+                            stopped[i] = true;
+                            status[i] = Some(child.wait());
+                        }
+                    }
+                    Err(e) => status[i] = Some(Err(e)),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let outs: Vec<WorkerOutput> = children
             .into_iter()
-            .map(|(role, rank, mut child, lines)| {
-                let status = child.wait();
+            .zip(status)
+            .zip(stopped)
+            .map(|(((role, rank, _child, lines), status), stopped)| {
                 let lines = lines.join().unwrap_or_default();
+                let mut error = lines
+                    .iter()
+                    .find_map(|l| l.strip_prefix("MOE-ERROR ").map(str::to_string));
+                if stopped && error.is_none() {
+                    error = Some(format!(
+                        "{role} {rank}: stopped by the launcher {grace:?} after another worker failed"
+                    ));
+                }
                 WorkerOutput {
                     role,
                     rank,
-                    status,
+                    status: status.expect("every status is in"),
                     out: lines
                         .iter()
                         .filter_map(|l| l.strip_prefix("MOE-OUT ").map(str::to_string))
                         .collect(),
-                    error: lines
-                        .iter()
-                        .find_map(|l| l.strip_prefix("MOE-ERROR ").map(str::to_string)),
+                    error,
                 }
             })
             .collect();

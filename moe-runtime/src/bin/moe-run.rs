@@ -12,6 +12,7 @@ use clap::Parser;
 use m2n::Role;
 use moe_runtime::launch;
 use moe_runtime::model::reference::{check_prompt, Reference};
+use moe_runtime::model::weights::Checkpoint;
 use moe_runtime::model::{load_config, RuntimeError};
 use moe_runtime::worker::Deployment;
 
@@ -142,6 +143,7 @@ fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duratio
     // Everything the workers would refuse, refused once, here.
     let checked = load_config(&a.model).and_then(|c| {
         deploy.validate(&c)?;
+        Checkpoint::open(&a.model)?.verify(&c)?;
         for (i, p) in prompts.iter().enumerate() {
             check_prompt(p, c.vocab).map_err(|e| {
                 RuntimeError::Request(format!(
@@ -166,7 +168,7 @@ fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duratio
             return ExitCode::FAILURE;
         }
     };
-    let outs = group.wait();
+    let outs = group.wait(Duration::from_secs(3));
     if let Err(why) = launch::verdict(&outs) {
         for line in why.lines() {
             eprintln!("moe-run: {line}");

@@ -140,6 +140,44 @@ impl Checkpoint {
         Ok(m)
     }
 
+    /// Checks that every tensor of `c` is there with its shape and a
+    /// supported dtype, from the headers alone (nothing is read).
+    pub fn verify(&self, c: &ModelConfig) -> Result<(), RuntimeError> {
+        for (name, shape, _) in super::init::tensor_specs(c) {
+            let (path, m) = self.locate(&name)?;
+            let info = m.meta.info(&name).expect("located");
+            if info.shape != shape {
+                return Err(RuntimeError::TensorShape {
+                    tensor: name,
+                    file: path,
+                    expected: shape,
+                    found: info.shape.clone(),
+                });
+            }
+            if !matches!(info.dtype, Dtype::BF16 | Dtype::F32) {
+                return Err(RuntimeError::Checkpoint {
+                    file: path,
+                    detail: format!("{name}: dtype {:?} is not supported (bf16 or f32)", info.dtype),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The file holding `name`, mapped.
+    fn locate(&self, name: &str) -> Result<(PathBuf, Arc<Mapped>), RuntimeError> {
+        let file = self.file_of(name)?;
+        let m = self.mapped(&file)?;
+        let path = self.dir.join(&file);
+        if m.meta.info(name).is_none() {
+            return Err(RuntimeError::MissingTensor {
+                tensor: name.into(),
+                file: path,
+            });
+        }
+        Ok((path, m))
+    }
+
     /// Tensor `name` as bf16 (converted from f32 when stored so), checked
     /// against `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<bf16>, RuntimeError> {
