@@ -206,7 +206,7 @@ pub fn verdict(outs: &[WorkerOutput]) -> Result<(), String> {
     }
     for o in outs {
         if let Some(e) = &o.error {
-            lines.push(format!("{e}"));
+            lines.push(e.to_string());
         }
     }
     Err(lines.join("\n"))

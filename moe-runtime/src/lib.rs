@@ -3,6 +3,7 @@
 //! communicator with the ping-pong pipeline ([`worker`]), process launch
 //! ([`launch`]), and the deployment planner of MegaScale-Infer ([`plan`]).
 
+pub mod bench;
 pub mod launch;
 pub mod model;
 pub mod plan;

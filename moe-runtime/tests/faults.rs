@@ -19,8 +19,12 @@ use support::*;
 /// Pids of `moe-run` workers whose command line holds `model` and `needle`.
 fn worker_pid(model: &str, needle: &str) -> Option<u32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(model) && cmd.contains(needle) {
             return Some(pid);
@@ -34,8 +38,24 @@ fn kill_one(role: &str, rank: usize) {
     let model = checkpoint(dir.path(), "mixtral-mini", 3, 1, StoreDtype::Bf16);
     let model_s = model.display().to_string();
     let mut child = Command::new(MOE_RUN)
-        .args(["--model", &model_s, "--attention", "2", "--experts", "2", "--microbatches", "2"])
-        .args(["--prompt-ids", "1,2,3", "--prompt-ids", "4,5", "--max-new-tokens", "100000"])
+        .args([
+            "--model",
+            &model_s,
+            "--attention",
+            "2",
+            "--experts",
+            "2",
+            "--microbatches",
+            "2",
+        ])
+        .args([
+            "--prompt-ids",
+            "1,2,3",
+            "--prompt-ids",
+            "4,5",
+            "--max-new-tokens",
+            "100000",
+        ])
         .env("M2N_WAIT", "yield")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -47,7 +67,10 @@ fn kill_one(role: &str, rank: usize) {
         if let Some(p) = worker_pid(&model_s, &needle) {
             break p;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "worker never started");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "worker never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     // Let it decode a while, then kill it.
@@ -123,7 +146,10 @@ fn bad_checkpoints_name_the_tensor_file_and_shapes() {
     let model = checkpoint(dir.path(), "tiny", 1, 1, StoreDtype::Bf16);
     rewrite(&model, |n, s| (n != w2).then_some(s));
     let err = load_err(&model);
-    assert!(err.contains(&w2) && err.contains("missing") && err.contains(SINGLE_FILE), "{err}");
+    assert!(
+        err.contains(&w2) && err.contains("missing") && err.contains(SINGLE_FILE),
+        "{err}"
+    );
     // An attention worker does not need expert tensors: it still loads.
     let ck = Checkpoint::open(&model).unwrap();
     let cfg = moe_runtime::model::load_config(&model).unwrap();
@@ -134,7 +160,13 @@ fn bad_checkpoints_name_the_tensor_file_and_shapes() {
     let ffn_shape = format!("[{}, {}]", cfg.ffn, cfg.hidden);
     let model = checkpoint(dir.path(), "tiny", 3, 1, StoreDtype::Bf16);
     let w1 = names::expert(1, 2, "w1");
-    rewrite(&model, |n, s| Some(if n == w1 { s.into_iter().rev().collect() } else { s }));
+    rewrite(&model, |n, s| {
+        Some(if n == w1 {
+            s.into_iter().rev().collect()
+        } else {
+            s
+        })
+    });
     let err = load_err(&model);
     assert!(
         err.contains(&w1)
@@ -155,27 +187,45 @@ fn bad_checkpoints_name_the_tensor_file_and_shapes() {
         .set_len(len - 100)
         .unwrap();
     let err = load_err(&model);
-    assert!(err.contains(SINGLE_FILE) && err.contains("not a valid safetensors"), "{err}");
+    assert!(
+        err.contains(SINGLE_FILE) && err.contains("not a valid safetensors"),
+        "{err}"
+    );
 
     // A shard listed in the index that lacks the tensor.
     let model = checkpoint(dir.path(), "tiny", 5, 2, StoreDtype::Bf16);
     let idx_path = model.join(INDEX_FILE);
-    let mut idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx_path).unwrap()).unwrap();
-    idx["weight_map"].as_object_mut().unwrap().remove(names::LM_HEAD);
+    let mut idx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&idx_path).unwrap()).unwrap();
+    idx["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove(names::LM_HEAD);
     std::fs::write(&idx_path, idx.to_string()).unwrap();
     let err = load_err(&model);
-    assert!(err.contains(names::LM_HEAD) && err.contains(INDEX_FILE), "{err}");
+    assert!(
+        err.contains(names::LM_HEAD) && err.contains(INDEX_FILE),
+        "{err}"
+    );
 
     // No checkpoint at all.
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     std::fs::write(empty.join("config.json"), cfg.to_hf_config().to_string()).unwrap();
     let err = load_err(&empty);
-    assert!(err.contains(SINGLE_FILE) && err.contains(INDEX_FILE), "{err}");
+    assert!(
+        err.contains(SINGLE_FILE) && err.contains(INDEX_FILE),
+        "{err}"
+    );
 
     // The launcher reports it without starting anything wrong.
     let o = moe_run(
-        &["--model".into(), model.display().to_string(), "--prompt-ids".into(), "1".into()],
+        &[
+            "--model".into(),
+            model.display().to_string(),
+            "--prompt-ids".into(),
+            "1".into(),
+        ],
         &[],
     );
     assert!(!o.status.success());
@@ -186,14 +236,21 @@ fn bad_checkpoints_name_the_tensor_file_and_shapes() {
 fn sharded_and_f32_checkpoints_give_the_same_model() {
     let dir = TempDir::new("formats");
     let mut outs: HashMap<String, Vec<(u32, f32)>> = HashMap::new();
-    for (shards, dtype) in [(1, StoreDtype::Bf16), (3, StoreDtype::Bf16), (2, StoreDtype::F32)] {
+    for (shards, dtype) in [
+        (1, StoreDtype::Bf16),
+        (3, StoreDtype::Bf16),
+        (2, StoreDtype::F32),
+    ] {
         let model = checkpoint(dir.path(), "tiny", 9, shards, dtype);
         if shards > 1 {
             assert!(model.join(INDEX_FILE).exists());
             assert!(!model.join(SINGLE_FILE).exists());
         }
         let r = Reference::load(&model).unwrap();
-        outs.insert(format!("{shards} {dtype:?}"), r.generate(&[3, 1, 4, 1, 5], 10).unwrap());
+        outs.insert(
+            format!("{shards} {dtype:?}"),
+            r.generate(&[3, 1, 4, 1, 5], 10).unwrap(),
+        );
     }
     let first = outs.values().next().unwrap().clone();
     for (k, v) in &outs {
@@ -207,10 +264,19 @@ fn bad_requests_are_refused_with_the_reason() {
     let model = checkpoint(dir.path(), "tiny", 1, 1, StoreDtype::Bf16);
     let m = model.display().to_string();
     let cases: [(&[&str], &str); 4] = [
-        (&["--prompt-ids", "1,999"], "token id 999 is outside the vocabulary of 256"),
+        (
+            &["--prompt-ids", "1,999"],
+            "token id 999 is outside the vocabulary of 256",
+        ),
         (&["--prompt-ids", "1,x"], "comma-separated token ids"),
-        (&["--prompt-ids", "1", "--experts", "3"], "4 experts do not split evenly over 3"),
-        (&["--prompt-ids", "1", "--microbatches", "5"], "takes 1 to 4"),
+        (
+            &["--prompt-ids", "1", "--experts", "3"],
+            "4 experts do not split evenly over 3",
+        ),
+        (
+            &["--prompt-ids", "1", "--microbatches", "5"],
+            "takes 1 to 4",
+        ),
     ];
     for (args, want) in cases {
         let mut a = vec!["--model".to_string(), m.clone()];

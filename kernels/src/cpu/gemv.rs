@@ -230,12 +230,12 @@ mod avx2 {
                     let x0 = xp.add(t * k);
                     let mut i = 0;
                     while i + 32 <= k8 {
-                        for q in 0..4 {
+                        for (q, acc) in a.iter_mut().enumerate() {
                             let o = i + 8 * q;
-                            a[q] = _mm256_fmadd_ps(
+                            *acc = _mm256_fmadd_ps(
                                 load8(row.add(o)),
                                 _mm256_loadu_ps(x0.add(o)),
-                                a[q],
+                                *acc,
                             );
                         }
                         i += 32;

@@ -76,6 +76,41 @@ impl Reference {
         Ok(out)
     }
 
+    /// Every layer on a batch of rows (`segs` cover them in order), in
+    /// this process: what the colocated baseline runs.
+    pub fn forward(
+        &self,
+        x: &mut [bf16],
+        segs: &mut [Vec<KvCache>],
+        starts: &[(usize, usize)],
+        sc: &mut Scratch,
+        ffn: &mut FfnScratch,
+    ) {
+        for l in 0..self.config.layers as usize {
+            let mut layer_segs: Vec<Segment<'_>> = segs
+                .iter_mut()
+                .zip(starts)
+                .map(|(c, &(start, len))| Segment {
+                    cache: &mut c[l],
+                    start,
+                    len,
+                })
+                .collect();
+            self.layer(l, x, &mut layer_segs, sc, ffn);
+        }
+    }
+
+    /// Final norm, LM head and greedy choice for one row.
+    pub fn next_token(&self, row: &[bf16], logits: &mut Vec<f32>) -> (u32, f32) {
+        forward::lm_head(&self.shape, &self.attn, row, logits);
+        forward::greedy(logits)
+    }
+
+    /// The embedding rows of `tokens`.
+    pub fn embed(&self, tokens: &[u32], out: &mut Vec<bf16>) {
+        forward::embed(&self.attn, self.shape.hidden, tokens, out);
+    }
+
     fn layer(
         &self,
         l: usize,

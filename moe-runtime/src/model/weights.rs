@@ -157,7 +157,10 @@ impl Checkpoint {
             if !matches!(info.dtype, Dtype::BF16 | Dtype::F32) {
                 return Err(RuntimeError::Checkpoint {
                     file: path,
-                    detail: format!("{name}: dtype {:?} is not supported (bf16 or f32)", info.dtype),
+                    detail: format!(
+                        "{name}: dtype {:?} is not supported (bf16 or f32)",
+                        info.dtype
+                    ),
                 });
             }
         }

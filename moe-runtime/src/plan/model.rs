@@ -111,8 +111,9 @@ impl ModelConfig {
             m("scaled-moe", 8192, 48, 64, 8, 32, 4, 8192, 32000),
             // A tiny shape for tests and the end-to-end demo.
             m("tiny", 64, 2, 4, 2, 4, 2, 128, 256),
-            // Mixtral's 8 experts, top-2, FFN = 2.67 x hidden; 8/2 heads.
-            m("mixtral-mini", 256, 4, 8, 2, 8, 2, 688, 1024),
+            // Mixtral's 8 experts, top-2, FFN = 2.67 x hidden; 8/2 heads;
+            // 8 layers, so that the pipeline's fill and drain are amortised.
+            m("mixtral-mini", 256, 8, 8, 2, 8, 2, 688, 1024),
             // DBRX's 16 experts, top-4, FFN = 1.75 x hidden; 8/2 heads.
             m("dbrx-mini", 256, 4, 8, 2, 16, 4, 448, 1024),
         ]
@@ -222,8 +223,8 @@ impl ModelConfig {
         };
         if cfg.heads == 0
             || cfg.kv_heads == 0
-            || cfg.heads % cfg.kv_heads != 0
-            || cfg.head_dim % 2 != 0
+            || !cfg.heads.is_multiple_of(cfg.kv_heads)
+            || !cfg.head_dim.is_multiple_of(2)
             || cfg.hidden == 0
             || cfg.vocab == 0
             || cfg.experts == 0

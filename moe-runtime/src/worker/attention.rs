@@ -40,7 +40,7 @@ use kernels::cpu::layout::{combine_into, plan, Entry};
 use kernels::LayerShape;
 use m2n::{Communicator, Msg, Region};
 
-use super::msg::{self, Header, FLAG_ACTIVE};
+use super::msg::{self, Header, FLAG_ACTIVE, FLAG_WAITED, WAIT_THRESHOLD_NS};
 use super::{Deployment, POLL};
 use crate::model::forward::{self, Scratch, Segment};
 use crate::model::reference::check_prompt;
@@ -87,6 +87,13 @@ pub struct MbTiming {
     /// Communication (T_c): dispatch posted to combine received, less the
     /// time the round spent at the slowest expert.
     pub t_c: u64,
+    /// Whether `t_c` is pure communication: both sides were waiting for
+    /// the round (so it queued behind no other micro-batch at the experts
+    /// and no attention work here). With `m > 1` some rounds queue by
+    /// design; only these samples measure the transfer.
+    pub t_c_clean: bool,
+    /// Time the round spent at the slowest expert (received to posted).
+    pub residence: u64,
 }
 
 /// One step's outcome.
@@ -432,6 +439,7 @@ impl AttentionWorker {
         let mb = &mut self.mbs[i];
         let mut views: Vec<&[bf16]> = Vec::with_capacity(self.deploy.experts);
         let (mut t_e, mut residence, mut group_active) = (0u64, 0u64, false);
+        let mut clean = (arrived - t0).as_nanos() as u64 > WAIT_THRESHOLD_NS;
         for r in 0..self.deploy.experts {
             let m = self.comm.message(&round, r);
             let (head, rows) = msg::read_combine(
@@ -447,6 +455,7 @@ impl AttentionWorker {
                 detail,
             })?;
             group_active |= head.flags & FLAG_ACTIVE != 0;
+            clean &= head.flags & FLAG_WAITED != 0;
             residence = residence.max(u64::from(head.extra[0]));
             t_e = t_e.max(u64::from(head.extra[1]));
             views.push(rows);
@@ -469,6 +478,8 @@ impl AttentionWorker {
             t_a: mb.t_a,
             t_e,
             t_c: rtt.saturating_sub(residence),
+            t_c_clean: clean,
+            residence,
         });
         Ok(group_active)
     }

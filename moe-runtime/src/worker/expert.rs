@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use kernels::cpu::ffn::FfnScratch;
 use m2n::{Communicator, Msg, Region};
 
-use super::msg::{self, Header, FLAG_ACTIVE};
+use super::msg::{self, Header, FLAG_ACTIVE, FLAG_WAITED, WAIT_THRESHOLD_NS};
 use super::{Deployment, POLL};
 use crate::model::forward;
 use crate::model::weights::ExpertWeights;
@@ -109,7 +109,13 @@ impl ExpertWorker {
                 }
             };
             let t_in = Instant::now();
-            stats.idle_ns += (t_in - idle_since).as_nanos() as u64;
+            let idle = (t_in - idle_since).as_nanos() as u64;
+            stats.idle_ns += idle;
+            let waited = if idle > WAIT_THRESHOLD_NS {
+                FLAG_WAITED
+            } else {
+                0
+            };
             let buf = (k % 2) as usize;
             if let Some(prev) = self.sent[buf].take() {
                 self.comm.combine().wait_sent(prev, self.timeout)?;
@@ -171,7 +177,7 @@ impl ExpertWorker {
             for (a, &len) in lens.iter().enumerate() {
                 let rows = (len - msg::HEADER) / (2 * h);
                 let head = Header {
-                    flags: if group_active { FLAG_ACTIVE } else { 0 },
+                    flags: waited | if group_active { FLAG_ACTIVE } else { 0 },
                     step: step as u32,
                     layer,
                     microbatch: mb,

@@ -44,7 +44,7 @@ impl Deployment {
         if self.attention == 0 || self.experts == 0 {
             return bad("at least one attention and one expert worker".into());
         }
-        if c.experts as usize % self.experts != 0 {
+        if !(c.experts as usize).is_multiple_of(self.experts) {
             return bad(format!(
                 "{} experts do not split evenly over {} expert workers",
                 c.experts, self.experts

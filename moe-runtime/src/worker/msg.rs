@@ -29,7 +29,9 @@
 //!  0      4   magic "M2NC"
 //!  4      2   version (1)
 //!  6      2   flags: bit 0 GROUP_ACTIVE (some attention rank had
-//!             sequences this step: the step is not the group's last)
+//!             sequences this step: the step is not the group's last);
+//!             bit 1 WAITED (the expert was idle, waiting for this round,
+//!             so it did not queue behind another micro-batch)
 //!  8      4   step
 //! 12      2   layer
 //! 14      2   micro-batch
@@ -53,6 +55,10 @@ pub const COMBINE_MAGIC: [u8; 4] = *b"M2NC";
 pub const VERSION: u16 = 1;
 pub const HEADER: usize = 32;
 pub const FLAG_ACTIVE: u16 = 1;
+/// Combine: the expert was waiting when this round came in.
+pub const FLAG_WAITED: u16 = 2;
+/// A blocking wait shorter than this found its round already in.
+pub const WAIT_THRESHOLD_NS: u64 = 5_000;
 
 /// Where the rows of a dispatch message with `rows` entries start.
 pub fn dispatch_rows_offset(rows: usize) -> usize {
