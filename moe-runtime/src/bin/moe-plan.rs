@@ -53,6 +53,15 @@ struct Cli {
     /// model), or {"attention": {"per_token", "fixed"}, "expert": {...}} in seconds.
     #[arg(long)]
     profile: Option<std::path::PathBuf>,
+    /// Predict one fixed deployment instead of searching: `M,N,m,B` (attention
+    /// nodes, expert nodes, micro-batches, global batch), with `--profile`
+    /// (e.g. `moe-bench --json`) and `--util` (whose peak is the link
+    /// bandwidth unless `--gpu` names one).
+    #[arg(long, value_delimiter = ',')]
+    predict: Option<Vec<u64>>,
+    /// With --predict: a measured tokens/s to print the prediction against.
+    #[arg(long, requires = "predict")]
+    measured: Option<f64>,
     /// Runners-up shown.
     #[arg(long, default_value_t = 5)]
     top: usize,
@@ -85,6 +94,9 @@ fn run(cli: Cli) -> Result<(), PlanError> {
             ))
         }
     };
+    if let Some(p) = &cli.predict {
+        return predict_one(&cli, &model, p);
+    }
     let catalogue = match &cli.gpu_catalog {
         Some(p) => gpu::with_file(&read(p)?)?,
         None => gpu::catalogue(),
@@ -177,6 +189,85 @@ fn run(cli: Cli) -> Result<(), PlanError> {
                 r.attention_gpu, r.expert_gpu, r.tp_a, r.tp_e, m, r.reason
             );
         }
+    }
+    Ok(())
+}
+
+/// `--predict M,N,m,B`: one deployment's estimate, from measured
+/// coefficients and the measured link.
+fn predict_one(cli: &Cli, model: &ModelConfig, p: &[u64]) -> Result<(), PlanError> {
+    let &[n_a, n_e, m, batch] = p else {
+        return Err(PlanError::BadConfig(format!(
+            "--predict takes M,N,m,B (4 values), got {p:?}"
+        )));
+    };
+    if n_a == 0 || n_e == 0 || m == 0 || batch == 0 {
+        return Err(PlanError::BadConfig(format!(
+            "--predict {p:?}: every value must be at least 1"
+        )));
+    }
+    let Some(profile_path) = &cli.profile else {
+        return Err(PlanError::BadConfig(
+            "--predict needs --profile (moe-bench --json or coefficients)".into(),
+        ));
+    };
+    let profile = Profile::from_json(&read(profile_path)?, &model.name)?;
+    let (util, link) = match &cli.util {
+        Some(u) => {
+            let text = read(u)?;
+            (
+                UtilCurve::from_m2n_perf(&text)?,
+                UtilCurve::peak_from_m2n_perf(&text)?,
+            )
+        }
+        None => (UtilCurve::default(), f64::NAN),
+    };
+    let mut g = match &cli.gpu {
+        Some(name) => gpu::find(&gpu::catalogue(), name)?,
+        None if link.is_finite() => GpuSpec {
+            name: "this-host".into(),
+            price: 1.0,
+            memory_gb: 1e6,
+            bandwidth_gbps: 1.0,
+            tflops: 1.0,
+            nic_gbits: 0.0,
+        },
+        None => {
+            return Err(PlanError::BadConfig(
+                "--predict needs --util (m2n_perf --json) or --gpu for the link".into(),
+            ))
+        }
+    };
+    if cli.gpu.is_none() {
+        g.nic_gbits = link * 8.0 / 1e9;
+    }
+    let s = Setting {
+        model: model.clone(),
+        attention_gpu: g.clone(),
+        expert_gpu: g,
+        seq_len: cli.seq_len,
+        slo_s: f64::INFINITY,
+        eff: Efficiency::default(),
+        util,
+        profile: Some(profile),
+        max_micro_batches: m,
+    };
+    let e = moe_runtime::plan::predict(&s, n_a, n_e, m, batch);
+    if cli.json {
+        let v = serde_json::json!({"predict": {"attention": n_a, "experts": n_e, "microbatches": m, "batch": batch}, "estimate": e, "measured_tokens_per_s": cli.measured});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    print!(
+        "predicted {} x {} m {} B {}: T_a {:.3} ms  T_e {:.3} ms  T_c {:.3} ms  iteration {:.2} ms  {:.1} tokens/s",
+        n_a, n_e, m, batch, e.t_a * 1e3, e.t_e * 1e3, e.t_c * 1e3, e.t_total * 1e3, e.tokens_per_s
+    );
+    match cli.measured {
+        Some(meas) => println!(
+            "  measured {meas:.1} tokens/s  predicted/measured {:.2}",
+            e.tokens_per_s / meas
+        ),
+        None => println!(),
     }
     Ok(())
 }

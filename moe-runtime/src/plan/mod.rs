@@ -9,7 +9,7 @@ pub mod perf;
 mod search;
 
 pub use search::{
-    balance_attention_nodes, evaluate, largest_batch, search, Estimate, Plan, Rejection,
+    balance_attention_nodes, evaluate, largest_batch, predict, search, Estimate, Plan, Rejection,
     SearchResult,
 };
 

@@ -142,6 +142,32 @@ impl UtilCurve {
         Ok(UtilCurve::Measured(out))
     }
 
+    /// The link bandwidth (bytes/s) an `m2n_perf --json` report measured
+    /// its utilisation against: the largest `busbw / utilisation` of its rows.
+    pub fn peak_from_m2n_perf(json: &str) -> Result<f64, PlanError> {
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| PlanError::BadConfig(format!("m2n_perf JSON: {e}")))?;
+        let rows = v
+            .get("rows")
+            .and_then(|r| r.as_array())
+            .ok_or_else(|| PlanError::BadConfig("m2n_perf JSON has no rows".into()))?;
+        let peak = rows
+            .iter()
+            .filter_map(|r| {
+                let bw = r.get("m2n")?.get("busbw_gbps")?.as_f64()?;
+                let u = r.get("utilisation")?.as_f64()?;
+                (u > 0.0).then_some(bw / u)
+            })
+            .fold(0.0, f64::max);
+        if peak > 0.0 {
+            Ok(peak * 1e9)
+        } else {
+            Err(PlanError::BadConfig(
+                "m2n_perf JSON rows have no busbw and utilisation".into(),
+            ))
+        }
+    }
+
     pub fn at(&self, bytes: f64) -> f64 {
         match self {
             UtilCurve::Saturating { half_bytes, cap } => {
