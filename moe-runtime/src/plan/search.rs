@@ -264,6 +264,44 @@ pub fn search(s: &Setting) -> SearchResult {
     out
 }
 
+/// The estimate for one fixed deployment, for comparing with a measured
+/// run: `n_a` attention and `n_e` expert nodes (tensor parallel 1), `m`
+/// micro-batches, a global batch of `batch` sequences. Unlike [`evaluate`]
+/// it rejects nothing: a pipeline that cannot hide communication is simply
+/// slower. Here `b_e` is the rows one expert *node* gets per micro-batch
+/// (`b_a n_a K / n_e`; nodes may hold several experts), which is what
+/// `moe-bench`'s fitted `T_e` line takes. Per layer, the micro-batches
+/// cycle in `max(m T_f, T_a + T_e + 2 T_c)`; a full pipeline adds its fill
+/// once per iteration, giving the paper's `(T_a + T_e + 2 T_c) + T_f (mL -
+/// 1)`.
+pub fn predict(s: &Setting, n_a: u64, n_e: u64, m: u64, batch: u64) -> Estimate {
+    let md = &s.model;
+    let b_a = batch as f64 / (n_a * m) as f64;
+    let b_e = b_a * (n_a * md.top_k) as f64 / n_e as f64;
+    let t_a = s.attention(1).at(b_a);
+    let t_e = s.expert(1).at(b_e);
+    let t_c = s.comm(1, 1, b_a, b_e);
+    let t_f = t_a.max(t_e);
+    let serial = t_a + t_e + 2.0 * t_c;
+    let l = md.layers as f64;
+    let cycle = (m as f64 * t_f).max(serial);
+    let fill = if m as f64 * t_f >= serial {
+        serial - t_f
+    } else {
+        0.0
+    };
+    let t_total = l * cycle + fill;
+    Estimate {
+        t_a,
+        t_e,
+        t_c,
+        t_f,
+        t_iter: t_total,
+        t_total,
+        tokens_per_s: batch as f64 / t_total,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::gpu::{catalogue, find};
@@ -375,42 +413,30 @@ mod tests {
             prop_assert!(best(slo + extra) >= best(slo) * (1.0 - 1e-12));
         }
     }
-}
 
-/// The estimate for one fixed deployment, for comparing with a measured
-/// run: `n_a` attention and `n_e` expert nodes (tensor parallel 1), `m`
-/// micro-batches, a global batch of `batch` sequences. Unlike [`evaluate`]
-/// it rejects nothing: a pipeline that cannot hide communication is simply
-/// slower. Here `b_e` is the rows one expert *node* gets per micro-batch
-/// (`b_a n_a K / n_e`; nodes may hold several experts), which is what
-/// `moe-bench`'s fitted `T_e` line takes. Per layer, the micro-batches
-/// cycle in `max(m T_f, T_a + T_e + 2 T_c)`; a full pipeline adds its fill
-/// once per iteration, giving the paper's `(T_a + T_e + 2 T_c) + T_f (mL -
-/// 1)`.
-pub fn predict(s: &Setting, n_a: u64, n_e: u64, m: u64, batch: u64) -> Estimate {
-    let md = &s.model;
-    let b_a = batch as f64 / (n_a * m) as f64;
-    let b_e = b_a * (n_a * md.top_k) as f64 / n_e as f64;
-    let t_a = s.attention(1).at(b_a);
-    let t_e = s.expert(1).at(b_e);
-    let t_c = s.comm(1, 1, b_a, b_e);
-    let t_f = t_a.max(t_e);
-    let serial = t_a + t_e + 2.0 * t_c;
-    let l = md.layers as f64;
-    let cycle = (m as f64 * t_f).max(serial);
-    let fill = if m as f64 * t_f >= serial {
-        serial - t_f
-    } else {
-        0.0
-    };
-    let t_total = l * cycle + fill;
-    Estimate {
-        t_a,
-        t_e,
-        t_c,
-        t_f,
-        t_iter: t_total,
-        t_total,
-        tokens_per_s: batch as f64 / t_total,
+    #[test]
+    fn predict_is_serial_without_overlap_and_the_paper_formula_with_it() {
+        use crate::plan::perf::{Linear, Profile, UtilCurve};
+        let mut s = setting("mixtral-8x22b", "H20", "L40S", 1e9);
+        s.profile = Some(Profile {
+            attention: Linear {
+                per_token: 1e-5,
+                fixed: 0.0,
+            },
+            expert: Linear {
+                per_token: 2e-5,
+                fixed: 1e-4,
+            },
+        });
+        s.util = UtilCurve::default();
+        let l = s.model.layers as f64;
+        let one = predict(&s, 1, 1, 1, 32);
+        let serial = one.t_a + one.t_e + 2.0 * one.t_c;
+        assert!((one.t_total - l * serial).abs() < 1e-12);
+        let four = predict(&s, 1, 1, 4, 32);
+        let paper = (four.t_a + four.t_e + 2.0 * four.t_c) + four.t_f * (4.0 * l - 1.0);
+        assert!(4.0 * four.t_f >= four.t_a + four.t_e + 2.0 * four.t_c);
+        assert!((four.t_total - paper).abs() < 1e-12);
+        assert!(four.tokens_per_s > one.tokens_per_s);
     }
 }
