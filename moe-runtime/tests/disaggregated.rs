@@ -162,3 +162,49 @@ fn a_sequence_that_ends_early_leaves_the_others_unchanged() {
     }
     assert_eq!(stopped[1].0.len(), 4, "prompt 2 stops at its 4th token");
 }
+
+#[test]
+fn under_mpiexec_the_same_tokens() {
+    if std::process::Command::new("mpiexec")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED: no mpiexec on PATH (scripts/setup installs MPICH)");
+        return;
+    }
+    let dir = TempDir::new("mpi");
+    let model = checkpoint(dir.path(), "dbrx-mini", 21, 1, StoreDtype::Bf16);
+    let prompts = prompts();
+    let want = reference(&model, &prompts, 16);
+    let mut args: Vec<String> = ["-n", "3", MOE_RUN, "--model"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(model.display().to_string());
+    args.extend(
+        [
+            "--attention",
+            "2",
+            "--experts",
+            "1",
+            "--microbatches",
+            "2",
+            "--logprobs",
+            "--max-new-tokens",
+            "16",
+            "--max-tokens",
+            "16",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args.extend(prompt_args(&prompts));
+    let o = std::process::Command::new("mpiexec")
+        .args(&args)
+        .env("M2N_WAIT", "yield")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), want);
+}

@@ -100,17 +100,20 @@ fn main() -> ExitCode {
             worker(&a, role, rank, deploy, &prompts, timeout)
         }
         _ if a.reference => reference(&a, &prompts),
+        _ if std::env::var_os("PMI_RANK").is_some() => under_mpi(&a, deploy, &prompts, timeout),
         _ => launcher(&a, deploy, &prompts, timeout),
     }
 }
 
-fn print_result(i: usize, tokens: &[(u32, f32)], logprobs: bool, prefix: &str) {
+/// `"<i> tokens: ..."` and, with logprobs, `"<i> logprobs: ..."`.
+fn result_lines(i: usize, tokens: &[(u32, f32)], logprobs: bool) -> Vec<String> {
     let ids: Vec<String> = tokens.iter().map(|t| t.0.to_string()).collect();
-    println!("{prefix}{i} tokens: {}", ids.join(" "));
+    let mut v = vec![format!("{i} tokens: {}", ids.join(" "))];
     if logprobs {
         let lps: Vec<String> = tokens.iter().map(|t| format!("{:?}", t.1)).collect();
-        println!("{prefix}{i} logprobs: {}", lps.join(" "));
+        v.push(format!("{i} logprobs: {}", lps.join(" ")));
     }
+    v
 }
 
 fn reference(a: &Args, prompts: &[Vec<u32>]) -> ExitCode {
@@ -176,19 +179,11 @@ fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duratio
         return ExitCode::FAILURE;
     }
     // "<i> tokens: ..." and "<i> logprobs: ..." from the attention workers.
-    let mut lines: Vec<(usize, usize, String)> = Vec::new();
-    for o in &outs {
-        for l in &o.out {
-            let Some((i, rest)) = l.split_once(' ') else {
-                continue;
-            };
-            let Ok(i) = i.parse::<usize>() else { continue };
-            let kind = usize::from(rest.starts_with("logprobs"));
-            lines.push((i, kind, rest.to_string()));
-        }
-    }
-    lines.sort();
-    let got: std::collections::BTreeSet<usize> = lines.iter().map(|l| l.0).collect();
+    let lines: Vec<String> = outs.iter().flat_map(|o| o.out.iter().cloned()).collect();
+    let got: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_once(' ').map(|p| p.0))
+        .collect();
     if got.len() != prompts.len() {
         eprintln!(
             "moe-run: results for {} of {} prompts came back",
@@ -197,10 +192,160 @@ fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duratio
         );
         return ExitCode::FAILURE;
     }
-    for (_, _, text) in lines {
-        println!("{text}");
+    print_sorted(&lines);
+    ExitCode::SUCCESS
+}
+
+/// Under `mpiexec -n M+N`: MPI ranks `0..M` are the attention workers,
+/// the rest the experts; rank 0 hosts m2n's rendezvous and broadcasts the
+/// unique id, and gathers and prints the results in prompt order. MPI is
+/// only the launcher here: every activation still crosses m2n.
+#[cfg(feature = "mpi")]
+fn under_mpi(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duration) -> ExitCode {
+    use mpi::traits::*;
+    let Some(universe) = mpi::initialize() else {
+        eprintln!("moe-run: MPI could not be initialised");
+        return ExitCode::FAILURE;
+    };
+    let world = universe.world();
+    let (me, size) = (world.rank() as usize, world.size() as usize);
+    let fail = |msg: &str| -> ! {
+        eprintln!("moe-run: rank {me}: {msg}");
+        world.abort(3)
+    };
+    if size != deploy.attention + deploy.experts {
+        fail(&format!(
+            "mpiexec started {size} ranks; --attention {} --experts {} needs {}",
+            deploy.attention,
+            deploy.experts,
+            deploy.attention + deploy.experts
+        ));
+    }
+    if let Err(e) = load_config(&a.model).and_then(|c| deploy.validate(&c)) {
+        fail(&e.to_string());
+    }
+    // Rank 0 hosts the rendezvous root and broadcasts its unique id.
+    let mut buf = [0u8; 160];
+    if me == 0 {
+        let addr = std::env::var("M2N_BOOTSTRAP_ADDR").unwrap_or_else(|_| "127.0.0.1:0".into());
+        match addr
+            .parse()
+            .map_err(|e| format!("M2N_BOOTSTRAP_ADDR={addr:?}: {e}"))
+            .and_then(|ad| m2n::Root::bind(ad).map_err(|e| e.to_string()))
+        {
+            Ok(root) => {
+                let text = root.unique_id().to_string();
+                buf[..text.len()].copy_from_slice(text.as_bytes());
+                drop(root.spawn(timeout));
+            }
+            Err(e) => fail(&format!("rendezvous root: {e}")),
+        }
+    }
+    world.process_at_rank(0).broadcast_into(&mut buf[..]);
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let uid: m2n::UniqueId = match String::from_utf8_lossy(&buf[..len]).parse() {
+        Ok(u) => u,
+        Err(e) => fail(&format!("the broadcast unique id: {e}")),
+    };
+    let (role, rank) = if me < deploy.attention {
+        (Role::Attention, me)
+    } else {
+        (Role::Expert, me - deploy.attention)
+    };
+    let lines = match run_worker(a, role, rank, deploy, prompts, &uid, timeout) {
+        Ok(lines) => lines,
+        Err(e) => {
+            eprintln!("moe-run: {role} {rank}: {e}");
+            world.abort(3)
+        }
+    };
+    // Results to rank 0, which prints them in prompt order.
+    let text = lines.join("\n");
+    if me == 0 {
+        let mut all: Vec<String> = lines;
+        for r in 1..size {
+            let (bytes, _) = world.process_at_rank(r as i32).receive_vec::<u8>();
+            all.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_string));
+        }
+        print_sorted(&all);
+    } else {
+        world.process_at_rank(0).send(text.as_bytes());
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(not(feature = "mpi"))]
+fn under_mpi(_: &Args, _: Deployment, _: &[Vec<u32>], _: Duration) -> ExitCode {
+    eprintln!("moe-run: started under mpiexec, but built without the `mpi` feature");
+    ExitCode::FAILURE
+}
+
+/// Prints `"<i> tokens: ..."` / `"<i> logprobs: ..."` lines in prompt order,
+/// without the index.
+fn print_sorted(lines: &[String]) {
+    let mut sorted: Vec<(usize, usize, &str)> = lines
+        .iter()
+        .filter_map(|l| {
+            let (i, rest) = l.split_once(' ')?;
+            Some((
+                i.parse().ok()?,
+                usize::from(rest.starts_with("logprobs")),
+                rest,
+            ))
+        })
+        .collect();
+    sorted.sort();
+    for (_, _, text) in sorted {
+        println!("{text}");
+    }
+}
+
+/// One worker's part; an attention worker returns its result lines
+/// (`"<prompt index> tokens: ..."`), an expert none.
+fn run_worker(
+    a: &Args,
+    role: Role,
+    rank: usize,
+    deploy: Deployment,
+    prompts: &[Vec<u32>],
+    uid: &m2n::UniqueId,
+    timeout: Duration,
+) -> Result<Vec<String>, RuntimeError> {
+    let mut lines = Vec::new();
+    match role {
+        Role::Expert => {
+            let mut w = launch::expert_worker(&a.model, deploy, rank, uid, timeout)?;
+            w.run()?;
+        }
+        Role::Attention => {
+            let mut w = launch::attention_worker(&a.model, deploy, rank, uid, timeout)?;
+            let mine: Vec<usize> = (0..prompts.len())
+                .filter(|i| i % deploy.attention == rank)
+                .collect();
+            let mut out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); prompts.len()];
+            for &i in &mine {
+                w.submit(
+                    i as u64,
+                    prompts[i].clone(),
+                    a.max_new_tokens,
+                    a.stop_ids.clone(),
+                )?;
+            }
+            loop {
+                let r = w.step()?;
+                for t in r.tokens {
+                    out[t.seq as usize].push((t.token, t.logprob));
+                }
+                if !r.group_active {
+                    break;
+                }
+            }
+            for &i in &mine {
+                lines.extend(result_lines(i, &out[i], a.logprobs));
+            }
+        }
+    }
+    Ok(lines)
 }
 
 fn worker(
@@ -211,49 +356,15 @@ fn worker(
     prompts: &[Vec<u32>],
     timeout: Duration,
 ) -> ExitCode {
-    let run = || -> Result<(), RuntimeError> {
-        let uid = launch::unique_id_from_env()?;
-        match role {
-            Role::Expert => {
-                let mut w = launch::expert_worker(&a.model, deploy, rank, &uid, timeout)?;
-                let st = w.run()?;
-                println!(
-                    "MOE-STATS expert {rank} rounds={} steps={} rows={} busy_ns={} idle_ns={}",
-                    st.rounds, st.steps, st.rows, st.busy_ns, st.idle_ns
-                );
+    let result = launch::unique_id_from_env()
+        .and_then(|uid| run_worker(a, role, rank, deploy, prompts, &uid, timeout));
+    match result {
+        Ok(lines) => {
+            for l in lines {
+                println!("MOE-OUT {l}");
             }
-            Role::Attention => {
-                let mut w = launch::attention_worker(&a.model, deploy, rank, &uid, timeout)?;
-                let mine: Vec<usize> = (0..prompts.len())
-                    .filter(|i| i % deploy.attention == rank)
-                    .collect();
-                let mut out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); prompts.len()];
-                for &i in &mine {
-                    w.submit(
-                        i as u64,
-                        prompts[i].clone(),
-                        a.max_new_tokens,
-                        a.stop_ids.clone(),
-                    )?;
-                }
-                loop {
-                    let r = w.step()?;
-                    for t in r.tokens {
-                        out[t.seq as usize].push((t.token, t.logprob));
-                    }
-                    if !r.group_active {
-                        break;
-                    }
-                }
-                for &i in &mine {
-                    print_result(i, &out[i], a.logprobs, "MOE-OUT ");
-                }
-            }
+            ExitCode::SUCCESS
         }
-        Ok(())
-    };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             launch::report_error(role, rank, &e);
             ExitCode::from(3)
