@@ -21,8 +21,8 @@ use moe_runtime::worker::Deployment;
 #[command(name = "moe-run")]
 struct Args {
     /// Model directory (config.json + safetensors).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "serve_root")]
+    model: Option<PathBuf>,
     /// Attention worker processes M.
     #[arg(long, default_value_t = 1)]
     attention: usize,
@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     microbatches: usize,
     /// A prompt as comma-separated token ids; repeat for more prompts.
-    #[arg(long = "prompt-ids", required = true, value_delimiter = ',', num_args = 1, action = clap::ArgAction::Append)]
+    #[arg(long = "prompt-ids", required_unless_present = "serve_root", value_delimiter = ',', num_args = 1, action = clap::ArgAction::Append)]
     prompt_ids: Vec<String>,
     #[arg(long, default_value_t = 16)]
     max_new_tokens: usize,
@@ -52,10 +52,21 @@ struct Args {
     /// Longest wait for a peer's round before giving up.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
+    /// Only host a rendezvous root at ADDR (ip:port), print `M2N-UID <id>`
+    /// and serve one group: for workers started by hand (`--worker ROLE
+    /// --rank R` with `M2N_UNIQUE_ID`), e.g. on other hosts.
+    #[arg(long, value_name = "ADDR")]
+    serve_root: Option<std::net::SocketAddr>,
     #[arg(long, hide = true)]
     worker: Option<String>,
     #[arg(long, hide = true)]
     rank: Option<usize>,
+}
+
+impl Args {
+    fn model_dir(&self) -> &std::path::Path {
+        self.model.as_deref().expect("clap requires --model")
+    }
 }
 
 /// `--prompt-ids 1,2,3 --prompt-ids 4` arrives as one flat list per
@@ -76,6 +87,9 @@ fn prompts() -> Vec<Vec<u32>> {
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    if let Some(addr) = a.serve_root {
+        return serve_root(addr, Duration::from_secs(a.timeout_s));
+    }
     let prompts = prompts();
     if prompts.iter().flatten().any(|&t| t == u32::MAX) {
         eprintln!("moe-run: --prompt-ids takes comma-separated token ids (non-negative integers)");
@@ -105,6 +119,26 @@ fn main() -> ExitCode {
     }
 }
 
+fn serve_root(addr: std::net::SocketAddr, timeout: Duration) -> ExitCode {
+    let root = match m2n::Root::bind(addr) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("moe-run: cannot host the rendezvous root at {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("M2N-UID {}", root.unique_id());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    match root.serve(timeout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moe-run: rendezvous: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `"<i> tokens: ..."` and, with logprobs, `"<i> logprobs: ..."`.
 fn result_lines(i: usize, tokens: &[(u32, f32)], logprobs: bool) -> Vec<String> {
     let ids: Vec<String> = tokens.iter().map(|t| t.0.to_string()).collect();
@@ -118,7 +152,7 @@ fn result_lines(i: usize, tokens: &[(u32, f32)], logprobs: bool) -> Vec<String> 
 
 fn reference(a: &Args, prompts: &[Vec<u32>]) -> ExitCode {
     let run = || -> Result<(), RuntimeError> {
-        let r = Reference::load(&a.model)?;
+        let r = Reference::load(a.model_dir())?;
         for p in prompts {
             let mut out = r.generate(p, a.max_new_tokens)?;
             if let Some(k) = out.iter().position(|t| a.stop_ids.contains(&t.0)) {
@@ -144,9 +178,9 @@ fn reference(a: &Args, prompts: &[Vec<u32>]) -> ExitCode {
 
 fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duration) -> ExitCode {
     // Everything the workers would refuse, refused once, here.
-    let checked = load_config(&a.model).and_then(|c| {
+    let checked = load_config(a.model_dir()).and_then(|c| {
         deploy.validate(&c)?;
-        Checkpoint::open(&a.model)?.verify(&c)?;
+        Checkpoint::open(a.model_dir())?.verify(&c)?;
         for (i, p) in prompts.iter().enumerate() {
             check_prompt(p, c.vocab).map_err(|e| {
                 RuntimeError::Request(format!(
@@ -221,7 +255,7 @@ fn under_mpi(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Durati
             deploy.attention + deploy.experts
         ));
     }
-    if let Err(e) = load_config(&a.model).and_then(|c| deploy.validate(&c)) {
+    if let Err(e) = load_config(a.model_dir()).and_then(|c| deploy.validate(&c)) {
         fail(&e.to_string());
     }
     // Rank 0 hosts the rendezvous root and broadcasts its unique id.
@@ -314,11 +348,11 @@ fn run_worker(
     let mut lines = Vec::new();
     match role {
         Role::Expert => {
-            let mut w = launch::expert_worker(&a.model, deploy, rank, uid, timeout)?;
+            let mut w = launch::expert_worker(a.model_dir(), deploy, rank, uid, timeout)?;
             w.run()?;
         }
         Role::Attention => {
-            let mut w = launch::attention_worker(&a.model, deploy, rank, uid, timeout)?;
+            let mut w = launch::attention_worker(a.model_dir(), deploy, rank, uid, timeout)?;
             let mine: Vec<usize> = (0..prompts.len())
                 .filter(|i| i % deploy.attention == rank)
                 .collect();
