@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::forward::Scratch;
 use crate::model::reference::Reference;
 use crate::model::RuntimeError;
-use crate::worker::attention::AttentionWorker;
+use crate::worker::attention::{AttentionWorker, Request};
 
 /// One measured configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,9 +70,11 @@ pub fn run_attention(
     for &i in &mine {
         w.submit(
             i as u64,
-            prompt(i, spec.prompt_len, vocab),
-            budget,
-            Vec::new(),
+            Request {
+                prompt: prompt(i, spec.prompt_len, vocab),
+                max_new: budget,
+                ..Default::default()
+            },
         )?;
     }
     let mut b = AttentionBench {

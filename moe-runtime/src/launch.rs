@@ -65,11 +65,12 @@ pub struct Group {
 }
 
 /// Starts `deploy.attention + deploy.experts` copies of this executable
-/// with `args` plus `--worker ROLE --rank R`, joined through a fresh
+/// with `args` plus `--worker ROLE --rank R` and `env`, joined through a fresh
 /// rendezvous root.
 pub fn spawn(
     deploy: &Deployment,
     args: &[String],
+    env: &[(String, String)],
     bootstrap: Duration,
 ) -> Result<Group, RuntimeError> {
     let root = Root::bind("127.0.0.1:0".parse().expect("literal address"))
@@ -88,6 +89,7 @@ pub fn spawn(
                 .args(args)
                 .args(["--worker", role.name(), "--rank", &rank.to_string()])
                 .env("M2N_UNIQUE_ID", &uid)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::piped())
                 .spawn();
             let mut child = match spawned {
@@ -116,6 +118,26 @@ pub fn spawn(
 }
 
 impl Group {
+    /// Workers that have exited since the last call, with their status.
+    pub fn exited(&mut self) -> Vec<(Role, usize, ExitStatus)> {
+        let mut out = Vec::new();
+        for (role, rank, child, _) in self.children.iter_mut() {
+            if let Ok(Some(s)) = child.try_wait() {
+                out.push((*role, *rank, s));
+            }
+        }
+        out
+    }
+
+    /// Kills every worker still running.
+    pub fn kill_all(&mut self) {
+        for (_, _, child, _) in self.children.iter_mut() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+        }
+    }
+
     /// Process ids, by role and rank (for fault tests).
     pub fn pids(&self) -> Vec<(Role, usize, u32)> {
         self.children

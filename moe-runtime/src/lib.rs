@@ -7,4 +7,5 @@ pub mod bench;
 pub mod launch;
 pub mod model;
 pub mod plan;
+pub mod serve;
 pub mod worker;

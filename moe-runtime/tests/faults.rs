@@ -266,7 +266,7 @@ fn bad_requests_are_refused_with_the_reason() {
     let cases: [(&[&str], &str); 4] = [
         (
             &["--prompt-ids", "1,999"],
-            "token id 999 is outside the vocabulary of 256",
+            "token id 999 is outside the vocabulary of 320",
         ),
         (&["--prompt-ids", "1,x"], "comma-separated token ids"),
         (

@@ -172,7 +172,7 @@ fn measure(a: &Args, m: usize, batch: usize) -> Result<Row, RuntimeError> {
         a.timeout_s.to_string(),
     ];
     args.push("--no-colocated".into());
-    let group = launch::spawn(&deploy, &args, Duration::from_secs(a.timeout_s))?;
+    let group = launch::spawn(&deploy, &args, &[], Duration::from_secs(a.timeout_s))?;
     let outs = group.wait(Duration::from_secs(3));
     launch::verdict(&outs).map_err(RuntimeError::Io)?;
     let benches: Vec<AttentionBench> = outs

@@ -14,6 +14,7 @@ use moe_runtime::launch;
 use moe_runtime::model::reference::{check_prompt, Reference};
 use moe_runtime::model::weights::Checkpoint;
 use moe_runtime::model::{load_config, RuntimeError};
+use moe_runtime::worker::attention::Request;
 use moe_runtime::worker::Deployment;
 
 /// Greedy decoding over a disaggregated MoE group.
@@ -198,7 +199,7 @@ fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duratio
     }
     // Workers get the same command line, less nothing: they pick their part.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let group = match launch::spawn(&deploy, &args, timeout) {
+    let group = match launch::spawn(&deploy, &args, &[], timeout) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("moe-run: {e}");
@@ -360,9 +361,12 @@ fn run_worker(
             for &i in &mine {
                 w.submit(
                     i as u64,
-                    prompts[i].clone(),
-                    a.max_new_tokens,
-                    a.stop_ids.clone(),
+                    Request {
+                        prompt: prompts[i].clone(),
+                        max_new: a.max_new_tokens,
+                        stop: a.stop_ids.clone(),
+                        ..Default::default()
+                    },
                 )?;
             }
             loop {

@@ -195,6 +195,20 @@ pub fn logprob(logits: &[f32], i: usize) -> f32 {
     logits[i] - max - sum.ln()
 }
 
+/// The `n` most likely tokens with their log-probabilities, best first
+/// (ties to the lower id).
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.truncate(n);
+    idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

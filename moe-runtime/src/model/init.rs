@@ -155,6 +155,12 @@ pub fn write_checkpoint(
         meta.insert("format".to_string(), "pt".to_string());
         safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| io(&path, &e))?;
     }
+    // A tokenizer whose vocabulary is the model's, so that every token a
+    // random model produces decodes (none below 258 ids: the byte-level
+    // fallback serves those).
+    if c.vocab >= 258 {
+        crate::serve::tokenizer::write_tokenizer(dir, c.vocab as usize)?;
+    }
     if shards > 1 {
         let path = dir.join(INDEX_FILE);
         let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });

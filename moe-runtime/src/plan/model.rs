@@ -110,7 +110,7 @@ impl ModelConfig {
             // no dimensions; these are an ASSUMPTION that lands on ~317B.
             m("scaled-moe", 8192, 48, 64, 8, 32, 4, 8192, 32000),
             // A tiny shape for tests and the end-to-end demo.
-            m("tiny", 64, 2, 4, 2, 4, 2, 128, 256),
+            m("tiny", 64, 2, 4, 2, 4, 2, 128, 320),
             // Mixtral's 8 experts, top-2, FFN = 2.67 x hidden; 8/2 heads;
             // 8 layers, so that the pipeline's fill and drain are amortised.
             m("mixtral-mini", 256, 8, 8, 2, 8, 2, 688, 1024),

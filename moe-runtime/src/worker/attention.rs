@@ -51,7 +51,7 @@ use crate::model::{ModelConfig, RuntimeError};
 pub type SeqId = u64;
 
 /// Why a sequence ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Finish {
     /// It generated a stop token.
     Stop,
@@ -60,18 +60,47 @@ pub enum Finish {
 }
 
 /// What a step produced for one sequence.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Token {
     pub seq: SeqId,
     pub token: u32,
     /// Natural-log probability of `token` under the f32 logits.
     pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first, as
+    /// many as the request asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<(u32, f32)>,
     /// The sequence ended with this token (and left the batch).
     pub finish: Option<Finish>,
 }
 
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Sampling {
+    /// 0: greedy (the largest logit); else sample from `softmax(logits / T)`.
+    pub temperature: f32,
+    /// Nucleus: sample among the most likely tokens whose probabilities
+    /// add up to `top_p` (1 or 0: all).
+    pub top_p: f32,
+    /// Seed of the sequence's own random stream: the same seed gives the
+    /// same tokens (the logits are batch-invariant).
+    pub seed: u64,
+    /// How many most-likely tokens to report with each token.
+    pub top_logprobs: usize,
+}
+
+/// A sequence to run.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_new: usize,
+    /// Token ids that end the sequence (e.g. end of sequence).
+    pub stop: Vec<u32>,
+    pub sampling: Sampling,
+}
+
 /// Timing of one micro-batch in one layer, in nanoseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct MbTiming {
     pub layer: u16,
     pub microbatch: u16,
@@ -118,6 +147,8 @@ struct Sequence {
     generated: Vec<u32>,
     max_new: usize,
     stop: Vec<u32>,
+    sampling: Sampling,
+    rng: u64,
     caches: Vec<KvCache>,
     /// Tokens in the caches.
     pos: usize,
@@ -219,14 +250,26 @@ impl AttentionWorker {
     }
 
     /// Adds a sequence: it joins the batch at the next step.
-    pub fn submit(
-        &mut self,
-        id: SeqId,
-        prompt: Vec<u32>,
-        max_new: usize,
-        stop: Vec<u32>,
-    ) -> Result<(), RuntimeError> {
+    pub fn submit(&mut self, id: SeqId, req: Request) -> Result<(), RuntimeError> {
+        let Request {
+            prompt,
+            max_new,
+            stop,
+            sampling,
+        } = req;
         check_prompt(&prompt, self.config.vocab)?;
+        if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+            return Err(RuntimeError::Request(format!(
+                "temperature {} must be a finite number >= 0",
+                sampling.temperature
+            )));
+        }
+        if !(0.0..=1.0).contains(&sampling.top_p) {
+            return Err(RuntimeError::Request(format!(
+                "top_p {} must be in [0, 1]",
+                sampling.top_p
+            )));
+        }
         if max_new == 0 {
             return Err(RuntimeError::Request(
                 "max new tokens must be at least 1".into(),
@@ -243,6 +286,8 @@ impl AttentionWorker {
             generated: Vec::new(),
             max_new,
             stop,
+            sampling,
+            rng: sampling.seed ^ 0x9E37_79B9_7F4A_7C15,
             caches: vec![KvCache::default(); self.config.layers as usize],
             pos: 0,
             mb: None,
@@ -504,7 +549,14 @@ impl AttentionWorker {
                     &mb.x[last * h..][..h],
                     &mut self.logits,
                 );
-                let (token, logprob) = forward::greedy(&self.logits[..vocab]);
+                let logits = &self.logits[..vocab];
+                let (token, logprob) = if s.sampling.temperature > 0.0 {
+                    let t = sample(logits, &s.sampling, &mut s.rng);
+                    (t, forward::logprob(logits, t as usize))
+                } else {
+                    forward::greedy(logits)
+                };
+                let top = forward::top_logprobs(logits, s.sampling.top_logprobs);
                 s.generated.push(token);
                 let finish = if s.stop.contains(&token) {
                     Some(Finish::Stop)
@@ -517,6 +569,7 @@ impl AttentionWorker {
                     seq: s.id,
                     token,
                     logprob,
+                    top,
                     finish,
                 });
             }
@@ -538,4 +591,55 @@ impl AttentionWorker {
     pub fn abort(&mut self) {
         self.comm.abort();
     }
+
+    /// Keeps the group's liveness links alive while no step runs (an idle
+    /// rank that stops calling into m2n would look hung to its peers).
+    pub fn idle(&mut self) -> Result<(), RuntimeError> {
+        self.comm.progress()?;
+        Ok(())
+    }
+}
+
+/// SplitMix64: the next number of a sequence's random stream.
+fn next_u64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Draws a token from `softmax(logits / temperature)`, restricted to the
+/// nucleus of probability `top_p`.
+pub fn sample(logits: &[f32], s: &Sampling, state: &mut u64) -> u32 {
+    let t = s.temperature.max(1e-6);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, (f64::from(l - max) / f64::from(t)).exp()))
+        .collect();
+    p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    let top_p = if s.top_p <= 0.0 { 1.0 } else { f64::from(s.top_p) };
+    let mut keep = p.len();
+    let mut acc = 0.0;
+    for (i, x) in p.iter().enumerate() {
+        acc += x.1 / total;
+        if acc >= top_p {
+            keep = i + 1;
+            break;
+        }
+    }
+    let p = &p[..keep];
+    let mass: f64 = p.iter().map(|x| x.1).sum();
+    let u = (next_u64(state) >> 11) as f64 / (1u64 << 53) as f64 * mass;
+    let mut acc = 0.0;
+    for x in p {
+        acc += x.1;
+        if u < acc {
+            return x.0;
+        }
+    }
+    p[p.len() - 1].0
 }

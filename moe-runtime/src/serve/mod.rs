@@ -1,0 +1,4 @@
+//! The serving front end: tokenizer, the engine that drives the attention
+//! workers, the OpenAI-compatible HTTP server and its metrics.
+
+pub mod tokenizer;
