@@ -303,6 +303,11 @@ impl AttentionWorker {
         self.seqs.len() != before
     }
 
+    /// Drops every sequence.
+    pub fn cancel_all(&mut self) {
+        self.seqs.clear();
+    }
+
     /// Sequences running on this worker.
     pub fn running(&self) -> usize {
         self.seqs.len()

@@ -1,0 +1,269 @@
+//! `moe-serve`: an OpenAI-compatible server on the disaggregated runtime.
+//! It starts `M` attention and `N` expert worker processes (every
+//! activation crosses m2n between them), drives the attention workers with
+//! continuous batching over a loopback control channel, and serves HTTP
+//! with axum. SIGTERM or SIGINT drains: no new requests, running ones get
+//! `--drain-timeout-s`, then the workers stop and it exits 0.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use m2n::Role;
+use moe_runtime::launch;
+use moe_runtime::model::weights::Checkpoint;
+use moe_runtime::model::{load_config, RuntimeError};
+use moe_runtime::serve::control::{self, CONTROL_ADDR_ENV};
+use moe_runtime::serve::engine::{self, EngineConfig};
+use moe_runtime::serve::http::{self, AppState};
+use moe_runtime::serve::metrics::Metrics;
+use moe_runtime::serve::tokenizer::Tokenizer;
+use moe_runtime::worker::Deployment;
+
+/// Serve a model over the OpenAI API on a disaggregated MoE group.
+#[derive(Debug, Parser)]
+#[command(name = "moe-serve")]
+struct Args {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    attention: usize,
+    #[arg(long, default_value_t = 1)]
+    experts: usize,
+    #[arg(long, default_value_t = 2)]
+    microbatches: usize,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Most sequences in the running batch.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Most waiting requests; more get 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Rows per micro-batch (long prompts prefill in chunks of this).
+    #[arg(long, default_value_t = 64)]
+    max_tokens_per_mb: usize,
+    /// Longest prompt plus completion.
+    #[arg(long, default_value_t = 2048)]
+    max_model_len: usize,
+    /// KV-cache budget per attention worker, in tokens (default: max-batch x max-model-len / M).
+    #[arg(long)]
+    kv_tokens: Option<usize>,
+    /// The name clients pass as `model` (default: the directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_s: u64,
+    #[arg(long, hide = true)]
+    worker: Option<String>,
+    #[arg(long, hide = true)]
+    rank: Option<usize>,
+}
+
+fn deployment(a: &Args) -> Deployment {
+    Deployment {
+        attention: a.attention,
+        experts: a.experts,
+        microbatches: a.microbatches,
+        max_tokens: a.max_tokens_per_mb,
+    }
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    if let (Some(role), Some(rank)) = (a.worker.as_deref(), a.rank) {
+        return worker(&a, role, rank);
+    }
+    match server(&a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moe-serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
+    let role: Role = match role.parse() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("moe-serve: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Steps are bounded by the engine's own timeout; a lost peer ends any wait.
+    let timeout = Duration::from_secs(600);
+    let run = || -> Result<(), RuntimeError> {
+        let uid = launch::unique_id_from_env()?;
+        match role {
+            Role::Attention => {
+                let addr = std::env::var(CONTROL_ADDR_ENV)
+                    .map_err(|_| RuntimeError::Config(format!("{CONTROL_ADDR_ENV} is not set")))?;
+                let mut w = launch::attention_worker(&a.model, deployment(a), rank, &uid, timeout)?;
+                control::serve_attention(&mut w, &addr)
+            }
+            Role::Expert => {
+                let mut w = launch::expert_worker(&a.model, deployment(a), rank, &uid, timeout)?;
+                w.run().map(|_| ())
+            }
+        }
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            launch::report_error(role, rank, &e);
+            eprintln!("moe-serve: {role} {rank}: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn server(a: &Args) -> Result<(), RuntimeError> {
+    let config = load_config(&a.model)?;
+    let deploy = deployment(a);
+    deploy.validate(&config)?;
+    Checkpoint::open(&a.model)?.verify(&config)?;
+    if a.max_batch == 0 || a.max_model_len < 2 {
+        return Err(RuntimeError::Config("--max-batch must be >= 1 and --max-model-len >= 2".into()));
+    }
+    let tokenizer = Tokenizer::load(&a.model, config.vocab as usize)?;
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| config.name.clone())
+    });
+    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .map_err(|e| RuntimeError::Config(format!("--host {} --port {}: {e}", a.host, a.port)))?;
+    let http = TcpListener::bind(addr).map_err(|e| RuntimeError::Io(format!("cannot listen on {addr}: {e}")))?;
+    let control = TcpListener::bind("127.0.0.1:0").map_err(|e| RuntimeError::Io(format!("control listener: {e}")))?;
+    let control_addr = control.local_addr().map_err(|e| RuntimeError::Io(e.to_string()))?;
+    let mut args: Vec<String> = vec![
+        "--model".into(),
+        a.model.display().to_string(),
+        "--attention".into(),
+        a.attention.to_string(),
+        "--experts".into(),
+        a.experts.to_string(),
+        "--microbatches".into(),
+        a.microbatches.to_string(),
+        "--max-tokens-per-mb".into(),
+        a.max_tokens_per_mb.to_string(),
+    ];
+    args.shrink_to_fit();
+    let env = [(CONTROL_ADDR_ENV.to_string(), control_addr.to_string())];
+    let mut group = launch::spawn(&deploy, &args, &env, Duration::from_secs(120))?;
+    let metrics = Arc::new(Metrics::new(&name));
+    let cfg = EngineConfig {
+        attention: a.attention,
+        max_batch: a.max_batch,
+        max_queue: a.max_queue,
+        kv_tokens_per_worker: a
+            .kv_tokens
+            .unwrap_or_else(|| (a.max_batch * a.max_model_len).div_ceil(a.attention)),
+        step_timeout: Duration::from_secs(120),
+    };
+    let (engine, engine_thread) = match engine::start(control, cfg, metrics.clone(), Duration::from_secs(120)) {
+        Ok(x) => x,
+        Err(e) => {
+            group.kill_all();
+            let outs = group.wait(Duration::from_secs(1));
+            let why = launch::verdict(&outs).err().unwrap_or_default();
+            return Err(RuntimeError::Io(format!("the workers did not start: {e}\n{why}")));
+        }
+    };
+    // Watch the worker processes: one that exits takes the server's health.
+    let watcher = {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            loop {
+                let gone = group.exited();
+                if let Some((role, rank, status)) = gone.first() {
+                    if !engine.shared.draining() {
+                        engine.lost(format!("{role} {rank} exited ({status})"));
+                    }
+                }
+                if engine.shared.stopped() {
+                    // Workers finish their last step and exit on their own.
+                    let t0 = Instant::now();
+                    while group.exited().len() < deploy.attention + deploy.experts
+                        && t0.elapsed() < Duration::from_secs(10)
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    group.kill_all();
+                    return group.wait(Duration::from_secs(1));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        tokenizer: Arc::new(tokenizer),
+        metrics,
+        model: name.clone(),
+        max_model_len: a.max_model_len,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        engine_vocab: config.vocab as usize,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| RuntimeError::Io(format!("tokio: {e}")))?;
+    let drain = Duration::from_secs(a.drain_timeout_s);
+    let served: Result<(), RuntimeError> = rt.block_on(async {
+        http.set_nonblocking(true).map_err(|e| RuntimeError::Io(e.to_string()))?;
+        let listener = tokio::net::TcpListener::from_std(http).map_err(|e| RuntimeError::Io(e.to_string()))?;
+        println!(
+            "moe-serve: model {name} ({} attention x {} expert workers, {} micro-batches, {}) listening on http://{addr}",
+            a.attention,
+            a.experts,
+            a.microbatches,
+            state.tokenizer.describe()
+        );
+        let engine2 = engine.clone();
+        let shutdown = async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("moe-serve: draining (up to {drain:?})");
+            engine2.drain(Instant::now() + drain);
+        };
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| RuntimeError::Io(format!("HTTP server: {e}")))
+    });
+    served?;
+    let _ = engine_thread.join();
+    let outs = watcher.join().unwrap_or_default();
+    let failed: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.ok())
+        .map(|o| format!("{} {}: {}", o.role, o.rank, o.error.clone().unwrap_or_else(|| format!("{:?}", o.status))))
+        .collect();
+    if let Some(why) = engine.shared.unhealthy() {
+        return Err(RuntimeError::Io(format!("stopped unhealthy: {why}")));
+    }
+    if !failed.is_empty() {
+        eprintln!("moe-serve: workers at shutdown: {}", failed.join("; "));
+    }
+    eprintln!("moe-serve: stopped");
+    Ok(())
+}
