@@ -141,6 +141,10 @@ struct Parsed {
     include_usage: bool,
     /// Chat: `logprobs: true`; completions: `logprobs: N`.
     logprobs: bool,
+    /// vLLM's extensions: generate past the end-of-sequence token, and
+    /// name logprob tokens `token_id:N`.
+    ignore_eos: bool,
+    ids_as_tokens: bool,
 }
 
 fn field<'a>(v: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
@@ -183,11 +187,11 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
     };
     let (known, ignored): (&[&str], &[&str]) = match kind {
         Kind::Completion => (
-            &["model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "echo", "user", "presence_penalty", "frequency_penalty", "best_of", "suffix", "logit_bias"],
+            &["model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "echo", "user", "presence_penalty", "frequency_penalty", "best_of", "suffix", "logit_bias", "ignore_eos", "return_tokens_as_token_ids"],
             &["user"],
         ),
         Kind::Chat => (
-            &["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "user", "presence_penalty", "frequency_penalty", "logit_bias"],
+            &["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "user", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "return_tokens_as_token_ids"],
             &["user"],
         ),
     };
@@ -328,7 +332,11 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
             (on, top.unwrap_or(0) as usize)
         }
     };
+    let ignore_eos = boolean(&v, "ignore_eos")?;
+    let ids_as_tokens = boolean(&v, "return_tokens_as_token_ids")?;
     Ok(Parsed {
+        ignore_eos,
+        ids_as_tokens,
         prompt,
         max_tokens,
         sampling: Sampling {
@@ -485,14 +493,18 @@ impl Progress {
     }
 }
 
-fn token_text(st: &AppState, id: u32) -> String {
-    st.tokenizer.decode(&[id])
+fn token_text(st: &AppState, id: u32, ids: bool) -> String {
+    if ids {
+        format!("token_id:{id}")
+    } else {
+        st.tokenizer.decode(&[id])
+    }
 }
 
 /// Chat logprobs of some tokens: `{"content": [...]}` entries.
-fn chat_logprobs(st: &AppState, toks: &[Token]) -> Value {
+fn chat_logprobs(st: &AppState, toks: &[Token], ids: bool) -> Value {
     let entry = |id: u32, lp: f32| {
-        let text = token_text(st, id);
+        let text = token_text(st, id, ids);
         json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
     };
     Value::Array(
@@ -507,21 +519,21 @@ fn chat_logprobs(st: &AppState, toks: &[Token]) -> Value {
 }
 
 /// Completion logprobs: `{tokens, token_logprobs, top_logprobs, text_offset}`.
-fn completion_logprobs(st: &AppState, toks: &[Token], offset0: usize) -> Value {
+fn completion_logprobs(st: &AppState, toks: &[Token], offset0: usize, ids: bool) -> Value {
     let mut offset = offset0;
     let mut tokens = Vec::new();
     let mut lps = Vec::new();
     let mut tops = Vec::new();
     let mut offsets = Vec::new();
     for t in toks {
-        let text = token_text(st, t.token);
+        let text = token_text(st, t.token, ids);
         offsets.push(offset);
         offset += text.len();
         tokens.push(text);
         lps.push(t.logprob);
         let mut m = Map::new();
         for &(i, l) in &t.top {
-            m.insert(token_text(st, i), json!(l));
+            m.insert(token_text(st, i, ids), json!(l));
         }
         tops.push(Value::Object(m));
     }
@@ -552,7 +564,7 @@ async fn serve(st: Arc<AppState>, body: Bytes, kind: Kind) -> Response {
     let request = Request {
         prompt: p.prompt.clone(),
         max_new: p.max_tokens,
-        stop: st.tokenizer.eos_id().into_iter().collect(),
+        stop: if p.ignore_eos { Vec::new() } else { st.tokenizer.eos_id().into_iter().collect() },
         sampling: p.sampling,
     };
     let (id, rx) = match st.engine.submit(request) {
@@ -614,7 +626,7 @@ async fn whole(
             "id": rid, "object": "text_completion", "created": now_s(), "model": st.model,
             "choices": [{
                 "index": 0, "text": text, "finish_reason": finish,
-                "logprobs": if p.logprobs { completion_logprobs(&st, &pr.tokens, 0) } else { Value::Null },
+                "logprobs": if p.logprobs { completion_logprobs(&st, &pr.tokens, 0, p.ids_as_tokens) } else { Value::Null },
             }],
             "usage": usage,
         }),
@@ -624,7 +636,7 @@ async fn whole(
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish,
-                "logprobs": if p.logprobs { json!({"content": chat_logprobs(&st, &pr.tokens)}) } else { Value::Null },
+                "logprobs": if p.logprobs { json!({"content": chat_logprobs(&st, &pr.tokens, p.ids_as_tokens)}) } else { Value::Null },
             }],
             "usage": usage,
         }),
@@ -711,13 +723,13 @@ async fn stream_task(
         let c = match kind {
             Kind::Completion => chunk(json!({
                 "index": 0, "text": text, "finish_reason": finish,
-                "logprobs": if p.logprobs { completion_logprobs(&st, std::slice::from_ref(&tok), offset) } else { Value::Null },
+                "logprobs": if p.logprobs { completion_logprobs(&st, std::slice::from_ref(&tok), offset, p.ids_as_tokens) } else { Value::Null },
             })),
             Kind::Chat => chunk(json!({
                 "index": 0,
                 "delta": if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) },
                 "finish_reason": finish,
-                "logprobs": if p.logprobs { json!({"content": chat_logprobs(&st, std::slice::from_ref(&tok))}) } else { Value::Null },
+                "logprobs": if p.logprobs { json!({"content": chat_logprobs(&st, std::slice::from_ref(&tok), p.ids_as_tokens)}) } else { Value::Null },
             })),
         };
         offset += text.len();
