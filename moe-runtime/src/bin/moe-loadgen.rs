@@ -105,7 +105,13 @@ struct Outcome {
     itl: Vec<f64>,
 }
 
-async fn one(client: reqwest::Client, url: String, body: Value, input: usize, timeout: Duration) -> Outcome {
+async fn one(
+    client: reqwest::Client,
+    url: String,
+    body: Value,
+    input: usize,
+    timeout: Duration,
+) -> Outcome {
     let mut o = Outcome {
         input,
         ..Default::default()
@@ -141,7 +147,9 @@ async fn one(client: reqwest::Client, url: String, body: Value, input: usize, ti
             let event: Vec<u8> = buf.drain(..pos + 2).collect();
             let text = String::from_utf8_lossy(&event);
             for line in text.lines() {
-                let Some(data) = line.strip_prefix("data: ") else { continue };
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
                 if data == "[DONE]" {
                     done = true;
                     continue;
@@ -209,11 +217,19 @@ async fn run(a: Args) -> Result<(), String> {
         .map_err(|e| format!("{base}/v1/models: {e}"))?;
     let model = match &a.model {
         Some(m) => m.clone(),
-        None => models["data"][0]["id"].as_str().ok_or("the server lists no model")?.to_string(),
+        None => models["data"][0]["id"]
+            .as_str()
+            .ok_or("the server lists no model")?
+            .to_string(),
     };
-    let max_len = models["data"][0]["max_model_len"].as_u64().unwrap_or(u64::MAX) as usize;
+    let max_len = models["data"][0]["max_model_len"]
+        .as_u64()
+        .unwrap_or(u64::MAX) as usize;
     let mut rng = Rng(a.seed ^ 0x5EED);
-    let (in_med, out_med) = (a.input_len_median as f64 * a.len_scale, a.output_len_median as f64 * a.len_scale);
+    let (in_med, out_med) = (
+        a.input_len_median as f64 * a.len_scale,
+        a.output_len_median as f64 * a.len_scale,
+    );
     let mut reqs = Vec::new();
     for _ in 0..a.num_prompts {
         let mut input = rng.around(in_med);
@@ -233,7 +249,9 @@ async fn run(a: Args) -> Result<(), String> {
         a.burstiness,
         a.max_concurrency.map_or("none".into(), |c| c.to_string()),
     );
-    let sem = a.max_concurrency.map(|c| Arc::new(Semaphore::new(c.max(1))));
+    let sem = a
+        .max_concurrency
+        .map(|c| Arc::new(Semaphore::new(c.max(1))));
     let url = format!("{base}/v1/completions");
     let timeout = Duration::from_secs(a.timeout_s);
     let start = Instant::now();
@@ -289,9 +307,21 @@ async fn run(a: Args) -> Result<(), String> {
     println!("{:<40} {:<10.2}", "Benchmark duration (s):", duration);
     println!("{:<40} {:<10}", "Total input tokens:", total_in);
     println!("{:<40} {:<10}", "Total generated tokens:", total_out);
-    println!("{:<40} {:<10.2}", "Request throughput (req/s):", ok.len() as f64 / duration);
-    println!("{:<40} {:<10.2}", "Output token throughput (tok/s):", total_out as f64 / duration);
-    println!("{:<40} {:<10.2}", "Total Token throughput (tok/s):", (total_in + total_out) as f64 / duration);
+    println!(
+        "{:<40} {:<10.2}",
+        "Request throughput (req/s):",
+        ok.len() as f64 / duration
+    );
+    println!(
+        "{:<40} {:<10.2}",
+        "Output token throughput (tok/s):",
+        total_out as f64 / duration
+    );
+    println!(
+        "{:<40} {:<10.2}",
+        "Total Token throughput (tok/s):",
+        (total_in + total_out) as f64 / duration
+    );
     for (title, short, s) in [
         ("Time to First Token", "TTFT", ttft),
         ("Time per Output Token (excl. 1st token)", "TPOT", tpot),
@@ -332,11 +362,18 @@ async fn run(a: Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    if a.num_prompts == 0 || a.request_rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) || !(a.burstiness > 0.0) {
+    if a.num_prompts == 0
+        || a.request_rate.is_some_and(|r| !(r > 0.0 && r.is_finite()))
+        || !(a.burstiness > 0.0)
+    {
         eprintln!("moe-loadgen: --num-prompts must be >= 1, --request-rate and --burstiness > 0");
         return ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("moe-loadgen: {e}");

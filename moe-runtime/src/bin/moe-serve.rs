@@ -130,7 +130,9 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
     deploy.validate(&config)?;
     Checkpoint::open(&a.model)?.verify(&config)?;
     if a.max_batch == 0 || a.max_model_len < 2 {
-        return Err(RuntimeError::Config("--max-batch must be >= 1 and --max-model-len >= 2".into()));
+        return Err(RuntimeError::Config(
+            "--max-batch must be >= 1 and --max-model-len >= 2".into(),
+        ));
     }
     let tokenizer = Tokenizer::load(&a.model, config.vocab as usize)?;
     let name = a.served_model_name.clone().unwrap_or_else(|| {
@@ -143,9 +145,13 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .map_err(|e| RuntimeError::Config(format!("--host {} --port {}: {e}", a.host, a.port)))?;
-    let http = TcpListener::bind(addr).map_err(|e| RuntimeError::Io(format!("cannot listen on {addr}: {e}")))?;
-    let control = TcpListener::bind("127.0.0.1:0").map_err(|e| RuntimeError::Io(format!("control listener: {e}")))?;
-    let control_addr = control.local_addr().map_err(|e| RuntimeError::Io(e.to_string()))?;
+    let http = TcpListener::bind(addr)
+        .map_err(|e| RuntimeError::Io(format!("cannot listen on {addr}: {e}")))?;
+    let control = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| RuntimeError::Io(format!("control listener: {e}")))?;
+    let control_addr = control
+        .local_addr()
+        .map_err(|e| RuntimeError::Io(e.to_string()))?;
     let mut args: Vec<String> = vec![
         "--model".into(),
         a.model.display().to_string(),
@@ -171,15 +177,18 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
             .unwrap_or_else(|| (a.max_batch * a.max_model_len).div_ceil(a.attention)),
         step_timeout: Duration::from_secs(120),
     };
-    let (engine, engine_thread) = match engine::start(control, cfg, metrics.clone(), Duration::from_secs(120)) {
-        Ok(x) => x,
-        Err(e) => {
-            group.kill_all();
-            let outs = group.wait(Duration::from_secs(1));
-            let why = launch::verdict(&outs).err().unwrap_or_default();
-            return Err(RuntimeError::Io(format!("the workers did not start: {e}\n{why}")));
-        }
-    };
+    let (engine, engine_thread) =
+        match engine::start(control, cfg, metrics.clone(), Duration::from_secs(120)) {
+            Ok(x) => x,
+            Err(e) => {
+                group.kill_all();
+                let outs = group.wait(Duration::from_secs(1));
+                let why = launch::verdict(&outs).err().unwrap_or_default();
+                return Err(RuntimeError::Io(format!(
+                    "the workers did not start: {e}\n{why}"
+                )));
+            }
+        };
     // Watch the worker processes: one that exits takes the server's health.
     let watcher = {
         let engine = engine.clone();
@@ -256,7 +265,14 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
     let failed: Vec<String> = outs
         .iter()
         .filter(|o| !o.ok())
-        .map(|o| format!("{} {}: {}", o.role, o.rank, o.error.clone().unwrap_or_else(|| format!("{:?}", o.status))))
+        .map(|o| {
+            format!(
+                "{} {}: {}",
+                o.role,
+                o.rank,
+                o.error.clone().unwrap_or_else(|| format!("{:?}", o.status))
+            )
+        })
         .collect();
     if let Some(why) = engine.shared.unhealthy() {
         return Err(RuntimeError::Io(format!("stopped unhealthy: {why}")));

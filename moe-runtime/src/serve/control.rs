@@ -94,7 +94,11 @@ fn obey(w: &mut AttentionWorker, stream: &mut TcpStream) -> Result<(), RuntimeEr
     let mut line = String::new();
     loop {
         match reader.read_line(&mut line) {
-            Ok(0) => return Err(RuntimeError::Io("the engine closed the control channel".into())),
+            Ok(0) => {
+                return Err(RuntimeError::Io(
+                    "the engine closed the control channel".into(),
+                ))
+            }
             Ok(_) if line.ends_with('\n') => {}
             Ok(_) => continue,
             Err(e)
@@ -114,7 +118,13 @@ fn obey(w: &mut AttentionWorker, stream: &mut TcpStream) -> Result<(), RuntimeEr
         match cmd {
             ToWorker::Submit { id, request } => {
                 if let Err(e) = w.submit(id, request) {
-                    send(stream, &FromWorker::Rejected { id, message: e.to_string() })?;
+                    send(
+                        stream,
+                        &FromWorker::Rejected {
+                            id,
+                            message: e.to_string(),
+                        },
+                    )?;
                 }
             }
             ToWorker::Cancel { id } => {

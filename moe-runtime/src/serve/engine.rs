@@ -85,7 +85,10 @@ pub struct Shared {
 impl Shared {
     /// Why the server cannot serve, if it cannot.
     pub fn unhealthy(&self) -> Option<String> {
-        self.unhealthy.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.unhealthy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
     fn set_unhealthy(&self, why: String) {
         let mut u = self.unhealthy.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,10 +211,12 @@ pub fn start(
         match listener.accept() {
             Ok((s, _)) => {
                 s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
                 let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
                 let mut line = String::new();
-                r.read_line(&mut line).map_err(|e| format!("a worker's hello: {e}"))?;
+                r.read_line(&mut line)
+                    .map_err(|e| format!("a worker's hello: {e}"))?;
                 let rank = match serde_json::from_str(line.trim_end()) {
                     Ok(FromWorker::Hello { rank }) if rank < cfg.attention => rank,
                     Ok(FromWorker::Error { message }) => return Err(message),
@@ -226,7 +231,8 @@ pub fn start(
                 std::thread::spawn(move || {
                     for line in r.lines() {
                         let msg = match line {
-                            Ok(l) => serde_json::from_str(&l).map_err(|e| format!("attention {rank}: bad message {l:?}: {e}")),
+                            Ok(l) => serde_json::from_str(&l)
+                                .map_err(|e| format!("attention {rank}: bad message {l:?}: {e}")),
                             Err(e) => Err(format!("attention {rank}: control channel: {e}")),
                         };
                         let stop = msg.is_err();
@@ -234,7 +240,10 @@ pub fn start(
                             return;
                         }
                     }
-                    let _ = tx.send(Cmd::Worker(rank, Err(format!("attention {rank} closed its control channel"))));
+                    let _ = tx.send(Cmd::Worker(
+                        rank,
+                        Err(format!("attention {rank} closed its control channel")),
+                    ));
                 });
                 writers[rank] = Some(s);
             }
@@ -265,7 +274,10 @@ pub fn start(
     let engine = Engine {
         cfg,
         rx,
-        writers: writers.into_iter().map(|w| w.expect("all connected")).collect(),
+        writers: writers
+            .into_iter()
+            .map(|w| w.expect("all connected"))
+            .collect(),
         shared,
         metrics,
         waiting: VecDeque::new(),
@@ -444,7 +456,9 @@ impl Engine {
                 self.shared.set_unhealthy(why);
                 return;
             }
-            self.metrics.prompt_tokens.inc_by(w.request.prompt.len() as u64);
+            self.metrics
+                .prompt_tokens
+                .inc_by(w.request.prompt.len() as u64);
             self.per_rank[rank] += 1;
             self.kv_used[rank] += need;
             self.running.insert(
@@ -459,8 +473,12 @@ impl Engine {
     }
 
     fn publish(&self) {
-        self.shared.waiting.store(self.waiting.len(), Ordering::Relaxed);
-        self.shared.running.store(self.running.len(), Ordering::Relaxed);
+        self.shared
+            .waiting
+            .store(self.waiting.len(), Ordering::Relaxed);
+        self.shared
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
         self.metrics.running.set(self.running.len() as i64);
         self.metrics.waiting.set(self.waiting.len() as i64);
         let used: usize = self.kv_used.iter().sum();
@@ -481,15 +499,23 @@ impl Engine {
             let left = deadline.saturating_duration_since(Instant::now());
             let c = match self.rx.recv_timeout(left) {
                 Ok(c) => c,
-                Err(_) => return Err(format!("a step took longer than {:?}", self.cfg.step_timeout)),
+                Err(_) => {
+                    return Err(format!(
+                        "a step took longer than {:?}",
+                        self.cfg.step_timeout
+                    ))
+                }
             };
             match c {
-                Cmd::Worker(_, Ok(FromWorker::Stepped {
-                    tokens,
-                    timings,
-                    rows,
-                    ..
-                })) => {
+                Cmd::Worker(
+                    _,
+                    Ok(FromWorker::Stepped {
+                        tokens,
+                        timings,
+                        rows,
+                        ..
+                    }),
+                ) => {
                     replies += 1;
                     iteration_tokens += rows;
                     for t in &timings {
@@ -507,7 +533,9 @@ impl Engine {
                 }
             }
         }
-        self.metrics.iteration_tokens.observe(iteration_tokens as f64);
+        self.metrics
+            .iteration_tokens
+            .observe(iteration_tokens as f64);
         self.publish();
         Ok(())
     }

@@ -97,7 +97,9 @@ impl IntoResponse for ApiError {
 }
 
 fn now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
@@ -118,7 +120,10 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.metrics.render(),
     )
         .into_response()
@@ -156,7 +161,10 @@ fn uint(v: &Map<String, Value>, k: &str, max: u64) -> Result<Option<u64>, ApiErr
         None => Ok(None),
         Some(x) => match x.as_u64() {
             Some(n) if n <= max => Ok(Some(n)),
-            _ => Err(ApiError::bad(k, format!("{k} must be an integer from 0 to {max}, got {x}"))),
+            _ => Err(ApiError::bad(
+                k,
+                format!("{k} must be an integer from 0 to {max}, got {x}"),
+            )),
         },
     }
 }
@@ -166,7 +174,10 @@ fn number(v: &Map<String, Value>, k: &str, lo: f64, hi: f64) -> Result<Option<f6
         None => Ok(None),
         Some(x) => match x.as_f64() {
             Some(n) if (lo..=hi).contains(&n) => Ok(Some(n)),
-            _ => Err(ApiError::bad(k, format!("{k} must be a number from {lo} to {hi}, got {x}"))),
+            _ => Err(ApiError::bad(
+                k,
+                format!("{k} must be a number from {lo} to {hi}, got {x}"),
+            )),
         },
     }
 }
@@ -175,7 +186,10 @@ fn boolean(v: &Map<String, Value>, k: &str) -> Result<bool, ApiError> {
     match field(v, k) {
         None => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(x) => Err(ApiError::bad(k, format!("{k} must be true or false, got {x}"))),
+        Some(x) => Err(ApiError::bad(
+            k,
+            format!("{k} must be true or false, got {x}"),
+        )),
     }
 }
 
@@ -187,11 +201,52 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
     };
     let (known, ignored): (&[&str], &[&str]) = match kind {
         Kind::Completion => (
-            &["model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "echo", "user", "presence_penalty", "frequency_penalty", "best_of", "suffix", "logit_bias", "ignore_eos", "return_tokens_as_token_ids"],
+            &[
+                "model",
+                "prompt",
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "seed",
+                "stop",
+                "n",
+                "stream",
+                "stream_options",
+                "logprobs",
+                "echo",
+                "user",
+                "presence_penalty",
+                "frequency_penalty",
+                "best_of",
+                "suffix",
+                "logit_bias",
+                "ignore_eos",
+                "return_tokens_as_token_ids",
+            ],
             &["user"],
         ),
         Kind::Chat => (
-            &["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "user", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "return_tokens_as_token_ids"],
+            &[
+                "model",
+                "messages",
+                "max_tokens",
+                "max_completion_tokens",
+                "temperature",
+                "top_p",
+                "seed",
+                "stop",
+                "n",
+                "stream",
+                "stream_options",
+                "logprobs",
+                "top_logprobs",
+                "user",
+                "presence_penalty",
+                "frequency_penalty",
+                "logit_bias",
+                "ignore_eos",
+                "return_tokens_as_token_ids",
+            ],
             &["user"],
         ),
     };
@@ -205,7 +260,10 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
     for (k, neutral) in [("presence_penalty", 0.0), ("frequency_penalty", 0.0)] {
         if let Some(x) = field(&v, k) {
             if x.as_f64() != Some(neutral) {
-                return Err(ApiError::bad(k, format!("{k} is not supported (only {neutral})")));
+                return Err(ApiError::bad(
+                    k,
+                    format!("{k} is not supported (only {neutral})"),
+                ));
             }
         }
     }
@@ -225,7 +283,10 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
         }
     }
     if let Some(x) = field(&v, "suffix") {
-        return Err(ApiError::bad("suffix", format!("suffix is not supported, got {x}")));
+        return Err(ApiError::bad(
+            "suffix",
+            format!("suffix is not supported, got {x}"),
+        ));
     }
     match field(&v, "model") {
         None => return Err(ApiError::bad("model", "model is required")),
@@ -233,13 +294,21 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
         Some(Value::String(m)) => {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: format!("The model `{m}` does not exist; this server serves `{}`.", st.model),
+                message: format!(
+                    "The model `{m}` does not exist; this server serves `{}`.",
+                    st.model
+                ),
                 kind: "NotFoundError",
                 param: Some("model".into()),
                 code: Some("model_not_found"),
             })
         }
-        Some(x) => return Err(ApiError::bad("model", format!("model must be a string, got {x}"))),
+        Some(x) => {
+            return Err(ApiError::bad(
+                "model",
+                format!("model must be a string, got {x}"),
+            ))
+        }
     }
     if let Some(n) = uint(&v, "n", u64::MAX)? {
         if n != 1 {
@@ -251,7 +320,10 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
         Kind::Chat => (chat_prompt_of(st, &v)?, "messages"),
     };
     if prompt.is_empty() {
-        return Err(ApiError::bad(prompt_param, format!("{prompt_param} is empty")));
+        return Err(ApiError::bad(
+            prompt_param,
+            format!("{prompt_param} is empty"),
+        ));
     }
     let room = st.max_model_len.saturating_sub(prompt.len());
     if room == 0 {
@@ -264,9 +336,18 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
             ),
         ));
     }
-    let max_param = if field(&v, "max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let max_param = if field(&v, "max_completion_tokens").is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
     let max_tokens = match uint(&v, max_param, u32::MAX as u64)? {
-        Some(0) => return Err(ApiError::bad(max_param, format!("{max_param} must be at least 1"))),
+        Some(0) => {
+            return Err(ApiError::bad(
+                max_param,
+                format!("{max_param} must be at least 1"),
+            ))
+        }
         Some(n) => n as usize,
         None if kind == Kind::Completion => 16.min(room),
         None => room,
@@ -297,26 +378,45 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
     let stop = match field(&v, "stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(|x| x.is_string()) => {
-            a.iter().map(|x| x.as_str().unwrap_or_default().to_string()).collect()
+        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(|x| x.is_string()) => a
+            .iter()
+            .map(|x| x.as_str().unwrap_or_default().to_string())
+            .collect(),
+        Some(x) => {
+            return Err(ApiError::bad(
+                "stop",
+                format!("stop must be a string or a list of up to 4 strings, got {x}"),
+            ))
         }
-        Some(x) => return Err(ApiError::bad("stop", format!("stop must be a string or a list of up to 4 strings, got {x}"))),
     };
     let stream = boolean(&v, "stream")?;
     let include_usage = match field(&v, "stream_options") {
         None => false,
         Some(Value::Object(o)) => {
             if !stream {
-                return Err(ApiError::bad("stream_options", "stream_options is only allowed with stream: true"));
+                return Err(ApiError::bad(
+                    "stream_options",
+                    "stream_options is only allowed with stream: true",
+                ));
             }
             for k in o.keys() {
                 if k != "include_usage" && k != "continuous_usage_stats" {
-                    return Err(ApiError::bad("stream_options", format!("unsupported stream option {k:?}")));
+                    return Err(ApiError::bad(
+                        "stream_options",
+                        format!("unsupported stream option {k:?}"),
+                    ));
                 }
             }
-            boolean(o, "include_usage").map_err(|_| ApiError::bad("stream_options", "include_usage must be true or false"))?
+            boolean(o, "include_usage").map_err(|_| {
+                ApiError::bad("stream_options", "include_usage must be true or false")
+            })?
         }
-        Some(x) => return Err(ApiError::bad("stream_options", format!("stream_options must be an object, got {x}"))),
+        Some(x) => {
+            return Err(ApiError::bad(
+                "stream_options",
+                format!("stream_options must be an object, got {x}"),
+            ))
+        }
     };
     let (logprobs, top_logprobs) = match kind {
         Kind::Completion => match uint(&v, "logprobs", 20)? {
@@ -327,7 +427,10 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
             let on = boolean(&v, "logprobs")?;
             let top = uint(&v, "top_logprobs", 20)?;
             if top.is_some() && !on {
-                return Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true"));
+                return Err(ApiError::bad(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ));
             }
             (on, top.unwrap_or(0) as usize)
         }
@@ -373,7 +476,10 @@ fn prompt_of(st: &AppState, v: &Map<String, Value>) -> Result<Vec<u32>, ApiError
                 if id < vocab as u64 {
                     Ok(id as u32)
                 } else {
-                    Err(ApiError::bad("prompt", format!("token id {id} is outside the vocabulary of {vocab}")))
+                    Err(ApiError::bad(
+                        "prompt",
+                        format!("token id {id} is outside the vocabulary of {vocab}"),
+                    ))
                 }
             })
             .collect(),
@@ -392,7 +498,10 @@ fn encode(st: &AppState, text: &str, param: &str) -> Result<Vec<u32>, ApiError> 
 
 fn chat_prompt_of(st: &AppState, v: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
     let Some(Value::Array(msgs)) = field(v, "messages") else {
-        return Err(ApiError::bad("messages", "messages must be a list of {role, content}"));
+        return Err(ApiError::bad(
+            "messages",
+            "messages must be a list of {role, content}",
+        ));
     };
     if msgs.is_empty() {
         return Err(ApiError::bad("messages", "messages is empty"));
@@ -405,23 +514,32 @@ fn chat_prompt_of(st: &AppState, v: &Map<String, Value>) -> Result<Vec<u32>, Api
             // [{"type": "text", "text": ...}] parts.
             Some(Value::Array(parts)) => parts
                 .iter()
-                .map(|p| match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
-                    (Some("text"), Some(t)) => Some(t.to_string()),
-                    _ => None,
+                .map(|p| {
+                    match (
+                        p.get("type").and_then(|t| t.as_str()),
+                        p.get("text").and_then(|t| t.as_str()),
+                    ) {
+                        (Some("text"), Some(t)) => Some(t.to_string()),
+                        _ => None,
+                    }
                 })
                 .collect::<Option<Vec<String>>>()
                 .map(|v| v.concat()),
             _ => None,
         };
         match (role, content) {
-            (Some(r @ ("system" | "user" | "assistant" | "developer")), Some(c)) => out.push(ChatMessage {
-                role: r.to_string(),
-                content: c,
-            }),
+            (Some(r @ ("system" | "user" | "assistant" | "developer")), Some(c)) => {
+                out.push(ChatMessage {
+                    role: r.to_string(),
+                    content: c,
+                })
+            }
             _ => {
                 return Err(ApiError::bad(
                     "messages",
-                    format!("messages[{i}] needs a role (system, user, assistant) and text content"),
+                    format!(
+                        "messages[{i}] needs a role (system, user, assistant) and text content"
+                    ),
                 ))
             }
         }
@@ -465,7 +583,11 @@ impl Progress {
             st.metrics.ttft.observe((now - self.start).as_secs_f64());
         }
         let is_eos = t.finish == Some(Finish::Stop) && st.tokenizer.eos_id() == Some(t.token);
-        let mut text = if is_eos { String::new() } else { self.detok.push(&st.tokenizer, t.token) };
+        let mut text = if is_eos {
+            String::new()
+        } else {
+            self.detok.push(&st.tokenizer, t.token)
+        };
         if self.detok.stopped() {
             self.finish = Some("stop");
         } else if let Some(f) = t.finish {
@@ -542,7 +664,10 @@ fn completion_logprobs(st: &AppState, toks: &[Token], offset0: usize, ids: bool)
 
 fn refused(r: Refused) -> ApiError {
     match r {
-        Refused::QueueFull(q) => ApiError::status(429, format!("the server is at capacity: {q} requests are already waiting; retry later")),
+        Refused::QueueFull(q) => ApiError::status(
+            429,
+            format!("the server is at capacity: {q} requests are already waiting; retry later"),
+        ),
         Refused::Unavailable(why) => ApiError::status(503, why),
     }
 }
@@ -564,7 +689,11 @@ async fn serve(st: Arc<AppState>, body: Bytes, kind: Kind) -> Response {
     let request = Request {
         prompt: p.prompt.clone(),
         max_new: p.max_tokens,
-        stop: if p.ignore_eos { Vec::new() } else { st.tokenizer.eos_id().into_iter().collect() },
+        stop: if p.ignore_eos {
+            Vec::new()
+        } else {
+            st.tokenizer.eos_id().into_iter().collect()
+        },
         sampling: p.sampling,
     };
     let (id, rx) = match st.engine.submit(request) {
@@ -602,13 +731,19 @@ async fn whole(
     mut pr: Progress,
 ) -> Response {
     // Cancel the sequence if this future is dropped (the client left).
-    let guard = CancelOnDrop { engine: st.engine.clone(), id, armed: true };
+    let guard = CancelOnDrop {
+        engine: st.engine.clone(),
+        id,
+        armed: true,
+    };
     while pr.finish.is_none() {
         match rx.recv().await {
             Some(SeqEvent::Token(t)) => {
                 pr.push(&st, t);
             }
-            Some(SeqEvent::Error(status, why)) => return ApiError::status(status, why).into_response(),
+            Some(SeqEvent::Error(status, why)) => {
+                return ApiError::status(status, why).into_response()
+            }
             None => return ApiError::status(503, "the engine stopped").into_response(),
         }
     }
@@ -688,16 +823,26 @@ async fn stream_task(
     mut pr: Progress,
     tx: UnboundedSender<Result<Event, Infallible>>,
 ) {
-    let guard = CancelOnDrop { engine: st.engine.clone(), id, armed: true };
+    let guard = CancelOnDrop {
+        engine: st.engine.clone(),
+        id,
+        armed: true,
+    };
     let created = now_s();
     let chunk = |choice: Value| -> Value {
         match kind {
-            Kind::Completion => json!({"id": rid, "object": "text_completion", "created": created, "model": st.model, "choices": [choice]}),
-            Kind::Chat => json!({"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.model, "choices": [choice]}),
+            Kind::Completion => {
+                json!({"id": rid, "object": "text_completion", "created": created, "model": st.model, "choices": [choice]})
+            }
+            Kind::Chat => {
+                json!({"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.model, "choices": [choice]})
+            }
         }
     };
     if kind == Kind::Chat {
-        let first = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
+        let first = chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+        );
         if tx.send(sse(&first)).is_err() {
             return;
         }

@@ -2,7 +2,7 @@
 //! the runtime's per-layer `T_a`, `T_e`, `T_c`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Gauge, Opts, Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
@@ -50,7 +50,9 @@ impl Metrics {
                     .buckets(buckets),
             )
             .expect("valid histogram");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let ttft = hist(
@@ -89,34 +91,55 @@ impl Metrics {
             layer_buckets(),
         );
         let gauge = |name: &str, help: &str| {
-            let g = IntGauge::with_opts(Opts::new(format!("{PREFIX}{name}"), help).const_label("model_name", model))
-                .expect("valid gauge");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            let g = IntGauge::with_opts(
+                Opts::new(format!("{PREFIX}{name}"), help).const_label("model_name", model),
+            )
+            .expect("valid gauge");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let running = gauge("num_requests_running", "Requests in the running batch.");
-        let waiting = gauge("num_requests_waiting", "Requests waiting to join the batch.");
+        let waiting = gauge(
+            "num_requests_waiting",
+            "Requests waiting to join the batch.",
+        );
         let kv_usage = Gauge::with_opts(
-            Opts::new(format!("{PREFIX}kv_cache_usage_perc"), "Share of the KV budget reserved (0 to 1).")
-                .const_label("model_name", model),
+            Opts::new(
+                format!("{PREFIX}kv_cache_usage_perc"),
+                "Share of the KV budget reserved (0 to 1).",
+            )
+            .const_label("model_name", model),
         )
         .expect("valid gauge");
-        registry.register(Box::new(kv_usage.clone())).expect("unique metric");
+        registry
+            .register(Box::new(kv_usage.clone()))
+            .expect("unique metric");
         let counter = |name: &str, help: &str| {
-            let c = IntCounter::with_opts(Opts::new(format!("{PREFIX}{name}"), help).const_label("model_name", model))
-                .expect("valid counter");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            let c = IntCounter::with_opts(
+                Opts::new(format!("{PREFIX}{name}"), help).const_label("model_name", model),
+            )
+            .expect("valid counter");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let prompt_tokens = counter("prompt_tokens_total", "Prompt tokens admitted.");
         let generation_tokens = counter("generation_tokens_total", "Tokens generated.");
         let success = IntCounterVec::new(
-            Opts::new(format!("{PREFIX}request_success_total"), "Requests finished, by finish reason.")
-                .const_label("model_name", model),
+            Opts::new(
+                format!("{PREFIX}request_success_total"),
+                "Requests finished, by finish reason.",
+            )
+            .const_label("model_name", model),
             &["finished_reason"],
         )
         .expect("valid counter");
-        registry.register(Box::new(success.clone())).expect("unique metric");
+        registry
+            .register(Box::new(success.clone()))
+            .expect("unique metric");
         Self {
             registry,
             ttft,

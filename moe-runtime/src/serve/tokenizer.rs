@@ -45,17 +45,27 @@ pub fn write_tokenizer(dir: &Path, vocab: usize) -> Result<(), RuntimeError> {
         .min_frequency(0)
         .show_progress(false)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .special_tokens(vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+        .special_tokens(vec![
+            AddedToken::from(BOS, true),
+            AddedToken::from(EOS, true),
+        ])
         .build();
-    let mut tok = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-        .with_post_processor(Some(ByteLevel::new(false, true, true)))
-        .with_decoder(Some(ByteLevel::new(false, true, true)))
-        .build()
+    let mut tok = TokenizerBuilder::<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        ByteLevel,
+        ByteLevel,
+        ByteLevel,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+    .with_post_processor(Some(ByteLevel::new(false, true, true)))
+    .with_decoder(Some(ByteLevel::new(false, true, true)))
+    .build()
+    .map_err(|e| err(&e))?;
+    tok.train(&mut trainer, CORPUS.lines())
         .map_err(|e| err(&e))?;
-    tok.train(&mut trainer, CORPUS.lines()).map_err(|e| err(&e))?;
     let have = tok.get_vocab_size(true);
     let extra: Vec<AddedToken> = (have..vocab)
         .map(|i| AddedToken::from(format!("<|extra_{i}|>"), true))
@@ -65,7 +75,8 @@ pub fn write_tokenizer(dir: &Path, vocab: usize) -> Result<(), RuntimeError> {
     if got != vocab {
         return Err(err(&format!("trained {got} tokens, the model has {vocab}")));
     }
-    tok.save(dir.join("tokenizer.json"), false).map_err(|e| err(&e))?;
+    tok.save(dir.join("tokenizer.json"), false)
+        .map_err(|e| err(&e))?;
     let config = serde_json::json!({
         "bos_token": BOS,
         "eos_token": EOS,
@@ -135,16 +146,21 @@ impl Tokenizer {
         // Special tokens are a string or {"content": ...}.
         let special = |k: &str| {
             cfg.get(k).and_then(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .or_else(|| v.get("content").and_then(|c| c.as_str()).map(str::to_string))
+                v.as_str().map(str::to_string).or_else(|| {
+                    v.get("content")
+                        .and_then(|c| c.as_str())
+                        .map(str::to_string)
+                })
             })
         };
         let eos = special("eos_token");
         let eos_id = eos.as_deref().and_then(|e| hf.token_to_id(e));
         Ok(Self {
             vocab,
-            template: cfg.get("chat_template").and_then(|t| t.as_str()).map(str::to_string),
+            template: cfg
+                .get("chat_template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
             bos: special("bos_token"),
             eos,
             eos_id,
@@ -158,7 +174,11 @@ impl Tokenizer {
             Some(t) => format!(
                 "tokenizer.json ({} tokens{})",
                 t.get_vocab_size(true),
-                if self.template.is_some() { ", chat template" } else { ", plain chat template" }
+                if self.template.is_some() {
+                    ", chat template"
+                } else {
+                    ", plain chat template"
+                }
             ),
             None => format!("byte-level fallback (vocabulary {})", self.vocab),
         }
@@ -209,9 +229,15 @@ impl Tokenizer {
             return Ok(s);
         };
         let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", tpl)
             .map_err(|e| RuntimeError::Request(format!("the model's chat template: {e}")))?;
         let ctx = minijinja::context! {
@@ -287,7 +313,9 @@ impl Detokenizer {
         if !self.stopped && self.read < self.ids.len() {
             let before = tok.decode(&self.ids[self.prefix..self.read]);
             let now = tok.decode(&self.ids[self.prefix..]);
-            let tail = now.strip_prefix(before.as_str()).unwrap_or(&now[before.len().min(now.len())..]);
+            let tail = now
+                .strip_prefix(before.as_str())
+                .unwrap_or(&now[before.len().min(now.len())..]);
             self.text.push_str(tail);
             self.read = self.ids.len();
         }
@@ -322,7 +350,8 @@ impl Detokenizer {
             // Hold back a suffix that may grow into a stop string.
             for s in &self.stops {
                 for k in (1..s.len()).rev() {
-                    if self.text.len() >= k && s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
+                    if self.text.len() >= k && s.is_char_boundary(k) && self.text.ends_with(&s[..k])
+                    {
                         end = end.min(self.text.len() - k);
                         break;
                     }
@@ -397,7 +426,11 @@ mod tests {
             s ^= s << 17;
             ids.push((s % 1024) as u32);
         }
-        for stops in [vec![], vec!["the".to_string()], vec!["日本".to_string(), "zz".into()]] {
+        for stops in [
+            vec![],
+            vec!["the".to_string()],
+            vec!["日本".to_string(), "zz".into()],
+        ] {
             let mut d = Detokenizer::new(stops.clone());
             let mut streamed = String::new();
             for &id in &ids {
@@ -422,12 +455,24 @@ mod tests {
     fn chat_templates() {
         let (_d, t) = trained(320);
         let msgs = vec![
-            ChatMessage { role: "system".into(), content: "Be brief.".into() },
-            ChatMessage { role: "user".into(), content: "Hi".into() },
+            ChatMessage {
+                role: "system".into(),
+                content: "Be brief.".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
         ];
-        assert_eq!(t.apply_chat_template(&msgs).unwrap(), "<s>[SYS] Be brief. [/SYS][INST] Hi [/INST]");
+        assert_eq!(
+            t.apply_chat_template(&msgs).unwrap(),
+            "<s>[SYS] Be brief. [/SYS][INST] Hi [/INST]"
+        );
         let plain = Tokenizer::load(std::path::Path::new("/nonexistent"), 320).unwrap();
-        assert_eq!(plain.apply_chat_template(&msgs).unwrap(), "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n");
+        assert_eq!(
+            plain.apply_chat_template(&msgs).unwrap(),
+            "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+        );
         assert_eq!(plain.decode(&[72, 105, 300]), "Hi<|300|>");
     }
 }

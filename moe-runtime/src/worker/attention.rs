@@ -626,7 +626,11 @@ pub fn sample(logits: &[f32], s: &Sampling, state: &mut u64) -> u32 {
         .collect();
     p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let total: f64 = p.iter().map(|x| x.1).sum();
-    let top_p = if s.top_p <= 0.0 { 1.0 } else { f64::from(s.top_p) };
+    let top_p = if s.top_p <= 0.0 {
+        1.0
+    } else {
+        f64::from(s.top_p)
+    };
     let mut keep = p.len();
     let mut acc = 0.0;
     for (i, x) in p.iter().enumerate() {

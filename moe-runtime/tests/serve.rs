@@ -1,0 +1,470 @@
+//! moe-serve end to end: the official openai client, curl's view of SSE,
+//! moe-loadgen, a client that disconnects, a full queue, SIGTERM drain,
+//! and a killed expert worker. Each test starts its own server on a tiny
+//! random model (with its test-made tokenizer) and stops it.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use moe_runtime::model::init::StoreDtype;
+use support::*;
+
+const MOE_SERVE: &str = env!("CARGO_BIN_EXE_moe-serve");
+const MOE_LOADGEN: &str = env!("CARGO_BIN_EXE_moe-loadgen");
+
+struct Server {
+    child: Child,
+    port: u16,
+    model: String,
+    _dir: TempDir,
+    model_dir: PathBuf,
+}
+
+impl Server {
+    fn start(tag: &str, preset: &str, extra: &[&str]) -> Server {
+        let dir = TempDir::new(tag);
+        let model_dir = checkpoint(dir.path(), preset, 4, 1, StoreDtype::Bf16);
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut child = Command::new(MOE_SERVE)
+            .args([
+                "--model",
+                &model_dir.display().to_string(),
+                "--port",
+                &port.to_string(),
+            ])
+            .args(["--served-model-name", "test-model"])
+            .args(extra)
+            .env("M2N_WAIT", "yield")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains(&format!("listening on http://127.0.0.1:{port}")),
+            "moe-serve said {line:?}"
+        );
+        let s = Server {
+            child,
+            port,
+            model: "test-model".into(),
+            _dir: dir,
+            model_dir,
+        };
+        let t0 = Instant::now();
+        while http(s.port, "GET", "/health", "").0 != 200 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = http(self.port, "GET", "/metrics", "");
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    }
+
+    fn pid_of(&self, needle: &str) -> i32 {
+        let model = self.model_dir.display().to_string();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&model) && cmd.contains(needle) {
+                return pid;
+            }
+        }
+        panic!("no process with {needle}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 request (Connection: close): (status, body).
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn python_has_openai(pydeps: &Path) -> bool {
+    Command::new("python3")
+        .args(["-c", "import openai"])
+        .env("PYTHONPATH", pydeps)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn the_official_openai_client_works_and_greedy_tokens_equal_the_reference() {
+    let pydeps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps/openai");
+    if !python_has_openai(&pydeps) {
+        println!("SKIPPED: the openai Python client is not installed (scripts/setup puts it in target/pydeps/openai)");
+        return;
+    }
+    let s = Server::start(
+        "openai",
+        "mixtral-mini",
+        &["--attention", "2", "--experts", "2"],
+    );
+    let r = moe_run(
+        &[
+            "--model".into(),
+            s.model_dir.display().to_string(),
+            "--reference".into(),
+            "--prompt-ids".into(),
+            "1,2,3".into(),
+            "--max-new-tokens".into(),
+            "16".into(),
+            "--logprobs".into(),
+        ],
+        &[],
+    );
+    let (ids, lps) = results(&stdout(&r)).remove(0);
+    let join = |v: Vec<String>| v.join(" ");
+    let o = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve_openai.py"))
+        .args([&s.url(), &s.model])
+        .arg(join(ids.iter().map(|x| x.to_string()).collect()))
+        .arg(join(lps.iter().map(|x| format!("{x:?}")).collect()))
+        .env("PYTHONPATH", &pydeps)
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn curl_sees_well_formed_server_sent_events() {
+    let s = Server::start("curl", "tiny", &[]);
+    let body = format!(
+        r#"{{"model": "{}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 6, "stream": true, "ignore_eos": true, "stream_options": {{"include_usage": true}}}}"#,
+        s.model
+    );
+    let o = Command::new("curl")
+        .args([
+            "-sN",
+            "--max-time",
+            "60",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body,
+        ])
+        .arg(format!("{}/v1/chat/completions", s.url()))
+        .output()
+        .expect("curl (scripts/setup installs it)");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(
+        events
+            .iter()
+            .all(|e| e.starts_with("data: ") && !e.contains('\n')),
+        "{text}"
+    );
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e["data: ".len()..]).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
+    let finish: Vec<&serde_json::Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .map(|c| &c["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, vec!["length"]);
+}
+
+#[test]
+fn loadgen_counts_add_up_with_the_server() {
+    let s = Server::start("loadgen", "tiny", &["--max-batch", "8"]);
+    let dir = TempDir::new("lg");
+    let json = dir.path().join("lg.json");
+    let o = Command::new(MOE_LOADGEN)
+        .args([
+            "--url",
+            &s.url(),
+            "--num-prompts",
+            "12",
+            "--request-rate",
+            "40",
+            "--len-scale",
+            "0.05",
+            "--seed",
+            "3",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for line in [
+        "Successful requests:",
+        "Mean TTFT (ms):",
+        "P99 TPOT (ms):",
+        "Median ITL (ms):",
+        "P99 E2EL (ms):",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        r["completed"].as_u64().unwrap() + r["failed"].as_u64().unwrap(),
+        12
+    );
+    assert_eq!(r["failed"], 0, "{:?}", r["errors"]);
+    let outs: u64 = r["output_lens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(outs, r["total_output_tokens"].as_u64().unwrap());
+    assert_eq!(
+        s.metric("m2n_serve:generation_tokens_total") as u64,
+        outs,
+        "the server generated what the client counted"
+    );
+    let ins: u64 = r["input_lens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(s.metric("m2n_serve:prompt_tokens_total") as u64, ins);
+    assert_eq!(
+        s.metric("m2n_serve:request_success_total{finished_reason=\"length\"") as u64,
+        12
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_sequence() {
+    let s = Server::start("disconnect", "tiny", &[]);
+    let body = format!(
+        r#"{{"model": "{}", "prompt": "Once upon a time", "max_tokens": 1500, "stream": true, "ignore_eos": true}}"#,
+        s.model
+    );
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 2048];
+    let n = c.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+    assert_eq!(s.metric("m2n_serve:num_requests_running"), 1.0);
+    drop(c);
+    let t0 = Instant::now();
+    while s.metric("m2n_serve:num_requests_running") != 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the sequence kept running after its client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generated = s.metric("m2n_serve:generation_tokens_total");
+    assert!(generated < 1500.0, "it stopped early: {generated} tokens");
+}
+
+#[test]
+fn a_full_queue_answers_429_with_an_openai_error() {
+    let s = Server::start("queue", "tiny", &["--max-batch", "1", "--max-queue", "1"]);
+    let body = format!(
+        r#"{{"model": "{}", "prompt": "x", "max_tokens": 400, "ignore_eos": true}}"#,
+        s.model
+    );
+    let handles: Vec<_> = (0..5)
+        .map(|_| {
+            let (port, body) = (s.port, body.clone());
+            std::thread::spawn(move || http(port, "POST", "/v1/completions", &body))
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let full: Vec<&(u16, String)> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert!(
+        ok >= 1 && !full.is_empty() && ok + full.len() == 5,
+        "{answers:?}"
+    );
+    let e: serde_json::Value = serde_json::from_str(&full[0].1).unwrap();
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("capacity"),
+        "{e}"
+    );
+    assert_eq!(http(s.port, "GET", "/health", "").0, 200);
+}
+
+#[test]
+fn sigterm_drains_running_requests_then_exits_zero() {
+    let mut s = Server::start("drain", "tiny", &[]);
+    let body = format!(
+        r#"{{"model": "{}", "prompt": "Hello", "max_tokens": 300, "ignore_eos": true}}"#,
+        s.model
+    );
+    let port = s.port;
+    let req = std::thread::spawn(move || http(port, "POST", "/v1/completions", &body));
+    let t0 = Instant::now();
+    while s.metric("m2n_serve:num_requests_running") != 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (status, text) = req.join().unwrap();
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["usage"]["completion_tokens"], 300,
+        "the running request finished"
+    );
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "moe-serve did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success(), "exit {code}");
+    assert_eq!(
+        http(s.port, "GET", "/health", "").0,
+        0,
+        "no longer listening"
+    );
+}
+
+#[test]
+fn a_killed_expert_fails_requests_and_health_without_hanging() {
+    let s = Server::start("killexp", "tiny", &["--experts", "2"]);
+    let body = format!(
+        r#"{{"model": "{}", "prompt": "Hello", "max_tokens": 1800, "stream": true, "ignore_eos": true}}"#,
+        s.model
+    );
+    let url = format!("{}/v1/completions", s.url());
+    let curl = Command::new("curl")
+        .args([
+            "-sN",
+            "--max-time",
+            "60",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body,
+            &url,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while s.metric("m2n_serve:generation_tokens_total") < 5.0 {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = s.pid_of("--worker expert --rank 1");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = curl.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let last_chunk = if events.len() >= 2 {
+        events[events.len() - 2]
+    } else {
+        ""
+    };
+    assert!(
+        last_chunk.contains("\"error\"") && text.ends_with("data: [DONE]\n\n"),
+        "the stream ends with an error event: {last_chunk}"
+    );
+    assert!(
+        last_chunk.contains("expert 1") || last_chunk.contains("exited"),
+        "it names the lost worker: {last_chunk}"
+    );
+    let (status, body) = http(s.port, "GET", "/health", "");
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = http(
+        s.port,
+        "POST",
+        "/v1/completions",
+        &format!(
+            r#"{{"model": "{}", "prompt": "x", "max_tokens": 2}}"#,
+            s.model
+        ),
+    );
+    assert_eq!(status, 503, "new requests are refused: {body}");
+}
