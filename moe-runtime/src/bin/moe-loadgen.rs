@@ -364,7 +364,8 @@ fn main() -> ExitCode {
     let a = Args::parse();
     if a.num_prompts == 0
         || a.request_rate.is_some_and(|r| !(r > 0.0 && r.is_finite()))
-        || !(a.burstiness > 0.0)
+        || a.burstiness.is_nan()
+        || a.burstiness <= 0.0
     {
         eprintln!("moe-loadgen: --num-prompts must be >= 1, --request-rate and --burstiness > 0");
         return ExitCode::from(2);
