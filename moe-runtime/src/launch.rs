@@ -23,6 +23,17 @@ use crate::worker::attention::AttentionWorker;
 use crate::worker::expert::ExpertWorker;
 use crate::worker::Deployment;
 
+/// Set in the workers a launcher starts (they then report `MOE-READY`).
+pub const LAUNCHED_ENV: &str = "MOE_LAUNCHED";
+
+fn ready(role: Role, rank: usize) {
+    if std::env::var_os(LAUNCHED_ENV).is_some() {
+        use std::io::Write;
+        println!("MOE-READY {role} {rank}");
+        let _ = std::io::stdout().flush();
+    }
+}
+
 /// What one worker process printed and how it ended.
 #[derive(Debug)]
 pub struct WorkerOutput {
@@ -33,6 +44,8 @@ pub struct WorkerOutput {
     pub out: Vec<String>,
     /// Its `MOE-ERROR` line, if any.
     pub error: Option<String>,
+    /// The launcher stopped it after another worker failed.
+    pub stopped: bool,
 }
 
 impl WorkerOutput {
@@ -44,6 +57,9 @@ impl WorkerOutput {
     /// not one that gave up because a peer was lost.
     pub fn lost(&self) -> Option<String> {
         use std::os::unix::process::ExitStatusExt;
+        if self.stopped {
+            return None;
+        }
         match &self.status {
             Ok(s) if s.signal().is_some() => {
                 Some(format!("killed by signal {}", s.signal().unwrap_or(0)))
@@ -80,6 +96,12 @@ pub fn spawn(
     let exe = std::env::current_exe()
         .map_err(|e| RuntimeError::Io(format!("cannot find my own executable: {e}")))?;
     let mut children = Vec::new();
+    let total = deploy.attention + deploy.experts;
+    let joined = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let prog = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     for (role, count) in [
         (Role::Attention, deploy.attention),
         (Role::Expert, deploy.experts),
@@ -89,6 +111,7 @@ pub fn spawn(
                 .args(args)
                 .args(["--worker", role.name(), "--rank", &rank.to_string()])
                 .env("M2N_UNIQUE_ID", &uid)
+                .env(LAUNCHED_ENV, "1")
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::piped())
                 .spawn();
@@ -102,11 +125,19 @@ pub fn spawn(
                 }
             };
             let stdout = child.stdout.take().expect("piped");
+            let (joined, prog) = (joined.clone(), prog.clone());
             let lines = std::thread::spawn(move || {
-                BufReader::new(stdout)
-                    .lines()
-                    .map_while(Result::ok)
-                    .collect()
+                let mut out = Vec::new();
+                for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if l.starts_with("MOE-READY ") {
+                        let n = joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        if n == total {
+                            eprintln!("{prog}: all {total} workers joined the group");
+                        }
+                    }
+                    out.push(l);
+                }
+                out
             });
             children.push((role, rank, child, lines));
         }
@@ -202,6 +233,7 @@ impl Group {
                         .filter_map(|l| l.strip_prefix("MOE-OUT ").map(str::to_string))
                         .collect(),
                     error,
+                    stopped,
                 }
             })
             .collect();
@@ -269,6 +301,7 @@ pub fn attention_worker(
         Shape::new(deploy.attention, deploy.experts),
         uid,
     )?;
+    ready(Role::Attention, rank);
     AttentionWorker::new(config, deploy, weights, comm, timeout)
 }
 
@@ -292,6 +325,7 @@ pub fn expert_worker(
         Shape::new(deploy.attention, deploy.experts),
         uid,
     )?;
+    ready(Role::Expert, rank);
     ExpertWorker::new(config, deploy, weights, comm, timeout)
 }
 

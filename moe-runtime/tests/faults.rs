@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -61,20 +62,20 @@ fn kill_one(role: &str, rank: usize) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let needle = format!("--worker {role} --rank {rank}");
-    let t0 = Instant::now();
-    let pid = loop {
-        if let Some(p) = worker_pid(&model_s, &needle) {
-            break p;
-        }
+    // Wait until the group has formed (the launcher says so), then let it
+    // decode a while.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("workers joined the group") {
+        line.clear();
         assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "worker never started"
+            err.read_line(&mut line).unwrap() > 0,
+            "moe-run ended before the group formed"
         );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // Let it decode a while, then kill it.
-    std::thread::sleep(Duration::from_millis(700));
+    }
+    let needle = format!("--worker {role} --rank {rank}");
+    let pid = worker_pid(&model_s, &needle).expect("the worker runs");
+    std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -92,8 +93,9 @@ fn kill_one(role: &str, rank: usize) {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    let err = rest;
     assert!(!status.success(), "moe-run succeeded after losing a worker");
     assert!(
         err.contains(&format!("lost {role} {rank}: killed by signal 9")),
