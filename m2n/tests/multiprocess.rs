@@ -62,18 +62,28 @@ fn ten_thousand_rounds_2x3(t: T) {
 /// `PeerLost` naming it, well within the peer timeout, never hang.
 /// Large messages make it likely (over tcp) that the victim dies mid-frame.
 fn kill_mid_run(t: T, victim_role: Role) {
-    let (m, n) = (2, 2);
+    kill_mid_run_in(t, victim_role, (2, 2), false)
+}
+
+/// Kills rank 1 of `victim_role` in an `m x n` group; with `nonblocking`,
+/// the survivors drive m2n as an event loop does (`try_send`, `try_recv`,
+/// `is_sent`, `progress`), which must report the loss just the same.
+fn kill_mid_run_in(t: T, victim_role: Role, (m, n): (usize, usize), nonblocking: bool) {
+    let mut flags = vec![
+        "--rounds",
+        "100000000",
+        "--bytes",
+        "1M",
+        "--timeout-s",
+        "120",
+    ];
+    if nonblocking {
+        flags.push("--nonblocking");
+    }
     let (mut workers, _root) = spawn_group(
         m,
         n,
-        &[
-            "--rounds",
-            "100000000",
-            "--bytes",
-            "1M",
-            "--timeout-s",
-            "120",
-        ],
+        &flags,
         &[("M2N_TRANSPORT", t.0), ("M2N_PEER_TIMEOUT_MS", "3000")],
     );
     for w in workers.iter_mut() {
@@ -136,18 +146,38 @@ fn killed_sender_is_peer_lost_for_its_receivers(t: T) {
     kill_mid_run(t, Role::Attention);
 }
 
+/// The case of a 3 x 2 group where an expert dies: the other expert, which
+/// only polls (`try_recv` and `progress`), must learn that its senders are
+/// gone instead of spinning until it is killed.
+fn killed_peer_is_lost_for_nonblocking_callers(t: T) {
+    kill_mid_run_in(t, Role::Expert, (3, 2), true);
+    kill_mid_run_in(t, Role::Attention, (2, 2), true);
+}
+
 fn stopped_peer_is_lost_after_the_heartbeat_timeout(t: T) {
+    stopped_peer(t, false)
+}
+
+fn stopped_peer_is_lost_for_nonblocking_callers(t: T) {
+    stopped_peer(t, true)
+}
+
+fn stopped_peer(t: T, nonblocking: bool) {
+    let mut flags = vec![
+        "--rounds",
+        "100000000",
+        "--bytes",
+        "64",
+        "--timeout-s",
+        "120",
+    ];
+    if nonblocking {
+        flags.push("--nonblocking");
+    }
     let (mut workers, _root) = spawn_group(
         1,
         1,
-        &[
-            "--rounds",
-            "100000000",
-            "--bytes",
-            "64",
-            "--timeout-s",
-            "120",
-        ],
+        &flags,
         &[
             ("M2N_TRANSPORT", t.0),
             ("M2N_PEER_TIMEOUT_MS", "1500"),
@@ -261,6 +291,18 @@ macro_rules! transport_suite {
             fn stopped_peer_is_lost_after_the_heartbeat_timeout() {
                 if available(TR) {
                     super::stopped_peer_is_lost_after_the_heartbeat_timeout(TR)
+                }
+            }
+            #[test]
+            fn killed_peer_is_lost_for_nonblocking_callers() {
+                if available(TR) {
+                    super::killed_peer_is_lost_for_nonblocking_callers(TR)
+                }
+            }
+            #[test]
+            fn stopped_peer_is_lost_for_nonblocking_callers() {
+                if available(TR) {
+                    super::stopped_peer_is_lost_for_nonblocking_callers(TR)
                 }
             }
         }

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use uid::{UniqueId, SECRET_BYTES};
+
+pub(crate) mod gate;
 use wire::Frame;
 
 use crate::group::{Peer, Role, Shape};
@@ -190,6 +192,7 @@ impl Root {
             .set_nonblocking(true)
             .map_err(io_err("set_nonblocking"))?;
         let mut shape: Option<(Shape, Peer)> = None;
+        let mut gate: gate::Gate<Frame> = gate::Gate::new();
         loop {
             if let Some((s, _)) = shape {
                 if joined.len() == s.world() {
@@ -216,23 +219,19 @@ impl Root {
                     self.uid.root
                 )));
             };
-            let mut stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if is_timeout(&e) => {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                Err(e) => return Err(io_err("accept")(e)),
+            // Hellos are read concurrently, each against a short deadline:
+            // silent, junk or half-sent connections never hold the group up.
+            gate.accept_all(&self.listener, deadline, |r| {
+                wire::recv_limited(r, wire::MAX_HELLO)
+            })
+            .map_err(io_err("accept"))?;
+            let Some((mut stream, hello)) = gate.next(left.min(Duration::from_millis(2))) else {
+                continue;
             };
             stream
-                .set_nonblocking(false)
-                .map_err(io_err("set_nonblocking"))?;
-            stream.set_nodelay(true).map_err(io_err("set_nodelay"))?;
-            // A connector that says nothing must not hold the root up for long.
-            stream
-                .set_read_timeout(Some(left.min(Duration::from_secs(5))))
+                .set_read_timeout(None)
                 .map_err(io_err("set_read_timeout"))?;
-            let hello = match wire::recv(&mut stream) {
+            let hello = match hello {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = wire::send(
@@ -468,6 +467,69 @@ mod tests {
             rv.barrier(Duration::from_secs(5))?;
             Ok(p)
         })
+    }
+
+    /// Forms a 2 x 3 group (5 ranks, join timeout 5 s) at a root that
+    /// already has `hostile` connections open; returns how long it took.
+    fn form_with_hostile_connections(hostile: usize) -> Duration {
+        use std::io::Write;
+        let root = local_root();
+        let uid = root.unique_id().clone();
+        let served = root.spawn(Duration::from_secs(10));
+        let mut bad = uid.clone();
+        bad.secret[0] ^= 1;
+        // Silent, junk, half a frame, and a wrong secret: kept open throughout.
+        let strangers: Vec<TcpStream> = (0..hostile)
+            .map(|i| {
+                let mut s = TcpStream::connect(uid.root).unwrap();
+                match i % 4 {
+                    0 => {}
+                    1 => {
+                        let _ = s.write_all(&[0xA5; 4096]);
+                    }
+                    2 => {
+                        let _ = s.write_all(&[40, 0, 0]);
+                    }
+                    _ => {
+                        let hello = Frame::Hello {
+                            version: wire::VERSION,
+                            secret: bad.secret,
+                            role: Role::Attention,
+                            rank: 0,
+                            shape: Shape::new(2, 3),
+                            payload: vec![],
+                        };
+                        let _ = wire::send(&mut s, &hello);
+                    }
+                }
+                s
+            })
+            .collect();
+        let t0 = Instant::now();
+        let shape = Shape::new(2, 3);
+        let hs: Vec<_> = (0..2)
+            .map(|r| spawn_join(&uid, Role::Attention, r, shape))
+            .chain((0..3).map(|r| spawn_join(&uid, Role::Expert, r, shape)))
+            .collect();
+        for h in hs {
+            h.join()
+                .unwrap()
+                .expect("the group forms despite the strangers");
+        }
+        let took = t0.elapsed();
+        served.join().unwrap().unwrap();
+        drop(strangers);
+        took
+    }
+
+    #[test]
+    fn strangers_cannot_stall_the_rendezvous() {
+        // Each stranger used to hold the root for up to 5 s, one at a time:
+        // 100 of them exceeded the joins' 5 s timeout. Now hellos are read
+        // concurrently with a short deadline each, so the group forms.
+        let clean = form_with_hostile_connections(0);
+        let hostile = form_with_hostile_connections(100);
+        println!("a 5-rank group formed in {clean:?} clean, {hostile:?} with 100 hostile connections open");
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub const VERSION: u16 = 1;
 /// Largest transport payload one rank may publish.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 const MAX_FRAME: usize = 64 << 20;
+/// Largest hello a stranger may send before it is authenticated.
+pub const MAX_HELLO: usize = MAX_PAYLOAD + 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -144,13 +146,18 @@ pub fn send(stream: &mut impl Write, frame: &Frame) -> io::Result<()> {
 
 /// Reads one frame. Malformed frames are `InvalidData` errors.
 pub fn recv(stream: &mut impl Read) -> io::Result<Frame> {
+    recv_limited(stream, MAX_FRAME)
+}
+
+/// Reads one frame of at most `max` bytes.
+pub fn recv_limited(stream: &mut impl Read, max: usize) -> io::Result<Frame> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("bootstrap frame of {len} bytes exceeds {MAX_FRAME}"),
+            format!("bootstrap frame of {len} bytes exceeds {max}"),
         ));
     }
     let mut body = vec![0u8; len];

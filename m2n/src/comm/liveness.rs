@@ -29,6 +29,8 @@ pub(crate) struct Lost {
     pub at: Instant,
     /// The peer hung rather than left: nothing more will come from it.
     pub hung: bool,
+    /// It left on purpose (it closed its communicator with a goodbye).
+    pub clean: bool,
 }
 
 /// The liveness links of one rank.
@@ -46,6 +48,7 @@ impl Lost {
             reason: reason.into(),
             at,
             hung: false,
+            clean: false,
         }
     }
 }
@@ -135,6 +138,7 @@ impl Liveness {
             .set_nonblocking(true)
             .map_err(|e| e.to_string())?;
         let mut pending: Vec<usize> = accept.to_vec();
+        let mut gate: crate::bootstrap::gate::Gate<usize> = crate::bootstrap::gate::Gate::new();
         while !pending.is_empty() {
             if Instant::now() >= deadline {
                 let names: Vec<String> = pending
@@ -149,25 +153,27 @@ impl Liveness {
                     names.join(", ")
                 ));
             }
-            let mut s = match listener.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
+            // Handshakes are read concurrently with a short deadline each:
+            // a stranger that connects and says nothing cannot stall us.
+            let secret = *secret;
+            gate.accept_all(&listener.listener, deadline, move |r| {
+                let mut buf = [0u8; SECRET_BYTES + 4];
+                r.read_exact(&mut buf)?;
+                if !crate::bootstrap::secrets_match(&buf[..SECRET_BYTES], &secret) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "wrong secret",
+                    ));
                 }
-                Err(e) => return Err(format!("liveness accept: {e}")),
+                Ok(u32::from_le_bytes(buf[SECRET_BYTES..].try_into().expect("4 bytes")) as usize)
+            })
+            .map_err(|e| format!("liveness accept: {e}"))?;
+            let Some((s, global)) = gate.next(Duration::from_millis(1)) else {
+                continue;
             };
-            s.set_nonblocking(false).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(left()))
-                .map_err(|e| e.to_string())?;
-            let mut buf = [0u8; SECRET_BYTES + 4];
-            if s.read_exact(&mut buf).is_err()
-                || !crate::bootstrap::secrets_match(&buf[..SECRET_BYTES], secret)
-            {
+            let Ok(global) = global else {
                 continue; // a stranger: ignore it
-            }
-            let global =
-                u32::from_le_bytes(buf[SECRET_BYTES..].try_into().expect("4 bytes")) as usize;
+            };
             let Some(i) = pending.iter().position(|&g| g == global) else {
                 continue;
             };
@@ -203,7 +209,10 @@ impl Liveness {
                     Ok(n) => {
                         l.last_heard = now;
                         if buf[..n].contains(&GOODBYE) {
-                            l.lost = Some(Lost::left(now, "it closed its communicator"));
+                            l.lost = Some(Lost {
+                                clean: true,
+                                ..Lost::left(now, "it closed its communicator")
+                            });
                             break;
                         }
                     }
@@ -223,6 +232,7 @@ impl Liveness {
                     reason: format!("no heartbeat for {:?}", self.timeout),
                     at: now,
                     hung: true,
+                    clean: false,
                 });
                 continue;
             }

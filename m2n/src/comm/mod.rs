@@ -427,8 +427,24 @@ impl Communicator {
 
     /// Moves everything that can move now: posts queued writes and credits,
     /// polls completions and arrivals, reads credits, checks peers.
-    /// Never blocks. Returns whether anything happened.
+    /// Never blocks. Returns whether anything happened, or `PeerLost` once
+    /// a peer on the other side was killed, exited without closing its
+    /// communicator, aborted or hung past the peer timeout (a peer that
+    /// closed its communicator is reported by the calls that need it:
+    /// receiving a round it did not send, sending to it).
     pub fn progress(&mut self) -> Result<bool> {
+        let lost = self.lost_snapshot(false);
+        let moved = self.progress_inner()?;
+        let abnormal: Vec<usize> = lost
+            .iter()
+            .filter(|(_, l)| !l.clean)
+            .map(|(i, _)| *i)
+            .collect();
+        self.check_lost(&lost, &abnormal)?;
+        Ok(moved)
+    }
+
+    fn progress_inner(&mut self) -> Result<bool> {
         self.check_fatal()?;
         let now = Instant::now();
         let mut moved = self.post_writes()?;
@@ -712,13 +728,15 @@ impl Channel<'_> {
 
     /// Posts the next round without blocking: `msgs[r]` goes to receiver
     /// `r` (one per receiver; [`Msg::EMPTY`] for nothing). Returns the round
-    /// number, or `None` when some receiver still holds `depth` rounds.
+    /// number, or `None` when some receiver still holds `depth` rounds
+    /// (`PeerLost` if such a receiver is gone: its credit will never come).
     ///
     /// The bytes named by `msgs` must stay unchanged until
     /// [`is_sent`](Self::is_sent) says the round is sent.
     pub fn try_send(&mut self, msgs: &[Msg<'_>]) -> Result<Option<u64>> {
         self.sending()?;
-        self.comm.progress()?;
+        let lost = self.comm.lost_snapshot(false);
+        self.comm.progress_inner()?;
         let geo = *self.comm.send.proto.geometry();
         if msgs.len() != geo.receivers {
             return Err(Error::InvalidArgument(format!(
@@ -771,6 +789,9 @@ impl Channel<'_> {
                 _ => Error::Protocol { peer, source },
             })?;
         let Some(round) = posted else {
+            // Blocked on credit: a receiver that is gone will never give it.
+            let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
+            self.comm.check_lost(&lost, &blocking)?;
             return Ok(None);
         };
         debug_assert_eq!(
@@ -778,7 +799,7 @@ impl Channel<'_> {
             self.comm.send.sources_base + self.comm.send.sources.len() as u64
         );
         self.comm.send.sources.push_back(sources);
-        self.comm.progress()?;
+        self.comm.progress_inner()?;
         Ok(Some(round))
     }
 
@@ -812,7 +833,7 @@ impl Channel<'_> {
     }
 
     /// Whether every write of `round` has completed, so its source bytes
-    /// may change.
+    /// may change; `PeerLost` while it has not and a receiver is gone.
     pub fn is_sent(&mut self, round: u64) -> Result<bool> {
         self.sending()?;
         let next = self.comm.send.proto.next_round();
@@ -821,8 +842,14 @@ impl Channel<'_> {
                 "round {round} was never posted (the next round is {next})"
             )));
         }
-        self.comm.progress()?;
-        Ok(self.comm.send.proto.round_sent(round))
+        let lost = self.comm.lost_snapshot(false);
+        self.comm.progress_inner()?;
+        if self.comm.send.proto.round_sent(round) {
+            return Ok(true);
+        }
+        let all: Vec<usize> = (0..self.comm.send.rings.len()).collect();
+        self.comm.check_lost(&lost, &all)?;
+        Ok(false)
     }
 
     /// Waits until `round` is sent (see [`is_sent`](Self::is_sent)).
@@ -847,15 +874,23 @@ impl Channel<'_> {
         }
     }
 
-    /// The next complete round, if it is in.
+    /// The next complete round, if it is in; `PeerLost` if a sender whose
+    /// message is missing is gone (it will never come).
     pub fn try_recv(&mut self) -> Result<Option<RecvRound>> {
         self.receiving()?;
-        self.comm.progress()?;
-        Ok(self.comm.recv.proto.poll_round().map(|d| RecvRound {
-            round: d.round,
-            slot: d.slot,
-            lens: d.lens,
-        }))
+        let lost = self.comm.lost_snapshot(false);
+        self.comm.progress_inner()?;
+        if let Some(d) = self.comm.recv.proto.poll_round() {
+            return Ok(Some(RecvRound {
+                round: d.round,
+                slot: d.slot,
+                lens: d.lens,
+            }));
+        }
+        // Not in yet: a sender that is gone will never complete it.
+        let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
+        self.comm.check_lost(&lost, &missing)?;
+        Ok(None)
     }
 
     /// Waits up to `timeout` for the next complete round. A sender that is
@@ -901,7 +936,7 @@ impl Channel<'_> {
             .proto
             .release(round.round)
             .map_err(|source| Error::Protocol { peer, source })?;
-        self.comm.progress()?;
+        self.comm.progress_inner()?;
         Ok(())
     }
 }

@@ -117,6 +117,7 @@ pub fn main(args: &RunArgs) -> i32 {
                     "--timeout-s",
                     &args.timeout_s.to_string(),
                 ])
+                .args(args.nonblocking.then_some("--nonblocking"))
                 .env("M2N_UNIQUE_ID", &uid)
                 .stdout(Stdio::piped())
                 .spawn();

@@ -31,6 +31,10 @@ pub struct RunArgs {
     /// Seconds any single wait may take before the run fails.
     #[arg(long, default_value_t = 30)]
     pub timeout_s: u64,
+    /// Drive the channels the way an event loop does: `try_send`,
+    /// `try_recv`, `is_sent` and `progress` in a loop, never a blocking call.
+    #[arg(long)]
+    pub nonblocking: bool,
 }
 
 fn parse_bytes(s: &str) -> Result<usize, String> {

@@ -79,8 +79,74 @@ fn msgs(buf: &m2n::Region, base: usize, peers: usize, bytes: usize) -> Vec<Msg<'
         .collect()
 }
 
-fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
+/// Which channel a helper drives.
+#[derive(Clone, Copy)]
+enum Ch {
+    Dispatch,
+    Combine,
+}
+
+fn channel(comm: &mut Communicator, ch: Ch) -> m2n::Channel<'_> {
+    match ch {
+        Ch::Dispatch => comm.dispatch(),
+        Ch::Combine => comm.combine(),
+    }
+}
+
+/// Polls `f` (a non-blocking call) with `progress` in between until it
+/// yields, as an event loop would; `Timeout` after `timeout`.
+fn poll_until<T>(
+    comm: &mut Communicator,
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut(&mut Communicator) -> m2n::Result<Option<T>>,
+) -> m2n::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f(comm)? {
+            return Ok(v);
+        }
+        comm.progress()?;
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: what.to_string(),
+                waited: timeout,
+            });
+        }
+        std::thread::yield_now();
+    }
+}
+
+fn send(comm: &mut Communicator, ch: Ch, msgs: &[Msg<'_>], args: &RunArgs) -> m2n::Result<u64> {
     let timeout = Duration::from_secs(args.timeout_s);
+    if args.nonblocking {
+        poll_until(comm, timeout, "credit", |c| channel(c, ch).try_send(msgs))
+    } else {
+        channel(comm, ch).send(msgs, timeout)
+    }
+}
+
+fn recv(comm: &mut Communicator, ch: Ch, args: &RunArgs) -> m2n::Result<m2n::RecvRound> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    if args.nonblocking {
+        poll_until(comm, timeout, "a round", |c| channel(c, ch).try_recv())
+    } else {
+        channel(comm, ch).recv(timeout)
+    }
+}
+
+fn wait_sent(comm: &mut Communicator, ch: Ch, round: u64, args: &RunArgs) -> m2n::Result<()> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    if args.nonblocking {
+        poll_until(comm, timeout, "local completion", |c| {
+            Ok(channel(c, ch).is_sent(round)?.then_some(()))
+        })
+    } else {
+        channel(comm, ch).wait_sent(round, timeout)
+    }
+}
+
+fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
     let (me, n, bytes, window) = (
         comm.rank(),
         comm.shape().experts,
@@ -99,11 +165,11 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
             let base = (next_send % window) as usize * stride;
             fill_round(&mut buf, base, ChannelId::Dispatch, me, n, next_send, bytes);
             sent_at[(next_send % window) as usize] = Instant::now();
-            let round = comm.dispatch().send(&msgs(&buf, base, n, bytes), timeout)?;
+            let round = send(comm, Ch::Dispatch, &msgs(&buf, base, n, bytes), args)?;
             debug_assert_eq!(round, next_send);
             next_send += 1;
         }
-        let got = comm.combine().recv(timeout)?;
+        let got = recv(comm, Ch::Combine, args)?;
         let done = Instant::now();
         let round = got.round();
         for e in 0..n {
@@ -130,14 +196,13 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
 }
 
 fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
-    let timeout = Duration::from_secs(args.timeout_s);
     let (me, m, bytes) = (comm.rank(), comm.shape().attention, args.bytes);
     let stride = m * bytes;
     let mut buf = comm.alloc(stride)?;
     let mut wrong = 0usize;
     let start = Instant::now();
     for round in 0..args.rounds {
-        let got = comm.dispatch().recv(timeout)?;
+        let got = recv(comm, Ch::Dispatch, args)?;
         debug_assert_eq!(got.round(), round);
         for a in 0..m {
             let msg = comm.message(&got, a);
@@ -146,8 +211,8 @@ fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
         }
         comm.dispatch().release(got)?;
         fill_round(&mut buf, 0, ChannelId::Combine, me, m, round, bytes);
-        let sent = comm.combine().send(&msgs(&buf, 0, m, bytes), timeout)?;
-        comm.combine().wait_sent(sent, timeout)?;
+        let sent = send(comm, Ch::Combine, &msgs(&buf, 0, m, bytes), args)?;
+        wait_sent(comm, Ch::Combine, sent, args)?;
     }
     println!(
         "M2N-RESULT expert {me} transport={} elapsed_ns={} wrong={wrong} lat_ns=",
