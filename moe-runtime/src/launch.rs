@@ -82,12 +82,14 @@ pub struct Group {
 
 /// Starts `deploy.attention + deploy.experts` copies of this executable
 /// with `args` plus `--worker ROLE --rank R` and `env`, joined through a fresh
-/// rendezvous root.
+/// rendezvous root. With `announce`, prints `<program>: all N workers
+/// joined the group` on stderr once every worker has joined.
 pub fn spawn(
     deploy: &Deployment,
     args: &[String],
     env: &[(String, String)],
     bootstrap: Duration,
+    announce: bool,
 ) -> Result<Group, RuntimeError> {
     let root = Root::bind("127.0.0.1:0".parse().expect("literal address"))
         .map_err(|e| RuntimeError::Io(format!("cannot start the rendezvous root: {e}")))?;
@@ -131,7 +133,7 @@ pub fn spawn(
                 for l in BufReader::new(stdout).lines().map_while(Result::ok) {
                     if l.starts_with("MOE-READY ") {
                         let n = joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                        if n == total {
+                        if n == total && announce {
                             eprintln!("{prog}: all {total} workers joined the group");
                         }
                     }

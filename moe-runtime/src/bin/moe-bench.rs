@@ -172,7 +172,7 @@ fn measure(a: &Args, m: usize, batch: usize) -> Result<Row, RuntimeError> {
         a.timeout_s.to_string(),
     ];
     args.push("--no-colocated".into());
-    let group = launch::spawn(&deploy, &args, &[], Duration::from_secs(a.timeout_s))?;
+    let group = launch::spawn(&deploy, &args, &[], Duration::from_secs(a.timeout_s), false)?;
     let outs = group.wait(Duration::from_secs(3));
     launch::verdict(&outs).map_err(RuntimeError::Io)?;
     let benches: Vec<AttentionBench> = outs
@@ -199,7 +199,12 @@ fn measure(a: &Args, m: usize, batch: usize) -> Result<Row, RuntimeError> {
         step_ms: wall / steps / 1e6,
         t_a_us: sum(|b| b.t_a_ns) / samples / 1e3,
         t_e_us: sum(|b| b.t_e_ns) / samples / 1e3,
-        t_c_us: sum(|b| b.t_c_ns) / sum(|b| b.t_c_samples) / 1e3,
+        // Too few clean samples say nothing: shown as NaN.
+        t_c_us: if sum(|b| b.t_c_samples) >= 10.0 {
+            sum(|b| b.t_c_ns) / sum(|b| b.t_c_samples) / 1e3
+        } else {
+            f64::NAN
+        },
         t_c_share: sum(|b| b.t_c_samples) / samples,
         attention_idle: sum(|b| b.wait_ns) / sum(|b| b.wall_ns).max(1.0),
         expert_idle: 1.0 - r0.residence_ns as f64 / r0.wall_ns.max(1) as f64,

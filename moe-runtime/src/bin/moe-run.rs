@@ -199,7 +199,7 @@ fn launcher(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Duratio
     }
     // Workers get the same command line, less nothing: they pick their part.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let group = match launch::spawn(&deploy, &args, &[], timeout) {
+    let group = match launch::spawn(&deploy, &args, &[], timeout, true) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("moe-run: {e}");

@@ -166,7 +166,7 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
     ];
     args.shrink_to_fit();
     let env = [(CONTROL_ADDR_ENV.to_string(), control_addr.to_string())];
-    let mut group = launch::spawn(&deploy, &args, &env, Duration::from_secs(120))?;
+    let mut group = launch::spawn(&deploy, &args, &env, Duration::from_secs(120), true)?;
     let metrics = Arc::new(Metrics::new(&name));
     let cfg = EngineConfig {
         attention: a.attention,
