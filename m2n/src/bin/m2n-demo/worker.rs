@@ -9,6 +9,9 @@ use m2n::{Communicator, Config, Error, Msg, Role, Shape};
 
 use crate::RunArgs;
 
+/// Wrong bytes seen so far, for the error report of a run that fails.
+static WRONG_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Exit status of a worker whose data check failed.
 pub const EXIT_WRONG: i32 = 2;
 /// Exit status of a worker that hit an error.
@@ -28,6 +31,11 @@ pub fn main(args: &RunArgs, role: Role, rank: usize) -> i32 {
                 _ => "other",
             };
             println!("M2N-ERROR {kind}: {role} {rank}: {e}");
+            // Data delivered before the failure was checked too.
+            println!(
+                "M2N-WRONG {}",
+                WRONG_SEEN.load(std::sync::atomic::Ordering::Relaxed)
+            );
             EXIT_ERROR
         }
     }
@@ -177,6 +185,7 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
             wrong += (m.len() != bytes) as usize * bytes.max(1);
             wrong += pattern::count_wrong(m, pattern::seed(ChannelId::Combine, e, me, round));
         }
+        WRONG_SEEN.store(wrong, std::sync::atomic::Ordering::Relaxed);
         comm.combine().release(got)?;
         latencies_ns.push(
             done.duration_since(sent_at[(round % window) as usize])
@@ -209,6 +218,7 @@ fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
             wrong += (msg.len() != bytes) as usize * bytes.max(1);
             wrong += pattern::count_wrong(msg, pattern::seed(ChannelId::Dispatch, a, me, round));
         }
+        WRONG_SEEN.store(wrong, std::sync::atomic::Ordering::Relaxed);
         comm.dispatch().release(got)?;
         fill_round(&mut buf, 0, ChannelId::Combine, me, m, round, bytes);
         let sent = send(comm, Ch::Combine, &msgs(&buf, 0, m, bytes), args)?;
