@@ -9,6 +9,8 @@ pub mod bootstrap;
 pub mod codec;
 pub mod comm;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz_api;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod group;

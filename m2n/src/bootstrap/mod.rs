@@ -30,6 +30,49 @@ use thiserror::Error;
 pub use uid::{UniqueId, SECRET_BYTES};
 
 pub(crate) mod gate;
+
+/// For the fuzz targets: decode a frame body.
+pub(crate) fn fuzz_decode(body: &[u8]) -> Result<wire::Frame, crate::codec::DecodeError> {
+    wire::Frame::decode(body)
+}
+
+/// Seed frames for the fuzz corpus: (name, frame body).
+#[cfg(test)]
+pub(crate) fn fuzz_examples(role: Role, shape: Shape) -> Vec<(&'static str, Vec<u8>)> {
+    let body = |f: wire::Frame| f.encode()[4..].to_vec();
+    vec![
+        (
+            "hello",
+            body(wire::Frame::Hello {
+                version: wire::VERSION,
+                secret: [7; SECRET_BYTES],
+                role,
+                rank: 1,
+                shape,
+                payload: vec![1, 2, 3, 4],
+            }),
+        ),
+        ("reject", body(wire::Frame::Reject("wrong secret".into()))),
+        (
+            "all-gather",
+            body(wire::Frame::AllGather(vec![
+                vec![1, 2],
+                vec![],
+                vec![3; 20],
+            ])),
+        ),
+        ("ready", body(wire::Frame::Ready)),
+        ("go", body(wire::Frame::Go)),
+        ("contribute", body(wire::Frame::Contribute(vec![5; 9]))),
+    ]
+}
+
+/// For the fuzz targets: a frame survives encoding and decoding unchanged.
+pub(crate) fn fuzz_round_trip(f: &wire::Frame) {
+    let bytes = f.encode();
+    let back = wire::recv(&mut &bytes[..]).expect("an encoded frame decodes");
+    assert_eq!(&back, f, "a frame changed through encode and decode");
+}
 use wire::Frame;
 
 use crate::group::{Peer, Role, Shape};

@@ -89,7 +89,7 @@ impl ShmTransport {
         })
     }
 
-    fn decode_endpoint(
+    pub(crate) fn decode_endpoint(
         peer: usize,
         blob: &[u8],
     ) -> Result<(u32, i32, u32, u32, String, String), DecodeError> {

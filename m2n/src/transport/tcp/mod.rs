@@ -465,13 +465,8 @@ impl Transport for TcpTransport {
     }
 
     fn import(&mut self, peer: usize, descriptor: &[u8]) -> Result<RemoteRegion, TransportError> {
-        let bad = |source| TransportError::BadDescriptor { peer, source };
-        let mut r = Reader::new(descriptor);
-        r.magic("tcp region magic", REGION_MAGIC, "a tcp region descriptor")
-            .map_err(bad)?;
-        let key = r.u32("region id").map_err(bad)?;
-        let len = r.len("region length").map_err(bad)?;
-        r.finish().map_err(bad)?;
+        let (key, len) = parse_region_descriptor(descriptor)
+            .map_err(|source| TransportError::BadDescriptor { peer, source })?;
         let remote = RemoteRegion { peer, key, len };
         self.imports.push(remote);
         Ok(remote)
@@ -585,6 +580,18 @@ impl Transport for TcpTransport {
 
 fn frame_error(e: &FrameError, lane: Lane) -> String {
     format!("bad frame on its {lane:?} lane: {e}")
+}
+
+/// A peer's region descriptor: (region id, length).
+pub(crate) fn parse_region_descriptor(
+    descriptor: &[u8],
+) -> Result<(u32, usize), crate::codec::DecodeError> {
+    let mut r = Reader::new(descriptor);
+    r.magic("tcp region magic", REGION_MAGIC, "a tcp region descriptor")?;
+    let key = r.u32("region id")?;
+    let len = r.len("region length")?;
+    r.finish()?;
+    Ok((key, len))
 }
 
 #[cfg(test)]
