@@ -337,7 +337,7 @@ fn a_client_that_disconnects_frees_its_sequence() {
 fn a_full_queue_answers_429_with_an_openai_error() {
     let s = Server::start("queue", "tiny", &["--max-batch", "1", "--max-queue", "1"]);
     let body = format!(
-        r#"{{"model": "{}", "prompt": "x", "max_tokens": 400, "ignore_eos": true}}"#,
+        r#"{{"model": "{}", "prompt": "x", "max_tokens": 1500, "ignore_eos": true}}"#,
         s.model
     );
     let handles: Vec<_> = (0..5)
