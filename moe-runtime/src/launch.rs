@@ -331,6 +331,31 @@ pub fn expert_worker(
     ExpertWorker::new(config, deploy, weights, comm, timeout)
 }
 
+/// The body of a worker process a launcher started: parses `--worker
+/// ROLE` (exit 2 if it names none), reads `M2N_UNIQUE_ID`, runs `body`, and
+/// reports its error as a `MOE-ERROR` line the launcher reads (exit 3).
+pub fn worker_main(
+    prog: &str,
+    role: &str,
+    rank: usize,
+    body: impl FnOnce(Role, &UniqueId) -> Result<(), RuntimeError>,
+) -> std::process::ExitCode {
+    let role: Role = match role.parse() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{prog}: --worker {role}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match unique_id_from_env().and_then(|uid| body(role, &uid)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            report_error(role, rank, &e);
+            std::process::ExitCode::from(3)
+        }
+    }
+}
+
 /// Prints a worker's error in the launcher's format.
 pub fn report_error(role: Role, rank: usize, e: &RuntimeError) {
     println!("MOE-ERROR {role} {rank}: {e}");

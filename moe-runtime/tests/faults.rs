@@ -17,23 +17,6 @@ use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use support::*;
 
-/// Pids of `moe-run` workers whose command line holds `model` and `needle`.
-fn worker_pid(model: &str, needle: &str) -> Option<u32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(model) && cmd.contains(needle) {
-            return Some(pid);
-        }
-    }
-    None
-}
-
 fn kill_one(role: &str, rank: usize) {
     let dir = TempDir::new(&format!("kill-{role}"));
     let model = checkpoint(dir.path(), "mixtral-mini", 3, 1, StoreDtype::Bf16);
@@ -74,10 +57,10 @@ fn kill_one(role: &str, rank: usize) {
         );
     }
     let needle = format!("--worker {role} --rank {rank}");
-    let pid = worker_pid(&model_s, &needle).expect("the worker runs");
+    let pid = pid_with(&model_s, &needle).expect("the worker runs");
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+        nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();

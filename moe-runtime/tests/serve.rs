@@ -84,20 +84,8 @@ impl Server {
     }
 
     fn pid_of(&self, needle: &str) -> i32 {
-        let model = self.model_dir.display().to_string();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&model) && cmd.contains(needle) {
-                return pid;
-            }
-        }
-        panic!("no process with {needle}");
+        pid_with(&self.model_dir.display().to_string(), needle)
+            .unwrap_or_else(|| panic!("no process with {needle}"))
     }
 }
 

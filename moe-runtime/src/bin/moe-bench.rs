@@ -89,13 +89,6 @@ fn main() -> ExitCode {
 }
 
 fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
-    let role: Role = match role.parse() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("moe-bench: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let (m, batch) = (a.microbatches[0], a.batch[0]);
     let deploy = deployment(a, m, batch);
     let spec = BenchSpec {
@@ -105,29 +98,21 @@ fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
         steps: a.steps,
     };
     let timeout = Duration::from_secs(a.timeout_s);
-    let run = || -> Result<(), RuntimeError> {
-        let uid = launch::unique_id_from_env()?;
+    launch::worker_main("moe-bench", role, rank, |role, uid| {
         match role {
             Role::Attention => {
-                let mut w = launch::attention_worker(&a.model, deploy, rank, &uid, timeout)?;
+                let mut w = launch::attention_worker(&a.model, deploy, rank, uid, timeout)?;
                 let vocab = load_config(&a.model)?.vocab;
                 let b = bench::run_attention(&mut w, &spec, deploy.attention, vocab)?;
                 println!("MOE-OUT {}", serde_json::to_string(&b).expect("JSON"));
             }
             Role::Expert => {
-                let mut w = launch::expert_worker(&a.model, deploy, rank, &uid, timeout)?;
+                let mut w = launch::expert_worker(&a.model, deploy, rank, uid, timeout)?;
                 w.run()?;
             }
         }
         Ok(())
-    };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            launch::report_error(role, rank, &e);
-            ExitCode::from(3)
-        }
-    }
+    })
 }
 
 /// One (batch, m) row of the report.

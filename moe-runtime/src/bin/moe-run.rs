@@ -104,16 +104,12 @@ fn main() -> ExitCode {
     };
     let timeout = Duration::from_secs(a.timeout_s);
     match (a.worker.as_deref(), a.rank) {
-        (Some(role), Some(rank)) => {
-            let role: Role = match role.parse() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("moe-run: --worker {role}: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            worker(&a, role, rank, deploy, &prompts, timeout)
-        }
+        (Some(role), Some(rank)) => launch::worker_main("moe-run", role, rank, |role, uid| {
+            for l in run_worker(&a, role, rank, deploy, &prompts, uid, timeout)? {
+                println!("MOE-OUT {l}");
+            }
+            Ok(())
+        }),
         _ if a.reference => reference(&a, &prompts),
         _ if std::env::var_os("PMI_RANK").is_some() => under_mpi(&a, deploy, &prompts, timeout),
         _ => launcher(&a, deploy, &prompts, timeout),
@@ -384,28 +380,4 @@ fn run_worker(
         }
     }
     Ok(lines)
-}
-
-fn worker(
-    a: &Args,
-    role: Role,
-    rank: usize,
-    deploy: Deployment,
-    prompts: &[Vec<u32>],
-    timeout: Duration,
-) -> ExitCode {
-    let result = launch::unique_id_from_env()
-        .and_then(|uid| run_worker(a, role, rank, deploy, prompts, &uid, timeout));
-    match result {
-        Ok(lines) => {
-            for l in lines {
-                println!("MOE-OUT {l}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            launch::report_error(role, rank, &e);
-            ExitCode::from(3)
-        }
-    }
 }

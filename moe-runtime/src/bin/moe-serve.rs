@@ -90,38 +90,24 @@ fn main() -> ExitCode {
 }
 
 fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
-    let role: Role = match role.parse() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("moe-serve: {e}");
-            return ExitCode::from(2);
-        }
-    };
     // Steps are bounded by the engine's own timeout; a lost peer ends any wait.
     let timeout = Duration::from_secs(600);
-    let run = || -> Result<(), RuntimeError> {
-        let uid = launch::unique_id_from_env()?;
-        match role {
+    launch::worker_main("moe-serve", role, rank, |role, uid| {
+        let result = match role {
             Role::Attention => {
                 let addr = std::env::var(CONTROL_ADDR_ENV)
                     .map_err(|_| RuntimeError::Config(format!("{CONTROL_ADDR_ENV} is not set")))?;
-                let mut w = launch::attention_worker(&a.model, deployment(a), rank, &uid, timeout)?;
+                let mut w = launch::attention_worker(&a.model, deployment(a), rank, uid, timeout)?;
                 control::serve_attention(&mut w, &addr)
             }
             Role::Expert => {
-                let mut w = launch::expert_worker(&a.model, deployment(a), rank, &uid, timeout)?;
+                let mut w = launch::expert_worker(&a.model, deployment(a), rank, uid, timeout)?;
                 w.run().map(|_| ())
             }
-        }
-    };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            launch::report_error(role, rank, &e);
-            eprintln!("moe-serve: {role} {rank}: {e}");
-            ExitCode::from(3)
-        }
-    }
+        };
+        // The server reads its workers' reports only at the end: say it now too.
+        result.inspect_err(|e| eprintln!("moe-serve: {role} {rank}: {e}"))
+    })
 }
 
 fn server(a: &Args) -> Result<(), RuntimeError> {

@@ -48,7 +48,7 @@ impl Reference {
     pub fn generate(&self, prompt: &[u32], max_new: usize) -> Result<Vec<Generated>, RuntimeError> {
         check_prompt(prompt, self.config.vocab)?;
         let s = &self.shape;
-        let mut caches = vec![KvCache::default(); s_layers(&self.config)];
+        let mut caches = vec![KvCache::default(); self.config.layers as usize];
         let mut sc = Scratch::default();
         let mut ffn = FfnScratch::default();
         let mut out = Vec::with_capacity(max_new);
@@ -148,10 +148,6 @@ impl Reference {
         combine_into(&[&outs], &[&entries], s.hidden, &mut Vec::new(), &mut moe);
         forward::add_residual(x, &moe);
     }
-}
-
-fn s_layers(c: &ModelConfig) -> usize {
-    c.layers as usize
 }
 
 /// A prompt must be non-empty and every id inside the vocabulary.

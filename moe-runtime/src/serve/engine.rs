@@ -365,12 +365,11 @@ impl Engine {
                 events,
             }),
             Cmd::Cancel(id) => self.cancel(id),
-            Cmd::Worker(rank, Ok(FromWorker::Rejected { id, message })) => {
+            Cmd::Worker(_, Ok(FromWorker::Rejected { id, message })) => {
                 if let Some(r) = self.running.remove(&id) {
                     self.release(&r);
                     let _ = r.events.send(SeqEvent::Error(400, message));
                 }
-                let _ = rank;
             }
             Cmd::Worker(_, Ok(FromWorker::Error { message })) | Cmd::Worker(_, Err(message)) => {
                 self.shared.set_unhealthy(message)

@@ -199,63 +199,56 @@ fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
     let Value::Object(v) = v else {
         return Err(ApiError::bad("body", "the body must be a JSON object"));
     };
-    let (known, ignored): (&[&str], &[&str]) = match kind {
-        Kind::Completion => (
-            &[
-                "model",
-                "prompt",
-                "max_tokens",
-                "temperature",
-                "top_p",
-                "seed",
-                "stop",
-                "n",
-                "stream",
-                "stream_options",
-                "logprobs",
-                "echo",
-                "user",
-                "presence_penalty",
-                "frequency_penalty",
-                "best_of",
-                "suffix",
-                "logit_bias",
-                "ignore_eos",
-                "return_tokens_as_token_ids",
-            ],
-            &["user"],
-        ),
-        Kind::Chat => (
-            &[
-                "model",
-                "messages",
-                "max_tokens",
-                "max_completion_tokens",
-                "temperature",
-                "top_p",
-                "seed",
-                "stop",
-                "n",
-                "stream",
-                "stream_options",
-                "logprobs",
-                "top_logprobs",
-                "user",
-                "presence_penalty",
-                "frequency_penalty",
-                "logit_bias",
-                "ignore_eos",
-                "return_tokens_as_token_ids",
-            ],
-            &["user"],
-        ),
+    let known: &[&str] = match kind {
+        Kind::Completion => &[
+            "model",
+            "prompt",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "stop",
+            "n",
+            "stream",
+            "stream_options",
+            "logprobs",
+            "echo",
+            "user",
+            "presence_penalty",
+            "frequency_penalty",
+            "best_of",
+            "suffix",
+            "logit_bias",
+            "ignore_eos",
+            "return_tokens_as_token_ids",
+        ],
+        Kind::Chat => &[
+            "model",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "stop",
+            "n",
+            "stream",
+            "stream_options",
+            "logprobs",
+            "top_logprobs",
+            "user",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "ignore_eos",
+            "return_tokens_as_token_ids",
+        ],
     };
     for k in v.keys() {
         if !known.contains(&k.as_str()) {
             return Err(ApiError::bad(k, format!("unsupported parameter {k:?}")));
         }
     }
-    let _ = ignored;
     // Parameters accepted only at their neutral value.
     for (k, neutral) in [("presence_penalty", 0.0), ("frequency_penalty", 0.0)] {
         if let Some(x) = field(&v, k) {

@@ -121,7 +121,7 @@ impl ExpertWorker {
             if let Some(prev) = self.sent[buf].take() {
                 self.comm.combine().wait_sent(prev, self.timeout)?;
             }
-            let mut lens = Vec::with_capacity(self.deploy.attention);
+            let mut rows_of = Vec::with_capacity(self.deploy.attention);
             let mut any_active = false;
             for a in 0..self.deploy.attention {
                 let m_in = self.comm.message(&round, a);
@@ -167,7 +167,7 @@ impl ExpertWorker {
                     i = j;
                 }
                 stats.rows += rows as u64;
-                lens.push(msg::combine_len(rows, h));
+                rows_of.push(rows);
             }
             if layer == 0 && mb == 0 {
                 group_active = any_active;
@@ -175,8 +175,7 @@ impl ExpertWorker {
             let compute = t_in.elapsed().as_nanos() as u64;
             self.comm.dispatch().release(round)?;
             let residence = t_in.elapsed().as_nanos() as u64;
-            for (a, &len) in lens.iter().enumerate() {
-                let rows = (len - msg::HEADER) / (2 * h);
+            for (a, &rows) in rows_of.iter().enumerate() {
                 let head = Header {
                     flags: waited | if group_active { FLAG_ACTIVE } else { 0 },
                     step: step as u32,
@@ -190,10 +189,10 @@ impl ExpertWorker {
                 msg::write_combine_header(out, &head);
             }
             let region = &self.send[buf];
-            let msgs: Vec<Msg<'_>> = lens
+            let msgs: Vec<Msg<'_>> = rows_of
                 .iter()
                 .enumerate()
-                .map(|(a, &len)| Msg::new(region, a * self.section, len))
+                .map(|(a, &rows)| Msg::new(region, a * self.section, msg::combine_len(rows, h)))
                 .collect();
             let sent = self.comm.combine().send(&msgs, self.timeout)?;
             self.sent[buf] = Some(sent);

@@ -99,3 +99,21 @@ pub fn results(out: &str) -> Vec<(Vec<u32>, Vec<f32>)> {
     }
     r
 }
+
+/// The pid of a process whose command line holds both `model` and `needle`
+/// (a worker of a test's own group).
+pub fn pid_with(model: &str, needle: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(model) && cmd.contains(needle) {
+            return Some(pid);
+        }
+    }
+    None
+}
