@@ -149,7 +149,8 @@ enum m2n_result_t m2n_comm_init(struct m2n_comm_t **comm,
                                 const struct m2n_config_t *config);
 
 // Aborts: peers see this rank as lost at once; every later call on `comm`
-// except m2n_comm_destroy returns M2N_ERR_ABORTED.
+// except m2n_comm_destroy (and m2n_comm_abort again, which is harmless)
+// returns M2N_ERR_ABORTED.
 enum m2n_result_t m2n_comm_abort(struct m2n_comm_t *comm);
 
 // Frees the communicator and everything registered with it. Received

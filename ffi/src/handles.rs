@@ -14,17 +14,17 @@ pub(crate) struct CommState {
     pub comm: Communicator,
     pub mems: HashMap<usize, Region>,
     pub rounds: HashMap<usize, RecvRound>,
-    pub next_key: usize,
     pub last_error: CString,
     pub aborted: bool,
 }
 
 impl CommState {
-    /// A fresh handle value, never 0, unique within this communicator.
+    /// A fresh buffer or round handle value: never 0, never repeated, and
+    /// unique across communicators, so another communicator's handle is
+    /// refused rather than taken for one of this communicator's.
     pub fn key(&mut self) -> usize {
-        self.next_key += 1;
-        // Keys look like aligned pointers and never repeat.
-        self.next_key << 4
+        // Keys look like aligned pointers.
+        NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 4
     }
 }
 
@@ -38,10 +38,12 @@ fn registry() -> MutexGuard<'static, HashMap<usize, Comm>> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
-static NEXT_COMM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+/// One counter for every handle (communicators, buffers, rounds), so no
+/// handle of one kind or communicator ever equals another's.
+static NEXT_KEY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 pub(crate) fn insert_comm(state: CommState) -> *mut m2n_comm_t {
-    let key = NEXT_COMM.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 4;
+    let key = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 4;
     registry().insert(key, Arc::new(Mutex::new(state)));
     key as *mut m2n_comm_t
 }

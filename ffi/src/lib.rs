@@ -8,6 +8,8 @@
 // C callers pass raw pointers; each function checks them before any use.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+#[doc(hidden)]
+pub mod fuzz_api;
 mod handles;
 mod types;
 
@@ -398,7 +400,6 @@ pub extern "C" fn m2n_comm_init(
             comm: c,
             mems: Default::default(),
             rounds: Default::default(),
-            next_key: 0,
             last_error: CString::default(),
             aborted: false,
         });
@@ -408,7 +409,8 @@ pub extern "C" fn m2n_comm_init(
 }
 
 /// Aborts: peers see this rank as lost at once; every later call on `comm`
-/// except m2n_comm_destroy returns M2N_ERR_ABORTED.
+/// except m2n_comm_destroy (and m2n_comm_abort again, which is harmless)
+/// returns M2N_ERR_ABORTED.
 #[no_mangle]
 pub extern "C" fn m2n_comm_abort(comm: *mut m2n_comm_t) -> m2n_result_t {
     with_comm(comm, |st| {
@@ -496,6 +498,7 @@ pub extern "C" fn m2n_reg_mem(
 #[no_mangle]
 pub extern "C" fn m2n_dereg_mem(comm: *mut m2n_comm_t, mem: *mut m2n_mem_t) -> m2n_result_t {
     with_comm(comm, |st| {
+        not_aborted(st)?;
         st.mems
             .remove(&mem_key(mem))
             .ok_or_else(|| usage(format!("{mem:p} is not a live buffer of this communicator")))?;
@@ -682,6 +685,7 @@ pub extern "C" fn m2n_round_number(
     number: *mut u64,
 ) -> m2n_result_t {
     with_comm(comm, |st| {
+        not_aborted(st)?;
         let r = st.rounds.get(&round_key(round)).ok_or_else(|| {
             usage(format!(
                 "{round:p} is not a live round of this communicator"
@@ -704,6 +708,7 @@ pub extern "C" fn m2n_round_data(
     len: *mut usize,
 ) -> m2n_result_t {
     with_comm(comm, |st| {
+        not_aborted(st)?;
         let r = st.rounds.get(&round_key(round)).ok_or_else(|| {
             usage(format!(
                 "{round:p} is not a live round of this communicator"

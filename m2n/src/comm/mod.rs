@@ -215,6 +215,7 @@ impl Communicator {
             host: crate::transport::host_identity(),
             liveness: listener.addr,
             verbs,
+            settings: setup::Settings::of(&config),
         };
         let left = deadline.saturating_duration_since(Instant::now());
         let mut rv = bootstrap::join(uid, role, rank, shape, presence.encode(), left)?;
@@ -229,6 +230,7 @@ impl Communicator {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        setup::check_agreement(shape, &everyone)?;
         let kind = setup::choose_transport(config.transport, shape, &everyone)?;
         let mut config = config;
         let local_ranks = everyone

@@ -24,6 +24,65 @@ pub(super) struct Presence {
     /// This rank has a usable RDMA device (built with verbs, device, active
     /// port, GID).
     pub verbs: bool,
+    /// The settings every rank must share (see [`Settings`]).
+    pub settings: Settings,
+}
+
+/// The configuration every rank of a group must agree on: the transport
+/// asked for and both channels' geometry. A rank whose ring has another
+/// depth or slot size than its senders think would see every write as a
+/// protocol violation, so a mismatch fails the rendezvous instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Settings {
+    pub transport: String,
+    pub dispatch: (u64, u64),
+    pub combine: (u64, u64),
+}
+
+impl Settings {
+    pub fn of(config: &Config) -> Self {
+        Settings {
+            transport: config.transport.name().to_string(),
+            dispatch: (
+                config.dispatch.depth as u64,
+                config.dispatch.slot_bytes as u64,
+            ),
+            combine: (
+                config.combine.depth as u64,
+                config.combine.slot_bytes as u64,
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "transport {}, dispatch depth {} x {} B, combine depth {} x {} B",
+            self.transport, self.dispatch.0, self.dispatch.1, self.combine.0, self.combine.1
+        )
+    }
+}
+
+/// Fails (the same way on every rank: all see the same all-gather) unless
+/// every rank has the same [`Settings`].
+pub(super) fn check_agreement(shape: Shape, everyone: &[Presence]) -> Result<()> {
+    match everyone
+        .iter()
+        .position(|p| p.settings != everyone[0].settings)
+    {
+        None => Ok(()),
+        Some(g) => Err(Error::Bootstrap(crate::bootstrap::BootstrapError::Group(
+            format!(
+                "ranks disagree on channel settings: {} has {}, {} has {} (give every rank the same M2N_TRANSPORT, M2N_DISPATCH_*, M2N_COMBINE_* values or config fields)",
+                peer(shape, 0),
+                everyone[0].settings,
+                peer(shape, g),
+                everyone[g].settings
+            ),
+        ))),
+    }
 }
 
 fn parse_addr(field: &'static str, raw: &[u8]) -> std::result::Result<SocketAddr, DecodeError> {
@@ -42,6 +101,11 @@ impl Presence {
             .bytes(self.host.as_bytes())
             .bytes(self.liveness.to_string().as_bytes())
             .u8(self.verbs as u8)
+            .bytes(self.settings.transport.as_bytes())
+            .u64(self.settings.dispatch.0)
+            .u64(self.settings.dispatch.1)
+            .u64(self.settings.combine.0)
+            .u64(self.settings.combine.1)
             .finish()
     }
 
@@ -50,11 +114,18 @@ impl Presence {
         let host = String::from_utf8_lossy(r.bytes("host id", 256)?).into_owned();
         let liveness = parse_addr("liveness address", r.bytes("liveness address", 256)?)?;
         let verbs = r.u8("verbs flag")? != 0;
+        let transport = String::from_utf8_lossy(r.bytes("transport", 16)?).into_owned();
+        let settings = Settings {
+            transport,
+            dispatch: (r.u64("dispatch depth")?, r.u64("dispatch slot bytes")?),
+            combine: (r.u64("combine depth")?, r.u64("combine slot bytes")?),
+        };
         r.finish()?;
         Ok(Self {
             host,
             liveness,
             verbs,
+            settings,
         })
     }
 }
@@ -225,8 +296,33 @@ mod tests {
                 host: h.trim_end_matches('+').to_string(),
                 liveness: "127.0.0.1:1".parse().unwrap(),
                 verbs: h.ends_with('+'),
+                settings: Settings::of(&Config::default()),
             })
             .collect()
+    }
+
+    #[test]
+    fn ranks_with_other_channel_settings_fail_the_rendezvous_naming_both() {
+        let shape = Shape::new(1, 2);
+        let mut all = at(&["a", "a", "a"]);
+        check_agreement(shape, &all).unwrap();
+        let blob = all[2].encode();
+        assert_eq!(Presence::decode(&blob).unwrap().settings, all[2].settings);
+        all[2].settings.dispatch.0 += 1;
+        let err = check_agreement(shape, &all).unwrap_err().to_string();
+        assert!(
+            err.contains("attention 0")
+                && err.contains("expert 1")
+                && err.contains("dispatch depth"),
+            "{err}"
+        );
+        all[2].settings = Settings::of(&Config::default());
+        all[1].settings.transport = "tcp".into();
+        let err = check_agreement(shape, &all).unwrap_err().to_string();
+        assert!(
+            err.contains("expert 0") && err.contains("transport tcp"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -273,11 +369,16 @@ mod tests {
             host: "boot".into(),
             liveness: "[::1]:80".parse().unwrap(),
             verbs: true,
+            settings: Settings {
+                transport: "verbs".into(),
+                dispatch: (3, 4096),
+                combine: (5, 128),
+            },
         };
         let back = Presence::decode(&p.encode()).unwrap();
         assert_eq!(
-            (back.host, back.liveness, back.verbs),
-            (p.host, p.liveness, true)
+            (back.host, back.liveness, back.verbs, back.settings),
+            (p.host, p.liveness, true, p.settings)
         );
         assert!(Presence::decode(b"\x01\x00\x00\x00x\x03\x00\x00\x00bad").is_err());
     }

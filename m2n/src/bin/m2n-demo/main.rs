@@ -35,6 +35,12 @@ pub struct RunArgs {
     /// `try_recv`, `is_sent` and `progress` in a loop, never a blocking call.
     #[arg(long)]
     pub nonblocking: bool,
+    /// Internal (fault campaigns): after `--hold-after` rounds, stop in this
+    /// phase and stay there until a signal arrives (see `worker::Phase`).
+    #[arg(long, hide = true)]
+    pub hold: Option<worker::Phase>,
+    #[arg(long, hide = true, default_value_t = 20)]
+    pub hold_after: u64,
 }
 
 fn parse_bytes(s: &str) -> Result<usize, String> {

@@ -9,6 +9,51 @@ use m2n::{Communicator, Config, Error, Msg, Role, Shape};
 
 use crate::RunArgs;
 
+/// Where a worker stops when the fault campaign (`scripts/fault-matrix`)
+/// asks it to, so that a signal lands in a known phase. The worker prints
+/// `M2N-PHASE <phase>` and then stays put (sleeping, no m2n calls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    /// Before joining: the other ranks wait in the rendezvous.
+    Bootstrap,
+    /// Attention: a dispatch round posted, its combine not yet received.
+    /// Expert: a dispatch round received and released, its combine not sent.
+    Dispatch,
+    /// Attention: a combine round received and released, the next dispatch
+    /// not posted. Expert: a combine round posted.
+    Combine,
+    /// A received round held, not released.
+    Holding,
+    /// At the end of the run, as the communicator is destroyed (no stop:
+    /// the signal lands during or just after the teardown).
+    Destroy,
+}
+
+fn hold_here(args: &RunArgs, phase: Phase, round: u64) {
+    if args.hold == Some(phase) && round == args.hold_after {
+        park(phase);
+    }
+}
+
+fn park(phase: Phase) -> ! {
+    use std::io::Write;
+    println!("M2N-PHASE {}", phase_name(phase));
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Bootstrap => "bootstrap",
+        Phase::Dispatch => "dispatch",
+        Phase::Combine => "combine",
+        Phase::Holding => "holding",
+        Phase::Destroy => "destroy",
+    }
+}
+
 /// Wrong bytes seen so far, for the error report of a run that fails.
 static WRONG_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -55,12 +100,22 @@ fn run(args: &RunArgs, role: Role, rank: usize) -> m2n::Result<usize> {
     config.combine.depth = depth;
     config.apply_env(std::env::vars())?;
     let shape = Shape::new(args.senders as usize, args.receivers as usize);
+    if args.hold == Some(Phase::Bootstrap) {
+        park(Phase::Bootstrap);
+    }
     let mut comm = Communicator::init(config, role, rank, shape, &uid)?;
     println!("M2N-READY {role} {rank} pid={}", std::process::id());
-    match role {
+    let wrong = match role {
         Role::Attention => attention(&mut comm, args),
         Role::Expert => expert(&mut comm, args),
+    }?;
+    if args.hold == Some(Phase::Destroy) {
+        use std::io::Write;
+        println!("M2N-PHASE destroy");
+        let _ = std::io::stdout().flush();
     }
+    drop(comm);
+    Ok(wrong)
 }
 
 fn fill_round(
@@ -175,6 +230,7 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
             sent_at[(next_send % window) as usize] = Instant::now();
             let round = send(comm, Ch::Dispatch, &msgs(&buf, base, n, bytes), args)?;
             debug_assert_eq!(round, next_send);
+            hold_here(args, Phase::Dispatch, round);
             next_send += 1;
         }
         let got = recv(comm, Ch::Combine, args)?;
@@ -186,7 +242,9 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
             wrong += pattern::count_wrong(m, pattern::seed(ChannelId::Combine, e, me, round));
         }
         WRONG_SEEN.store(wrong, std::sync::atomic::Ordering::Relaxed);
+        hold_here(args, Phase::Holding, round);
         comm.combine().release(got)?;
+        hold_here(args, Phase::Combine, round);
         latencies_ns.push(
             done.duration_since(sent_at[(round % window) as usize])
                 .as_nanos() as u64,
@@ -219,9 +277,12 @@ fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
             wrong += pattern::count_wrong(msg, pattern::seed(ChannelId::Dispatch, a, me, round));
         }
         WRONG_SEEN.store(wrong, std::sync::atomic::Ordering::Relaxed);
+        hold_here(args, Phase::Holding, round);
         comm.dispatch().release(got)?;
+        hold_here(args, Phase::Dispatch, round);
         fill_round(&mut buf, 0, ChannelId::Combine, me, m, round, bytes);
         let sent = send(comm, Ch::Combine, &msgs(&buf, 0, m, bytes), args)?;
+        hold_here(args, Phase::Combine, round);
         wait_sent(comm, Ch::Combine, sent, args)?;
     }
     println!(
