@@ -14,6 +14,7 @@
  */
 #include <m2n.h>
 
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
