@@ -59,6 +59,8 @@ struct Report<'a> {
     pattern: String,
     transport: String,
     baseline: String,
+    /// The MPI baseline's path (TCP against m2n's tcp), as in the header.
+    baseline_path: &'a str,
     senders: usize,
     receivers: usize,
     iters: u32,
@@ -115,21 +117,26 @@ fn share_unique_id(world: &SimpleCommunicator) -> Result<UniqueId, String> {
     String::from_utf8_lossy(&buf[..len]).parse()
 }
 
-fn host_line(world: &SimpleCommunicator, role: Role, rank: usize) -> Vec<String> {
+fn host_line(world: &SimpleCommunicator, role: Role, rank: usize, detail: &str) -> Vec<String> {
+    const LINE: usize = 192;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let line = format!(
-        "Pid {:6} on {:>12} role {role} {rank}",
+        "Pid {:6} on {:>12} role {role} {rank}: {detail}",
         std::process::id(),
         host.trim()
     );
-    let mut mine = [0u8; 96];
-    let n = line.len().min(96);
+    let mut mine = [0u8; LINE];
+    let n = (0..=line.len().min(LINE))
+        .rev()
+        .find(|&i| line.is_char_boundary(i))
+        .unwrap_or(0);
     mine[..n].copy_from_slice(&line.as_bytes()[..n]);
-    let mut all = vec![0u8; 96 * world.size() as usize];
+    let mut all = vec![0u8; LINE * world.size() as usize];
     world.all_gather_into(&mine[..], &mut all[..]);
-    all.chunks(96)
+    all.chunks(LINE)
         .map(|c| {
-            String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(96)]).into_owned()
+            String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(LINE)])
+                .into_owned()
         })
         .collect()
 }
@@ -176,11 +183,54 @@ fn side(args: &Args, m: usize, n: usize, size: usize, samples: &[f64], wrong: u6
     }
 }
 
+/// Which path the MPI baseline's messages take. Against m2n over tcp it
+/// must be MPI over TCP too (like for like): MPICH is kept off shared
+/// memory and, with UCX, on its tcp transport, through the variables MPI
+/// reads in MPI_Init, unless the user set them. Returns the header line.
+fn choose_mpi_path(args: &Result<Args, clap::Error>) -> String {
+    let Ok(args) = args else {
+        return String::new();
+    };
+    if args.baseline != Baseline::Mpi {
+        return "n/a".into();
+    }
+    if args.transport != m2n::TransportKind::Tcp {
+        return "MPI's default (shared memory between ranks on one host)".into();
+    }
+    // MPI_Get_library_version may be called before MPI_Init.
+    let version = mpi::environment::library_version().unwrap_or_default();
+    let mut wanted = vec![("MPIR_CVAR_NOLOCAL", "1")];
+    if version.contains("ch4:ucx") {
+        wanted.push(("UCX_TLS", "tcp,self"));
+    } else if version.contains("ch4:ofi") {
+        wanted.push(("FI_PROVIDER", "tcp"));
+    }
+    let mut set = Vec::new();
+    for (k, v) in wanted {
+        match std::env::var(k) {
+            Ok(have) => set.push(format!("{k}={have} (from the environment)")),
+            Err(_) => {
+                // Single-threaded still: MPI is not initialised yet.
+                std::env::set_var(k, v);
+                set.push(format!("{k}={v}"));
+            }
+        }
+    }
+    let device = version
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("MPICH Device:"))
+        .map(|d| d.trim().to_string())
+        .unwrap_or_else(|| "unknown device".into());
+    format!("TCP like m2n's ({device}: {})", set.join(" "))
+}
+
 fn main() {
+    let parsed = Args::try_parse();
+    let mpi_path = choose_mpi_path(&parsed);
     let universe = mpi::initialize().expect("MPI_Init");
     let world = universe.world();
     let (size, me) = (world.size() as usize, world.rank() as usize);
-    let args = match Args::try_parse() {
+    let args = match parsed {
         Ok(a) => a,
         Err(e) => {
             if me == 0 {
@@ -237,6 +287,7 @@ fn main() {
         }
     };
     let transport = comm.transport_kind();
+    let detail = comm.transport_detail().to_string();
     // The policy `auto` resolved to; the MPI baseline waits the same way.
     let wait = comm.config().wait;
     let mut contender = M2nRank::new(comm, args.max_bytes).unwrap_or_else(|e| {
@@ -268,7 +319,7 @@ fn main() {
         Baseline::Nccl => "nccl",
         Baseline::None => "none",
     };
-    let hosts = host_line(&world, role, rank);
+    let hosts = host_line(&world, role, rank, &detail);
     let sizes = args.sizes();
     let peak_source = if transport == m2n::TransportKind::Shm {
         "single-core memcpy at the same size"
@@ -313,6 +364,9 @@ fn main() {
                 Baseline::None => "none".into(),
             }
         );
+        if args.baseline == Baseline::Mpi {
+            println!("# baseline MPI path: {mpi_path}");
+        }
         println!(
             "# machine: {} cpus, {}",
             std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -477,6 +531,7 @@ fn main() {
                 pattern: format!("{:?}", args.pattern).to_lowercase(),
                 transport: transport.to_string(),
                 baseline: format!("{:?}", args.baseline).to_lowercase(),
+                baseline_path: &mpi_path,
                 senders: m,
                 receivers: n,
                 iters: args.iters,

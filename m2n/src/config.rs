@@ -17,7 +17,7 @@
 //! | `M2N_TCP_DATA_DSCP`, `M2N_TCP_ACK_DSCP` | tcp: DiffServ code point per lane (0..=63) | 0, 46 (EF) |
 //! | `M2N_TCP_DATA_PRIORITY`, `M2N_TCP_ACK_PRIORITY` | tcp: `SO_PRIORITY` per lane (0..=6 unprivileged) | 0, 6 |
 //! | `M2N_TCP_QUEUE_FRAMES` | tcp: frames queued per connection before back-pressure | 256 |
-//! | `M2N_IB_DEVICE`, `M2N_IB_PORT`, `M2N_IB_GID_INDEX` | verbs: device, port, GID index | first device, first active port, first RoCE v2 IPv4 GID |
+//! | `M2N_IB_DEVICE`, `M2N_IB_PORT`, `M2N_IB_GID_INDEX` | verbs: device (or a comma list, picked by local rank), port, GID index | first device, first active port, first RoCE v2 IPv4 GID |
 //! | `M2N_IB_DATA_TC`, `M2N_IB_ACK_TC` | verbs: GRH traffic class per lane | 0, 184 (DSCP 46) |
 //! | `M2N_IB_DATA_SL`, `M2N_IB_ACK_SL` | verbs: service level per lane | 0, 6 |
 //! | `M2N_IB_TIMEOUT`, `M2N_IB_RETRY_CNT`, `M2N_IB_RNR_RETRY` | verbs: QP ACK timeout exponent, retries, RNR retries | 14, 7, 7 |
@@ -153,7 +153,10 @@ pub struct LaneClass {
 /// Settings of the verbs transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IbConfig {
-    /// Device name (`M2N_IB_DEVICE`); `None`: the first device.
+    /// Device name (`M2N_IB_DEVICE`); `None`: the first device. A comma
+    /// list (`mlx5_0,mlx5_1`) is for hosts with one NIC per GPU: each rank
+    /// takes the entry of its local rank (its index among the group's ranks
+    /// on its host), modulo the list's length.
     pub device: Option<String>,
     /// Port (`M2N_IB_PORT`); `None`: the first active port.
     pub port: Option<u8>,
@@ -178,6 +181,30 @@ pub struct IbConfig {
     pub sq_depth: u32,
     /// Receives kept posted on the shared receive queue.
     pub srq_depth: u32,
+}
+
+impl IbConfig {
+    /// The devices `device` lists (empty: the first device).
+    pub fn devices(&self) -> Vec<String> {
+        self.device
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// These settings with the one device a rank of local rank `local`
+    /// uses (see [`device`](Self::device)).
+    pub fn for_local_rank(&self, local: usize) -> IbConfig {
+        let list = self.devices();
+        IbConfig {
+            device: (!list.is_empty()).then(|| list[local % list.len()].clone()),
+            ..self.clone()
+        }
+    }
 }
 
 impl Default for IbConfig {
@@ -429,6 +456,25 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_device_list_is_picked_by_local_rank() {
+        let ib = IbConfig {
+            device: Some("mlx5_0, mlx5_1,".into()),
+            ..IbConfig::default()
+        };
+        assert_eq!(ib.devices(), ["mlx5_0", "mlx5_1"]);
+        let pick = |local| ib.for_local_rank(local).device;
+        assert_eq!(pick(0).as_deref(), Some("mlx5_0"));
+        assert_eq!(pick(1).as_deref(), Some("mlx5_1"));
+        assert_eq!(pick(2).as_deref(), Some("mlx5_0"));
+        assert_eq!(IbConfig::default().for_local_rank(3).device, None);
+        let one = IbConfig {
+            device: Some("rxe0".into()),
+            ..IbConfig::default()
+        };
+        assert_eq!(one.for_local_rank(5).device.as_deref(), Some("rxe0"));
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {

@@ -136,6 +136,8 @@ pub struct Communicator {
     liveness: Liveness,
     completions: Vec<Completion>,
     fatal: Option<Fatal>,
+    /// The transport's description, and how its device was chosen.
+    detail: String,
 }
 
 impl Communicator {
@@ -239,6 +241,14 @@ impl Communicator {
             .count();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         config.wait = config.wait.resolve(local_ranks, cores);
+        // This rank's index among the ranks on its host picks its device
+        // from an M2N_IB_DEVICE list.
+        let local_rank = everyone[..me]
+            .iter()
+            .filter(|p| p.host == everyone[me].host)
+            .count();
+        let device_list = config.ib.device.clone();
+        config.ib = config.ib.for_local_rank(local_rank);
 
         // Phase 2: the transport, its rings, and their descriptors.
         let mut transport = setup::make_transport(kind, &config, ip, me, shape.world())?;
@@ -297,8 +307,16 @@ impl Communicator {
         let liveness = Liveness::establish(listener, plan, deadline)
             .map_err(|e| Error::Bootstrap(bootstrap::BootstrapError::Group(e)))?;
         rv.barrier(deadline.saturating_duration_since(Instant::now()))?;
+        let mut detail = transport.describe();
+        if kind == TransportKind::Verbs && device_list.as_deref().is_some_and(|l| l.contains(',')) {
+            detail += &format!(
+                " (local rank {local_rank}, from M2N_IB_DEVICE={})",
+                device_list.as_deref().unwrap_or_default()
+            );
+        }
 
         Ok(Self {
+            detail,
             role,
             rank,
             shape,
@@ -341,6 +359,13 @@ impl Communicator {
     }
     pub fn transport_kind(&self) -> TransportKind {
         self.transport.kind()
+    }
+
+    /// What the transport runs on: for verbs the device, port, GID index
+    /// and MTU (and, from an `M2N_IB_DEVICE` list, which entry this rank's
+    /// local rank picked).
+    pub fn transport_detail(&self) -> &str {
+        &self.detail
     }
 
     /// Allocates `len` bytes of registered memory for outgoing messages.

@@ -167,9 +167,17 @@ impl Published {
 pub(super) fn verbs_here(config: &Config) -> std::result::Result<(), String> {
     #[cfg(feature = "verbs")]
     {
-        crate::transport::verbs::probe(&config.ib)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        // Every listed device must work: which one this rank takes is
+        // known only once the group says how many ranks share its host.
+        let list = config.ib.devices();
+        for local in 0..list.len().max(1) {
+            let ib = config.ib.for_local_rank(local);
+            crate::transport::verbs::probe(&ib).map_err(|e| match &ib.device {
+                Some(d) => format!("{d}: {e}"),
+                None => e.to_string(),
+            })?;
+        }
+        Ok(())
     }
     #[cfg(not(feature = "verbs"))]
     {

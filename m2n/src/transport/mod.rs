@@ -446,6 +446,12 @@ pub enum Completion {
 pub trait Transport: Send + fmt::Debug {
     fn kind(&self) -> TransportKind;
 
+    /// What this endpoint runs on, for logs and benchmark headers (verbs:
+    /// device, port, GID index and MTU).
+    fn describe(&self) -> String {
+        self.kind().name().to_string()
+    }
+
     /// This endpoint's descriptor, for peers' [`connect`](Self::connect).
     fn endpoint(&self) -> Vec<u8>;
 

@@ -147,6 +147,7 @@ pub fn main(args: &RunArgs) -> i32 {
         }
     }
     let mut reports = Vec::new();
+    let mut devices = Vec::new();
     let mut failed = false;
     for r in ranks {
         let Rank {
@@ -157,6 +158,13 @@ pub fn main(args: &RunArgs) -> i32 {
         } = r;
         let status = child.wait();
         let lines = output.join().unwrap_or_default();
+        if let Some(on) = lines
+            .iter()
+            .find(|l| l.starts_with("M2N-READY"))
+            .and_then(|l| l.split_once(" on "))
+        {
+            devices.push(format!("{role} {rank}: {}", on.1));
+        }
         match lines.iter().find_map(|l| parse_result(l)) {
             Some(rep) if status.as_ref().is_ok_and(|s| s.success()) => reports.push(rep),
             _ => {
@@ -184,6 +192,10 @@ pub fn main(args: &RunArgs) -> i32 {
         return 1;
     }
     summarise(args, &reports);
+    // Where verbs ranks run (device, port, GID): worth a line each.
+    for d in devices.iter().filter(|d| d.contains(": verbs on ")) {
+        println!("  {d}");
+    }
     0
 }
 

@@ -104,7 +104,11 @@ fn run(args: &RunArgs, role: Role, rank: usize) -> m2n::Result<usize> {
         park(Phase::Bootstrap);
     }
     let mut comm = Communicator::init(config, role, rank, shape, &uid)?;
-    println!("M2N-READY {role} {rank} pid={}", std::process::id());
+    println!(
+        "M2N-READY {role} {rank} pid={} on {}",
+        std::process::id(),
+        comm.transport_detail()
+    );
     let wrong = match role {
         Role::Attention => attention(&mut comm, args),
         Role::Expert => expert(&mut comm, args),

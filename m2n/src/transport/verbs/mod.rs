@@ -236,14 +236,6 @@ impl VerbsTransport {
         })
     }
 
-    /// Device, port and GID index in use.
-    pub fn describe(&self) -> String {
-        format!(
-            "{} port {} gid index {} mtu {}",
-            self.ctx.name, self.port, self.gid_index, self.mtu
-        )
-    }
-
     fn close_peer(&mut self, peer: usize, reason: String) {
         if self.closed[peer].is_none() {
             self.closed[peer] = Some(reason);
@@ -410,6 +402,14 @@ impl RegionDescriptor {
 impl Transport for VerbsTransport {
     fn kind(&self) -> TransportKind {
         TransportKind::Verbs
+    }
+
+    /// Device, port, GID index and MTU in use.
+    fn describe(&self) -> String {
+        format!(
+            "verbs on {} port {} gid index {} mtu {}",
+            self.ctx.name, self.port, self.gid_index, self.mtu
+        )
     }
 
     fn endpoint(&self) -> Vec<u8> {
