@@ -14,6 +14,9 @@ pub enum Baseline {
     Mpi,
     /// NCCL grouped ncclSend/ncclRecv on GPU buffers (needs GPUs).
     Nccl,
+    /// Raw RDMA WRITE WITH IMMEDIATE into a registered region, SRQ and CQ
+    /// polling, no protocol: the floor for m2n's verbs transport.
+    Verbs,
     None,
 }
 

@@ -9,6 +9,8 @@ mod mpi_base;
 mod nccl_base;
 mod run;
 mod stats;
+#[cfg(feature = "verbs")]
+mod verbs_base;
 
 use std::io::Write;
 use std::time::Duration;
@@ -29,6 +31,8 @@ use stats::Summary;
 /// The baseline a run compares with.
 enum Contender {
     Mpi(MpiRank),
+    #[cfg(feature = "verbs")]
+    Verbs(Box<verbs_base::VerbsRank>),
     #[cfg(feature = "cuda")]
     Nccl(Box<nccl_base::NcclRank>),
 }
@@ -61,6 +65,8 @@ struct Report<'a> {
     baseline: String,
     /// The MPI baseline's path (TCP against m2n's tcp), as in the header.
     baseline_path: &'a str,
+    /// Transport work per round and rank (verbs only).
+    work_per_round: Option<&'a WorkPerRound>,
     senders: usize,
     receivers: usize,
     iters: u32,
@@ -115,6 +121,64 @@ fn share_unique_id(world: &SimpleCommunicator) -> Result<UniqueId, String> {
     }
     let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..len]).parse()
+}
+
+/// Transport work per round, averaged over each side's ranks: work
+/// requests, inline, signalled, doorbells, CQ polls, completions, receive
+/// posts (the order of [`m2n::transport::TransportCounters`]).
+#[derive(Debug, Serialize)]
+struct WorkPerRound {
+    fields: [&'static str; 7],
+    attention: [f64; 7],
+    expert: [f64; 7],
+}
+
+/// Gathers every rank's counters over `rounds` rounds; `None` when the
+/// transport counts nothing (shm, tcp).
+fn work_per_round(
+    world: &SimpleCommunicator,
+    m: usize,
+    c: m2n::transport::TransportCounters,
+    rounds: u64,
+) -> Option<WorkPerRound> {
+    let mine = [
+        c.work_requests,
+        c.inline,
+        c.signaled,
+        c.doorbells,
+        c.cq_polls,
+        c.completions,
+        c.recv_posts,
+        rounds,
+    ];
+    let mut all = vec![0u64; 8 * world.size() as usize];
+    world.all_gather_into(&mine[..], &mut all[..]);
+    if all.chunks(8).all(|r| r[..7].iter().all(|&v| v == 0)) {
+        return None;
+    }
+    let mean = |ranks: &[&[u64]]| {
+        let mut out = [0.0; 7];
+        for r in ranks {
+            for i in 0..7 {
+                out[i] += r[i] as f64 / r[7].max(1) as f64 / ranks.len() as f64;
+            }
+        }
+        out
+    };
+    let rows: Vec<&[u64]> = all.chunks(8).collect();
+    Some(WorkPerRound {
+        fields: [
+            "work_requests",
+            "inline",
+            "signaled",
+            "doorbells",
+            "cq_polls",
+            "completions",
+            "recv_posts",
+        ],
+        attention: mean(&rows[..m]),
+        expert: mean(&rows[m..]),
+    })
 }
 
 fn host_line(world: &SimpleCommunicator, role: Role, rank: usize, detail: &str) -> Vec<String> {
@@ -254,6 +318,10 @@ fn main() {
             &format!("-b {} is larger than -e {}", args.min_bytes, args.max_bytes),
         );
     }
+    #[cfg(not(feature = "verbs"))]
+    if args.baseline == Baseline::Verbs {
+        fail(&world, "the raw-verbs baseline needs an m2n-bench built with the `verbs` feature (the default)");
+    }
     #[cfg(not(feature = "cuda"))]
     if args.baseline == Baseline::Nccl {
         fail(&world, "the nccl baseline needs an m2n-bench built with `--features cuda` and GPUs; use --baseline mpi or none");
@@ -288,6 +356,10 @@ fn main() {
     };
     let transport = comm.transport_kind();
     let detail = comm.transport_detail().to_string();
+    // The device, port and GID m2n resolved on this rank: the raw-verbs
+    // baseline uses the same.
+    #[cfg(feature = "verbs")]
+    let ib = comm.config().ib.clone();
     // The policy `auto` resolved to; the MPI baseline waits the same way.
     let wait = comm.config().wait;
     let mut contender = M2nRank::new(comm, args.max_bytes).unwrap_or_else(|e| {
@@ -296,6 +368,21 @@ fn main() {
     });
     let mut baseline: Option<Contender> = match args.baseline {
         Baseline::Mpi => Some(Contender::Mpi(MpiRank::new(place, args.max_bytes, wait))),
+        #[cfg(feature = "verbs")]
+        Baseline::Verbs => {
+            if transport != m2n::TransportKind::Verbs {
+                fail(
+                    &world,
+                    &format!("--baseline verbs compares with m2n over verbs; this run's transport is {transport} (use --transport verbs)"),
+                );
+            }
+            let r = verbs_base::VerbsRank::new(&world, place, &ib, args.max_bytes, wait)
+                .unwrap_or_else(|e| {
+                    eprintln!("m2n_perf: {role} {rank}: raw verbs baseline: {e}");
+                    world.abort(3)
+                });
+            Some(Contender::Verbs(Box::new(r)))
+        }
         #[cfg(feature = "cuda")]
         Baseline::Nccl => {
             let stream = gpu_stream.clone().expect("opened above");
@@ -316,6 +403,7 @@ fn main() {
     };
     let base_name = match args.baseline {
         Baseline::Mpi => "mpi",
+        Baseline::Verbs => "verbs",
         Baseline::Nccl => "nccl",
         Baseline::None => "none",
     };
@@ -361,6 +449,7 @@ fn main() {
                         .trim()
                 ),
                 Baseline::Nccl => "NCCL grouped ncclSend/ncclRecv per round on GPU buffers, then a stream sync; m2n sends from GPU buffers too".into(),
+                Baseline::Verbs => "raw RDMA WRITE WITH IMMEDIATE per peer into a registered region (inline when small, signalled), SRQ, CQ polled with the same wait policy; no credits or checks".into(),
                 Baseline::None => "none".into(),
             }
         );
@@ -420,6 +509,7 @@ fn main() {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut total_wrong = 0u64;
+    let (work_before, rounds_before) = (contender.comm.transport_counters(), contender.rounds());
     for &s in &sizes {
         let (samples, wrong) = measure(&world, &args, |verify| {
             contender
@@ -431,17 +521,24 @@ fn main() {
         });
         let m2n_side = side(&args, m, n, s, &samples, wrong);
         let base_side = baseline.as_mut().map(|b| {
-            let (samples, wrong) = measure(&world, &args, |verify| match b {
-                Contender::Mpi(r) => r.iteration(&world, args.pattern, s, verify),
-                #[cfg(feature = "cuda")]
-                Contender::Nccl(r) => {
-                    r.iteration(&world, args.pattern, s, verify)
+            let (samples, wrong) =
+                measure(&world, &args, |verify| match b {
+                    Contender::Mpi(r) => r.iteration(&world, args.pattern, s, verify),
+                    #[cfg(feature = "verbs")]
+                    Contender::Verbs(r) => r
+                        .iteration(&world, args.pattern, s, verify)
+                        .unwrap_or_else(|e| {
+                            eprintln!("m2n_perf: {role} {rank}: raw verbs baseline: {e}");
+                            world.abort(3)
+                        }),
+                    #[cfg(feature = "cuda")]
+                    Contender::Nccl(r) => r
+                        .iteration(&world, args.pattern, s, verify)
                         .unwrap_or_else(|e| {
                             eprintln!("m2n_perf: {role} {rank}: {e}");
                             world.abort(3)
-                        })
-                }
-            });
+                        }),
+                });
             side(&args, m, n, s, &samples, wrong)
         });
         world.barrier();
@@ -497,6 +594,12 @@ fn main() {
             utilisation: 0.0,
         });
     }
+    let per_round = work_per_round(
+        &world,
+        m,
+        contender.comm.transport_counters().since(&work_before),
+        contender.rounds() - rounds_before,
+    );
     if me == 0 {
         let best = rows.iter().map(|r| r.m2n.busbw_gbps).fold(0.0, f64::max);
         for r in &mut rows {
@@ -523,6 +626,14 @@ fn main() {
         }) {
             println!("# Avg bus bandwidth ({base_name}): {avg_b:.4}");
         }
+        if let Some(w) = &per_round {
+            for (side, c) in [("attention", &w.attention), ("expert", &w.expert)] {
+                println!(
+                    "# m2n {transport} work per round, {side} rank (mean): {:.2} work requests ({:.2} inline, {:.2} signalled), {:.2} doorbells, {:.2} CQ polls returning {:.2} completions, {:.2} receive posts",
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6]
+                );
+            }
+        }
         println!("# M2N test concluded: {:?}", args.pattern);
         if let Some(path) = &args.json {
             let report = Report {
@@ -532,6 +643,7 @@ fn main() {
                 transport: transport.to_string(),
                 baseline: format!("{:?}", args.baseline).to_lowercase(),
                 baseline_path: &mpi_path,
+                work_per_round: per_round.as_ref(),
                 senders: m,
                 receivers: n,
                 iters: args.iters,

@@ -122,6 +122,11 @@ pub struct M2nRank {
 }
 
 impl M2nRank {
+    /// Rounds (iterations) run so far.
+    pub fn rounds(&self) -> u64 {
+        self.k
+    }
+
     pub fn new(mut comm: Communicator, max_bytes: usize) -> m2n::Result<Self> {
         let (role, rank) = (comm.role(), comm.rank());
         let shape = comm.shape();

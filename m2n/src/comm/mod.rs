@@ -361,6 +361,12 @@ impl Communicator {
         self.transport.kind()
     }
 
+    /// Work the transport has done (work requests, doorbells, signalled
+    /// completions, polls; zeros where the transport has no such queues).
+    pub fn transport_counters(&self) -> crate::transport::TransportCounters {
+        self.transport.counters()
+    }
+
     /// What the transport runs on: for verbs the device, port, GID index
     /// and MTU (and, from an `M2N_IB_DEVICE` list, which entry this rank's
     /// local rank picked).

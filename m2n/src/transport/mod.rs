@@ -443,8 +443,49 @@ pub enum Completion {
 ///
 /// Writes of exactly 8 bytes between 8-aligned offsets are single-copy
 /// atomic: credits rely on it.
+/// Work a transport has done since it was created: what costs time per
+/// message on a NIC (work requests, doorbells, signalled completions,
+/// completion-queue polls, receive posts). Transports without such
+/// queues report zeros.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportCounters {
+    /// Work requests posted (writes, with or without immediate).
+    pub work_requests: u64,
+    /// Of those, sent inline.
+    pub inline: u64,
+    /// Of those, signalled (each produces a send completion).
+    pub signaled: u64,
+    /// Calls that rang a doorbell (`ibv_post_send`).
+    pub doorbells: u64,
+    /// Completion-queue polls (`ibv_poll_cq`), and the completions they returned.
+    pub cq_polls: u64,
+    pub completions: u64,
+    /// Calls posting receives to the shared receive queue.
+    pub recv_posts: u64,
+}
+
+impl TransportCounters {
+    /// `self - earlier`, field by field.
+    pub fn since(&self, earlier: &TransportCounters) -> TransportCounters {
+        TransportCounters {
+            work_requests: self.work_requests - earlier.work_requests,
+            inline: self.inline - earlier.inline,
+            signaled: self.signaled - earlier.signaled,
+            doorbells: self.doorbells - earlier.doorbells,
+            cq_polls: self.cq_polls - earlier.cq_polls,
+            completions: self.completions - earlier.completions,
+            recv_posts: self.recv_posts - earlier.recv_posts,
+        }
+    }
+}
+
 pub trait Transport: Send + fmt::Debug {
     fn kind(&self) -> TransportKind;
+
+    /// Work done so far (see [`TransportCounters`]).
+    fn counters(&self) -> TransportCounters {
+        TransportCounters::default()
+    }
 
     /// What this endpoint runs on, for logs and benchmark headers (verbs:
     /// device, port, GID index and MTU).

@@ -21,7 +21,7 @@ use rdma_sys::*;
 use super::shm::segment::Segment;
 use super::{
     Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Transport,
-    TransportError, TransportKind, WriteRequest,
+    TransportCounters, TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -153,6 +153,7 @@ pub struct VerbsTransport {
     srq_owed: usize,
     done: Vec<Completion>,
     wcs: WcBuf,
+    counters: TransportCounters,
 }
 
 /// Room for polled work completions.
@@ -233,6 +234,7 @@ impl VerbsTransport {
             // SAFETY: zeroed plain-data completion entries are valid.
             wcs: WcBuf((0..64).map(|_| unsafe { std::mem::zeroed() }).collect()),
             opts,
+            counters: TransportCounters::default(),
         })
     }
 
@@ -292,6 +294,10 @@ impl VerbsTransport {
                 let next: *mut ibv_send_wr = &mut wrs[k + 1];
                 wrs[k].next = next;
             }
+            self.counters.work_requests += n as u64;
+            self.counters.inline += batch.iter().filter(|p| p.inline).count() as u64;
+            self.counters.signaled += batch.iter().filter(|p| p.signaled).count() as u64;
+            self.counters.doorbells += 1;
             // SAFETY: a well-formed list; every SGE names memory registered in
             // this PD and kept alive by `in_flight` until its completion.
             if let Err(e) = unsafe { slot.qp.post_send(wrs.as_mut_ptr()) } {
@@ -402,6 +408,10 @@ impl RegionDescriptor {
 impl Transport for VerbsTransport {
     fn kind(&self) -> TransportKind {
         TransportKind::Verbs
+    }
+
+    fn counters(&self) -> TransportCounters {
+        self.counters
     }
 
     /// Device, port, GID index and MTU in use.
@@ -614,6 +624,8 @@ impl Transport for VerbsTransport {
         let mut wcs = std::mem::take(&mut self.wcs.0);
         loop {
             let n = self.send_cq.poll(&mut wcs).map_err(ib_err)?;
+            self.counters.cq_polls += 1;
+            self.counters.completions += n as u64;
             for wc in &wcs[..n] {
                 let slot_index = (wc.wr_id >> SEQ_BITS) as usize;
                 let seq = wc.wr_id & ((1 << SEQ_BITS) - 1);
@@ -633,6 +645,8 @@ impl Transport for VerbsTransport {
         let mut consumed = self.srq_owed;
         loop {
             let n = self.recv_cq.poll(&mut wcs).map_err(ib_err)?;
+            self.counters.cq_polls += 1;
+            self.counters.completions += n as u64;
             for wc in &wcs[..n] {
                 consumed += 1;
                 let Some(&slot_index) = self.by_qpn.get(&wc.qp_num) else {
@@ -665,6 +679,7 @@ impl Transport for VerbsTransport {
         // may be a system call, e.g. on Soft-RoCE).
         let batch = (self.opts.srq_depth as usize / 8).clamp(1, 64);
         if consumed >= batch {
+            self.counters.recv_posts += 1;
             self.srq.post_receives(consumed).map_err(ib_err)?;
             consumed = 0;
         }
