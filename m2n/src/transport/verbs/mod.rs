@@ -154,10 +154,29 @@ pub struct VerbsTransport {
     done: Vec<Completion>,
     wcs: WcBuf,
     counters: TransportCounters,
+    scratch: WrScratch,
 }
 
 /// Room for polled work completions.
 struct WcBuf(Vec<ibv_wc>);
+
+/// Scratch space for building work requests (empty between calls).
+#[derive(Default)]
+struct WrScratch {
+    sges: Vec<ibv_sge>,
+    wrs: Vec<ibv_send_wr>,
+}
+
+// SAFETY: the raw pointers inside the work requests point into these same
+// vectors and only while `flush` builds and posts a list; the vectors are
+// empty at every other time.
+unsafe impl Send for WrScratch {}
+
+impl std::fmt::Debug for WrScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WrScratch")
+    }
+}
 
 impl std::fmt::Debug for WcBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -235,6 +254,7 @@ impl VerbsTransport {
             wcs: WcBuf((0..64).map(|_| unsafe { std::mem::zeroed() }).collect()),
             opts,
             counters: TransportCounters::default(),
+            scratch: WrScratch::default(),
         })
     }
 
@@ -244,32 +264,27 @@ impl VerbsTransport {
         }
     }
 
-    /// Rings each queue pair's doorbell for its batch.
+    /// Rings each queue pair's doorbell for its batch (one doorbell per
+    /// queue pair and call). The work requests are built in scratch
+    /// vectors kept across calls, so a round allocates nothing.
     fn flush(&mut self) {
         for i in 0..self.qps.len() {
             if self.qps[i].batch.is_empty() {
                 continue;
             }
             let slot = &mut self.qps[i];
-            let batch = std::mem::take(&mut slot.batch);
-            let mut sges: Vec<ibv_sge> = batch
-                .iter()
-                .map(|p| ibv_sge {
+            let WrScratch { sges, wrs } = &mut self.scratch;
+            sges.clear();
+            wrs.clear();
+            for p in &slot.batch {
+                sges.push(ibv_sge {
                     addr: p.addr,
                     length: p.len,
                     lkey: p.lkey,
-                })
-                .collect();
-            // SAFETY: zeroed plain-data work requests, filled in below.
-            let mut wrs: Vec<ibv_send_wr> = batch
-                .iter()
-                .map(|_| unsafe { std::mem::zeroed() })
-                .collect();
-            let n = wrs.len();
-            for (k, p) in batch.iter().enumerate() {
-                let wr = &mut wrs[k];
+                });
+                // SAFETY: a zeroed plain-data work request, filled in below.
+                let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
                 wr.wr_id = p.wr_id;
-                wr.sg_list = &mut sges[k];
                 wr.num_sge = i32::from(p.len > 0);
                 wr.opcode = if p.imm.is_some() {
                     ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
@@ -289,18 +304,28 @@ impl VerbsTransport {
                     remote_addr: p.remote_addr,
                     rkey: p.rkey,
                 };
+                wrs.push(wr);
             }
-            for k in 0..n.saturating_sub(1) {
-                let next: *mut ibv_send_wr = &mut wrs[k + 1];
-                wrs[k].next = next;
+            // Link the list only now: the vectors no longer grow.
+            let n = wrs.len();
+            for k in 0..n {
+                wrs[k].sg_list = &mut sges[k];
+                if k + 1 < n {
+                    let next: *mut ibv_send_wr = &mut wrs[k + 1];
+                    wrs[k].next = next;
+                }
             }
             self.counters.work_requests += n as u64;
-            self.counters.inline += batch.iter().filter(|p| p.inline).count() as u64;
-            self.counters.signaled += batch.iter().filter(|p| p.signaled).count() as u64;
+            self.counters.inline += slot.batch.iter().filter(|p| p.inline).count() as u64;
+            self.counters.signaled += slot.batch.iter().filter(|p| p.signaled).count() as u64;
             self.counters.doorbells += 1;
+            slot.batch.clear();
             // SAFETY: a well-formed list; every SGE names memory registered in
             // this PD and kept alive by `in_flight` until its completion.
-            if let Err(e) = unsafe { slot.qp.post_send(wrs.as_mut_ptr()) } {
+            let posted = unsafe { slot.qp.post_send(wrs.as_mut_ptr()) };
+            sges.clear();
+            wrs.clear();
+            if let Err(e) = posted {
                 let peer = slot.peer;
                 self.close_peer(peer, format!("ibv_post_send failed: {e}"));
             }
