@@ -243,6 +243,60 @@ fn demo_rejects_bad_flags_and_config() {
     assert!(!ok && err.contains("M2N_DEPTH"), "{err}");
 }
 
+/// The work a common round trip costs (1 x 1, window 1, 8 B, 2000 rounds),
+/// pinned so that a regression fails: over verbs each rank posts two work
+/// requests per round (its message and one credit), both inline, and
+/// signals only its message; transports without work queues count none.
+fn work_per_round_is_pinned(t: T) {
+    let (ok, out, err) = run_demo(
+        &[
+            "--senders",
+            "1",
+            "--receivers",
+            "1",
+            "--rounds",
+            "2000",
+            "--bytes",
+            "8",
+            "--window",
+            "1",
+        ],
+        &[("M2N_TRANSPORT", t.0)],
+    );
+    assert!(ok, "{out}\n{err}");
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("work per round:"))
+        .collect();
+    if t.0 != "verbs" {
+        assert!(lines.is_empty(), "{} counts work: {lines:?}", t.0);
+        return;
+    }
+    assert_eq!(lines.len(), 2, "{out}");
+    for line in lines {
+        let value = |what: &str| -> f64 {
+            let before = line.split(&format!(" {what}")).next().unwrap();
+            before
+                .rsplit([' ', ':'])
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("{what} in {line}"))
+        };
+        let within = |what: &str, lo: f64, hi: f64| {
+            let v = value(what);
+            assert!(
+                (lo..=hi).contains(&v),
+                "{what} per round {v}, pinned to {lo}..={hi}: {line}"
+            );
+        };
+        within("work requests", 1.99, 2.05);
+        within("inline", 1.99, 2.05);
+        within("signalled", 0.99, 1.10);
+        within("doorbells", 1.0, 2.05);
+    }
+}
+
 /// Whether `t` can run here; prints why not.
 fn available(t: T) -> bool {
     if t.0 != "verbs" {
@@ -297,6 +351,12 @@ macro_rules! transport_suite {
             fn killed_peer_is_lost_for_nonblocking_callers() {
                 if available(TR) {
                     super::killed_peer_is_lost_for_nonblocking_callers(TR)
+                }
+            }
+            #[test]
+            fn work_per_round_is_pinned() {
+                if available(TR) {
+                    super::work_per_round_is_pinned(TR)
                 }
             }
             #[test]

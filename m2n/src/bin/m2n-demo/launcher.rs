@@ -17,6 +17,8 @@ struct Report {
     elapsed_ns: u64,
     wrong: u64,
     latencies_ns: Vec<u64>,
+    /// Transport work over the run (see `worker::work`).
+    work: Vec<u64>,
 }
 
 fn parse_result(line: &str) -> Option<Report> {
@@ -30,6 +32,7 @@ fn parse_result(line: &str) -> Option<Report> {
         elapsed_ns: 0,
         wrong: 0,
         latencies_ns: Vec::new(),
+        work: Vec::new(),
     };
     for field in it {
         let (k, v) = field.split_once('=')?;
@@ -37,6 +40,12 @@ fn parse_result(line: &str) -> Option<Report> {
             "transport" => report.transport = v.to_string(),
             "elapsed_ns" => report.elapsed_ns = v.parse().ok()?,
             "wrong" => report.wrong = v.parse().ok()?,
+            "work" => {
+                report.work = v
+                    .split(',')
+                    .map(|x| x.parse().ok())
+                    .collect::<Option<_>>()?
+            }
             "lat_ns" if !v.is_empty() => {
                 report.latencies_ns = v
                     .split(',')
@@ -245,4 +254,23 @@ fn summarise(args: &RunArgs, reports: &[Report]) {
         reports.len(),
         ranks.join(", ")
     );
+    // Per-round transport work, where the transport counts it (verbs).
+    for role in [Role::Attention, Role::Expert] {
+        let side: Vec<&Report> = reports
+            .iter()
+            .filter(|r| r.role == role && r.work.len() == 7)
+            .collect();
+        if side.is_empty() || side.iter().all(|r| r.work.iter().all(|&v| v == 0)) {
+            continue;
+        }
+        let mean = |i: usize| {
+            side.iter().map(|r| r.work[i] as f64).sum::<f64>()
+                / side.len() as f64
+                / args.rounds as f64
+        };
+        println!(
+            "  work per round: {role} rank (mean): {:.3} work requests, {:.3} inline, {:.3} signalled, {:.3} doorbells, {:.3} CQ polls, {:.3} completions, {:.3} receive posts",
+            mean(0), mean(1), mean(2), mean(3), mean(4), mean(5), mean(6)
+        );
+    }
 }

@@ -9,6 +9,16 @@ use m2n::{Communicator, Config, Error, Msg, Role, Shape};
 
 use crate::RunArgs;
 
+/// The transport's work over the rounds (since `from`), as
+/// `work_requests,inline,signaled,doorbells,cq_polls,completions,recv_posts`.
+fn work(comm: &Communicator, from: m2n::transport::TransportCounters) -> String {
+    let c = comm.transport_counters().since(&from);
+    format!(
+        "{},{},{},{},{},{},{}",
+        c.work_requests, c.inline, c.signaled, c.doorbells, c.cq_polls, c.completions, c.recv_posts
+    )
+}
+
 /// Where a worker stops when the fault campaign (`scripts/fault-matrix`)
 /// asks it to, so that a signal lands in a known phase. The worker prints
 /// `M2N-PHASE <phase>` and then stays put (sleeping, no m2n calls).
@@ -226,6 +236,7 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
     let mut latencies_ns = Vec::with_capacity(args.rounds as usize);
     let mut wrong = 0usize;
     let (mut next_send, mut next_recv) = (0u64, 0u64);
+    let start_work = comm.transport_counters();
     let start = Instant::now();
     while next_recv < args.rounds {
         while next_send < args.rounds && next_send - next_recv < window {
@@ -258,9 +269,10 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
     let elapsed = start.elapsed();
     let lat: Vec<String> = latencies_ns.iter().map(u64::to_string).collect();
     println!(
-        "M2N-RESULT attention {me} transport={} elapsed_ns={} wrong={wrong} lat_ns={}",
+        "M2N-RESULT attention {me} transport={} elapsed_ns={} wrong={wrong} work={} lat_ns={}",
         comm.transport_kind(),
         elapsed.as_nanos(),
+        work(comm, start_work),
         lat.join(",")
     );
     Ok(wrong)
@@ -271,6 +283,7 @@ fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
     let stride = m * bytes;
     let mut buf = comm.alloc(stride)?;
     let mut wrong = 0usize;
+    let start_work = comm.transport_counters();
     let start = Instant::now();
     for round in 0..args.rounds {
         let got = recv(comm, Ch::Dispatch, args)?;
@@ -290,9 +303,10 @@ fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
         wait_sent(comm, Ch::Combine, sent, args)?;
     }
     println!(
-        "M2N-RESULT expert {me} transport={} elapsed_ns={} wrong={wrong} lat_ns=",
+        "M2N-RESULT expert {me} transport={} elapsed_ns={} wrong={wrong} work={} lat_ns=",
         comm.transport_kind(),
-        start.elapsed().as_nanos()
+        start.elapsed().as_nanos(),
+        work(comm, start_work)
     );
     Ok(wrong)
 }
