@@ -138,6 +138,24 @@ pub struct Communicator {
     fatal: Option<Fatal>,
     /// The transport's description, and how its device was chosen.
     detail: String,
+    /// The time as last read (see [`Communicator::now`]).
+    clock: Clock,
+}
+
+/// Reads of the clock on the polling paths: one real read in
+/// [`Clock::EVERY`] calls, the cached time in between. Every poll of a
+/// blocking wait used to read it several times, and where
+/// `clock_gettime` is a system call (no usable TSC, as in VMs) that was
+/// most of a round's cost. The cached time is used for deadlines and
+/// liveness only, where a few polls of staleness do not matter.
+#[derive(Debug)]
+struct Clock {
+    now: Instant,
+    calls: u32,
+}
+
+impl Clock {
+    const EVERY: u32 = 16;
 }
 
 impl Communicator {
@@ -317,6 +335,10 @@ impl Communicator {
 
         Ok(Self {
             detail,
+            clock: Clock {
+                now: Instant::now(),
+                calls: 0,
+            },
             role,
             rank,
             shape,
@@ -479,7 +501,7 @@ impl Communicator {
 
     fn progress_inner(&mut self) -> Result<bool> {
         self.check_fatal()?;
-        let now = Instant::now();
+        let now = self.now();
         let mut moved = self.post_writes()?;
         moved |= self.post_credits(now)?;
         moved |= self.poll_transport()?;
@@ -641,11 +663,29 @@ impl Communicator {
         Peer { role, rank }
     }
 
+    /// The time, read for real once in [`Clock::EVERY`] calls.
+    fn now(&mut self) -> Instant {
+        self.clock.calls += 1;
+        if self.clock.calls >= Clock::EVERY {
+            self.clock.calls = 0;
+            self.clock.now = Instant::now();
+        }
+        self.clock.now
+    }
+
+    /// The time, read now (deadlines are computed from it).
+    fn fresh_now(&mut self) -> Instant {
+        self.clock.calls = 0;
+        self.clock.now = Instant::now();
+        self.clock.now
+    }
+
     /// Polls liveness and returns the other-side peers lost so far. Take
     /// the snapshot *before* draining the transport: whatever a peer wrote
     /// before it left is then drained before its loss is judged.
     fn lost_snapshot(&mut self, force: bool) -> Vec<(usize, Lost)> {
-        self.liveness.poll(Instant::now(), force);
+        let now = if force { self.fresh_now() } else { self.now() };
+        self.liveness.poll(now, force);
         let n = self.shape.side(self.other_side(0).role);
         (0..n)
             .filter_map(|i| {
@@ -662,6 +702,9 @@ impl Communicator {
     /// liveness goodbye): it counts once the transport has drained it, or
     /// a peer timeout after it left.
     fn check_lost(&self, snapshot: &[(usize, Lost)], indices: &[usize]) -> Result<()> {
+        if snapshot.is_empty() {
+            return Ok(());
+        }
         let now = Instant::now();
         let other = self.other_side(0).role;
         for (i, lost) in snapshot.iter().filter(|(i, _)| indices.contains(i)) {
@@ -823,8 +866,10 @@ impl Channel<'_> {
             })?;
         let Some(round) = posted else {
             // Blocked on credit: a receiver that is gone will never give it.
-            let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
-            self.comm.check_lost(&lost, &blocking)?;
+            if !lost.is_empty() {
+                let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
+                self.comm.check_lost(&lost, &blocking)?;
+            }
             return Ok(None);
         };
         debug_assert_eq!(
@@ -838,17 +883,20 @@ impl Channel<'_> {
 
     /// Posts the next round, waiting up to `timeout` for credit.
     pub fn send(&mut self, msgs: &[Msg<'_>], timeout: Duration) -> Result<u64> {
-        let deadline = Instant::now() + timeout;
+        let deadline = self.comm.fresh_now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
-            let lost = self.comm.lost_snapshot(Instant::now() >= deadline);
+            let late = self.comm.now() >= deadline;
+            let lost = self.comm.lost_snapshot(late);
             if let Some(round) = self.try_send(msgs)? {
                 return Ok(round);
             }
-            let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
-            let now = Instant::now();
-            self.comm.check_lost(&lost, &blocking)?;
-            if now >= deadline {
+            if !lost.is_empty() {
+                let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
+                self.comm.check_lost(&lost, &blocking)?;
+            }
+            if late {
+                let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
                 return Err(Error::Timeout {
                     what: format!(
                         "credit from {}",
@@ -880,24 +928,28 @@ impl Channel<'_> {
         if self.comm.send.proto.round_sent(round) {
             return Ok(true);
         }
-        let all: Vec<usize> = (0..self.comm.send.rings.len()).collect();
-        self.comm.check_lost(&lost, &all)?;
+        if !lost.is_empty() {
+            let all: Vec<usize> = (0..self.comm.send.rings.len()).collect();
+            self.comm.check_lost(&lost, &all)?;
+        }
         Ok(false)
     }
 
     /// Waits until `round` is sent (see [`is_sent`](Self::is_sent)).
     pub fn wait_sent(&mut self, round: u64, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = self.comm.fresh_now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
-            let lost = self.comm.lost_snapshot(Instant::now() >= deadline);
+            let late = self.comm.now() >= deadline;
+            let lost = self.comm.lost_snapshot(late);
             if self.is_sent(round)? {
                 return Ok(());
             }
-            let now = Instant::now();
-            let all: Vec<usize> = (0..self.comm.send.rings.len()).collect();
-            self.comm.check_lost(&lost, &all)?;
-            if now >= deadline {
+            if !lost.is_empty() {
+                let all: Vec<usize> = (0..self.comm.send.rings.len()).collect();
+                self.comm.check_lost(&lost, &all)?;
+            }
+            if late {
                 return Err(Error::Timeout {
                     what: format!("local completion of round {round}"),
                     waited: timeout,
@@ -921,25 +973,30 @@ impl Channel<'_> {
             }));
         }
         // Not in yet: a sender that is gone will never complete it.
-        let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
-        self.comm.check_lost(&lost, &missing)?;
+        if !lost.is_empty() {
+            let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
+            self.comm.check_lost(&lost, &missing)?;
+        }
         Ok(None)
     }
 
     /// Waits up to `timeout` for the next complete round. A sender that is
     /// lost while its message is missing fails the wait with `PeerLost`.
     pub fn recv(&mut self, timeout: Duration) -> Result<RecvRound> {
-        let deadline = Instant::now() + timeout;
+        let deadline = self.comm.fresh_now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
-            let lost = self.comm.lost_snapshot(Instant::now() >= deadline);
+            let late = self.comm.now() >= deadline;
+            let lost = self.comm.lost_snapshot(late);
             if let Some(r) = self.try_recv()? {
                 return Ok(r);
             }
-            let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
-            let now = Instant::now();
-            self.comm.check_lost(&lost, &missing)?;
-            if now >= deadline {
+            if !lost.is_empty() {
+                let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
+                self.comm.check_lost(&lost, &missing)?;
+            }
+            if late {
+                let missing: Vec<usize> = self.comm.recv.proto.missing_senders().collect();
                 return Err(Error::Timeout {
                     what: format!(
                         "round {} from {}",
