@@ -155,7 +155,7 @@ struct Clock {
 }
 
 impl Clock {
-    const EVERY: u32 = 16;
+    const EVERY: u32 = 64;
 }
 
 impl Communicator {
