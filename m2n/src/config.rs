@@ -16,6 +16,7 @@
 //! | `M2N_SOCKET_IFNAME` | tcp: interfaces to use, NCCL style (`eth,ens` prefixes, `=eth0` exact, `^docker,lo` to exclude) | the route to the root |
 //! | `M2N_TCP_DATA_DSCP`, `M2N_TCP_ACK_DSCP` | tcp: DiffServ code point per lane (0..=63) | 0, 46 (EF) |
 //! | `M2N_TCP_DATA_PRIORITY`, `M2N_TCP_ACK_PRIORITY` | tcp: `SO_PRIORITY` per lane (0..=6 unprivileged) | 0, 6 |
+//! | `M2N_TCP_CONGESTION` | tcp: `TCP_CONGESTION`, `NAME` for both lanes or `data:NAME,ack:NAME` | the system's |
 //! | `M2N_TCP_QUEUE_FRAMES` | tcp: frames queued per connection before back-pressure | 256 |
 //! | `M2N_IB_DEVICE`, `M2N_IB_PORT`, `M2N_IB_GID_INDEX` | verbs: device (or a comma list, picked by local rank), port, GID index | first device, first active port, first RoCE v2 IPv4 GID |
 //! | `M2N_IB_DATA_TC`, `M2N_IB_ACK_TC` | verbs: GRH traffic class per lane | 0, 184 (DSCP 46) |
@@ -131,10 +132,12 @@ impl Default for TcpConfig {
             data: LaneOptions {
                 dscp: 0,
                 priority: 0,
+                congestion: None,
             },
             ack: LaneOptions {
                 dscp: 46,
                 priority: 6,
+                congestion: None,
             },
             queue_frames: 256,
         }
@@ -378,6 +381,29 @@ impl Config {
                 "M2N_TCP_ACK_DSCP" => self.tcp.ack.dscp = dscp(&value)?,
                 "M2N_TCP_DATA_PRIORITY" => self.tcp.data.priority = prio(&value)?,
                 "M2N_TCP_ACK_PRIORITY" => self.tcp.ack.priority = prio(&value)?,
+                "M2N_TCP_CONGESTION" => {
+                    // `NAME` for both lanes, or `data:NAME,ack:NAME`.
+                    let cc = |v: &str| {
+                        crate::transport::tcp::sock::Congestion::new(v.trim()).map_err(&err)
+                    };
+                    if value.contains(':') {
+                        for part in value.split(',') {
+                            match part.trim().split_once(':') {
+                                Some(("data", v)) => self.tcp.data.congestion = Some(cc(v)?),
+                                Some(("ack", v)) => self.tcp.ack.congestion = Some(cc(v)?),
+                                _ => {
+                                    return Err(err(format!(
+                                        "{part:?}: expected NAME or data:NAME,ack:NAME"
+                                    )))
+                                }
+                            }
+                        }
+                    } else {
+                        let c = cc(&value)?;
+                        self.tcp.data.congestion = Some(c);
+                        self.tcp.ack.congestion = Some(c);
+                    }
+                }
                 "M2N_IB_DEVICE" => {
                     self.ib.device = Some(value.clone()).filter(|v| !v.trim().is_empty())
                 }
@@ -532,6 +558,8 @@ mod tests {
             ("M2N_DEPHT", "4"),
             ("M2N_TCP_ACK_DSCP", "64"),
             ("M2N_TCP_DATA_PRIORITY", "high"),
+            ("M2N_TCP_CONGESTION", "bad name"),
+            ("M2N_TCP_CONGESTION", "data:bbr,acks:reno"),
             ("M2N_IB_MTU", "1500"),
             ("M2N_IB_RETRY_CNT", "8"),
             ("M2N_IB_PORT", "0"),
@@ -544,6 +572,18 @@ mod tests {
             env(&[("M2N_HEARTBEAT_MS", "9000")]).is_err(),
             "heartbeat longer than the peer timeout"
         );
+    }
+
+    #[test]
+    fn congestion_control_for_both_lanes_or_each() {
+        let c = env(&[("M2N_TCP_CONGESTION", "bbr")]).unwrap();
+        let name = |l: &LaneOptions| l.congestion.map(|c| c.as_str().to_string());
+        assert_eq!(name(&c.tcp.data).as_deref(), Some("bbr"));
+        assert_eq!(name(&c.tcp.ack).as_deref(), Some("bbr"));
+        let c = env(&[("M2N_TCP_CONGESTION", "data:dctcp, ack:cubic")]).unwrap();
+        assert_eq!(name(&c.tcp.data).as_deref(), Some("dctcp"));
+        assert_eq!(name(&c.tcp.ack).as_deref(), Some("cubic"));
+        assert_eq!(name(&Config::default().tcp.data), None);
     }
 
     #[test]

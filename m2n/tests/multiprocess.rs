@@ -297,6 +297,43 @@ fn work_per_round_is_pinned(t: T) {
     }
 }
 
+/// tcp lanes take the congestion control asked for; one the kernel does
+/// not offer fails the group with an error naming it and what it offers.
+#[test]
+fn tcp_congestion_control_is_applied_or_refused_by_name() {
+    let args = [
+        "--senders",
+        "1",
+        "--receivers",
+        "1",
+        "--rounds",
+        "50",
+        "--bytes",
+        "4097",
+    ];
+    let (ok, out, err) = run_demo(
+        &args,
+        &[
+            ("M2N_TRANSPORT", "tcp"),
+            ("M2N_TCP_CONGESTION", "data:reno,ack:reno"),
+        ],
+    );
+    assert!(ok && out.contains("0 wrong"), "{out}\n{err}");
+    let (ok, out, err) = run_demo(
+        &[&args[..], &["--timeout-s", "3"]].concat(),
+        &[
+            ("M2N_TRANSPORT", "tcp"),
+            ("M2N_TCP_CONGESTION", "nosuchcc"),
+            ("M2N_BOOTSTRAP_TIMEOUT_MS", "3000"),
+        ],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("TCP_CONGESTION=nosuchcc") && err.contains("offers"),
+        "{err}"
+    );
+}
+
 /// Whether `t` can run here; prints why not.
 fn available(t: T) -> bool {
     if t.0 != "verbs" {

@@ -14,6 +14,84 @@ pub struct LaneOptions {
     /// `SO_PRIORITY`: the kernel's queueing priority (0..=6 without
     /// CAP_NET_ADMIN).
     pub priority: u32,
+    /// `TCP_CONGESTION`: the congestion control of this lane's
+    /// connections; `None` keeps the system default.
+    pub congestion: Option<Congestion>,
+}
+
+/// The name of a TCP congestion-control algorithm (`cubic`, `bbr`,
+/// `dctcp`, ...), as `TCP_CONGESTION` takes it: at most 15 characters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Congestion {
+    name: [u8; 16],
+    len: u8,
+}
+
+impl Congestion {
+    pub fn new(name: &str) -> Result<Self, String> {
+        let ok = !name.is_empty()
+            && name.len() < 16
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(format!(
+                "{name:?} is not a congestion-control name (1 to 15 of a-z, 0-9, _ and -; this kernel offers: {})",
+                available_congestion()
+            ));
+        }
+        let mut out = Congestion {
+            name: [0; 16],
+            len: name.len() as u8,
+        };
+        out.name[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.name[..self.len as usize]).unwrap_or("?")
+    }
+}
+
+impl std::fmt::Debug for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the kernel offers, and what unprivileged processes may choose.
+pub fn available_congestion() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    format!(
+        "{} (unprivileged: {})",
+        read("/proc/sys/net/ipv4/tcp_available_congestion_control"),
+        read("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+    )
+}
+
+/// The congestion control a connection uses (for tests and diagnostics).
+pub fn congestion_of(stream: &TcpStream) -> std::io::Result<String> {
+    let mut buf = [0u8; 16];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf and len are live; the kernel writes at most len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(len as usize);
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
 fn setsockopt_int(
@@ -91,7 +169,30 @@ pub fn apply(stream: &TcpStream, lane: LaneOptions) -> Result<(), TransportError
         libc::SO_PRIORITY,
         lane.priority as i32,
         "SO_PRIORITY",
-    )
+    )?;
+    if let Some(cc) = lane.congestion {
+        let name = cc.as_str();
+        // SAFETY: passes a live buffer of the name's length.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                name.as_ptr().cast(),
+                name.len() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(TransportError::os(
+                format!(
+                    "setsockopt(TCP_CONGESTION={name}); this kernel offers {}",
+                    available_congestion()
+                ),
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The address of the first usable interface matching `spec`, NCCL style:
@@ -175,5 +276,42 @@ mod tests {
         if let Ok(ip) = interface_address("^lo") {
             assert!(!ip.is_loopback(), "{ip}");
         }
+    }
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn a_lane_gets_its_congestion_control_and_a_missing_one_is_named() {
+        let (a, _b) = pair();
+        let lane = |cc: Option<&str>| LaneOptions {
+            dscp: 46,
+            priority: 6,
+            congestion: cc.map(|c| Congestion::new(c).unwrap()),
+        };
+        // reno is built into every Linux kernel and always allowed.
+        apply(&a, lane(Some("reno"))).unwrap();
+        assert_eq!(congestion_of(&a).unwrap(), "reno");
+        assert_eq!(
+            getsockopt_int(&a, libc::IPPROTO_IP, libc::IP_TOS).unwrap(),
+            46 << 2
+        );
+        assert_eq!(
+            getsockopt_int(&a, libc::SOL_SOCKET, libc::SO_PRIORITY).unwrap(),
+            6
+        );
+        let err = apply(&a, lane(Some("nosuchcc"))).unwrap_err().to_string();
+        assert!(err.contains("nosuchcc") && err.contains("offers"), "{err}");
+        assert_eq!(
+            congestion_of(&a).unwrap(),
+            "reno",
+            "unchanged after a refusal"
+        );
+        assert!(Congestion::new("bad name").is_err());
+        assert!(Congestion::new("averyveryverylongname").is_err());
     }
 }

@@ -10,10 +10,12 @@ fn opts() -> TcpOptions {
         data: LaneOptions {
             dscp: 10,
             priority: 0,
+            congestion: None,
         },
         ack: LaneOptions {
             dscp: 46,
             priority: 6,
+            congestion: None,
         },
         connect_timeout: Duration::from_secs(5),
         queue_frames: 64,
