@@ -7,6 +7,7 @@ mod limit;
 mod mpi_base;
 #[cfg(feature = "cuda")]
 mod nccl_base;
+mod pmi;
 mod run;
 mod stats;
 #[cfg(feature = "verbs")]
@@ -250,21 +251,34 @@ fn side(args: &Args, m: usize, n: usize, size: usize, samples: &[f64], wrong: u6
 /// Which path the MPI baseline's messages take. Against m2n over tcp it
 /// must be MPI over TCP too (like for like): MPICH is kept off shared
 /// memory and, with UCX, on its tcp transport, through the variables MPI
-/// reads in MPI_Init, unless the user set them. Returns the header line.
-fn choose_mpi_path(args: &Result<Args, clap::Error>) -> String {
+/// reads in MPI_Init, unless the user set them.
+struct MpiPath {
+    /// The header line.
+    line: String,
+    /// MPI over UCX's tcp transport can hang in MPI_Finalize (see `pmi`):
+    /// ranks then leave through `pmi::finalize_and_exit` instead.
+    skip_finalize: bool,
+}
+
+fn choose_mpi_path(args: &Result<Args, clap::Error>) -> MpiPath {
+    let plain = |line: &str| MpiPath {
+        line: line.into(),
+        skip_finalize: false,
+    };
     let Ok(args) = args else {
-        return String::new();
+        return plain("");
     };
     if args.baseline != Baseline::Mpi {
-        return "n/a".into();
+        return plain("n/a");
     }
     if args.transport != m2n::TransportKind::Tcp {
-        return "MPI's default (shared memory between ranks on one host)".into();
+        return plain("MPI's default (shared memory between ranks on one host)");
     }
     // MPI_Get_library_version may be called before MPI_Init.
     let version = mpi::environment::library_version().unwrap_or_default();
     let mut wanted = vec![("MPIR_CVAR_NOLOCAL", "1")];
-    if version.contains("ch4:ucx") {
+    let ucx = version.contains("ch4:ucx");
+    if ucx {
         wanted.push(("UCX_TLS", "tcp,self"));
     } else if version.contains("ch4:ofi") {
         wanted.push(("FI_PROVIDER", "tcp"));
@@ -285,7 +299,10 @@ fn choose_mpi_path(args: &Result<Args, clap::Error>) -> String {
         .find_map(|l| l.trim().strip_prefix("MPICH Device:"))
         .map(|d| d.trim().to_string())
         .unwrap_or_else(|| "unknown device".into());
-    format!("TCP like m2n's ({device}: {})", set.join(" "))
+    MpiPath {
+        line: format!("TCP like m2n's ({device}: {})", set.join(" ")),
+        skip_finalize: ucx,
+    }
 }
 
 fn main() {
@@ -454,7 +471,7 @@ fn main() {
             }
         );
         if args.baseline == Baseline::Mpi {
-            println!("# baseline MPI path: {mpi_path}");
+            println!("# baseline MPI path: {}", mpi_path.line);
         }
         println!(
             "# machine: {} cpus, {}",
@@ -642,7 +659,7 @@ fn main() {
                 pattern: format!("{:?}", args.pattern).to_lowercase(),
                 transport: transport.to_string(),
                 baseline: format!("{:?}", args.baseline).to_lowercase(),
-                baseline_path: &mpi_path,
+                baseline_path: &mpi_path.line,
                 work_per_round: per_round.as_ref(),
                 senders: m,
                 receivers: n,
@@ -664,5 +681,13 @@ fn main() {
         if total_wrong > 0 {
             std::process::exit(1);
         }
+    }
+    drop(baseline);
+    drop(contender);
+    if mpi_path.skip_finalize {
+        // Every message of the run is complete once all ranks are here.
+        world.barrier();
+        let why = pmi::finalize_and_exit(0);
+        eprintln!("m2n_perf: rank {me}: finalising MPI after all ({why}); over UCX's tcp this can hang (openucx/ucx#8738)");
     }
 }
