@@ -12,6 +12,7 @@
 //! | `M2N_HEARTBEAT_MS` | interval of liveness heartbeats | 500 |
 //! | `M2N_BOOTSTRAP_TIMEOUT_MS` | deadline for the rendezvous | 30000 |
 //! | `M2N_CREDIT_REFRESH_MS` | re-send of the current credit, repairing a lost one | 100 |
+//! | `M2N_CREDIT_BATCH` | releases a receiver coalesces into one credit write (0: half the depth; a sender whose window is full is credited at once) | 0 |
 //! | `M2N_SHM_QUEUE_DEPTH` | completion ring entries per peer (shm) | 1024 |
 //! | `M2N_SOCKET_IFNAME` | tcp: interfaces to use, NCCL style (`eth,ens` prefixes, `=eth0` exact, `^docker,lo` to exclude) | the route to the root |
 //! | `M2N_TCP_DATA_DSCP`, `M2N_TCP_ACK_DSCP` | tcp: DiffServ code point per lane (0..=63) | 0, 46 (EF) |
@@ -245,6 +246,9 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub bootstrap_timeout: Duration,
     pub credit_refresh: Duration,
+    /// Releases a receiver may leave unpublished before it writes a credit
+    /// (0: half the depth); see [`RecvChannel::with_credit_batch`](crate::proto::RecvChannel::with_credit_batch).
+    pub credit_batch: usize,
     pub shm_queue_depth: usize,
     pub tcp: TcpConfig,
     pub ib: IbConfig,
@@ -265,6 +269,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_millis(500),
             bootstrap_timeout: Duration::from_secs(30),
             credit_refresh: Duration::from_millis(100),
+            credit_batch: 0,
             shm_queue_depth: 1024,
             tcp: TcpConfig::default(),
             ib: IbConfig::default(),
@@ -369,6 +374,15 @@ impl Config {
                 "M2N_HEARTBEAT_MS" => self.heartbeat_interval = ms(&value)?,
                 "M2N_BOOTSTRAP_TIMEOUT_MS" => self.bootstrap_timeout = ms(&value)?,
                 "M2N_CREDIT_REFRESH_MS" => self.credit_refresh = ms(&value)?,
+                "M2N_CREDIT_BATCH" => match value.parse::<usize>() {
+                    Ok(n) if n <= crate::proto::imm::MAX_DEPTH => self.credit_batch = n,
+                    _ => {
+                        return Err(err(format!(
+                            "expected a release count 0..={} (0: half the depth)",
+                            crate::proto::imm::MAX_DEPTH
+                        )))
+                    }
+                },
                 "M2N_SHM_QUEUE_DEPTH" => match value.parse::<usize>() {
                     Ok(n) if n > 0 => self.shm_queue_depth = n,
                     _ => return Err(err("expected a positive entry count".into())),
@@ -561,6 +575,8 @@ mod tests {
             ("M2N_TCP_CONGESTION", "bad name"),
             ("M2N_TCP_CONGESTION", "data:bbr,acks:reno"),
             ("M2N_IB_MTU", "1500"),
+            ("M2N_CREDIT_BATCH", "257"),
+            ("M2N_CREDIT_BATCH", "half"),
             ("M2N_IB_RETRY_CNT", "8"),
             ("M2N_IB_PORT", "0"),
         ] {

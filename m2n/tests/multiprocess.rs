@@ -248,52 +248,73 @@ fn demo_rejects_bad_flags_and_config() {
 /// requests per round (its message and one credit), both inline, and
 /// signals only its message; transports without work queues count none.
 fn work_per_round_is_pinned(t: T) {
-    let (ok, out, err) = run_demo(
-        &[
-            "--senders",
-            "1",
-            "--receivers",
-            "1",
-            "--rounds",
-            "2000",
-            "--bytes",
-            "8",
-            "--window",
-            "1",
-        ],
-        &[("M2N_TRANSPORT", t.0)],
-    );
-    assert!(ok, "{out}\n{err}");
-    let lines: Vec<&str> = out
-        .lines()
-        .filter(|l| l.contains("work per round:"))
-        .collect();
-    if t.0 != "verbs" {
-        assert!(lines.is_empty(), "{} counts work: {lines:?}", t.0);
-        return;
-    }
-    assert_eq!(lines.len(), 2, "{out}");
-    for line in lines {
-        let value = |what: &str| -> f64 {
-            let before = line.split(&format!(" {what}")).next().unwrap();
-            before
-                .rsplit([' ', ':'])
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap_or_else(|_| panic!("{what} in {line}"))
-        };
-        let within = |what: &str, lo: f64, hi: f64| {
-            let v = value(what);
+    // Window 1 gives depth 4, so receivers coalesce credits two releases at
+    // a time (M2N_CREDIT_BATCH=1 is the eager protocol of before).
+    for (batch, credits) in [("0", 0.5), ("1", 1.0)] {
+        let (ok, out, err) = run_demo(
+            &[
+                "--senders",
+                "1",
+                "--receivers",
+                "1",
+                "--rounds",
+                "2000",
+                "--bytes",
+                "8",
+                "--window",
+                "1",
+            ],
+            &[("M2N_TRANSPORT", t.0), ("M2N_CREDIT_BATCH", batch)],
+        );
+        assert!(ok, "{out}\n{err}");
+        let credit_line = out
+            .lines()
+            .find(|l| l.contains("credit writes :"))
+            .unwrap_or_else(|| panic!("no credit line: {out}"));
+        let per_rank: Vec<f64> = credit_line
+            .split_whitespace()
+            .filter_map(|w| w.trim_end_matches(',').parse().ok())
+            .collect();
+        assert_eq!(per_rank.len(), 2, "{credit_line}");
+        for v in per_rank {
             assert!(
-                (lo..=hi).contains(&v),
-                "{what} per round {v}, pinned to {lo}..={hi}: {line}"
+                (v - credits).abs() < 0.01,
+                "batch {batch}: {v} credit writes per round, want {credits}: {credit_line}"
             );
-        };
-        within("work requests", 1.99, 2.05);
-        within("inline", 1.99, 2.05);
-        within("signalled", 0.99, 1.10);
-        within("doorbells", 1.0, 2.05);
+        }
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("work per round:"))
+            .collect();
+        if t.0 != "verbs" {
+            assert!(lines.is_empty(), "{} counts work: {lines:?}", t.0);
+            continue;
+        }
+        assert_eq!(lines.len(), 2, "{out}");
+        for line in lines {
+            let value = |what: &str| -> f64 {
+                let before = line.split(&format!(" {what}")).next().unwrap();
+                before
+                    .rsplit([' ', ':'])
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{what} in {line}"))
+            };
+            let within = |what: &str, lo: f64, hi: f64| {
+                let v = value(what);
+                assert!(
+                    (lo..=hi).contains(&v),
+                    "batch {batch}: {what} per round {v}, pinned to {lo}..={hi}: {line}"
+                );
+            };
+            // One data write (inline, signalled: the sender waits for it)
+            // plus the credit writes (inline, unsignalled).
+            within("work requests", 0.99 + credits, 1.05 + credits);
+            within("inline", 0.99 + credits, 1.05 + credits);
+            within("signalled", 0.99, 1.10);
+            within("doorbells", 1.0, 1.05 + credits);
+        }
     }
 }
 

@@ -113,6 +113,8 @@ struct RecvSide {
     credit_dst: Vec<RemoteRegion>,
     /// Senders still owed the latest credit (their queue was full).
     credit_owed: Vec<usize>,
+    /// Credit writes posted so far (one per sender per credit published).
+    credit_writes: u64,
 }
 
 /// Why a communicator stopped working, kept to answer later calls.
@@ -216,8 +218,9 @@ impl Communicator {
             source,
         };
         let send_proto = SendChannel::new(send_geo, send_id, rank).map_err(proto)?;
-        let recv_proto =
-            RecvChannel::new(recv_geo, recv_id, config.credit_refresh).map_err(proto)?;
+        let recv_proto = RecvChannel::new(recv_geo, recv_id, config.credit_refresh)
+            .map_err(proto)?
+            .with_credit_batch(config.credit_batch);
 
         // Phase 1: where everyone is. Liveness links listen on the address
         // the transport will use.
@@ -360,6 +363,7 @@ impl Communicator {
                 credit_src,
                 credit_dst,
                 credit_owed: Vec::new(),
+                credit_writes: 0,
             },
             liveness,
             completions: Vec::new(),
@@ -387,6 +391,12 @@ impl Communicator {
     /// completions, polls; zeros where the transport has no such queues).
     pub fn transport_counters(&self) -> crate::transport::TransportCounters {
         self.transport.counters()
+    }
+
+    /// Credit writes this rank has posted as a receiver (one per sender
+    /// each time it publishes a credit; see [`Config::credit_batch`]).
+    pub fn credit_writes(&self) -> u64 {
+        self.recv.credit_writes
     }
 
     /// What the transport runs on: for verbs the device, port, GID index
@@ -570,6 +580,7 @@ impl Communicator {
         let my_slot = self.rank * 8;
         let mut owed = std::mem::take(&mut self.recv.credit_owed);
         let mut result = Ok(true);
+        let mut posted = 0;
         owed.retain(|&sender| {
             if result.is_err() {
                 return true;
@@ -588,7 +599,10 @@ impl Communicator {
             // SAFETY: the credit word only ever grows and any value of it is a
             // valid credit, so changes while in flight are harmless.
             match unsafe { self.transport.post_write(peer_global, Lane::Ack, &req) } {
-                Ok(()) => false,
+                Ok(()) => {
+                    posted += 1;
+                    false
+                }
                 Err(TransportError::WouldBlock) => true,
                 // A departed sender needs no more credit.
                 Err(TransportError::PeerClosed { .. }) => false,
@@ -602,6 +616,7 @@ impl Communicator {
             }
         });
         self.recv.credit_owed = owed;
+        self.recv.credit_writes += posted;
         result.map_err(|e| self.fail(e))
     }
 

@@ -33,8 +33,12 @@ pub struct RecvChannel {
     /// `released..delivered`.
     released: u64,
     release_flags: Vec<bool>,
-    /// A credit not yet emitted.
-    credit_dirty: bool,
+    /// The `released` value of the last credit emitted.
+    published: u64,
+    /// Most rounds that have arrived from any one sender.
+    max_arrived: u64,
+    /// Releases that may wait unpublished (see [`with_credit_batch`](Self::with_credit_batch)).
+    batch: u64,
     last_credit_at: Option<Instant>,
     refresh: Duration,
 }
@@ -52,10 +56,35 @@ impl RecvChannel {
             delivered: 0,
             released: 0,
             release_flags: vec![false; geo.depth],
-            credit_dirty: false,
+            published: 0,
+            max_arrived: 0,
+            batch: 1,
             last_credit_at: None,
             refresh,
         })
+    }
+
+    /// Coalesces credits: a release is published once `batch` releases are
+    /// unpublished, or at once when some sender may be waiting for it (it
+    /// has used its whole window: `depth` rounds past the last credit), or
+    /// at the next refresh. 1 (the default) publishes every release; 0
+    /// picks `depth / 2` (at least 1), which halves the credit writes of a
+    /// ping-pong with depth 4 and keeps a streaming sender at least half a
+    /// window ahead. A sender never waits on an unpublished release, so no
+    /// setting can stall a channel.
+    pub fn with_credit_batch(mut self, batch: usize) -> Self {
+        let batch = if batch == 0 {
+            self.geo.depth / 2
+        } else {
+            batch
+        };
+        self.batch = batch.clamp(1, self.geo.depth) as u64;
+        self
+    }
+
+    /// The credit batch in force (see [`with_credit_batch`](Self::with_credit_batch)).
+    pub fn credit_batch(&self) -> usize {
+        self.batch as usize
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -131,6 +160,7 @@ impl RecvChannel {
         }
         self.lens[peer * self.geo.depth + slot] = len as u32;
         self.arrived[peer] = expected + 1;
+        self.max_arrived = self.max_arrived.max(expected + 1);
         Ok(())
     }
 
@@ -191,23 +221,28 @@ impl RecvChannel {
         {
             self.release_flags[self.geo.slot_of(self.released)] = false;
             self.released += 1;
-            self.credit_dirty = true;
         }
         Ok(())
     }
 
-    /// The credit to write to every sender now, if any: after a release, or
-    /// every `refresh` interval to repair a lost credit.
+    /// The credit to write to every sender now, if any: after `batch`
+    /// releases, after any release a sender may be waiting for, and every
+    /// `refresh` interval (which also repairs a lost credit).
     pub fn poll_credit(&mut self, now: Instant) -> Option<CreditOp> {
-        let due = match self.last_credit_at {
-            _ if self.credit_dirty => true,
-            Some(at) => self.released > 0 && now.saturating_duration_since(at) >= self.refresh,
-            None => false,
+        let unpublished = self.released - self.published;
+        let refresh_due = self
+            .last_credit_at
+            .is_some_and(|at| now.saturating_duration_since(at) >= self.refresh);
+        let due = if unpublished > 0 {
+            let sender_may_wait = self.max_arrived >= self.published + self.geo.depth as u64;
+            unpublished >= self.batch || sender_may_wait || refresh_due
+        } else {
+            self.released > 0 && refresh_due
         };
         if !due {
             return None;
         }
-        self.credit_dirty = false;
+        self.published = self.released;
         self.last_credit_at = Some(now);
         Some(CreditOp {
             released: self.released,

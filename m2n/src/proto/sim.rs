@@ -50,6 +50,7 @@ struct SimReceiver {
 }
 
 /// Runs `rounds` rounds over an `m` x `n` channel; panics on any violation.
+#[allow(clippy::too_many_arguments)]
 fn simulate(
     seed: u64,
     m: usize,
@@ -58,6 +59,7 @@ fn simulate(
     slot_bytes: usize,
     rounds: u64,
     credit_loss: u64,
+    credit_batch: usize,
 ) {
     let geo = Geometry {
         senders: m,
@@ -67,13 +69,21 @@ fn simulate(
     };
     let mut rng = Rng(seed | 1);
     let t0 = Instant::now();
-    let refresh = Duration::from_millis(5);
+    // Without loss nothing may depend on the refresh timer: coalesced
+    // credits must still reach every sender that waits for them.
+    let refresh = if credit_loss == 0 {
+        Duration::from_secs(3600)
+    } else {
+        Duration::from_millis(5)
+    };
     let mut senders: Vec<SendChannel> = (0..m)
         .map(|s| SendChannel::new(geo, ChannelId::Dispatch, s).unwrap())
         .collect();
     let mut receivers: Vec<SimReceiver> = (0..n)
         .map(|_| SimReceiver {
-            proto: RecvChannel::new(geo, ChannelId::Dispatch, refresh).unwrap(),
+            proto: RecvChannel::new(geo, ChannelId::Dispatch, refresh)
+                .unwrap()
+                .with_credit_batch(credit_batch),
             ring: vec![0; geo.ring_bytes().unwrap()],
             occupied: vec![None; m * depth],
             held: VecDeque::new(),
@@ -205,14 +215,69 @@ proptest! {
     fn random_fabric_delivers_every_byte_in_order(
         seed in any::<u64>(), m in 1usize..4, n in 1usize..4,
         depth in 1usize..5, slot_bytes in 0usize..24, loss in prop_oneof![Just(0u64), Just(30u64)],
+        batch in 0usize..6,
     ) {
-        simulate(seed, m, n, depth, slot_bytes, 40, loss);
+        simulate(seed, m, n, depth, slot_bytes, 40, loss, batch);
     }
 }
 
 #[test]
 fn lossy_credits_recover_by_refresh() {
-    simulate(7, 2, 3, 2, 16, 200, 60);
+    simulate(7, 2, 3, 2, 16, 200, 60, 1);
+    simulate(7, 2, 3, 4, 16, 200, 60, 0);
+}
+
+/// Coalescing: with depth 4 and batch 2 a ping-pong publishes every second
+/// release; a sender that has used its whole window gets the credit at once.
+#[test]
+fn credits_coalesce_without_making_a_sender_wait() {
+    let geo = Geometry {
+        senders: 1,
+        receivers: 1,
+        depth: 4,
+        slot_bytes: 8,
+    };
+    let t = Instant::now();
+    let mut tx = SendChannel::new(geo, ChannelId::Dispatch, 0).unwrap();
+    let mut rx = RecvChannel::new(geo, ChannelId::Dispatch, Duration::from_secs(3600))
+        .unwrap()
+        .with_credit_batch(0);
+    assert_eq!(rx.credit_batch(), 2);
+    let one_round = |tx: &mut SendChannel, rx: &mut RecvChannel| {
+        let round = tx.post_round(&[8]).unwrap().expect("window open");
+        let op = tx.poll_transmit().unwrap();
+        tx.on_write_complete(round);
+        rx.on_arrival(0, op.imm, op.len).unwrap();
+        let d = rx.poll_round().unwrap();
+        rx.release(d.round).unwrap();
+        let published = rx.poll_credit(t).map(|c| c.released);
+        if let Some(v) = published {
+            tx.on_credit(0, v).unwrap();
+        }
+        published
+    };
+    // Ping-pong: one round in flight at a time.
+    let published: Vec<Option<u64>> = (0..6).map(|_| one_round(&mut tx, &mut rx)).collect();
+    assert_eq!(published, vec![None, Some(2), None, Some(4), None, Some(6)]);
+    // A full window: four rounds arrive, one is released; the sender has
+    // used its window, so the single release is published at once.
+    for _ in 0..4 {
+        tx.post_round(&[8]).unwrap().expect("window open");
+        let op = tx.poll_transmit().unwrap();
+        rx.on_arrival(0, op.imm, op.len).unwrap();
+    }
+    assert_eq!(tx.post_round(&[8]).unwrap(), None, "the window is full");
+    let d = rx.poll_round().unwrap();
+    rx.release(d.round).unwrap();
+    assert_eq!(rx.poll_credit(t).map(|c| c.released), Some(7));
+    // Batch 1 publishes every release, the old behaviour.
+    let mut eager = RecvChannel::new(geo, ChannelId::Dispatch, Duration::from_secs(3600))
+        .unwrap()
+        .with_credit_batch(1);
+    let mut tx = SendChannel::new(geo, ChannelId::Dispatch, 0).unwrap();
+    for want in 1..=3 {
+        assert_eq!(one_round(&mut tx, &mut eager), Some(want));
+    }
 }
 
 fn pair(depth: usize) -> (SendChannel, RecvChannel, Geometry) {

@@ -19,6 +19,8 @@ struct Report {
     latencies_ns: Vec<u64>,
     /// Transport work over the run (see `worker::work`).
     work: Vec<u64>,
+    /// Credit writes this rank posted as a receiver over the run.
+    credits: Option<u64>,
 }
 
 fn parse_result(line: &str) -> Option<Report> {
@@ -33,6 +35,7 @@ fn parse_result(line: &str) -> Option<Report> {
         wrong: 0,
         latencies_ns: Vec::new(),
         work: Vec::new(),
+        credits: None,
     };
     for field in it {
         let (k, v) = field.split_once('=')?;
@@ -46,6 +49,7 @@ fn parse_result(line: &str) -> Option<Report> {
                     .map(|x| x.parse().ok())
                     .collect::<Option<_>>()?
             }
+            "credits" => report.credits = Some(v.parse().ok()?),
             "lat_ns" if !v.is_empty() => {
                 report.latencies_ns = v
                     .split(',')
@@ -254,6 +258,21 @@ fn summarise(args: &RunArgs, reports: &[Report]) {
         reports.len(),
         ranks.join(", ")
     );
+    // Credit writes per round (every transport): with coalescing (the
+    // default), fewer than one per sender and round.
+    let credits = |role: Role| -> Option<f64> {
+        let side: Vec<u64> = reports
+            .iter()
+            .filter(|r| r.role == role)
+            .map(|r| r.credits)
+            .collect::<Option<_>>()?;
+        (!side.is_empty()).then(|| {
+            side.iter().sum::<u64>() as f64 / side.len() as f64 / args.rounds.max(1) as f64
+        })
+    };
+    if let (Some(a), Some(e)) = (credits(Role::Attention), credits(Role::Expert)) {
+        println!("  credit writes : {a:.3} per attention rank and round, {e:.3} per expert rank and round");
+    }
     // Per-round transport work, where the transport counts it (verbs).
     for role in [Role::Attention, Role::Expert] {
         let side: Vec<&Report> = reports

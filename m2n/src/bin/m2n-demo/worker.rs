@@ -11,11 +11,19 @@ use crate::RunArgs;
 
 /// The transport's work over the rounds (since `from`), as
 /// `work_requests,inline,signaled,doorbells,cq_polls,completions,recv_posts`.
-fn work(comm: &Communicator, from: m2n::transport::TransportCounters) -> String {
+/// Transport work since `from`, then credit writes since `credits_from`.
+fn work(comm: &Communicator, from: m2n::transport::TransportCounters, credits_from: u64) -> String {
     let c = comm.transport_counters().since(&from);
     format!(
-        "{},{},{},{},{},{},{}",
-        c.work_requests, c.inline, c.signaled, c.doorbells, c.cq_polls, c.completions, c.recv_posts
+        "{},{},{},{},{},{},{} credits={}",
+        c.work_requests,
+        c.inline,
+        c.signaled,
+        c.doorbells,
+        c.cq_polls,
+        c.completions,
+        c.recv_posts,
+        comm.credit_writes() - credits_from
     )
 }
 
@@ -102,8 +110,10 @@ fn run(args: &RunArgs, role: Role, rank: usize) -> m2n::Result<usize> {
     })?;
     let uid = uid_text.parse().map_err(Error::InvalidArgument)?;
     let mut config = Config::default();
-    // Slots fit the messages and the window, unless the environment says otherwise.
-    let depth = (args.window as usize).max(2);
+    // Slots fit the messages and twice the window (so that receivers can
+    // coalesce credits without a sender ever waiting), unless the
+    // environment says otherwise.
+    let depth = (2 * args.window as usize).clamp(4, m2n::proto::imm::MAX_DEPTH);
     config.dispatch.slot_bytes = args.bytes;
     config.combine.slot_bytes = args.bytes;
     config.dispatch.depth = depth;
@@ -237,6 +247,7 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
     let mut wrong = 0usize;
     let (mut next_send, mut next_recv) = (0u64, 0u64);
     let start_work = comm.transport_counters();
+    let start_credits = comm.credit_writes();
     let start = Instant::now();
     while next_recv < args.rounds {
         while next_send < args.rounds && next_send - next_recv < window {
@@ -272,7 +283,7 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
         "M2N-RESULT attention {me} transport={} elapsed_ns={} wrong={wrong} work={} lat_ns={}",
         comm.transport_kind(),
         elapsed.as_nanos(),
-        work(comm, start_work),
+        work(comm, start_work, start_credits),
         lat.join(",")
     );
     Ok(wrong)
@@ -284,6 +295,7 @@ fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
     let mut buf = comm.alloc(stride)?;
     let mut wrong = 0usize;
     let start_work = comm.transport_counters();
+    let start_credits = comm.credit_writes();
     let start = Instant::now();
     for round in 0..args.rounds {
         let got = recv(comm, Ch::Dispatch, args)?;
@@ -306,7 +318,7 @@ fn expert(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
         "M2N-RESULT expert {me} transport={} elapsed_ns={} wrong={wrong} work={} lat_ns=",
         comm.transport_kind(),
         start.elapsed().as_nanos(),
-        work(comm, start_work)
+        work(comm, start_work, start_credits)
     );
     Ok(wrong)
 }
