@@ -8,7 +8,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use m2n::{Role, Root};
 
-use crate::RunArgs;
+use crate::{Pattern, RunArgs};
 
 struct Report {
     role: Role,
@@ -124,6 +124,7 @@ pub fn main(args: &RunArgs) -> i32 {
                     "--bytes",
                     &args.bytes.to_string(),
                 ])
+                .args(["--pattern", args.pattern.name()])
                 .args([
                     "--window",
                     &args.window.to_string(),
@@ -228,21 +229,37 @@ fn summarise(args: &RunArgs, reports: &[Report]) {
             let _ = hist.record(ns.max(1));
         }
     }
-    // Payload moved: every pair, both directions, every round.
-    let messages = 2 * m * n * args.rounds;
+    // Payload moved: every pair, every round, both directions for round trips.
+    let directions = if args.pattern == Pattern::Dispatch {
+        1
+    } else {
+        2
+    };
+    let messages = directions * m * n * args.rounds;
     let bytes = messages as f64 * args.bytes as f64;
     let transport = reports.first().map_or("?", |r| r.transport.as_str());
     println!(
-        "m2n-demo: {m} attention x {n} expert ranks over {transport}, {} rounds of {} B per pair, window {}",
-        args.rounds, args.bytes, args.window
+        "m2n-demo: {m} attention x {n} expert ranks over {transport}, {} {} rounds of {} B per pair, window {}",
+        args.rounds,
+        args.pattern.name(),
+        args.bytes,
+        args.window
     );
     println!("  rounds/s      : {:.1}", args.rounds as f64 / elapsed_s);
+    let (payload, sample) = match args.pattern {
+        Pattern::Roundtrip => ("dispatch + combine", "round latency : "),
+        Pattern::Dispatch => ("dispatch", "round interval: "),
+    };
+    let measured = match args.pattern {
+        Pattern::Roundtrip => "dispatch posted -> combine received",
+        Pattern::Dispatch => "from one round's post to the next one's",
+    };
     println!(
-        "  GB/s          : {:.3}  (dispatch + combine payload over all pairs, GB = 1e9 B)",
+        "  GB/s          : {:.3}  ({payload} payload over all pairs, GB = 1e9 B)",
         bytes / elapsed_s / 1e9
     );
     println!(
-        "  round latency : p50 {:.1} us, p99 {:.1} us, max {:.1} us  (dispatch posted -> combine received, {} samples)",
+        "  {sample}p50 {:.1} us, p99 {:.1} us, max {:.1} us  ({measured}, {} samples)",
         hist.value_at_quantile(0.5) as f64 / 1e3,
         hist.value_at_quantile(0.99) as f64 / 1e3,
         hist.max() as f64 / 1e3,

@@ -25,6 +25,11 @@ pub struct RunArgs {
     /// Bytes per sender-receiver pair and round (K/M/G suffixes allowed).
     #[arg(long, default_value = "65536", value_parser = parse_bytes)]
     pub bytes: usize,
+    /// What each round is: `roundtrip` (dispatch, then the experts'
+    /// combine back) or `dispatch` (a one-way stream: attention ranks post
+    /// rounds as fast as credits allow, experts check and release them).
+    #[arg(long, value_enum, default_value_t = Pattern::Roundtrip)]
+    pub pattern: Pattern,
     /// Rounds an attention rank keeps in flight (at most the depth).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub window: u32,
@@ -41,6 +46,22 @@ pub struct RunArgs {
     pub hold: Option<worker::Phase>,
     #[arg(long, hide = true, default_value_t = 20)]
     pub hold_after: u64,
+}
+
+/// The shape of a round (`--pattern`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pattern {
+    Roundtrip,
+    Dispatch,
+}
+
+impl Pattern {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Roundtrip => "roundtrip",
+            Pattern::Dispatch => "dispatch",
+        }
+    }
 }
 
 fn parse_bytes(s: &str) -> Result<usize, String> {

@@ -7,7 +7,7 @@ use m2n::pattern;
 use m2n::proto::ChannelId;
 use m2n::{Communicator, Config, Error, Msg, Role, Shape};
 
-use crate::RunArgs;
+use crate::{Pattern, RunArgs};
 
 /// The transport's work over the rounds (since `from`), as
 /// `work_requests,inline,signaled,doorbells,cq_polls,completions,recv_posts`.
@@ -129,9 +129,11 @@ fn run(args: &RunArgs, role: Role, rank: usize) -> m2n::Result<usize> {
         std::process::id(),
         comm.transport_detail()
     );
-    let wrong = match role {
-        Role::Attention => attention(&mut comm, args),
-        Role::Expert => expert(&mut comm, args),
+    let wrong = match (role, args.pattern) {
+        (Role::Attention, Pattern::Roundtrip) => attention(&mut comm, args),
+        (Role::Expert, Pattern::Roundtrip) => expert(&mut comm, args),
+        (Role::Attention, Pattern::Dispatch) => stream_sender(&mut comm, args),
+        (Role::Expert, Pattern::Dispatch) => stream_receiver(&mut comm, args),
     }?;
     if args.hold == Some(Phase::Destroy) {
         use std::io::Write;
@@ -285,6 +287,80 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
         elapsed.as_nanos(),
         work(comm, start_work, start_credits),
         lat.join(",")
+    );
+    Ok(wrong)
+}
+
+/// `--pattern dispatch`, attention side: posts rounds as fast as credits
+/// allow, reusing `window` buffers (each refilled once its round is sent).
+/// A sample is the time from one post to the next.
+fn stream_sender(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
+    let (me, n, bytes, window) = (
+        comm.rank(),
+        comm.shape().experts,
+        args.bytes,
+        args.window as u64,
+    );
+    let stride = n * bytes;
+    let mut buf = comm.alloc(stride * window as usize)?;
+    let mut intervals_ns = Vec::with_capacity(args.rounds as usize);
+    let start_work = comm.transport_counters();
+    let start_credits = comm.credit_writes();
+    let start = Instant::now();
+    let mut last_post = start;
+    for round in 0..args.rounds {
+        if round >= window {
+            wait_sent(comm, Ch::Dispatch, round - window, args)?;
+        }
+        let base = (round % window) as usize * stride;
+        fill_round(&mut buf, base, ChannelId::Dispatch, me, n, round, bytes);
+        let posted = send(comm, Ch::Dispatch, &msgs(&buf, base, n, bytes), args)?;
+        debug_assert_eq!(posted, round);
+        let now = Instant::now();
+        if round > 0 {
+            intervals_ns.push(now.duration_since(last_post).as_nanos() as u64);
+        }
+        last_post = now;
+        hold_here(args, Phase::Dispatch, round);
+    }
+    for round in args.rounds.saturating_sub(window)..args.rounds {
+        wait_sent(comm, Ch::Dispatch, round, args)?;
+    }
+    let lat: Vec<String> = intervals_ns.iter().map(u64::to_string).collect();
+    println!(
+        "M2N-RESULT attention {me} transport={} elapsed_ns={} wrong=0 work={} lat_ns={}",
+        comm.transport_kind(),
+        start.elapsed().as_nanos(),
+        work(comm, start_work, start_credits),
+        lat.join(",")
+    );
+    Ok(0)
+}
+
+/// `--pattern dispatch`, expert side: checks every round and releases it.
+fn stream_receiver(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
+    let (me, m, bytes) = (comm.rank(), comm.shape().attention, args.bytes);
+    let mut wrong = 0usize;
+    let start_work = comm.transport_counters();
+    let start_credits = comm.credit_writes();
+    let start = Instant::now();
+    for round in 0..args.rounds {
+        let got = recv(comm, Ch::Dispatch, args)?;
+        debug_assert_eq!(got.round(), round);
+        for a in 0..m {
+            let msg = comm.message(&got, a);
+            wrong += (msg.len() != bytes) as usize * bytes.max(1);
+            wrong += pattern::count_wrong(msg, pattern::seed(ChannelId::Dispatch, a, me, round));
+        }
+        WRONG_SEEN.store(wrong, std::sync::atomic::Ordering::Relaxed);
+        hold_here(args, Phase::Holding, round);
+        comm.dispatch().release(got)?;
+    }
+    println!(
+        "M2N-RESULT expert {me} transport={} elapsed_ns={} wrong={wrong} work={} lat_ns=",
+        comm.transport_kind(),
+        start.elapsed().as_nanos(),
+        work(comm, start_work, start_credits)
     );
     Ok(wrong)
 }
