@@ -269,9 +269,8 @@ impl TcpTransport {
                     last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut)),
                 ));
             }
-            match TcpStream::connect_timeout(&addr, left) {
+            match sock::connect(addr, self.lane_opts(lane), left)? {
                 Ok(mut s) => {
-                    sock::apply(&s, self.lane_opts(lane))?;
                     let hello = Writer::new()
                         .u32(HELLO_MAGIC)
                         .raw(token)

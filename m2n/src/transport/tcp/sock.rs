@@ -142,26 +142,53 @@ pub fn getsockopt_int(stream: &TcpStream, level: i32, name: i32) -> std::io::Res
     }
 }
 
-/// Applies TCP_NODELAY, the lane's DSCP and SO_PRIORITY.
+/// Applies TCP_NODELAY, the lane's DSCP and SO_PRIORITY (and congestion
+/// control) to an accepted connection. Its first packets (the handshake,
+/// and the acknowledgement of the lane hello that says which lane it is)
+/// have left with the listener's class by then.
 pub fn apply(stream: &TcpStream, lane: LaneOptions) -> Result<(), TransportError> {
-    stream
-        .set_nodelay(true)
-        .map_err(|e| TransportError::os("TCP_NODELAY", e))?;
-    let fd = stream.as_raw_fd();
-    let tos = i32::from(lane.dscp) << 2;
-    match stream
+    let v6 = stream
         .local_addr()
         .map_err(|e| TransportError::os("local_addr", e))?
-        .ip()
-    {
-        IpAddr::V4(_) => setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_TOS, tos, "IP_TOS")?,
-        IpAddr::V6(_) => setsockopt_int(
+        .is_ipv6();
+    apply_fd(stream, v6, lane)
+}
+
+/// Connects to `addr` with the lane's options set before the SYN, so that
+/// every packet this side sends carries the lane's class. The outer error
+/// is an option the kernel refused; the inner one a failed connection
+/// attempt (worth retrying).
+pub fn connect(
+    addr: std::net::SocketAddr,
+    lane: LaneOptions,
+    timeout: std::time::Duration,
+) -> Result<std::io::Result<TcpStream>, TransportError> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| TransportError::os("socket", e))?;
+    apply_fd(&sock, addr.is_ipv6(), lane)?;
+    Ok(sock
+        .connect_timeout(&addr.into(), timeout)
+        .map(|()| sock.into()))
+}
+
+fn apply_fd(sock: &impl AsRawFd, v6: bool, lane: LaneOptions) -> Result<(), TransportError> {
+    let fd = sock.as_raw_fd();
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1, "TCP_NODELAY")?;
+    let tos = i32::from(lane.dscp) << 2;
+    if v6 {
+        setsockopt_int(
             fd,
             libc::IPPROTO_IPV6,
             libc::IPV6_TCLASS,
             tos,
             "IPV6_TCLASS",
-        )?,
+        )?;
+    } else {
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_TOS, tos, "IP_TOS")?;
     }
     setsockopt_int(
         fd,
