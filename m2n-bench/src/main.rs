@@ -142,16 +142,8 @@ fn work_per_round(
     c: m2n::transport::TransportCounters,
     rounds: u64,
 ) -> Option<WorkPerRound> {
-    let mine = [
-        c.work_requests,
-        c.inline,
-        c.signaled,
-        c.doorbells,
-        c.cq_polls,
-        c.completions,
-        c.recv_posts,
-        rounds,
-    ];
+    let v = c.values();
+    let mine = [v[0], v[1], v[2], v[3], v[4], v[5], v[6], rounds];
     let mut all = vec![0u64; 8 * world.size() as usize];
     world.all_gather_into(&mine[..], &mut all[..]);
     if all.chunks(8).all(|r| r[..7].iter().all(|&v| v == 0)) {
@@ -168,15 +160,7 @@ fn work_per_round(
     };
     let rows: Vec<&[u64]> = all.chunks(8).collect();
     Some(WorkPerRound {
-        fields: [
-            "work_requests",
-            "inline",
-            "signaled",
-            "doorbells",
-            "cq_polls",
-            "completions",
-            "recv_posts",
-        ],
+        fields: m2n::transport::TransportCounters::FIELDS,
         attention: mean(&rows[..m]),
         expert: mean(&rows[m..]),
     })

@@ -17,6 +17,7 @@
 //! `k < released + depth`, so no slot is ever overwritten before release.
 
 mod error;
+pub mod gate;
 pub mod imm;
 mod receiver;
 mod sender;

@@ -465,6 +465,30 @@ pub struct TransportCounters {
 }
 
 impl TransportCounters {
+    /// The names of [`values`](Self::values), in order.
+    pub const FIELDS: [&'static str; 7] = [
+        "work_requests",
+        "inline",
+        "signaled",
+        "doorbells",
+        "cq_polls",
+        "completions",
+        "recv_posts",
+    ];
+
+    /// Every counter, in the order of [`FIELDS`](Self::FIELDS).
+    pub fn values(&self) -> [u64; 7] {
+        [
+            self.work_requests,
+            self.inline,
+            self.signaled,
+            self.doorbells,
+            self.cq_polls,
+            self.completions,
+            self.recv_posts,
+        ]
+    }
+
     /// `self - earlier`, field by field.
     pub fn since(&self, earlier: &TransportCounters) -> TransportCounters {
         TransportCounters {
