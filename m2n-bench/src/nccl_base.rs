@@ -143,16 +143,8 @@ impl NcclRank {
             }
         }
         let t1 = Instant::now();
-        if verify {
-            match (self.place.role, pattern) {
-                (Role::Expert, Pattern::Dispatch) => {
-                    wrong += self.count_wrong(ChannelId::Dispatch, size)?
-                }
-                (Role::Attention, Pattern::Roundtrip) => {
-                    wrong += self.count_wrong(ChannelId::Combine, size)?
-                }
-                _ => {}
-            }
+        if let Some(ch) = self.place.checked_at_end(pattern).filter(|_| verify) {
+            wrong += self.count_wrong(ch, size)?;
         }
         self.k += 1;
         Ok(Sample {

@@ -51,6 +51,16 @@ pub struct Place {
 }
 
 impl Place {
+    /// The channel whose bytes this rank checks once an iteration of
+    /// `pattern` is over (the last data it receives), if any.
+    pub fn checked_at_end(&self, pattern: Pattern) -> Option<ChannelId> {
+        match (self.role, pattern) {
+            (Role::Expert, Pattern::Dispatch) => Some(ChannelId::Dispatch),
+            (Role::Attention, Pattern::Roundtrip) => Some(ChannelId::Combine),
+            _ => None,
+        }
+    }
+
     /// Ranks on the other side.
     pub fn peers(&self) -> usize {
         if self.role == Role::Attention {
@@ -362,16 +372,8 @@ impl MpiRank {
             }
         }
         let t1 = Instant::now();
-        if verify {
-            match (self.place.role, pattern) {
-                (Role::Expert, Pattern::Dispatch) => {
-                    wrong += self.count_wrong(ChannelId::Dispatch, size)
-                }
-                (Role::Attention, Pattern::Roundtrip) => {
-                    wrong += self.count_wrong(ChannelId::Combine, size)
-                }
-                _ => {}
-            }
+        if let Some(ch) = self.place.checked_at_end(pattern).filter(|_| verify) {
+            wrong += self.count_wrong(ch, size);
         }
         self.k += 1;
         Sample {
