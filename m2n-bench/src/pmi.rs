@@ -32,9 +32,11 @@ pub fn finalize_and_exit(code: i32) -> String {
         Some(fd) => fd,
         None => return "PMI_FD is not set (not under hydra's PMI-1)".into(),
     };
-    // SAFETY: PMI_FD names the socket the launcher gave this process, which
-    // MPICH keeps open until finalising; ManuallyDrop leaves it open.
-    let mut sock = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    // PMI_FD names the socket the launcher gave this process; MPICH keeps
+    // it open until finalising, and ManuallyDrop never closes it here.
+    // SAFETY: an open descriptor owned by MPICH, borrowed and never closed.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut sock = ManuallyDrop::new(file);
     if let Err(e) = sock.write_all(b"cmd=finalize\n") {
         return format!("PMI_FD {fd}: cannot send finalize: {e}");
     }

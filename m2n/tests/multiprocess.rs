@@ -244,9 +244,10 @@ fn demo_rejects_bad_flags_and_config() {
 }
 
 /// The work a common round trip costs (1 x 1, window 1, 8 B, 2000 rounds),
-/// pinned so that a regression fails: over verbs each rank posts two work
-/// requests per round (its message and one credit), both inline, and
-/// signals only its message; transports without work queues count none.
+/// pinned so that a regression fails: every transport posts 0.5 credit
+/// writes per rank and round with coalescing (1 with M2N_CREDIT_BATCH=1);
+/// over verbs each rank also posts its message (inline, the only signalled
+/// request), and transports without work queues count no work requests.
 fn work_per_round_is_pinned(t: T) {
     // Window 1 gives depth 4, so receivers coalesce credits two releases at
     // a time (M2N_CREDIT_BATCH=1 is the eager protocol of before).

@@ -229,11 +229,21 @@ fn summarise(args: &RunArgs, reports: &[Report]) {
             let _ = hist.record(ns.max(1));
         }
     }
-    // Payload moved: every pair, every round, both directions for round trips.
-    let directions = if args.pattern == Pattern::Dispatch {
-        1
-    } else {
-        2
+    // What a round is: payload moved over every pair and round (both
+    // directions for round trips), and what a sample measures.
+    let (directions, payload, sample, measured) = match args.pattern {
+        Pattern::Roundtrip => (
+            2,
+            "dispatch + combine",
+            "round latency : ",
+            "dispatch posted -> combine received",
+        ),
+        Pattern::Dispatch => (
+            1,
+            "dispatch",
+            "round interval: ",
+            "from one round's post to the next one's",
+        ),
     };
     let messages = directions * m * n * args.rounds;
     let bytes = messages as f64 * args.bytes as f64;
@@ -246,14 +256,6 @@ fn summarise(args: &RunArgs, reports: &[Report]) {
         args.window
     );
     println!("  rounds/s      : {:.1}", args.rounds as f64 / elapsed_s);
-    let (payload, sample) = match args.pattern {
-        Pattern::Roundtrip => ("dispatch + combine", "round latency : "),
-        Pattern::Dispatch => ("dispatch", "round interval: "),
-    };
-    let measured = match args.pattern {
-        Pattern::Roundtrip => "dispatch posted -> combine received",
-        Pattern::Dispatch => "from one round's post to the next one's",
-    };
     println!(
         "  GB/s          : {:.3}  ({payload} payload over all pairs, GB = 1e9 B)",
         bytes / elapsed_s / 1e9

@@ -9,9 +9,9 @@ use m2n::{Communicator, Config, Error, Msg, Role, Shape};
 
 use crate::{Pattern, RunArgs};
 
-/// The transport's work over the rounds (since `from`), as
-/// `work_requests,inline,signaled,doorbells,cq_polls,completions,recv_posts`.
-/// Transport work since `from`, then credit writes since `credits_from`.
+/// The transport's work since `from`, as its counters comma-separated in
+/// the order of `TransportCounters::FIELDS`, then `credits=` the credit
+/// writes since `credits_from`.
 fn work(comm: &Communicator, from: m2n::transport::TransportCounters, credits_from: u64) -> String {
     let c = comm.transport_counters().since(&from).values();
     let c: Vec<String> = c.iter().map(u64::to_string).collect();
@@ -229,15 +229,57 @@ fn wait_sent(comm: &mut Communicator, ch: Ch, round: u64, args: &RunArgs) -> m2n
     }
 }
 
+/// An attention rank's dispatch side: `window` rounds of registered send
+/// buffers, round `k` in buffer `k % window`, each with one message of
+/// `bytes` per expert.
+struct Sending {
+    me: usize,
+    n: usize,
+    bytes: usize,
+    window: u64,
+    buf: m2n::Region,
+}
+
+impl Sending {
+    fn new(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<Self> {
+        let (n, window) = (comm.shape().experts, args.window as u64);
+        Ok(Sending {
+            me: comm.rank(),
+            n,
+            bytes: args.bytes,
+            window,
+            buf: comm.alloc(n * args.bytes * window as usize)?,
+        })
+    }
+
+    fn base(&self, round: u64) -> usize {
+        (round % self.window) as usize * self.n * self.bytes
+    }
+
+    /// Writes round `round`'s pattern into its buffer.
+    fn fill(&mut self, round: u64) {
+        let base = self.base(round);
+        fill_round(
+            &mut self.buf,
+            base,
+            ChannelId::Dispatch,
+            self.me,
+            self.n,
+            round,
+            self.bytes,
+        );
+    }
+
+    /// Sends round `round` from its buffer; returns the round number m2n gave it.
+    fn send(&self, comm: &mut Communicator, args: &RunArgs, round: u64) -> m2n::Result<u64> {
+        let msgs = msgs(&self.buf, self.base(round), self.n, self.bytes);
+        send(comm, Ch::Dispatch, &msgs, args)
+    }
+}
+
 fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
-    let (me, n, bytes, window) = (
-        comm.rank(),
-        comm.shape().experts,
-        args.bytes,
-        args.window as u64,
-    );
-    let stride = n * bytes;
-    let mut buf = comm.alloc(stride * window as usize)?;
+    let mut sending = Sending::new(comm, args)?;
+    let (me, n, bytes, window) = (sending.me, sending.n, sending.bytes, sending.window);
     let mut sent_at = vec![Instant::now(); window as usize];
     let mut latencies_ns = Vec::with_capacity(args.rounds as usize);
     let mut wrong = 0usize;
@@ -247,10 +289,9 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
     let start = Instant::now();
     while next_recv < args.rounds {
         while next_send < args.rounds && next_send - next_recv < window {
-            let base = (next_send % window) as usize * stride;
-            fill_round(&mut buf, base, ChannelId::Dispatch, me, n, next_send, bytes);
+            sending.fill(next_send);
             sent_at[(next_send % window) as usize] = Instant::now();
-            let round = send(comm, Ch::Dispatch, &msgs(&buf, base, n, bytes), args)?;
+            let round = sending.send(comm, args, next_send)?;
             debug_assert_eq!(round, next_send);
             hold_here(args, Phase::Dispatch, round);
             next_send += 1;
@@ -289,14 +330,8 @@ fn attention(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
 /// allow, reusing `window` buffers (each refilled once its round is sent).
 /// A sample is the time from one post to the next.
 fn stream_sender(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> {
-    let (me, n, bytes, window) = (
-        comm.rank(),
-        comm.shape().experts,
-        args.bytes,
-        args.window as u64,
-    );
-    let stride = n * bytes;
-    let mut buf = comm.alloc(stride * window as usize)?;
+    let mut sending = Sending::new(comm, args)?;
+    let window = sending.window;
     let mut intervals_ns = Vec::with_capacity(args.rounds as usize);
     let start_work = comm.transport_counters();
     let start_credits = comm.credit_writes();
@@ -306,9 +341,8 @@ fn stream_sender(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> 
         if round >= window {
             wait_sent(comm, Ch::Dispatch, round - window, args)?;
         }
-        let base = (round % window) as usize * stride;
-        fill_round(&mut buf, base, ChannelId::Dispatch, me, n, round, bytes);
-        let posted = send(comm, Ch::Dispatch, &msgs(&buf, base, n, bytes), args)?;
+        sending.fill(round);
+        let posted = sending.send(comm, args, round)?;
         debug_assert_eq!(posted, round);
         let now = Instant::now();
         if round > 0 {
@@ -322,7 +356,8 @@ fn stream_sender(comm: &mut Communicator, args: &RunArgs) -> m2n::Result<usize> 
     }
     let lat: Vec<String> = intervals_ns.iter().map(u64::to_string).collect();
     println!(
-        "M2N-RESULT attention {me} transport={} elapsed_ns={} wrong=0 work={} lat_ns={}",
+        "M2N-RESULT attention {} transport={} elapsed_ns={} wrong=0 work={} lat_ns={}",
+        sending.me,
         comm.transport_kind(),
         start.elapsed().as_nanos(),
         work(comm, start_work, start_credits),
