@@ -47,6 +47,9 @@ typedef enum m2n_result_t {
   M2N_ERR_ABORTED = 10,
   // A bug in m2n (a caught panic); the last error has the detail.
   M2N_ERR_INTERNAL = 11,
+  // A stream-ordered call could not be enqueued: no CUDA driver or GPU,
+  // a CUDA call failed, or this library was built without CUDA.
+  M2N_ERR_STREAM = 12,
 } m2n_result_t;
 
 // Which side of the group a rank is on.
@@ -174,6 +177,15 @@ enum m2n_result_t m2n_reg_mem(struct m2n_comm_t *comm,
                               size_t size,
                               struct m2n_mem_t **mem);
 
+// Registers GPU memory (a CUDA device pointer of this process) as a
+// zero-copy source of messages: over verbs through dma-buf (GPUDirect
+// RDMA, the peer-memory module as fallback). The shm and tcp transports
+// refuse it, naming themselves. Same lifetime rules as m2n_reg_mem.
+enum m2n_result_t m2n_reg_mem_device(struct m2n_comm_t *comm,
+                                     void *dptr,
+                                     size_t size,
+                                     struct m2n_mem_t **mem);
+
 // Deregisters (and, if allocated by m2n_mem_alloc, frees) a buffer.
 enum m2n_result_t m2n_dereg_mem(struct m2n_comm_t *comm, struct m2n_mem_t *mem);
 
@@ -221,6 +233,45 @@ enum m2n_result_t m2n_round_data(struct m2n_comm_t *comm,
 // Hands a round back: its slots return to the senders as credit, and the
 // round handle and its data pointers become invalid.
 enum m2n_result_t m2n_round_release(struct m2n_comm_t *comm, struct m2n_round_t *round);
+
+// Enqueues this rank's next round on `stream` (a `cudaStream_t`): its
+// writes are posted once the work enqueued on `stream` before this call
+// is done, and work enqueued after it waits until the data have left the
+// buffers. No kernel is launched: the stream waits on a flag in pinned
+// host memory (cuStreamWaitValue32) that m2n_progress, a blocking call on
+// `comm` or the proxy thread (m2n_comm_start_proxy) sets. `*round` is the
+// round's number. Operations of one side must be enqueued on one stream
+// (or on streams the caller orders).
+enum m2n_result_t m2n_send_stream(struct m2n_comm_t *comm,
+                                  const struct m2n_msg_t *msgs,
+                                  int count,
+                                  void *stream,
+                                  uint64_t *round);
+
+// Enqueues a receive of the next round on `stream`: work enqueued after
+// it waits until every sender's message is in and visible to the GPU.
+// `*round` is a handle at once: m2n_round_data gives each message's
+// device address (and its length once the round is in; M2N_AGAIN
+// before). Release it with m2n_round_release_stream.
+enum m2n_result_t m2n_recv_stream(struct m2n_comm_t *comm,
+                                  void *stream,
+                                  struct m2n_round_t **round);
+
+// Enqueues the release of a round from m2n_recv_stream on `stream`: once
+// the work enqueued before it is done, its slots return to the senders.
+// The handle is invalid after this call.
+enum m2n_result_t m2n_round_release_stream(struct m2n_comm_t *comm,
+                                           struct m2n_round_t *round,
+                                           void *stream);
+
+// Starts a thread that drives `comm`'s progress engine (stream-ordered
+// calls need it when the application does not call m2n_progress). It
+// stops at m2n_comm_stop_proxy, m2n_comm_destroy, or the first failure
+// (which releases every waiting stream and is then reported by every call).
+enum m2n_result_t m2n_comm_start_proxy(struct m2n_comm_t *comm);
+
+// Stops the proxy thread; returns the failure it stopped on, if any.
+enum m2n_result_t m2n_comm_stop_proxy(struct m2n_comm_t *comm);
 
 #ifdef __cplusplus
 }  // extern "C"

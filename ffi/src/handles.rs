@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use m2n_rs::stream::{Proxy, StreamRound};
 use m2n_rs::{Communicator, RecvRound, Region};
 
 use crate::types::{m2n_comm_t, m2n_mem_t, m2n_result_t, m2n_round_t};
@@ -14,6 +15,10 @@ pub(crate) struct CommState {
     pub comm: Communicator,
     pub mems: HashMap<usize, Region>,
     pub rounds: HashMap<usize, RecvRound>,
+    /// Rounds handed out by stream-ordered receives, until released on a stream.
+    pub stream_rounds: HashMap<usize, StreamRound>,
+    /// The proxy thread driving this communicator, if started.
+    pub proxy: Option<Proxy<CommState>>,
     pub last_error: CString,
     pub aborted: bool,
 }

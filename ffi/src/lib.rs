@@ -88,6 +88,7 @@ fn map_err(e: Error) -> Failure {
         Error::Usage(_) => m2n_result_t::M2N_ERR_INVALID_USAGE,
         Error::InvalidArgument(_) => m2n_result_t::M2N_ERR_INVALID_ARGUMENT,
         Error::Aborted => m2n_result_t::M2N_ERR_ABORTED,
+        Error::Stream(_) => m2n_result_t::M2N_ERR_STREAM,
     };
     (code, e.to_string())
 }
@@ -167,6 +168,7 @@ pub extern "C" fn m2n_get_error_string(result: c_int) -> *const c_char {
         9 => c"configuration error",
         10 => c"communicator aborted",
         11 => c"internal error",
+        12 => c"stream operation failed (CUDA missing or a CUDA call failed)",
         _ => c"unknown m2n result code",
     };
     s.as_ptr()
@@ -400,6 +402,8 @@ pub extern "C" fn m2n_comm_init(
             comm: c,
             mems: Default::default(),
             rounds: Default::default(),
+            stream_rounds: Default::default(),
+            proxy: None,
             last_error: CString::default(),
             aborted: false,
         });
@@ -417,6 +421,7 @@ pub extern "C" fn m2n_comm_abort(comm: *mut m2n_comm_t) -> m2n_result_t {
         st.comm.abort();
         st.aborted = true;
         st.rounds.clear();
+        st.stream_rounds.clear();
         Ok(m2n_result_t::M2N_SUCCESS)
     })
 }
@@ -427,7 +432,12 @@ pub extern "C" fn m2n_comm_abort(comm: *mut m2n_comm_t) -> m2n_result_t {
 pub extern "C" fn m2n_comm_destroy(comm: *mut m2n_comm_t) -> m2n_result_t {
     guard(|| {
         lookup_comm(comm)?;
-        remove_comm(comm);
+        if let Some(c) = remove_comm(comm) {
+            // The proxy thread holds the communicator too: stop it first
+            // (without holding the lock it needs to finish).
+            let proxy = c.lock().unwrap_or_else(|p| p.into_inner()).proxy.take();
+            drop(proxy);
+        }
         Ok(m2n_result_t::M2N_SUCCESS)
     })
 }
@@ -494,6 +504,46 @@ pub extern "C" fn m2n_reg_mem(
     })
 }
 
+/// Registers GPU memory (a CUDA device pointer of this process) as a
+/// zero-copy source of messages: over verbs through dma-buf (GPUDirect
+/// RDMA, the peer-memory module as fallback). The shm and tcp transports
+/// refuse it, naming themselves. Same lifetime rules as m2n_reg_mem.
+#[no_mangle]
+pub extern "C" fn m2n_reg_mem_device(
+    comm: *mut m2n_comm_t,
+    dptr: *mut c_void,
+    size: usize,
+    mem: *mut *mut m2n_mem_t,
+) -> m2n_result_t {
+    with_comm(comm, |st| {
+        not_aborted(st)?;
+        if mem.is_null() {
+            return Err(invalid("mem is NULL"));
+        }
+        if dptr.is_null() {
+            return Err(invalid("dptr is NULL"));
+        }
+        #[cfg(feature = "cuda")]
+        {
+            // SAFETY: the caller keeps the memory valid while registered.
+            let region = unsafe { st.comm.register_gpu(dptr as u64, size) }.map_err(map_err)?;
+            let key = st.key();
+            put(mem, "mem", key as *mut m2n_mem_t)?;
+            st.mems.insert(key, region);
+            Ok(m2n_result_t::M2N_SUCCESS)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = size;
+            Err((
+                m2n_result_t::M2N_ERR_TRANSPORT,
+                "this libm2n was built without CUDA support (cargo feature `cuda` of m2n-ffi)"
+                    .into(),
+            ))
+        }
+    })
+}
+
 /// Deregisters (and, if allocated by m2n_mem_alloc, frees) a buffer.
 #[no_mangle]
 pub extern "C" fn m2n_dereg_mem(comm: *mut m2n_comm_t, mem: *mut m2n_mem_t) -> m2n_result_t {
@@ -524,6 +574,49 @@ fn recv_channel(c: &mut Communicator) -> m2n_rs::Channel<'_> {
     }
 }
 
+/// The messages of a round, checked against this communicator's buffers.
+fn messages<'a>(
+    raw: &[m2n_msg_t],
+    mems: &'a std::collections::HashMap<usize, m2n_rs::Region>,
+) -> Result<Vec<Msg<'a>>, Failure> {
+    let mut list = Vec::with_capacity(raw.len());
+    for (i, m) in raw.iter().enumerate() {
+        if m.mem.is_null() {
+            if m.len != 0 {
+                return Err(invalid(format!(
+                    "msgs[{i}] has no buffer but {} bytes",
+                    m.len
+                )));
+            }
+            list.push(Msg::EMPTY);
+            continue;
+        }
+        let region = mems.get(&mem_key(m.mem)).ok_or_else(|| {
+            usage(format!(
+                "msgs[{i}].mem {:p} is not a live buffer of this communicator",
+                m.mem
+            ))
+        })?;
+        list.push(Msg::new(region, m.offset, m.len));
+    }
+    Ok(list)
+}
+
+/// `count` messages at `msgs` (NULL allowed when there are none).
+fn msg_array<'a>(msgs: *const m2n_msg_t, count: c_int) -> Result<&'a [m2n_msg_t], Failure> {
+    if msgs.is_null() && count != 0 {
+        return Err(invalid("msgs is NULL"));
+    }
+    let count =
+        usize::try_from(count).map_err(|_| invalid(format!("count {count} is negative")))?;
+    Ok(if count == 0 {
+        &[][..]
+    } else {
+        // SAFETY: non-null array of `count` messages (API contract).
+        unsafe { std::slice::from_raw_parts(msgs, count) }
+    })
+}
+
 /// Posts this rank's next round on the channel it sends on (dispatch for
 /// attention, combine for experts): `msgs[r]` goes to receiver `r`, and
 /// `count` must equal the number of receivers. Waits up to `timeout_ms`
@@ -540,41 +633,12 @@ pub extern "C" fn m2n_send(
 ) -> m2n_result_t {
     with_comm(comm, |st| {
         not_aborted(st)?;
-        if msgs.is_null() && count != 0 {
-            return Err(invalid("msgs is NULL"));
-        }
-        let count =
-            usize::try_from(count).map_err(|_| invalid(format!("count {count} is negative")))?;
+        let raw = msg_array(msgs, count)?;
         if round.is_null() {
             return Err(invalid("round is NULL"));
         }
-        let raw = if count == 0 {
-            &[][..]
-        } else {
-            // SAFETY: non-null array of `count` messages (API contract).
-            unsafe { std::slice::from_raw_parts(msgs, count) }
-        };
         let CommState { comm, mems, .. } = st;
-        let mut list = Vec::with_capacity(count);
-        for (i, m) in raw.iter().enumerate() {
-            if m.mem.is_null() {
-                if m.len != 0 {
-                    return Err(invalid(format!(
-                        "msgs[{i}] has no buffer but {} bytes",
-                        m.len
-                    )));
-                }
-                list.push(Msg::EMPTY);
-                continue;
-            }
-            let region = mems.get(&mem_key(m.mem)).ok_or_else(|| {
-                usage(format!(
-                    "msgs[{i}].mem {:p} is not a live buffer of this communicator",
-                    m.mem
-                ))
-            })?;
-            list.push(Msg::new(region, m.offset, m.len));
-        }
+        let list = messages(raw, mems)?;
         let mut ch = send_channel(comm);
         let posted = if timeout_ms == 0 {
             ch.try_send(&list).map_err(map_err)?
@@ -686,12 +750,17 @@ pub extern "C" fn m2n_round_number(
 ) -> m2n_result_t {
     with_comm(comm, |st| {
         not_aborted(st)?;
-        let r = st.rounds.get(&round_key(round)).ok_or_else(|| {
-            usage(format!(
-                "{round:p} is not a live round of this communicator"
-            ))
-        })?;
-        put(number, "number", r.round())?;
+        let key = round_key(round);
+        let n = match (st.rounds.get(&key), st.stream_rounds.get(&key)) {
+            (Some(r), _) => r.round(),
+            (None, Some(r)) => r.round(),
+            (None, None) => {
+                return Err(usage(format!(
+                    "{round:p} is not a live round of this communicator"
+                )))
+            }
+        };
+        put(number, "number", n)?;
         Ok(m2n_result_t::M2N_SUCCESS)
     })
 }
@@ -709,6 +778,9 @@ pub extern "C" fn m2n_round_data(
 ) -> m2n_result_t {
     with_comm(comm, |st| {
         not_aborted(st)?;
+        if let Some(r) = st.stream_rounds.get(&round_key(round)) {
+            return stream_round_data(&st.comm, r, sender, data, len);
+        }
         let r = st.rounds.get(&round_key(round)).ok_or_else(|| {
             usage(format!(
                 "{round:p} is not a live round of this communicator"
@@ -735,6 +807,11 @@ pub extern "C" fn m2n_round_release(
 ) -> m2n_result_t {
     with_comm(comm, |st| {
         not_aborted(st)?;
+        if st.stream_rounds.contains_key(&round_key(round)) {
+            return Err(usage(format!(
+                "{round:p} came from m2n_recv_stream: release it with m2n_round_release_stream"
+            )));
+        }
         let r = st.rounds.remove(&round_key(round)).ok_or_else(|| {
             usage(format!(
                 "{round:p} is not a live round of this communicator (released twice?)"
@@ -742,5 +819,189 @@ pub extern "C" fn m2n_round_release(
         })?;
         recv_channel(&mut st.comm).release(r).map_err(map_err)?;
         Ok(m2n_result_t::M2N_SUCCESS)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Stream-ordered calls (CUDA streams)
+// ---------------------------------------------------------------------------
+
+/// The caller's `cudaStream_t` (a `CUstream`; NULL: the legacy default
+/// stream of the calling thread's current context).
+#[cfg(feature = "cuda")]
+fn cuda_stream(stream: *mut c_void) -> Result<m2n_rs::stream::CudaStream, Failure> {
+    // SAFETY: the API contract: a live stream that outlives the operations.
+    unsafe { m2n_rs::stream::CudaStream::from_raw(stream) }.map_err(|e| map_err(e.into()))
+}
+
+/// Without CUDA there is no stream to wrap (the type only fills the slot).
+#[cfg(not(feature = "cuda"))]
+fn cuda_stream(_stream: *mut c_void) -> Result<m2n_rs::stream::HostStream, Failure> {
+    Err((
+        m2n_result_t::M2N_ERR_STREAM,
+        "this libm2n was built without CUDA support (cargo feature `cuda` of m2n-ffi)".into(),
+    ))
+}
+
+/// Enqueues this rank's next round on `stream` (a `cudaStream_t`): its
+/// writes are posted once the work enqueued on `stream` before this call
+/// is done, and work enqueued after it waits until the data have left the
+/// buffers. No kernel is launched: the stream waits on a flag in pinned
+/// host memory (cuStreamWaitValue32) that m2n_progress, a blocking call on
+/// `comm` or the proxy thread (m2n_comm_start_proxy) sets. `*round` is the
+/// round's number. Operations of one side must be enqueued on one stream
+/// (or on streams the caller orders).
+#[no_mangle]
+pub extern "C" fn m2n_send_stream(
+    comm: *mut m2n_comm_t,
+    msgs: *const m2n_msg_t,
+    count: c_int,
+    stream: *mut c_void,
+    round: *mut u64,
+) -> m2n_result_t {
+    with_comm(comm, |st| {
+        not_aborted(st)?;
+        let raw = msg_array(msgs, count)?;
+        if round.is_null() {
+            return Err(invalid("round is NULL"));
+        }
+        let s = cuda_stream(stream)?;
+        let CommState { comm, mems, .. } = st;
+        let list = messages(raw, mems)?;
+        let r = send_channel(comm)
+            .send_on_stream(&list, &s)
+            .map_err(map_err)?;
+        put(round, "round", r)?;
+        Ok(m2n_result_t::M2N_SUCCESS)
+    })
+}
+
+/// Enqueues a receive of the next round on `stream`: work enqueued after
+/// it waits until every sender's message is in and visible to the GPU.
+/// `*round` is a handle at once: m2n_round_data gives each message's
+/// device address (and its length once the round is in; M2N_AGAIN
+/// before). Release it with m2n_round_release_stream.
+#[no_mangle]
+pub extern "C" fn m2n_recv_stream(
+    comm: *mut m2n_comm_t,
+    stream: *mut c_void,
+    round: *mut *mut m2n_round_t,
+) -> m2n_result_t {
+    with_comm(comm, |st| {
+        not_aborted(st)?;
+        if round.is_null() {
+            return Err(invalid("round is NULL"));
+        }
+        let s = cuda_stream(stream)?;
+        let r = recv_channel(&mut st.comm)
+            .recv_on_stream(&s)
+            .map_err(map_err)?;
+        let key = st.key();
+        st.stream_rounds.insert(key, r);
+        put(round, "round", key as *mut m2n_round_t)?;
+        Ok(m2n_result_t::M2N_SUCCESS)
+    })
+}
+
+/// Enqueues the release of a round from m2n_recv_stream on `stream`: once
+/// the work enqueued before it is done, its slots return to the senders.
+/// The handle is invalid after this call.
+#[no_mangle]
+pub extern "C" fn m2n_round_release_stream(
+    comm: *mut m2n_comm_t,
+    round: *mut m2n_round_t,
+    stream: *mut c_void,
+) -> m2n_result_t {
+    with_comm(comm, |st| {
+        not_aborted(st)?;
+        let key = round_key(round);
+        if !st.stream_rounds.contains_key(&key) {
+            return Err(usage(format!(
+                "{round:p} is not a live round from m2n_recv_stream of this communicator"
+            )));
+        }
+        let s = cuda_stream(stream)?;
+        let r = st.stream_rounds.remove(&key).expect("checked");
+        recv_channel(&mut st.comm)
+            .release_on_stream(r, &s)
+            .map_err(map_err)?;
+        Ok(m2n_result_t::M2N_SUCCESS)
+    })
+}
+
+fn stream_round_data(
+    comm: &Communicator,
+    r: &m2n_rs::stream::StreamRound,
+    sender: c_int,
+    data: *mut *const c_void,
+    len: *mut usize,
+) -> Result<m2n_result_t, Failure> {
+    let lens = comm.stream_round_lens(r);
+    let senders = comm.shape().side(match comm.role() {
+        Role::Attention => Role::Expert,
+        Role::Expert => Role::Attention,
+    });
+    let s = usize::try_from(sender)
+        .ok()
+        .filter(|&s| s < senders)
+        .ok_or_else(|| invalid(format!("sender {sender} is outside 0..{senders}")))?;
+    put(data, "data", r.message_addr(s) as *const c_void)?;
+    match lens {
+        Some(l) => {
+            put(len, "len", l[s] as usize)?;
+            Ok(m2n_result_t::M2N_SUCCESS)
+        }
+        None => {
+            put(len, "len", r.slot_bytes())?;
+            Ok(m2n_result_t::M2N_AGAIN)
+        }
+    }
+}
+
+fn drive(st: &mut CommState) -> m2n_rs::Result<bool> {
+    st.comm.progress()
+}
+
+/// Starts a thread that drives `comm`'s progress engine (stream-ordered
+/// calls need it when the application does not call m2n_progress). It
+/// stops at m2n_comm_stop_proxy, m2n_comm_destroy, or the first failure
+/// (which releases every waiting stream and is then reported by every call).
+#[no_mangle]
+pub extern "C" fn m2n_comm_start_proxy(comm: *mut m2n_comm_t) -> m2n_result_t {
+    guard(|| {
+        let c = lookup_comm(comm)?;
+        let mut st = c.lock().unwrap_or_else(|p| p.into_inner());
+        let started = (|| {
+            not_aborted(&st)?;
+            if st.proxy.as_ref().is_some_and(|p| p.is_running()) {
+                return Err(usage("the proxy thread is already running"));
+            }
+            Ok(())
+        })();
+        if let Err(f) = started {
+            st.last_error = CString::new(f.1.replace('\0', " ")).unwrap_or_default();
+            return Err(f);
+        }
+        st.proxy = Some(m2n_rs::stream::Proxy::spawn(c.clone(), drive));
+        Ok(m2n_result_t::M2N_SUCCESS)
+    })
+}
+
+/// Stops the proxy thread; returns the failure it stopped on, if any.
+#[no_mangle]
+pub extern "C" fn m2n_comm_stop_proxy(comm: *mut m2n_comm_t) -> m2n_result_t {
+    guard(|| {
+        let c = lookup_comm(comm)?;
+        let proxy = c.lock().unwrap_or_else(|p| p.into_inner()).proxy.take();
+        // Joined without the lock, which the thread needs to finish.
+        let stopped = match proxy {
+            Some(p) => p.stop().map_err(map_err),
+            None => Err(usage("no proxy thread was started on this communicator")),
+        };
+        if let Err(f) = &stopped {
+            let mut st = c.lock().unwrap_or_else(|p| p.into_inner());
+            st.last_error = CString::new(f.1.replace('\0', " ")).unwrap_or_default();
+        }
+        stopped.map(|()| m2n_result_t::M2N_SUCCESS)
     })
 }

@@ -40,6 +40,10 @@ pub enum Error {
     InvalidArgument(String),
     #[error("the communicator was aborted")]
     Aborted,
+    /// A stream-ordered operation could not be enqueued (no CUDA driver,
+    /// a CUDA call failed, streams of different kinds mixed).
+    #[error("stream: {0}")]
+    Stream(#[from] crate::stream::StreamError),
 }
 
 impl Error {

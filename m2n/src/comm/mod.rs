@@ -27,6 +27,7 @@
 mod error;
 mod liveness;
 mod setup;
+mod streams;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -142,6 +143,8 @@ pub struct Communicator {
     detail: String,
     /// The time as last read (see [`Communicator::now`]).
     clock: Clock,
+    /// Stream-ordered operations (see [`crate::stream`]).
+    streams: streams::Streams,
 }
 
 /// Reads of the clock on the polling paths: one real read in
@@ -368,6 +371,7 @@ impl Communicator {
             liveness,
             completions: Vec::new(),
             fatal: None,
+            streams: streams::Streams::default(),
         })
     }
 
@@ -505,19 +509,45 @@ impl Communicator {
             .filter(|(_, l)| !l.clean)
             .map(|(i, _)| *i)
             .collect();
-        self.check_lost(&lost, &abnormal)?;
+        if let Err(e) = self.check_lost(&lost, &abnormal) {
+            // Streams waiting on this group would wait for ever.
+            self.streams.let_go(&e);
+            return Err(e);
+        }
         Ok(moved)
     }
 
     fn progress_inner(&mut self) -> Result<bool> {
+        let r = self.progress_steps();
+        if let Err(e) = &r {
+            self.streams.let_go(e);
+        }
+        r
+    }
+
+    fn progress_steps(&mut self) -> Result<bool> {
         self.check_fatal()?;
         let now = self.now();
-        let mut moved = self.post_writes()?;
+        let streams = self.streams_active();
+        let mut moved = streams && self.drive_stream_sends()?;
+        moved |= self.post_writes()?;
         moved |= self.post_credits(now)?;
         moved |= self.poll_transport()?;
         moved |= self.read_credits()?;
+        if streams {
+            moved |= self.drive_stream_completions()?;
+            moved |= self.post_credits(now)?;
+        }
         self.liveness.poll(now, false);
         Ok(moved)
+    }
+
+    /// This rank, as a peer.
+    fn me(&self) -> Peer {
+        Peer {
+            role: self.role,
+            rank: self.rank,
+        }
     }
 
     fn post_writes(&mut self) -> Result<bool> {
@@ -751,11 +781,13 @@ impl Communicator {
     pub fn abort(&mut self) {
         self.liveness.close();
         self.fatal = Some(Fatal::Aborted);
+        self.streams.let_go(&Error::Aborted);
     }
 }
 
 impl Drop for Communicator {
     fn drop(&mut self) {
+        self.streams.close();
         self.liveness.goodbye();
     }
 }
@@ -826,8 +858,37 @@ impl Channel<'_> {
     /// [`is_sent`](Self::is_sent) says the round is sent.
     pub fn try_send(&mut self, msgs: &[Msg<'_>]) -> Result<Option<u64>> {
         self.sending()?;
+        self.comm.check_no_stream_sends()?;
         let lost = self.comm.lost_snapshot(false);
         self.comm.progress_inner()?;
+        let (sources, lens) = self.validate(msgs)?;
+        let peer = self.comm.me();
+        let posted = self
+            .comm
+            .send
+            .proto
+            .post_round(&lens)
+            .map_err(|source| Error::Protocol { peer, source })?;
+        let Some(round) = posted else {
+            // Blocked on credit: a receiver that is gone will never give it.
+            if !lost.is_empty() {
+                let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
+                self.comm.check_lost(&lost, &blocking)?;
+            }
+            return Ok(None);
+        };
+        debug_assert_eq!(
+            round,
+            self.comm.send.sources_base + self.comm.send.sources.len() as u64
+        );
+        self.comm.send.sources.push_back(sources);
+        self.comm.progress_inner()?;
+        Ok(Some(round))
+    }
+
+    /// Checks a round's messages: one per receiver, each inside its
+    /// region (of this communicator) and its slot.
+    fn validate(&self, msgs: &[Msg<'_>]) -> Result<streams::Sources> {
         let geo = *self.comm.send.proto.geometry();
         if msgs.len() != geo.receivers {
             return Err(Error::InvalidArgument(format!(
@@ -861,39 +922,18 @@ impl Channel<'_> {
                 }
                 None => (self.comm.recv.credit_src.id(), 0),
             };
+            if m.len > geo.slot_bytes {
+                let source = crate::proto::ProtoError::MessageTooLarge {
+                    receiver: r,
+                    len: m.len,
+                    slot_bytes: geo.slot_bytes,
+                };
+                return Err(Error::InvalidArgument(source.to_string()));
+            }
             sources.push(src);
         }
         let lens: Vec<usize> = msgs.iter().map(|m| m.len).collect();
-        let peer = Peer {
-            role: self.comm.role,
-            rank: self.comm.rank,
-        };
-        let posted = self
-            .comm
-            .send
-            .proto
-            .post_round(&lens)
-            .map_err(|source| match source {
-                crate::proto::ProtoError::MessageTooLarge { .. } => {
-                    Error::InvalidArgument(source.to_string())
-                }
-                _ => Error::Protocol { peer, source },
-            })?;
-        let Some(round) = posted else {
-            // Blocked on credit: a receiver that is gone will never give it.
-            if !lost.is_empty() {
-                let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
-                self.comm.check_lost(&lost, &blocking)?;
-            }
-            return Ok(None);
-        };
-        debug_assert_eq!(
-            round,
-            self.comm.send.sources_base + self.comm.send.sources.len() as u64
-        );
-        self.comm.send.sources.push_back(sources);
-        self.comm.progress_inner()?;
-        Ok(Some(round))
+        Ok((sources, lens))
     }
 
     /// Posts the next round, waiting up to `timeout` for credit.
@@ -978,6 +1018,7 @@ impl Channel<'_> {
     /// message is missing is gone (it will never come).
     pub fn try_recv(&mut self) -> Result<Option<RecvRound>> {
         self.receiving()?;
+        self.comm.check_no_stream_recvs()?;
         let lost = self.comm.lost_snapshot(false);
         self.comm.progress_inner()?;
         if let Some(d) = self.comm.recv.proto.poll_round() {

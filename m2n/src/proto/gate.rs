@@ -178,6 +178,23 @@ impl SendGate {
         publish
     }
 
+    /// Sends enqueued and not yet posted.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The last sequence number handed out: setting `sent` to it releases
+    /// every stream waiting on this gate (used when the group failed, so
+    /// that no stream waits for ever).
+    pub fn last_issued(&self) -> u32 {
+        self.seq.next.wrapping_sub(1)
+    }
+
+    /// Whether any send is enqueued and not yet out.
+    pub fn busy(&self) -> bool {
+        self.seq.outstanding > 0
+    }
+
     /// Rounds posted and not yet sent, oldest first.
     pub fn in_flight(&self) -> impl Iterator<Item = u64> + '_ {
         self.posted.iter().filter(|p| !p.2).map(|p| p.1)
@@ -218,6 +235,22 @@ impl RecvGate {
         let s = self.recv_seq.take()?;
         self.awaiting.push_back(s);
         Ok((s, StreamOp::Wait(Flag::Arrived, s)))
+    }
+
+    /// Stream-ordered receives enqueued and not yet satisfied.
+    pub fn awaiting(&self) -> usize {
+        self.awaiting.len()
+    }
+
+    /// The last receive sequence number handed out (see
+    /// [`SendGate::last_issued`]).
+    pub fn last_issued(&self) -> u32 {
+        self.recv_seq.next.wrapping_sub(1)
+    }
+
+    /// Whether any receive or release is enqueued and not yet done.
+    pub fn busy(&self) -> bool {
+        self.recv_seq.outstanding > 0 || self.release_seq.outstanding > 0
     }
 
     /// Whether a stream-ordered receive is waiting for a round.

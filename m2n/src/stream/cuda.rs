@@ -1,0 +1,246 @@
+//! CUDA streams (feature `cuda`): the flag operations are stream memory
+//! operations (`cuStreamWriteValue32` / `cuStreamWaitValue32`), executed
+//! by the GPU's front end, on flags in pinned host memory mapped into the
+//! device's address space. No kernel is launched and no SM waits.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+
+use super::{Flag, FlagBlock, MappedRegion, Stream, StreamError, StreamKind, FLAG_BLOCK_BYTES};
+use crate::transport::Region;
+
+fn check(call: &'static str, code: sys::CUresult) -> Result<(), StreamError> {
+    if code == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(StreamError::Call {
+            call,
+            code: format!("{code:?}"),
+        })
+    }
+}
+
+/// A context handle that may move between threads (the driver's handles
+/// are thread-safe; the pointer is only ever passed back to it).
+#[derive(Debug, Clone, Copy)]
+struct Ctx(sys::CUcontext);
+// SAFETY: CUDA contexts may be made current on any thread.
+unsafe impl Send for Ctx {}
+// SAFETY: as above; the handle is never dereferenced here.
+unsafe impl Sync for Ctx {}
+
+impl Ctx {
+    fn make_current(self) -> Result<(), StreamError> {
+        // SAFETY: a context handle the driver gave us.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.0) })
+    }
+}
+
+/// A CUDA stream (`cudaStream_t` / `CUstream`) borrowed from the caller.
+#[derive(Debug)]
+pub struct CudaStream {
+    raw: sys::CUstream,
+    ctx: Ctx,
+}
+
+// SAFETY: CUDA streams may be used from any thread.
+unsafe impl Send for CudaStream {}
+// SAFETY: the driver serialises operations on a stream.
+unsafe impl Sync for CudaStream {}
+
+impl CudaStream {
+    /// Wraps a stream created by the caller (a `cudaStream_t` from the
+    /// runtime API is the same handle; NULL is the legacy default stream
+    /// of the calling thread's current context). Fails naming what is
+    /// missing on a machine without a driver or GPU.
+    ///
+    /// # Safety
+    /// `raw` must be a live stream handle (or NULL with a current context)
+    /// that outlives this value and every operation enqueued through it.
+    pub unsafe fn from_raw(raw: *mut c_void) -> Result<Self, StreamError> {
+        crate::gpu::init().map_err(|e| StreamError::Unsupported(e.to_string()))?;
+        let raw: sys::CUstream = raw.cast();
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-parameter; the caller vouches for the stream.
+        check("cuStreamGetCtx", unsafe {
+            sys::cuStreamGetCtx(raw, &mut ctx)
+        })?;
+        if ctx.is_null() {
+            return Err(StreamError::Unsupported(
+                "the stream has no CUDA context (NULL stream without a current context)".into(),
+            ));
+        }
+        Ok(CudaStream { raw, ctx: Ctx(ctx) })
+    }
+
+    /// The raw handle.
+    pub fn as_raw(&self) -> *mut c_void {
+        self.raw.cast()
+    }
+}
+
+/// Pinned host memory from `cuMemHostAlloc`.
+struct Pinned(*mut c_void, Ctx);
+// SAFETY: host memory; freed once, from whichever thread drops it.
+unsafe impl Send for Pinned {}
+// SAFETY: never accessed through this handle, only freed.
+unsafe impl Sync for Pinned {}
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = self.1.make_current();
+        // SAFETY: allocated by cuMemHostAlloc, freed once.
+        unsafe { sys::cuMemFreeHost(self.0) };
+    }
+}
+
+/// Host memory registered with `cuMemHostRegister`.
+struct Registered(*mut c_void, Ctx);
+// SAFETY: as `Pinned`.
+unsafe impl Send for Registered {}
+// SAFETY: as `Pinned`.
+unsafe impl Sync for Registered {}
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let _ = self.1.make_current();
+        // SAFETY: registered by cuMemHostRegister, unregistered once.
+        unsafe { sys::cuMemHostUnregister(self.0) };
+    }
+}
+
+impl Stream for CudaStream {
+    fn kind(&self) -> StreamKind {
+        StreamKind::Cuda
+    }
+
+    fn write_value(
+        &self,
+        flags: &Arc<FlagBlock>,
+        flag: Flag,
+        value: u32,
+    ) -> Result<(), StreamError> {
+        self.ctx.make_current()?;
+        // The default flags order the write after all prior work on the
+        // stream, with that work's memory writes visible before it.
+        // SAFETY: the flag is mapped pinned memory that outlives the stream
+        // operation (the communicator keeps it while operations are out).
+        check("cuStreamWriteValue32", unsafe {
+            sys::cuStreamWriteValue32_v2(
+                self.raw,
+                flags.device_addr(flag),
+                value,
+                sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+            )
+        })
+    }
+
+    fn wait_value(
+        &self,
+        flags: &Arc<FlagBlock>,
+        flag: Flag,
+        value: u32,
+    ) -> Result<(), StreamError> {
+        self.ctx.make_current()?;
+        // GEQ compares wrap-aware, as `reached` does.
+        // SAFETY: as in write_value.
+        check("cuStreamWaitValue32", unsafe {
+            sys::cuStreamWaitValue32_v2(
+                self.raw,
+                flags.device_addr(flag),
+                value,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        })
+    }
+
+    fn alloc_flags(&self) -> Result<FlagBlock, StreamError> {
+        self.ctx.make_current()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-parameter.
+        check("cuMemHostAlloc", unsafe {
+            sys::cuMemHostAlloc(
+                &mut p,
+                FLAG_BLOCK_BYTES,
+                sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
+            )
+        })?;
+        let owner = Pinned(p, self.ctx);
+        // SAFETY: FLAG_BLOCK_BYTES bytes were just allocated at p.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, FLAG_BLOCK_BYTES) };
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: p is mapped pinned memory; valid out-parameter.
+        check("cuMemHostGetDevicePointer", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0)
+        })?;
+        // SAFETY: zeroed, page-aligned, FLAG_BLOCK_BYTES long, freed only
+        // when `owner` drops with the block; `dev` is its device address.
+        Ok(unsafe { FlagBlock::from_raw(p.cast(), dev, StreamKind::Cuda, Box::new(owner)) })
+    }
+
+    fn map_region(&self, region: &Region) -> Result<MappedRegion, StreamError> {
+        self.ctx.make_current()?;
+        if !region.is_host() {
+            // Device memory: written by the NIC (GPUDirect RDMA) or by
+            // copies; RDMA writes are flushed before each arrival is told.
+            let ctx = self.ctx;
+            let fence: super::Fence = Box::new(move || {
+                ctx.make_current()?;
+                // SAFETY: a plain driver call on the current context.
+                check("cuFlushGPUDirectRDMAWrites", unsafe {
+                    sys::cuFlushGPUDirectRDMAWrites(
+                        sys::CUflushGPUDirectRDMAWritesTarget::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX,
+                        sys::CUflushGPUDirectRDMAWritesScope::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER,
+                    )
+                })
+            });
+            return Ok(MappedRegion {
+                addr: region.as_ptr() as u64,
+                fence: Some(fence),
+                owner: None,
+            });
+        }
+        // Host memory (shm and tcp rings): pinned and mapped, so kernels
+        // read it in place over the bus.
+        let p: *mut c_void = region.as_ptr().cast();
+        // SAFETY: the region's bytes stay mapped while the communicator
+        // lives, and the registration is undone before (owner below).
+        check("cuMemHostRegister", unsafe {
+            sys::cuMemHostRegister_v2(
+                p,
+                region.len(),
+                sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP,
+            )
+        })?;
+        let owner = Registered(p, self.ctx);
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: p was just registered; valid out-parameter.
+        check("cuMemHostGetDevicePointer", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0)
+        })?;
+        Ok(MappedRegion {
+            addr: dev,
+            fence: None,
+            owner: Some(Box::new(owner)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn without_a_gpu_wrapping_a_stream_says_what_is_missing() {
+        // SAFETY: NULL is the legacy default stream; without a driver the
+        // call fails before using it.
+        match unsafe { super::CudaStream::from_raw(std::ptr::null_mut()) } {
+            Ok(_) => println!("skipped: a CUDA driver and context are present"),
+            Err(e) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("CUDA") || text.contains("GPU") || text.contains("context"),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
