@@ -16,6 +16,8 @@ pub enum GpuError {
     },
     #[error("the CUDA driver reports no GPU")]
     NoDevice,
+    #[error("{0:#x} is not device memory of this process")]
+    NotDevice(u64),
 }
 
 fn check(call: &'static str, code: sys::CUresult) -> Result<(), GpuError> {
@@ -61,6 +63,102 @@ pub fn dmabuf_fd(dptr: u64, len: usize) -> Result<std::os::fd::OwnedFd, GpuError
     })?;
     // SAFETY: on success the driver hands us a new file descriptor.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// A context handle that may move between threads (the driver's handles
+/// are thread-safe; the pointer is only ever passed back to it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx(pub(crate) sys::CUcontext);
+// SAFETY: CUDA contexts may be made current on any thread.
+unsafe impl Send for Ctx {}
+// SAFETY: as above; the handle is never dereferenced here.
+unsafe impl Sync for Ctx {}
+
+impl Ctx {
+    pub(crate) fn make_current(self) -> Result<(), GpuError> {
+        // SAFETY: a context handle the driver gave us.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.0) })
+    }
+}
+
+/// The context that owns device memory at `dptr` (which checks that it is
+/// device memory of this process at all).
+pub(crate) fn pointer_context(dptr: u64) -> Result<Ctx, GpuError> {
+    init()?;
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: valid out-parameter of the attribute's type; the driver
+    // checks the pointer.
+    check("cuPointerGetAttribute(CONTEXT)", unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ctx as *mut sys::CUcontext).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
+            dptr,
+        )
+    })?;
+    if ctx.is_null() {
+        return Err(GpuError::NotDevice(dptr));
+    }
+    Ok(Ctx(ctx))
+}
+
+/// Host memory registered with `cuMemHostRegister` (pinned, mapped) until
+/// dropped.
+pub(crate) struct Registered(*mut std::ffi::c_void, Ctx);
+// SAFETY: host memory; unregistered once, from whichever thread drops it.
+unsafe impl Send for Registered {}
+// SAFETY: never accessed through this handle, only unregistered.
+unsafe impl Sync for Registered {}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let _ = self.1.make_current();
+        // SAFETY: registered by cuMemHostRegister, unregistered once.
+        unsafe { sys::cuMemHostUnregister(self.0) };
+    }
+}
+
+impl Registered {
+    /// The registered memory's device address.
+    pub(crate) fn device_ptr(&self) -> Result<u64, GpuError> {
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: registered memory; valid out-parameter.
+        check("cuMemHostGetDevicePointer", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut dev, self.0, 0)
+        })?;
+        Ok(dev)
+    }
+}
+
+/// Pins and maps `len` bytes of host memory at `ptr` in `ctx`.
+///
+/// # Safety
+/// The memory must stay mapped until the returned value is dropped.
+pub(crate) unsafe fn register_host(
+    ctx: Ctx,
+    ptr: *mut u8,
+    len: usize,
+) -> Result<Registered, GpuError> {
+    ctx.make_current()?;
+    // SAFETY: the caller keeps the memory mapped while registered.
+    check("cuMemHostRegister", unsafe {
+        sys::cuMemHostRegister_v2(
+            ptr.cast(),
+            len,
+            sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP,
+        )
+    })?;
+    Ok(Registered(ptr.cast(), ctx))
+}
+
+/// Copies `len` bytes from device address `src` to host address `dst`,
+/// blocking until done.
+pub(crate) fn copy_to_host(ctx: Ctx, dst: usize, src: u64, len: usize) -> Result<(), GpuError> {
+    ctx.make_current()?;
+    // SAFETY: the caller names a host destination of `len` writable bytes
+    // and a device source of `len` bytes; the driver checks the latter.
+    check("cuMemcpyDtoH", unsafe {
+        sys::cuMemcpyDtoH_v2(dst as *mut std::ffi::c_void, src, len)
+    })
 }
 
 #[cfg(test)]

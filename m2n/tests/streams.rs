@@ -14,12 +14,16 @@ use m2n::{Communicator, Config, Error, Msg, Region, Role, Root, Shape};
 const SLOT: usize = 4096;
 
 fn config() -> Config {
+    config_on(m2n::TransportKind::Shm)
+}
+
+fn config_on(transport: m2n::TransportKind) -> Config {
     let ch = m2n::ChannelConfig {
         depth: 2,
         slot_bytes: SLOT,
     };
     Config {
-        transport: m2n::TransportKind::Shm,
+        transport,
         dispatch: ch,
         combine: ch,
         peer_timeout: Duration::from_secs(3),
@@ -28,16 +32,20 @@ fn config() -> Config {
     }
 }
 
-/// A 1 x 1 group: (attention, expert).
+/// A 1 x 1 group over shm: (attention, expert).
 fn pair() -> (Communicator, Communicator) {
+    pair_on(m2n::TransportKind::Shm)
+}
+
+fn pair_on(t: m2n::TransportKind) -> (Communicator, Communicator) {
     let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let uid = root.unique_id().clone();
     let served = root.spawn(Duration::from_secs(20));
     let uid2 = uid.clone();
     let e = std::thread::spawn(move || {
-        Communicator::init(config(), Role::Expert, 0, Shape::new(1, 1), &uid2).unwrap()
+        Communicator::init(config_on(t), Role::Expert, 0, Shape::new(1, 1), &uid2).unwrap()
     });
-    let a = Communicator::init(config(), Role::Attention, 0, Shape::new(1, 1), &uid).unwrap();
+    let a = Communicator::init(config_on(t), Role::Attention, 0, Shape::new(1, 1), &uid).unwrap();
     let e = e.join().unwrap();
     served.join().unwrap().unwrap();
     (a, e)
@@ -383,4 +391,79 @@ fn a_stream_of_another_kind_cannot_share_the_flags() {
     }
     #[cfg(not(feature = "cuda"))]
     println!("skipped: built without the cuda feature");
+}
+
+/// Device memory on shm and tcp goes through a host stage: a send copies
+/// the bytes at send time (so the device buffer may change right after),
+/// and the stage is reused only once its round has left. Simulated device
+/// memory (host memory staged as a GPU's) runs the same path here.
+fn staged_sends_copy_at_send_time(t: m2n::TransportKind) {
+    let (mut a, mut e) = pair_on(t);
+    let len = 1500;
+    let mut device = vec![0u8; len];
+    // SAFETY: `device` outlives the region (dropped at the end of the test).
+    let region = unsafe { a.register_simulated_device(device.as_mut_ptr(), len) }.unwrap();
+    assert!(region.is_staged() && !region.is_host());
+    assert_eq!(
+        region.as_ptr(),
+        device.as_mut_ptr(),
+        "the region names the device bytes"
+    );
+    for k in 0..20u64 {
+        device.copy_from_slice(&pattern(k, len));
+        a.dispatch()
+            .send(&[Msg::new(&region, 0, len)], Duration::from_secs(10))
+            .unwrap();
+        // The device buffer may change at once: the round was copied out.
+        device.fill(0xEE);
+        let r = e.dispatch().recv(Duration::from_secs(10)).unwrap();
+        assert_eq!(e.message(&r, 0), &pattern(k, len)[..], "round {k} over {t}");
+        e.dispatch().release(r).unwrap();
+    }
+    drop(region);
+}
+
+#[test]
+fn staged_sends_copy_at_send_time_over_shm() {
+    staged_sends_copy_at_send_time(m2n::TransportKind::Shm);
+}
+
+#[test]
+fn staged_sends_copy_at_send_time_over_tcp() {
+    staged_sends_copy_at_send_time(m2n::TransportKind::Tcp);
+}
+
+#[test]
+fn stream_sends_from_device_memory_copy_to_the_stage_on_the_stream() {
+    let (a, mut e) = pair_on(m2n::TransportKind::Tcp);
+    let rounds = 30u64;
+    let len = 2500;
+    let expert = std::thread::spawn(move || {
+        for k in 0..rounds {
+            let r = e.dispatch().recv(Duration::from_secs(20)).unwrap();
+            assert_eq!(e.message(&r, 0), &pattern(k, len)[..], "round {k}");
+            e.dispatch().release(r).unwrap();
+        }
+    });
+    let mut device = vec![0u8; len];
+    let dev = device.as_mut_ptr() as usize;
+    let proxy = a.start_proxy();
+    // SAFETY: `device` outlives the region and the stream's work.
+    let region = unsafe { proxy.lock().register_simulated_device(dev as *mut u8, len) }.unwrap();
+    let stream = HostStream::new();
+    for k in 0..rounds {
+        // The producer writes the device buffer late; the stream copies it
+        // to the stage after, and the next producer waits for `sent`.
+        produce(&stream, dev, pattern(k, len));
+        proxy
+            .lock()
+            .dispatch()
+            .send_on_stream(&[Msg::new(&region, 0, len)], &stream)
+            .unwrap();
+    }
+    stream.synchronize(Duration::from_secs(30)).unwrap();
+    expert.join().unwrap();
+    wait_idle(&proxy);
+    drop(region);
+    drop(device);
 }

@@ -27,6 +27,7 @@
 mod error;
 mod liveness;
 mod setup;
+mod staging;
 mod streams;
 
 use std::collections::VecDeque;
@@ -145,6 +146,8 @@ pub struct Communicator {
     clock: Clock,
     /// Stream-ordered operations (see [`crate::stream`]).
     streams: streams::Streams,
+    /// Host stages of device memory (shm and tcp).
+    stages: staging::Stages,
 }
 
 /// Reads of the clock on the polling paths: one real read in
@@ -372,6 +375,7 @@ impl Communicator {
             completions: Vec::new(),
             fatal: None,
             streams: streams::Streams::default(),
+            stages: staging::Stages::default(),
         })
     }
 
@@ -430,17 +434,40 @@ impl Communicator {
     }
 
     /// Registers GPU memory (a CUDA device pointer from the same process)
-    /// as a zero-copy source of messages, through dma-buf or, failing that,
-    /// the peer-memory path. Needs the verbs transport and a GPU; without
-    /// either the error says which is missing.
+    /// as a source of messages. Over verbs it is zero-copy (GPUDirect RDMA,
+    /// through dma-buf or, failing that, the peer-memory path). The shm
+    /// and tcp transports cannot read device memory: there the region gets
+    /// a pinned host stage, and each send first copies its messages from
+    /// the device into it (blocking for [`Channel::send`], on the stream
+    /// for [`Channel::send_on_stream`]): these transports copy. Without a
+    /// GPU the error says what is missing.
     ///
     /// # Safety
     /// As [`register`](Self::register), for device memory.
     #[cfg(feature = "cuda")]
     pub unsafe fn register_gpu(&mut self, dptr: u64, len: usize) -> Result<Region> {
         // SAFETY: forwarded contract.
-        unsafe { self.transport.register_device(dptr, len) }
-            .map_err(|source| Error::Transport { peer: None, source })
+        match unsafe { self.transport.register_device(dptr, len) } {
+            Ok(r) => Ok(r),
+            Err(TransportError::Unavailable(..)) => {
+                let gpu = |e: crate::gpu::GpuError| {
+                    Error::Stream(crate::stream::StreamError::Unsupported(e.to_string()))
+                };
+                let ctx = crate::gpu::pointer_context(dptr).map_err(gpu)?;
+                let copy: crate::transport::StagingCopy = Box::new(move |dst, src, n| {
+                    crate::gpu::copy_to_host(ctx, dst, src, n).map_err(|e| e.to_string())
+                });
+                self.stage(dptr, len, crate::stream::StreamKind::Cuda, copy, |stage| {
+                    // SAFETY: the stage lives as long as the region that owns
+                    // this registration.
+                    let reg =
+                        unsafe { crate::gpu::register_host(ctx, stage.as_ptr(), stage.len()) }
+                            .map_err(gpu)?;
+                    Ok(Some(Box::new(reg) as Box<dyn Send + Sync>))
+                })
+            }
+            Err(source) => Err(Error::Transport { peer: None, source }),
+        }
     }
 
     /// The dispatch channel (attention sends, experts receive).
@@ -818,6 +845,15 @@ impl Backoff {
     }
 }
 
+/// A round's messages, checked: each receiver's source, the lengths, and
+/// the device-to-stage copies to make first.
+#[derive(Debug)]
+struct Prepared {
+    sources: Vec<(RegionId, usize)>,
+    lens: Vec<usize>,
+    copies: Vec<staging::StageCopy>,
+}
+
 /// One channel of a communicator, as seen from this rank: it either sends
 /// on it or receives on it, depending on the role.
 #[derive(Debug)]
@@ -861,7 +897,32 @@ impl Channel<'_> {
         self.comm.check_no_stream_sends()?;
         let lost = self.comm.lost_snapshot(false);
         self.comm.progress_inner()?;
-        let (sources, lens) = self.validate(msgs)?;
+        let Prepared {
+            sources,
+            lens,
+            copies,
+        } = self.validate(msgs)?;
+        // Device memory through a host stage: copied in just before the
+        // round is posted, once the round can be posted and the stage's
+        // previous round has left it.
+        if !copies.is_empty() {
+            let stage_busy = copies.iter().any(|c| {
+                self.comm
+                    .stages
+                    .last_round(c.region)
+                    .is_some_and(|r| !self.comm.send.proto.round_sent(r))
+            });
+            if stage_busy || !self.comm.send.proto.can_post() {
+                if !lost.is_empty() {
+                    let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
+                    self.comm.check_lost(&lost, &blocking)?;
+                }
+                return Ok(None);
+            }
+            for c in &copies {
+                c.run()?;
+            }
+        }
         let peer = self.comm.me();
         let posted = self
             .comm
@@ -882,13 +943,16 @@ impl Channel<'_> {
             self.comm.send.sources_base + self.comm.send.sources.len() as u64
         );
         self.comm.send.sources.push_back(sources);
+        for c in &copies {
+            self.comm.stages.sent_from(c.region, round);
+        }
         self.comm.progress_inner()?;
         Ok(Some(round))
     }
 
     /// Checks a round's messages: one per receiver, each inside its
     /// region (of this communicator) and its slot.
-    fn validate(&self, msgs: &[Msg<'_>]) -> Result<streams::Sources> {
+    fn validate(&self, msgs: &[Msg<'_>]) -> Result<Prepared> {
         let geo = *self.comm.send.proto.geometry();
         if msgs.len() != geo.receivers {
             return Err(Error::InvalidArgument(format!(
@@ -933,7 +997,24 @@ impl Channel<'_> {
             sources.push(src);
         }
         let lens: Vec<usize> = msgs.iter().map(|m| m.len).collect();
-        Ok((sources, lens))
+        let copies = msgs
+            .iter()
+            .filter_map(|m| {
+                let region = m.region?;
+                let staging = region.staging()?.clone();
+                (m.len > 0).then(|| staging::StageCopy {
+                    region: region.id(),
+                    staging,
+                    offset: m.offset,
+                    len: m.len,
+                })
+            })
+            .collect();
+        Ok(Prepared {
+            sources,
+            lens,
+            copies,
+        })
     }
 
     /// Posts the next round, waiting up to `timeout` for credit.

@@ -255,8 +255,20 @@ impl Channel<'_> {
     pub fn send_on_stream(&mut self, msgs: &[Msg<'_>], stream: &dyn Stream) -> Result<u64> {
         self.sending()?;
         self.comm.check_fatal()?;
-        let sources = self.validate(msgs)?;
+        let prepared = self.validate(msgs)?;
         let flags = self.comm.stream_flags(stream)?;
+        // Device memory through a host stage: the stream copies it in
+        // before it signals the send (and, waiting for `sent` before any
+        // later copy, never overwrites a stage still being sent).
+        for c in &prepared.copies {
+            if let Err(e) = c.enqueue(stream) {
+                if !matches!(e, Error::Stream(crate::stream::StreamError::Mixed { .. })) {
+                    self.comm.streams.let_go(&e);
+                }
+                return Err(e);
+            }
+        }
+        let sources = (prepared.sources, prepared.lens);
         let round = self.comm.send.proto.next_round() + self.comm.streams.queued.len() as u64;
         let (_, ops) = self
             .comm

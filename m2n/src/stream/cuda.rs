@@ -9,6 +9,7 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 
 use super::{Flag, FlagBlock, MappedRegion, Stream, StreamError, StreamKind, FLAG_BLOCK_BYTES};
+use crate::gpu::Ctx;
 use crate::transport::Region;
 
 fn check(call: &'static str, code: sys::CUresult) -> Result<(), StreamError> {
@@ -19,22 +20,6 @@ fn check(call: &'static str, code: sys::CUresult) -> Result<(), StreamError> {
             call,
             code: format!("{code:?}"),
         })
-    }
-}
-
-/// A context handle that may move between threads (the driver's handles
-/// are thread-safe; the pointer is only ever passed back to it).
-#[derive(Debug, Clone, Copy)]
-struct Ctx(sys::CUcontext);
-// SAFETY: CUDA contexts may be made current on any thread.
-unsafe impl Send for Ctx {}
-// SAFETY: as above; the handle is never dereferenced here.
-unsafe impl Sync for Ctx {}
-
-impl Ctx {
-    fn make_current(self) -> Result<(), StreamError> {
-        // SAFETY: a context handle the driver gave us.
-        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.0) })
     }
 }
 
@@ -95,20 +80,6 @@ impl Drop for Pinned {
     }
 }
 
-/// Host memory registered with `cuMemHostRegister`.
-struct Registered(*mut c_void, Ctx);
-// SAFETY: as `Pinned`.
-unsafe impl Send for Registered {}
-// SAFETY: as `Pinned`.
-unsafe impl Sync for Registered {}
-impl Drop for Registered {
-    fn drop(&mut self) {
-        let _ = self.1.make_current();
-        // SAFETY: registered by cuMemHostRegister, unregistered once.
-        unsafe { sys::cuMemHostUnregister(self.0) };
-    }
-}
-
 impl Stream for CudaStream {
     fn kind(&self) -> StreamKind {
         StreamKind::Cuda
@@ -120,7 +91,7 @@ impl Stream for CudaStream {
         flag: Flag,
         value: u32,
     ) -> Result<(), StreamError> {
-        self.ctx.make_current()?;
+        self.ctx.make_current().map_err(gpu_err)?;
         // The default flags order the write after all prior work on the
         // stream, with that work's memory writes visible before it.
         // SAFETY: the flag is mapped pinned memory that outlives the stream
@@ -141,7 +112,7 @@ impl Stream for CudaStream {
         flag: Flag,
         value: u32,
     ) -> Result<(), StreamError> {
-        self.ctx.make_current()?;
+        self.ctx.make_current().map_err(gpu_err)?;
         // GEQ compares wrap-aware, as `reached` does.
         // SAFETY: as in write_value.
         check("cuStreamWaitValue32", unsafe {
@@ -155,7 +126,7 @@ impl Stream for CudaStream {
     }
 
     fn alloc_flags(&self) -> Result<FlagBlock, StreamError> {
-        self.ctx.make_current()?;
+        self.ctx.make_current().map_err(gpu_err)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: valid out-parameter.
         check("cuMemHostAlloc", unsafe {
@@ -179,13 +150,13 @@ impl Stream for CudaStream {
     }
 
     fn map_region(&self, region: &Region) -> Result<MappedRegion, StreamError> {
-        self.ctx.make_current()?;
+        self.ctx.make_current().map_err(gpu_err)?;
         if !region.is_host() {
             // Device memory: written by the NIC (GPUDirect RDMA) or by
             // copies; RDMA writes are flushed before each arrival is told.
             let ctx = self.ctx;
             let fence: super::Fence = Box::new(move || {
-                ctx.make_current()?;
+                ctx.make_current().map_err(gpu_err)?;
                 // SAFETY: a plain driver call on the current context.
                 check("cuFlushGPUDirectRDMAWrites", unsafe {
                     sys::cuFlushGPUDirectRDMAWrites(
@@ -202,27 +173,36 @@ impl Stream for CudaStream {
         }
         // Host memory (shm and tcp rings): pinned and mapped, so kernels
         // read it in place over the bus.
-        let p: *mut c_void = region.as_ptr().cast();
-        // SAFETY: the region's bytes stay mapped while the communicator
-        // lives, and the registration is undone before (owner below).
-        check("cuMemHostRegister", unsafe {
-            sys::cuMemHostRegister_v2(
-                p,
-                region.len(),
-                sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP,
-            )
-        })?;
-        let owner = Registered(p, self.ctx);
-        let mut dev: sys::CUdeviceptr = 0;
-        // SAFETY: p was just registered; valid out-parameter.
-        check("cuMemHostGetDevicePointer", unsafe {
-            sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0)
-        })?;
+        // SAFETY: the ring stays mapped while the communicator lives, and
+        // the registration (owner below) goes with it.
+        let reg = unsafe { crate::gpu::register_host(self.ctx, region.as_ptr(), region.len()) }
+            .map_err(gpu_err)?;
+        let addr = reg.device_ptr().map_err(gpu_err)?;
         Ok(MappedRegion {
-            addr: dev,
+            addr,
             fence: None,
-            owner: Some(Box::new(owner)),
+            owner: Some(Box::new(reg)),
         })
+    }
+
+    fn copy_to_host(&self, dst: usize, src: u64, len: usize) -> Result<(), StreamError> {
+        self.ctx.make_current().map_err(gpu_err)?;
+        // SAFETY: m2n passes a staged region's pinned host stage and the
+        // device bytes it stages, both `len` long and live while the
+        // round is outstanding.
+        check("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst as *mut c_void, src, len, self.raw)
+        })
+    }
+}
+
+fn gpu_err(e: crate::gpu::GpuError) -> StreamError {
+    match e {
+        crate::gpu::GpuError::Call { call, code } => StreamError::Call {
+            call,
+            code: format!("{code:?}"),
+        },
+        other => StreamError::Unsupported(other.to_string()),
     }
 }
 

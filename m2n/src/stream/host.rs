@@ -205,6 +205,17 @@ impl Stream for HostStream {
         self.push(Op::Wait(flags.clone(), flag, value))
     }
 
+    /// Host streams copy only simulated device memory (host memory posing
+    /// as a device's, [`crate::Communicator::register_simulated_device`]);
+    /// the communicator refuses real device memory before this.
+    fn copy_to_host(&self, dst: usize, src: u64, len: usize) -> Result<(), StreamError> {
+        self.push(Op::Run(Box::new(move || {
+            // SAFETY: both ranges are live host memory of `len` bytes (a
+            // simulated device region and its stage) while the round is out.
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) }
+        })))
+    }
+
     fn alloc_flags(&self) -> Result<FlagBlock, StreamError> {
         Ok(FlagBlock::host())
     }

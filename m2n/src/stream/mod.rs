@@ -94,6 +94,11 @@ pub trait Stream {
     /// a CUDA stream, its mapped device address (registered with the
     /// driver while the returned value lives).
     fn map_region(&self, region: &Region) -> Result<MappedRegion, StreamError>;
+
+    /// Enqueues a copy of `len` bytes from device address `src` to host
+    /// address `dst` (a staged region's host stage; see
+    /// [`crate::Communicator::register_gpu`]).
+    fn copy_to_host(&self, dst: usize, src: u64, len: usize) -> Result<(), StreamError>;
 }
 
 /// Makes writes that landed in a region (by a NIC, say) visible to work

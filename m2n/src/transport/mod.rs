@@ -225,6 +225,7 @@ impl LocalRegions {
             len: mem.len(),
             descriptor,
             host: true,
+            staging: None,
             _mem: mem,
         }
     }
@@ -309,8 +310,39 @@ pub struct Region {
     descriptor: Vec<u8>,
     /// Whether the bytes live in host memory (false for GPU memory).
     host: bool,
+    /// For device memory on a transport that cannot read it (shm, tcp):
+    /// the host stage the transport sends from, and how bytes get there.
+    staging: Option<Arc<Staging>>,
     /// Keeps the memory (and its registration) alive.
     _mem: Arc<dyn LocalMemory>,
+}
+
+/// Device memory sent through a host stage: the transport sends the
+/// stage's bytes; each send first copies the message's bytes from the
+/// device to the stage (synchronously, or on the caller's stream).
+pub(crate) struct Staging {
+    /// The device address of the region's byte 0.
+    pub(crate) device: u64,
+    /// The stage's host address of byte 0.
+    pub(crate) host: usize,
+    /// Which streams can copy it (CUDA; host streams for simulated devices).
+    pub(crate) kind: crate::stream::StreamKind,
+    /// Copies `len` bytes from device address `src` to host address `dst`, blocking.
+    pub(crate) copy: StagingCopy,
+    /// Undoes the stage's pinning when dropped.
+    pub(crate) _pin: Option<Box<dyn Send + Sync>>,
+}
+
+/// A blocking device-to-host copy: (host destination, device source, length).
+pub(crate) type StagingCopy = Box<dyn Fn(usize, u64, usize) -> Result<(), String> + Send + Sync>;
+
+impl fmt::Debug for Staging {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Staging")
+            .field("device", &format_args!("{:#x}", self.device))
+            .field("kind", &self.kind)
+            .finish()
+    }
 }
 
 // SAFETY: the memory is owned through `_mem` (Send + Sync) and the handle
@@ -350,6 +382,25 @@ impl Region {
     /// Whether the bytes are in host memory (GPU regions are not).
     pub fn is_host(&self) -> bool {
         self.host
+    }
+
+    /// Whether sends from this region copy it to a host stage first (GPU
+    /// memory on the shm and tcp transports).
+    pub fn is_staged(&self) -> bool {
+        self.staging.is_some()
+    }
+
+    pub(crate) fn staging(&self) -> Option<&Arc<Staging>> {
+        self.staging.as_ref()
+    }
+
+    /// This region (a host stage the transport sends from) as the view of
+    /// the device memory it stages: `as_ptr` gives the device address.
+    pub(crate) fn into_staged(mut self, staging: Staging) -> Region {
+        self.ptr = NonNull::new(staging.device as *mut u8).unwrap_or(NonNull::dangling());
+        self.host = false;
+        self.staging = Some(Arc::new(staging));
+        self
     }
 
     /// # Panics
