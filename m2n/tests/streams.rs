@@ -13,10 +13,6 @@ use m2n::{Communicator, Config, Error, Msg, Region, Role, Root, Shape};
 
 const SLOT: usize = 4096;
 
-fn config() -> Config {
-    config_on(m2n::TransportKind::Shm)
-}
-
 fn config_on(transport: m2n::TransportKind) -> Config {
     let ch = m2n::ChannelConfig {
         depth: 2,
