@@ -66,6 +66,8 @@ typedef enum m2n_transport_t {
   M2N_TRANSPORT_SHM = 1,
   M2N_TRANSPORT_TCP = 2,
   M2N_TRANSPORT_VERBS = 3,
+  // Processes on one host, receive rings in GPU memory (CUDA IPC).
+  M2N_TRANSPORT_CUDA_IPC = 4,
 } m2n_transport_t;
 
 // An opaque communicator.
@@ -223,7 +225,10 @@ enum m2n_result_t m2n_round_number(struct m2n_comm_t *comm,
 
 // Zero-copy access to `sender`'s message in a received round: `*data`
 // points into m2n's receive ring and stays valid until the round is
-// released.
+// released (a device address when the ring is GPU memory: cuda-ipc).
+// For a round from m2n_recv_stream, `*data` is the address work on the
+// stream reads, and `*len` the message's length once the round is in
+// (before: M2N_AGAIN, and `*len` is the slot size, the most it can be).
 enum m2n_result_t m2n_round_data(struct m2n_comm_t *comm,
                                  const struct m2n_round_t *round,
                                  int sender,

@@ -326,6 +326,7 @@ fn config_from(cfg: *const m2n_config_t) -> Result<Config, Failure> {
         1 => TransportKind::Shm,
         2 => TransportKind::Tcp,
         3 => TransportKind::Verbs,
+        4 => TransportKind::CudaIpc,
         t => {
             return Err((
                 m2n_result_t::M2N_ERR_CONFIG,
@@ -767,7 +768,10 @@ pub extern "C" fn m2n_round_number(
 
 /// Zero-copy access to `sender`'s message in a received round: `*data`
 /// points into m2n's receive ring and stays valid until the round is
-/// released.
+/// released (a device address when the ring is GPU memory: cuda-ipc).
+/// For a round from m2n_recv_stream, `*data` is the address work on the
+/// stream reads, and `*len` the message's length once the round is in
+/// (before: M2N_AGAIN, and `*len` is the slot size, the most it can be).
 #[no_mangle]
 pub extern "C" fn m2n_round_data(
     comm: *mut m2n_comm_t,
@@ -791,9 +795,10 @@ pub extern "C" fn m2n_round_data(
             .ok()
             .filter(|&s| s < senders)
             .ok_or_else(|| invalid(format!("sender {sender} is outside 0..{senders}")))?;
-        let bytes = st.comm.message(r, s);
-        put(data, "data", bytes.as_ptr().cast::<c_void>())?;
-        put(len, "len", bytes.len())?;
+        // A device address when the ring is GPU memory (cuda-ipc).
+        let (addr, n) = st.comm.message_addr(r, s);
+        put(data, "data", addr as *const c_void)?;
+        put(len, "len", n)?;
         Ok(m2n_result_t::M2N_SUCCESS)
     })
 }

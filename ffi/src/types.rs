@@ -51,6 +51,8 @@ pub enum m2n_transport_t {
     M2N_TRANSPORT_SHM = 1,
     M2N_TRANSPORT_TCP = 2,
     M2N_TRANSPORT_VERBS = 3,
+    /// Processes on one host, receive rings in GPU memory (CUDA IPC).
+    M2N_TRANSPORT_CUDA_IPC = 4,
 }
 
 /// The version of m2n_config_t this library speaks.

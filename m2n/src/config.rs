@@ -3,7 +3,7 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `M2N_TRANSPORT` | `shm`, `tcp`, `verbs` or `auto` | `auto` |
+//! | `M2N_TRANSPORT` | `shm`, `tcp`, `verbs`, `cuda-ipc` or `auto` | `auto` |
 //! | `M2N_DEPTH` | slots per sender on each receiver, both channels (1..=256) | 4 |
 //! | `M2N_DISPATCH_DEPTH`, `M2N_COMBINE_DEPTH` | the same, per channel | 4 |
 //! | `M2N_SLOT_BYTES` | largest message per sender-receiver pair and round, both channels (K/M/G suffixes) | 1M |
@@ -24,6 +24,7 @@
 //! | `M2N_IB_DATA_SL`, `M2N_IB_ACK_SL` | verbs: service level per lane | 0, 6 |
 //! | `M2N_IB_TIMEOUT`, `M2N_IB_RETRY_CNT`, `M2N_IB_RNR_RETRY` | verbs: QP ACK timeout exponent, retries, RNR retries | 14, 7, 7 |
 //! | `M2N_IB_MTU`, `M2N_IB_MAX_INLINE` | verbs: path MTU bytes, inline payload limit | 4096, 64 |
+//! | `M2N_CUDA_DEVICE` | cuda-ipc: the GPU whose memory holds the rings | 0 |
 //! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, `spin-yield[:N]` (N empty polls, then yield), or `auto` (`yield` when this host runs more ranks than it has cores, else `spin-yield:256`) | `auto` |
 //!
 //! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks, and
@@ -253,6 +254,8 @@ pub struct Config {
     pub tcp: TcpConfig,
     pub ib: IbConfig,
     pub wait: WaitPolicy,
+    /// The GPU the cuda-ipc transport allocates its rings on.
+    pub cuda_device: usize,
 }
 
 impl Default for Config {
@@ -274,6 +277,7 @@ impl Default for Config {
             tcp: TcpConfig::default(),
             ib: IbConfig::default(),
             wait: WaitPolicy::Auto,
+            cuda_device: 0,
         }
     }
 }
@@ -388,6 +392,10 @@ impl Config {
                     _ => return Err(err("expected a positive entry count".into())),
                 },
                 "M2N_WAIT" => self.wait = value.parse().map_err(err)?,
+                "M2N_CUDA_DEVICE" => match value.parse::<usize>() {
+                    Ok(d) if d < 1024 => self.cuda_device = d,
+                    _ => return Err(err("a GPU ordinal (0, 1, ...)".into())),
+                },
                 "M2N_SOCKET_IFNAME" => {
                     self.tcp.ifname = Some(value.clone()).filter(|v| !v.trim().is_empty())
                 }

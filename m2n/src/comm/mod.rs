@@ -281,7 +281,7 @@ impl Communicator {
         let mut transport = setup::make_transport(kind, &config, ip, me, shape.world())?;
         let t = |source| Error::Transport { peer: None, source };
         let ring = transport
-            .alloc(recv_geo.ring_bytes().expect("validated"))
+            .alloc_ring(recv_geo.ring_bytes().expect("validated"))
             .map_err(t)?;
         let credits = transport.alloc(8 * theirs).map_err(t)?;
         let credit_src = transport.alloc(8).map_err(t)?;
@@ -796,11 +796,32 @@ impl Communicator {
     /// view of the receive ring, valid until the round is released.
     ///
     /// # Panics
-    /// If `sender` is not a sender index of the round's channel.
+    /// If `sender` is not a sender index of the round's channel, or the
+    /// ring is GPU memory (cuda-ipc: use [`message_addr`](Self::message_addr)).
     pub fn message(&self, round: &RecvRound, sender: usize) -> &[u8] {
         let geo = self.recv.proto.geometry();
         let off = geo.slot_offset(sender, round.slot);
         &self.recv.ring.as_slice()[off..off + round.lens[sender] as usize]
+    }
+
+    /// Where sender `sender`'s message of a received round is, and its
+    /// length: a device address when the ring is GPU memory (cuda-ipc;
+    /// [`rings_on_gpu`](Self::rings_on_gpu)), else a host address.
+    ///
+    /// # Panics
+    /// If `sender` is not a sender index of the round's channel.
+    pub fn message_addr(&self, round: &RecvRound, sender: usize) -> (u64, usize) {
+        let geo = self.recv.proto.geometry();
+        let off = geo.slot_offset(sender, round.slot);
+        (
+            self.recv.ring.as_ptr() as u64 + off as u64,
+            round.lens[sender] as usize,
+        )
+    }
+
+    /// Whether this rank's receive ring is GPU memory (cuda-ipc).
+    pub fn rings_on_gpu(&self) -> bool {
+        !self.recv.ring.is_host()
     }
 
     /// Aborts: closes every link without a goodbye, so peers fail fast with

@@ -200,12 +200,12 @@ pub(super) fn choose_transport(
     let elsewhere = everyone.iter().position(|p| p.host != everyone[0].host);
     let no_verbs = everyone.iter().position(|p| !p.verbs);
     match (asked, elsewhere) {
-        (TransportKind::Shm, Some(g)) => Err(Error::Transport {
+        (TransportKind::Shm | TransportKind::CudaIpc, Some(g)) => Err(Error::Transport {
             peer: Some(peer(shape, g)),
             source: TransportError::Unavailable(
-                TransportKind::Shm,
+                asked,
                 format!(
-                    "M2N_TRANSPORT=shm, but {} runs on another host than {}",
+                    "M2N_TRANSPORT={asked}, but {} runs on another host than {}",
                     peer(shape, g),
                     peer(shape, 0)
                 ),
@@ -287,6 +287,23 @@ pub(super) fn make_transport(
             return Err(t(TransportError::Unavailable(
                 TransportKind::Verbs,
                 VERBS_NOT_BUILT.into(),
+            )))
+        }
+        #[cfg(feature = "cuda")]
+        TransportKind::CudaIpc => Box::new(
+            crate::transport::cuda_ipc::CudaIpcTransport::new(
+                me,
+                world,
+                config.shm_queue_depth,
+                config.cuda_device,
+            )
+            .map_err(t)?,
+        ),
+        #[cfg(not(feature = "cuda"))]
+        TransportKind::CudaIpc => {
+            return Err(t(TransportError::Unavailable(
+                TransportKind::CudaIpc,
+                "this m2n was built without the `cuda` feature".into(),
             )))
         }
         TransportKind::Auto => unreachable!("choose_transport resolves auto"),

@@ -306,7 +306,8 @@ impl Channel<'_> {
         self.comm.check_fatal()?;
         let flags = self.comm.stream_flags(stream)?;
         if self.comm.streams.ring.is_none() {
-            self.comm.streams.ring = Some(stream.map_region(&self.comm.recv.ring)?);
+            let rdma = self.comm.transport.kind() == crate::transport::TransportKind::Verbs;
+            self.comm.streams.ring = Some(stream.map_region(&self.comm.recv.ring, rdma)?);
         }
         let geo = *self.comm.recv.proto.geometry();
         let round = self.comm.recv.proto.next_round() + self.comm.streams.recv.awaiting() as u64;

@@ -149,11 +149,20 @@ impl Stream for CudaStream {
         Ok(unsafe { FlagBlock::from_raw(p.cast(), dev, StreamKind::Cuda, Box::new(owner)) })
     }
 
-    fn map_region(&self, region: &Region) -> Result<MappedRegion, StreamError> {
+    fn map_region(&self, region: &Region, rdma: bool) -> Result<MappedRegion, StreamError> {
         self.ctx.make_current().map_err(gpu_err)?;
+        if !region.is_host() && !rdma {
+            // Device memory written by copies on the device (cuda-ipc):
+            // complete before the arrival is told, nothing to flush.
+            return Ok(MappedRegion {
+                addr: region.as_ptr() as u64,
+                fence: None,
+                owner: None,
+            });
+        }
         if !region.is_host() {
-            // Device memory: written by the NIC (GPUDirect RDMA) or by
-            // copies; RDMA writes are flushed before each arrival is told.
+            // Device memory written by the NIC (GPUDirect RDMA): flushed
+            // before each arrival is told.
             let ctx = self.ctx;
             let fence: super::Fence = Box::new(move || {
                 ctx.make_current().map_err(gpu_err)?;

@@ -220,7 +220,7 @@ impl Stream for HostStream {
         Ok(FlagBlock::host())
     }
 
-    fn map_region(&self, region: &Region) -> Result<MappedRegion, StreamError> {
+    fn map_region(&self, region: &Region, _rdma: bool) -> Result<MappedRegion, StreamError> {
         if !region.is_host() {
             return Err(StreamError::Unsupported(
                 "a host stream cannot read GPU memory; use a CUDA stream".into(),

@@ -92,8 +92,9 @@ pub trait Stream {
     /// Where work on this stream reads `region` (a receive ring): the host
     /// address for host streams and for device memory; for host memory on
     /// a CUDA stream, its mapped device address (registered with the
-    /// driver while the returned value lives).
-    fn map_region(&self, region: &Region) -> Result<MappedRegion, StreamError>;
+    /// driver while the returned value lives). `rdma`: the NIC writes it
+    /// (device memory then needs a flush before each arrival is told).
+    fn map_region(&self, region: &Region, rdma: bool) -> Result<MappedRegion, StreamError>;
 
     /// Enqueues a copy of `len` bytes from device address `src` to host
     /// address `dst` (a staged region's host stage; see

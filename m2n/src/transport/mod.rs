@@ -19,6 +19,8 @@ use thiserror::Error;
 use crate::codec::DecodeError;
 pub use crate::proto::Lane;
 
+#[cfg(feature = "cuda")]
+pub mod cuda_ipc;
 pub mod shm;
 pub mod tcp;
 #[cfg(feature = "verbs")]
@@ -30,6 +32,9 @@ pub enum TransportKind {
     Shm,
     Tcp,
     Verbs,
+    /// CUDA IPC between processes on one host: receive rings in GPU
+    /// memory, writes are device-to-device copies (feature `cuda`).
+    CudaIpc,
     /// Pick the best one that reaches every peer.
     Auto,
 }
@@ -40,6 +45,7 @@ impl TransportKind {
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
             TransportKind::Verbs => "verbs",
+            TransportKind::CudaIpc => "cuda-ipc",
             TransportKind::Auto => "auto",
         }
     }
@@ -58,9 +64,10 @@ impl std::str::FromStr for TransportKind {
             "shm" => Ok(Self::Shm),
             "tcp" => Ok(Self::Tcp),
             "verbs" => Ok(Self::Verbs),
+            "cuda-ipc" | "cuda_ipc" => Ok(Self::CudaIpc),
             "auto" => Ok(Self::Auto),
             other => Err(format!(
-                "unknown transport {other:?}: expected shm, tcp, verbs or auto"
+                "unknown transport {other:?}: expected shm, tcp, verbs, cuda-ipc or auto"
             )),
         }
     }
@@ -150,6 +157,11 @@ pub(crate) trait LocalMemory: Send + Sync + fmt::Debug {
     #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
     fn key(&self) -> u32 {
         0
+    }
+    /// Whether the memory is a GPU's (the host cannot read it directly).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn is_device(&self) -> bool {
+        false
     }
 }
 
@@ -573,6 +585,12 @@ pub trait Transport: Send + fmt::Debug {
 
     /// Allocates and registers `len` bytes that peers can write into.
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError>;
+
+    /// Allocates a receive ring: as [`alloc`](Self::alloc), in the memory
+    /// this transport delivers into (GPU memory for cuda-ipc).
+    fn alloc_ring(&mut self, len: usize) -> Result<Region, TransportError> {
+        self.alloc(len)
+    }
 
     /// Registers application memory as a source of writes (peers cannot
     /// write into it). Dropping the region deregisters it.

@@ -76,6 +76,21 @@ impl Ring {
         }
     }
 
+    /// Producer side: how many more entries fit. `peer` names the ring's
+    /// owner for errors.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn free(&self, peer: usize) -> Result<u64, TransportError> {
+        let head = self.head().load(Ordering::Acquire);
+        let tail = self.tail().load(Ordering::Relaxed);
+        match tail.checked_sub(head) {
+            Some(used) if used <= self.cap => Ok(self.cap - used),
+            _ => Err(TransportError::Corrupt {
+                peer,
+                detail: format!("its completion ring reads head {head}, our tail {tail}"),
+            }),
+        }
+    }
+
     /// Producer side: appends an entry. The caller checked `has_room`.
     pub fn push(&self, imm: u32, len: u32) {
         let tail = self.tail().load(Ordering::Relaxed);

@@ -110,6 +110,39 @@ impl ShmTransport {
     }
 }
 
+/// What the cuda-ipc transport builds on: the inbox rings and the
+/// region table.
+#[cfg(feature = "cuda")]
+impl ShmTransport {
+    pub(crate) fn locals(&self) -> &LocalRegions {
+        &self.locals
+    }
+    pub(crate) fn locals_mut(&mut self) -> &mut LocalRegions {
+        &mut self.locals
+    }
+    pub(crate) fn host(&self) -> &str {
+        &self.host
+    }
+    fn ring_to(&self, peer: usize) -> Result<Ring, TransportError> {
+        Ok(self
+            .peers
+            .get(peer)
+            .and_then(|p| p.as_ref())
+            .ok_or(TransportError::NotConnected(peer))?
+            .ring)
+    }
+    /// Free entries in our ring in `peer`'s inbox.
+    pub(crate) fn ring_free(&self, peer: usize) -> Result<u64, TransportError> {
+        self.ring_to(peer)?.free(peer)
+    }
+    /// Tells `peer` a write with immediate `imm` of `len` bytes landed
+    /// (the caller checked there is room).
+    pub(crate) fn notify(&self, peer: usize, imm: u32, len: u32) -> Result<(), TransportError> {
+        self.ring_to(peer)?.push(imm, len);
+        Ok(())
+    }
+}
+
 impl Transport for ShmTransport {
     fn kind(&self) -> TransportKind {
         TransportKind::Shm
