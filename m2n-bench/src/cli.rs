@@ -17,6 +17,10 @@ pub enum Baseline {
     /// Raw RDMA WRITE WITH IMMEDIATE into a registered region, SRQ and CQ
     /// polling, no protocol: the floor for m2n's verbs transport.
     Verbs,
+    /// GPU to GPU the naive way: a copy into each peer's CUDA-IPC-opened
+    /// buffer, a stream sync, a one-byte MPI note (needs a GPU; implies
+    /// --device-buffers).
+    CudaMemcpy,
     None,
 }
 
@@ -68,6 +72,10 @@ pub struct Args {
     /// Rounds a sender may run ahead (slots per sender).
     #[arg(long, default_value_t = 4)]
     pub depth: usize,
+    /// m2n sends from GPU memory (feature `cuda`): zero-copy over verbs
+    /// and cuda-ipc, through a pinned host stage over shm and tcp.
+    #[arg(long)]
+    pub device_buffers: bool,
     /// Write rows, sample summaries and the utilisation curve here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,

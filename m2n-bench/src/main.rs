@@ -3,6 +3,8 @@
 //! `run` for exactly how a sample is timed.
 
 mod cli;
+#[cfg(feature = "cuda")]
+mod ipc_base;
 mod limit;
 mod mpi_base;
 #[cfg(feature = "cuda")]
@@ -36,6 +38,8 @@ enum Contender {
     Verbs(Box<verbs_base::VerbsRank>),
     #[cfg(feature = "cuda")]
     Nccl(Box<nccl_base::NcclRank>),
+    #[cfg(feature = "cuda")]
+    CudaMemcpy(Box<ipc_base::IpcRank>),
 }
 
 #[derive(Debug, Serialize)]
@@ -324,14 +328,15 @@ fn main() {
         fail(&world, "the raw-verbs baseline needs an m2n-bench built with the `verbs` feature (the default)");
     }
     #[cfg(not(feature = "cuda"))]
-    if args.baseline == Baseline::Nccl {
-        fail(&world, "the nccl baseline needs an m2n-bench built with `--features cuda` and GPUs; use --baseline mpi or none");
+    if matches!(args.baseline, Baseline::Nccl | Baseline::CudaMemcpy) || args.device_buffers {
+        fail(&world, "GPU buffers (--device-buffers, --baseline nccl or cuda-memcpy) need an m2n-bench built with `--features cuda` and a GPU; use --baseline mpi or none");
     }
-    // With NCCL, both contenders run on GPU buffers: open the GPU first, so a
-    // machine without one is told so before anything else starts.
+    // On GPU buffers: open the GPU first, so a machine without one is told
+    // so before anything else starts.
     #[cfg(feature = "cuda")]
-    let gpu_stream = (args.baseline == Baseline::Nccl)
-        .then(|| nccl_base::open_gpu(&world).unwrap_or_else(|e| fail(&world, &e)));
+    let gpu_stream = (args.device_buffers
+        || matches!(args.baseline, Baseline::Nccl | Baseline::CudaMemcpy))
+    .then(|| nccl_base::open_gpu(&world).unwrap_or_else(|e| fail(&world, &e)));
     let (m, n) = (args.senders, size - args.senders);
     let (role, rank) = if me < m {
         (Role::Attention, me)
@@ -387,12 +392,6 @@ fn main() {
         #[cfg(feature = "cuda")]
         Baseline::Nccl => {
             let stream = gpu_stream.clone().expect("opened above");
-            contender = contender
-                .with_gpu_buffers(stream.clone(), args.max_bytes)
-                .unwrap_or_else(|e| {
-                    eprintln!("m2n_perf: {role} {rank}: m2n on GPU buffers: {e}");
-                    world.abort(3)
-                });
             let r = nccl_base::NcclRank::new(&world, stream, place, args.max_bytes, wait)
                 .unwrap_or_else(|e| {
                     eprintln!("m2n_perf: {role} {rank}: {e}");
@@ -400,12 +399,33 @@ fn main() {
                 });
             Some(Contender::Nccl(Box::new(r)))
         }
+        #[cfg(feature = "cuda")]
+        Baseline::CudaMemcpy => {
+            let stream = gpu_stream.clone().expect("opened above");
+            let r = ipc_base::IpcRank::new(&world, stream, place, args.max_bytes, wait)
+                .unwrap_or_else(|e| {
+                    eprintln!("m2n_perf: {role} {rank}: cuda-memcpy baseline: {e}");
+                    world.abort(3)
+                });
+            Some(Contender::CudaMemcpy(Box::new(r)))
+        }
         _ => None,
     };
+    // With a GPU baseline (or when asked), m2n sends from GPU memory too.
+    #[cfg(feature = "cuda")]
+    if let Some(stream) = gpu_stream.clone() {
+        contender = contender
+            .with_gpu_buffers(stream, args.max_bytes)
+            .unwrap_or_else(|e| {
+                eprintln!("m2n_perf: {role} {rank}: m2n on GPU buffers: {e}");
+                world.abort(3)
+            });
+    }
     let base_name = match args.baseline {
         Baseline::Mpi => "mpi",
         Baseline::Verbs => "verbs",
         Baseline::Nccl => "nccl",
+        Baseline::CudaMemcpy => "cuda-memcpy",
         Baseline::None => "none",
     };
     let hosts = host_line(&world, role, rank, &detail);
@@ -429,8 +449,19 @@ fn main() {
             args.min_bytes, args.max_bytes, args.factor, args.warmup, args.iters, args.check, args.iter_stats
         );
         println!(
-            "# transport: {transport}  depth: {}  slot: {} B  wait: {}  peer timeout: {:?}",
-            args.depth, args.max_bytes, wait, config.peer_timeout
+            "# transport: {transport}  depth: {}  slot: {} B  wait: {}  peer timeout: {:?}  m2n send buffers: {}",
+            args.depth,
+            args.max_bytes,
+            wait,
+            config.peer_timeout,
+            if args.device_buffers || matches!(args.baseline, Baseline::Nccl | Baseline::CudaMemcpy) {
+                match transport {
+                    m2n::TransportKind::Shm | m2n::TransportKind::Tcp => "GPU (through a pinned host stage: this transport copies)",
+                    _ => "GPU (zero-copy)",
+                }
+            } else {
+                "host"
+            }
         );
         println!(
             "# baseline: {}",
@@ -451,6 +482,7 @@ fn main() {
                 ),
                 Baseline::Nccl => "NCCL grouped ncclSend/ncclRecv per round on GPU buffers, then a stream sync; m2n sends from GPU buffers too".into(),
                 Baseline::Verbs => "raw RDMA WRITE WITH IMMEDIATE per peer into a registered region (inline when small, signalled), SRQ, CQ polled with the same wait policy; no credits or checks".into(),
+                Baseline::CudaMemcpy => "cuMemcpyAsync into each peer's CUDA-IPC-opened GPU buffer (as cudaMemcpyPeerAsync), cudaStreamSynchronize, then a 1-byte MPI note per peer; m2n sends from GPU buffers too".into(),
                 Baseline::None => "none".into(),
             }
         );
@@ -534,6 +566,13 @@ fn main() {
                         }),
                     #[cfg(feature = "cuda")]
                     Contender::Nccl(r) => r
+                        .iteration(&world, args.pattern, s, verify)
+                        .unwrap_or_else(|e| {
+                            eprintln!("m2n_perf: {role} {rank}: {e}");
+                            world.abort(3)
+                        }),
+                    #[cfg(feature = "cuda")]
+                    Contender::CudaMemcpy(r) => r
                         .iteration(&world, args.pattern, s, verify)
                         .unwrap_or_else(|e| {
                             eprintln!("m2n_perf: {role} {rank}: {e}");

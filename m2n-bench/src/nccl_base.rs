@@ -19,7 +19,7 @@ use crate::run::{Place, Sample};
 /// The GPU this rank uses: ranks are spread over the devices round-robin.
 pub fn open_gpu(world: &SimpleCommunicator) -> Result<Arc<CudaStream>, String> {
     let count =
-        m2n::gpu::init().map_err(|e| format!("the nccl baseline needs an NVIDIA GPU: {e}"))?;
+        m2n::gpu::init().map_err(|e| format!("GPU buffers (--device-buffers, --baseline nccl or cuda-memcpy) need an NVIDIA GPU: {e}"))?;
     let ctx = CudaContext::new(world.rank() as usize % count)
         .map_err(|e| format!("CUDA context: {e:?}"))?;
     Ok(ctx.default_stream())

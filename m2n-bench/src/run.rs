@@ -158,8 +158,8 @@ impl M2nRank {
         })
     }
 
-    /// m2n sending from GPU memory (GPUDirect RDMA: needs the verbs
-    /// transport), for the comparison with NCCL on GPU buffers.
+    /// m2n sending from GPU memory: zero-copy over verbs (GPUDirect RDMA)
+    /// and cuda-ipc, through a pinned host stage over shm and tcp.
     #[cfg(feature = "cuda")]
     pub fn with_gpu_buffers(
         mut self,
@@ -167,6 +167,10 @@ impl M2nRank {
         max_bytes: usize,
     ) -> Result<Self, String> {
         use cudarc::driver::DevicePtr;
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("{e:?}"))?;
         let len = self.peers * max_bytes;
         let buf = stream
             .alloc_zeros::<u8>(len.max(1))
@@ -204,6 +208,32 @@ impl M2nRank {
         }
     }
 
+    /// Wrong bytes in sender `s`'s message of `r` (copied to the host
+    /// first when the ring is GPU memory: cuda-ipc).
+    fn wrong_in(&self, r: &m2n::RecvRound, s: usize, size: usize, seed: u64) -> u64 {
+        if !self.comm.rings_on_gpu() {
+            return check(self.comm.message(r, s), size, seed);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let (addr, len) = self.comm.message_addr(r, s);
+            let mut host = vec![0u8; len];
+            // SAFETY: the round's slot, `len` bytes, held until released;
+            // the context is current (with_gpu_buffers bound it).
+            let rc = unsafe {
+                cudarc::driver::sys::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), addr, len)
+            };
+            assert_eq!(
+                rc,
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS,
+                "copying a message off the GPU"
+            );
+            check(&host, size, seed)
+        }
+        #[cfg(not(feature = "cuda"))]
+        unreachable!("GPU rings need the cuda feature")
+    }
+
     fn received(&mut self, channel: ChannelId, size: usize, verify: bool) -> m2n::Result<u64> {
         let timeout = self.timeout;
         let r = match channel {
@@ -213,11 +243,8 @@ impl M2nRank {
         let mut wrong = 0;
         if verify {
             for s in 0..self.peers {
-                wrong += check(
-                    self.comm.message(&r, s),
-                    size,
-                    pattern::seed(channel, s, self.rank, r.round()),
-                );
+                wrong +=
+                    self.wrong_in(&r, s, size, pattern::seed(channel, s, self.rank, r.round()));
             }
         }
         match channel {
@@ -259,7 +286,7 @@ impl M2nRank {
                 if verify {
                     for s in 0..self.peers {
                         let seed = pattern::seed(ChannelId::Dispatch, s, self.rank, r.round());
-                        wrong += check(self.comm.message(&r, s), size, seed);
+                        wrong += self.wrong_in(&r, s, size, seed);
                     }
                 }
                 self.comm.dispatch().release(r)?;

@@ -365,7 +365,9 @@ fn cuda_ipc_rounds_between_processes() {
 #[test]
 fn cuda_ipc_without_a_gpu_is_refused_naming_what_is_missing() {
     if m2n::gpu::init().is_ok() {
-        println!("skipped: this machine has a GPU (cuda_ipc_rounds_between_processes runs instead)");
+        println!(
+            "skipped: this machine has a GPU (cuda_ipc_rounds_between_processes runs instead)"
+        );
         return;
     }
     let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();

@@ -1,0 +1,219 @@
+//! The naive GPU-to-GPU baseline for cuda-ipc (feature `cuda`): every rank
+//! exports its receive buffer with a CUDA IPC handle (exchanged over MPI);
+//! one round is a `cuMemcpyAsync` into each peer's opened buffer (what
+//! `cudaMemcpyPeerAsync` does), a stream synchronisation, then a one-byte
+//! MPI message per peer saying the data are there. The CPU waits for the
+//! GPU every round: what m2n's stream-gated path avoids.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use m2n::proto::ChannelId;
+use m2n::Role;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator as _, CommunicatorCollectives as _};
+
+use crate::cli::Pattern;
+use crate::mpi_base;
+use crate::run::{Place, Sample};
+
+const HANDLE: usize = 64;
+
+fn ck(call: &str, code: sys::CUresult) -> Result<(), String> {
+    if code == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{call}: {code:?}"))
+    }
+}
+
+pub struct IpcRank {
+    stream: Arc<CudaStream>,
+    place: Place,
+    send: CudaSlice<u8>,
+    recv: CudaSlice<u8>,
+    /// Each peer's receive buffer, opened here.
+    peers: Vec<u64>,
+    k: u64,
+    wait: m2n::WaitPolicy,
+}
+
+impl IpcRank {
+    pub fn new(
+        world: &SimpleCommunicator,
+        stream: Arc<CudaStream>,
+        place: Place,
+        max_bytes: usize,
+        wait: m2n::WaitPolicy,
+    ) -> Result<Self, String> {
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("{e:?}"))?;
+        let n = place.peers();
+        let alloc = |len: usize| {
+            stream
+                .alloc_zeros::<u8>(len.max(1))
+                .map_err(|e| format!("cudaMalloc: {e:?}"))
+        };
+        let (send, recv) = (alloc(n * max_bytes)?, alloc(n * max_bytes)?);
+        let dptr = {
+            let (d, _sync) = recv.device_ptr(&stream);
+            d
+        };
+        let mut handle = sys::CUipcMemHandle {
+            reserved: [0; HANDLE],
+        };
+        // SAFETY: a cuMemAlloc allocation; valid out-parameter.
+        ck("cuIpcGetMemHandle", unsafe {
+            sys::cuIpcGetMemHandle(&mut handle, dptr)
+        })?;
+        let mine: Vec<u8> = handle.reserved.iter().map(|&c| c as u8).collect();
+        let mut all = vec![0u8; HANDLE * world.size() as usize];
+        world.all_gather_into(&mine[..], &mut all[..]);
+        let mut peers = Vec::with_capacity(n);
+        for p in 0..n {
+            let at = place.mpi_rank(p) as usize * HANDLE;
+            let mut h = sys::CUipcMemHandle {
+                reserved: [0; HANDLE],
+            };
+            for (d, s) in h.reserved.iter_mut().zip(&all[at..at + HANDLE]) {
+                *d = *s as std::ffi::c_char;
+            }
+            let mut opened = 0;
+            // SAFETY: valid out-parameter; the driver checks the handle.
+            ck("cuIpcOpenMemHandle", unsafe {
+                sys::cuIpcOpenMemHandle_v2(
+                    &mut opened,
+                    h,
+                    sys::CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                )
+            })?;
+            peers.push(opened);
+        }
+        Ok(Self {
+            stream,
+            place,
+            send,
+            recv,
+            peers,
+            k: 0,
+            wait,
+        })
+    }
+
+    fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
+        let mut host = vec![0u8; self.place.peers() * size];
+        self.place.fill(&mut host, channel, size, self.k);
+        let mut dst = self.send.slice_mut(0..host.len());
+        self.stream
+            .memcpy_htod(&host, &mut dst)
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
+        let host = self
+            .stream
+            .memcpy_dtov(&self.recv.slice(0..self.place.peers() * size))
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(self.place.count_wrong(&host, channel, size, self.k))
+    }
+
+    /// Copies one message into each peer's buffer, waits for the GPU, then
+    /// tells each peer over MPI.
+    fn send_round(
+        &mut self,
+        world: &SimpleCommunicator,
+        size: usize,
+        tag: i32,
+    ) -> Result<(), String> {
+        let src = {
+            let (d, _sync) = self.send.device_ptr(&self.stream);
+            d
+        };
+        for (p, &dst) in self.peers.iter().enumerate() {
+            // SAFETY: both buffers hold `peers * max_bytes` bytes; offsets
+            // are below that (size <= max_bytes).
+            ck("cuMemcpyAsync", unsafe {
+                sys::cuMemcpyAsync(
+                    dst + (self.place.rank * size) as u64,
+                    src + (p * size) as u64,
+                    size,
+                    self.stream.cu_stream(),
+                )
+            })?;
+        }
+        self.stream.synchronize().map_err(|e| format!("{e:?}"))?;
+        let note = [1u8];
+        let sends: Vec<(i32, &[u8])> = (0..self.place.peers())
+            .map(|p| (self.place.mpi_rank(p), &note[..]))
+            .collect();
+        mpi_base::exchange(world, &sends, tag, &mut [], 0, self.wait);
+        Ok(())
+    }
+
+    /// Waits for every peer's note.
+    fn recv_round(&mut self, world: &SimpleCommunicator, tag: i32) {
+        let mut notes = vec![[0u8; 1]; self.place.peers()];
+        let mut recvs: Vec<(i32, &mut [u8])> = notes
+            .iter_mut()
+            .enumerate()
+            .map(|(p, b)| (self.place.mpi_rank(p), &mut b[..]))
+            .collect();
+        mpi_base::exchange(world, &[], 0, &mut recvs, tag, self.wait);
+    }
+
+    pub fn iteration(
+        &mut self,
+        world: &SimpleCommunicator,
+        pattern: Pattern,
+        size: usize,
+        verify: bool,
+    ) -> Result<Sample, String> {
+        const DISPATCH: i32 = 11;
+        const COMBINE: i32 = 12;
+        let mut wrong = 0;
+        if verify && self.place.role == Role::Attention {
+            self.fill(ChannelId::Dispatch, size)?;
+        }
+        mpi_base::barrier(world, self.wait);
+        let t0 = Instant::now();
+        match (self.place.role, pattern) {
+            (Role::Attention, Pattern::Dispatch) => self.send_round(world, size, DISPATCH)?,
+            (Role::Expert, Pattern::Dispatch) => self.recv_round(world, DISPATCH),
+            (Role::Attention, Pattern::Roundtrip) => {
+                self.send_round(world, size, DISPATCH)?;
+                self.recv_round(world, COMBINE);
+            }
+            (Role::Expert, Pattern::Roundtrip) => {
+                self.recv_round(world, DISPATCH);
+                if verify {
+                    wrong += self.count_wrong(ChannelId::Dispatch, size)?;
+                    self.fill(ChannelId::Combine, size)?;
+                }
+                self.send_round(world, size, COMBINE)?;
+            }
+        }
+        let t1 = Instant::now();
+        if let Some(ch) = self.place.checked_at_end(pattern).filter(|_| verify) {
+            wrong += self.count_wrong(ch, size)?;
+        }
+        self.k += 1;
+        Ok(Sample {
+            secs: (t1 - t0).as_secs_f64(),
+            wrong,
+        })
+    }
+}
+
+impl Drop for IpcRank {
+    fn drop(&mut self) {
+        let _ = self.stream.context().bind_to_thread();
+        for &p in &self.peers {
+            // SAFETY: opened by cuIpcOpenMemHandle, closed once.
+            unsafe { sys::cuIpcCloseMemHandle(p) };
+        }
+    }
+}
