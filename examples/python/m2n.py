@@ -12,14 +12,25 @@ search path (LD_LIBRARY_PATH, ldconfig) as libm2n.so.0.
     comm.wait_send(r)
     with comm.recv() as rnd:                   # zero-copy views, released on exit
         print(bytes(rnd.data(0)))
+
+On a GPU (libm2n built with CUDA, the default), stream-ordered calls take a
+CUDA stream: an int, or anything with a `cuda_stream` attribute such as
+`torch.cuda.current_stream()`:
+
+    mem = comm.register_tensor(t)              # t.data_ptr(), t.nbytes (GPU or CPU)
+    comm.start_proxy()                         # drives the host's half
+    r = comm.send_on_stream([(mem, 0, t.nbytes)], torch.cuda.current_stream())
+    rnd = comm.recv_on_stream(stream)          # rnd.data_ptr(s): where kernels read
+    rnd.release_on_stream(stream)
 """
 
 import ctypes
 import os
 
 ATTENTION, EXPERT = 0, 1
-_TRANSPORTS = {"auto": 0, "shm": 1, "tcp": 2, "verbs": 3}
+_TRANSPORTS = {"auto": 0, "shm": 1, "tcp": 2, "verbs": 3, "cuda-ipc": 4}
 SUCCESS, AGAIN = 0, 1
+ERR_STREAM = 12
 
 
 def _load():
@@ -73,6 +84,12 @@ for name, args in {
     "m2n_round_number": [_P, _P, ctypes.POINTER(ctypes.c_uint64)],
     "m2n_round_data": [_P, _P, ctypes.c_int, ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_size_t)],
     "m2n_round_release": [_P, _P],
+    "m2n_reg_mem_device": [_P, _P, ctypes.c_size_t, ctypes.POINTER(_P)],
+    "m2n_send_stream": [_P, ctypes.POINTER(Msg), ctypes.c_int, _P, ctypes.POINTER(ctypes.c_uint64)],
+    "m2n_recv_stream": [_P, _P, ctypes.POINTER(_P)],
+    "m2n_round_release_stream": [_P, _P, _P],
+    "m2n_comm_start_proxy": [_P],
+    "m2n_comm_stop_proxy": [_P],
 }.items():
     fn = getattr(_lib, name)
     fn.argtypes = args
@@ -134,6 +151,44 @@ class Round:
         self.release()
 
 
+def _stream(stream):
+    """A CUDA stream handle from an int or an object with `cuda_stream`
+    (torch.cuda.Stream); None is the legacy default stream."""
+    if stream is None:
+        return None
+    return getattr(stream, "cuda_stream", stream)
+
+
+class StreamRound:
+    """A round from recv_on_stream: its addresses are known at once; work
+    enqueued on the stream after the receive sees the data."""
+
+    def __init__(self, comm, handle):
+        self.comm, self.handle = comm, handle
+        n = ctypes.c_uint64()
+        _check(_lib.m2n_round_number(comm._h, handle, ctypes.byref(n)), comm._h)
+        self.number = n.value
+
+    def _data(self, sender):
+        ptr, length = _P(), ctypes.c_size_t()
+        rc = _lib.m2n_round_data(self.comm._h, self.handle, sender, ctypes.byref(ptr), ctypes.byref(length))
+        if rc not in (SUCCESS, AGAIN):
+            _check(rc, self.comm._h)
+        return ptr.value, (length.value if rc == SUCCESS else None)
+
+    def data_ptr(self, sender):
+        """Where `sender`'s message is, as work on the stream addresses it."""
+        return self._data(sender)[0]
+
+    def length(self, sender):
+        """The message's length once the round is in (None before)."""
+        return self._data(sender)[1]
+
+    def release_on_stream(self, stream):
+        _check(_lib.m2n_round_release_stream(self.comm._h, self.handle, _stream(stream)), self.comm._h)
+        self.handle = None
+
+
 class Communicator:
     def __init__(self, role, rank, n_attention, n_experts, uid, transport="auto", slot_bytes=None, depth=None,
                  peer_timeout_ms=None):
@@ -168,14 +223,53 @@ class Communicator:
         self._mems.append(mem)
         return mem
 
-    def send(self, msgs, timeout_ms=30000):
-        """Posts a round: one (mem, offset, length) per receiver, or None for
-        an empty message. The buffers must not change until wait_send()."""
+    def register_device(self, ptr, length):
+        """Registers GPU memory (a device pointer of this process): zero-copy
+        over verbs and cuda-ipc, through a pinned host stage over shm and tcp."""
+        m = _P()
+        _check(_lib.m2n_reg_mem_device(self._h, ptr, length, ctypes.byref(m)), self._h)
+        mem = Mem(self, m, (ptr, length))
+        self._mems.append(mem)
+        return mem
+
+    def register_tensor(self, t):
+        """Registers a contiguous tensor (CUDA or CPU) by data_ptr() and nbytes."""
+        mem = (self.register_device if t.is_cuda else lambda p, n: self.register((p, n)))(t.data_ptr(), t.nbytes)
+        mem.owner = t
+        return mem
+
+    def _msgs(self, msgs):
         arr = (Msg * len(msgs))()
         for i, m in enumerate(msgs):
             arr[i] = Msg(None, 0, 0) if m is None else Msg(m[0].handle, m[1], m[2])
+        return arr
+
+    def send_on_stream(self, msgs, stream):
+        """Enqueues a round on a CUDA stream: it leaves once the stream's
+        earlier work is done; later work waits until it has left."""
         r = ctypes.c_uint64()
-        _check(_lib.m2n_send(self._h, arr, len(msgs), timeout_ms, ctypes.byref(r)), self._h)
+        _check(_lib.m2n_send_stream(self._h, self._msgs(msgs), len(msgs), _stream(stream), ctypes.byref(r)),
+               self._h)
+        return r.value
+
+    def recv_on_stream(self, stream):
+        """Enqueues a receive of the next round on a CUDA stream."""
+        h = _P()
+        _check(_lib.m2n_recv_stream(self._h, _stream(stream), ctypes.byref(h)), self._h)
+        return StreamRound(self, h)
+
+    def start_proxy(self):
+        """A thread that drives m2n's progress (needed by the stream calls)."""
+        _check(_lib.m2n_comm_start_proxy(self._h), self._h)
+
+    def stop_proxy(self):
+        _check(_lib.m2n_comm_stop_proxy(self._h), self._h)
+
+    def send(self, msgs, timeout_ms=30000):
+        """Posts a round: one (mem, offset, length) per receiver, or None for
+        an empty message. The buffers must not change until wait_send()."""
+        r = ctypes.c_uint64()
+        _check(_lib.m2n_send(self._h, self._msgs(msgs), len(msgs), timeout_ms, ctypes.byref(r)), self._h)
         return r.value
 
     def wait_send(self, round_number, timeout_ms=30000):

@@ -168,7 +168,7 @@ pub extern "C" fn m2n_get_error_string(result: c_int) -> *const c_char {
         9 => c"configuration error",
         10 => c"communicator aborted",
         11 => c"internal error",
-        12 => c"stream operation failed (CUDA missing or a CUDA call failed)",
+        12 => c"GPU or stream operation failed (CUDA missing or a CUDA call failed)",
         _ => c"unknown m2n result code",
     };
     s.as_ptr()

@@ -28,8 +28,8 @@ pub enum m2n_result_t {
     M2N_ERR_ABORTED = 10,
     /// A bug in m2n (a caught panic); the last error has the detail.
     M2N_ERR_INTERNAL = 11,
-    /// A stream-ordered call could not be enqueued: no CUDA driver or GPU,
-    /// a CUDA call failed, or this library was built without CUDA.
+    /// A GPU call (stream-ordered calls, GPU memory) failed: no CUDA driver
+    /// or GPU, a CUDA call failed, or this library was built without CUDA.
     M2N_ERR_STREAM = 12,
 }
 

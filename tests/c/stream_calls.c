@@ -96,7 +96,7 @@ int main(void) {
     printf("ok   %-48s %s: %s\n", "reg_mem_device over shm, made-up pointer", m2n_get_error_string(got),
            m2n_comm_get_last_error(comm));
   }
-  if (strstr(m2n_get_error_string(M2N_ERR_STREAM), "stream") == NULL) failures++;
+  if (strstr(m2n_get_error_string(M2N_ERR_STREAM), "stream") == NULL) failures++; /* "GPU or stream ..." */
 
   /* The proxy thread drives the expert while this thread only sends and
    * the expert's caller only tests (never progresses). */
