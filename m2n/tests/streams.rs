@@ -337,11 +337,16 @@ fn a_lost_peer_lets_every_stream_wait_go_and_is_reported() {
     a.abort();
     // The expert's progress engine learns the attention rank is gone and
     // lets its stream go instead of leaving it waiting for ever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let err = loop {
         match e.progress() {
             Ok(_) => std::thread::yield_now(),
             Err(err) => break err,
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abort was never reported"
+        );
     };
     assert!(matches!(err, Error::PeerLost { .. }), "{err}");
     stream.synchronize(Duration::from_secs(10)).unwrap();
@@ -351,6 +356,30 @@ fn a_lost_peer_lets_every_stream_wait_go_and_is_reported() {
         err.to_string().contains("stopped when the group failed"),
         "{err}"
     );
+}
+
+#[test]
+fn a_peer_that_leaves_cleanly_while_a_stream_waits_for_it_lets_the_stream_go() {
+    let (a, mut e) = pair();
+    let stream = HostStream::new();
+    let r = e.dispatch().recv_on_stream(&stream).unwrap();
+    e.dispatch().release_on_stream(r, &stream).unwrap();
+    // A clean goodbye: progress() alone would not report it, but the
+    // stream waits for this peer's message.
+    drop(a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        match e.progress() {
+            Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+            Err(err) => break err,
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "progress never reported the peer the stream waits for"
+        );
+    };
+    assert!(matches!(err, Error::PeerLost { .. }), "{err}");
+    stream.synchronize(Duration::from_secs(10)).unwrap();
 }
 
 #[test]

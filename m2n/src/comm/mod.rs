@@ -531,12 +531,18 @@ impl Communicator {
     pub fn progress(&mut self) -> Result<bool> {
         let lost = self.lost_snapshot(false);
         let moved = self.progress_inner()?;
-        let abnormal: Vec<usize> = lost
+        let mut needed: Vec<usize> = lost
             .iter()
             .filter(|(_, l)| !l.clean)
             .map(|(i, _)| *i)
             .collect();
-        if let Err(e) = self.check_lost(&lost, &abnormal) {
+        if !lost.is_empty() {
+            // Stream operations wait for peers too: a peer that left (even
+            // cleanly) while a stream waits for its message or credit would
+            // hold that stream for ever.
+            needed.extend(self.stream_dependencies());
+        }
+        if let Err(e) = self.check_lost(&lost, &needed) {
             // Streams waiting on this group would wait for ever.
             self.streams.let_go(&e);
             return Err(e);

@@ -238,6 +238,24 @@ impl Communicator {
         }
     }
 
+    /// Other-side peers that outstanding stream operations wait for: the
+    /// senders of the round a stream receive waits for, the receivers
+    /// whose credit a queued stream send waits for, and every receiver of
+    /// a stream send still in flight.
+    pub(super) fn stream_dependencies(&self) -> Vec<usize> {
+        let mut peers = Vec::new();
+        if self.streams.recv.wants_round() {
+            peers.extend(self.recv.proto.missing_senders());
+        }
+        if !self.streams.queued.is_empty() {
+            peers.extend(self.send.proto.blocking_receivers());
+        }
+        if self.streams.send.in_flight().next().is_some() {
+            peers.extend(0..self.send.rings.len());
+        }
+        peers
+    }
+
     pub(super) fn streams_active(&self) -> bool {
         self.streams.active()
     }
