@@ -24,7 +24,8 @@
 //! | `M2N_IB_DATA_SL`, `M2N_IB_ACK_SL` | verbs: service level per lane | 0, 6 |
 //! | `M2N_IB_TIMEOUT`, `M2N_IB_RETRY_CNT`, `M2N_IB_RNR_RETRY` | verbs: QP ACK timeout exponent, retries, RNR retries | 14, 7, 7 |
 //! | `M2N_IB_MTU`, `M2N_IB_MAX_INLINE` | verbs: path MTU bytes, inline payload limit | 4096, 64 |
-//! | `M2N_CUDA_DEVICE` | cuda-ipc: the GPU whose memory holds the rings | 0 |
+//! | `M2N_CUDA_DEVICE` | the GPU whose memory holds the receive rings (cuda-ipc, `M2N_GPU_RINGS`) | 0 |
+//! | `M2N_GPU_RINGS` | `1`: verbs receive rings in GPU memory (GPUDirect RDMA); cuda-ipc's always are; shm and tcp refuse | 0 |
 //! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, `spin-yield[:N]` (N empty polls, then yield), or `auto` (`yield` when this host runs more ranks than it has cores, else `spin-yield:256`) | `auto` |
 //!
 //! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks, and
@@ -254,8 +255,11 @@ pub struct Config {
     pub tcp: TcpConfig,
     pub ib: IbConfig,
     pub wait: WaitPolicy,
-    /// The GPU the cuda-ipc transport allocates its rings on.
+    /// The GPU receive rings live on (cuda-ipc always; verbs with `gpu_rings`).
     pub cuda_device: usize,
+    /// Receive rings in GPU memory, written by the NIC (verbs, GPUDirect
+    /// RDMA); cuda-ipc rings are GPU memory anyway; shm and tcp refuse it.
+    pub gpu_rings: bool,
 }
 
 impl Default for Config {
@@ -278,6 +282,7 @@ impl Default for Config {
             ib: IbConfig::default(),
             wait: WaitPolicy::Auto,
             cuda_device: 0,
+            gpu_rings: false,
         }
     }
 }
@@ -392,6 +397,11 @@ impl Config {
                     _ => return Err(err("expected a positive entry count".into())),
                 },
                 "M2N_WAIT" => self.wait = value.parse().map_err(err)?,
+                "M2N_GPU_RINGS" => match value.as_str() {
+                    "0" => self.gpu_rings = false,
+                    "1" => self.gpu_rings = true,
+                    _ => return Err(err("expected 0 or 1".into())),
+                },
                 "M2N_CUDA_DEVICE" => match value.parse::<usize>() {
                     Ok(d) if d < 1024 => self.cuda_device = d,
                     _ => return Err(err("a GPU ordinal (0, 1, ...)".into())),
@@ -587,6 +597,8 @@ mod tests {
             ("M2N_CREDIT_BATCH", "half"),
             ("M2N_IB_RETRY_CNT", "8"),
             ("M2N_IB_PORT", "0"),
+            ("M2N_GPU_RINGS", "yes"),
+            ("M2N_CUDA_DEVICE", "first"),
         ] {
             let err = env(&[(k, v)]).unwrap_err();
             assert_eq!(err.name, k, "{err}");

@@ -18,6 +18,8 @@ pub enum GpuError {
     NoDevice,
     #[error("{0:#x} is not device memory of this process")]
     NotDevice(u64),
+    #[error("GPU {device} was asked for (M2N_CUDA_DEVICE), but this machine has {count}")]
+    NoSuchDevice { device: usize, count: usize },
 }
 
 fn check(call: &'static str, code: sys::CUresult) -> Result<(), GpuError> {
@@ -148,6 +150,60 @@ pub(crate) unsafe fn register_host(
         )
     })?;
     Ok(Registered(ptr.cast(), ctx))
+}
+
+/// Device memory m2n allocated (receive rings), zeroed, freed on drop.
+#[derive(Debug)]
+pub(crate) struct DeviceBuffer {
+    pub(crate) dptr: u64,
+    pub(crate) len: usize,
+    ctx: Ctx,
+}
+
+impl DeviceBuffer {
+    /// `len` zeroed bytes on GPU `device` (in its primary context, which
+    /// stays retained while the process runs).
+    pub(crate) fn alloc(device: usize, len: usize) -> Result<Self, GpuError> {
+        let n = init()?;
+        if device >= n {
+            return Err(GpuError::NoSuchDevice { device, count: n });
+        }
+        let mut dev: sys::CUdevice = 0;
+        // SAFETY: valid out-parameter; the ordinal was checked.
+        check("cuDeviceGet", unsafe {
+            sys::cuDeviceGet(&mut dev, device as i32)
+        })?;
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-parameter and device.
+        check("cuDevicePrimaryCtxRetain", unsafe {
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
+        })?;
+        Self::alloc_in(Ctx(ctx), len)
+    }
+
+    /// `len` zeroed bytes in `ctx`.
+    pub(crate) fn alloc_in(ctx: Ctx, len: usize) -> Result<Self, GpuError> {
+        ctx.make_current()?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-parameter, current context.
+        check("cuMemAlloc", unsafe {
+            sys::cuMemAlloc_v2(&mut dptr, len.max(1))
+        })?;
+        let buf = DeviceBuffer { dptr, len, ctx };
+        // SAFETY: the allocation just made.
+        check("cuMemsetD8", unsafe {
+            sys::cuMemsetD8_v2(dptr, 0, len.max(1))
+        })?;
+        Ok(buf)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        let _ = self.ctx.make_current();
+        // SAFETY: allocated by cuMemAlloc in `ctx`, freed once.
+        unsafe { sys::cuMemFree_v2(self.dptr) };
+    }
 }
 
 /// Copies `len` bytes from device address `src` to host address `dst`,

@@ -492,3 +492,22 @@ fn stream_sends_from_device_memory_copy_to_the_stage_on_the_stream() {
     drop(region);
     drop(device);
 }
+
+#[test]
+fn gpu_rings_on_a_host_memory_transport_are_refused_naming_why() {
+    for t in [m2n::TransportKind::Shm, m2n::TransportKind::Tcp] {
+        let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let uid = root.unique_id().clone();
+        let _served = root.spawn(Duration::from_secs(10));
+        let mut cfg = config_on(t);
+        cfg.gpu_rings = true;
+        cfg.bootstrap_timeout = Duration::from_secs(5);
+        let (uid2, cfg2) = (uid.clone(), cfg.clone());
+        let e = std::thread::spawn(move || {
+            Communicator::init(cfg2, Role::Expert, 0, Shape::new(1, 1), &uid2).map(|_| ())
+        });
+        let err = Communicator::init(cfg, Role::Attention, 0, Shape::new(1, 1), &uid).unwrap_err();
+        assert!(err.to_string().contains("M2N_GPU_RINGS"), "{t}: {err}");
+        assert!(e.join().unwrap().is_err());
+    }
+}

@@ -280,9 +280,13 @@ impl Communicator {
         // Phase 2: the transport, its rings, and their descriptors.
         let mut transport = setup::make_transport(kind, &config, ip, me, shape.world())?;
         let t = |source| Error::Transport { peer: None, source };
-        let ring = transport
-            .alloc_ring(recv_geo.ring_bytes().expect("validated"))
-            .map_err(t)?;
+        let ring_bytes = recv_geo.ring_bytes().expect("validated");
+        let ring = if config.gpu_rings {
+            transport.alloc_gpu_ring(ring_bytes, config.cuda_device)
+        } else {
+            transport.alloc_ring(ring_bytes)
+        }
+        .map_err(t)?;
         let credits = transport.alloc(8 * theirs).map_err(t)?;
         let credit_src = transport.alloc(8).map_err(t)?;
         let published = setup::Published {

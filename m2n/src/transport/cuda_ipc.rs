@@ -40,31 +40,19 @@ fn unavailable(why: String) -> TransportError {
     TransportError::Unavailable(TransportKind::CudaIpc, why)
 }
 
-/// Device memory the transport allocated (a ring), freed on drop.
+/// Device memory the transport allocated (a ring).
 #[derive(Debug)]
-struct DeviceAlloc {
-    dptr: u64,
-    len: usize,
-    ctx: Ctx,
-}
+struct DeviceAlloc(crate::gpu::DeviceBuffer);
 
 impl LocalMemory for DeviceAlloc {
     fn base(&self) -> *mut u8 {
-        self.dptr as *mut u8
+        self.0.dptr as *mut u8
     }
     fn len(&self) -> usize {
-        self.len
+        self.0.len
     }
     fn is_device(&self) -> bool {
         true
-    }
-}
-
-impl Drop for DeviceAlloc {
-    fn drop(&mut self) {
-        let _ = self.ctx.make_current();
-        // SAFETY: allocated by cuMemAlloc in `ctx`, freed once.
-        unsafe { sys::cuMemFree_v2(self.dptr) };
     }
 }
 
@@ -136,9 +124,9 @@ impl CudaIpcTransport {
     ) -> Result<Self, TransportError> {
         let n = crate::gpu::init().map_err(|e| unavailable(e.to_string()))?;
         if device >= n {
-            return Err(unavailable(format!(
-                "M2N_CUDA_DEVICE={device}, but this machine has {n} GPU(s)"
-            )));
+            return Err(unavailable(
+                crate::gpu::GpuError::NoSuchDevice { device, count: n }.to_string(),
+            ));
         }
         let mut dev: sys::CUdevice = 0;
         // SAFETY: valid out-parameter; the ordinal was checked.
@@ -240,22 +228,15 @@ impl Transport for CudaIpcTransport {
         self.shm.alloc(len)
     }
 
+    fn alloc_gpu_ring(&mut self, len: usize, _device: usize) -> Result<Region, TransportError> {
+        self.alloc_ring(len)
+    }
+
     fn alloc_ring(&mut self, len: usize) -> Result<Region, TransportError> {
-        self.current()?;
-        let mut dptr: sys::CUdeviceptr = 0;
-        // SAFETY: valid out-parameter, current context.
-        check("cuMemAlloc", unsafe {
-            sys::cuMemAlloc_v2(&mut dptr, len.max(1))
-        })?;
-        let mem = Arc::new(DeviceAlloc {
-            dptr,
-            len,
-            ctx: self.ctx,
-        });
-        // SAFETY: the allocation just made, `len` bytes.
-        check("cuMemsetD8", unsafe {
-            sys::cuMemsetD8_v2(dptr, 0, len.max(1))
-        })?;
+        let buf = crate::gpu::DeviceBuffer::alloc_in(self.ctx, len)
+            .map_err(|e| unavailable(e.to_string()))?;
+        let dptr = buf.dptr;
+        let mem = Arc::new(DeviceAlloc(buf));
         let mut handle = sys::CUipcMemHandle {
             reserved: [0; HANDLE_BYTES],
         };

@@ -592,6 +592,18 @@ pub trait Transport: Send + fmt::Debug {
         self.alloc(len)
     }
 
+    /// Allocates a receive ring in the memory of GPU `device`, written by
+    /// peers directly (`M2N_GPU_RINGS=1`): verbs (GPUDirect RDMA) and
+    /// cuda-ipc. shm and tcp deliver into host memory (mapped for kernels
+    /// by the stream-ordered receive).
+    fn alloc_gpu_ring(&mut self, len: usize, device: usize) -> Result<Region, TransportError> {
+        let _ = (len, device);
+        Err(TransportError::Unavailable(
+            self.kind(),
+            "GPU receive rings (M2N_GPU_RINGS=1) need verbs (GPUDirect RDMA) or cuda-ipc; this transport delivers into host memory, which stream-ordered receives map for kernels".into(),
+        ))
+    }
+
     /// Registers application memory as a source of writes (peers cannot
     /// write into it). Dropping the region deregisters it.
     ///

@@ -58,7 +58,8 @@ struct VerbsMemory {
     base: *mut u8,
     len: usize,
     mr: Mr,
-    _owner: Option<Segment>,
+    /// The memory, when the transport allocated it (dropped after `mr`).
+    _owner: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
 // SAFETY: plain memory plus a thread-safe MR handle.
@@ -430,6 +431,41 @@ impl RegionDescriptor {
     }
 }
 
+impl VerbsTransport {
+    /// Registers device memory: dma-buf first (upstream kernels), then the
+    /// peer-memory path (nvidia-peermem), where ibv_reg_mr takes the device
+    /// pointer. `remote_write` for receive rings (dma-buf MRs always allow it).
+    #[cfg(feature = "cuda")]
+    fn register_gpu_mr(
+        &self,
+        dptr: u64,
+        len: usize,
+        remote_write: bool,
+    ) -> Result<Mr, TransportError> {
+        let gpu = |e: crate::gpu::GpuError| {
+            TransportError::Unavailable(TransportKind::Verbs, format!("GPU memory: {e}"))
+        };
+        crate::gpu::init().map_err(gpu)?;
+        let dmabuf = crate::gpu::dmabuf_fd(dptr, len)
+            .map_err(|e| e.to_string())
+            .and_then(|fd| {
+                // SAFETY: the fd describes exactly dptr..dptr+len; the MR owns nothing else.
+                unsafe { ib::Mr::register_dmabuf(&self.pd, fd, dptr, len) }
+                    .map_err(|e| e.to_string())
+            });
+        match dmabuf {
+            Ok(mr) => Ok(mr),
+            // SAFETY: the caller's contract: the device memory outlives the MR.
+            Err(dmabuf_err) => unsafe { Mr::register(&self.pd, dptr as *mut u8, len, remote_write) }.map_err(|e| {
+                TransportError::Unavailable(
+                    TransportKind::Verbs,
+                    format!("GPU memory could not be registered: dma-buf: {dmabuf_err}; ibv_reg_mr (peer memory): {e}"),
+                )
+            }),
+        }
+    }
+}
+
 impl Transport for VerbsTransport {
     fn kind(&self) -> TransportKind {
         TransportKind::Verbs
@@ -476,7 +512,7 @@ impl Transport for VerbsTransport {
                 base,
                 len,
                 mr,
-                _owner: Some(seg),
+                _owner: Some(Box::new(seg)),
             }),
             descriptor,
         ))
@@ -507,35 +543,36 @@ impl Transport for VerbsTransport {
 
     #[cfg(feature = "cuda")]
     unsafe fn register_device(&mut self, dptr: u64, len: usize) -> Result<Region, TransportError> {
-        let gpu = |e: crate::gpu::GpuError| {
-            TransportError::Unavailable(TransportKind::Verbs, format!("GPU memory: {e}"))
-        };
-        crate::gpu::init().map_err(gpu)?;
-        // dma-buf first (upstream kernels), then the peer-memory path
-        // (nvidia-peermem), where ibv_reg_mr takes the device pointer.
-        let dmabuf = crate::gpu::dmabuf_fd(dptr, len)
-            .map_err(|e| e.to_string())
-            .and_then(|fd| {
-                // SAFETY: the fd describes exactly dptr..dptr+len; the MR owns nothing else.
-                unsafe { ib::Mr::register_dmabuf(&self.pd, fd, dptr, len) }
-                    .map_err(|e| e.to_string())
-            });
-        let mr = match dmabuf {
-            Ok(mr) => mr,
-            // SAFETY: forwarded contract: the device memory outlives the region.
-            Err(dmabuf_err) => unsafe { Mr::register(&self.pd, dptr as *mut u8, len, false) }.map_err(|e| {
-                TransportError::Unavailable(
-                    TransportKind::Verbs,
-                    format!("GPU memory could not be registered: dma-buf: {dmabuf_err}; ibv_reg_mr (peer memory): {e}"),
-                )
-            })?,
-        };
+        let mr = self.register_gpu_mr(dptr, len, false)?;
         Ok(self.locals.add_device(Arc::new(VerbsMemory {
             base: dptr as *mut u8,
             len,
             mr,
             _owner: None,
         })))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn alloc_gpu_ring(&mut self, len: usize, device: usize) -> Result<Region, TransportError> {
+        let buf = crate::gpu::DeviceBuffer::alloc(device, len).map_err(|e| {
+            TransportError::Unavailable(TransportKind::Verbs, format!("GPU receive ring: {e}"))
+        })?;
+        let dptr = buf.dptr;
+        let mr = self.register_gpu_mr(dptr, len, true)?;
+        let descriptor = RegionDescriptor {
+            addr: dptr,
+            rkey: mr.rkey(),
+            len,
+        }
+        .encode();
+        let mut region = self.locals.add_device(Arc::new(VerbsMemory {
+            base: dptr as *mut u8,
+            len,
+            mr,
+            _owner: Some(Box::new(buf)),
+        }));
+        region.descriptor = descriptor;
+        Ok(region)
     }
 
     fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError> {
