@@ -180,9 +180,10 @@ enum m2n_result_t m2n_reg_mem(struct m2n_comm_t *comm,
                               struct m2n_mem_t **mem);
 
 // Registers GPU memory (a CUDA device pointer of this process) as a
-// zero-copy source of messages: over verbs through dma-buf (GPUDirect
-// RDMA, the peer-memory module as fallback). The shm and tcp transports
-// refuse it, naming themselves. Same lifetime rules as m2n_reg_mem.
+// source of messages: zero-copy over verbs (GPUDirect RDMA through
+// dma-buf, the peer-memory module as fallback) and cuda-ipc; over shm and
+// tcp through a pinned host stage that each send copies into first. Same
+// lifetime rules as m2n_reg_mem.
 enum m2n_result_t m2n_reg_mem_device(struct m2n_comm_t *comm,
                                      void *dptr,
                                      size_t size,

@@ -478,6 +478,18 @@ pub extern "C" fn m2n_mem_alloc(
     })
 }
 
+/// Gives a registered region a buffer handle.
+fn hand_out_mem(
+    st: &mut CommState,
+    region: m2n_rs::Region,
+    mem: *mut *mut m2n_mem_t,
+) -> Result<m2n_result_t, Failure> {
+    let key = st.key();
+    put(mem, "mem", key as *mut m2n_mem_t)?;
+    st.mems.insert(key, region);
+    Ok(m2n_result_t::M2N_SUCCESS)
+}
+
 /// Registers application memory (e.g. a tensor) as a zero-copy source of
 /// messages. It must stay valid until m2n_dereg_mem and until every round
 /// sent from it is sent (m2n_test_send / m2n_wait_send).
@@ -498,17 +510,15 @@ pub extern "C" fn m2n_reg_mem(
         }
         // SAFETY: the caller keeps the memory valid while registered (documented).
         let region = unsafe { st.comm.register(ptr.cast(), size) }.map_err(map_err)?;
-        let key = st.key();
-        put(mem, "mem", key as *mut m2n_mem_t)?;
-        st.mems.insert(key, region);
-        Ok(m2n_result_t::M2N_SUCCESS)
+        hand_out_mem(st, region, mem)
     })
 }
 
 /// Registers GPU memory (a CUDA device pointer of this process) as a
-/// zero-copy source of messages: over verbs through dma-buf (GPUDirect
-/// RDMA, the peer-memory module as fallback). The shm and tcp transports
-/// refuse it, naming themselves. Same lifetime rules as m2n_reg_mem.
+/// source of messages: zero-copy over verbs (GPUDirect RDMA through
+/// dma-buf, the peer-memory module as fallback) and cuda-ipc; over shm and
+/// tcp through a pinned host stage that each send copies into first. Same
+/// lifetime rules as m2n_reg_mem.
 #[no_mangle]
 pub extern "C" fn m2n_reg_mem_device(
     comm: *mut m2n_comm_t,
@@ -528,10 +538,7 @@ pub extern "C" fn m2n_reg_mem_device(
         {
             // SAFETY: the caller keeps the memory valid while registered.
             let region = unsafe { st.comm.register_gpu(dptr as u64, size) }.map_err(map_err)?;
-            let key = st.key();
-            put(mem, "mem", key as *mut m2n_mem_t)?;
-            st.mems.insert(key, region);
-            Ok(m2n_result_t::M2N_SUCCESS)
+            hand_out_mem(st, region, mem)
         }
         #[cfg(not(feature = "cuda"))]
         {

@@ -17,6 +17,7 @@ use mpi::traits::{Communicator as _, CommunicatorCollectives as _};
 
 use crate::cli::Pattern;
 use crate::mpi_base;
+use crate::nccl_base::{fill_gpu, wrong_on_gpu};
 use crate::run::{Place, Sample};
 
 const HANDLE: usize = 64;
@@ -105,20 +106,18 @@ impl IpcRank {
     }
 
     fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
-        let mut host = vec![0u8; self.place.peers() * size];
-        self.place.fill(&mut host, channel, size, self.k);
-        let mut dst = self.send.slice_mut(0..host.len());
-        self.stream
-            .memcpy_htod(&host, &mut dst)
-            .map_err(|e| format!("{e:?}"))
+        fill_gpu(
+            &self.stream,
+            &mut self.send,
+            self.place,
+            channel,
+            size,
+            self.k,
+        )
     }
 
     fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
-        let host = self
-            .stream
-            .memcpy_dtov(&self.recv.slice(0..self.place.peers() * size))
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(self.place.count_wrong(&host, channel, size, self.k))
+        wrong_on_gpu(&self.stream, &self.recv, self.place, channel, size, self.k)
     }
 
     /// Copies one message into each peer's buffer, waits for the GPU, then

@@ -25,6 +25,39 @@ pub fn open_gpu(world: &SimpleCommunicator) -> Result<Arc<CudaStream>, String> {
     Ok(ctx.default_stream())
 }
 
+/// Fills `dst` (one `size`-byte message per peer) with `place`'s check
+/// pattern of round `k`, through a host copy.
+pub fn fill_gpu(
+    stream: &Arc<CudaStream>,
+    dst: &mut CudaSlice<u8>,
+    place: Place,
+    channel: ChannelId,
+    size: usize,
+    k: u64,
+) -> Result<(), String> {
+    let mut host = vec![0u8; place.peers() * size];
+    place.fill(&mut host, channel, size, k);
+    let mut dst = dst.slice_mut(0..host.len());
+    stream
+        .memcpy_htod(&host, &mut dst)
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Wrong bytes in `src` (one message per peer) received in round `k`.
+pub fn wrong_on_gpu(
+    stream: &Arc<CudaStream>,
+    src: &CudaSlice<u8>,
+    place: Place,
+    channel: ChannelId,
+    size: usize,
+    k: u64,
+) -> Result<u64, String> {
+    let host = stream
+        .memcpy_dtov(&src.slice(0..place.peers() * size))
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(place.count_wrong(&host, channel, size, k))
+}
+
 pub struct NcclRank {
     comm: Comm,
     stream: Arc<CudaStream>,
@@ -76,20 +109,18 @@ impl NcclRank {
     }
 
     fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
-        let mut host = vec![0u8; self.place.peers() * size];
-        self.place.fill(&mut host, channel, size, self.k);
-        let mut dst = self.send.slice_mut(0..host.len());
-        self.stream
-            .memcpy_htod(&host, &mut dst)
-            .map_err(|e| format!("{e:?}"))
+        fill_gpu(
+            &self.stream,
+            &mut self.send,
+            self.place,
+            channel,
+            size,
+            self.k,
+        )
     }
 
     fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
-        let host = self
-            .stream
-            .memcpy_dtov(&self.recv.slice(0..self.place.peers() * size))
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(self.place.count_wrong(&host, channel, size, self.k))
+        wrong_on_gpu(&self.stream, &self.recv, self.place, channel, size, self.k)
     }
 
     /// One grouped exchange: sends to `send_to`, receives from `recv_from`.

@@ -152,6 +152,26 @@ pub(crate) unsafe fn register_host(
     Ok(Registered(ptr.cast(), ctx))
 }
 
+/// GPU `device`'s primary context (retained: it stays while the process
+/// runs) and the device handle.
+pub(crate) fn primary_context(device: usize) -> Result<(Ctx, sys::CUdevice), GpuError> {
+    let n = init()?;
+    if device >= n {
+        return Err(GpuError::NoSuchDevice { device, count: n });
+    }
+    let mut dev: sys::CUdevice = 0;
+    // SAFETY: valid out-parameter; the ordinal was checked.
+    check("cuDeviceGet", unsafe {
+        sys::cuDeviceGet(&mut dev, device as i32)
+    })?;
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: valid out-parameter and device.
+    check("cuDevicePrimaryCtxRetain", unsafe {
+        sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
+    })?;
+    Ok((Ctx(ctx), dev))
+}
+
 /// Device memory m2n allocated (receive rings), zeroed, freed on drop.
 #[derive(Debug)]
 pub(crate) struct DeviceBuffer {
@@ -164,21 +184,7 @@ impl DeviceBuffer {
     /// `len` zeroed bytes on GPU `device` (in its primary context, which
     /// stays retained while the process runs).
     pub(crate) fn alloc(device: usize, len: usize) -> Result<Self, GpuError> {
-        let n = init()?;
-        if device >= n {
-            return Err(GpuError::NoSuchDevice { device, count: n });
-        }
-        let mut dev: sys::CUdevice = 0;
-        // SAFETY: valid out-parameter; the ordinal was checked.
-        check("cuDeviceGet", unsafe {
-            sys::cuDeviceGet(&mut dev, device as i32)
-        })?;
-        let mut ctx: sys::CUcontext = std::ptr::null_mut();
-        // SAFETY: valid out-parameter and device.
-        check("cuDevicePrimaryCtxRetain", unsafe {
-            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
-        })?;
-        Self::alloc_in(Ctx(ctx), len)
+        Self::alloc_in(primary_context(device)?.0, len)
     }
 
     /// `len` zeroed bytes in `ctx`.

@@ -122,23 +122,8 @@ impl CudaIpcTransport {
         queue_depth: usize,
         device: usize,
     ) -> Result<Self, TransportError> {
-        let n = crate::gpu::init().map_err(|e| unavailable(e.to_string()))?;
-        if device >= n {
-            return Err(unavailable(
-                crate::gpu::GpuError::NoSuchDevice { device, count: n }.to_string(),
-            ));
-        }
-        let mut dev: sys::CUdevice = 0;
-        // SAFETY: valid out-parameter; the ordinal was checked.
-        check("cuDeviceGet", unsafe {
-            sys::cuDeviceGet(&mut dev, device as i32)
-        })?;
-        let mut ctx: sys::CUcontext = std::ptr::null_mut();
-        // SAFETY: valid out-parameter and device.
-        check("cuDevicePrimaryCtxRetain", unsafe {
-            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
-        })?;
-        let ctx = Ctx(ctx);
+        let (ctx, dev) =
+            crate::gpu::primary_context(device).map_err(|e| unavailable(e.to_string()))?;
         ctx.make_current().map_err(|e| unavailable(e.to_string()))?;
         let mut stream: sys::CUstream = std::ptr::null_mut();
         // SAFETY: valid out-parameter, current context.
