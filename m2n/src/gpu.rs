@@ -226,6 +226,46 @@ pub(crate) fn copy_to_host(ctx: Ctx, dst: usize, src: u64, len: usize) -> Result
 #[cfg(test)]
 mod tests {
     #[test]
+    fn device_memory_exports_as_dma_buf_where_the_driver_can() {
+        if let Err(e) = super::init() {
+            println!("skipped: {e}");
+            return;
+        }
+        let len = 2 << 20;
+        let buf = super::DeviceBuffer::alloc(0, len).expect("cuMemAlloc on GPU 0");
+        assert_eq!(
+            super::pointer_context(buf.dptr)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Ok(()),
+            "a cuMemAlloc pointer is device memory"
+        );
+        let host = [0u8; 16];
+        assert!(
+            super::pointer_context(host.as_ptr() as u64).is_err(),
+            "host memory is not device memory"
+        );
+        match super::dmabuf_fd(buf.dptr, len) {
+            Ok(fd) => {
+                use std::os::fd::AsRawFd;
+                let st = nix::sys::stat::fstat(fd.as_raw_fd()).expect("fstat of the dma-buf");
+                println!(
+                    "dma-buf export of {len} B of device memory: fd {} (size {})",
+                    fd.as_raw_fd(),
+                    st.st_size
+                );
+            }
+            Err(super::GpuError::Call {
+                code: super::sys::CUresult::CUDA_ERROR_NOT_SUPPORTED,
+                ..
+            }) => {
+                println!("dma-buf export: not supported by this driver or kernel (GPUDirect RDMA would take the peer-memory path)");
+            }
+            Err(e) => panic!("dma-buf export failed: {e}"),
+        }
+    }
+
+    #[test]
     fn without_a_gpu_the_error_says_so() {
         match super::init() {
             Ok(n) => println!("skipped: {n} GPU(s) present"),
