@@ -52,6 +52,9 @@ struct Group {
     /// Application memory registered with m2n_reg_mem: kept alive for the
     /// group's life (the contract: valid until every round from it is sent).
     owned: Vec<Box<[u8]>>,
+    /// Proxy threads started (and not stopped by a call here; a proxy may
+    /// have stopped itself on a failure).
+    proxy: [bool; 2],
 }
 
 // SAFETY: the raw pointers are handle values (integers to the library) or
@@ -59,7 +62,7 @@ struct Group {
 unsafe impl Send for Group {}
 
 fn ok_code(r: m2n_result_t) -> bool {
-    (r as i32) >= 0 && (r as i32) <= M2N_ERR_INTERNAL as i32
+    (r as i32) >= 0 && (r as i32) <= M2N_ERR_STREAM as i32
 }
 
 /// Checks a result against the set a call may return, and that failures
@@ -144,6 +147,7 @@ impl Group {
             next_send: [0; 2],
             next_recv: [0; 2],
             owned: Vec::new(),
+            proxy: [false; 2],
         }
     }
 
@@ -367,10 +371,54 @@ fn step(g: &mut Group, inp: &mut Input) {
         }
     };
     match op {
-        0 => {
-            let r = m2n_progress(comm);
-            expect("progress", comm, r, &allowed(g, &[R]));
-        }
+        0 => match inp.byte() % 4 {
+            0 => {
+                let r = m2n_progress(comm);
+                expect("progress", comm, r, &allowed(g, &[R]));
+            }
+            1 => {
+                // A proxy thread driving progress while the calls go on.
+                let r = m2n_comm_start_proxy(comm);
+                let normal: &[m2n_result_t] = match c {
+                    Some(c) if g.proxy[c] => &[R, M2N_ERR_INVALID_USAGE],
+                    _ => &[R],
+                };
+                expect("start_proxy", comm, r, &allowed(g, normal));
+                if let (R, Some(c)) = (r, c) {
+                    g.proxy[c] = true;
+                }
+            }
+            2 => {
+                let r = m2n_comm_stop_proxy(comm);
+                let want: Vec<m2n_result_t> = match (bad_handle, c) {
+                    (Some(code), _) => vec![code],
+                    (None, Some(c)) if g.life[c] == Life::Destroyed => vec![M2N_ERR_INVALID_USAGE],
+                    // It returns what it stopped on, if it stopped itself.
+                    (None, Some(c)) if g.proxy[c] => [R, M2N_ERR_ABORTED]
+                        .iter()
+                        .chain(g.peer_failures(c))
+                        .copied()
+                        .collect(),
+                    _ => vec![M2N_ERR_INVALID_USAGE],
+                };
+                expect("stop_proxy", comm, r, &want);
+                if let Some(c) = c {
+                    g.proxy[c] = false;
+                }
+            }
+            _ => {
+                // Stream-ordered calls: no CUDA stream can exist here, so
+                // they are refused after the handle and argument checks.
+                let mut out = std::ptr::null_mut();
+                let r = m2n_recv_stream(comm, std::ptr::null_mut(), &mut out);
+                expect("recv_stream", comm, r, &allowed(g, &[M2N_ERR_STREAM]));
+                assert!(out.is_null(), "a refused recv_stream handed out a round");
+                let mut round = 0;
+                let r =
+                    m2n_send_stream(comm, std::ptr::null(), 0, std::ptr::null_mut(), &mut round);
+                expect("send_stream", comm, r, &allowed(g, &[M2N_ERR_STREAM]));
+            }
+        },
         1 | 2 => {
             // Registered memory: m2n's own (1) or the application's (2).
             let size = inp.u16() as usize % 1024;
@@ -647,6 +695,7 @@ fn step(g: &mut Group, inp: &mut Input) {
             if let (R, Some(c)) = (r, c) {
                 if destroy {
                     g.life[c] = Life::Destroyed;
+                    g.proxy[c] = false;
                     g.dead_comms.push(comm);
                     g.bufs.retain(|b| b.comm != c);
                 } else {
@@ -806,6 +855,24 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 6, 0, 2, 1, 7, 3, 0, 0, 1, //
                 14, 7, 10, b'm', b'2', b'n', b'1', b'@', b'x', b'#', b'1', b'2', b'3', 200, 5, 3,
                 4, 9,
+            ],
+        ),
+        (
+            // A proxy thread drives the expert (op 0 sub 1) while the
+            // exchange above runs; stream calls refused (sub 3); stop (sub 2).
+            "proxy",
+            vec![
+                0, 3, 1, //
+                1, 0, 64, 0, 9, //
+                1, 3, 32, 0, 7, //
+                4, 0, 0, 0, 0, 16, 0, 2, 1, //
+                4, 3, 0, 0, 4, 8, 0, 2, 1, //
+                0, 3, 3, //
+                0, 0, 3, //
+                9, 3, 2, //
+                9, 0, 2, //
+                0, 3, 2, //
+                0, 3, 2, //
             ],
         ),
         (
