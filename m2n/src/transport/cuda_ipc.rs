@@ -375,6 +375,10 @@ impl Transport for CudaIpcTransport {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {
+        // The poll may run on another thread than the posts (a proxy).
+        if !self.pending.is_empty() {
+            self.current()?;
+        }
         // Copies complete in order on the one stream: report them in order.
         while let Some(p) = self.pending.front() {
             // SAFETY: an event recorded on our stream.
