@@ -511,3 +511,43 @@ fn gpu_rings_on_a_host_memory_transport_are_refused_naming_why() {
         assert!(e.join().unwrap().is_err());
     }
 }
+
+#[test]
+fn a_release_that_overtakes_its_receive_is_applied_when_the_round_arrives() {
+    // The release is enqueued on another stream that nothing holds, so its
+    // flag passes before the round is in: the host must keep it and
+    // release the round on arrival (and not before).
+    let (mut a, mut e) = pair();
+    let (s_recv, s_release) = (HostStream::new(), HostStream::new());
+    let r = e.dispatch().recv_on_stream(&s_recv).unwrap();
+    e.dispatch().release_on_stream(r, &s_release).unwrap();
+    s_release.synchronize(Duration::from_secs(10)).unwrap();
+    for _ in 0..100 {
+        e.progress().unwrap();
+    }
+    assert!(
+        !e.streams_idle(),
+        "the round has not arrived: it cannot be released yet"
+    );
+    let buf = a.alloc(8).unwrap();
+    // Depth 2: a third round needs the first one's release.
+    for k in 0..3 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if a.dispatch()
+                .try_send(&[Msg::new(&buf, 0, 8)])
+                .unwrap()
+                .is_some()
+            {
+                break;
+            }
+            e.progress().unwrap();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {k} never got credit: the early release was lost"
+            );
+        }
+    }
+    s_recv.synchronize(Duration::from_secs(10)).unwrap();
+    assert!(e.streams_idle());
+}
