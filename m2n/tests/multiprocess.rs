@@ -62,13 +62,14 @@ fn ten_thousand_rounds_2x3(t: T) {
 /// `PeerLost` naming it, well within the peer timeout, never hang.
 /// Large messages make it likely (over tcp) that the victim dies mid-frame.
 fn kill_mid_run(t: T, victim_role: Role) {
-    kill_mid_run_in(t, victim_role, (2, 2), false)
+    kill_mid_run_in(t, victim_role, (2, 2), &[])
 }
 
-/// Kills rank 1 of `victim_role` in an `m x n` group; with `nonblocking`,
-/// the survivors drive m2n as an event loop does (`try_send`, `try_recv`,
-/// `is_sent`, `progress`), which must report the loss just the same.
-fn kill_mid_run_in(t: T, victim_role: Role, (m, n): (usize, usize), nonblocking: bool) {
+/// Kills rank 1 of `victim_role` in an `m x n` group. `api` picks how the
+/// survivors drive m2n: blocking calls (none), `--nonblocking` (as an event
+/// loop: `try_send`, `try_recv`, `is_sent`, `progress`) or `--streams`
+/// (stream-ordered calls and a proxy thread); each must report the loss.
+fn kill_mid_run_in(t: T, victim_role: Role, (m, n): (usize, usize), api: &[&str]) {
     let mut flags = vec![
         "--rounds",
         "100000000",
@@ -77,9 +78,7 @@ fn kill_mid_run_in(t: T, victim_role: Role, (m, n): (usize, usize), nonblocking:
         "--timeout-s",
         "120",
     ];
-    if nonblocking {
-        flags.push("--nonblocking");
-    }
+    flags.extend_from_slice(api);
     let (mut workers, _root) = spawn_group(
         m,
         n,
@@ -150,8 +149,47 @@ fn killed_sender_is_peer_lost_for_its_receivers(t: T) {
 /// only polls (`try_recv` and `progress`), must learn that its senders are
 /// gone instead of spinning until it is killed.
 fn killed_peer_is_lost_for_nonblocking_callers(t: T) {
-    kill_mid_run_in(t, Role::Expert, (3, 2), true);
-    kill_mid_run_in(t, Role::Attention, (2, 2), true);
+    kill_mid_run_in(t, Role::Expert, (3, 2), &["--nonblocking"]);
+    kill_mid_run_in(t, Role::Attention, (2, 2), &["--nonblocking"]);
+}
+
+/// Stream-ordered callers (host streams, proxy threads): a killed peer
+/// ends every survivor with `PeerLost` (the proxy stops on it and lets the
+/// streams go) instead of a stream waiting for ever.
+fn killed_peer_is_lost_for_stream_callers(t: T) {
+    kill_mid_run_in(t, Role::Expert, (2, 2), &["--streams"]);
+    kill_mid_run_in(t, Role::Attention, (2, 2), &["--streams"]);
+}
+
+/// The demo's round trips with every operation enqueued on host streams
+/// (the flag protocol CUDA streams run) and proxy threads driving m2n;
+/// the streams' own work fills and checks every byte.
+fn streams_deliver_every_byte(t: T) {
+    for (m, n, bytes) in [(1, 1, 1), (2, 2, 4097), (3, 2, 65536)] {
+        let (ok, out, err) = run_demo(
+            &[
+                "--senders",
+                &m.to_string(),
+                "--receivers",
+                &n.to_string(),
+                "--rounds",
+                "300",
+                "--bytes",
+                &bytes.to_string(),
+                "--window",
+                "2",
+                "--streams",
+            ],
+            &[("M2N_TRANSPORT", t.0)],
+        );
+        assert!(ok, "{m}x{n} at {bytes} B on streams failed:\n{out}\n{err}");
+        let messages = 2 * m * n * 300;
+        assert!(
+            out.contains(&format!("{messages} messages, every byte checked, 0 wrong"))
+                && out.contains(&format!("over {}", t.0)),
+            "{m}x{n} at {bytes} B on streams:\n{out}"
+        );
+    }
 }
 
 fn stopped_peer_is_lost_after_the_heartbeat_timeout(t: T) {
@@ -416,6 +454,18 @@ macro_rules! transport_suite {
             fn work_per_round_is_pinned() {
                 if available(TR) {
                     super::work_per_round_is_pinned(TR)
+                }
+            }
+            #[test]
+            fn streams_deliver_every_byte() {
+                if available(TR) {
+                    super::streams_deliver_every_byte(TR)
+                }
+            }
+            #[test]
+            fn killed_peer_is_lost_for_stream_callers() {
+                if available(TR) {
+                    super::killed_peer_is_lost_for_stream_callers(TR)
                 }
             }
             #[test]

@@ -319,6 +319,10 @@ impl Channel<'_> {
     /// after it waits until every sender's message is in and visible to
     /// it. The round's messages are at [`StreamRound::message_addr`]; hand
     /// it back with [`release_on_stream`](Self::release_on_stream).
+    ///
+    /// The addresses point into the communicator's ring: synchronise the
+    /// stream before dropping the communicator (after a failure its waits
+    /// are let go, so it drains).
     pub fn recv_on_stream(&mut self, stream: &dyn Stream) -> Result<StreamRound> {
         self.receiving()?;
         self.comm.check_fatal()?;

@@ -132,6 +132,7 @@ pub fn main(args: &RunArgs) -> i32 {
                     &args.timeout_s.to_string(),
                 ])
                 .args(args.nonblocking.then_some("--nonblocking"))
+                .args(args.streams.then_some("--streams"))
                 .env("M2N_UNIQUE_ID", &uid)
                 .stdout(Stdio::piped())
                 .spawn();

@@ -6,6 +6,7 @@
 //! ```
 
 mod launcher;
+mod streams;
 mod worker;
 
 use clap::Parser;
@@ -38,11 +39,16 @@ pub struct RunArgs {
     pub timeout_s: u64,
     /// Drive the channels the way an event loop does: `try_send`,
     /// `try_recv`, `is_sent` and `progress` in a loop, never a blocking call.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "streams")]
     pub nonblocking: bool,
+    /// Enqueue every send, receive and release on a stream (a host stream:
+    /// the flag protocol CUDA streams run, on a CPU thread) with a proxy
+    /// thread driving m2n; the stream's own work fills and checks the bytes.
+    #[arg(long)]
+    pub streams: bool,
     /// Internal (fault campaigns): after `--hold-after` rounds, stop in this
     /// phase and stay there until a signal arrives (see `worker::Phase`).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, conflicts_with = "streams")]
     pub hold: Option<worker::Phase>,
     #[arg(long, hide = true, default_value_t = 20)]
     pub hold_after: u64,
@@ -91,6 +97,10 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
+    if cli.run.streams && cli.run.pattern != Pattern::Roundtrip {
+        eprintln!("m2n-demo: --streams runs round trips only (--pattern roundtrip)");
+        std::process::exit(2);
+    }
     let code = if let Some(addr) = cli.serve_root {
         launcher::serve_root(addr, cli.run.timeout_s)
     } else if cli.worker {

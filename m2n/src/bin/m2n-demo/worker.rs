@@ -12,7 +12,11 @@ use crate::{Pattern, RunArgs};
 /// The transport's work since `from`, as its counters comma-separated in
 /// the order of `TransportCounters::FIELDS`, then `credits=` the credit
 /// writes since `credits_from`.
-fn work(comm: &Communicator, from: m2n::transport::TransportCounters, credits_from: u64) -> String {
+pub(crate) fn work(
+    comm: &Communicator,
+    from: m2n::transport::TransportCounters,
+    credits_from: u64,
+) -> String {
     let c = comm.transport_counters().since(&from).values();
     let c: Vec<String> = c.iter().map(u64::to_string).collect();
     format!(
@@ -68,7 +72,8 @@ fn phase_name(phase: Phase) -> &'static str {
 }
 
 /// Wrong bytes seen so far, for the error report of a run that fails.
-static WRONG_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub(crate) static WRONG_SEEN: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 /// Exit status of a worker whose data check failed.
 pub const EXIT_WRONG: i32 = 2;
@@ -124,6 +129,12 @@ fn run(args: &RunArgs, role: Role, rank: usize) -> m2n::Result<usize> {
         std::process::id(),
         comm.transport_detail()
     );
+    if args.streams {
+        return match role {
+            Role::Attention => crate::streams::attention(comm, args),
+            Role::Expert => crate::streams::expert(comm, args),
+        };
+    }
     let wrong = match (role, args.pattern) {
         (Role::Attention, Pattern::Roundtrip) => attention(&mut comm, args),
         (Role::Attention, Pattern::Dispatch) => stream_sender(&mut comm, args),
@@ -156,7 +167,7 @@ fn fill_round(
     }
 }
 
-fn msgs(buf: &m2n::Region, base: usize, peers: usize, bytes: usize) -> Vec<Msg<'_>> {
+pub(crate) fn msgs(buf: &m2n::Region, base: usize, peers: usize, bytes: usize) -> Vec<Msg<'_>> {
     (0..peers)
         .map(|p| Msg::new(buf, base + p * bytes, bytes))
         .collect()
