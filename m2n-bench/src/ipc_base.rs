@@ -133,8 +133,7 @@ impl IpcRank {
             d
         };
         for (p, &dst) in self.peers.iter().enumerate() {
-            // SAFETY: both buffers hold `peers * max_bytes` bytes; offsets
-            // are below that (size <= max_bytes).
+            // SAFETY: both buffers hold `peers * max_bytes` bytes; offsets are below that (size <= max_bytes).
             ck("cuMemcpyAsync", unsafe {
                 sys::cuMemcpyAsync(
                     dst + (self.place.rank * size) as u64,

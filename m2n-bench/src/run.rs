@@ -218,8 +218,7 @@ impl M2nRank {
         {
             let (addr, len) = self.comm.message_addr(r, s);
             let mut host = vec![0u8; len];
-            // SAFETY: the round's slot, `len` bytes, held until released;
-            // the context is current (with_gpu_buffers bound it).
+            // SAFETY: the round's slot, `len` bytes, held until released; the context is current (with_gpu_buffers bound it).
             let rc = unsafe {
                 cudarc::driver::sys::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), addr, len)
             };

@@ -88,8 +88,7 @@ impl Ctx {
 pub(crate) fn pointer_context(dptr: u64) -> Result<Ctx, GpuError> {
     init()?;
     let mut ctx: sys::CUcontext = std::ptr::null_mut();
-    // SAFETY: valid out-parameter of the attribute's type; the driver
-    // checks the pointer.
+    // SAFETY: valid out-parameter of the attribute's type; the driver checks the pointer.
     check("cuPointerGetAttribute(CONTEXT)", unsafe {
         sys::cuPointerGetAttribute(
             (&mut ctx as *mut sys::CUcontext).cast(),
@@ -216,8 +215,7 @@ impl Drop for DeviceBuffer {
 /// blocking until done.
 pub(crate) fn copy_to_host(ctx: Ctx, dst: usize, src: u64, len: usize) -> Result<(), GpuError> {
     ctx.make_current()?;
-    // SAFETY: the caller names a host destination of `len` writable bytes
-    // and a device source of `len` bytes; the driver checks the latter.
+    // SAFETY: the caller names a host destination of `len` writable bytes and a device source of `len` bytes; the driver checks the latter.
     check("cuMemcpyDtoH", unsafe {
         sys::cuMemcpyDtoH_v2(dst as *mut std::ffi::c_void, src, len)
     })

@@ -77,8 +77,7 @@ fn addr(r: &Region) -> usize {
 fn produce(stream: &HostStream, at: usize, bytes: Vec<u8>) {
     stream.launch(move || {
         std::thread::sleep(Duration::from_millis(3));
-        // SAFETY: `at` is a live registered region of at least `bytes.len()`
-        // bytes, written only by this stream (see `addr`).
+        // SAFETY: `at` is a live registered region of at least `bytes.len()` bytes, written only by this stream (see `addr`).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at as *mut u8, bytes.len()) };
     });
 }
@@ -154,8 +153,7 @@ fn stream_receives_hold_the_consumer_until_the_round_is_in_and_release_on_the_st
         let len = 100 + (k as usize * 97) % 3000;
         let s = seen.clone();
         stream.launch(move || {
-            // SAFETY: the round's slot in the live ring; the stream waited
-            // until the round arrived and releases it only after this.
+            // SAFETY: the round's slot in the live ring; the stream waited until the round arrived and releases it only after this.
             let got = unsafe { std::slice::from_raw_parts(at as *const u8, len) }.to_vec();
             s.lock().unwrap().push((k, got == pattern(k, len)));
         });

@@ -462,11 +462,9 @@ impl Communicator {
                     crate::gpu::copy_to_host(ctx, dst, src, n).map_err(|e| e.to_string())
                 });
                 self.stage(dptr, len, crate::stream::StreamKind::Cuda, copy, |stage| {
-                    // SAFETY: the stage lives as long as the region that owns
-                    // this registration.
-                    let reg =
-                        unsafe { crate::gpu::register_host(ctx, stage.as_ptr(), stage.len()) }
-                            .map_err(gpu)?;
+                    let (ptr, len) = (stage.as_ptr(), stage.len());
+                    // SAFETY: the stage lives as long as the region that owns this registration.
+                    let reg = unsafe { crate::gpu::register_host(ctx, ptr, len) }.map_err(gpu)?;
                     Ok(Some(Box::new(reg) as Box<dyn Send + Sync>))
                 })
             }

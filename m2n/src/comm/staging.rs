@@ -101,8 +101,7 @@ impl Communicator {
     #[doc(hidden)]
     pub unsafe fn register_simulated_device(&mut self, ptr: *mut u8, len: usize) -> Result<Region> {
         let copy: crate::transport::StagingCopy = Box::new(|dst, src, n| {
-            // SAFETY: `src` is in the simulated device range the caller
-            // vouched for, `dst` in the stage; both `n` long.
+            // SAFETY: `src` is in the simulated device range the caller vouched for, `dst` in the stage; both `n` long.
             unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, n) };
             Ok(())
         });

@@ -94,8 +94,7 @@ impl Stream for CudaStream {
         self.ctx.make_current().map_err(gpu_err)?;
         // The default flags order the write after all prior work on the
         // stream, with that work's memory writes visible before it.
-        // SAFETY: the flag is mapped pinned memory that outlives the stream
-        // operation (the communicator keeps it while operations are out).
+        // SAFETY: the flag is mapped pinned memory that outlives the stream operation (the communicator keeps it while operations are out).
         check("cuStreamWriteValue32", unsafe {
             sys::cuStreamWriteValue32_v2(
                 self.raw,
@@ -144,8 +143,7 @@ impl Stream for CudaStream {
         check("cuMemHostGetDevicePointer", unsafe {
             sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0)
         })?;
-        // SAFETY: zeroed, page-aligned, FLAG_BLOCK_BYTES long, freed only
-        // when `owner` drops with the block; `dev` is its device address.
+        // SAFETY: zeroed, page-aligned, FLAG_BLOCK_BYTES long, freed only when `owner` drops with the block; `dev` is its device address.
         Ok(unsafe { FlagBlock::from_raw(p.cast(), dev, StreamKind::Cuda, Box::new(owner)) })
     }
 
@@ -182,8 +180,7 @@ impl Stream for CudaStream {
         }
         // Host memory (shm and tcp rings): pinned and mapped, so kernels
         // read it in place over the bus.
-        // SAFETY: the ring stays mapped while the communicator lives, and
-        // the registration (owner below) goes with it.
+        // SAFETY: the ring stays mapped while the communicator lives, and the registration (owner below) goes with it.
         let reg = unsafe { crate::gpu::register_host(self.ctx, region.as_ptr(), region.len()) }
             .map_err(gpu_err)?;
         let addr = reg.device_ptr().map_err(gpu_err)?;
@@ -196,9 +193,7 @@ impl Stream for CudaStream {
 
     fn copy_to_host(&self, dst: usize, src: u64, len: usize) -> Result<(), StreamError> {
         self.ctx.make_current().map_err(gpu_err)?;
-        // SAFETY: m2n passes a staged region's pinned host stage and the
-        // device bytes it stages, both `len` long and live while the
-        // round is outstanding.
+        // SAFETY: m2n passes a staged region's pinned host stage and the device bytes it stages, both `len` long and live while the round is outstanding.
         check("cuMemcpyDtoHAsync", unsafe {
             sys::cuMemcpyDtoHAsync_v2(dst as *mut c_void, src, len, self.raw)
         })
@@ -219,8 +214,7 @@ fn gpu_err(e: crate::gpu::GpuError) -> StreamError {
 mod tests {
     #[test]
     fn without_a_gpu_wrapping_a_stream_says_what_is_missing() {
-        // SAFETY: NULL is the legacy default stream; without a driver the
-        // call fails before using it.
+        // SAFETY: NULL is the legacy default stream; without a driver the call fails before using it.
         match unsafe { super::CudaStream::from_raw(std::ptr::null_mut()) } {
             Ok(_) => println!("skipped: a CUDA driver and context are present"),
             Err(e) => {

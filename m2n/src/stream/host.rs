@@ -210,8 +210,7 @@ impl Stream for HostStream {
     /// the communicator refuses real device memory before this.
     fn copy_to_host(&self, dst: usize, src: u64, len: usize) -> Result<(), StreamError> {
         self.push(Op::Run(Box::new(move || {
-            // SAFETY: both ranges are live host memory of `len` bytes (a
-            // simulated device region and its stage) while the round is out.
+            // SAFETY: both ranges are live host memory of `len` bytes (a simulated device region and its stage) while the round is out.
             unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) }
         })))
     }

@@ -153,8 +153,7 @@ pub struct FlagBlock {
     _owner: Box<dyn Send + Sync>,
 }
 
-// SAFETY: the words are atomics in memory owned by `_owner` for the block's
-// life; nothing else is reachable through the pointer.
+// SAFETY: the words are atomics in memory owned by `_owner` for the block's life; nothing else is reachable through the pointer.
 unsafe impl Send for FlagBlock {}
 // SAFETY: as above: shared access is through atomics only.
 unsafe impl Sync for FlagBlock {}
@@ -211,8 +210,7 @@ impl FlagBlock {
     }
 
     fn word(&self, flag: Flag) -> &AtomicU32 {
-        // SAFETY: the block has FLAGS.len() lines of LINE_WORDS words and
-        // lives as long as `self` (see the type's invariants).
+        // SAFETY: the block has FLAGS.len() lines of LINE_WORDS words and lives as long as `self` (see the type's invariants).
         unsafe { &*self.host.add(index(flag) * LINE_WORDS) }
     }
 

@@ -109,8 +109,7 @@ pub struct CudaIpcTransport {
     spare_events: Vec<sys::CUevent>,
 }
 
-// SAFETY: the stream and event handles are the driver's, usable from any
-// thread; the transport is used by one thread at a time (&mut self).
+// SAFETY: the stream and event handles are the driver's, usable from any thread; the transport is used by one thread at a time (&mut self).
 unsafe impl Send for CudaIpcTransport {}
 
 impl CudaIpcTransport {
@@ -177,8 +176,7 @@ impl CudaIpcTransport {
 impl Drop for CudaIpcTransport {
     fn drop(&mut self) {
         let _ = self.ctx.make_current();
-        // SAFETY: handles created here, released once; copies in flight
-        // finish first so no event or mapping is freed under them.
+        // SAFETY: handles created here, released once; copies in flight finish first so no event or mapping is freed under them.
         unsafe {
             sys::cuStreamSynchronize(self.stream);
             for p in self.pending.drain(..) {
@@ -340,10 +338,7 @@ impl Transport for CudaIpcTransport {
         let event = self.event()?;
         let src = local.base() as u64 + req.local_offset as u64;
         let dst = dst_base + req.remote_offset as u64;
-        // SAFETY: both ranges were bounds-checked against live memory (a
-        // registered or allocated source; the peer's opened ring, ours to
-        // write by credit); unified addressing tells the driver which side
-        // is host and which device.
+        // SAFETY: both ranges were bounds-checked against live memory (a registered or allocated source; the peer's opened ring, ours to write by credit); unified addressing tells the driver which side is host and which device.
         let copied = check("cuMemcpyAsync", unsafe {
             sys::cuMemcpyAsync(dst, src, req.len, self.stream)
         });

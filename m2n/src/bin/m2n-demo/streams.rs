@@ -35,9 +35,7 @@ impl Tally {
 /// `bytes`-byte slices from host address `at`.
 fn produce(at: usize, me: usize, peers: usize, bytes: usize, channel: ChannelId, round: u64) {
     for p in 0..peers {
-        // SAFETY: inside a registered region the rank keeps alive until the
-        // stream is drained, written only by this stream, and only after
-        // the round that used it last has left (the stream waited for it).
+        // SAFETY: inside a registered region the rank keeps alive until the stream is drained, written only by this stream, and only after the round that used it last has left (the stream waited for it).
         let s = unsafe { std::slice::from_raw_parts_mut((at + p * bytes) as *mut u8, bytes) };
         pattern::fill(s, pattern::seed(channel, me, p, round));
     }
@@ -47,8 +45,7 @@ fn produce(at: usize, me: usize, peers: usize, bytes: usize, channel: ChannelId,
 fn check(r: &StreamRound, me: usize, senders: usize, bytes: usize, channel: ChannelId) -> usize {
     (0..senders)
         .map(|s| {
-            // SAFETY: the round's slot in the live ring: the stream waited
-            // until the round arrived and releases it only after this work.
+            // SAFETY: the round's slot in the live ring: the stream waited until the round arrived and releases it only after this work.
             let m = unsafe { std::slice::from_raw_parts(r.message_addr(s) as *const u8, bytes) };
             pattern::count_wrong(m, pattern::seed(channel, s, me, r.round()))
         })
