@@ -1,9 +1,12 @@
 //! The public API with every rank as a thread of this process (shm works
 //! within one process too): argument errors, credit flow control, abort.
 
+#[path = "support/inproc.rs"]
+mod inproc;
+
 use std::time::{Duration, Instant};
 
-use m2n::{Communicator, Config, Error, Msg, Role, Root, Shape};
+use m2n::{Communicator, Config, Error, Msg, Role, Shape};
 
 fn config() -> Config {
     let ch = m2n::ChannelConfig {
@@ -22,17 +25,7 @@ fn config() -> Config {
 
 /// Builds a 1 x 1 group: (attention, expert).
 fn pair() -> (Communicator, Communicator) {
-    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let uid = root.unique_id().clone();
-    let served = root.spawn(Duration::from_secs(20));
-    let uid2 = uid.clone();
-    let e = std::thread::spawn(move || {
-        Communicator::init(config(), Role::Expert, 0, Shape::new(1, 1), &uid2).unwrap()
-    });
-    let a = Communicator::init(config(), Role::Attention, 0, Shape::new(1, 1), &uid).unwrap();
-    let e = e.join().unwrap();
-    served.join().unwrap().unwrap();
-    (a, e)
+    inproc::pair(config(), || {})
 }
 
 #[test]

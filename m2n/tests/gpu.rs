@@ -6,6 +6,9 @@
 //! round against the CPU-synchronised one.
 #![cfg(feature = "cuda")]
 
+#[path = "support/inproc.rs"]
+mod inproc;
+
 use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
@@ -110,18 +113,7 @@ fn config(t: TransportKind) -> Config {
 }
 
 fn pair(t: TransportKind) -> (Communicator, Communicator) {
-    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let uid = root.unique_id().clone();
-    let served = root.spawn(Duration::from_secs(20));
-    let uid2 = uid.clone();
-    let e = std::thread::spawn(move || {
-        bind();
-        Communicator::init(config(t), Role::Expert, 0, Shape::new(1, 1), &uid2).unwrap()
-    });
-    let a = Communicator::init(config(t), Role::Attention, 0, Shape::new(1, 1), &uid).unwrap();
-    let e = e.join().unwrap();
-    served.join().unwrap().unwrap();
-    (a, e)
+    inproc::pair(config(t), bind)
 }
 
 #[test]
@@ -370,21 +362,13 @@ fn cuda_ipc_without_a_gpu_is_refused_naming_what_is_missing() {
         );
         return;
     }
-    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let uid = root.unique_id().clone();
-    let _served = root.spawn(Duration::from_secs(10));
     let mut cfg = config(TransportKind::CudaIpc);
     cfg.bootstrap_timeout = Duration::from_secs(5);
-    let uid2 = uid.clone();
-    let cfg2 = cfg.clone();
-    let e = std::thread::spawn(move || {
-        Communicator::init(cfg2, Role::Expert, 0, Shape::new(1, 1), &uid2).map(|_| ())
-    });
-    let err = Communicator::init(cfg, Role::Attention, 0, Shape::new(1, 1), &uid).unwrap_err();
-    let text = err.to_string();
+    let (a, e) = inproc::init_pair(cfg, || {});
+    let text = a.unwrap_err().to_string();
     assert!(
         text.contains("cuda-ipc") && text.contains("CUDA driver"),
         "the error names the transport and what is missing: {text}"
     );
-    assert!(e.join().unwrap().is_err());
+    assert!(e.is_err());
 }

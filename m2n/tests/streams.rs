@@ -4,12 +4,15 @@
 //! round were posted before its producer finished, if a consumer read a
 //! round before it arrived, or if a release were lost.
 
+#[path = "support/inproc.rs"]
+mod inproc;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use m2n::stream::{HostStream, Stream};
-use m2n::{Communicator, Config, Error, Msg, Region, Role, Root, Shape};
+use m2n::{Communicator, Config, Error, Msg, Region};
 
 const SLOT: usize = 4096;
 
@@ -34,17 +37,7 @@ fn pair() -> (Communicator, Communicator) {
 }
 
 fn pair_on(t: m2n::TransportKind) -> (Communicator, Communicator) {
-    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let uid = root.unique_id().clone();
-    let served = root.spawn(Duration::from_secs(20));
-    let uid2 = uid.clone();
-    let e = std::thread::spawn(move || {
-        Communicator::init(config_on(t), Role::Expert, 0, Shape::new(1, 1), &uid2).unwrap()
-    });
-    let a = Communicator::init(config_on(t), Role::Attention, 0, Shape::new(1, 1), &uid).unwrap();
-    let e = e.join().unwrap();
-    served.join().unwrap().unwrap();
-    (a, e)
+    inproc::pair(config_on(t), || {})
 }
 
 /// Waits until the proxy's host side has seen every stream operation done
@@ -494,19 +487,13 @@ fn stream_sends_from_device_memory_copy_to_the_stage_on_the_stream() {
 #[test]
 fn gpu_rings_on_a_host_memory_transport_are_refused_naming_why() {
     for t in [m2n::TransportKind::Shm, m2n::TransportKind::Tcp] {
-        let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let uid = root.unique_id().clone();
-        let _served = root.spawn(Duration::from_secs(10));
         let mut cfg = config_on(t);
         cfg.gpu_rings = true;
         cfg.bootstrap_timeout = Duration::from_secs(5);
-        let (uid2, cfg2) = (uid.clone(), cfg.clone());
-        let e = std::thread::spawn(move || {
-            Communicator::init(cfg2, Role::Expert, 0, Shape::new(1, 1), &uid2).map(|_| ())
-        });
-        let err = Communicator::init(cfg, Role::Attention, 0, Shape::new(1, 1), &uid).unwrap_err();
+        let (a, e) = inproc::init_pair(cfg, || {});
+        let err = a.unwrap_err();
         assert!(err.to_string().contains("M2N_GPU_RINGS"), "{t}: {err}");
-        assert!(e.join().unwrap().is_err());
+        assert!(e.is_err());
     }
 }
 
