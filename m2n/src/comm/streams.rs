@@ -131,17 +131,10 @@ impl Communicator {
             return Ok(false);
         };
         let mut moved = false;
-        let out: Vec<u64> = self
-            .streams
-            .send
-            .in_flight()
-            .filter(|&r| self.send.proto.round_sent(r))
-            .collect();
-        for r in out {
-            if let Some(v) = self.streams.send.on_sent(r) {
-                flags.store(Flag::Sent, v);
-                moved = true;
-            }
+        let proto = &self.send.proto;
+        if let Some(v) = self.streams.send.poll_sent(|r| proto.round_sent(r)) {
+            flags.store(Flag::Sent, v);
+            moved = true;
         }
         while self.streams.recv.wants_round() {
             let Some(d) = self.recv.proto.poll_round() else {

@@ -166,8 +166,14 @@ impl SendGate {
     /// Round `round` has left its buffers. Returns the new value of the
     /// `sent` flag when it moves (every earlier send is out too).
     pub fn on_sent(&mut self, round: u64) -> Option<u32> {
-        if let Some(p) = self.posted.iter_mut().find(|p| p.1 == round) {
-            p.2 = true;
+        self.poll_sent(|r| r == round)
+    }
+
+    /// Marks every posted round that `is_sent` says has left its buffers;
+    /// returns the new value of the `sent` flag when it moves.
+    pub fn poll_sent(&mut self, mut is_sent: impl FnMut(u64) -> bool) -> Option<u32> {
+        for p in self.posted.iter_mut().filter(|p| !p.2) {
+            p.2 = is_sent(p.1);
         }
         let mut publish = None;
         while let Some(&(s, _, true)) = self.posted.front() {
