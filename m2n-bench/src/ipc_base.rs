@@ -6,19 +6,16 @@
 //! GPU every round: what m2n's stream-gated path avoids.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use m2n::proto::ChannelId;
-use m2n::Role;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator as _, CommunicatorCollectives as _};
 
-use crate::cli::Pattern;
 use crate::mpi_base;
-use crate::nccl_base::{fill_gpu, wrong_on_gpu};
-use crate::run::{Place, Sample};
+use crate::nccl_base::{fill_gpu, wrong_on_gpu, GpuRounds};
+use crate::run::Place;
 
 const HANDLE: usize = 64;
 
@@ -105,21 +102,6 @@ impl IpcRank {
         })
     }
 
-    fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
-        fill_gpu(
-            &self.stream,
-            &mut self.send,
-            self.place,
-            channel,
-            size,
-            self.k,
-        )
-    }
-
-    fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
-        wrong_on_gpu(&self.stream, &self.recv, self.place, channel, size, self.k)
-    }
-
     /// Copies one message into each peer's buffer, waits for the GPU, then
     /// tells each peer over MPI.
     fn send_round(
@@ -162,47 +144,55 @@ impl IpcRank {
             .collect();
         mpi_base::exchange(world, &[], 0, &mut recvs, tag, self.wait);
     }
+}
 
-    pub fn iteration(
+/// MPI tags of the two channels' notes.
+fn tag(channel: ChannelId) -> i32 {
+    match channel {
+        ChannelId::Dispatch => 11,
+        ChannelId::Combine => 12,
+    }
+}
+
+impl GpuRounds for IpcRank {
+    fn place(&self) -> Place {
+        self.place
+    }
+    fn wait(&self) -> m2n::WaitPolicy {
+        self.wait
+    }
+    fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
+        fill_gpu(
+            &self.stream,
+            &mut self.send,
+            self.place,
+            channel,
+            size,
+            self.k,
+        )
+    }
+    fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
+        wrong_on_gpu(&self.stream, &self.recv, self.place, channel, size, self.k)
+    }
+    fn send(
         &mut self,
         world: &SimpleCommunicator,
-        pattern: Pattern,
         size: usize,
-        verify: bool,
-    ) -> Result<Sample, String> {
-        const DISPATCH: i32 = 11;
-        const COMBINE: i32 = 12;
-        let mut wrong = 0;
-        if verify && self.place.role == Role::Attention {
-            self.fill(ChannelId::Dispatch, size)?;
-        }
-        mpi_base::barrier(world, self.wait);
-        let t0 = Instant::now();
-        match (self.place.role, pattern) {
-            (Role::Attention, Pattern::Dispatch) => self.send_round(world, size, DISPATCH)?,
-            (Role::Expert, Pattern::Dispatch) => self.recv_round(world, DISPATCH),
-            (Role::Attention, Pattern::Roundtrip) => {
-                self.send_round(world, size, DISPATCH)?;
-                self.recv_round(world, COMBINE);
-            }
-            (Role::Expert, Pattern::Roundtrip) => {
-                self.recv_round(world, DISPATCH);
-                if verify {
-                    wrong += self.count_wrong(ChannelId::Dispatch, size)?;
-                    self.fill(ChannelId::Combine, size)?;
-                }
-                self.send_round(world, size, COMBINE)?;
-            }
-        }
-        let t1 = Instant::now();
-        if let Some(ch) = self.place.checked_at_end(pattern).filter(|_| verify) {
-            wrong += self.count_wrong(ch, size)?;
-        }
+        channel: ChannelId,
+    ) -> Result<(), String> {
+        self.send_round(world, size, tag(channel))
+    }
+    fn recv(
+        &mut self,
+        world: &SimpleCommunicator,
+        _: usize,
+        channel: ChannelId,
+    ) -> Result<(), String> {
+        self.recv_round(world, tag(channel));
+        Ok(())
+    }
+    fn advance(&mut self) {
         self.k += 1;
-        Ok(Sample {
-            secs: (t1 - t0).as_secs_f64(),
-            wrong,
-        })
     }
 }
 

@@ -554,31 +554,33 @@ fn main() {
         });
         let m2n_side = side(&args, m, n, s, &samples, wrong);
         let base_side = baseline.as_mut().map(|b| {
-            let (samples, wrong) =
-                measure(&world, &args, |verify| match b {
-                    Contender::Mpi(r) => r.iteration(&world, args.pattern, s, verify),
-                    #[cfg(feature = "verbs")]
-                    Contender::Verbs(r) => r
-                        .iteration(&world, args.pattern, s, verify)
+            let (samples, wrong) = measure(&world, &args, |verify| match b {
+                Contender::Mpi(r) => r.iteration(&world, args.pattern, s, verify),
+                #[cfg(feature = "verbs")]
+                Contender::Verbs(r) => {
+                    r.iteration(&world, args.pattern, s, verify)
                         .unwrap_or_else(|e| {
                             eprintln!("m2n_perf: {role} {rank}: raw verbs baseline: {e}");
                             world.abort(3)
-                        }),
-                    #[cfg(feature = "cuda")]
-                    Contender::Nccl(r) => r
-                        .iteration(&world, args.pattern, s, verify)
+                        })
+                }
+                #[cfg(feature = "cuda")]
+                Contender::Nccl(r) => {
+                    nccl_base::gpu_iteration(r.as_mut(), &world, args.pattern, s, verify)
                         .unwrap_or_else(|e| {
                             eprintln!("m2n_perf: {role} {rank}: {e}");
                             world.abort(3)
-                        }),
-                    #[cfg(feature = "cuda")]
-                    Contender::CudaMemcpy(r) => r
-                        .iteration(&world, args.pattern, s, verify)
+                        })
+                }
+                #[cfg(feature = "cuda")]
+                Contender::CudaMemcpy(r) => {
+                    nccl_base::gpu_iteration(r.as_mut(), &world, args.pattern, s, verify)
                         .unwrap_or_else(|e| {
                             eprintln!("m2n_perf: {role} {rank}: {e}");
                             world.abort(3)
-                        }),
-                });
+                        })
+                }
+            });
             side(&args, m, n, s, &samples, wrong)
         });
         world.barrier();

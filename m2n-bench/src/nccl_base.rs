@@ -58,6 +58,75 @@ pub fn wrong_on_gpu(
     Ok(place.count_wrong(&host, channel, size, k))
 }
 
+/// A GPU baseline's half-rounds, timed by [`gpu_iteration`] exactly like
+/// m2n's rounds (see `run.rs`).
+pub trait GpuRounds {
+    fn place(&self) -> Place;
+    fn wait(&self) -> m2n::WaitPolicy;
+    /// Fills this rank's send buffer with its pattern of the current round.
+    fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String>;
+    /// Wrong bytes in the receive buffer for the current round.
+    fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String>;
+    /// Sends this rank's messages on `channel` to every peer.
+    fn send(
+        &mut self,
+        world: &SimpleCommunicator,
+        size: usize,
+        channel: ChannelId,
+    ) -> Result<(), String>;
+    /// Waits until every peer's message on `channel` is in.
+    fn recv(
+        &mut self,
+        world: &SimpleCommunicator,
+        size: usize,
+        channel: ChannelId,
+    ) -> Result<(), String>;
+    /// On to the next round.
+    fn advance(&mut self);
+}
+
+/// One timed iteration of a GPU baseline (the same phases as m2n's).
+pub fn gpu_iteration(
+    r: &mut impl GpuRounds,
+    world: &SimpleCommunicator,
+    pattern: Pattern,
+    size: usize,
+    verify: bool,
+) -> Result<Sample, String> {
+    let place = r.place();
+    let mut wrong = 0;
+    if verify && place.role == Role::Attention {
+        r.fill(ChannelId::Dispatch, size)?;
+    }
+    mpi_base::barrier(world, r.wait());
+    let t0 = Instant::now();
+    match (place.role, pattern) {
+        (Role::Attention, Pattern::Dispatch) => r.send(world, size, ChannelId::Dispatch)?,
+        (Role::Expert, Pattern::Dispatch) => r.recv(world, size, ChannelId::Dispatch)?,
+        (Role::Attention, Pattern::Roundtrip) => {
+            r.send(world, size, ChannelId::Dispatch)?;
+            r.recv(world, size, ChannelId::Combine)?;
+        }
+        (Role::Expert, Pattern::Roundtrip) => {
+            r.recv(world, size, ChannelId::Dispatch)?;
+            if verify {
+                wrong += r.count_wrong(ChannelId::Dispatch, size)?;
+                r.fill(ChannelId::Combine, size)?;
+            }
+            r.send(world, size, ChannelId::Combine)?;
+        }
+    }
+    let t1 = Instant::now();
+    if let Some(ch) = place.checked_at_end(pattern).filter(|_| verify) {
+        wrong += r.count_wrong(ch, size)?;
+    }
+    r.advance();
+    Ok(Sample {
+        secs: (t1 - t0).as_secs_f64(),
+        wrong,
+    })
+}
+
 pub struct NcclRank {
     comm: Comm,
     stream: Arc<CudaStream>,
@@ -108,21 +177,6 @@ impl NcclRank {
         })
     }
 
-    fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
-        fill_gpu(
-            &self.stream,
-            &mut self.send,
-            self.place,
-            channel,
-            size,
-            self.k,
-        )
-    }
-
-    fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
-        wrong_on_gpu(&self.stream, &self.recv, self.place, channel, size, self.k)
-    }
-
     /// One grouped exchange: sends to `send_to`, receives from `recv_from`.
     fn exchange(&mut self, size: usize, send: bool, recv: bool) -> Result<(), String> {
         let e = |x: cudarc::nccl::result::NcclError| format!("NCCL: {x:?}");
@@ -143,44 +197,35 @@ impl NcclRank {
         group_end().map_err(e)?;
         self.stream.synchronize().map_err(|x| format!("{x:?}"))
     }
+}
 
-    pub fn iteration(
-        &mut self,
-        world: &SimpleCommunicator,
-        pattern: Pattern,
-        size: usize,
-        verify: bool,
-    ) -> Result<Sample, String> {
-        let mut wrong = 0;
-        if verify && self.place.role == Role::Attention {
-            self.fill(ChannelId::Dispatch, size)?;
-        }
-        mpi_base::barrier(world, self.wait);
-        let t0 = Instant::now();
-        match (self.place.role, pattern) {
-            (Role::Attention, Pattern::Dispatch) => self.exchange(size, true, false)?,
-            (Role::Expert, Pattern::Dispatch) => self.exchange(size, false, true)?,
-            (Role::Attention, Pattern::Roundtrip) => {
-                self.exchange(size, true, false)?;
-                self.exchange(size, false, true)?;
-            }
-            (Role::Expert, Pattern::Roundtrip) => {
-                self.exchange(size, false, true)?;
-                if verify {
-                    wrong += self.count_wrong(ChannelId::Dispatch, size)?;
-                    self.fill(ChannelId::Combine, size)?;
-                }
-                self.exchange(size, true, false)?;
-            }
-        }
-        let t1 = Instant::now();
-        if let Some(ch) = self.place.checked_at_end(pattern).filter(|_| verify) {
-            wrong += self.count_wrong(ch, size)?;
-        }
+impl GpuRounds for NcclRank {
+    fn place(&self) -> Place {
+        self.place
+    }
+    fn wait(&self) -> m2n::WaitPolicy {
+        self.wait
+    }
+    fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
+        fill_gpu(
+            &self.stream,
+            &mut self.send,
+            self.place,
+            channel,
+            size,
+            self.k,
+        )
+    }
+    fn count_wrong(&self, channel: ChannelId, size: usize) -> Result<u64, String> {
+        wrong_on_gpu(&self.stream, &self.recv, self.place, channel, size, self.k)
+    }
+    fn send(&mut self, _: &SimpleCommunicator, size: usize, _: ChannelId) -> Result<(), String> {
+        self.exchange(size, true, false)
+    }
+    fn recv(&mut self, _: &SimpleCommunicator, size: usize, _: ChannelId) -> Result<(), String> {
+        self.exchange(size, false, true)
+    }
+    fn advance(&mut self) {
         self.k += 1;
-        Ok(Sample {
-            secs: (t1 - t0).as_secs_f64(),
-            wrong,
-        })
     }
 }
