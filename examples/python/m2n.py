@@ -122,14 +122,18 @@ class Mem:
         self.comm, self.handle, self.owner = comm, handle, owner
 
 
-class Round:
-    """A received round: zero-copy views valid until release (or `with` exit)."""
+class _RoundHandle:
+    """A round handle of a communicator, with its number."""
 
     def __init__(self, comm, handle):
         self.comm, self.handle = comm, handle
         n = ctypes.c_uint64()
         _check(_lib.m2n_round_number(comm._h, handle, ctypes.byref(n)), comm._h)
         self.number = n.value
+
+
+class Round(_RoundHandle):
+    """A received round: zero-copy views valid until release (or `with` exit)."""
 
     def data(self, sender):
         ptr, length = _P(), ctypes.c_size_t()
@@ -159,15 +163,9 @@ def _stream(stream):
     return getattr(stream, "cuda_stream", stream)
 
 
-class StreamRound:
+class StreamRound(_RoundHandle):
     """A round from recv_on_stream: its addresses are known at once; work
     enqueued on the stream after the receive sees the data."""
-
-    def __init__(self, comm, handle):
-        self.comm, self.handle = comm, handle
-        n = ctypes.c_uint64()
-        _check(_lib.m2n_round_number(comm._h, handle, ctypes.byref(n)), comm._h)
-        self.number = n.value
 
     def _data(self, sender):
         ptr, length = _P(), ctypes.c_size_t()
