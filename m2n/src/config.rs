@@ -312,6 +312,8 @@ const NOT_CONFIG: &[&str] = &[
     "M2N_SKIP_VM",
     "M2N_REQUIRE_NVRTC",
     "M2N_BLESS",
+    // The Python package's launchers: how many ranks are attention ranks.
+    "M2N_ATTENTION",
 ];
 
 impl Config {

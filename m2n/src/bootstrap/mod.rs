@@ -144,6 +144,21 @@ impl Root {
         })
     }
 
+    /// Listens at the address of an id made beforehand, keeping its secret:
+    /// a launcher can print an id (address and a fresh secret), hand it to
+    /// every rank, and let the rank on that host serve it.
+    pub fn bind_id(uid: &UniqueId) -> Result<Self, BootstrapError> {
+        let listener = TcpListener::bind(uid.root).map_err(io_err(format!("bind {}", uid.root)))?;
+        let root = listener.local_addr().map_err(io_err("local_addr"))?;
+        Ok(Self {
+            listener,
+            uid: UniqueId {
+                root,
+                secret: uid.secret,
+            },
+        })
+    }
+
     pub fn unique_id(&self) -> &UniqueId {
         &self.uid
     }
