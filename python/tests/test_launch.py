@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import HERE
@@ -82,3 +83,27 @@ def test_mpiexec_with_a_unique_id() -> None:
         {"M2N_UNIQUE_ID": uid, "M2N_ATTENTION": "1", "OMP_NUM_THREADS": "1"},
     )
     assert "env: attention 0 of 1x2" in out and "env: expert 1 of 1x2" in out, out
+
+
+def test_the_readme_example_under_torchrun(tmp_path: Path) -> None:
+    """The README's torchrun example, as written there, on 4 ranks."""
+    readme = (HERE.parent.parent / "README.md").read_text()
+    start = readme.index("comm = m2n.init_from_torch(attention=2")
+    begin = readme.rindex("```python\n", 0, start) + len("```python\n")
+    app = tmp_path / "app.py"
+    done = 'print(f"done {comm.role}", flush=True)\n'
+    app.write_text(readme[begin : readme.index("```", start)] + done)
+    out = launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "4",
+            "--master-port",
+            str(free_port()),
+            str(app),
+        ],
+        {"OMP_NUM_THREADS": "1"},
+    )
+    assert out.count("done attention") == 2 and out.count("done expert") == 2, out
