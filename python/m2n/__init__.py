@@ -153,7 +153,7 @@ def _address(obj: object) -> tuple[int, int, bool]:
 
 
 @functools.lru_cache(maxsize=256)
-def _slot_type(nbytes: int) -> type:
+def _slot_type(nbytes: int) -> type[ctypes.Array[ctypes.c_ubyte]]:
     # A subclass, so that an instance can hold a reference to its round:
     # every view of a message keeps the round (and its communicator, whose
     # rings it points into) alive.
@@ -299,7 +299,7 @@ class Round:
             raise UsageError(
                 "this rank's rings are GPU memory (cuda-ipc): view messages with tensor()"
             )
-        slot = _slot_type(n).from_address(self._addrs[sender])
+        slot: Any = _slot_type(n).from_address(self._addrs[sender])
         slot.round = self
         entry = [slot, sender, 0]
         del slot
@@ -819,6 +819,11 @@ def _torch_store(rank: int, world: int, timeout: float) -> Any:
     from datetime import timedelta
 
     import torch.distributed as dist
+    from torch.distributed import (  # type: ignore[attr-defined]  # re-exported from torch._C
+        PrefixStore,
+        Store,
+        TCPStore,
+    )
 
     if dist.is_initialized():
         return dist.distributed_c10d._get_default_store()
@@ -828,7 +833,7 @@ def _torch_store(rank: int, world: int, timeout: float) -> Any:
             f"{', '.join(missing)} not set: run under torchrun, or initialise torch.distributed"
         )
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(
+    store: Store = TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         world,
@@ -837,7 +842,7 @@ def _torch_store(rank: int, world: int, timeout: float) -> Any:
     )
     if agent:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"/worker/attempt_{attempt}", store)
+        store = PrefixStore(f"/worker/attempt_{attempt}", store)
     return store
 
 

@@ -80,7 +80,10 @@ def test_bf16_tensors_and_tuples_and_empty_messages() -> None:
                     got = rnd.tensor(0, torch.bfloat16, (2, 16))
                     want = torch.linspace(-3, 3, 64, dtype=torch.bfloat16)[16:48].reshape(2, 16)
                     assert torch.equal(got, want)
-                    del got
+                    # Zero-copy: the tensor and the array are the ring's bytes.
+                    arr = rnd.numpy(0, np.uint16)
+                    assert got.data_ptr() == arr.__array_interface__["data"][0] == rnd._addrs[0]
+                    del got, arr
                 else:
                     assert rnd.nbytes(0) == 0 and bytes(rnd.memoryview(0)) == b""
             msg = bytearray(b"thanks")
