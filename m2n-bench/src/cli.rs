@@ -58,20 +58,22 @@ pub struct Args {
     /// Attention ranks (M); the other ranks are experts.
     #[arg(long)]
     pub senders: usize,
-    /// Transport for m2n: shm, tcp, verbs or auto.
-    #[arg(long, default_value = "auto")]
-    pub transport: m2n::TransportKind,
+    /// Transport for m2n: shm, tcp, verbs or auto [default: M2N_TRANSPORT, else auto].
+    #[arg(long)]
+    pub transport: Option<m2n::TransportKind>,
     #[arg(long, value_enum, default_value_t = Pattern::Dispatch)]
     pub pattern: Pattern,
     #[arg(long, value_enum, default_value_t = Baseline::Mpi)]
     pub baseline: Baseline,
     /// How m2n's (and the MPI baseline's) blocking calls wait: spin, yield,
-    /// spin-yield[:N], or auto (yield when ranks outnumber cores).
-    #[arg(long, default_value = "auto")]
-    pub wait: m2n::WaitPolicy,
-    /// Rounds a sender may run ahead (slots per sender).
-    #[arg(long, default_value_t = 4)]
-    pub depth: usize,
+    /// spin-yield[:N], or auto (yield when ranks outnumber cores)
+    /// [default: M2N_WAIT, else auto].
+    #[arg(long)]
+    pub wait: Option<m2n::WaitPolicy>,
+    /// Rounds a sender may run ahead (slots per sender) [default:
+    /// M2N_DEPTH (or M2N_DISPATCH_DEPTH / M2N_COMBINE_DEPTH), else 4].
+    #[arg(long)]
+    pub depth: Option<usize>,
     /// m2n sends from GPU memory (feature `cuda`): zero-copy over verbs
     /// and cuda-ipc, through a pinned host stage over shm and tcp.
     #[arg(long)]
@@ -82,6 +84,26 @@ pub struct Args {
 }
 
 impl Args {
+    /// m2n's configuration for this run: `env` (the defaults with the
+    /// `M2N_*` variables applied) with the flags that were given on top,
+    /// and slots sized for the largest message.
+    pub fn m2n_config(&self, env: &m2n::Config) -> m2n::Config {
+        let mut config = env.clone();
+        if let Some(t) = self.transport {
+            config.transport = t;
+        }
+        if let Some(w) = self.wait {
+            config.wait = w;
+        }
+        for ch in [&mut config.dispatch, &mut config.combine] {
+            if let Some(d) = self.depth {
+                ch.depth = d;
+            }
+            ch.slot_bytes = self.max_bytes;
+        }
+        config
+    }
+
     pub fn sizes(&self) -> Vec<usize> {
         let mut v = Vec::new();
         let mut s = self.min_bytes.max(1);
@@ -90,5 +112,60 @@ impl Args {
             s = s.saturating_mul(self.factor as usize);
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn env(vars: &[(&str, &str)]) -> m2n::Config {
+        let mut c = m2n::Config::default();
+        c.apply_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .unwrap();
+        c
+    }
+
+    #[test]
+    fn m2n_variables_apply_when_no_flag_is_given() {
+        let args = Args::parse_from(["m2n_perf", "--senders", "1", "-e", "64K"]);
+        let c = args.m2n_config(&env(&[
+            ("M2N_TRANSPORT", "tcp"),
+            ("M2N_DEPTH", "8"),
+            ("M2N_WAIT", "yield"),
+        ]));
+        assert_eq!(c.transport, m2n::TransportKind::Tcp);
+        assert_eq!((c.dispatch.depth, c.combine.depth), (8, 8));
+        assert_eq!(c.wait, m2n::WaitPolicy::Yield);
+        assert_eq!(c.dispatch.slot_bytes, 64 << 10);
+    }
+
+    #[test]
+    fn flags_win_over_m2n_variables() {
+        let args = Args::parse_from([
+            "m2n_perf",
+            "--senders",
+            "1",
+            "--transport",
+            "shm",
+            "--depth",
+            "2",
+            "--wait",
+            "spin",
+        ]);
+        let c = args.m2n_config(&env(&[("M2N_TRANSPORT", "tcp"), ("M2N_DEPTH", "8")]));
+        assert_eq!(c.transport, m2n::TransportKind::Shm);
+        assert_eq!((c.dispatch.depth, c.combine.depth), (2, 2));
+        assert_eq!(c.wait, m2n::WaitPolicy::Spin);
+    }
+
+    #[test]
+    fn without_either_the_defaults_hold() {
+        let args = Args::parse_from(["m2n_perf", "--senders", "1"]);
+        let c = args.m2n_config(&m2n::Config::default());
+        assert_eq!(c.transport, m2n::TransportKind::Auto);
+        assert_eq!(c.dispatch.depth, 4);
+        assert_eq!(c.wait, m2n::WaitPolicy::Auto);
     }
 }

@@ -259,7 +259,8 @@ fn choose_mpi_path(args: &Result<Args, clap::Error>) -> MpiPath {
     if args.baseline != Baseline::Mpi {
         return plain("n/a");
     }
-    if args.transport != m2n::TransportKind::Tcp {
+    let env = m2n::Config::from_env().unwrap_or_default();
+    if args.m2n_config(&env).transport != m2n::TransportKind::Tcp {
         return plain("MPI's default (shared memory between ranks on one host)");
     }
     // MPI_Get_library_version may be called before MPI_Init.
@@ -346,13 +347,9 @@ fn main() {
 
     let place = run::Place { role, rank, m, n };
     let uid = share_unique_id(&world).unwrap_or_else(|e| fail(&world, &e));
-    let mut config = Config::from_env().unwrap_or_else(|e| fail(&world, &e.to_string()));
-    config.transport = args.transport;
-    config.wait = args.wait;
-    for ch in [&mut config.dispatch, &mut config.combine] {
-        ch.depth = args.depth;
-        ch.slot_bytes = args.max_bytes;
-    }
+    let env = Config::from_env().unwrap_or_else(|e| fail(&world, &e.to_string()));
+    let config = args.m2n_config(&env);
+    let depth = config.dispatch.depth;
     let comm = match Communicator::init(config.clone(), role, rank, Shape::new(m, n), &uid) {
         Ok(c) => c,
         Err(e) => {
@@ -450,7 +447,7 @@ fn main() {
         );
         println!(
             "# transport: {transport}  depth: {}  slot: {} B  wait: {}  peer timeout: {:?}  m2n send buffers: {}",
-            args.depth,
+            depth,
             args.max_bytes,
             wait,
             config.peer_timeout,
@@ -587,7 +584,7 @@ fn main() {
         if me != 0 {
             continue;
         }
-        let memcpy = limit::memcpy_gbps(s, args.depth);
+        let memcpy = limit::memcpy_gbps(s, depth);
         total_wrong += m2n_side.wrong + base_side.as_ref().map_or(0, |b| b.wrong);
         let mut line = format!(
             "{:>12} {:>12} {:>6} {:>9.2} {:>8.2} {:>8.2} {:>7} {:>9.2} {:>9.2}",
@@ -691,7 +688,7 @@ fn main() {
                 iters: args.iters,
                 warmup: args.warmup,
                 wait: wait.to_string(),
-                depth: args.depth,
+                depth,
                 timing: TIMING,
                 peak_source,
                 rows: &rows,
