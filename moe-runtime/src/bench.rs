@@ -33,7 +33,7 @@ pub fn prompt(i: usize, len: usize, vocab: u64) -> Vec<u32> {
 }
 
 /// One attention rank's measurement (sums over the measured steps).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AttentionBench {
     pub rank: usize,
     pub seqs: usize,
@@ -52,6 +52,9 @@ pub struct AttentionBench {
     /// Micro-batch rows and rows sent to experts, summed over samples.
     pub rows: u64,
     pub expert_rows: u64,
+    /// The transport the worker's communicator runs on.
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// Runs the attention side: this rank's share of `spec.batch` sequences
@@ -80,6 +83,7 @@ pub fn run_attention(
     let mut b = AttentionBench {
         rank,
         seqs: mine.len(),
+        transport: w.transport().name().to_string(),
         ..Default::default()
     };
     // Prefill (one step: the launcher sizes the micro-batches for it) and warm-up.

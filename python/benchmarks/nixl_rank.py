@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
+import importlib.metadata
 import json
 import os
 import sys
@@ -26,8 +28,21 @@ from collections import deque
 
 import numpy as np
 import rtcommon as rc
-
 from nixl._api import nixl_agent, nixl_agent_config
+
+
+def ucx_version() -> str:
+    """The version of the UCX that NIXL loaded (its bundled libucp)."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "libucp" in line}
+        for lib in libs:
+            fn = ctypes.CDLL(lib).ucp_get_version_string
+            fn.restype = ctypes.c_char_p
+            return fn().decode()
+    except (OSError, AttributeError):
+        pass
+    return "?"
 
 
 def wait_file(path: str, timeout: float) -> dict:
@@ -127,6 +142,8 @@ def main() -> None:
     doc: dict = {"role": me, "pid": os.getpid(), "err_mode": a.err_mode, "sizes": {}}
     doc["ucx_tls"] = os.environ.get("UCX_TLS", "")
     doc["backend_params"] = agent.get_backend_params("UCX")
+    doc["nixl_version"] = importlib.metadata.version("nixl")
+    doc["ucx_version"] = ucx_version()
     rnd_no = 0
     for n in sizes:
         pat_out = rc.Pattern(n, rc.DISPATCH if attention else rc.COMBINE)

@@ -19,6 +19,7 @@ use moe_runtime::launch;
 use moe_runtime::model::reference::Reference;
 use moe_runtime::model::weights::Checkpoint;
 use moe_runtime::model::{load_config, RuntimeError};
+use moe_runtime::plan::model::ModelConfig;
 use moe_runtime::plan::perf::{fit, Linear};
 use moe_runtime::worker::Deployment;
 use serde_json::json;
@@ -124,7 +125,8 @@ struct Row {
     step_ms: f64,
     t_a_us: f64,
     t_e_us: f64,
-    t_c_us: f64,
+    /// `None` when too few rounds qualify to say anything.
+    t_c_us: Option<f64>,
     /// Share of samples in which both sides waited (T_c measured on them).
     t_c_share: f64,
     attention_idle: f64,
@@ -132,7 +134,12 @@ struct Row {
     /// Mean rows per micro-batch at an attention rank, and per expert rank.
     b_a: f64,
     b_e: f64,
+    /// The transport the workers ran on (what `auto` chose).
+    transport: String,
 }
+
+/// Fewer rounds in which both sides waited than this say nothing about T_c.
+const T_C_MIN_SAMPLES: f64 = 10.0;
 
 fn measure(a: &Args, m: usize, batch: usize) -> Result<Row, RuntimeError> {
     let deploy = deployment(a, m, batch);
@@ -184,41 +191,26 @@ fn measure(a: &Args, m: usize, batch: usize) -> Result<Row, RuntimeError> {
         step_ms: wall / steps / 1e6,
         t_a_us: sum(|b| b.t_a_ns) / samples / 1e3,
         t_e_us: sum(|b| b.t_e_ns) / samples / 1e3,
-        // Too few clean samples say nothing: shown as NaN.
-        t_c_us: if sum(|b| b.t_c_samples) >= 10.0 {
-            sum(|b| b.t_c_ns) / sum(|b| b.t_c_samples) / 1e3
-        } else {
-            f64::NAN
-        },
+        t_c_us: (sum(|b| b.t_c_samples) >= T_C_MIN_SAMPLES)
+            .then(|| sum(|b| b.t_c_ns) / sum(|b| b.t_c_samples) / 1e3),
         t_c_share: sum(|b| b.t_c_samples) / samples,
         attention_idle: sum(|b| b.wait_ns) / sum(|b| b.wall_ns).max(1.0),
         expert_idle: 1.0 - r0.residence_ns as f64 / r0.wall_ns.max(1) as f64,
         b_a: sum(|b| b.rows) / samples,
         b_e: sum(|b| b.expert_rows) / samples / a.experts as f64,
+        transport: r0.transport.clone(),
     })
 }
 
-fn launcher(a: &Args) -> Result<(), RuntimeError> {
-    let config = load_config(&a.model)?;
-    Checkpoint::open(&a.model)?.verify(&config)?;
-    for &m in &a.microbatches {
-        deployment(a, m, 1).validate(&config)?;
-    }
-    if a.batch.contains(&0) || a.steps == 0 {
-        return Err(RuntimeError::Config(
-            "batch sizes and --steps must be at least 1".into(),
-        ));
-    }
-    let threads = a
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let transport = std::env::var("M2N_TRANSPORT").unwrap_or_else(|_| "auto".into());
+/// The table's title and column heads; `transport` is the one the workers
+/// of the first measurement ran on.
+fn print_header(a: &Args, config: &ModelConfig, transport: &str) {
     println!(
         "# moe-bench: {} ({} layers, hidden {}, {} experts top-{}), {} attention x {} expert workers over m2n ({transport})",
         config.name, config.layers, config.hidden, config.experts, config.top_k, a.attention, a.experts
     );
     println!(
-        "# prompt {} tokens, {} warm-up + {} measured decode steps; T_a, T_e, T_c: mean per micro-batch and layer\n# (T_c: dispatch + combine, from the rounds both sides waited for; c_n: their share)",
+        "# prompt {} tokens, {} warm-up + {} measured decode steps; T_a, T_e, T_c: mean per micro-batch and layer\n# (T_c: dispatch + combine, from the rounds both sides waited for; c_n: their share; 'few': under 10 such rounds, too few to say)",
         a.prompt_len, a.warmup, a.steps
     );
     println!(
@@ -237,6 +229,22 @@ fn launcher(a: &Args) -> Result<(), RuntimeError> {
         "coloc_tok/s",
         "dis/col"
     );
+}
+
+fn launcher(a: &Args) -> Result<(), RuntimeError> {
+    let config = load_config(&a.model)?;
+    Checkpoint::open(&a.model)?.verify(&config)?;
+    for &m in &a.microbatches {
+        deployment(a, m, 1).validate(&config)?;
+    }
+    if a.batch.contains(&0) || a.steps == 0 {
+        return Err(RuntimeError::Config(
+            "batch sizes and --steps must be at least 1".into(),
+        ));
+    }
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let reference = if a.no_colocated {
         None
     } else {
@@ -262,17 +270,20 @@ fn launcher(a: &Args) -> Result<(), RuntimeError> {
         let mut base = None;
         for &m in &a.microbatches {
             let r = measure(a, m, batch)?;
+            if rows.is_empty() {
+                print_header(a, &config, &r.transport);
+            }
             let base_tps = *base.get_or_insert(if m == 1 { r.tokens_per_s } else { f64::NAN });
             let col_tps = col.map_or(f64::NAN, |c| c.tokens_per_s());
             println!(
-                "  {:>5} {:>2} {:>10.1} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>5.2} {:>6.2} {:>6.2} {:>7.2} {:>12.1} {:>7.2}",
+                "  {:>5} {:>2} {:>10.1} {:>8.2} {:>8.1} {:>8.1} {:>8} {:>5.2} {:>6.2} {:>6.2} {:>7.2} {:>12.1} {:>7.2}",
                 batch,
                 m,
                 r.tokens_per_s,
                 r.step_ms,
                 r.t_a_us,
                 r.t_e_us,
-                r.t_c_us,
+                r.t_c_us.map_or("few".to_string(), |t| format!("{t:.1}")),
                 r.t_c_share,
                 r.attention_idle,
                 r.expert_idle,
@@ -313,7 +324,7 @@ fn launcher(a: &Args) -> Result<(), RuntimeError> {
             "layers": config.layers,
             "attention_workers": a.attention,
             "expert_workers": a.experts,
-            "transport": transport,
+            "transport": rows.first().map(|r| r.transport.as_str()),
             "prompt_len": a.prompt_len,
             "steps": a.steps,
             "configs": rows.iter().map(|r| json!({

@@ -209,6 +209,12 @@ pub struct AttentionWorker {
 }
 
 impl AttentionWorker {
+    /// The transport this worker's communicator runs on (what `auto`
+    /// chose, or what `M2N_TRANSPORT` named).
+    pub fn transport(&self) -> m2n::TransportKind {
+        self.comm.transport_kind()
+    }
+
     /// Wraps a communicator (joined as attention rank `rank`) and the
     /// weights into a worker.
     pub fn new(
