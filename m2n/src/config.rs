@@ -30,8 +30,8 @@
 //!
 //! `M2N_UNIQUE_ID` carries the unique id from a launcher to its ranks, and
 //! `M2N_BOOTSTRAP_ADDR` says where `m2n_get_unique_id` (C) hosts its root;
-//! launchers read them, not [`Config`] (nor does it read `M2N_LIB`, the
-//! Python binding's library path). Any other
+//! launchers read them, not [`Config`] (nor does it read `M2N_ATTENTION`,
+//! the Python launchers' number of attention ranks). Any other
 //! `M2N_*` variable is an error, so a typo never passes silently.
 
 use std::time::Duration;
@@ -308,7 +308,6 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 const NOT_CONFIG: &[&str] = &[
     "M2N_UNIQUE_ID",
     "M2N_BOOTSTRAP_ADDR",
-    "M2N_LIB",
     "M2N_SKIP_VM",
     "M2N_REQUIRE_NVRTC",
     "M2N_BLESS",
