@@ -16,6 +16,7 @@ pub mod gpu;
 pub mod group;
 pub mod pattern;
 pub mod proto;
+pub mod secret;
 pub mod stream;
 pub mod transport;
 

@@ -17,7 +17,6 @@
 //! deadline.
 
 mod uid;
-pub(crate) use uid::secrets_match;
 mod wire;
 
 use std::io;
@@ -112,12 +111,7 @@ fn remaining(deadline: Instant) -> Option<Duration> {
         .filter(|d| !d.is_zero())
 }
 
-/// A fresh random secret.
-pub fn random_secret() -> io::Result<[u8; SECRET_BYTES]> {
-    let mut s = [0u8; SECRET_BYTES];
-    getrandom::getrandom(&mut s).map_err(|e| io::Error::other(e.to_string()))?;
-    Ok(s)
-}
+pub use crate::secret::random_secret;
 
 /// The rendezvous point of one group.
 #[derive(Debug)]
@@ -311,7 +305,7 @@ impl Root {
                 let _ = wire::send(&mut stream, &Frame::Reject("expected a hello".into()));
                 continue;
             };
-            if !uid::secrets_match(&secret, &self.uid.secret) {
+            if !crate::secret::secrets_match(&secret, &self.uid.secret) {
                 let _ = wire::send(
                     &mut stream,
                     &Frame::Reject("wrong secret in unique id".into()),

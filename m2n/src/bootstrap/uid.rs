@@ -2,8 +2,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-/// The secret every rank must present to the bootstrap root.
-pub const SECRET_BYTES: usize = 16;
+pub use crate::secret::SECRET_BYTES;
 
 /// An NCCL-style unique id: the root's address plus a random secret.
 ///
@@ -56,11 +55,6 @@ impl FromStr for UniqueId {
         }
         Ok(Self { root, secret })
     }
-}
-
-/// Compares secrets in time independent of where they differ.
-pub(crate) fn secrets_match(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::bootstrap::SECRET_BYTES;
 use crate::group::{Peer, Shape};
+use crate::secret::SECRET_BYTES;
 
 const HEARTBEAT: u8 = 1;
 const GOODBYE: u8 = 2;
@@ -159,7 +159,7 @@ impl Liveness {
             gate.accept_all(&listener.listener, deadline, move |r| {
                 let mut buf = [0u8; SECRET_BYTES + 4];
                 r.read_exact(&mut buf)?;
-                if !crate::bootstrap::secrets_match(&buf[..SECRET_BYTES], &secret) {
+                if !crate::secret::secrets_match(&buf[..SECRET_BYTES], &secret) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "wrong secret",

@@ -331,7 +331,7 @@ impl TcpTransport {
             let mut r = Reader::new(&hello);
             let ok = r.u32("magic").ok() == Some(HELLO_MAGIC)
                 && r.raw(TOKEN_BYTES, "token")
-                    .is_ok_and(|t| crate::bootstrap::secrets_match(t, &self.token));
+                    .is_ok_and(|t| crate::secret::secrets_match(t, &self.token));
             let from = r.u32("rank").unwrap_or(u32::MAX) as usize;
             let l = match r.u8("lane") {
                 Ok(0) => Lane::Data,
