@@ -21,6 +21,8 @@ pub use crate::proto::Lane;
 
 #[cfg(feature = "cuda")]
 pub mod cuda_ipc;
+/// Shared-memory segments (memfds), which shm, tcp and verbs all allocate from.
+pub(crate) mod segment;
 pub mod shm;
 pub mod tcp;
 #[cfg(feature = "verbs")]
@@ -165,12 +167,12 @@ pub(crate) trait LocalMemory: Send + Sync + fmt::Debug {
     }
 }
 
-impl LocalMemory for shm::segment::Segment {
+impl LocalMemory for segment::Segment {
     fn base(&self) -> *mut u8 {
         self.as_ptr().as_ptr()
     }
     fn len(&self) -> usize {
-        shm::segment::Segment::len(self)
+        segment::Segment::len(self)
     }
 }
 

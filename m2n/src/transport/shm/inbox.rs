@@ -9,7 +9,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::segment::Segment;
+use crate::transport::segment::Segment;
 use crate::transport::TransportError;
 
 const HEADER: usize = 128;

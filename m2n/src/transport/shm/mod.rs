@@ -1,6 +1,6 @@
 //! The shared-memory backend, for processes on one host.
 //!
-//! Every region is a memfd segment that peers map (see [`segment`]). A write
+//! Every region is a memfd segment that peers map (see [`crate::transport::segment`]). A write
 //! is one `memcpy` from the local region into the peer's mapping of the
 //! remote region, followed, for writes with an immediate, by an entry in the
 //! peer's completion ring for this process (see [`inbox`]). Local
@@ -9,12 +9,11 @@
 //! Lanes need no separate queues here: an ACK is a single atomic store.
 
 mod inbox;
-pub(crate) mod segment;
 
 use std::sync::Arc;
 
+use super::segment::Segment;
 use inbox::{inbox_bytes, Ring};
-use segment::Segment;
 
 use super::{
     Completion, Lane, LocalRegions, Region, RegionId, RemoteRegion, Transport, TransportError,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use frame::{Decoder, FrameError, Header, RegionRef, RegionTable, HEADER_BYTES};
 pub use sock::LaneOptions;
 
-use super::shm::segment::Segment;
+use super::segment::Segment;
 use super::{
     Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Transport,
     TransportError, TransportKind, WriteRequest,

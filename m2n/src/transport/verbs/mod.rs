@@ -18,7 +18,7 @@ use std::sync::Arc;
 use ib::{Context, Cq, IbError, Mr, PathSettings, Pd, Qp, Srq};
 use rdma_sys::*;
 
-use super::shm::segment::Segment;
+use super::segment::Segment;
 use super::{
     Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Transport,
     TransportCounters, TransportError, TransportKind, WriteRequest,
