@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use m2n_rs::stream::{Proxy, StreamRound};
+use m2n_rs::stream::StreamRound;
+use m2n_rs::Proxy;
 use m2n_rs::{Communicator, RecvRound, Region};
 
 use crate::types::{m2n_comm_t, m2n_mem_t, m2n_result_t, m2n_round_t};

@@ -994,7 +994,7 @@ pub extern "C" fn m2n_comm_start_proxy(comm: *mut m2n_comm_t) -> m2n_result_t {
             st.last_error = CString::new(f.1.replace('\0', " ")).unwrap_or_default();
             return Err(f);
         }
-        st.proxy = Some(m2n_rs::stream::Proxy::spawn(c.clone(), drive));
+        st.proxy = Some(m2n_rs::Proxy::spawn(c.clone(), drive));
         Ok(m2n_result_t::M2N_SUCCESS)
     })
 }

@@ -21,7 +21,7 @@ pub mod stream;
 pub mod transport;
 
 pub use bootstrap::{Root, UniqueId};
-pub use comm::{Channel, Communicator, Error, Msg, RecvRound, Result};
+pub use comm::{Channel, Communicator, Error, Msg, Proxy, RecvRound, Result};
 pub use config::{ChannelConfig, Config, WaitPolicy};
 pub use group::{Peer, Role, Shape};
 pub use transport::{Region, TransportKind};

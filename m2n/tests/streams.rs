@@ -42,7 +42,7 @@ fn pair_on(t: m2n::TransportKind) -> (Communicator, Communicator) {
 
 /// Waits until the proxy's host side has seen every stream operation done
 /// (the last release flag is written by the stream after it synchronises).
-fn wait_idle(proxy: &m2n::stream::Proxy<Communicator>) {
+fn wait_idle(proxy: &m2n::Proxy<Communicator>) {
     for _ in 0..10_000 {
         if proxy.lock().streams_idle() {
             return;

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use m2n::stream::{Proxy, StreamRound};
+use m2n::stream::StreamRound;
+use m2n::Proxy;
 use m2n::{Config, Msg, RecvRound, Region, Role, Root as RsRoot, Shape, UniqueId};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;

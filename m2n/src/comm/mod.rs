@@ -26,6 +26,7 @@
 
 mod error;
 mod liveness;
+mod proxy;
 mod setup;
 mod staging;
 mod streams;
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant};
 
 pub use error::{Error, Result};
 use liveness::{LinkPlan, Liveness, LivenessListener, Lost};
+pub use proxy::Proxy;
 
 use crate::bootstrap::{self, UniqueId};
 use crate::config::{Config, WaitPolicy};

@@ -196,12 +196,12 @@ impl Communicator {
         !self.streams.busy()
     }
 
-    /// Moves this communicator to a [`crate::stream::Proxy`] thread that
+    /// Moves this communicator to a [`super::Proxy`] thread that
     /// calls [`progress`](Self::progress) while nobody else does (reach
     /// the communicator with `proxy.lock()`). The thread stops at the first
     /// error (every stream wait is then let go) or at `proxy.stop()`.
-    pub fn start_proxy(self) -> crate::stream::Proxy<Communicator> {
-        crate::stream::Proxy::spawn(
+    pub fn start_proxy(self) -> super::Proxy<Communicator> {
+        super::Proxy::spawn(
             Arc::new(std::sync::Mutex::new(self)),
             Communicator::progress,
         )

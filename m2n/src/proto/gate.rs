@@ -27,6 +27,24 @@ use std::collections::VecDeque;
 
 use thiserror::Error;
 
+/// The kinds of stream, whose flags live in different memory. Here at the
+/// bottom because transports name it too (which streams can copy a staged
+/// region), and transports sit below streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Host,
+    Cuda,
+}
+
+impl StreamKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamKind::Host => "host",
+            StreamKind::Cuda => "CUDA",
+        }
+    }
+}
+
 /// Most operations one gate may have outstanding (see the module docs).
 pub const MAX_OUTSTANDING: u32 = (1 << 31) - 1;
 

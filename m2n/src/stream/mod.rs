@@ -18,7 +18,6 @@
 #[cfg(feature = "cuda")]
 mod cuda;
 mod host;
-mod proxy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -26,9 +25,8 @@ use std::sync::Arc;
 #[cfg(feature = "cuda")]
 pub use cuda::CudaStream;
 pub use host::HostStream;
-pub use proxy::Proxy;
 
-pub use crate::proto::gate::{reached, Flag};
+pub use crate::proto::gate::{reached, Flag, StreamKind};
 use crate::transport::Region;
 
 /// Why a stream operation could not be enqueued or done.
@@ -51,22 +49,6 @@ pub enum StreamError {
     /// A host stream gave up waiting (it was dropped, or synchronise timed out).
     #[error("{0}")]
     Abandoned(String),
-}
-
-/// The kinds of stream, whose flags live in different memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamKind {
-    Host,
-    Cuda,
-}
-
-impl StreamKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            StreamKind::Host => "host",
-            StreamKind::Cuda => "CUDA",
-        }
-    }
 }
 
 /// An in-order queue of work that m2n can gate (see the module docs).

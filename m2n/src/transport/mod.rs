@@ -340,7 +340,7 @@ pub(crate) struct Staging {
     /// The stage's host address of byte 0.
     pub(crate) host: usize,
     /// Which streams can copy it (CUDA; host streams for simulated devices).
-    pub(crate) kind: crate::stream::StreamKind,
+    pub(crate) kind: crate::proto::gate::StreamKind,
     /// Copies `len` bytes from device address `src` to host address `dst`, blocking.
     pub(crate) copy: StagingCopy,
     /// Undoes the stage's pinning when dropped.

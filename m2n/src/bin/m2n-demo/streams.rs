@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use m2n::pattern;
 use m2n::proto::ChannelId;
-use m2n::stream::{HostStream, Proxy, StreamRound};
+use m2n::stream::{HostStream, StreamRound};
+use m2n::Proxy;
 use m2n::{Communicator, Error};
 
 use crate::worker::{msgs, work, WRONG_SEEN};

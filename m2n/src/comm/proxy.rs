@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::comm::{Error, Result};
+use super::{Error, Result};
 
 /// A thread that calls a progress function on shared state until stopped
 /// or until it fails; the state stays usable through [`lock`](Self::lock).
