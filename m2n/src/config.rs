@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::transport::tcp::LaneOptions;
+pub use crate::transport::options::{IbConfig, LaneClass, TcpConfig};
 use crate::transport::TransportKind;
 
 /// A bad configuration value, naming the variable or field.
@@ -111,129 +111,6 @@ impl std::str::FromStr for WaitPolicy {
                     .map_err(|_| format!("{n:?} is not a spin count")),
                 None => Err("expected spin, yield, spin-yield[:N] or auto".into()),
             },
-        }
-    }
-}
-
-/// Settings of the tcp transport.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpConfig {
-    /// Interface selection (`M2N_SOCKET_IFNAME`); `None`: the address the
-    /// route to the bootstrap root leaves from.
-    pub ifname: Option<String>,
-    pub data: LaneOptions,
-    /// The ACK lane: by default DSCP 46 (expedited forwarding) and the
-    /// highest unprivileged socket priority, so credits overtake data.
-    pub ack: LaneOptions,
-    pub queue_frames: usize,
-}
-
-impl Default for TcpConfig {
-    fn default() -> Self {
-        Self {
-            ifname: None,
-            data: LaneOptions {
-                dscp: 0,
-                priority: 0,
-                congestion: None,
-            },
-            ack: LaneOptions {
-                dscp: 46,
-                priority: 6,
-                congestion: None,
-            },
-            queue_frames: 256,
-        }
-    }
-}
-
-/// Per-lane priority on RDMA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LaneClass {
-    /// GRH traffic class (DSCP << 2 on RoCE).
-    pub traffic_class: u8,
-    /// Service level (the priority the fabric maps it to).
-    pub service_level: u8,
-}
-
-/// Settings of the verbs transport.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IbConfig {
-    /// Device name (`M2N_IB_DEVICE`); `None`: the first device. A comma
-    /// list (`mlx5_0,mlx5_1`) is for hosts with one NIC per GPU: each rank
-    /// takes the entry of its local rank (its index among the group's ranks
-    /// on its host), modulo the list's length.
-    pub device: Option<String>,
-    /// Port (`M2N_IB_PORT`); `None`: the first active port.
-    pub port: Option<u8>,
-    /// GID index (`M2N_IB_GID_INDEX`); `None`: the first RoCE v2 GID with
-    /// an IPv4 address (index 0 on InfiniBand).
-    pub gid_index: Option<u8>,
-    pub data: LaneClass,
-    /// The ACK lane: DSCP 46 (expedited forwarding) and service level 6 by
-    /// default, so credits overtake data in the fabric's queues.
-    pub ack: LaneClass,
-    /// Local ACK timeout exponent: 4.096 us * 2^timeout (0..=31).
-    pub timeout: u8,
-    /// Transport retries (0..=7).
-    pub retry_cnt: u8,
-    /// Receiver-not-ready retries (0..=7; 7 retries forever).
-    pub rnr_retry: u8,
-    /// Path MTU in bytes (256..=4096, capped by the port's active MTU).
-    pub mtu: u32,
-    /// Largest payload sent inline with its work request.
-    pub max_inline: u32,
-    /// Send queue depth per queue pair.
-    pub sq_depth: u32,
-    /// Receives kept posted on the shared receive queue.
-    pub srq_depth: u32,
-}
-
-impl IbConfig {
-    /// The devices `device` lists (empty: the first device).
-    pub fn devices(&self) -> Vec<String> {
-        self.device
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|d| !d.is_empty())
-            .map(String::from)
-            .collect()
-    }
-
-    /// These settings with the one device a rank of local rank `local`
-    /// uses (see [`device`](Self::device)).
-    pub fn for_local_rank(&self, local: usize) -> IbConfig {
-        let list = self.devices();
-        IbConfig {
-            device: (!list.is_empty()).then(|| list[local % list.len()].clone()),
-            ..self.clone()
-        }
-    }
-}
-
-impl Default for IbConfig {
-    fn default() -> Self {
-        Self {
-            device: None,
-            port: None,
-            gid_index: None,
-            data: LaneClass {
-                traffic_class: 0,
-                service_level: 0,
-            },
-            ack: LaneClass {
-                traffic_class: 46 << 2,
-                service_level: 6,
-            },
-            timeout: 14,
-            retry_cnt: 7,
-            rnr_retry: 7,
-            mtu: 4096,
-            max_inline: 64,
-            sq_depth: 512,
-            srq_depth: 4096,
         }
     }
 }
@@ -535,6 +412,7 @@ mod tests {
     }
 
     use super::*;
+    use crate::transport::tcp::LaneOptions;
 
     fn env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let mut c = Config::default();

@@ -21,6 +21,7 @@ pub use crate::proto::Lane;
 
 #[cfg(feature = "cuda")]
 pub mod cuda_ipc;
+pub mod options;
 /// Shared-memory segments (memfds), which shm, tcp and verbs all allocate from.
 pub(crate) mod segment;
 pub mod shm;

@@ -30,7 +30,7 @@ const REGION_MAGIC: u32 = 0x4d32_4e4d; // "M2NM"
 const SEQ_BITS: u32 = 40;
 
 /// Settings of the verbs transport (`M2N_IB_*`).
-pub use crate::config::IbConfig as VerbsOptions;
+pub use super::options::IbConfig as VerbsOptions;
 
 fn ib_err(e: IbError) -> TransportError {
     match e {
