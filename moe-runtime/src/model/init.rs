@@ -159,7 +159,7 @@ pub fn write_checkpoint(
     // random model produces decodes (none below 258 ids: the byte-level
     // fallback serves those).
     if c.vocab >= 258 {
-        crate::serve::tokenizer::write_tokenizer(dir, c.vocab as usize)?;
+        super::tokenizer::write_tokenizer(dir, c.vocab as usize)?;
     }
     if shards > 1 {
         let path = dir.join(INDEX_FILE);

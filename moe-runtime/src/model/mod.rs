@@ -3,14 +3,16 @@
 //! the layer's compute shared by every execution ([`forward`]) and the
 //! single-process reference decoder, the oracle ([`reference`]).
 
+pub mod config;
 pub mod forward;
 pub mod init;
 pub mod reference;
+pub mod tokenizer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub use crate::plan::model::ModelConfig;
+pub use config::ModelConfig;
 
 /// What went wrong in the runtime, naming the tensor, file, worker or peer.
 #[derive(Debug, thiserror::Error)]

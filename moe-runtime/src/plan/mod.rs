@@ -4,7 +4,8 @@
 //! per unit cost (Algorithm 1). See [`perf`] for the model's formulas.
 
 pub mod gpu;
-pub mod model;
+/// The model's description, which the planner reads ([`crate::model::config`]).
+pub use crate::model::config as model;
 pub mod perf;
 mod search;
 
@@ -22,4 +23,14 @@ pub enum PlanError {
     UnknownGpu { name: String, known: String },
     #[error("bad input: {0}")]
     BadConfig(String),
+}
+
+impl From<crate::model::config::ModelConfigError> for PlanError {
+    fn from(e: crate::model::config::ModelConfigError) -> Self {
+        use crate::model::config::ModelConfigError as M;
+        match e {
+            M::UnknownModel { name, known } => PlanError::UnknownModel { name, known },
+            M::BadConfig(detail) => PlanError::BadConfig(detail),
+        }
+    }
 }

@@ -5,4 +5,6 @@ pub mod control;
 pub mod engine;
 pub mod http;
 pub mod metrics;
-pub mod tokenizer;
+/// The tokenizer is the model's ([`crate::model::tokenizer`]); the server
+/// speaks through it.
+pub use crate::model::tokenizer;

@@ -2,7 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::PlanError;
+/// A model description that cannot be read (the planner reports it as
+/// its own [`crate::plan::PlanError`]).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ModelConfigError {
+    #[error("unknown model {name:?}; known: {known}")]
+    UnknownModel { name: String, known: String },
+    #[error("bad input: {0}")]
+    BadConfig(String),
+}
 
 /// The shape of a Mixtral-style MoE decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,12 +128,12 @@ impl ModelConfig {
     }
 
     /// A preset by name (case-insensitive), or an error listing them.
-    pub fn preset(name: &str) -> Result<ModelConfig, PlanError> {
+    pub fn preset(name: &str) -> Result<ModelConfig, ModelConfigError> {
         let all = Self::presets();
         all.iter()
             .find(|m| m.name.eq_ignore_ascii_case(name))
             .cloned()
-            .ok_or_else(|| PlanError::UnknownModel {
+            .ok_or_else(|| ModelConfigError::UnknownModel {
                 name: name.into(),
                 known: all
                     .iter()
@@ -175,9 +183,9 @@ impl ModelConfig {
     }
 
     /// Reads a Hugging Face `config.json` (Mixtral and DBRX naming).
-    pub fn from_hf_config(name: &str, text: &str) -> Result<ModelConfig, PlanError> {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| PlanError::BadConfig(format!("{name}: {e}")))?;
+    pub fn from_hf_config(name: &str, text: &str) -> Result<ModelConfig, ModelConfigError> {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| ModelConfigError::BadConfig(format!("{name}: {e}")))?;
         let get = |keys: &[&str]| -> Option<u64> {
             keys.iter().find_map(|k| {
                 let mut cur = &v;
@@ -189,7 +197,7 @@ impl ModelConfig {
         };
         let need = |keys: &[&str]| {
             get(keys).ok_or_else(|| {
-                PlanError::BadConfig(format!("{name}: none of {} is set", keys.join(", ")))
+                ModelConfigError::BadConfig(format!("{name}: none of {} is set", keys.join(", ")))
             })
         };
         let hidden = need(&["hidden_size", "d_model"])?;
@@ -231,7 +239,7 @@ impl ModelConfig {
             || cfg.top_k == 0
             || cfg.top_k > cfg.experts
         {
-            return Err(PlanError::BadConfig(format!(
+            return Err(ModelConfigError::BadConfig(format!(
                 "{name}: inconsistent shape {cfg:?}"
             )));
         }
