@@ -20,11 +20,7 @@ pub fn wait_all(reqs: &mut [ffi::MPI_Request], policy: WaitPolicy) {
         assert_eq!(rc, 0, "MPI_Waitall failed");
         return;
     }
-    let spins = match policy {
-        WaitPolicy::SpinThenYield(n) => n,
-        _ => 0,
-    };
-    let mut polls = 0u32;
+    let mut backoff = m2n::wait::Backoff::new(policy);
     loop {
         let mut done: c_int = 0;
         // SAFETY: as above.
@@ -34,12 +30,7 @@ pub fn wait_all(reqs: &mut [ffi::MPI_Request], policy: WaitPolicy) {
         if done != 0 {
             return;
         }
-        polls = polls.saturating_add(1);
-        if polls > spins {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
+        backoff.wait(false);
     }
 }
 

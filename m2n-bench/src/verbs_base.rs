@@ -198,7 +198,7 @@ impl VerbsRank {
     /// Polls `cq` until `want` completions (checking each one's status).
     fn poll(&mut self, recv: bool, want: usize) -> Result<(), String> {
         let mut got = 0;
-        let mut empty = 0u32;
+        let mut backoff = m2n::wait::Backoff::new(self.wait);
         while got < want {
             let cq = if recv { &self.recv_cq } else { &self.send_cq };
             let n = cq
@@ -214,14 +214,7 @@ impl VerbsRank {
                 }
             }
             got += n;
-            if n == 0 {
-                empty = empty.saturating_add(1);
-                match self.wait {
-                    WaitPolicy::Yield => std::thread::yield_now(),
-                    WaitPolicy::SpinThenYield(s) if empty > s => std::thread::yield_now(),
-                    _ => std::hint::spin_loop(),
-                }
-            }
+            backoff.wait(n > 0);
         }
         if recv {
             self.srq.post_receives(want).map_err(|e| e.to_string())?;

@@ -40,6 +40,7 @@ use thiserror::Error;
 
 pub use crate::transport::options::{IbConfig, LaneClass, TcpConfig};
 use crate::transport::TransportKind;
+pub use crate::wait::WaitPolicy;
 
 /// A bad configuration value, naming the variable or field.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -57,62 +58,6 @@ pub struct ChannelConfig {
     pub depth: usize,
     /// Largest message per sender-receiver pair and round.
     pub slot_bytes: usize,
-}
-
-/// How blocking helpers wait between progress calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitPolicy {
-    /// Busy-poll: lowest latency, needs a core per rank.
-    Spin,
-    /// Yield the CPU after every empty poll: for oversubscribed hosts.
-    Yield,
-    /// Spin this many empty polls, then yield on each further one.
-    SpinThenYield(u32),
-    /// Decided when the communicator forms: [`WaitPolicy::Yield`] when
-    /// this host runs more ranks of the group than it has cores (spinning
-    /// would starve the peers that share them), else `SpinThenYield(256)`.
-    Auto,
-}
-
-impl WaitPolicy {
-    /// The concrete policy for `local_ranks` ranks on a host with `cores`.
-    pub fn resolve(self, local_ranks: usize, cores: usize) -> WaitPolicy {
-        match self {
-            WaitPolicy::Auto if local_ranks > cores => WaitPolicy::Yield,
-            WaitPolicy::Auto => WaitPolicy::SpinThenYield(256),
-            other => other,
-        }
-    }
-}
-
-impl std::fmt::Display for WaitPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WaitPolicy::Spin => f.write_str("spin"),
-            WaitPolicy::Yield => f.write_str("yield"),
-            WaitPolicy::SpinThenYield(n) => write!(f, "spin-yield:{n}"),
-            WaitPolicy::Auto => f.write_str("auto"),
-        }
-    }
-}
-
-impl std::str::FromStr for WaitPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "spin" => Ok(Self::Spin),
-            "yield" => Ok(Self::Yield),
-            "auto" => Ok(Self::Auto),
-            "spin-yield" => Ok(Self::SpinThenYield(256)),
-            _ => match s.strip_prefix("spin-yield:") {
-                Some(n) => n
-                    .parse()
-                    .map(Self::SpinThenYield)
-                    .map_err(|_| format!("{n:?} is not a spin count")),
-                None => Err("expected spin, yield, spin-yield[:N] or auto".into()),
-            },
-        }
-    }
 }
 
 /// Everything a communicator can be tuned with.

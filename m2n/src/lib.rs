@@ -19,6 +19,7 @@ pub mod proto;
 pub mod secret;
 pub mod stream;
 pub mod transport;
+pub mod wait;
 
 pub use bootstrap::{Root, UniqueId};
 pub use comm::{Channel, Communicator, Error, Msg, Proxy, RecvRound, Result};

@@ -16,6 +16,7 @@ fn lower_layers_never_use_higher_ones() {
             ("group", 0),
             ("secret", 0),
             ("gpu", 0),
+            ("wait", 0),
             ("proto", 1),
             ("bootstrap", 1),
             ("pattern", 2),

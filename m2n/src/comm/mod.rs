@@ -39,13 +39,14 @@ use liveness::{LinkPlan, Liveness, LivenessListener, Lost};
 pub use proxy::Proxy;
 
 use crate::bootstrap::{self, UniqueId};
-use crate::config::{Config, WaitPolicy};
+use crate::config::Config;
 use crate::group::{Peer, Role, Shape};
 use crate::proto::{ChannelId, Geometry, Lane, RecvChannel, SendChannel, WriteOp};
 use crate::transport::{
     Completion, Region, RegionId, RemoteRegion, Transport, TransportError, TransportKind,
     WriteRequest,
 };
+use crate::wait::Backoff;
 
 /// One message of a round: `len` bytes at `offset` of a registered region.
 #[derive(Debug, Clone, Copy)]
@@ -847,32 +848,6 @@ impl Drop for Communicator {
     fn drop(&mut self) {
         self.streams.close();
         self.liveness.goodbye();
-    }
-}
-
-/// Waits between empty progress calls according to a [`WaitPolicy`].
-#[derive(Debug)]
-struct Backoff {
-    policy: WaitPolicy,
-    idle: u32,
-}
-
-impl Backoff {
-    fn new(policy: WaitPolicy) -> Self {
-        Self { policy, idle: 0 }
-    }
-    fn wait(&mut self, moved: bool) {
-        if moved {
-            self.idle = 0;
-            return;
-        }
-        self.idle = self.idle.saturating_add(1);
-        match self.policy {
-            WaitPolicy::Spin => std::hint::spin_loop(),
-            WaitPolicy::Yield => std::thread::yield_now(),
-            WaitPolicy::SpinThenYield(n) if self.idle <= n => std::hint::spin_loop(),
-            WaitPolicy::SpinThenYield(_) | WaitPolicy::Auto => std::thread::yield_now(),
-        }
     }
 }
 

@@ -5,7 +5,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use super::{Error, Result};
 
@@ -28,24 +27,14 @@ impl<T: Send + 'static> Proxy<T> {
         let thread = std::thread::Builder::new()
             .name("m2n-proxy".into())
             .spawn(move || {
-                let mut idle = 0u32;
+                let mut backoff = crate::wait::Backoff::background();
                 while !st.load(Ordering::Acquire) {
                     let moved = {
                         let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
                         drive(&mut guard)
                     };
                     match moved {
-                        Ok(true) => idle = 0,
-                        Ok(false) => {
-                            idle = idle.saturating_add(1);
-                            if idle < 64 {
-                                std::hint::spin_loop();
-                            } else if idle < 1024 {
-                                std::thread::yield_now();
-                            } else {
-                                std::thread::sleep(Duration::from_micros(50));
-                            }
-                        }
+                        Ok(moved) => backoff.wait(moved),
                         Err(e) => return Some(e),
                     }
                 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{reached, Flag, FlagBlock, MappedRegion, Stream, StreamError, StreamKind};
 use crate::transport::Region;
+use crate::wait::Backoff;
 
 enum Op {
     Wait(Arc<FlagBlock>, Flag, u32),
@@ -88,7 +89,7 @@ impl HostStream {
     pub fn synchronize(&self, timeout: Duration) -> Result<(), StreamError> {
         let target = self.shared.enqueued.load(Ordering::Acquire);
         let deadline = Instant::now() + timeout;
-        let mut idle = 0u32;
+        let mut backoff = Backoff::background();
         while self.shared.done.load(Ordering::Acquire) < target {
             if Instant::now() >= deadline {
                 let pending = target - self.shared.done.load(Ordering::Acquire);
@@ -107,7 +108,7 @@ impl HostStream {
                     "host stream: {pending} operation(s) still pending after {timeout:?}{waiting}"
                 )));
             }
-            idle = pause(idle);
+            backoff.wait(false);
         }
         match self
             .shared
@@ -124,30 +125,17 @@ impl HostStream {
     }
 }
 
-/// Spins briefly, then yields, then sleeps: waits on this 2-core class of
-/// machine must leave the CPU to the ranks they wait for.
-fn pause(idle: u32) -> u32 {
-    if idle < 64 {
-        std::hint::spin_loop();
-    } else if idle < 1024 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(50));
-    }
-    idle.saturating_add(1)
-}
-
 fn run(rx: mpsc::Receiver<Op>, shared: &Shared) {
     for op in rx {
         if !shared.abandon.load(Ordering::Acquire) {
             match op {
                 Op::Wait(flags, flag, value) => {
                     *shared.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some((flag, value));
-                    let mut idle = 0;
+                    let mut backoff = Backoff::background();
                     while !reached(flags.load(flag), value)
                         && !shared.abandon.load(Ordering::Acquire)
                     {
-                        idle = pause(idle);
+                        backoff.wait(false);
                     }
                     *shared.waiting.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
