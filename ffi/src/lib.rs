@@ -8,6 +8,9 @@
 // C callers pass raw pointers; each function checks them before any use.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+/// The `c_api` fuzz target's entry point (`m2n/fuzz`): only with the
+/// `fuzzing` feature (and in this crate's tests).
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz_api;
 mod handles;

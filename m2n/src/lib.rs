@@ -9,6 +9,9 @@ pub mod bootstrap;
 pub mod codec;
 pub mod comm;
 pub mod config;
+/// The fuzz targets' entry points (`m2n/fuzz`): only with the `fuzzing`
+/// feature (and in this crate's tests, which check the seed corpus).
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz_api;
 #[cfg(feature = "cuda")]

@@ -31,6 +31,7 @@ pub use uid::{UniqueId, SECRET_BYTES};
 pub(crate) mod gate;
 
 /// For the fuzz targets: decode a frame body.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn fuzz_decode(body: &[u8]) -> Result<wire::Frame, crate::codec::DecodeError> {
     wire::Frame::decode(body)
 }
@@ -67,6 +68,7 @@ pub(crate) fn fuzz_examples(role: Role, shape: Shape) -> Vec<(&'static str, Vec<
 }
 
 /// For the fuzz targets: a frame survives encoding and decoding unchanged.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn fuzz_round_trip(f: &wire::Frame) {
     let bytes = f.encode();
     let back = wire::recv(&mut &bytes[..]).expect("an encoded frame decodes");
