@@ -11,14 +11,31 @@ pub fn check(src: &Path, layers: &[(&str, u32)], exempt: &[&str]) {
     let layer = |m: &str| layers.iter().find(|(n, _)| *n == m).map(|(_, l)| *l);
     let mut files = Vec::new();
     walk(src, &mut files);
-    assert!(files.len() > 5, "found only {} sources under {}", files.len(), src.display());
+    assert!(
+        files.len() > 5,
+        "found only {} sources under {}",
+        files.len(),
+        src.display()
+    );
     let mut wrong = Vec::new();
     for file in files {
-        let rel = file.strip_prefix(src).unwrap().to_string_lossy().replace('\\', "/");
-        if exempt.iter().any(|e| rel == *e || rel.starts_with(&format!("{e}/"))) {
+        let rel = file
+            .strip_prefix(src)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if exempt
+            .iter()
+            .any(|e| rel == *e || rel.starts_with(&format!("{e}/")))
+        {
             continue;
         }
-        let me = rel.split('/').next().unwrap().trim_end_matches(".rs").to_string();
+        let me = rel
+            .split('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".rs")
+            .to_string();
         let Some(mine) = layer(&me) else {
             wrong.push(format!("{rel}: module `{me}` has no layer in the table"));
             continue;
@@ -80,14 +97,23 @@ fn targets(code: &str) -> Vec<String> {
 }
 
 fn ident(s: &str) -> Option<String> {
-    let name: String = s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+    let name: String = s
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
     (!name.is_empty()).then_some(name)
 }
 
 #[test]
 fn the_scanner_sees_every_form() {
     assert_eq!(targets("use crate::transport::Region;"), ["transport"]);
-    assert_eq!(targets("use crate::{proto::Flag, comm};"), ["proto", "comm"]);
-    assert_eq!(targets("x: crate::stream::Kind, y: crate::Comm"), ["stream", "Comm"]);
+    assert_eq!(
+        targets("use crate::{proto::Flag, comm};"),
+        ["proto", "comm"]
+    );
+    assert_eq!(
+        targets("x: crate::stream::Kind, y: crate::Comm"),
+        ["stream", "Comm"]
+    );
     assert!(targets("let v = my_crate::x;").is_empty());
 }
