@@ -303,11 +303,15 @@ struct State {
     proxy: Option<Proxy<State>>,
 }
 
+/// The communicator of a state's `comm` field, unless it was closed.
+fn open(comm: &mut Option<m2n::Communicator>) -> m2n::Result<&mut m2n::Communicator> {
+    comm.as_mut()
+        .ok_or_else(|| m2n::Error::Usage("the communicator is closed".into()))
+}
+
 impl State {
     fn comm(&mut self) -> m2n::Result<&mut m2n::Communicator> {
-        self.comm
-            .as_mut()
-            .ok_or_else(|| m2n::Error::Usage("the communicator is closed".into()))
+        open(&mut self.comm)
     }
 
     /// Runs `op` on the channel with the round's messages resolved from
@@ -320,9 +324,7 @@ impl State {
         op: impl FnOnce(m2n::Channel<'_>, &[Msg<'_>]) -> m2n::Result<Option<u64>>,
     ) -> m2n::Result<Option<u64>> {
         let State { comm, mems, .. } = self;
-        let comm = comm
-            .as_mut()
-            .ok_or_else(|| m2n::Error::Usage("the communicator is closed".into()))?;
+        let comm = open(comm)?;
         let list = raw
             .iter()
             .enumerate()
@@ -418,6 +420,40 @@ impl Comm {
                 r => return r.map_err(to_py),
             }
         }
+    }
+
+    /// Keeps the region `make` registers (or allocates) under a new key
+    /// and describes it to Python; `ptr` is where it starts (the region's
+    /// own address when `owner` is None: allocated memory).
+    fn add_memory(
+        &self,
+        py: Python<'_>,
+        ptr: u64,
+        nbytes: usize,
+        device: bool,
+        owner: Option<Py<PyAny>>,
+        make: impl FnOnce(&mut m2n::Communicator) -> m2n::Result<Region> + Send,
+    ) -> PyResult<Memory> {
+        if ptr == 0 || nbytes == 0 {
+            return Err(invalid(format!(
+                "cannot register {nbytes} bytes at {ptr:#x}: memory must be non-empty"
+            )));
+        }
+        let key = next_key();
+        let start = self.call(py, |st| {
+            let region = make(st.comm()?)?;
+            let start = region.as_ptr() as u64;
+            st.mems.insert(key, region);
+            Ok(start)
+        })?;
+        Ok(Memory {
+            comm: self.id,
+            key,
+            ptr: if owner.is_some() { ptr } else { start },
+            nbytes,
+            device,
+            owner,
+        })
     }
 
     fn check_mem(&self, mem: &Memory) -> PyResult<()> {
@@ -528,27 +564,11 @@ impl Comm {
         nbytes: usize,
         owner: Py<PyAny>,
     ) -> PyResult<Memory> {
-        if ptr == 0 || nbytes == 0 {
-            return Err(invalid(format!(
-                "cannot register {nbytes} bytes at {ptr:#x}: memory must be non-empty"
-            )));
-        }
-        let key = next_key();
-        self.call(py, |st| {
+        self.add_memory(py, ptr, nbytes, false, Some(owner), |comm| {
             // SAFETY: the Memory keeps `owner` (which owns ptr..ptr+nbytes)
             // alive, the package keeps the Memory while it is registered,
             // and deregister waits until no round from it is in flight.
-            let region = unsafe { st.comm()?.register(ptr as *mut u8, nbytes) }?;
-            st.mems.insert(key, region);
-            Ok(())
-        })?;
-        Ok(Memory {
-            comm: self.id,
-            key,
-            ptr,
-            nbytes,
-            device: false,
-            owner: Some(owner),
+            unsafe { comm.register(ptr as *mut u8, nbytes) }
         })
     }
 
@@ -561,48 +581,16 @@ impl Comm {
         nbytes: usize,
         owner: Py<PyAny>,
     ) -> PyResult<Memory> {
-        if dptr == 0 || nbytes == 0 {
-            return Err(invalid(format!(
-                "cannot register {nbytes} bytes at {dptr:#x}: memory must be non-empty"
-            )));
-        }
-        let key = next_key();
-        self.call(py, |st| {
+        self.add_memory(py, dptr, nbytes, true, Some(owner), |comm| {
             // SAFETY: as register_host, for device memory.
-            let region = unsafe { st.comm()?.register_gpu(dptr, nbytes) }?;
-            st.mems.insert(key, region);
-            Ok(())
-        })?;
-        Ok(Memory {
-            comm: self.id,
-            key,
-            ptr: dptr,
-            nbytes,
-            device: true,
-            owner: Some(owner),
+            unsafe { comm.register_gpu(dptr, nbytes) }
         })
     }
 
     /// Allocates `nbytes` of registered host memory from the transport.
     fn alloc(&self, py: Python<'_>, nbytes: usize) -> PyResult<Memory> {
-        if nbytes == 0 {
-            return Err(invalid("cannot allocate 0 bytes"));
-        }
-        let key = next_key();
-        let ptr = self.call(py, |st| {
-            let region = st.comm()?.alloc(nbytes)?;
-            let ptr = region.as_ptr() as u64;
-            st.mems.insert(key, region);
-            Ok(ptr)
-        })?;
-        Ok(Memory {
-            comm: self.id,
-            key,
-            ptr,
-            nbytes,
-            device: false,
-            owner: None,
-        })
+        // The transport picks the address: a non-zero stand-in passes the check.
+        self.add_memory(py, u64::MAX, nbytes, false, None, |comm| comm.alloc(nbytes))
     }
 
     /// Deregisters `mem`; refused while a round sent from it is in flight.
@@ -703,9 +691,7 @@ impl Comm {
     fn release(&self, py: Python<'_>, ch: u8, key: u64) -> PyResult<()> {
         self.call(py, |st| {
             let State { comm, rounds, .. } = st;
-            let comm = comm
-                .as_mut()
-                .ok_or_else(|| m2n::Error::Usage("the communicator is closed".into()))?;
+            let comm = open(comm)?;
             let r = rounds.remove(&key).ok_or_else(|| {
                 m2n::Error::Usage(
                     "not a live round of this communicator (released already, or another's)".into(),
@@ -790,9 +776,7 @@ impl Comm {
                 stream_rounds,
                 ..
             } = st;
-            let comm = comm
-                .as_mut()
-                .ok_or_else(|| m2n::Error::Usage("the communicator is closed".into()))?;
+            let comm = open(comm)?;
             let r = stream_rounds.remove(&key).expect("checked");
             channel(comm, ch)?.release_on_stream(r, &s)
         })
