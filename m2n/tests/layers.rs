@@ -3,7 +3,7 @@
 //! protocol, transports (owning their settings) above, then configuration
 //! and streams, and the communicator on top.
 
-#[path = "../../tests/layers/scan.rs"]
+#[path = "../../tests/support/layers.rs"]
 mod scan;
 
 #[test]

@@ -11,89 +11,13 @@ use std::time::Duration;
 use m2n::{Role, UniqueId};
 use support::*;
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Two namespaces and a veth pair, removed on drop.
-struct Net {
-    a: String,
-    b: String,
-    veth_b: String,
-}
-
-impl Net {
-    fn create() -> Result<Net, String> {
-        let id = std::process::id() % 100_000;
-        let net = Net {
-            a: format!("m2n-a-{id}"),
-            b: format!("m2n-b-{id}"),
-            veth_b: format!("m2nb{id}"),
-        };
-        let veth_a = format!("m2na{id}");
-        ip(&["netns", "add", &net.a])?;
-        ip(&["netns", "add", &net.b])?;
-        ip(&[
-            "link",
-            "add",
-            &veth_a,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &net.veth_b,
-        ])?;
-        ip(&["link", "set", &veth_a, "netns", &net.a])?;
-        ip(&["link", "set", &net.veth_b, "netns", &net.b])?;
-        for (ns, dev, addr) in [
-            (&net.a, &veth_a, "10.231.7.1/24"),
-            (&net.b, &net.veth_b, "10.231.7.2/24"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(net)
-    }
-
-    fn rx_bytes_b(&self) -> u64 {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.b, "cat"])
-            .arg(format!(
-                "/sys/class/net/{}/statistics/rx_bytes",
-                self.veth_b
-            ))
-            .output()
-            .expect("read rx_bytes");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.b]);
-    }
-}
+#[path = "../../tests/support/netns.rs"]
+mod netns;
+use netns::Net;
 
 #[test]
 fn attention_and_experts_in_separate_namespaces_over_veth() {
-    let net = match Net::create() {
+    let net = match Net::create("m2n", 7) {
         Ok(n) => n,
         Err(why) => {
             println!(

@@ -3,7 +3,7 @@
 //! bottom, the workers and the planner above it, the launcher and the
 //! benchmark above the workers, the server on top.
 
-#[path = "../../tests/layers/scan.rs"]
+#[path = "../../tests/support/layers.rs"]
 mod scan;
 
 #[test]

@@ -11,58 +11,9 @@ use std::process::{Child, Command, Stdio};
 use moe_runtime::model::init::StoreDtype;
 use support::*;
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-struct Net {
-    a: String,
-    b: String,
-}
-
-impl Net {
-    fn create() -> Result<Net, String> {
-        let id = std::process::id() % 100_000;
-        let net = Net {
-            a: format!("moe-a-{id}"),
-            b: format!("moe-b-{id}"),
-        };
-        let (va, vb) = (format!("moea{id}"), format!("moeb{id}"));
-        ip(&["netns", "add", &net.a])?;
-        ip(&["netns", "add", &net.b])?;
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        ip(&["link", "set", &va, "netns", &net.a])?;
-        ip(&["link", "set", &vb, "netns", &net.b])?;
-        for (ns, dev, addr) in [
-            (&net.a, &va, "10.231.9.1/24"),
-            (&net.b, &vb, "10.231.9.2/24"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(net)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.b]);
-    }
-}
+#[path = "../../tests/support/netns.rs"]
+mod netns;
+use netns::Net;
 
 fn in_ns(ns: &str, args: &[String], env: &[(&str, &str)]) -> Child {
     let mut c = Command::new("ip");
@@ -78,7 +29,7 @@ fn in_ns(ns: &str, args: &[String], env: &[(&str, &str)]) -> Child {
 
 #[test]
 fn attention_and_experts_in_two_namespaces_over_tcp_match_the_reference() {
-    let net = match Net::create() {
+    let net = match Net::create("moe", 9) {
         Ok(n) => n,
         Err(why) => {
             println!(
