@@ -22,12 +22,11 @@ use clap::Parser;
 use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::Communicator as _;
-use mpi::traits::Root as _;
 use mpi::traits::*;
 use serde::Serialize;
 
 use cli::{Args, Baseline, Pattern};
-use m2n::{Communicator, Config, Role, Root, Shape, UniqueId};
+use m2n::{Communicator, Config, Role, Shape};
 use run::{M2nRank, MpiRank, Sample};
 use stats::Summary;
 
@@ -93,39 +92,6 @@ fn fail(world: &SimpleCommunicator, msg: &str) -> ! {
         eprintln!("m2n_perf: {msg}");
     }
     std::process::exit(2);
-}
-
-/// Rank 0 hosts the rendezvous and broadcasts the unique id.
-fn share_unique_id(world: &SimpleCommunicator) -> Result<UniqueId, String> {
-    let mut buf = [0u8; 128];
-    let mut err = 0u8;
-    if world.rank() == 0 {
-        let addr_text =
-            std::env::var("M2N_BOOTSTRAP_ADDR").unwrap_or_else(|_| "127.0.0.1:0".into());
-        match addr_text
-            .parse()
-            .map_err(|e| format!("M2N_BOOTSTRAP_ADDR={addr_text:?}: {e}"))
-            .and_then(|a| Root::bind(a).map_err(|e| e.to_string()))
-        {
-            Ok(root) => {
-                let text = root.unique_id().to_string();
-                buf[..text.len()].copy_from_slice(text.as_bytes());
-                drop(root.spawn(Duration::from_secs(120)));
-            }
-            Err(e) => {
-                eprintln!("m2n_perf: bootstrap root: {e}");
-                err = 1;
-            }
-        }
-    }
-    let root = world.process_at_rank(0);
-    root.broadcast_into(&mut err);
-    root.broadcast_into(&mut buf[..]);
-    if err != 0 {
-        return Err("rank 0 could not start the bootstrap root".into());
-    }
-    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..len]).parse()
 }
 
 /// Transport work per round, averaged over each side's ranks: work
@@ -346,7 +312,8 @@ fn main() {
     };
 
     let place = run::Place { role, rank, m, n };
-    let uid = share_unique_id(&world).unwrap_or_else(|e| fail(&world, &e));
+    let uid = m2n::bootstrap::mpi::share_unique_id(&world, Duration::from_secs(120))
+        .unwrap_or_else(|e| fail(&world, &e));
     let env = Config::from_env().unwrap_or_else(|e| fail(&world, &e.to_string()));
     let config = args.m2n_config(&env);
     let depth = config.dispatch.depth;

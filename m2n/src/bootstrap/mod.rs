@@ -16,6 +16,8 @@
 //! fails the whole group with a message naming both sides; every wait has a
 //! deadline.
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod uid;
 mod wire;
 

@@ -255,28 +255,9 @@ fn under_mpi(a: &Args, deploy: Deployment, prompts: &[Vec<u32>], timeout: Durati
     if let Err(e) = load_config(a.model_dir()).and_then(|c| deploy.validate(&c)) {
         fail(&e.to_string());
     }
-    // Rank 0 hosts the rendezvous root and broadcasts its unique id.
-    let mut buf = [0u8; 160];
-    if me == 0 {
-        let addr = std::env::var("M2N_BOOTSTRAP_ADDR").unwrap_or_else(|_| "127.0.0.1:0".into());
-        match addr
-            .parse()
-            .map_err(|e| format!("M2N_BOOTSTRAP_ADDR={addr:?}: {e}"))
-            .and_then(|ad| m2n::Root::bind(ad).map_err(|e| e.to_string()))
-        {
-            Ok(root) => {
-                let text = root.unique_id().to_string();
-                buf[..text.len()].copy_from_slice(text.as_bytes());
-                drop(root.spawn(timeout));
-            }
-            Err(e) => fail(&format!("rendezvous root: {e}")),
-        }
-    }
-    world.process_at_rank(0).broadcast_into(&mut buf[..]);
-    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let uid: m2n::UniqueId = match String::from_utf8_lossy(&buf[..len]).parse() {
+    let uid = match m2n::bootstrap::mpi::share_unique_id(&world, timeout) {
         Ok(u) => u,
-        Err(e) => fail(&format!("the broadcast unique id: {e}")),
+        Err(e) => fail(&e),
     };
     let (role, rank) = if me < deploy.attention {
         (Role::Attention, me)
