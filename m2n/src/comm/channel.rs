@@ -94,6 +94,7 @@ impl Channel<'_> {
             .proto
             .post_round(&lens)
             .map_err(|source| Error::Protocol { peer, source })?;
+        self.comm.send.lens_scratch = lens;
         let Some(round) = posted else {
             // Blocked on credit: a receiver that is gone will never give it.
             if !lost.is_empty() {
@@ -116,7 +117,7 @@ impl Channel<'_> {
 
     /// Checks a round's messages: one per receiver, each inside its
     /// region (of this communicator) and its slot.
-    pub(super) fn validate(&self, msgs: &[Msg<'_>]) -> Result<Prepared> {
+    pub(super) fn validate(&mut self, msgs: &[Msg<'_>]) -> Result<Prepared> {
         let geo = *self.comm.send.proto.geometry();
         if msgs.len() != geo.receivers {
             return Err(Error::InvalidArgument(format!(
@@ -125,7 +126,12 @@ impl Channel<'_> {
                 geo.receivers
             )));
         }
-        let mut sources = Vec::with_capacity(msgs.len());
+        // Vectors of rounds that left are reused: posting allocates nothing once warm.
+        let mut sources = self.comm.send.spare_sources.pop().unwrap_or_default();
+        sources.clear();
+        let mut lens = std::mem::take(&mut self.comm.send.lens_scratch);
+        lens.clear();
+        lens.extend(msgs.iter().map(|m| m.len));
         for (r, m) in msgs.iter().enumerate() {
             let src = match m.region {
                 Some(region) if !self.comm.transport.owns(region.id()) => {
@@ -160,7 +166,6 @@ impl Channel<'_> {
             }
             sources.push(src);
         }
-        let lens: Vec<usize> = msgs.iter().map(|m| m.len).collect();
         let copies = msgs
             .iter()
             .filter_map(|m| {
@@ -327,6 +332,7 @@ impl Channel<'_> {
             .proto
             .release(round.round)
             .map_err(|source| Error::Protocol { peer, source })?;
+        self.comm.recv.proto.recycle_lens(round.lens);
         self.comm.progress_inner()?;
         Ok(())
     }

@@ -116,6 +116,8 @@ impl Communicator {
                 credits: wired.credits,
                 sources: VecDeque::new(),
                 sources_base: 0,
+                spare_sources: Vec::new(),
+                lens_scratch: Vec::new(),
                 stalled: None,
             },
             recv: RecvSide {

@@ -105,6 +105,10 @@ struct SendSide {
     /// Sources of rounds `sources_base..`, one (region, offset) per receiver.
     sources: VecDeque<Vec<(RegionId, usize)>>,
     sources_base: u64,
+    /// Source vectors of rounds that were sent, for reuse.
+    spare_sources: Vec<Vec<(RegionId, usize)>>,
+    /// The lengths of the round being posted (reused).
+    lens_scratch: Vec<usize>,
     stalled: Option<WriteOp>,
 }
 
@@ -425,7 +429,9 @@ impl Communicator {
     fn post_credits(&mut self, now: Instant) -> Result<bool> {
         if let Some(c) = self.recv.proto.poll_credit(now) {
             self.recv.credit_src.store_u64(0, c.released);
-            self.recv.credit_owed = (0..self.recv.credit_dst.len()).collect();
+            let owed = &mut self.recv.credit_owed;
+            owed.clear();
+            owed.extend(0..self.recv.credit_dst.len());
         }
         if self.recv.credit_owed.is_empty() {
             return Ok(false);
@@ -503,7 +509,9 @@ impl Communicator {
         self.completions = comps;
         // Forget sources of rounds whose writes all completed.
         while !self.send.sources.is_empty() && self.send.proto.round_sent(self.send.sources_base) {
-            self.send.sources.pop_front();
+            if let Some(v) = self.send.sources.pop_front() {
+                self.send.spare_sources.push(v);
+            }
             self.send.sources_base += 1;
         }
         Ok(moved)

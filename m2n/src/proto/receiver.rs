@@ -41,6 +41,9 @@ pub struct RecvChannel {
     batch: u64,
     last_credit_at: Option<Instant>,
     refresh: Duration,
+    /// Length vectors of released rounds, reused by later deliveries so
+    /// that receiving allocates nothing once warm.
+    spare_lens: Vec<Vec<u32>>,
 }
 
 impl RecvChannel {
@@ -61,6 +64,7 @@ impl RecvChannel {
             batch: 1,
             last_credit_at: None,
             refresh,
+            spare_lens: Vec::new(),
         })
     }
 
@@ -171,9 +175,9 @@ impl RecvChannel {
             return None;
         }
         let slot = self.geo.slot_of(round);
-        let lens = (0..self.geo.senders)
-            .map(|s| self.lens[s * self.geo.depth + slot])
-            .collect();
+        let mut lens = self.spare_lens.pop().unwrap_or_default();
+        lens.clear();
+        lens.extend((0..self.geo.senders).map(|s| self.lens[s * self.geo.depth + slot]));
         self.delivered += 1;
         Some(DeliveredRound { round, lens, slot })
     }
@@ -192,6 +196,14 @@ impl RecvChannel {
     /// Rounds released so far.
     pub fn released(&self) -> u64 {
         self.released
+    }
+
+    /// Takes back a delivered round's length vector for reuse (at most
+    /// one per slot is kept).
+    pub fn recycle_lens(&mut self, lens: Vec<u32>) {
+        if self.spare_lens.len() < self.geo.depth {
+            self.spare_lens.push(lens);
+        }
     }
 
     /// Releases a delivered round; its slots become free for the senders.

@@ -113,20 +113,22 @@ impl Conn {
     /// Writes as much queued data as the socket takes.
     fn flush(&mut self, done: &mut Vec<Completion>) {
         while !self.out.is_empty() && self.closed.is_none() {
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(2 * IOV_FRAMES);
+            // On the stack: a flush allocates nothing.
+            let mut iov = [IoSlice::new(&[]); 2 * IOV_FRAMES];
+            let mut used = 0;
             for f in self.out.iter().take(IOV_FRAMES) {
                 let (h, p) = f.slices();
-                if !h.is_empty() {
-                    iov.push(IoSlice::new(h));
-                }
-                if !p.is_empty() {
-                    iov.push(IoSlice::new(p));
+                for part in [h, p] {
+                    if !part.is_empty() {
+                        iov[used] = IoSlice::new(part);
+                        used += 1;
+                    }
                 }
             }
-            let mut n = if iov.is_empty() {
+            let mut n = if used == 0 {
                 0
             } else {
-                match self.stream.write_vectored(&iov) {
+                match self.stream.write_vectored(&iov[..used]) {
                     Ok(0) => {
                         self.closed = Some("the connection accepts no more data".into());
                         return;

@@ -1,0 +1,117 @@
+//! Rounds allocate nothing once warm: a counting global allocator around
+//! a 1 x 1 group in this process (both ranks' threads count), round trips
+//! over shm and tcp with blocking and non-blocking calls.
+
+#[path = "support/inproc.rs"]
+mod inproc;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use m2n::{Config, Msg, TransportKind, WaitPolicy};
+
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations during `measured` round trips after `warm` ones.
+fn allocations(transport: TransportKind, nonblocking: bool) -> u64 {
+    let (warm, measured) = (100u64, 400u64);
+    let config = Config {
+        transport,
+        wait: WaitPolicy::Yield,
+        ..Config::default()
+    };
+    let (mut a, mut e) = inproc::pair(config, || {});
+    let t = Duration::from_secs(10);
+    let marks = Arc::new(Barrier::new(2));
+    let m2 = marks.clone();
+    let expert = std::thread::spawn(move || {
+        let mut out = e.alloc(4096).unwrap();
+        for k in 0..warm + measured {
+            if k == warm || k == warm + measured - 1 {
+                m2.wait();
+            }
+            let r = e.dispatch().recv(t).unwrap();
+            let n = e.message(&r, 0).len();
+            out.as_mut_slice()[..n].copy_from_slice(e.message(&r, 0));
+            e.dispatch().release(r).unwrap();
+            let sent = e.combine().send(&[Msg::new(&out, 0, n)], t).unwrap();
+            e.combine().wait_sent(sent, t).unwrap();
+        }
+        e
+    });
+    let buf = a.alloc(4096).unwrap();
+    let mut before = 0;
+    for k in 0..warm + measured {
+        if k == warm {
+            marks.wait();
+            before = ALLOCS.load(Ordering::Relaxed);
+        }
+        if k == warm + measured - 1 {
+            marks.wait();
+        }
+        let msg = [Msg::new(&buf, 0, 1 + (k as usize * 37) % 4000)];
+        let r = if nonblocking {
+            loop {
+                if let Some(r) = a.dispatch().try_send(&msg).unwrap() {
+                    break r;
+                }
+            }
+        } else {
+            a.dispatch().send(&msg, t).unwrap()
+        };
+        assert_eq!(r, k);
+        let back = if nonblocking {
+            loop {
+                if let Some(b) = a.combine().try_recv().unwrap() {
+                    break b;
+                }
+                a.progress().unwrap();
+            }
+        } else {
+            a.combine().recv(t).unwrap()
+        };
+        assert_eq!(back.round(), k);
+        a.combine().release(back).unwrap();
+    }
+    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    let e = expert.join().unwrap();
+    drop((a, e));
+    allocs
+}
+
+#[test]
+fn round_trips_allocate_nothing_once_warm() {
+    for transport in [TransportKind::Shm, TransportKind::Tcp] {
+        for nonblocking in [false, true] {
+            let n = allocations(transport, nonblocking);
+            assert_eq!(
+                n, 0,
+                "{n} allocations in 400 round trips over {transport} (nonblocking: {nonblocking})"
+            );
+        }
+    }
+}
