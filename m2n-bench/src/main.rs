@@ -90,7 +90,23 @@ const TIMING: &str = "per iteration: MPI barrier, then each rank times from leav
 fn fail(world: &SimpleCommunicator, msg: &str) -> ! {
     if world.rank() == 0 {
         eprintln!("m2n_perf: {msg}");
+    } else {
+        // When every rank fails alike, rank 0's message goes out before
+        // another rank's exit makes the launcher end the job.
+        std::thread::sleep(Duration::from_millis(200));
     }
+    std::process::exit(2);
+}
+
+/// [`fail`] for a check that every rank makes alike (the arguments, the
+/// build's features): rank 0 says why before any rank leaves, so the
+/// launcher cannot cut rank 0 down, message unwritten, when another rank's
+/// exit comes first (seen on a loaded machine).
+fn fail_all(world: &SimpleCommunicator, msg: &str) -> ! {
+    if world.rank() == 0 {
+        eprintln!("m2n_perf: {msg}");
+    }
+    world.barrier();
     std::process::exit(2);
 }
 
@@ -276,7 +292,7 @@ fn main() {
         }
     };
     if args.senders == 0 || args.senders >= size {
-        fail(
+        fail_all(
             &world,
             &format!(
                 "--senders {} needs 1..{} with {size} MPI ranks (the rest are receivers)",
@@ -285,18 +301,18 @@ fn main() {
         );
     }
     if args.min_bytes > args.max_bytes {
-        fail(
+        fail_all(
             &world,
             &format!("-b {} is larger than -e {}", args.min_bytes, args.max_bytes),
         );
     }
     #[cfg(not(feature = "verbs"))]
     if args.baseline == Baseline::Verbs {
-        fail(&world, "the raw-verbs baseline needs an m2n-bench built with the `verbs` feature (the default)");
+        fail_all(&world, "the raw-verbs baseline needs an m2n-bench built with the `verbs` feature (the default)");
     }
     #[cfg(not(feature = "cuda"))]
     if matches!(args.baseline, Baseline::Nccl | Baseline::CudaMemcpy) || args.device_buffers {
-        fail(&world, "GPU buffers (--device-buffers, --baseline nccl or cuda-memcpy) need an m2n-bench built with `--features cuda` and a GPU; use --baseline mpi or none");
+        fail_all(&world, "GPU buffers (--device-buffers, --baseline nccl or cuda-memcpy) need an m2n-bench built with `--features cuda` and a GPU; use --baseline mpi or none");
     }
     // On GPU buffers: open the GPU first, so a machine without one is told
     // so before anything else starts.
