@@ -11,7 +11,7 @@ import m2n
 
 def expert_dies(uid: str, rank: str, m: str, n: str, transport: str) -> int:
     """An expert that answers one round, then is killed (SIGKILL) before the second."""
-    cfg = {"transport": transport, "peer_timeout_ms": 3000}
+    cfg = {"transport": transport, "peer_timeout_ms": 10000}
     comm = m2n.Communicator(m2n.EXPERT, int(rank), (int(m), int(n)), uid, cfg)
     out = bytearray(64)
     comm.register(out)

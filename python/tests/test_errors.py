@@ -259,7 +259,7 @@ def test_killed_expert_is_peer_lost(transport: str, shape: tuple[int, int]) -> N
     errors: dict[int, BaseException] = {}
 
     def attention(rank: int) -> None:
-        cfg = {"transport": transport, "peer_timeout_ms": 3000}
+        cfg = {"transport": transport, "peer_timeout_ms": 10000}
         with m2n.Communicator(m2n.ATTENTION, rank, shape, root, cfg) as comm:
             x = bytearray(64 * n)
             comm.register(x)
@@ -272,7 +272,23 @@ def test_killed_expert_is_peer_lost(transport: str, shape: tuple[int, int]) -> N
                     pass
             except m2n.PeerLost as e:
                 errors[rank] = e
+            # Nobody leaves before every attention rank has seen the loss: a
+            # rank that leaves is itself a lost peer (to the experts, which
+            # then leave too). Waiting ranks keep their links alive.
+            with lock:
+                seen[0] += 1
+            until = time.monotonic() + 30  # a rank that failed earlier never comes
+            while time.monotonic() < until:
+                with lock:
+                    if seen[0] == m:
+                        break
+                try:
+                    comm.progress()
+                except m2n.Error:
+                    pass
+                time.sleep(0.001)
 
+    seen, lock = [0], threading.Lock()
     threads = [threading.Thread(target=attention, args=(a,)) for a in range(m)]
     for t in threads:
         t.start()
