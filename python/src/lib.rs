@@ -565,9 +565,9 @@ impl Comm {
         owner: Py<PyAny>,
     ) -> PyResult<Memory> {
         self.add_memory(py, ptr, nbytes, false, Some(owner), |comm| {
-            // SAFETY: the Memory keeps `owner` (which owns ptr..ptr+nbytes)
-            // alive, the package keeps the Memory while it is registered,
-            // and deregister waits until no round from it is in flight.
+            // The Memory keeps `owner` (which owns ptr..ptr+nbytes) alive and
+            // the package keeps the Memory while it is registered.
+            // SAFETY: the memory outlives its registration, and deregister waits until no round from it is in flight.
             unsafe { comm.register(ptr as *mut u8, nbytes) }
         })
     }
@@ -845,8 +845,7 @@ impl Comm {
 /// The caller's CUDA stream (a `CUstream` as an integer; 0: the legacy
 /// default stream of the current context).
 fn cuda_stream(raw: u64) -> m2n::Result<m2n::stream::CudaStream> {
-    // SAFETY: the API contract (documented on the Python calls): a live
-    // stream that outlives the operations enqueued on it.
+    // SAFETY: the API contract (documented on the Python calls): a live stream that outlives the operations enqueued on it.
     Ok(unsafe { m2n::stream::CudaStream::from_raw(raw as *mut std::ffi::c_void) }?)
 }
 
