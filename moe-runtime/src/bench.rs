@@ -169,7 +169,8 @@ pub fn run_colocated(r: &Reference, spec: &BenchSpec, threads: usize) -> Colocat
                         for (k, inp) in inputs.iter_mut().enumerate() {
                             row += inp.len();
                             pos[k] += inp.len();
-                            let (tok, _) = r.next_token(&x[(row - 1) * h..row * h], &mut logits);
+                            let (tok, _) =
+                                r.next_token(&x[(row - 1) * h..row * h], &mut logits, &mut sc);
                             *inp = vec![tok];
                         }
                         mine.len() as u64

@@ -138,6 +138,22 @@ pub struct AttnScratch {
     sums: Vec<f32>,
 }
 
+impl AttnScratch {
+    /// Grows the buffers for contexts of up to `len` tokens, so that no
+    /// call up to that length allocates.
+    pub fn reserve(&mut self, s: &LayerShape, len: usize) {
+        let (g, hd) = (s.group(), s.head_dim);
+        for (v, n) in [
+            (&mut self.qf, g * hd),
+            (&mut self.acc, g * hd),
+            (&mut self.scores, g * len),
+            (&mut self.sums, g),
+        ] {
+            v.reserve(n.saturating_sub(v.len()));
+        }
+    }
+}
+
 /// One query token (`heads * head_dim`) against the first `len` rows of
 /// `cache`.
 fn attend(

@@ -71,13 +71,32 @@ pub fn matmul_bf16(x: &[f32], n: usize, k: usize, w: &[bf16], m: usize, out: &mu
         unsafe { avx2::matmul_bf16(x, n, k, w, m, out) };
         return;
     }
-    let mut row = vec![0.0f32; k];
+    // Without AVX2: widened in registers, eight accumulators (no buffer,
+    // so a decode step allocates nothing on this path either).
     for j in 0..m {
-        widen(&w[j * k..(j + 1) * k], &mut row);
+        let row = &w[j * k..(j + 1) * k];
         for t in 0..n {
-            out[t * m + j] = super::dot(&x[t * k..(t + 1) * k], &row);
+            out[t * m + j] = dot_widened(&x[t * k..(t + 1) * k], row);
         }
     }
+}
+
+/// `sum_i a[i] * b[i]`, `b` widened element by element, in eight
+/// independent accumulators the compiler vectorises.
+fn dot_widened(a: &[f32], b: &[bf16]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i].to_f32();
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y.to_f32();
+    }
+    s
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -61,15 +61,51 @@ pub fn permute_ref(
 /// runtime gathers rows straight into its registered send buffers from
 /// this; [`permute`] gathers them into vectors.
 pub fn plan(routes: &[Route], experts: usize, ranks: usize) -> Vec<Vec<Entry>> {
-    let mut counts = vec![0usize; experts];
+    let mut out = Vec::new();
+    plan_into(
+        routes,
+        experts,
+        ranks,
+        &mut PlanScratch::default(),
+        &mut out,
+    );
+    out
+}
+
+/// Reusable buffers of [`plan_into`].
+#[derive(Debug, Default)]
+pub struct PlanScratch {
+    counts: Vec<usize>,
+    next: Vec<usize>,
+    per_rank: Vec<usize>,
+}
+
+/// [`plan`] into `out` (one entry list per rank), reusing its lists: no
+/// allocation once they have grown.
+pub fn plan_into(
+    routes: &[Route],
+    experts: usize,
+    ranks: usize,
+    sc: &mut PlanScratch,
+    out: &mut Vec<Vec<Entry>>,
+) {
+    let PlanScratch {
+        counts,
+        next,
+        per_rank,
+    } = sc;
+    counts.clear();
+    counts.resize(experts, 0);
     for r in routes {
         for &e in &r.experts {
             counts[e] += 1;
         }
     }
     // Row index of each expert's first entry within its rank's buffer.
-    let mut next = vec![0usize; experts];
-    let mut per_rank = vec![0usize; ranks];
+    next.clear();
+    next.resize(experts, 0);
+    per_rank.clear();
+    per_rank.resize(ranks, 0);
     for e in 0..experts {
         let r = rank_of(e, experts, ranks);
         next[e] = per_rank[r];
@@ -80,7 +116,11 @@ pub fn plan(routes: &[Route], experts: usize, ranks: usize) -> Vec<Vec<Entry>> {
         expert: 0,
         weight: 0.0,
     };
-    let mut out: Vec<Vec<Entry>> = per_rank.iter().map(|&n| vec![blank; n]).collect();
+    out.resize_with(ranks, Vec::new);
+    for (list, &n) in out.iter_mut().zip(per_rank.iter()) {
+        list.clear();
+        list.resize(n, blank);
+    }
     for (t, route) in routes.iter().enumerate() {
         for (&e, &w) in route.experts.iter().zip(&route.weights) {
             let i = next[e];
@@ -92,7 +132,6 @@ pub fn plan(routes: &[Route], experts: usize, ranks: usize) -> Vec<Vec<Entry>> {
             };
         }
     }
-    out
 }
 
 /// Fast permute: [`plan`], then one row copy per entry into buffers
@@ -149,7 +188,13 @@ pub fn combine(
 ) -> Vec<bf16> {
     let entries: Vec<&[Entry]> = plans.iter().map(|p| p.entries.as_slice()).collect();
     let mut out = vec![bf16::ZERO; tokens * hidden];
-    combine_into(outputs, &entries, hidden, &mut Vec::new(), &mut out);
+    combine_into(
+        outputs,
+        &entries,
+        hidden,
+        &mut Combiner::default(),
+        &mut out,
+    );
     out
 }
 
@@ -161,21 +206,56 @@ pub fn combine_into(
     outputs: &[&[bf16]],
     entries: &[&[Entry]],
     hidden: usize,
-    acc: &mut Vec<f32>,
+    acc: &mut Combiner,
     out: &mut [bf16],
 ) {
-    acc.clear();
-    acc.resize(out.len() + hidden, 0.0);
-    let (acc, row) = acc.split_at_mut(out.len());
+    acc.start(out.len() / hidden, hidden);
     for (rows, plan) in outputs.iter().zip(entries) {
-        for (i, e) in plan.iter().enumerate() {
-            super::gemv::widen(&rows[i * hidden..][..hidden], row);
-            for (a, v) in acc[e.token * hidden..][..hidden].iter_mut().zip(&*row) {
+        acc.add(rows, plan);
+    }
+    acc.finish(out);
+}
+
+/// The combine's f32 accumulators, fed one rank's rows at a time (so a
+/// caller need not gather the ranks' outputs first): [`start`], then
+/// [`add`] for each rank in rank order, then [`finish`]. The same sums, in
+/// the same order, as [`combine_into`]; no allocation once grown.
+///
+/// [`start`]: Combiner::start
+/// [`add`]: Combiner::add
+/// [`finish`]: Combiner::finish
+#[derive(Debug, Default)]
+pub struct Combiner {
+    acc: Vec<f32>,
+    row: Vec<f32>,
+    hidden: usize,
+}
+
+impl Combiner {
+    /// Zeroes the accumulators for `tokens x hidden` outputs.
+    pub fn start(&mut self, tokens: usize, hidden: usize) {
+        self.hidden = hidden;
+        self.acc.clear();
+        self.acc.resize(tokens * hidden, 0.0);
+        self.row.resize(hidden, 0.0);
+    }
+
+    /// Adds one rank's output rows (`entries.len() x hidden`), weighted.
+    pub fn add(&mut self, rows: &[bf16], entries: &[Entry]) {
+        let h = self.hidden;
+        for (i, e) in entries.iter().enumerate() {
+            super::gemv::widen(&rows[i * h..][..h], &mut self.row);
+            for (a, v) in self.acc[e.token * h..][..h].iter_mut().zip(&self.row) {
                 *a += e.weight * *v;
             }
         }
     }
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
-        *o = bf16::from_f32(*a);
+
+    /// The sums, rounded to bf16, into `out` (`tokens x hidden`).
+    pub fn finish(&self, out: &mut [bf16]) {
+        debug_assert_eq!(out.len(), self.acc.len());
+        for (o, a) in out.iter_mut().zip(&self.acc) {
+            *o = bf16::from_f32(*a);
+        }
     }
 }

@@ -15,13 +15,19 @@ pub fn rmsnorm_ref(x: &[bf16], w: &[bf16], eps: f32, out: &mut [bf16]) {
 
 /// Fast: the weight widened once, eight accumulators for the sum of squares.
 pub fn rmsnorm(x: &[bf16], w: &[bf16], eps: f32, out: &mut [bf16]) {
+    rmsnorm_with(x, w, eps, out, &mut Vec::new());
+}
+
+/// [`rmsnorm`] with a reusable buffer (`2 x hidden` f32): no allocation
+/// once it has grown.
+pub fn rmsnorm_with(x: &[bf16], w: &[bf16], eps: f32, out: &mut [bf16], buf: &mut Vec<f32>) {
     let h = w.len();
-    let mut wf = vec![0.0f32; h];
-    super::gemv::widen(w, &mut wf);
-    let mut xf = vec![0.0f32; h];
+    buf.resize(2 * h, 0.0);
+    let (wf, xf) = buf.split_at_mut(h);
+    super::gemv::widen(w, wf);
     for (xr, yr) in x.chunks(h).zip(out.chunks_mut(h)) {
-        super::gemv::widen(xr, &mut xf);
-        let r = 1.0 / (super::dot(&xf, &xf) / h as f32 + eps).sqrt();
+        super::gemv::widen(xr, xf);
+        let r = 1.0 / (super::dot(xf, xf) / h as f32 + eps).sqrt();
         for i in 0..h {
             yr[i] = bf16::from_f32(xf[i] * r * wf[i]);
         }

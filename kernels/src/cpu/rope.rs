@@ -21,11 +21,25 @@ pub fn rope_ref(x: &mut [bf16], heads: usize, head_dim: usize, positions: &[u32]
 
 /// Fast: frequencies once, sines and cosines once per token for all heads.
 pub fn rope(x: &mut [bf16], heads: usize, head_dim: usize, positions: &[u32], theta: f32) {
+    rope_with(x, heads, head_dim, positions, theta, &mut Vec::new());
+}
+
+/// [`rope`] with a reusable buffer for its tables (`3 x head_dim / 2`
+/// f32): no allocation once it has grown.
+pub fn rope_with(
+    x: &mut [bf16],
+    heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    theta: f32,
+    buf: &mut Vec<f32>,
+) {
     let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| theta.powf(-2.0 * i as f32 / head_dim as f32))
-        .collect();
-    let (mut sin, mut cos) = (vec![0.0f32; half], vec![0.0f32; half]);
+    buf.clear();
+    buf.extend((0..half).map(|i| theta.powf(-2.0 * i as f32 / head_dim as f32)));
+    buf.resize(3 * half, 0.0);
+    let (inv, rest) = buf.split_at_mut(half);
+    let (sin, cos) = rest.split_at_mut(half);
     for (t, &pos) in positions.iter().enumerate() {
         for i in 0..half {
             (sin[i], cos[i]) = (pos as f32 * inv[i]).sin_cos();

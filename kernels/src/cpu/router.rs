@@ -11,17 +11,31 @@ pub struct Route {
 }
 
 fn top_k(logits: &[f32], k: usize) -> Route {
+    let mut route = Route {
+        experts: Vec::new(),
+        weights: Vec::new(),
+    };
+    top_k_into(logits, k, &mut Vec::new(), &mut Vec::new(), &mut route);
+    route
+}
+
+/// The top `k` of `logits` into `out`, reusing its vectors and the
+/// buffers `p` and `idx`.
+fn top_k_into(logits: &[f32], k: usize, p: &mut Vec<f32>, idx: &mut Vec<usize>, out: &mut Route) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let p: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    // Stable sort by descending probability: equal values keep index order.
-    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-    idx.truncate(k);
-    let sum: f32 = idx.iter().map(|&i| p[i]).sum();
-    Route {
-        weights: idx.iter().map(|&i| p[i] / sum).collect(),
-        experts: idx,
-    }
+    p.clear();
+    p.extend(logits.iter().map(|l| (l - max).exp()));
+    idx.clear();
+    idx.extend(0..logits.len());
+    // By descending probability, equal values in index order (a total
+    // order, so the unstable sort is deterministic and allocates nothing).
+    idx.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    let top = &idx[..k];
+    let sum: f32 = top.iter().map(|&i| p[i]).sum();
+    out.experts.clear();
+    out.experts.extend_from_slice(top);
+    out.weights.clear();
+    out.weights.extend(top.iter().map(|&i| p[i] / sum));
 }
 
 /// Reference router over `n` tokens.
@@ -44,10 +58,56 @@ pub fn route_ref(x: &[bf16], hidden: usize, w: &[bf16], experts: usize, k: usize
 
 /// Fast router: logits through the bf16 GEMV.
 pub fn route(x: &[bf16], hidden: usize, w: &[bf16], experts: usize, k: usize) -> Vec<Route> {
+    let mut out = Vec::new();
+    route_into(
+        x,
+        hidden,
+        w,
+        experts,
+        k,
+        &mut RouterScratch::default(),
+        &mut out,
+    );
+    out
+}
+
+/// Reusable buffers of [`route_into`].
+#[derive(Debug, Default)]
+pub struct RouterScratch {
+    xf: Vec<f32>,
+    logits: Vec<f32>,
+    p: Vec<f32>,
+    idx: Vec<usize>,
+}
+
+/// [`route`] into `out`, whose routes are reused (it grows to the largest
+/// batch and never shrinks): returns this batch's routes, `out[..n]`. No
+/// allocation once the buffers have grown.
+pub fn route_into<'a>(
+    x: &[bf16],
+    hidden: usize,
+    w: &[bf16],
+    experts: usize,
+    k: usize,
+    sc: &mut RouterScratch,
+    out: &'a mut Vec<Route>,
+) -> &'a [Route] {
     assert!(k >= 1 && k <= experts, "top-k {k} with {experts} experts");
     let n = x.len() / hidden;
-    let xf = super::to_f32(x);
-    let mut logits = vec![0.0f32; n * experts];
-    super::gemv::matmul_bf16(&xf, n, hidden, w, experts, &mut logits);
-    logits.chunks(experts).map(|l| top_k(l, k)).collect()
+    let RouterScratch { xf, logits, p, idx } = sc;
+    xf.clear();
+    xf.extend(x.iter().map(|v| v.to_f32()));
+    logits.clear();
+    logits.resize(n * experts, 0.0);
+    super::gemv::matmul_bf16(xf, n, hidden, w, experts, logits);
+    while out.len() < n {
+        out.push(Route {
+            experts: Vec::with_capacity(k),
+            weights: Vec::with_capacity(k),
+        });
+    }
+    for (l, r) in logits.chunks(experts).zip(out.iter_mut()) {
+        top_k_into(l, k, p, idx, r);
+    }
+    &out[..n]
 }

@@ -15,9 +15,9 @@ use half::bf16;
 use kernels::cpu::attention::{prefill_attention, AttnScratch, KvCache};
 use kernels::cpu::ffn::{swiglu_rows, Expert, FfnScratch};
 use kernels::cpu::gemv::{matmul_bf16, widen};
-use kernels::cpu::norm::rmsnorm;
-use kernels::cpu::rope::rope;
-use kernels::cpu::router::{route, Route};
+use kernels::cpu::norm::rmsnorm_with;
+use kernels::cpu::rope::rope_with;
+use kernels::cpu::router::{route_into, Route, RouterScratch};
 use kernels::LayerShape;
 
 use super::weights::{AttentionLayer, AttentionWeights};
@@ -31,7 +31,9 @@ pub struct Segment<'a> {
     pub len: usize,
 }
 
-/// Reusable buffers of [`attention`] and [`moe_input`].
+/// Reusable buffers of [`attention`], [`moe_input`] and [`lm_head`]: once
+/// they have grown (see [`Scratch::reserve`]), a decode step allocates
+/// nothing.
 #[derive(Debug, Default)]
 pub struct Scratch {
     normed: Vec<bf16>,
@@ -46,6 +48,17 @@ pub struct Scratch {
     o: Vec<f32>,
     positions: Vec<u32>,
     attn_sc: AttnScratch,
+    norm: Vec<f32>,
+    rope: Vec<f32>,
+    router: RouterScratch,
+    routes: Vec<Route>,
+}
+
+impl Scratch {
+    /// Grows the attention buffers for contexts of up to `len` tokens.
+    pub fn reserve(&mut self, s: &LayerShape, len: usize) {
+        self.attn_sc.reserve(s, len);
+    }
 }
 
 fn to_bf16_into(src: &[f32], dst: &mut Vec<bf16>) {
@@ -70,7 +83,7 @@ pub fn attention(
     }
     let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     sc.normed.resize(rows * h, bf16::ZERO);
-    rmsnorm(x, &w.input_norm, s.norm_eps, &mut sc.normed);
+    rmsnorm_with(x, &w.input_norm, s.norm_eps, &mut sc.normed, &mut sc.norm);
     sc.xf.resize(rows * h, 0.0);
     widen(&sc.normed, &mut sc.xf);
     sc.q.resize(rows * qd, 0.0);
@@ -86,13 +99,21 @@ pub fn attention(
         sc.positions
             .extend((g.start..g.start + g.len).map(|p| p as u32));
     }
-    rope(&mut sc.qb, s.heads, s.head_dim, &sc.positions, s.rope_theta);
-    rope(
+    rope_with(
+        &mut sc.qb,
+        s.heads,
+        s.head_dim,
+        &sc.positions,
+        s.rope_theta,
+        &mut sc.rope,
+    );
+    rope_with(
         &mut sc.kb,
         s.kv_heads,
         s.head_dim,
         &sc.positions,
         s.rope_theta,
+        &mut sc.rope,
     );
     sc.attn.resize(rows * qd, bf16::ZERO);
     let mut row = 0;
@@ -127,20 +148,30 @@ pub fn attention(
     }
 }
 
-/// The experts' input: `post_norm(h)` into `normed`, and each row's route.
-pub fn moe_input(
+/// The experts' input: `post_norm(h)` into `normed`, and each row's route
+/// (held in the scratch until the next call).
+pub fn moe_input<'s>(
     s: &LayerShape,
     w: &AttentionLayer,
     h: &[bf16],
     normed: &mut Vec<bf16>,
-) -> Vec<Route> {
+    sc: &'s mut Scratch,
+) -> &'s [Route] {
     normed.clear();
     normed.resize(h.len(), bf16::ZERO);
     if h.is_empty() {
-        return Vec::new();
+        return &[];
     }
-    rmsnorm(h, &w.post_norm, s.norm_eps, normed);
-    route(normed, s.hidden, &w.gate, s.experts, s.top_k)
+    rmsnorm_with(h, &w.post_norm, s.norm_eps, normed, &mut sc.norm);
+    route_into(
+        normed,
+        s.hidden,
+        &w.gate,
+        s.experts,
+        s.top_k,
+        &mut sc.router,
+        &mut sc.routes,
+    )
 }
 
 /// One expert on its rows: the batch-invariant SwiGLU.
@@ -165,15 +196,23 @@ pub fn embed(w: &AttentionWeights, hidden: usize, tokens: &[u32], out: &mut Vec<
 }
 
 /// Final norm and LM head of some rows: `logits` (`rows x vocab`, f32).
-pub fn lm_head(s: &LayerShape, w: &AttentionWeights, x: &[bf16], logits: &mut Vec<f32>) {
+pub fn lm_head(
+    s: &LayerShape,
+    w: &AttentionWeights,
+    x: &[bf16],
+    logits: &mut Vec<f32>,
+    sc: &mut Scratch,
+) {
     let rows = x.len() / s.hidden;
     let vocab = w.lm_head.len() / s.hidden;
-    let mut normed = vec![bf16::ZERO; x.len()];
-    rmsnorm(x, &w.norm, s.norm_eps, &mut normed);
-    let xf = kernels::cpu::to_f32(&normed);
+    sc.normed.clear();
+    sc.normed.resize(x.len(), bf16::ZERO);
+    rmsnorm_with(x, &w.norm, s.norm_eps, &mut sc.normed, &mut sc.norm);
+    sc.xf.clear();
+    sc.xf.extend(sc.normed.iter().map(|v| v.to_f32()));
     logits.clear();
     logits.resize(rows * vocab, 0.0);
-    matmul_bf16(&xf, rows, s.hidden, &w.lm_head, vocab, logits);
+    matmul_bf16(&sc.xf, rows, s.hidden, &w.lm_head, vocab, logits);
 }
 
 /// Greedy choice: the largest logit (ties to the lower id) and its natural

@@ -13,7 +13,7 @@ use std::path::Path;
 use half::bf16;
 use kernels::cpu::attention::KvCache;
 use kernels::cpu::ffn::FfnScratch;
-use kernels::cpu::layout::{combine_into, plan};
+use kernels::cpu::layout::{combine_into, plan, Combiner};
 use kernels::LayerShape;
 
 use super::forward::{self, Scratch, Segment};
@@ -67,7 +67,7 @@ impl Reference {
                 self.layer(l, &mut x, &mut segs, &mut sc, &mut ffn);
             }
             let last = &x[(input.len() - 1) * s.hidden..];
-            forward::lm_head(s, &self.attn, last, &mut logits);
+            forward::lm_head(s, &self.attn, last, &mut logits, &mut sc);
             let (tok, lp) = forward::greedy(&logits);
             out.push((tok, lp));
             pos += input.len();
@@ -101,8 +101,8 @@ impl Reference {
     }
 
     /// Final norm, LM head and greedy choice for one row.
-    pub fn next_token(&self, row: &[bf16], logits: &mut Vec<f32>) -> (u32, f32) {
-        forward::lm_head(&self.shape, &self.attn, row, logits);
+    pub fn next_token(&self, row: &[bf16], logits: &mut Vec<f32>, sc: &mut Scratch) -> (u32, f32) {
+        forward::lm_head(&self.shape, &self.attn, row, logits, sc);
         forward::greedy(logits)
     }
 
@@ -123,8 +123,8 @@ impl Reference {
         let w = &self.attn.layers[l];
         forward::attention(s, w, x, segs, sc);
         let mut y = Vec::new();
-        let routes = forward::moe_input(s, w, x, &mut y);
-        let entries = plan(&routes, s.experts, 1).remove(0);
+        let routes = forward::moe_input(s, w, x, &mut y, sc);
+        let entries = plan(routes, s.experts, 1).remove(0);
         // Every expert's rows, in buffer order (by expert).
         let mut rows = vec![bf16::ZERO; entries.len() * s.hidden];
         for (r, e) in rows.chunks_exact_mut(s.hidden).zip(&entries) {
@@ -145,7 +145,13 @@ impl Reference {
             i = j;
         }
         let mut moe = vec![bf16::ZERO; x.len()];
-        combine_into(&[&outs], &[&entries], s.hidden, &mut Vec::new(), &mut moe);
+        combine_into(
+            &[&outs],
+            &[&entries],
+            s.hidden,
+            &mut Combiner::default(),
+            &mut moe,
+        );
         forward::add_residual(x, &moe);
     }
 }

@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 
 use half::bf16;
 use kernels::cpu::attention::KvCache;
-use kernels::cpu::layout::{combine_into, plan, Entry};
+use kernels::cpu::layout::{plan_into, Combiner, Entry, PlanScratch};
 use kernels::LayerShape;
 use m2n::{Communicator, Msg, Region};
 
 use super::msg::{self, Header, FLAG_ACTIVE, FLAG_WAITED, WAIT_THRESHOLD_NS};
-use super::{Deployment, POLL};
+use super::{recycle, step_rounds, Deployment, POLL};
 use crate::model::forward::{self, Scratch, Segment};
 use crate::model::reference::check_prompt;
 use crate::model::weights::AttentionWeights;
@@ -125,7 +125,8 @@ pub struct MbTiming {
     pub residence: u64,
 }
 
-/// One step's outcome.
+/// One step's outcome. [`AttentionWorker::step_into`] refills one report
+/// step after step without allocating.
 #[derive(Debug, Clone, Default)]
 pub struct StepReport {
     pub tokens: Vec<Token>,
@@ -202,9 +203,19 @@ pub struct AttentionWorker {
     mbs: Vec<MicroBatch>,
     step: u64,
     scratch: Scratch,
-    acc: Vec<f32>,
+    plan: PlanScratch,
+    combiner: Combiner,
     moe_out: Vec<bf16>,
     logits: Vec<f32>,
+    /// Per-step lists kept for their allocations (a decode step allocates
+    /// nothing once warm; `tests/alloc.rs` holds it to that).
+    load: Vec<usize>,
+    order: Vec<usize>,
+    tokens: Vec<u32>,
+    lens: Vec<usize>,
+    probs: Vec<(u32, f64)>,
+    spare_msgs: Vec<Msg<'static>>,
+    spare_segs: Vec<Segment<'static>>,
     timeout: Duration,
 }
 
@@ -244,9 +255,17 @@ impl AttentionWorker {
                 .collect(),
             step: 0,
             scratch: Scratch::default(),
-            acc: Vec::new(),
+            plan: PlanScratch::default(),
+            combiner: Combiner::default(),
             moe_out: Vec::new(),
             logits: Vec::new(),
+            load: Vec::new(),
+            order: Vec::new(),
+            tokens: Vec::new(),
+            lens: Vec::new(),
+            probs: Vec::new(),
+            spare_msgs: Vec::new(),
+            spare_segs: Vec::new(),
             timeout,
         })
     }
@@ -286,15 +305,38 @@ impl AttentionWorker {
                 "sequence {id} is already running"
             )));
         }
+        // The KV cache and the token list are sized for the whole sequence
+        // now, so that its decode steps allocate nothing (and a sequence
+        // that cannot fit is refused here, not half-way through).
+        let context = prompt.len().saturating_add(max_new);
+        let kv = context.saturating_mul(self.shape.kv_heads * self.shape.head_dim);
+        let no_room = || {
+            RuntimeError::Request(format!(
+                "a KV cache for {context} tokens ({} prompt + {max_new} new) does not fit in memory",
+                prompt.len()
+            ))
+        };
+        let mut caches = Vec::with_capacity(self.config.layers as usize);
+        for _ in 0..self.config.layers {
+            let mut c = KvCache::default();
+            c.k.try_reserve_exact(kv).map_err(|_| no_room())?;
+            c.v.try_reserve_exact(kv).map_err(|_| no_room())?;
+            caches.push(c);
+        }
+        let mut generated = Vec::new();
+        generated
+            .try_reserve_exact(max_new)
+            .map_err(|_| no_room())?;
+        self.scratch.reserve(&self.shape, context);
         self.seqs.push(Sequence {
             id,
             prompt,
-            generated: Vec::new(),
+            generated,
             max_new,
             stop,
             sampling,
             rng: sampling.seed ^ 0x9E37_79B9_7F4A_7C15,
-            caches: vec![KvCache::default(); self.config.layers as usize],
+            caches,
             pos: 0,
             mb: None,
             rows: 0,
@@ -330,14 +372,19 @@ impl AttentionWorker {
     fn schedule(&mut self) -> usize {
         let m = self.deploy.microbatches;
         let cap = self.deploy.max_tokens;
-        let mut load = vec![0usize; m];
+        let load = &mut self.load;
+        load.clear();
+        load.resize(m, 0);
         let mut total = 0;
         // Decode rows first (one each, they must not starve), then prefill.
-        let order: Vec<usize> = (0..self.seqs.len())
-            .filter(|&i| self.seqs[i].pos >= self.seqs[i].prompt.len())
-            .chain((0..self.seqs.len()).filter(|&i| self.seqs[i].pos < self.seqs[i].prompt.len()))
-            .collect();
-        for i in order {
+        let seqs = &self.seqs;
+        self.order.clear();
+        self.order.extend(
+            (0..seqs.len())
+                .filter(|&i| seqs[i].pos >= seqs[i].prompt.len())
+                .chain((0..seqs.len()).filter(|&i| seqs[i].pos < seqs[i].prompt.len())),
+        );
+        for &i in &self.order {
             let s = &mut self.seqs[i];
             let (mb, used) = load
                 .iter()
@@ -363,42 +410,48 @@ impl AttentionWorker {
     /// Runs one step of the whole group: every layer, pipelined over the
     /// micro-batches, with the experts across m2n. Returns the tokens made.
     pub fn step(&mut self) -> Result<StepReport, RuntimeError> {
+        let mut report = StepReport::default();
+        self.step_into(&mut report)?;
+        Ok(report)
+    }
+
+    /// [`step`](Self::step) into `report` (cleared first): a driver that
+    /// keeps one report makes decode steps that allocate nothing.
+    pub fn step_into(&mut self, report: &mut StepReport) -> Result<(), RuntimeError> {
         let start = Instant::now();
         let rows = self.schedule();
         let active = !self.seqs.is_empty();
         let layers = self.config.layers as usize;
         let m = self.deploy.microbatches;
         let h = self.shape.hidden;
-        let mut report = StepReport {
-            rows,
-            ..Default::default()
-        };
+        report.tokens.clear();
+        report.timings.clear();
+        report.rows = rows;
+        report.wait_ns = 0;
         // Embeddings of each micro-batch's rows.
         for (i, mb) in self.mbs.iter_mut().enumerate() {
-            let mut tokens = Vec::new();
+            self.tokens.clear();
             for s in self.seqs.iter().filter(|s| s.mb == Some(i)) {
-                tokens.extend_from_slice(&s.next_input(s.rows)[..s.rows]);
+                self.tokens
+                    .extend_from_slice(&s.next_input(s.rows)[..s.rows]);
             }
-            forward::embed(&self.weights, h, &tokens, &mut mb.x);
+            forward::embed(&self.weights, h, &self.tokens, &mut mb.x);
         }
         let mut group_active = active;
-        for l in 0..layers {
-            for i in 0..m {
-                if l > 0 {
-                    let g = self.finish_moe(l - 1, i, &mut report)?;
-                    group_active = g;
-                }
-                self.attention_and_dispatch(l, i, active)?;
+        for (l, i) in step_rounds(layers, m) {
+            if l > 0 {
+                group_active = self.finish_moe(l - 1, i, report)?;
             }
+            self.attention_and_dispatch(l, i, active)?;
         }
         for i in 0..m {
-            group_active = self.finish_moe(layers - 1, i, &mut report)?;
+            group_active = self.finish_moe(layers - 1, i, report)?;
         }
         report.group_active = group_active;
-        self.sample(&mut report);
+        self.sample(report);
         self.step += 1;
         report.wall_ns = start.elapsed().as_nanos() as u64;
-        Ok(report)
+        Ok(())
     }
 
     /// Attention of micro-batch `i` in layer `l`, its routes and layout
@@ -414,20 +467,27 @@ impl AttentionWorker {
         let h = s.hidden;
         let w = &self.weights.layers[l];
         let mb = &mut self.mbs[i];
-        let mut segs: Vec<Segment<'_>> = self
-            .seqs
-            .iter_mut()
-            .filter(|q| q.mb == Some(i))
-            .map(|q| Segment {
-                start: q.pos,
-                len: q.rows,
-                cache: &mut q.caches[l],
-            })
-            .collect();
+        let mut segs: Vec<Segment<'_>> = recycle(std::mem::take(&mut self.spare_segs));
+        segs.extend(
+            self.seqs
+                .iter_mut()
+                .filter(|q| q.mb == Some(i))
+                .map(|q| Segment {
+                    start: q.pos,
+                    len: q.rows,
+                    cache: &mut q.caches[l],
+                }),
+        );
         forward::attention(&s, w, &mut mb.x, &mut segs, &mut self.scratch);
-        drop(segs);
-        let routes = forward::moe_input(&s, w, &mb.x, &mut mb.y);
-        mb.entries = plan(&routes, s.experts, self.deploy.experts);
+        self.spare_segs = recycle(segs);
+        let routes = forward::moe_input(&s, w, &mb.x, &mut mb.y, &mut self.scratch);
+        plan_into(
+            routes,
+            s.experts,
+            self.deploy.experts,
+            &mut self.plan,
+            &mut mb.entries,
+        );
         // The previous round from this buffer must be out before we overwrite it.
         if let Some(prev) = mb.round.take() {
             self.comm.dispatch().wait_sent(prev, self.timeout)?;
@@ -443,11 +503,11 @@ impl AttentionWorker {
             extra: [self.deploy.microbatches as u32, self.config.layers as u32],
         };
         let buf = &mut self.send[i];
-        let mut lens = Vec::with_capacity(self.deploy.experts);
+        self.lens.clear();
         for (r, entries) in mb.entries.iter().enumerate() {
             debug_assert!(entries.iter().all(|e| e.expert / per == r));
             let out = &mut buf.as_mut_slice()[r * self.section..(r + 1) * self.section];
-            lens.push(msg::write_dispatch(
+            self.lens.push(msg::write_dispatch(
                 out,
                 &head(entries.len()),
                 entries,
@@ -455,11 +515,14 @@ impl AttentionWorker {
                 h,
             ));
         }
-        let msgs: Vec<Msg<'_>> = lens
-            .iter()
-            .enumerate()
-            .map(|(r, &len)| Msg::new(buf, r * self.section, len))
-            .collect();
+        let buf = &self.send[i];
+        let mut msgs: Vec<Msg<'_>> = recycle(std::mem::take(&mut self.spare_msgs));
+        msgs.extend(
+            self.lens
+                .iter()
+                .enumerate()
+                .map(|(r, &len)| Msg::new(buf, r * self.section, len)),
+        );
         mb.t_a = t0.elapsed().as_nanos() as u64;
         mb.posted = Some(Instant::now());
         let round = loop {
@@ -470,6 +533,7 @@ impl AttentionWorker {
             }
         };
         mb.round = Some(round);
+        self.spare_msgs = recycle(msgs);
         Ok(())
     }
 
@@ -493,7 +557,7 @@ impl AttentionWorker {
         let arrived = Instant::now();
         report.wait_ns += (arrived - t0).as_nanos() as u64;
         let mb = &mut self.mbs[i];
-        let mut views: Vec<&[bf16]> = Vec::with_capacity(self.deploy.experts);
+        self.combiner.start(mb.x.len() / h, h);
         let (mut t_e, mut residence, mut group_active) = (0u64, 0u64, false);
         let mut clean = (arrived - t0).as_nanos() as u64 > WAIT_THRESHOLD_NS;
         for r in 0..self.deploy.experts {
@@ -514,13 +578,12 @@ impl AttentionWorker {
             clean &= head.flags & FLAG_WAITED != 0;
             residence = residence.max(u64::from(head.extra[0]));
             t_e = t_e.max(u64::from(head.extra[1]));
-            views.push(rows);
+            // Summed rank by rank, in rank order: the order combine_into uses.
+            self.combiner.add(rows, &mb.entries[r]);
         }
-        let entries: Vec<&[Entry]> = mb.entries.iter().map(|e| e.as_slice()).collect();
         self.moe_out.clear();
         self.moe_out.resize(mb.x.len(), bf16::ZERO);
-        combine_into(&views, &entries, h, &mut self.acc, &mut self.moe_out);
-        drop(views);
+        self.combiner.finish(&mut self.moe_out);
         self.comm.combine().release(round)?;
         forward::add_residual(&mut mb.x, &self.moe_out);
         let rtt = mb.posted.map_or(0, |p| {
@@ -530,7 +593,7 @@ impl AttentionWorker {
             layer: l as u16,
             microbatch: i as u16,
             rows: (mb.x.len() / h) as u32,
-            expert_rows: entries.iter().map(|e| e.len() as u32).sum(),
+            expert_rows: mb.entries.iter().map(|e| e.len() as u32).sum(),
             t_a: mb.t_a,
             t_e,
             t_c: rtt.saturating_sub(residence),
@@ -559,10 +622,11 @@ impl AttentionWorker {
                     &self.weights,
                     &mb.x[last * h..][..h],
                     &mut self.logits,
+                    &mut self.scratch,
                 );
                 let logits = &self.logits[..vocab];
                 let (token, logprob) = if s.sampling.temperature > 0.0 {
-                    let t = sample(logits, &s.sampling, &mut s.rng);
+                    let t = sample_with(logits, &s.sampling, &mut s.rng, &mut self.probs);
                     (t, forward::logprob(logits, t as usize))
                 } else {
                     forward::greedy(logits)
@@ -585,13 +649,9 @@ impl AttentionWorker {
                 });
             }
         }
-        let done: Vec<SeqId> = report
-            .tokens
-            .iter()
-            .filter(|t| t.finish.is_some())
-            .map(|t| t.seq)
-            .collect();
-        self.seqs.retain(|s| !done.contains(&s.id));
+        let tokens = &report.tokens;
+        self.seqs
+            .retain(|s| !tokens.iter().any(|t| t.seq == s.id && t.finish.is_some()));
         for s in &mut self.seqs {
             s.mb = None;
             s.rows = 0;
@@ -623,14 +683,22 @@ fn next_u64(state: &mut u64) -> u64 {
 /// Draws a token from `softmax(logits / temperature)`, restricted to the
 /// nucleus of probability `top_p`.
 pub fn sample(logits: &[f32], s: &Sampling, state: &mut u64) -> u32 {
+    sample_with(logits, s, state, &mut Vec::new())
+}
+
+/// [`sample`] with a reusable buffer for the probabilities.
+pub fn sample_with(logits: &[f32], s: &Sampling, state: &mut u64, p: &mut Vec<(u32, f64)>) -> u32 {
     let t = s.temperature.max(1e-6);
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, (f64::from(l - max) / f64::from(t)).exp()))
-        .collect();
-    p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    p.clear();
+    p.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, (f64::from(l - max) / f64::from(t)).exp())),
+    );
+    // A total order (ties by id), so the unstable sort is deterministic.
+    p.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let total: f64 = p.iter().map(|x| x.1).sum();
     let top_p = if s.top_p <= 0.0 {
         1.0

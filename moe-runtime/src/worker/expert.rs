@@ -16,7 +16,7 @@ use kernels::cpu::ffn::FfnScratch;
 use m2n::{Communicator, Msg, Region};
 
 use super::msg::{self, Header, FLAG_ACTIVE, FLAG_WAITED, WAIT_THRESHOLD_NS};
-use super::{Deployment, POLL};
+use super::{recycle, round_position, Deployment, POLL};
 use crate::model::forward;
 use crate::model::weights::ExpertWeights;
 use crate::model::{ModelConfig, RuntimeError};
@@ -45,6 +45,10 @@ pub struct ExpertWorker {
     sent: [Option<u64>; 2],
     section: usize,
     scratch: FfnScratch,
+    /// Per-round lists kept for their allocations (a round allocates
+    /// nothing once warm).
+    rows_of: Vec<usize>,
+    spare_msgs: Vec<Msg<'static>>,
     timeout: Duration,
 }
 
@@ -81,6 +85,8 @@ impl ExpertWorker {
             sent: [None, None],
             section,
             scratch: FfnScratch::default(),
+            rows_of: Vec::with_capacity(deploy.attention),
+            spare_msgs: Vec::with_capacity(deploy.attention),
             timeout,
         })
     }
@@ -96,9 +102,8 @@ impl ExpertWorker {
         let mut idle_since = Instant::now();
         let mut group_active = true;
         for k in 0u64.. {
-            let step = k / (layers * m) as u64;
-            let layer = (k / m as u64 % layers as u64) as u16;
-            let mb = (k % m as u64) as u16;
+            let (step, layer, mb) = round_position(k, layers, m);
+            let (layer, mb) = (layer as u16, mb as u16);
             // Idle as long as the attention ranks are: a server may have no
             // requests for hours. A lost or hung peer ends the wait
             // (m2n's liveness links), so this never hangs on a dead group.
@@ -121,7 +126,7 @@ impl ExpertWorker {
             if let Some(prev) = self.sent[buf].take() {
                 self.comm.combine().wait_sent(prev, self.timeout)?;
             }
-            let mut rows_of = Vec::with_capacity(self.deploy.attention);
+            self.rows_of.clear();
             let mut any_active = false;
             for a in 0..self.deploy.attention {
                 let m_in = self.comm.message(&round, a);
@@ -148,26 +153,26 @@ impl ExpertWorker {
                     });
                 }
                 any_active |= d.head.flags & FLAG_ACTIVE != 0;
-                let rows = d.entries.len();
+                let rows = d.rows();
                 let out =
                     &mut self.send[buf].as_mut_slice()[a * self.section..(a + 1) * self.section];
                 let y = msg::combine_rows_mut(out, rows, h);
                 let mut i = 0;
                 while i < rows {
-                    let e = d.entries[i].0;
-                    let j = i + d.entries[i..].iter().take_while(|x| x.0 == e).count();
+                    let e = d.expert(i);
+                    let j = (i..rows).find(|&j| d.expert(j) != e).unwrap_or(rows);
                     let expert =
                         &self.weights.layers[layer as usize][e as usize - self.experts.start];
                     forward::expert_rows(
                         expert,
-                        &d.rows[i * h..j * h],
+                        &d.data[i * h..j * h],
                         &mut y[i * h..j * h],
                         &mut self.scratch,
                     );
                     i = j;
                 }
                 stats.rows += rows as u64;
-                rows_of.push(rows);
+                self.rows_of.push(rows);
             }
             if layer == 0 && mb == 0 {
                 group_active = any_active;
@@ -175,7 +180,7 @@ impl ExpertWorker {
             let compute = t_in.elapsed().as_nanos() as u64;
             self.comm.dispatch().release(round)?;
             let residence = t_in.elapsed().as_nanos() as u64;
-            for (a, &rows) in rows_of.iter().enumerate() {
+            for (a, &rows) in self.rows_of.iter().enumerate() {
                 let head = Header {
                     flags: waited | if group_active { FLAG_ACTIVE } else { 0 },
                     step: step as u32,
@@ -189,12 +194,14 @@ impl ExpertWorker {
                 msg::write_combine_header(out, &head);
             }
             let region = &self.send[buf];
-            let msgs: Vec<Msg<'_>> = rows_of
-                .iter()
-                .enumerate()
-                .map(|(a, &rows)| Msg::new(region, a * self.section, msg::combine_len(rows, h)))
-                .collect();
+            let mut msgs: Vec<Msg<'_>> = recycle(std::mem::take(&mut self.spare_msgs));
+            msgs.extend(
+                self.rows_of.iter().enumerate().map(|(a, &rows)| {
+                    Msg::new(region, a * self.section, msg::combine_len(rows, h))
+                }),
+            );
             let sent = self.comm.combine().send(&msgs, self.timeout)?;
+            self.spare_msgs = recycle(msgs);
             self.sent[buf] = Some(sent);
             stats.rounds += 1;
             stats.busy_ns += t_in.elapsed().as_nanos() as u64;

@@ -34,6 +34,35 @@ pub struct Deployment {
     pub max_tokens: usize,
 }
 
+/// The rounds of one step in the order they go out on both channels:
+/// `(layer, micro-batch)`, layer by layer. The attention side walks it
+/// (see [`attention`]'s schedule); the expert side maps a round count back
+/// onto it with [`round_position`]. The one place that order is written.
+pub fn step_rounds(layers: usize, microbatches: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..layers).flat_map(move |l| (0..microbatches).map(move |i| (l, i)))
+}
+
+/// Where the group's `k`-th round (from 0) falls: `(step, layer,
+/// micro-batch)`, in [`step_rounds`] order.
+pub fn round_position(k: u64, layers: usize, microbatches: usize) -> (u64, usize, usize) {
+    let per_step = (layers * microbatches) as u64;
+    let in_step = (k % per_step) as usize;
+    (k / per_step, in_step / microbatches, in_step % microbatches)
+}
+
+/// Empties `v` and hands its allocation back for items of another type of
+/// the same size and alignment (in practice: the same type with another
+/// lifetime). Lets a worker keep one vector for the per-round lists that
+/// borrow its buffers (messages, segments) instead of allocating one each
+/// round. Relies on the standard library's in-place collection, which the
+/// counting-allocator test pins.
+pub(crate) fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector was emptied"))
+        .collect()
+}
+
 /// How long a blocked worker waits for its peers before it checks again;
 /// a lost peer ends the wait earlier (m2n's liveness links).
 pub const POLL: Duration = Duration::from_secs(1);
@@ -91,5 +120,35 @@ impl Deployment {
         base.dispatch.depth = base.dispatch.depth.max(self.microbatches);
         base.combine.depth = base.combine.depth.max(self.microbatches);
         base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_positions_follow_the_step_order() {
+        for (layers, m) in [(1, 1), (3, 2), (2, 4)] {
+            let order: Vec<(usize, usize)> = step_rounds(layers, m).collect();
+            assert_eq!(order.len(), layers * m);
+            for step in 0..3u64 {
+                for (j, &(l, i)) in order.iter().enumerate() {
+                    let k = step * (layers * m) as u64 + j as u64;
+                    assert_eq!(round_position(k, layers, m), (step, l, i), "round {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn recycled_vectors_keep_their_allocation() {
+        let mut v: Vec<&str> = Vec::with_capacity(16);
+        v.push("x");
+        let ptr = v.as_ptr() as usize;
+        let w: Vec<&'static str> = recycle(v);
+        assert!(w.is_empty());
+        assert_eq!(w.capacity(), 16);
+        assert_eq!(w.as_ptr() as usize, ptr);
     }
 }

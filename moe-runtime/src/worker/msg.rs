@@ -171,13 +171,45 @@ pub fn write_dispatch(
     len
 }
 
-/// A received dispatch message, checked: its header, entries and rows.
+/// A received dispatch message, checked: its header, entries and rows,
+/// read in place from the message (nothing is copied or allocated).
 #[derive(Debug)]
 pub struct Dispatch<'a> {
     pub head: Header,
-    /// `(expert, weight)` per row.
-    pub entries: Vec<(u32, f32)>,
-    pub rows: &'a [bf16],
+    /// The entries, `{ expert u32, weight f32 }` per row.
+    entries: &'a [u8],
+    /// The rows (`rows x hidden`), in entry order.
+    pub data: &'a [bf16],
+}
+
+impl Dispatch<'_> {
+    /// Rows (entries) in the message.
+    pub fn rows(&self) -> usize {
+        self.entries.len() / 8
+    }
+
+    /// Row `i`'s expert (a global id).
+    pub fn expert(&self, i: usize) -> u32 {
+        entry_at(self.entries, i).0
+    }
+
+    /// Row `i`'s gate weight.
+    pub fn weight(&self, i: usize) -> f32 {
+        entry_at(self.entries, i).1
+    }
+
+    /// `(expert, weight)` of every row, in order.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        (0..self.rows()).map(|i| entry_at(self.entries, i))
+    }
+}
+
+/// Entry `i` of a dispatch message's entry table.
+fn entry_at(table: &[u8], i: usize) -> (u32, f32) {
+    let o = 8 * i;
+    let e = u32::from_le_bytes([table[o], table[o + 1], table[o + 2], table[o + 3]]);
+    let w = f32::from_le_bytes([table[o + 4], table[o + 5], table[o + 6], table[o + 7]]);
+    (e, w)
 }
 
 /// Parses and checks a dispatch message for an expert rank holding
@@ -202,12 +234,10 @@ pub fn read_dispatch(
             m.len()
         ));
     }
-    let mut entries = Vec::with_capacity(rows);
+    let table = &m[HEADER..HEADER + 8 * rows];
     let mut last = experts.start;
     for i in 0..rows {
-        let o = HEADER + 8 * i;
-        let e = u32::from_le_bytes([m[o], m[o + 1], m[o + 2], m[o + 3]]);
-        let w = f32::from_le_bytes([m[o + 4], m[o + 5], m[o + 6], m[o + 7]]);
+        let (e, w) = entry_at(table, i);
         if !experts.contains(&e) {
             return Err(format!(
                 "row {i} is for expert {e}, this rank holds experts {}..{}",
@@ -223,15 +253,14 @@ pub fn read_dispatch(
             return Err(format!("row {i}: gate weight {w}"));
         }
         last = e;
-        entries.push((e, w));
     }
     let start = dispatch_rows_offset(rows);
-    let rows: &[bf16] = bytemuck::try_cast_slice(&m[start..])
+    let data: &[bf16] = bytemuck::try_cast_slice(&m[start..])
         .map_err(|e| format!("rows are not bf16-aligned: {e}"))?;
     Ok(Dispatch {
         head,
-        entries,
-        rows,
+        entries: table,
+        data,
     })
 }
 
@@ -316,9 +345,10 @@ mod tests {
         assert_eq!(len, dispatch_len(2, 4));
         let d = read_dispatch(&buf[..len], 4, 4..6).unwrap();
         assert_eq!(d.head, head(2));
-        assert_eq!(d.entries, vec![(4, 0.75), (5, 0.25)]);
-        assert_eq!(d.rows[..4], y[8..12]);
-        assert_eq!(d.rows[4..], y[0..4]);
+        assert_eq!(d.entries().collect::<Vec<_>>(), vec![(4, 0.75), (5, 0.25)]);
+        assert_eq!((d.rows(), d.expert(1), d.weight(0)), (2, 5, 0.75));
+        assert_eq!(d.data[..4], y[8..12]);
+        assert_eq!(d.data[4..], y[0..4]);
         // Each defect is named.
         let err = read_dispatch(&buf[..len], 4, 0..4).unwrap_err();
         assert!(err.contains("expert 4") && err.contains("0..4"), "{err}");

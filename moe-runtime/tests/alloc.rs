@@ -1,0 +1,132 @@
+//! A decode step allocates nothing once warm: a counting global allocator
+//! around a 1 x 2 group in this process (the attention worker on the test's
+//! thread, each expert worker on a thread of its own, every thread counted),
+//! two micro-batches, greedy and sampled sequences, over shm and tcp.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use m2n::{Communicator, Config, Role, Root, Shape, TransportKind, WaitPolicy};
+use moe_runtime::model::init::StoreDtype;
+use moe_runtime::model::load_config;
+use moe_runtime::model::weights::{AttentionWeights, Checkpoint, ExpertWeights};
+use moe_runtime::worker::attention::{AttentionWorker, Request, Sampling, StepReport};
+use moe_runtime::worker::expert::ExpertWorker;
+use moe_runtime::worker::Deployment;
+use support::{checkpoint, TempDir};
+
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Allocations in each of `measured` decode steps after `warm` steps
+/// (prefill and the first decode steps) of a 1 x 2 group.
+fn allocations_per_step(transport: TransportKind, warm: usize, measured: usize) -> Vec<u64> {
+    let tmp = TempDir::new(&format!("alloc-{transport:?}"));
+    let dir = checkpoint(tmp.path(), "tiny", 7, 1, StoreDtype::Bf16);
+    let config = load_config(&dir).unwrap();
+    let deploy = Deployment {
+        attention: 1,
+        experts: 2,
+        microbatches: 2,
+        max_tokens: 16,
+    };
+    let m2n = deploy.m2n_config(
+        &config,
+        Config {
+            transport,
+            wait: WaitPolicy::Yield,
+            ..Config::default()
+        },
+    );
+    let shape = Shape::new(deploy.attention, deploy.experts);
+    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let uid = root.unique_id().clone();
+    let served = root.spawn(TIMEOUT);
+    let experts: Vec<_> = (0..deploy.experts)
+        .map(|rank| {
+            let (dir, config, m2n, uid) = (dir.clone(), config.clone(), m2n.clone(), uid.clone());
+            std::thread::spawn(move || {
+                let ck = Checkpoint::open(&dir).unwrap();
+                let range = deploy.experts_of(&config, rank);
+                let weights = ExpertWeights::load(&ck, &config, range.start, range.len()).unwrap();
+                let comm = Communicator::init(m2n, Role::Expert, rank, shape, &uid).unwrap();
+                let mut w = ExpertWorker::new(config, deploy, weights, comm, TIMEOUT).unwrap();
+                w.run().unwrap()
+            })
+        })
+        .collect();
+    let weights = AttentionWeights::load(&Checkpoint::open(&dir).unwrap(), &config).unwrap();
+    let comm = Communicator::init(m2n, Role::Attention, 0, shape, &uid).unwrap();
+    served.join().unwrap().unwrap();
+    let mut w = AttentionWorker::new(config, deploy, weights, comm, TIMEOUT).unwrap();
+    for (id, temperature) in [(1, 0.0), (2, 0.8), (3, 0.0), (4, 1.0)] {
+        let request = Request {
+            prompt: (0..3 + id as u32).collect(),
+            max_new: warm + measured + 2,
+            stop: Vec::new(),
+            sampling: Sampling {
+                temperature,
+                top_p: 0.9,
+                seed: id,
+                top_logprobs: 0,
+            },
+        };
+        w.submit(id, request).unwrap();
+    }
+    let mut report = StepReport::default();
+    for _ in 0..warm {
+        w.step_into(&mut report).unwrap();
+    }
+    let mut per_step = Vec::new();
+    for _ in 0..measured {
+        let before = ALLOCS.load(Ordering::Relaxed);
+        w.step_into(&mut report).unwrap();
+        per_step.push(ALLOCS.load(Ordering::Relaxed) - before);
+        assert_eq!(report.tokens.len(), 4, "every sequence decodes a token");
+        assert_eq!(report.rows, 4, "decode steps: one row per sequence");
+    }
+    w.cancel_all();
+    while w.step().unwrap().group_active {}
+    for e in experts {
+        let stats = e.join().unwrap();
+        assert!(stats.rows > 0);
+    }
+    per_step
+}
+
+#[test]
+fn decode_steps_allocate_nothing_once_warm() {
+    for transport in [TransportKind::Shm, TransportKind::Tcp] {
+        let per_step = allocations_per_step(transport, 4, 12);
+        assert!(
+            per_step.iter().all(|&n| n == 0),
+            "{transport:?}: allocations in each measured decode step: {per_step:?}"
+        );
+    }
+}
