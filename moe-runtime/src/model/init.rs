@@ -16,7 +16,7 @@ use std::path::Path;
 use half::bf16;
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::weights::{names, INDEX_FILE, SINGLE_FILE};
+use super::tensors::{names, tensor_specs, Kind, INDEX_FILE, SINGLE_FILE};
 use super::{ModelConfig, RuntimeError};
 
 /// How to store the tensors.
@@ -26,47 +26,27 @@ pub enum StoreDtype {
     F32,
 }
 
-/// Every tensor of the model: name, shape, and the uniform scale of its
-/// random values (`None`: a norm weight, `1 + U(-0.2, 0.2)`).
-pub fn tensor_specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Option<f32>)> {
-    let (h, v, f) = (c.hidden as usize, c.vocab as usize, c.ffn as usize);
-    let (qd, kvd) = (
+/// The uniform scale of a tensor's random values (`None`: a norm weight,
+/// `1 + U(-0.2, 0.2)`).
+fn scale(c: &ModelConfig, kind: Kind) -> Option<f32> {
+    let (h, f, qd) = (
+        c.hidden as usize,
+        c.ffn as usize,
         (c.heads * c.head_dim) as usize,
-        (c.kv_heads * c.head_dim) as usize,
     );
     // Uniform(-a, a) has variance a^2 / 3: a = sqrt(3 / fan_in) keeps unit scale.
     let unit = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
-    let mut t = vec![(names::EMBED.to_string(), vec![v, h], Some(1.0))];
-    for i in 0..c.layers as usize {
-        let l = |rest: &str| names::layer(i, rest);
-        t.push((l("input_layernorm.weight"), vec![h], None));
-        t.push((
-            l("self_attn.q_proj.weight"),
-            vec![qd, h],
-            Some(2.0 * unit(h)),
-        ));
-        t.push((
-            l("self_attn.k_proj.weight"),
-            vec![kvd, h],
-            Some(2.0 * unit(h)),
-        ));
-        t.push((l("self_attn.v_proj.weight"), vec![kvd, h], Some(unit(h))));
-        t.push((l("self_attn.o_proj.weight"), vec![h, qd], Some(unit(qd))));
-        t.push((l("post_attention_layernorm.weight"), vec![h], None));
-        t.push((
-            l("block_sparse_moe.gate.weight"),
-            vec![c.experts as usize, h],
-            Some(4.0 * unit(h)),
-        ));
-        for j in 0..c.experts as usize {
-            t.push((names::expert(i, j, "w1"), vec![f, h], Some(1.5 * unit(h))));
-            t.push((names::expert(i, j, "w2"), vec![h, f], Some(2.0 * unit(f))));
-            t.push((names::expert(i, j, "w3"), vec![f, h], Some(1.5 * unit(h))));
-        }
+    match kind {
+        Kind::Embedding => Some(1.0),
+        Kind::Norm => None,
+        Kind::Query | Kind::Key => Some(2.0 * unit(h)),
+        Kind::Value => Some(unit(h)),
+        Kind::Output => Some(unit(qd)),
+        Kind::Router => Some(4.0 * unit(h)),
+        Kind::ExpertGate | Kind::ExpertUp => Some(1.5 * unit(h)),
+        Kind::ExpertDown => Some(2.0 * unit(f)),
+        Kind::LmHead => Some(6.0 * unit(h)),
     }
-    t.push((names::NORM.to_string(), vec![h], None));
-    t.push((names::LM_HEAD.to_string(), vec![v, h], Some(6.0 * unit(h))));
-    t
 }
 
 fn seed_of(seed: u64, name: &str) -> u64 {
@@ -130,8 +110,9 @@ pub fn write_checkpoint(
     let mut weight_map = BTreeMap::new();
     for shard in 0..shards {
         let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (name, shape, scale) in specs.iter().filter(|(n, ..)| shard_of(n) == shard) {
-            let v = values(seed, name, shape.iter().product(), *scale);
+        for t in specs.iter().filter(|t| shard_of(&t.name) == shard) {
+            let (name, shape) = (&t.name, &t.shape);
+            let v = values(seed, name, shape.iter().product(), scale(c, t.kind));
             let bytes: Vec<u8> = match dtype {
                 StoreDtype::Bf16 => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
                 StoreDtype::F32 => v.iter().flat_map(|x| x.to_f32().to_le_bytes()).collect(),

@@ -1,5 +1,6 @@
 //! The model: its description ([`ModelConfig`], the same type the planner
-//! uses), its weights ([`weights`]), seeded random checkpoints ([`init`]),
+//! uses), its checkpoint's tensors ([`tensors`]), its weights
+//! ([`weights`]), seeded random checkpoints ([`init`]),
 //! the layer's compute shared by every execution ([`forward`]) and the
 //! single-process reference decoder, the oracle ([`reference`]).
 
@@ -7,6 +8,7 @@ pub mod config;
 pub mod forward;
 pub mod init;
 pub mod reference;
+pub mod tensors;
 pub mod tokenizer;
 pub mod weights;
 

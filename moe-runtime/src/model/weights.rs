@@ -15,25 +15,10 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
+use super::tensors::{tensor_specs, TensorSpec};
 use super::{ModelConfig, RuntimeError};
 
-/// The single-file checkpoint's name.
-pub const SINGLE_FILE: &str = "model.safetensors";
-/// The sharded checkpoint's index.
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
-
-/// Hugging Face names of every tensor.
-pub mod names {
-    pub const EMBED: &str = "model.embed_tokens.weight";
-    pub const NORM: &str = "model.norm.weight";
-    pub const LM_HEAD: &str = "lm_head.weight";
-    pub fn layer(i: usize, rest: &str) -> String {
-        format!("model.layers.{i}.{rest}")
-    }
-    pub fn expert(i: usize, j: usize, w: &str) -> String {
-        format!("model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight")
-    }
-}
+pub use super::tensors::{names, INDEX_FILE, SINGLE_FILE};
 
 /// One mapped file with its parsed header.
 #[derive(Debug)]
@@ -143,7 +128,7 @@ impl Checkpoint {
     /// Checks that every tensor of `c` is there with its shape and a
     /// supported dtype, from the headers alone (nothing is read).
     pub fn verify(&self, c: &ModelConfig) -> Result<(), RuntimeError> {
-        for (name, shape, _) in super::init::tensor_specs(c) {
+        for TensorSpec { name, shape, .. } in tensor_specs(c) {
             let (path, m) = self.locate(&name)?;
             let info = m.meta.info(&name).expect("located");
             if info.shape != shape {
