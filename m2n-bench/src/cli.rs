@@ -24,6 +24,19 @@ pub enum Baseline {
     None,
 }
 
+impl Baseline {
+    /// The name the header's columns and footer use (as on the command line).
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Mpi => "mpi",
+            Baseline::Verbs => "verbs",
+            Baseline::Nccl => "nccl",
+            Baseline::CudaMemcpy => "cuda-memcpy",
+            Baseline::None => "none",
+        }
+    }
+}
+
 fn bytes(s: &str) -> Result<usize, String> {
     m2n::config::parse_bytes(s)
 }
@@ -102,6 +115,12 @@ impl Args {
             ch.slot_bytes = self.max_bytes;
         }
         config
+    }
+
+    /// Whether the run uses GPU buffers: asked for, or implied by a GPU
+    /// baseline.
+    pub fn gpu_buffers(&self) -> bool {
+        self.device_buffers || matches!(self.baseline, Baseline::Nccl | Baseline::CudaMemcpy)
     }
 
     pub fn sizes(&self) -> Vec<usize> {

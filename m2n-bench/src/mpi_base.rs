@@ -8,6 +8,8 @@ use mpi::ffi;
 use mpi::raw::AsRaw;
 use mpi::topology::SimpleCommunicator;
 
+use crate::cli::{Args, Baseline};
+
 /// Completes `reqs` as the wait policy says: `spin` is MPI_Waitall (MPI's
 /// own busy wait); the yielding policies poll MPI_Testall and yield the CPU
 /// between polls, so oversubscribed ranks do not starve each other.
@@ -97,4 +99,64 @@ pub fn exchange(
         reqs.push(req);
     }
     wait_all(&mut reqs, policy);
+}
+
+/// Which path the MPI baseline's messages take. Against m2n over tcp it
+/// must be MPI over TCP too (like for like): MPICH is kept off shared
+/// memory and, with UCX, on its tcp transport, through the variables MPI
+/// reads in MPI_Init, unless the user set them.
+pub struct MpiPath {
+    /// The header line.
+    pub line: String,
+    /// MPI over UCX's tcp transport can hang in MPI_Finalize (see `pmi`):
+    /// ranks then leave through `pmi::finalize_and_exit` instead.
+    pub skip_finalize: bool,
+}
+
+/// Chooses the MPI baseline's path (see [`MpiPath`]); call before MPI_Init,
+/// which reads the variables this sets.
+pub fn choose_path(args: &Result<Args, clap::Error>) -> MpiPath {
+    let plain = |line: &str| MpiPath {
+        line: line.into(),
+        skip_finalize: false,
+    };
+    let Ok(args) = args else {
+        return plain("");
+    };
+    if args.baseline != Baseline::Mpi {
+        return plain("n/a");
+    }
+    let env = m2n::Config::from_env().unwrap_or_default();
+    if args.m2n_config(&env).transport != m2n::TransportKind::Tcp {
+        return plain("MPI's default (shared memory between ranks on one host)");
+    }
+    // MPI_Get_library_version may be called before MPI_Init.
+    let version = mpi::environment::library_version().unwrap_or_default();
+    let mut wanted = vec![("MPIR_CVAR_NOLOCAL", "1")];
+    let ucx = version.contains("ch4:ucx");
+    if ucx {
+        wanted.push(("UCX_TLS", "tcp,self"));
+    } else if version.contains("ch4:ofi") {
+        wanted.push(("FI_PROVIDER", "tcp"));
+    }
+    let mut set = Vec::new();
+    for (k, v) in wanted {
+        match std::env::var(k) {
+            Ok(have) => set.push(format!("{k}={have} (from the environment)")),
+            Err(_) => {
+                // Single-threaded still: MPI is not initialised yet.
+                std::env::set_var(k, v);
+                set.push(format!("{k}={v}"));
+            }
+        }
+    }
+    let device = version
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("MPICH Device:"))
+        .map(|d| d.trim().to_string())
+        .unwrap_or_else(|| "unknown device".into());
+    MpiPath {
+        line: format!("TCP like m2n's ({device}: {})", set.join(" ")),
+        skip_finalize: ucx,
+    }
 }

@@ -1,0 +1,180 @@
+//! The size sweep: m2n and the baseline measured at each size, one table
+//! row per size, and m2n's transport work over the whole sweep.
+
+use mpi::collective::SystemOperation;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use serde::Serialize;
+
+use crate::cli::{Args, Pattern};
+use crate::contender::Contender;
+use crate::report::{self, Run};
+use crate::run::{M2nRank, Sample};
+use crate::stats::Summary;
+use crate::{abort, limit};
+
+/// One contender's figures at one size.
+#[derive(Debug, Serialize)]
+pub struct Side {
+    pub time_us: f64,
+    pub algbw_gbps: f64,
+    pub busbw_gbps: f64,
+    pub wrong: u64,
+    pub stats: Summary,
+}
+
+/// One size's row of the table and of the JSON report.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub bytes: usize,
+    pub m2n: Side,
+    pub baseline: Option<Side>,
+    pub memcpy_gbps: f64,
+    /// m2n busbw / the peak (see `peak_source`).
+    pub utilisation: f64,
+}
+
+/// Transport work per round, averaged over each side's ranks: work
+/// requests, inline, signalled, doorbells, CQ polls, completions, receive
+/// posts (the order of [`m2n::transport::TransportCounters`]).
+#[derive(Debug, Serialize)]
+pub struct WorkPerRound {
+    pub fields: [&'static str; 7],
+    pub attention: [f64; 7],
+    pub expert: [f64; 7],
+}
+
+/// What a sweep found. The rows and the wrong bytes are rank 0's only
+/// (the other ranks' are empty and 0); the work per round is every rank's.
+pub struct Sweep {
+    pub rows: Vec<Row>,
+    pub total_wrong: u64,
+    pub per_round: Option<WorkPerRound>,
+}
+
+/// Measures m2n and the baseline at each of the run's sizes; rank 0
+/// prints each row as soon as it has it.
+pub fn sweep(
+    world: &SimpleCommunicator,
+    run: &Run,
+    contender: &mut M2nRank,
+    mut baseline: Option<&mut Contender>,
+) -> Sweep {
+    let (args, place) = (run.args, run.place);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut total_wrong = 0u64;
+    let (work_before, rounds_before) = (contender.comm.transport_counters(), contender.rounds());
+    for &s in &args.sizes() {
+        let (samples, wrong) = measure(world, args, |verify| {
+            contender
+                .iteration(world, args.pattern, s, verify)
+                .unwrap_or_else(|e| abort(world, place, e))
+        });
+        let m2n_side = side(args, place.m, place.n, s, &samples, wrong);
+        let base_side = baseline.as_mut().map(|b| {
+            let (samples, wrong) = measure(world, args, |verify| {
+                b.iteration(world, place, args.pattern, s, verify)
+            });
+            side(args, place.m, place.n, s, &samples, wrong)
+        });
+        world.barrier();
+        if world.rank() != 0 {
+            continue;
+        }
+        let memcpy = limit::memcpy_gbps(s, run.depth);
+        total_wrong += m2n_side.wrong + base_side.as_ref().map_or(0, |b| b.wrong);
+        report::print_row(args, s, &m2n_side, base_side.as_ref(), memcpy);
+        rows.push(Row {
+            bytes: s,
+            m2n: m2n_side,
+            baseline: base_side,
+            memcpy_gbps: memcpy,
+            utilisation: 0.0,
+        });
+    }
+    let per_round = work_per_round(
+        world,
+        place.m,
+        contender.comm.transport_counters().since(&work_before),
+        contender.rounds() - rounds_before,
+    );
+    Sweep {
+        rows,
+        total_wrong,
+        per_round,
+    }
+}
+
+/// Runs warm-up, timed and check iterations of one contender at one size;
+/// returns (samples as maxima over ranks, wrong bytes over all ranks).
+fn measure(
+    world: &SimpleCommunicator,
+    args: &Args,
+    mut iteration: impl FnMut(bool) -> Sample,
+) -> (Vec<f64>, u64) {
+    for _ in 0..args.warmup {
+        iteration(false);
+    }
+    let mine: Vec<f64> = (0..args.iters).map(|_| iteration(false).secs).collect();
+    let mut samples = vec![0.0f64; mine.len()];
+    world.all_reduce_into(&mine[..], &mut samples[..], SystemOperation::max());
+    let mut wrong = 0u64;
+    if args.check == 1 {
+        let mine = iteration(true).wrong;
+        world.all_reduce_into(&mine, &mut wrong, SystemOperation::sum());
+    }
+    (samples, wrong)
+}
+
+fn side(args: &Args, m: usize, n: usize, size: usize, samples: &[f64], wrong: u64) -> Side {
+    let stats = Summary::of(samples);
+    let time = stats.mean_us * 1e-6;
+    let rounds = if args.pattern == Pattern::Roundtrip {
+        2.0
+    } else {
+        1.0
+    };
+    // algbw: all payload of one iteration over all pairs, per second.
+    let algbw = rounds * (m * n * size) as f64 / time / 1e9;
+    // busbw: what the busiest rank's link carries: max(N, M) messages each way.
+    let busbw = rounds * (m.max(n) * size) as f64 / time / 1e9;
+    Side {
+        time_us: stats.mean_us,
+        algbw_gbps: algbw,
+        busbw_gbps: busbw,
+        wrong,
+        stats,
+    }
+}
+
+/// Gathers every rank's counters over `rounds` rounds; `None` when the
+/// transport counts nothing (shm, tcp).
+fn work_per_round(
+    world: &SimpleCommunicator,
+    m: usize,
+    c: m2n::transport::TransportCounters,
+    rounds: u64,
+) -> Option<WorkPerRound> {
+    let v = c.values();
+    let mine = [v[0], v[1], v[2], v[3], v[4], v[5], v[6], rounds];
+    let mut all = vec![0u64; 8 * world.size() as usize];
+    world.all_gather_into(&mine[..], &mut all[..]);
+    if all.chunks(8).all(|r| r[..7].iter().all(|&v| v == 0)) {
+        return None;
+    }
+    let mean = |ranks: &[&[u64]]| {
+        let mut out = [0.0; 7];
+        for r in ranks {
+            for i in 0..7 {
+                out[i] += r[i] as f64 / r[7].max(1) as f64 / ranks.len() as f64;
+            }
+        }
+        out
+    };
+    let rows: Vec<&[u64]> = all.chunks(8).collect();
+    Some(WorkPerRound {
+        fields: m2n::transport::TransportCounters::FIELDS,
+        attention: mean(&rows[..m]),
+        expert: mean(&rows[m..]),
+    })
+}
