@@ -154,156 +154,167 @@ impl Config {
             if !name.starts_with("M2N_") || NOT_CONFIG.contains(&name.as_str()) {
                 continue;
             }
-            let err = |why: String| ConfigError {
-                name: name.clone(),
-                value: value.clone(),
-                why,
+            let var = EnvVar {
+                name: &name,
+                value: &value,
             };
-            let ms = |v: &str| {
-                v.parse::<u64>()
-                    .map(Duration::from_millis)
-                    .map_err(|_| err("expected milliseconds".into()))
-            };
-            let depth = |v: &str| match v.parse::<usize>() {
-                Ok(d) if (1..=crate::proto::imm::MAX_DEPTH).contains(&d) => Ok(d),
-                _ => Err(err(format!(
-                    "expected a depth in 1..={}",
-                    crate::proto::imm::MAX_DEPTH
-                ))),
-            };
-            let bytes = |v: &str| parse_bytes(v).map_err(err);
-            let dscp = |v: &str| match v.parse::<u8>() {
-                Ok(d) if d < 64 => Ok(d),
-                _ => Err(err("expected a DSCP value in 0..=63".into())),
-            };
-            let small = |v: &str, max: u8, what: &str| match v.parse::<u8>() {
-                Ok(x) if x <= max => Ok(x),
-                _ => Err(err(format!("expected {what} in 0..={max}"))),
-            };
-            let prio = |v: &str| match v.parse::<u32>() {
-                Ok(p) if p <= 15 => Ok(p),
-                _ => Err(err(
-                    "expected a socket priority in 0..=15 (above 6 needs CAP_NET_ADMIN)".into(),
-                )),
-            };
-            match name.as_str() {
-                "M2N_TRANSPORT" => self.transport = value.parse().map_err(err)?,
-                "M2N_DEPTH" => {
-                    let d = depth(&value)?;
-                    self.dispatch.depth = d;
-                    self.combine.depth = d;
-                }
-                "M2N_DISPATCH_DEPTH" => self.dispatch.depth = depth(&value)?,
-                "M2N_COMBINE_DEPTH" => self.combine.depth = depth(&value)?,
-                "M2N_SLOT_BYTES" => {
-                    let b = bytes(&value)?;
-                    self.dispatch.slot_bytes = b;
-                    self.combine.slot_bytes = b;
-                }
-                "M2N_DISPATCH_SLOT_BYTES" => self.dispatch.slot_bytes = bytes(&value)?,
-                "M2N_COMBINE_SLOT_BYTES" => self.combine.slot_bytes = bytes(&value)?,
-                "M2N_PEER_TIMEOUT_MS" => self.peer_timeout = ms(&value)?,
-                "M2N_HEARTBEAT_MS" => self.heartbeat_interval = ms(&value)?,
-                "M2N_BOOTSTRAP_TIMEOUT_MS" => self.bootstrap_timeout = ms(&value)?,
-                "M2N_CREDIT_REFRESH_MS" => self.credit_refresh = ms(&value)?,
-                "M2N_CREDIT_BATCH" => match value.parse::<usize>() {
-                    Ok(n) if n <= crate::proto::imm::MAX_DEPTH => self.credit_batch = n,
-                    _ => {
-                        return Err(err(format!(
-                            "expected a release count 0..={} (0: half the depth)",
-                            crate::proto::imm::MAX_DEPTH
-                        )))
-                    }
-                },
-                "M2N_SHM_QUEUE_DEPTH" => match value.parse::<usize>() {
-                    Ok(n) if n > 0 => self.shm_queue_depth = n,
-                    _ => return Err(err("expected a positive entry count".into())),
-                },
-                "M2N_WAIT" => self.wait = value.parse().map_err(err)?,
-                "M2N_GPU_RINGS" => match value.as_str() {
-                    "0" => self.gpu_rings = false,
-                    "1" => self.gpu_rings = true,
-                    _ => return Err(err("expected 0 or 1".into())),
-                },
-                "M2N_CUDA_DEVICE" => match value.parse::<usize>() {
-                    Ok(d) if d < 1024 => self.cuda_device = d,
-                    _ => return Err(err("a GPU ordinal (0, 1, ...)".into())),
-                },
-                "M2N_SOCKET_IFNAME" => {
-                    self.tcp.ifname = Some(value.clone()).filter(|v| !v.trim().is_empty())
-                }
-                "M2N_TCP_DATA_DSCP" => self.tcp.data.dscp = dscp(&value)?,
-                "M2N_TCP_ACK_DSCP" => self.tcp.ack.dscp = dscp(&value)?,
-                "M2N_TCP_DATA_PRIORITY" => self.tcp.data.priority = prio(&value)?,
-                "M2N_TCP_ACK_PRIORITY" => self.tcp.ack.priority = prio(&value)?,
-                "M2N_TCP_CONGESTION" => {
-                    // `NAME` for both lanes, or `data:NAME,ack:NAME`.
-                    let cc = |v: &str| {
-                        crate::transport::tcp::sock::Congestion::new(v.trim()).map_err(&err)
-                    };
-                    if value.contains(':') {
-                        for part in value.split(',') {
-                            match part.trim().split_once(':') {
-                                Some(("data", v)) => self.tcp.data.congestion = Some(cc(v)?),
-                                Some(("ack", v)) => self.tcp.ack.congestion = Some(cc(v)?),
-                                _ => {
-                                    return Err(err(format!(
-                                        "{part:?}: expected NAME or data:NAME,ack:NAME"
-                                    )))
-                                }
-                            }
-                        }
-                    } else {
-                        let c = cc(&value)?;
-                        self.tcp.data.congestion = Some(c);
-                        self.tcp.ack.congestion = Some(c);
-                    }
-                }
-                "M2N_IB_DEVICE" => {
-                    self.ib.device = Some(value.clone()).filter(|v| !v.trim().is_empty())
-                }
-                "M2N_IB_PORT" => {
-                    self.ib.port = Some(small(&value, 255, "a port number").and_then(|p| {
-                        if p == 0 {
-                            Err(err("ports count from 1".into()))
-                        } else {
-                            Ok(p)
-                        }
-                    })?)
-                }
-                "M2N_IB_GID_INDEX" => self.ib.gid_index = Some(small(&value, 255, "a GID index")?),
-                "M2N_IB_DATA_TC" => {
-                    self.ib.data.traffic_class = small(&value, 255, "a traffic class")?
-                }
-                "M2N_IB_ACK_TC" => {
-                    self.ib.ack.traffic_class = small(&value, 255, "a traffic class")?
-                }
-                "M2N_IB_DATA_SL" => {
-                    self.ib.data.service_level = small(&value, 15, "a service level")?
-                }
-                "M2N_IB_ACK_SL" => {
-                    self.ib.ack.service_level = small(&value, 15, "a service level")?
-                }
-                "M2N_IB_TIMEOUT" => self.ib.timeout = small(&value, 31, "a timeout exponent")?,
-                "M2N_IB_RETRY_CNT" => self.ib.retry_cnt = small(&value, 7, "a retry count")?,
-                "M2N_IB_RNR_RETRY" => self.ib.rnr_retry = small(&value, 7, "an RNR retry count")?,
-                "M2N_IB_MTU" => match value.parse::<u32>() {
-                    Ok(m @ (256 | 512 | 1024 | 2048 | 4096)) => self.ib.mtu = m,
-                    _ => return Err(err("expected 256, 512, 1024, 2048 or 4096".into())),
-                },
-                "M2N_IB_MAX_INLINE" => self.ib.max_inline = bytes(&value)? as u32,
-                "M2N_TCP_QUEUE_FRAMES" => match value.parse::<usize>() {
-                    Ok(n) if n > 0 => self.tcp.queue_frames = n,
-                    _ => return Err(err("expected a positive frame count".into())),
-                },
-                _ => {
-                    return Err(err(
-                        "unknown M2N_ variable (see the configuration table in the README)".into(),
-                    ))
-                }
+            let known = self.apply_general(var)?
+                || self.apply_channel(var)?
+                || self.apply_timing(var)?
+                || self.apply_tcp(var)?
+                || self.apply_ib(var)?;
+            if !known {
+                return Err(var.err(
+                    "unknown M2N_ variable (see the configuration table in the README)".into(),
+                ));
             }
         }
         self.validate()
+    }
+
+    /// The transport, how waits pace, shm's queue, the GPU; `false` when
+    /// `var` is none of these.
+    fn apply_general(&mut self, var: EnvVar) -> Result<bool, ConfigError> {
+        let value = var.value;
+        match var.name {
+            "M2N_TRANSPORT" => self.transport = value.parse().map_err(|e| var.err(e))?,
+            "M2N_WAIT" => self.wait = value.parse().map_err(|e| var.err(e))?,
+            "M2N_SHM_QUEUE_DEPTH" => match value.parse::<usize>() {
+                Ok(n) if n > 0 => self.shm_queue_depth = n,
+                _ => return Err(var.err("expected a positive entry count".into())),
+            },
+            "M2N_GPU_RINGS" => match value {
+                "0" => self.gpu_rings = false,
+                "1" => self.gpu_rings = true,
+                _ => return Err(var.err("expected 0 or 1".into())),
+            },
+            "M2N_CUDA_DEVICE" => match value.parse::<usize>() {
+                Ok(d) if d < 1024 => self.cuda_device = d,
+                _ => return Err(var.err("a GPU ordinal (0, 1, ...)".into())),
+            },
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The channels' depths and slot sizes (both, or one channel's);
+    /// `false` when `var` is none of these.
+    fn apply_channel(&mut self, var: EnvVar) -> Result<bool, ConfigError> {
+        match var.name {
+            "M2N_DEPTH" => {
+                let d = var.depth()?;
+                self.dispatch.depth = d;
+                self.combine.depth = d;
+            }
+            "M2N_DISPATCH_DEPTH" => self.dispatch.depth = var.depth()?,
+            "M2N_COMBINE_DEPTH" => self.combine.depth = var.depth()?,
+            "M2N_SLOT_BYTES" => {
+                let b = var.bytes()?;
+                self.dispatch.slot_bytes = b;
+                self.combine.slot_bytes = b;
+            }
+            "M2N_DISPATCH_SLOT_BYTES" => self.dispatch.slot_bytes = var.bytes()?,
+            "M2N_COMBINE_SLOT_BYTES" => self.combine.slot_bytes = var.bytes()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Liveness, rendezvous and credit timing; `false` when `var` is none
+    /// of these.
+    fn apply_timing(&mut self, var: EnvVar) -> Result<bool, ConfigError> {
+        match var.name {
+            "M2N_PEER_TIMEOUT_MS" => self.peer_timeout = var.ms()?,
+            "M2N_HEARTBEAT_MS" => self.heartbeat_interval = var.ms()?,
+            "M2N_BOOTSTRAP_TIMEOUT_MS" => self.bootstrap_timeout = var.ms()?,
+            "M2N_CREDIT_REFRESH_MS" => self.credit_refresh = var.ms()?,
+            "M2N_CREDIT_BATCH" => match var.value.parse::<usize>() {
+                Ok(n) if n <= crate::proto::imm::MAX_DEPTH => self.credit_batch = n,
+                _ => {
+                    return Err(var.err(format!(
+                        "expected a release count 0..={} (0: half the depth)",
+                        crate::proto::imm::MAX_DEPTH
+                    )))
+                }
+            },
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The tcp transport's variables; `false` when `var` is none
+    /// of them.
+    fn apply_tcp(&mut self, var: EnvVar) -> Result<bool, ConfigError> {
+        match var.name {
+            "M2N_SOCKET_IFNAME" => {
+                self.tcp.ifname = Some(var.value.to_string()).filter(|v| !v.trim().is_empty())
+            }
+            "M2N_TCP_DATA_DSCP" => self.tcp.data.dscp = var.dscp()?,
+            "M2N_TCP_ACK_DSCP" => self.tcp.ack.dscp = var.dscp()?,
+            "M2N_TCP_DATA_PRIORITY" => self.tcp.data.priority = var.priority()?,
+            "M2N_TCP_ACK_PRIORITY" => self.tcp.ack.priority = var.priority()?,
+            "M2N_TCP_CONGESTION" => self.apply_congestion(var)?,
+            "M2N_TCP_QUEUE_FRAMES" => match var.value.parse::<usize>() {
+                Ok(n) if n > 0 => self.tcp.queue_frames = n,
+                _ => return Err(var.err("expected a positive frame count".into())),
+            },
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// `M2N_TCP_CONGESTION`: `NAME` for both lanes, or `data:NAME,ack:NAME`.
+    fn apply_congestion(&mut self, var: EnvVar) -> Result<(), ConfigError> {
+        let cc = |v: &str| {
+            crate::transport::tcp::sock::Congestion::new(v.trim()).map_err(|e| var.err(e))
+        };
+        if var.value.contains(':') {
+            for part in var.value.split(',') {
+                match part.trim().split_once(':') {
+                    Some(("data", v)) => self.tcp.data.congestion = Some(cc(v)?),
+                    Some(("ack", v)) => self.tcp.ack.congestion = Some(cc(v)?),
+                    _ => {
+                        return Err(
+                            var.err(format!("{part:?}: expected NAME or data:NAME,ack:NAME"))
+                        )
+                    }
+                }
+            }
+        } else {
+            let c = cc(var.value)?;
+            self.tcp.data.congestion = Some(c);
+            self.tcp.ack.congestion = Some(c);
+        }
+        Ok(())
+    }
+
+    /// The verbs transport's variables; `false` when `var` is none
+    /// of them.
+    fn apply_ib(&mut self, var: EnvVar) -> Result<bool, ConfigError> {
+        match var.name {
+            "M2N_IB_DEVICE" => {
+                self.ib.device = Some(var.value.to_string()).filter(|v| !v.trim().is_empty())
+            }
+            "M2N_IB_PORT" => match var.small(255, "a port number")? {
+                0 => return Err(var.err("ports count from 1".into())),
+                p => self.ib.port = Some(p),
+            },
+            "M2N_IB_GID_INDEX" => self.ib.gid_index = Some(var.small(255, "a GID index")?),
+            "M2N_IB_DATA_TC" => self.ib.data.traffic_class = var.small(255, "a traffic class")?,
+            "M2N_IB_ACK_TC" => self.ib.ack.traffic_class = var.small(255, "a traffic class")?,
+            "M2N_IB_DATA_SL" => self.ib.data.service_level = var.small(15, "a service level")?,
+            "M2N_IB_ACK_SL" => self.ib.ack.service_level = var.small(15, "a service level")?,
+            "M2N_IB_TIMEOUT" => self.ib.timeout = var.small(31, "a timeout exponent")?,
+            "M2N_IB_RETRY_CNT" => self.ib.retry_cnt = var.small(7, "a retry count")?,
+            "M2N_IB_RNR_RETRY" => self.ib.rnr_retry = var.small(7, "an RNR retry count")?,
+            "M2N_IB_MTU" => match var.value.parse::<u32>() {
+                Ok(m @ (256 | 512 | 1024 | 2048 | 4096)) => self.ib.mtu = m,
+                _ => return Err(var.err("expected 256, 512, 1024, 2048 or 4096".into())),
+            },
+            "M2N_IB_MAX_INLINE" => self.ib.max_inline = var.bytes()? as u32,
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
     /// Checks relations between fields.
@@ -332,6 +343,68 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// One `M2N_*` variable being applied, and how its value is read; every
+/// error names the variable and its value.
+#[derive(Debug, Clone, Copy)]
+struct EnvVar<'a> {
+    name: &'a str,
+    value: &'a str,
+}
+
+impl EnvVar<'_> {
+    fn err(self, why: String) -> ConfigError {
+        ConfigError {
+            name: self.name.to_string(),
+            value: self.value.to_string(),
+            why,
+        }
+    }
+
+    fn ms(self) -> Result<Duration, ConfigError> {
+        self.value
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| self.err("expected milliseconds".into()))
+    }
+
+    fn depth(self) -> Result<usize, ConfigError> {
+        match self.value.parse::<usize>() {
+            Ok(d) if (1..=crate::proto::imm::MAX_DEPTH).contains(&d) => Ok(d),
+            _ => Err(self.err(format!(
+                "expected a depth in 1..={}",
+                crate::proto::imm::MAX_DEPTH
+            ))),
+        }
+    }
+
+    fn bytes(self) -> Result<usize, ConfigError> {
+        parse_bytes(self.value).map_err(|e| self.err(e))
+    }
+
+    fn dscp(self) -> Result<u8, ConfigError> {
+        match self.value.parse::<u8>() {
+            Ok(d) if d < 64 => Ok(d),
+            _ => Err(self.err("expected a DSCP value in 0..=63".into())),
+        }
+    }
+
+    /// A byte-sized number up to `max`; `what` names it in the error.
+    fn small(self, max: u8, what: &str) -> Result<u8, ConfigError> {
+        match self.value.parse::<u8>() {
+            Ok(x) if x <= max => Ok(x),
+            _ => Err(self.err(format!("expected {what} in 0..={max}"))),
+        }
+    }
+
+    fn priority(self) -> Result<u32, ConfigError> {
+        match self.value.parse::<u32>() {
+            Ok(p) if p <= 15 => Ok(p),
+            _ => Err(self
+                .err("expected a socket priority in 0..=15 (above 6 needs CAP_NET_ADMIN)".into())),
+        }
     }
 }
 
