@@ -273,3 +273,46 @@ fn bad_requests_are_refused_with_the_reason() {
     let r = Reference::load(&model).unwrap();
     assert!(matches!(r.generate(&[], 3), Err(RuntimeError::Request(_))));
 }
+
+/// A checkpoint of a family the runtime does not run (or with an option
+/// its family module does not implement) is refused before any worker
+/// starts, naming the field; it used to be read as Mixtral.
+#[test]
+fn other_families_and_unsupported_options_are_refused() {
+    let dir = TempDir::new("families");
+    let model = checkpoint(dir.path(), "tiny", 5, 1, StoreDtype::Bf16);
+    let config_path = model.join("config.json");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let cases = [
+        ("model_type", serde_json::json!("qwen2_moe"), "qwen2_moe"),
+        ("sliding_window", serde_json::json!(4096), "sliding_window"),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 40.0}),
+            "rope_scaling",
+        ),
+    ];
+    for (field, value, named) in cases {
+        let mut v = original.clone();
+        v[field] = value;
+        std::fs::write(&config_path, v.to_string()).unwrap();
+        let o = moe_run(
+            &[
+                "--model".into(),
+                model.display().to_string(),
+                "--prompt-ids".into(),
+                "1,2".into(),
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(2), "{field}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(named) && stderr(&o).contains("config.json"),
+            "{field}: {}",
+            stderr(&o)
+        );
+        let err = Reference::load(&model).unwrap_err().to_string();
+        assert!(err.contains(named), "{field}: {err}");
+    }
+}

@@ -5,6 +5,7 @@
 //! single-process reference decoder, the oracle ([`reference`]).
 
 pub mod config;
+pub mod family;
 pub mod forward;
 pub mod init;
 pub mod reference;
@@ -42,7 +43,8 @@ pub enum RuntimeError {
     Io(String),
 }
 
-/// Reads `dir/config.json` (Hugging Face naming).
+/// Reads `dir/config.json` (Hugging Face naming) of a model to run: its
+/// family must be one the runtime implements ([`family`]).
 pub fn load_config(dir: &Path) -> Result<ModelConfig, RuntimeError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::Checkpoint {
@@ -53,10 +55,16 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig, RuntimeError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    ModelConfig::from_hf_config(&name, &text).map_err(|e| RuntimeError::Checkpoint {
-        file: path,
-        detail: e.to_string(),
-    })
+    let bad = |detail: String| RuntimeError::Checkpoint {
+        file: path.clone(),
+        detail,
+    };
+    // The family first: a config of another family may parse as a shape
+    // (with the wrong sizes) but must not run.
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    family::Family::of_config(&v).map_err(bad)?;
+    ModelConfig::from_hf_config(&name, &text).map_err(|e| bad(e.to_string()))
 }
 
 /// A preset name or a `config.json` path.

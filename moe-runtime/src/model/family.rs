@@ -1,0 +1,168 @@
+//! Model families: which Hugging Face architectures the runtime runs, and
+//! the configuration options each family's implementation covers. A
+//! checkpoint of another family, or one that sets an option the family
+//! module does not implement (a sliding window, a rope scaling, tied
+//! embeddings...), is refused when its `config.json` is read, before any
+//! worker starts, naming the field and what is supported.
+//!
+//! Today one family runs: Mixtral (`mixtral`, `MixtralForCausalLM`); the
+//! planner reads more shapes (DBRX) than the runtime runs.
+
+use serde_json::Value;
+
+/// A family the runtime implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `transformers/models/mixtral`: GQA attention with rotate-half rope,
+    /// a softmax top-k router renormalised over the chosen experts, SwiGLU
+    /// experts (`w1`, `w3`, `w2`).
+    Mixtral,
+}
+
+/// Every family, with its `model_type` and its `architectures` entry.
+const FAMILIES: &[(Family, &str, &str)] = &[(Family::Mixtral, "mixtral", "MixtralForCausalLM")];
+
+impl Family {
+    pub fn model_type(self) -> &'static str {
+        FAMILIES
+            .iter()
+            .find(|f| f.0 == self)
+            .map(|f| f.1)
+            .expect("every family is listed")
+    }
+
+    pub fn architecture(self) -> &'static str {
+        FAMILIES
+            .iter()
+            .find(|f| f.0 == self)
+            .map(|f| f.2)
+            .expect("every family is listed")
+    }
+
+    /// The family a `config.json` names, with its options checked.
+    pub fn of_config(v: &Value) -> Result<Family, String> {
+        let supported = || {
+            FAMILIES
+                .iter()
+                .map(|f| format!("{} ({})", f.1, f.2))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let model_type = v.get("model_type").and_then(Value::as_str);
+        let family = match model_type {
+            Some(t) => FAMILIES
+                .iter()
+                .find(|f| f.1 == t)
+                .map(|f| f.0)
+                .ok_or_else(|| {
+                    format!(
+                        "model_type {t:?} is not a family this runtime runs; supported: {}",
+                        supported()
+                    )
+                })?,
+            None => {
+                return Err(format!(
+                    "model_type is not set, so the model's family is unknown; supported: {}",
+                    supported()
+                ))
+            }
+        };
+        if let Some(archs) = v.get("architectures") {
+            let names: Vec<&str> = archs
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if !names.contains(&family.architecture()) {
+                return Err(format!(
+                    "architectures {archs} does not name {} (model_type {:?} runs as {})",
+                    family.architecture(),
+                    family.model_type(),
+                    family.architecture()
+                ));
+            }
+        }
+        family.check_options(v)?;
+        Ok(family)
+    }
+
+    /// Refuses an option set to something this family's implementation
+    /// does not compute.
+    fn check_options(self, v: &Value) -> Result<(), String> {
+        let set = |k: &str| v.get(k).filter(|x| !x.is_null());
+        match self {
+            Family::Mixtral => {
+                if let Some(w) = set("sliding_window") {
+                    return Err(format!(
+                        "sliding_window {w}: sliding-window attention is not implemented (null: full attention)"
+                    ));
+                }
+                if let Some(r) = set("rope_scaling") {
+                    return Err(format!(
+                        "rope_scaling {r}: rope scaling is not implemented for mixtral (null: plain rope)"
+                    ));
+                }
+                if let Some(a) = set("hidden_act").filter(|a| a.as_str() != Some("silu")) {
+                    return Err(format!("hidden_act {a}: mixtral's experts run silu only"));
+                }
+                if set("tie_word_embeddings").and_then(Value::as_bool) == Some(true) {
+                    return Err(
+                        "tie_word_embeddings true: tied embeddings are not implemented (the checkpoint must hold lm_head.weight)"
+                            .into(),
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Value {
+        let base = r#"{"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]"#;
+        serde_json::from_str(&format!("{base}{extra}}}")).unwrap()
+    }
+
+    #[test]
+    fn mixtral_is_recognised() {
+        assert_eq!(Family::of_config(&config("")), Ok(Family::Mixtral));
+        let nulls = r#", "sliding_window": null, "rope_scaling": null, "hidden_act": "silu",
+            "tie_word_embeddings": false"#;
+        assert_eq!(Family::of_config(&config(nulls)), Ok(Family::Mixtral));
+    }
+
+    #[test]
+    fn other_families_and_options_are_refused_by_name() {
+        let v: Value = serde_json::from_str(r#"{"model_type": "qwen2_moe"}"#).unwrap();
+        let err = Family::of_config(&v).unwrap_err();
+        assert!(
+            err.contains("qwen2_moe") && err.contains("mixtral"),
+            "{err}"
+        );
+        let v: Value = serde_json::from_str(r#"{"hidden_size": 8}"#).unwrap();
+        assert!(Family::of_config(&v)
+            .unwrap_err()
+            .contains("model_type is not set"));
+        let v: Value = serde_json::from_str(
+            r#"{"model_type": "mixtral", "architectures": ["DbrxForCausalLM"]}"#,
+        )
+        .unwrap();
+        assert!(Family::of_config(&v)
+            .unwrap_err()
+            .contains("DbrxForCausalLM"));
+        for (extra, field) in [
+            (r#", "sliding_window": 4096"#, "sliding_window"),
+            (
+                r#", "rope_scaling": {"type": "yarn", "factor": 4.0}"#,
+                "rope_scaling",
+            ),
+            (r#", "hidden_act": "gelu""#, "hidden_act"),
+            (r#", "tie_word_embeddings": true"#, "tie_word_embeddings"),
+        ] {
+            let err = Family::of_config(&config(extra)).unwrap_err();
+            assert!(err.starts_with(field), "{field}: {err}");
+        }
+    }
+}
