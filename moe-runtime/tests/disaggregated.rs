@@ -209,3 +209,55 @@ fn under_mpiexec_the_same_tokens() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), want);
 }
+
+/// `--score` (teacher forcing, one pass over the whole sequence) gives the
+/// greedy continuation exactly the log-probabilities generation reported
+/// token by token (the kernels are batch-invariant), and one score per
+/// token after the first.
+#[test]
+fn teacher_forced_scores_match_generation() {
+    let dir = TempDir::new("score");
+    let model = checkpoint(dir.path(), "tiny", 11, 1, StoreDtype::Bf16);
+    let prompt: Vec<u32> = vec![7, 3, 250, 9];
+    let out = reference(&model, std::slice::from_ref(&prompt), 6);
+    let got = results(&out);
+    let (tokens, logprobs) = &got[0];
+    let mut seq = prompt.clone();
+    seq.extend(tokens);
+    let ids: Vec<String> = seq.iter().map(|t| t.to_string()).collect();
+    let o = moe_run(
+        &[
+            "--model".into(),
+            model.display().to_string(),
+            "--reference".into(),
+            "--score".into(),
+            "--prompt-ids".into(),
+            ids.join(","),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let scores: Vec<f32> = text
+        .trim()
+        .strip_prefix("scores: ")
+        .unwrap_or_else(|| panic!("{text}"))
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(scores.len(), seq.len() - 1);
+    assert_eq!(&scores[prompt.len() - 1..], &logprobs[..]);
+    assert!(scores.iter().all(|s| s.is_finite() && *s <= 0.0));
+    // --score without --reference is refused by the argument parser.
+    let o = moe_run(
+        &[
+            "--model".into(),
+            model.display().to_string(),
+            "--score".into(),
+            "--prompt-ids".into(),
+            "1,2".into(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

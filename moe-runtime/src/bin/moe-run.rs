@@ -2,7 +2,8 @@
 //! (M attention and N expert worker processes joined by m2n), or with
 //! `--reference` in one process. Prints, in the order the prompts were
 //! given, `tokens: <ids>` per prompt and with `--logprobs` a
-//! `logprobs: <values>` line after it.
+//! `logprobs: <values>` line after it; with `--reference --score`, a
+//! `scores: <values>` line per prompt (teacher-forced log-probabilities).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,11 @@ struct Args {
     /// Also print each generated token's log-probability.
     #[arg(long)]
     logprobs: bool,
+    /// Instead of generating, print each prompt's teacher-forced scores:
+    /// a `scores:` line with the log-probability of every token after the
+    /// first given those before it (with --reference).
+    #[arg(long, requires = "reference")]
+    score: bool,
     /// Longest wait for a peer's round before giving up.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -151,6 +157,11 @@ fn reference(a: &Args, prompts: &[Vec<u32>]) -> ExitCode {
     let run = || -> Result<(), RuntimeError> {
         let r = Reference::load(a.model_dir())?;
         for p in prompts {
+            if a.score {
+                let lps: Vec<String> = r.score(p)?.iter().map(|v| format!("{v:?}")).collect();
+                println!("scores: {}", lps.join(" "));
+                continue;
+            }
             let mut out = r.generate(p, a.max_new_tokens)?;
             if let Some(k) = out.iter().position(|t| a.stop_ids.contains(&t.0)) {
                 out.truncate(k + 1);

@@ -76,6 +76,35 @@ impl Reference {
         Ok(out)
     }
 
+    /// Teacher-forced scores: for each token of `tokens` after the first,
+    /// its natural-log probability given the tokens before it (one
+    /// forward pass over the whole sequence, the LM head on every row).
+    /// The way to compare two implementations without greedy divergence.
+    pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        check_prompt(tokens, self.config.vocab)?;
+        let s = &self.shape;
+        let mut caches = vec![KvCache::default(); self.config.layers as usize];
+        let (mut sc, mut ffn) = (Scratch::default(), FfnScratch::default());
+        let mut x = Vec::new();
+        forward::embed(&self.attn, s.hidden, tokens, &mut x);
+        for (l, cache) in caches.iter_mut().enumerate() {
+            let mut segs = [Segment {
+                cache,
+                start: 0,
+                len: tokens.len(),
+            }];
+            self.layer(l, &mut x, &mut segs, &mut sc, &mut ffn);
+        }
+        let mut logits = Vec::new();
+        let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
+        for (i, &next) in tokens.iter().enumerate().skip(1) {
+            let row = &x[(i - 1) * s.hidden..i * s.hidden];
+            forward::lm_head(s, &self.attn, row, &mut logits, &mut sc);
+            out.push(forward::logprob(&logits, next as usize));
+        }
+        Ok(out)
+    }
+
     /// Every layer on a batch of rows (`segs` cover them in order), in
     /// this process: what the colocated baseline runs.
     pub fn forward(
