@@ -219,8 +219,11 @@ impl ModelConfig {
             ffn: need(&["intermediate_size", "ffn_config.ffn_hidden_size"])?,
             vocab: need(&["vocab_size"])?,
             dtype_bytes: 2,
+            // Top level (transformers 4), in `rope_parameters`
+            // (transformers 5), or DBRX's attention config.
             rope_theta: v
                 .get("rope_theta")
+                .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")))
                 .or_else(|| v.get("attn_config").and_then(|a| a.get("rope_theta")))
                 .and_then(|x| x.as_f64())
                 .unwrap_or(default_rope_theta()),
@@ -295,6 +298,14 @@ mod tests {
         assert_eq!(
             ModelConfig::from_hf_config("dbrx", dbrx).unwrap(),
             ModelConfig::preset("dbrx").unwrap()
+        );
+        // transformers 5 keeps the theta in `rope_parameters`.
+        let v5 = r#"{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128,
+            "vocab_size": 320, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}}"#;
+        assert_eq!(
+            ModelConfig::from_hf_config("v5", v5).unwrap().rope_theta,
+            5000.0
         );
         let err = ModelConfig::from_hf_config("x", r#"{"hidden_size": 1}"#)
             .unwrap_err()

@@ -96,10 +96,17 @@ impl Family {
                         "sliding_window {w}: sliding-window attention is not implemented (null: full attention)"
                     ));
                 }
-                if let Some(r) = set("rope_scaling") {
-                    return Err(format!(
-                        "rope_scaling {r}: rope scaling is not implemented for mixtral (null: plain rope)"
-                    ));
+                // transformers 4 writes `rope_scaling` (null when plain);
+                // transformers 5 writes `rope_parameters` with a
+                // `rope_type` ("default" when plain) and the theta.
+                for key in ["rope_scaling", "rope_parameters"] {
+                    let Some(r) = set(key) else { continue };
+                    let kind = r.get("rope_type").or_else(|| r.get("type"));
+                    if kind.and_then(Value::as_str) != Some("default") {
+                        return Err(format!(
+                            "{key} {r}: rope scaling is not implemented for mixtral (plain rope only: rope_type \"default\")"
+                        ));
+                    }
                 }
                 if let Some(a) = set("hidden_act").filter(|a| a.as_str() != Some("silu")) {
                     return Err(format!("hidden_act {a}: mixtral's experts run silu only"));
@@ -131,6 +138,8 @@ mod tests {
         let nulls = r#", "sliding_window": null, "rope_scaling": null, "hidden_act": "silu",
             "tie_word_embeddings": false"#;
         assert_eq!(Family::of_config(&config(nulls)), Ok(Family::Mixtral));
+        let v5 = r#", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}"#;
+        assert_eq!(Family::of_config(&config(v5)), Ok(Family::Mixtral));
     }
 
     #[test]
@@ -157,6 +166,10 @@ mod tests {
             (
                 r#", "rope_scaling": {"type": "yarn", "factor": 4.0}"#,
                 "rope_scaling",
+            ),
+            (
+                r#", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}"#,
+                "rope_parameters",
             ),
             (r#", "hidden_act": "gelu""#, "hidden_act"),
             (r#", "tie_word_embeddings": true"#, "tie_word_embeddings"),
