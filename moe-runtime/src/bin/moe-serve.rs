@@ -9,15 +9,16 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use m2n::Role;
-use moe_runtime::launch;
+use moe_runtime::launch::{self, WorkerOutput};
 use moe_runtime::model::weights::Checkpoint;
-use moe_runtime::model::{load_config, RuntimeError};
+use moe_runtime::model::{load_config, ModelConfig, RuntimeError};
 use moe_runtime::serve::control::{self, CONTROL_ADDR_ENV};
-use moe_runtime::serve::engine::{self, EngineConfig};
+use moe_runtime::serve::engine::{self, EngineConfig, EngineHandle};
 use moe_runtime::serve::http::{self, AppState};
 use moe_runtime::serve::metrics::Metrics;
 use moe_runtime::serve::tokenizer::Tokenizer;
@@ -110,34 +111,91 @@ fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
     })
 }
 
+/// The server: checks the model and flags, starts the workers and the
+/// engine, serves HTTP until a signal has drained it, then reports how the
+/// workers ended.
 fn server(a: &Args) -> Result<(), RuntimeError> {
+    let config = checked_config(a)?;
+    let tokenizer = Tokenizer::load(&a.model, config.vocab as usize)?;
+    let name = served_model_name(a, &config);
+    let (http, addr) = listen(a)?;
+    let control = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| RuntimeError::Io(format!("control listener: {e}")))?;
+    let control_addr = control
+        .local_addr()
+        .map_err(|e| RuntimeError::Io(e.to_string()))?;
+    let group = spawn_workers(a, control_addr)?;
+    let metrics = Arc::new(Metrics::new(&name));
+    let accept_timeout = Duration::from_secs(120);
+    let (engine, engine_thread) =
+        match engine::start(control, engine_config(a), metrics.clone(), accept_timeout) {
+            Ok(x) => x,
+            Err(e) => return Err(workers_did_not_start(group, e)),
+        };
+    let watcher = watch_workers(group, engine.clone(), deployment(a));
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        tokenizer: Arc::new(tokenizer),
+        metrics,
+        model: name,
+        max_model_len: a.max_model_len,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        engine_vocab: config.vocab as usize,
+    });
+    // Lives to the end: tasks still running after the HTTP server stops
+    // (streams the drain ends) go with it, after the workers' report.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| RuntimeError::Io(format!("tokio: {e}")))?;
+    serve_http(&rt, a, http, addr, state, &engine)?;
+    let _ = engine_thread.join();
+    let outs = watcher.join().unwrap_or_default();
+    stopped(&engine, &outs)
+}
+
+/// The model's configuration, once the deployment, the checkpoint and the
+/// batch flags are known to fit it.
+fn checked_config(a: &Args) -> Result<ModelConfig, RuntimeError> {
     let config = load_config(&a.model)?;
-    let deploy = deployment(a);
-    deploy.validate(&config)?;
+    deployment(a).validate(&config)?;
     Checkpoint::open(&a.model)?.verify(&config)?;
     if a.max_batch == 0 || a.max_model_len < 2 {
         return Err(RuntimeError::Config(
             "--max-batch must be >= 1 and --max-model-len >= 2".into(),
         ));
     }
-    let tokenizer = Tokenizer::load(&a.model, config.vocab as usize)?;
-    let name = a.served_model_name.clone().unwrap_or_else(|| {
+    Ok(config)
+}
+
+/// `--served-model-name`, else the model directory's name, else the
+/// configuration's.
+fn served_model_name(a: &Args, config: &ModelConfig) -> String {
+    a.served_model_name.clone().unwrap_or_else(|| {
         a.model
             .canonicalize()
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| config.name.clone())
-    });
+    })
+}
+
+/// The HTTP listener on `--host`/`--port`.
+fn listen(a: &Args) -> Result<(TcpListener, SocketAddr), RuntimeError> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .map_err(|e| RuntimeError::Config(format!("--host {} --port {}: {e}", a.host, a.port)))?;
     let http = TcpListener::bind(addr)
         .map_err(|e| RuntimeError::Io(format!("cannot listen on {addr}: {e}")))?;
-    let control = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| RuntimeError::Io(format!("control listener: {e}")))?;
-    let control_addr = control
-        .local_addr()
-        .map_err(|e| RuntimeError::Io(e.to_string()))?;
+    Ok((http, addr))
+}
+
+/// Starts the worker processes (this executable with `--worker`); the
+/// attention workers dial the engine at `control_addr`.
+fn spawn_workers(a: &Args, control_addr: SocketAddr) -> Result<launch::Group, RuntimeError> {
     let mut args: Vec<String> = vec![
         "--model".into(),
         a.model.display().to_string(),
@@ -152,9 +210,12 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
     ];
     args.shrink_to_fit();
     let env = [(CONTROL_ADDR_ENV.to_string(), control_addr.to_string())];
-    let mut group = launch::spawn(&deploy, &args, &env, Duration::from_secs(120), true)?;
-    let metrics = Arc::new(Metrics::new(&name));
-    let cfg = EngineConfig {
+    launch::spawn(&deployment(a), &args, &env, Duration::from_secs(120), true)
+}
+
+/// The scheduler's limits from the flags.
+fn engine_config(a: &Args) -> EngineConfig {
+    EngineConfig {
         attention: a.attention,
         max_batch: a.max_batch,
         max_queue: a.max_queue,
@@ -162,92 +223,95 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
             .kv_tokens
             .unwrap_or_else(|| (a.max_batch * a.max_model_len).div_ceil(a.attention)),
         step_timeout: Duration::from_secs(120),
-    };
-    let (engine, engine_thread) =
-        match engine::start(control, cfg, metrics.clone(), Duration::from_secs(120)) {
-            Ok(x) => x,
-            Err(e) => {
-                group.kill_all();
-                let outs = group.wait(Duration::from_secs(1));
-                let why = launch::verdict(&outs).err().unwrap_or_default();
-                return Err(RuntimeError::Io(format!(
-                    "the workers did not start: {e}\n{why}"
-                )));
+    }
+}
+
+/// The engine could not start (`e`): stops the group and says why, with
+/// what the workers reported.
+fn workers_did_not_start(mut group: launch::Group, e: String) -> RuntimeError {
+    group.kill_all();
+    let outs = group.wait(Duration::from_secs(1));
+    let why = launch::verdict(&outs).err().unwrap_or_default();
+    RuntimeError::Io(format!("the workers did not start: {e}\n{why}"))
+}
+
+/// Watches the worker processes: one that exits takes the server's
+/// health. Once the engine has stopped, waits for the workers (10 s at
+/// most), and the thread returns how each ended.
+fn watch_workers(
+    mut group: launch::Group,
+    engine: EngineHandle,
+    deploy: Deployment,
+) -> JoinHandle<Vec<WorkerOutput>> {
+    std::thread::spawn(move || loop {
+        let gone = group.exited();
+        if let Some((role, rank, status)) = gone.first() {
+            if !engine.shared.draining() {
+                engine.lost(format!("{role} {rank} exited ({status})"));
             }
-        };
-    // Watch the worker processes: one that exits takes the server's health.
-    let watcher = {
-        let engine = engine.clone();
-        std::thread::spawn(move || {
-            loop {
-                let gone = group.exited();
-                if let Some((role, rank, status)) = gone.first() {
-                    if !engine.shared.draining() {
-                        engine.lost(format!("{role} {rank} exited ({status})"));
-                    }
-                }
-                if engine.shared.stopped() {
-                    // Workers finish their last step and exit on their own.
-                    let t0 = Instant::now();
-                    while group.exited().len() < deploy.attention + deploy.experts
-                        && t0.elapsed() < Duration::from_secs(10)
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    group.kill_all();
-                    return group.wait(Duration::from_secs(1));
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        }
+        if engine.shared.stopped() {
+            // Workers finish their last step and exit on their own.
+            let t0 = Instant::now();
+            while group.exited().len() < deploy.attention + deploy.experts
+                && t0.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(20));
             }
-        })
-    };
-    let state = Arc::new(AppState {
-        engine: engine.clone(),
-        tokenizer: Arc::new(tokenizer),
-        metrics,
-        model: name.clone(),
-        max_model_len: a.max_model_len,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        engine_vocab: config.vocab as usize,
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| RuntimeError::Io(format!("tokio: {e}")))?;
+            group.kill_all();
+            return group.wait(Duration::from_secs(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    })
+}
+
+/// Serves HTTP on `http`, on `rt`, until SIGTERM or SIGINT, which drains
+/// the engine (running requests get `--drain-timeout-s`).
+fn serve_http(
+    rt: &tokio::runtime::Runtime,
+    a: &Args,
+    http: TcpListener,
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    engine: &EngineHandle,
+) -> Result<(), RuntimeError> {
     let drain = Duration::from_secs(a.drain_timeout_s);
-    let served: Result<(), RuntimeError> = rt.block_on(async {
+    rt.block_on(async {
         http.set_nonblocking(true).map_err(|e| RuntimeError::Io(e.to_string()))?;
         let listener = tokio::net::TcpListener::from_std(http).map_err(|e| RuntimeError::Io(e.to_string()))?;
         println!(
-            "moe-serve: model {name} ({} attention x {} expert workers, {} micro-batches, {}) listening on http://{addr}",
+            "moe-serve: model {} ({} attention x {} expert workers, {} micro-batches, {}) listening on http://{addr}",
+            state.model,
             a.attention,
             a.experts,
             a.microbatches,
             state.tokenizer.describe()
         );
-        let engine2 = engine.clone();
-        let shutdown = async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            eprintln!("moe-serve: draining (up to {drain:?})");
-            engine2.drain(Instant::now() + drain);
-        };
         axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(drain_on_signal(engine.clone(), drain))
             .await
             .map_err(|e| RuntimeError::Io(format!("HTTP server: {e}")))
-    });
-    served?;
-    let _ = engine_thread.join();
-    let outs = watcher.join().unwrap_or_default();
+    })
+}
+
+/// Waits for SIGTERM or SIGINT, then drains the engine: no new requests,
+/// running ones get until `drain` from now.
+async fn drain_on_signal(engine: EngineHandle, drain: Duration) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("moe-serve: draining (up to {drain:?})");
+    engine.drain(Instant::now() + drain);
+}
+
+/// After the drain: an error if the engine stopped unhealthy; else the
+/// workers that did not end well are named, and the server says it
+/// stopped.
+fn stopped(engine: &EngineHandle, outs: &[WorkerOutput]) -> Result<(), RuntimeError> {
     let failed: Vec<String> = outs
         .iter()
         .filter(|o| !o.ok())
