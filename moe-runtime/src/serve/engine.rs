@@ -3,7 +3,9 @@
 //! One thread owns the control connections ([`super::control`]) and every
 //! scheduling decision; HTTP handlers talk to it through [`EngineHandle`]
 //! (a channel in, one event stream per request out), so nothing on the
-//! m2n path takes a lock shared with the HTTP side.
+//! m2n path takes a lock shared with the HTTP side. The handle speaks the
+//! server's types ([`super::api`]); the engine converts them to and from
+//! the attention worker's in one place (`to_worker`, `from_worker`).
 //!
 //! Each loop: take new requests and cancellations; drop sequences whose
 //! client went away; admit waiting requests while the batch (`max_batch`
@@ -24,9 +26,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::api::{FinishReason, GenerateRequest, GeneratedToken, RequestId};
 use super::control::{FromWorker, ToWorker};
 use super::metrics::Metrics;
-use crate::worker::attention::{Request, SeqId, Token};
+use crate::worker::attention::{Finish, Request, Sampling, SeqId, Token};
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +48,7 @@ pub struct EngineConfig {
 /// What a request's stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
-    Token(Token),
+    Token(GeneratedToken),
     /// The request ends with an error (HTTP status, message).
     Error(u16, String),
 }
@@ -135,8 +138,8 @@ impl EngineHandle {
     /// Queues a request; its tokens come on the returned stream.
     pub fn submit(
         &self,
-        request: Request,
-    ) -> Result<(SeqId, UnboundedReceiver<SeqEvent>), Refused> {
+        request: GenerateRequest,
+    ) -> Result<(RequestId, UnboundedReceiver<SeqEvent>), Refused> {
         if let Some(why) = self.shared.unhealthy() {
             return Err(Refused::Unavailable(why));
         }
@@ -154,7 +157,7 @@ impl EngineHandle {
             .tx
             .send(Cmd::Submit {
                 id,
-                request,
+                request: to_worker(request),
                 events,
             })
             .is_err()
@@ -166,7 +169,7 @@ impl EngineHandle {
     }
 
     /// Ends a request (its client left, or a stop string matched).
-    pub fn cancel(&self, id: SeqId) {
+    pub fn cancel(&self, id: RequestId) {
         let _ = self.tx.send(Cmd::Cancel(id));
     }
 
@@ -180,6 +183,40 @@ impl EngineHandle {
     pub fn drain(&self, deadline: Instant) {
         self.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.tx.send(Cmd::Drain(deadline));
+    }
+}
+
+// The one place the server's types meet the attention worker's: a
+// request becomes the worker's `Request` when it is submitted (its id is
+// its sequence's id), and each of its tokens comes back as a
+// `GeneratedToken`.
+
+/// The worker's form of a request.
+fn to_worker(r: GenerateRequest) -> Request {
+    Request {
+        prompt: r.prompt,
+        max_new: r.max_tokens,
+        stop: r.stop_tokens,
+        sampling: Sampling {
+            temperature: r.sampling.temperature,
+            top_p: r.sampling.top_p,
+            seed: r.sampling.seed,
+            top_logprobs: r.sampling.top_logprobs,
+        },
+    }
+}
+
+/// The server's form of a token the workers made (its sequence's id is
+/// already known to whoever receives it).
+fn from_worker(t: Token) -> GeneratedToken {
+    GeneratedToken {
+        token: t.token,
+        logprob: t.logprob,
+        top: t.top,
+        finish: t.finish.map(|f| match f {
+            Finish::Stop => FinishReason::Stop,
+            Finish::Length => FinishReason::Length,
+        }),
     }
 }
 
@@ -546,7 +583,7 @@ impl Engine {
         let Some(r) = self.running.get(&id) else {
             return; // cancelled meanwhile
         };
-        let _ = r.events.send(SeqEvent::Token(t));
+        let _ = r.events.send(SeqEvent::Token(from_worker(t)));
         if finished {
             if let Some(r) = self.running.remove(&id) {
                 self.release(&r);
@@ -557,6 +594,63 @@ impl Engine {
     fn shutdown_workers(&mut self) {
         for r in 0..self.cfg.attention {
             let _ = self.send(r, &ToWorker::Shutdown);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::api::SamplingParams;
+
+    #[test]
+    fn requests_and_tokens_cross_to_the_worker_and_back_field_for_field() {
+        let r = GenerateRequest {
+            prompt: vec![5, 6, 7],
+            max_tokens: 9,
+            stop_tokens: vec![2],
+            sampling: SamplingParams {
+                temperature: 0.5,
+                top_p: 0.9,
+                seed: 42,
+                top_logprobs: 3,
+            },
+        };
+        assert_eq!(
+            to_worker(r),
+            Request {
+                prompt: vec![5, 6, 7],
+                max_new: 9,
+                stop: vec![2],
+                sampling: Sampling {
+                    temperature: 0.5,
+                    top_p: 0.9,
+                    seed: 42,
+                    top_logprobs: 3,
+                },
+            }
+        );
+        for (finish, reason) in [
+            (None, None),
+            (Some(Finish::Stop), Some(FinishReason::Stop)),
+            (Some(Finish::Length), Some(FinishReason::Length)),
+        ] {
+            let t = Token {
+                seq: 1,
+                token: 11,
+                logprob: -0.25,
+                top: vec![(11, -0.25), (12, -2.0)],
+                finish,
+            };
+            assert_eq!(
+                from_worker(t),
+                GeneratedToken {
+                    token: 11,
+                    logprob: -0.25,
+                    top: vec![(11, -0.25), (12, -2.0)],
+                    finish: reason,
+                }
+            );
         }
     }
 }

@@ -21,11 +21,11 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::api::{FinishReason, GenerateRequest, GeneratedToken, RequestId};
 use super::engine::{EngineHandle, Refused, SeqEvent};
 use super::metrics::Metrics;
 use super::request::{parse, Kind, Parsed};
 use super::tokenizer::{Detokenizer, Tokenizer};
-use crate::worker::attention::{Finish, Request, Token};
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -135,28 +135,28 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 #[derive(Debug)]
 struct Progress {
     detok: Detokenizer,
-    tokens: Vec<Token>,
+    tokens: Vec<GeneratedToken>,
     finish: Option<&'static str>,
     start: Instant,
     first: Option<Instant>,
 }
 
-fn finish_name(f: Finish) -> &'static str {
+fn finish_name(f: FinishReason) -> &'static str {
     match f {
-        Finish::Stop => "stop",
-        Finish::Length => "length",
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
     }
 }
 
 impl Progress {
     /// Takes one token; returns the new text.
-    fn push(&mut self, st: &AppState, t: Token) -> String {
+    fn push(&mut self, st: &AppState, t: GeneratedToken) -> String {
         if self.first.is_none() {
             let now = Instant::now();
             self.first = Some(now);
             st.metrics.ttft.observe((now - self.start).as_secs_f64());
         }
-        let is_eos = t.finish == Some(Finish::Stop) && st.tokenizer.eos_id() == Some(t.token);
+        let is_eos = t.finish == Some(FinishReason::Stop) && st.tokenizer.eos_id() == Some(t.token);
         let mut text = if is_eos {
             String::new()
         } else {
@@ -198,7 +198,7 @@ fn token_text(st: &AppState, id: u32, ids: bool) -> String {
 }
 
 /// Chat logprobs of some tokens: `{"content": [...]}` entries.
-fn chat_logprobs(st: &AppState, toks: &[Token], ids: bool) -> Value {
+fn chat_logprobs(st: &AppState, toks: &[GeneratedToken], ids: bool) -> Value {
     let entry = |id: u32, lp: f32| {
         let text = token_text(st, id, ids);
         json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
@@ -215,7 +215,7 @@ fn chat_logprobs(st: &AppState, toks: &[Token], ids: bool) -> Value {
 }
 
 /// Completion logprobs: `{tokens, token_logprobs, top_logprobs, text_offset}`.
-fn completion_logprobs(st: &AppState, toks: &[Token], offset0: usize, ids: bool) -> Value {
+fn completion_logprobs(st: &AppState, toks: &[GeneratedToken], offset0: usize, ids: bool) -> Value {
     let mut offset = offset0;
     let mut tokens = Vec::new();
     let mut lps = Vec::new();
@@ -260,10 +260,10 @@ async fn serve(st: Arc<AppState>, body: Bytes, kind: Kind) -> Response {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let request = Request {
+    let request = GenerateRequest {
         prompt: p.prompt.clone(),
-        max_new: p.max_tokens,
-        stop: if p.ignore_eos {
+        max_tokens: p.max_tokens,
+        stop_tokens: if p.ignore_eos {
             Vec::new()
         } else {
             st.tokenizer.eos_id().into_iter().collect()
@@ -299,7 +299,7 @@ async fn whole(
     st: Arc<AppState>,
     p: Parsed,
     kind: Kind,
-    id: u64,
+    id: RequestId,
     rid: String,
     mut rx: UnboundedReceiver<SeqEvent>,
     mut pr: Progress,
@@ -356,7 +356,7 @@ async fn whole(
 /// Cancels a sequence in the engine when dropped while armed.
 struct CancelOnDrop {
     engine: EngineHandle,
-    id: u64,
+    id: RequestId,
     armed: bool,
 }
 
@@ -391,7 +391,7 @@ async fn stream_task(
     st: Arc<AppState>,
     p: Parsed,
     kind: Kind,
-    id: u64,
+    id: RequestId,
     rid: String,
     mut rx: UnboundedReceiver<SeqEvent>,
     mut pr: Progress,

@@ -3,6 +3,7 @@
 //! responses; `request`: request bodies, parsed and checked) and its
 //! metrics.
 
+pub mod api;
 pub mod control;
 pub mod engine;
 pub mod http;

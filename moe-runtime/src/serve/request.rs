@@ -7,9 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::http::StatusCode;
 use serde_json::{Map, Value};
 
+use super::api::SamplingParams;
 use super::http::{ApiError, AppState};
 use super::tokenizer::ChatMessage;
-use crate::worker::attention::Sampling;
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,7 +23,7 @@ pub(super) enum Kind {
 pub(super) struct Parsed {
     pub(super) prompt: Vec<u32>,
     pub(super) max_tokens: usize,
-    pub(super) sampling: Sampling,
+    pub(super) sampling: SamplingParams,
     pub(super) stop: Vec<String>,
     pub(super) stream: bool,
     pub(super) include_usage: bool,
@@ -104,7 +104,7 @@ pub(super) fn parse(st: &AppState, body: &[u8], kind: Kind) -> Result<Parsed, Ap
         ids_as_tokens,
         prompt,
         max_tokens,
-        sampling: Sampling {
+        sampling: SamplingParams {
             top_logprobs,
             ..sampling
         },
@@ -317,7 +317,7 @@ fn max_tokens(
 
 /// `temperature`, `top_p` and `seed` (the clock's nanoseconds when not
 /// given); `top_logprobs` is left 0 for [`logprobs`] to set.
-fn sampling(v: &Map<String, Value>) -> Result<Sampling, ApiError> {
+fn sampling(v: &Map<String, Value>) -> Result<SamplingParams, ApiError> {
     let temperature = number(v, "temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
     let top_p = number(v, "top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
     if field(v, "top_p").is_some() && top_p <= 0.0 {
@@ -330,7 +330,7 @@ fn sampling(v: &Map<String, Value>) -> Result<Sampling, ApiError> {
             .map(|s| s as u64)
             .ok_or_else(|| ApiError::bad("seed", format!("seed must be an integer, got {x}")))?,
     };
-    Ok(Sampling {
+    Ok(SamplingParams {
         temperature,
         top_p,
         seed,
