@@ -316,3 +316,34 @@ fn other_families_and_unsupported_options_are_refused() {
         assert!(err.contains(named), "{field}: {err}");
     }
 }
+
+/// A checkpoint whose tensors are another family's than its config says
+/// is refused naming the first tensor the family needs and lacks.
+#[test]
+fn a_checkpoint_missing_its_familys_tensors_names_them() {
+    let dir = TempDir::new("family-tensors");
+    let model = checkpoint(dir.path(), "tiny", 5, 1, StoreDtype::Bf16);
+    let config_path = model.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    v["model_type"] = serde_json::json!("qwen3_moe");
+    v["architectures"] = serde_json::json!(["Qwen3MoeForCausalLM"]);
+    v["norm_topk_prob"] = serde_json::json!(true);
+    std::fs::write(&config_path, v.to_string()).unwrap();
+    let err = Reference::load(&model).unwrap_err().to_string();
+    assert!(
+        err.contains("model.layers.0.self_attn.q_norm.weight") && err.contains("missing"),
+        "{err}"
+    );
+    let o = moe_run(
+        &[
+            "--model".into(),
+            model.display().to_string(),
+            "--prompt-ids".into(),
+            "1,2".into(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("q_norm"), "{}", stderr(&o));
+}

@@ -15,13 +15,28 @@ fn top_k(logits: &[f32], k: usize) -> Route {
         experts: Vec::new(),
         weights: Vec::new(),
     };
-    top_k_into(logits, k, &mut Vec::new(), &mut Vec::new(), &mut route);
+    top_k_into(
+        logits,
+        k,
+        true,
+        &mut Vec::new(),
+        &mut Vec::new(),
+        &mut route,
+    );
     route
 }
 
 /// The top `k` of `logits` into `out`, reusing its vectors and the
-/// buffers `p` and `idx`.
-fn top_k_into(logits: &[f32], k: usize, p: &mut Vec<f32>, idx: &mut Vec<usize>, out: &mut Route) {
+/// buffers `p` and `idx`. Weights: the softmax probabilities of the chosen
+/// experts, renormalised to sum to one when `renormalize`.
+fn top_k_into(
+    logits: &[f32],
+    k: usize,
+    renormalize: bool,
+    p: &mut Vec<f32>,
+    idx: &mut Vec<usize>,
+    out: &mut Route,
+) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     p.clear();
     p.extend(logits.iter().map(|l| (l - max).exp()));
@@ -31,7 +46,11 @@ fn top_k_into(logits: &[f32], k: usize, p: &mut Vec<f32>, idx: &mut Vec<usize>, 
     // order, so the unstable sort is deterministic and allocates nothing).
     idx.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     let top = &idx[..k];
-    let sum: f32 = top.iter().map(|&i| p[i]).sum();
+    let sum: f32 = if renormalize {
+        top.iter().map(|&i| p[i]).sum()
+    } else {
+        p.iter().sum()
+    };
     out.experts.clear();
     out.experts.extend_from_slice(top);
     out.weights.clear();
@@ -65,6 +84,7 @@ pub fn route(x: &[bf16], hidden: usize, w: &[bf16], experts: usize, k: usize) ->
         w,
         experts,
         k,
+        true,
         &mut RouterScratch::default(),
         &mut out,
     );
@@ -82,13 +102,17 @@ pub struct RouterScratch {
 
 /// [`route`] into `out`, whose routes are reused (it grows to the largest
 /// batch and never shrinks): returns this batch's routes, `out[..n]`. No
-/// allocation once the buffers have grown.
+/// allocation once the buffers have grown. `renormalize`: the chosen
+/// experts' weights sum to one (Mixtral; Qwen3-MoE's `norm_topk_prob`),
+/// else they are their softmax probabilities over all experts.
+#[allow(clippy::too_many_arguments)]
 pub fn route_into<'a>(
     x: &[bf16],
     hidden: usize,
     w: &[bf16],
     experts: usize,
     k: usize,
+    renormalize: bool,
     sc: &mut RouterScratch,
     out: &'a mut Vec<Route>,
 ) -> &'a [Route] {
@@ -107,7 +131,7 @@ pub fn route_into<'a>(
         });
     }
     for (l, r) in logits.chunks(experts).zip(out.iter_mut()) {
-        top_k_into(l, k, p, idx, r);
+        top_k_into(l, k, renormalize, p, idx, r);
     }
     &out[..n]
 }

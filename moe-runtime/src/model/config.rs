@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::family::Family;
+
 /// A model description that cannot be read (the planner reports it as
 /// its own [`crate::plan::PlanError`]).
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -12,10 +14,13 @@ pub enum ModelConfigError {
     BadConfig(String),
 }
 
-/// The shape of a Mixtral-style MoE decoder.
+/// The shape of an MoE decoder of one of the [`Family`]s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub name: String,
+    /// Which architecture (what the layer computes besides its shape).
+    #[serde(default)]
+    pub family: Family,
     /// Hidden size h.
     pub hidden: u64,
     /// Decoder layers L.
@@ -38,6 +43,14 @@ pub struct ModelConfig {
     /// RMSNorm epsilon (`rms_norm_eps`).
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f64,
+    /// The router renormalises the chosen experts' weights to sum to one
+    /// (Mixtral always; Qwen3-MoE when `norm_topk_prob`).
+    #[serde(default = "default_norm_topk")]
+    pub norm_topk: bool,
+}
+
+fn default_norm_topk() -> bool {
+    true
 }
 
 fn default_rope_theta() -> f64 {
@@ -60,7 +73,12 @@ impl ModelConfig {
         let kv = 2 * self.hidden * self.kv_heads * self.head_dim;
         let o = self.heads * self.head_dim * self.hidden;
         let router = self.hidden * self.experts;
-        q + kv + o + router + 2 * self.hidden
+        let qk_norm = if self.family.qk_norm() {
+            2 * self.head_dim
+        } else {
+            0
+        };
+        q + kv + o + router + 2 * self.hidden + qk_norm
     }
 
     /// P_a: everything an attention node holds (all layers' attention,
@@ -89,13 +107,14 @@ impl ModelConfig {
     }
 
     /// The presets: the paper's three models, and small shapes that run in
-    /// seconds on a CPU (`tiny`, and `mixtral-mini` / `dbrx-mini`, which keep
+    /// seconds on a CPU (`tiny`, `qwen3-mini`, and `mixtral-mini` / `dbrx-mini`, which keep
     /// the published expert counts, top-k, a 4:1 GQA group and the FFN to
     /// hidden ratio).
     pub fn presets() -> Vec<ModelConfig> {
         let m =
             |name: &str, hidden, layers, heads, kv_heads, experts, top_k, ffn, vocab| ModelConfig {
                 name: name.into(),
+                family: Family::Mixtral,
                 hidden,
                 layers,
                 heads,
@@ -108,7 +127,17 @@ impl ModelConfig {
                 dtype_bytes: 2,
                 rope_theta: 1e6,
                 norm_eps: 1e-5,
+                norm_topk: true,
             };
+        // Qwen3-30B-A3B's pattern at small size: 32 fine-grained experts,
+        // top-8 renormalised, a head_dim of its own (q is 2 x hidden wide).
+        let qwen3_mini = ModelConfig {
+            family: Family::Qwen3Moe,
+            head_dim: 32,
+            rope_theta: 1e4,
+            norm_eps: 1e-6,
+            ..m("qwen3-mini", 128, 4, 8, 2, 32, 8, 64, 1024)
+        };
         vec![
             // Hugging Face mistralai/Mixtral-8x22B-v0.1.
             m("mixtral-8x22b", 6144, 56, 48, 8, 8, 2, 16384, 32768),
@@ -124,6 +153,7 @@ impl ModelConfig {
             m("mixtral-mini", 256, 8, 8, 2, 8, 2, 688, 1024),
             // DBRX's 16 experts, top-4, FFN = 1.75 x hidden; 8/2 heads.
             m("dbrx-mini", 256, 4, 8, 2, 16, 4, 448, 1024),
+            qwen3_mini,
         ]
     }
 
@@ -143,9 +173,39 @@ impl ModelConfig {
             })
     }
 
-    /// A Hugging Face `config.json` in Mixtral's naming, which
+    /// A Hugging Face `config.json` in its family's naming, which
     /// [`from_hf_config`](Self::from_hf_config) reads back to `self`.
     pub fn to_hf_config(&self) -> serde_json::Value {
+        if self.family == Family::Qwen3Moe {
+            return serde_json::json!({
+                "architectures": [self.family.architecture()],
+                "model_type": self.family.model_type(),
+                "_name_or_path": self.name,
+                "hidden_size": self.hidden,
+                "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads,
+                "num_key_value_heads": self.kv_heads,
+                "head_dim": self.head_dim,
+                "num_experts": self.experts,
+                "num_experts_per_tok": self.top_k,
+                "moe_intermediate_size": self.ffn,
+                // The dense MLP's size: unused while every layer is sparse.
+                "intermediate_size": 3 * self.hidden,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": self.norm_topk,
+                "vocab_size": self.vocab,
+                "rope_theta": self.rope_theta,
+                "rope_scaling": null,
+                "rms_norm_eps": self.norm_eps,
+                "attention_bias": false,
+                "use_sliding_window": false,
+                "sliding_window": null,
+                "hidden_act": "silu",
+                "tie_word_embeddings": false,
+                "torch_dtype": "bfloat16",
+            });
+        }
         serde_json::json!({
             "architectures": ["MixtralForCausalLM"],
             "model_type": "mixtral",
@@ -182,10 +242,14 @@ impl ModelConfig {
         }
     }
 
-    /// Reads a Hugging Face `config.json` (Mixtral and DBRX naming).
+    /// Reads a Hugging Face `config.json` (Mixtral, Qwen3-MoE and DBRX
+    /// naming). Lenient about the family (the planner reads shapes of
+    /// families the runtime does not run); [`super::load_config`] checks
+    /// it for a model to run.
     pub fn from_hf_config(name: &str, text: &str) -> Result<ModelConfig, ModelConfigError> {
         let v: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| ModelConfigError::BadConfig(format!("{name}: {e}")))?;
+        let family = Family::lenient(v.get("model_type").and_then(|t| t.as_str()));
         let get = |keys: &[&str]| -> Option<u64> {
             keys.iter().find_map(|k| {
                 let mut cur = &v;
@@ -205,6 +269,7 @@ impl ModelConfig {
         let kv_heads = get(&["num_key_value_heads", "attn_config.kv_n_heads"]).unwrap_or(heads);
         let cfg = ModelConfig {
             name: name.into(),
+            family,
             hidden,
             layers: need(&["num_hidden_layers", "n_layers"])?,
             heads,
@@ -216,7 +281,12 @@ impl ModelConfig {
                 "num_experts",
             ])?,
             top_k: need(&["num_experts_per_tok", "ffn_config.moe_top_k"])?,
-            ffn: need(&["intermediate_size", "ffn_config.ffn_hidden_size"])?,
+            // Families with dense layers too name the experts' size apart.
+            ffn: need(&[
+                "moe_intermediate_size",
+                "intermediate_size",
+                "ffn_config.ffn_hidden_size",
+            ])?,
             vocab: need(&["vocab_size"])?,
             dtype_bytes: 2,
             // Top level (transformers 4), in `rope_parameters`
@@ -231,6 +301,14 @@ impl ModelConfig {
                 .get("rms_norm_eps")
                 .and_then(|x| x.as_f64())
                 .unwrap_or(default_norm_eps()),
+            // transformers' Qwen3MoeConfig defaults norm_topk_prob to false.
+            norm_topk: match family {
+                Family::Mixtral => true,
+                Family::Qwen3Moe => v
+                    .get("norm_topk_prob")
+                    .and_then(|x| x.as_bool())
+                    .unwrap_or(false),
+            },
         };
         if cfg.heads == 0
             || cfg.kv_heads == 0

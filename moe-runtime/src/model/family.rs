@@ -5,24 +5,57 @@
 //! embeddings...), is refused when its `config.json` is read, before any
 //! worker starts, naming the field and what is supported.
 //!
-//! Today one family runs: Mixtral (`mixtral`, `MixtralForCausalLM`); the
-//! planner reads more shapes (DBRX) than the runtime runs.
+//! Families run: Mixtral (`mixtral`, `MixtralForCausalLM`) and Qwen3-MoE
+//! (`qwen3_moe`, `Qwen3MoeForCausalLM`, every layer sparse). The planner
+//! reads more shapes (DBRX) than the runtime runs.
+//!
+//! What differs between families, and where it is handled: the config
+//! fields ([`super::config`]), the tensor names ([`super::tensors`]), and
+//! the pieces of the layer ([`super::forward`]: per-head query and key
+//! norms; the router's renormalisation over the chosen experts). The
+//! workers, the pipeline and the server do not know the family.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// A family the runtime implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Family {
     /// `transformers/models/mixtral`: GQA attention with rotate-half rope,
     /// a softmax top-k router renormalised over the chosen experts, SwiGLU
     /// experts (`w1`, `w3`, `w2`).
+    #[default]
     Mixtral,
+    /// `transformers/models/qwen3_moe`: Mixtral's layer plus an RMSNorm
+    /// over each head of the queries and keys before rope, an explicit
+    /// `head_dim`, and the router's renormalisation only when
+    /// `norm_topk_prob` says so; experts of `moe_intermediate_size`
+    /// (`gate_proj`, `up_proj`, `down_proj`).
+    Qwen3Moe,
 }
 
 /// Every family, with its `model_type` and its `architectures` entry.
-const FAMILIES: &[(Family, &str, &str)] = &[(Family::Mixtral, "mixtral", "MixtralForCausalLM")];
+const FAMILIES: &[(Family, &str, &str)] = &[
+    (Family::Mixtral, "mixtral", "MixtralForCausalLM"),
+    (Family::Qwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"),
+];
 
 impl Family {
+    /// The family a `model_type` names, for readers that only want the
+    /// shape (the planner): anything else reads as Mixtral.
+    pub fn lenient(model_type: Option<&str>) -> Family {
+        FAMILIES
+            .iter()
+            .find(|f| Some(f.1) == model_type)
+            .map_or(Family::Mixtral, |f| f.0)
+    }
+
+    /// Whether queries and keys get a per-head RMSNorm before rope.
+    pub fn qk_norm(self) -> bool {
+        self == Family::Qwen3Moe
+    }
+
     pub fn model_type(self) -> &'static str {
         FAMILIES
             .iter()
@@ -89,6 +122,7 @@ impl Family {
     /// does not compute.
     fn check_options(self, v: &Value) -> Result<(), String> {
         let set = |k: &str| v.get(k).filter(|x| !x.is_null());
+        let name = self.model_type();
         match self {
             Family::Mixtral => {
                 if let Some(w) = set("sliding_window") {
@@ -96,30 +130,59 @@ impl Family {
                         "sliding_window {w}: sliding-window attention is not implemented (null: full attention)"
                     ));
                 }
-                // transformers 4 writes `rope_scaling` (null when plain);
-                // transformers 5 writes `rope_parameters` with a
-                // `rope_type` ("default" when plain) and the theta.
-                for key in ["rope_scaling", "rope_parameters"] {
-                    let Some(r) = set(key) else { continue };
-                    let kind = r.get("rope_type").or_else(|| r.get("type"));
-                    if kind.and_then(Value::as_str) != Some("default") {
-                        return Err(format!(
-                            "{key} {r}: rope scaling is not implemented for mixtral (plain rope only: rope_type \"default\")"
-                        ));
-                    }
-                }
-                if let Some(a) = set("hidden_act").filter(|a| a.as_str() != Some("silu")) {
-                    return Err(format!("hidden_act {a}: mixtral's experts run silu only"));
-                }
-                if set("tie_word_embeddings").and_then(Value::as_bool) == Some(true) {
+            }
+            Family::Qwen3Moe => {
+                // Qwen3 configs carry a window size that applies only when
+                // use_sliding_window is true.
+                if set("use_sliding_window").and_then(Value::as_bool) == Some(true) {
                     return Err(
-                        "tie_word_embeddings true: tied embeddings are not implemented (the checkpoint must hold lm_head.weight)"
+                        "use_sliding_window true: sliding-window attention is not implemented"
                             .into(),
                     );
                 }
-                Ok(())
+                if let Some(l) =
+                    set("mlp_only_layers").filter(|l| l.as_array().is_none_or(|a| !a.is_empty()))
+                {
+                    return Err(format!(
+                        "mlp_only_layers {l}: dense MLP layers are not implemented yet (every layer must be sparse: [])"
+                    ));
+                }
+                if let Some(d) = set("decoder_sparse_step").filter(|d| d.as_u64() != Some(1)) {
+                    return Err(format!(
+                        "decoder_sparse_step {d}: dense MLP layers are not implemented yet (every layer must be sparse: 1)"
+                    ));
+                }
+                if set("attention_bias").and_then(Value::as_bool) == Some(true) {
+                    return Err(
+                        "attention_bias true: biased attention projections are not implemented"
+                            .into(),
+                    );
+                }
             }
         }
+        // Every family: plain rope, silu experts, an LM head of its own.
+        // transformers 4 writes `rope_scaling` (null when plain);
+        // transformers 5 writes `rope_parameters` with a `rope_type`
+        // ("default" when plain) and the theta.
+        for key in ["rope_scaling", "rope_parameters"] {
+            let Some(r) = set(key) else { continue };
+            let kind = r.get("rope_type").or_else(|| r.get("type"));
+            if kind.and_then(Value::as_str) != Some("default") {
+                return Err(format!(
+                    "{key} {r}: rope scaling is not implemented for {name} (plain rope only: rope_type \"default\")"
+                ));
+            }
+        }
+        if let Some(a) = set("hidden_act").filter(|a| a.as_str() != Some("silu")) {
+            return Err(format!("hidden_act {a}: {name}'s experts run silu only"));
+        }
+        if set("tie_word_embeddings").and_then(Value::as_bool) == Some(true) {
+            return Err(
+                "tie_word_embeddings true: tied embeddings are not implemented (the checkpoint must hold lm_head.weight)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -140,6 +203,32 @@ mod tests {
         assert_eq!(Family::of_config(&config(nulls)), Ok(Family::Mixtral));
         let v5 = r#", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}"#;
         assert_eq!(Family::of_config(&config(v5)), Ok(Family::Mixtral));
+    }
+
+    #[test]
+    fn qwen3_moe_is_recognised_and_its_dense_layers_refused() {
+        let v = |extra: &str| -> Value {
+            serde_json::from_str(&format!(
+                r#"{{"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+                "sliding_window": 4096, "use_sliding_window": false{extra}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(Family::of_config(&v("")), Ok(Family::Qwen3Moe));
+        let sparse = r#", "mlp_only_layers": [], "decoder_sparse_step": 1"#;
+        assert_eq!(Family::of_config(&v(sparse)), Ok(Family::Qwen3Moe));
+        for (extra, field) in [
+            (r#", "mlp_only_layers": [0, 3]"#, "mlp_only_layers"),
+            (r#", "decoder_sparse_step": 2"#, "decoder_sparse_step"),
+            (r#", "use_sliding_window": true"#, "use_sliding_window"),
+            (r#", "attention_bias": true"#, "attention_bias"),
+        ] {
+            let err = Family::of_config(&v(extra)).unwrap_err();
+            assert!(err.starts_with(field), "{field}: {err}");
+        }
+        assert!(Family::Qwen3Moe.qk_norm() && !Family::Mixtral.qk_norm());
+        assert_eq!(Family::lenient(Some("qwen3_moe")), Family::Qwen3Moe);
+        assert_eq!(Family::lenient(Some("dbrx")), Family::Mixtral);
     }
 
     #[test]

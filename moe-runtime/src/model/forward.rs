@@ -48,6 +48,7 @@ pub struct Scratch {
     o: Vec<f32>,
     positions: Vec<u32>,
     attn_sc: AttnScratch,
+    heads_tmp: Vec<bf16>,
     norm: Vec<f32>,
     rope: Vec<f32>,
     router: RouterScratch,
@@ -64,6 +65,15 @@ impl Scratch {
 fn to_bf16_into(src: &[f32], dst: &mut Vec<bf16>) {
     dst.clear();
     dst.extend(src.iter().map(|&v| bf16::from_f32(v)));
+}
+
+/// RMSNorm of every head of `x` (`rows x heads x head_dim`) with the
+/// `head_dim` weights `w`, in place (through `tmp`).
+fn norm_heads(x: &mut Vec<bf16>, w: &[bf16], eps: f32, tmp: &mut Vec<bf16>, buf: &mut Vec<f32>) {
+    tmp.clear();
+    tmp.resize(x.len(), bf16::ZERO);
+    rmsnorm_with(x, w, eps, tmp, buf);
+    std::mem::swap(x, tmp);
 }
 
 /// Attention with its residual, in place: `x` (`rows x hidden`) becomes
@@ -94,6 +104,13 @@ pub fn attention(
     matmul_bf16(&sc.xf, rows, h, &w.v, kvd, &mut sc.v);
     to_bf16_into(&sc.q, &mut sc.qb);
     to_bf16_into(&sc.k, &mut sc.kb);
+    // Qwen3-MoE: an RMSNorm over each head of the queries and keys, before rope.
+    if let Some(qn) = &w.q_norm {
+        norm_heads(&mut sc.qb, qn, s.norm_eps, &mut sc.heads_tmp, &mut sc.norm);
+    }
+    if let Some(kn) = &w.k_norm {
+        norm_heads(&mut sc.kb, kn, s.norm_eps, &mut sc.heads_tmp, &mut sc.norm);
+    }
     sc.positions.clear();
     for g in segs.iter() {
         sc.positions
@@ -149,10 +166,12 @@ pub fn attention(
 }
 
 /// The experts' input: `post_norm(h)` into `normed`, and each row's route
-/// (held in the scratch until the next call).
+/// (held in the scratch until the next call); `norm_topk`: the chosen
+/// experts' weights are renormalised to sum to one.
 pub fn moe_input<'s>(
     s: &LayerShape,
     w: &AttentionLayer,
+    norm_topk: bool,
     h: &[bf16],
     normed: &mut Vec<bf16>,
     sc: &'s mut Scratch,
@@ -169,6 +188,7 @@ pub fn moe_input<'s>(
         &w.gate,
         s.experts,
         s.top_k,
+        norm_topk,
         &mut sc.router,
         &mut sc.routes,
     )

@@ -152,7 +152,7 @@ impl Reference {
         let w = &self.attn.layers[l];
         forward::attention(s, w, x, segs, sc);
         let mut y = Vec::new();
-        let routes = forward::moe_input(s, w, x, &mut y, sc);
+        let routes = forward::moe_input(s, w, self.attn.norm_topk, x, &mut y, sc);
         let entries = plan(routes, s.experts, 1).remove(0);
         // Every expert's rows, in buffer order (by expert).
         let mut rows = vec![bf16::ZERO; entries.len() * s.hidden];

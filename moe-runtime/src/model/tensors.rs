@@ -1,8 +1,9 @@
 //! What a checkpoint holds: the Hugging Face names and shapes of every
-//! tensor of a model (Mixtral's layout), and the names of its files. Read
-//! by the loader ([`super::weights`], which checks a checkpoint against it)
-//! and by the random-checkpoint writer ([`super::init`]).
+//! tensor of a model, in its family's layout, and the names of its files.
+//! Read by the loader ([`super::weights`], which checks a checkpoint
+//! against it) and by the random-checkpoint writer ([`super::init`]).
 
+use super::family::Family;
 use super::ModelConfig;
 
 /// The single-file checkpoint's name.
@@ -10,7 +11,7 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// The sharded checkpoint's index.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// Hugging Face names of every tensor.
+/// Hugging Face names shared by the families (and Mixtral's experts).
 pub mod names {
     pub const EMBED: &str = "model.embed_tokens.weight";
     pub const NORM: &str = "model.norm.weight";
@@ -23,11 +24,67 @@ pub mod names {
     }
 }
 
+/// One of an expert's three projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proj {
+    /// `ffn x hidden`, through silu.
+    Gate,
+    /// `ffn x hidden`.
+    Up,
+    /// `hidden x ffn`.
+    Down,
+}
+
+/// Layer `i`'s router in `family`'s names.
+pub fn router(family: Family, i: usize) -> String {
+    match family {
+        Family::Mixtral => names::layer(i, "block_sparse_moe.gate.weight"),
+        Family::Qwen3Moe => names::layer(i, "mlp.gate.weight"),
+    }
+}
+
+/// Expert `j` of layer `i`, projection `p`, in `family`'s names.
+pub fn expert(family: Family, i: usize, j: usize, p: Proj) -> String {
+    match family {
+        Family::Mixtral => names::expert(
+            i,
+            j,
+            match p {
+                Proj::Gate => "w1",
+                Proj::Down => "w2",
+                Proj::Up => "w3",
+            },
+        ),
+        Family::Qwen3Moe => names::layer(
+            i,
+            &format!(
+                "mlp.experts.{j}.{}.weight",
+                match p {
+                    Proj::Gate => "gate_proj",
+                    Proj::Up => "up_proj",
+                    Proj::Down => "down_proj",
+                }
+            ),
+        ),
+    }
+}
+
+/// Layer `i`'s per-head query and key norms (`head_dim` each), in the
+/// families that have them.
+pub fn qk_norms(family: Family, i: usize) -> Option<(String, String)> {
+    family.qk_norm().then(|| {
+        (
+            names::layer(i, "self_attn.q_norm.weight"),
+            names::layer(i, "self_attn.k_norm.weight"),
+        )
+    })
+}
+
 /// What a tensor does in the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Embedding,
-    /// An RMSNorm weight.
+    /// An RMSNorm weight (per-head query and key norms included).
     Norm,
     Query,
     Key,
@@ -77,28 +134,26 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
             vec![h, qd],
             Kind::Output,
         ));
+        if let Some((qn, kn)) = qk_norms(c.family, i) {
+            let d = c.head_dim as usize;
+            t.push(spec(qn, vec![d], Kind::Norm));
+            t.push(spec(kn, vec![d], Kind::Norm));
+        }
         t.push(spec(
             l("post_attention_layernorm.weight"),
             vec![h],
             Kind::Norm,
         ));
         t.push(spec(
-            l("block_sparse_moe.gate.weight"),
+            router(c.family, i),
             vec![c.experts as usize, h],
             Kind::Router,
         ));
         for j in 0..c.experts as usize {
-            t.push(spec(
-                names::expert(i, j, "w1"),
-                vec![f, h],
-                Kind::ExpertGate,
-            ));
-            t.push(spec(
-                names::expert(i, j, "w2"),
-                vec![h, f],
-                Kind::ExpertDown,
-            ));
-            t.push(spec(names::expert(i, j, "w3"), vec![f, h], Kind::ExpertUp));
+            let e = |p| expert(c.family, i, j, p);
+            t.push(spec(e(Proj::Gate), vec![f, h], Kind::ExpertGate));
+            t.push(spec(e(Proj::Down), vec![h, f], Kind::ExpertDown));
+            t.push(spec(e(Proj::Up), vec![f, h], Kind::ExpertUp));
         }
     }
     t.push(spec(names::NORM.into(), vec![h], Kind::Norm));

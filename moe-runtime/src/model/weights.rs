@@ -15,7 +15,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
-use super::tensors::{tensor_specs, TensorSpec};
+use super::tensors::{self, tensor_specs, Proj, TensorSpec};
 use super::{ModelConfig, RuntimeError};
 
 pub use super::tensors::{names, INDEX_FILE, SINGLE_FILE};
@@ -219,6 +219,10 @@ pub struct AttentionLayer {
     pub v: Vec<bf16>,
     /// `hidden x heads * head_dim`.
     pub o: Vec<bf16>,
+    /// Per-head RMSNorm weights of the queries and keys (`head_dim`), in
+    /// the families that have them.
+    pub q_norm: Option<Vec<bf16>>,
+    pub k_norm: Option<Vec<bf16>>,
     pub post_norm: Vec<bf16>,
     /// The router, `experts x hidden`.
     pub gate: Vec<bf16>,
@@ -230,6 +234,8 @@ pub struct AttentionLayer {
 pub struct AttentionWeights {
     /// `vocab x hidden`.
     pub embed: Vec<bf16>,
+    /// The router renormalises the chosen experts' weights.
+    pub norm_topk: bool,
     pub layers: Vec<AttentionLayer>,
     pub norm: Vec<bf16>,
     /// `vocab x hidden`.
@@ -246,19 +252,27 @@ impl AttentionWeights {
         let layers = (0..c.layers as usize)
             .map(|i| {
                 let t = |rest: &str, shape: &[usize]| ck.tensor(&names::layer(i, rest), shape);
+                let d = c.head_dim as usize;
+                let (q_norm, k_norm) = match tensors::qk_norms(c.family, i) {
+                    Some((qn, kn)) => (Some(ck.tensor(&qn, &[d])?), Some(ck.tensor(&kn, &[d])?)),
+                    None => (None, None),
+                };
                 Ok(AttentionLayer {
                     input_norm: t("input_layernorm.weight", &[h])?,
                     q: t("self_attn.q_proj.weight", &[q, h])?,
                     k: t("self_attn.k_proj.weight", &[kv, h])?,
                     v: t("self_attn.v_proj.weight", &[kv, h])?,
                     o: t("self_attn.o_proj.weight", &[h, q])?,
+                    q_norm,
+                    k_norm,
                     post_norm: t("post_attention_layernorm.weight", &[h])?,
-                    gate: t("block_sparse_moe.gate.weight", &[c.experts as usize, h])?,
+                    gate: ck.tensor(&tensors::router(c.family, i), &[c.experts as usize, h])?,
                 })
             })
             .collect::<Result<_, RuntimeError>>()?;
         Ok(Self {
             embed: ck.tensor(names::EMBED, &[v, h])?,
+            norm_topk: c.norm_topk,
             layers,
             norm: ck.tensor(names::NORM, &[h])?,
             lm_head: ck.tensor(names::LM_HEAD, &[v, h])?,
@@ -286,10 +300,10 @@ impl ExpertWeights {
             .map(|i| {
                 (first..first + count)
                     .map(|j| {
-                        // Mixtral: w1 = gate, w3 = up (both ffn x hidden), w2 = down.
-                        let gate = ck.tensor(&names::expert(i, j, "w1"), &[f, h])?;
-                        let down = ck.tensor(&names::expert(i, j, "w2"), &[h, f])?;
-                        let up = ck.tensor(&names::expert(i, j, "w3"), &[f, h])?;
+                        let name = |p| tensors::expert(c.family, i, j, p);
+                        let gate = ck.tensor(&name(Proj::Gate), &[f, h])?;
+                        let down = ck.tensor(&name(Proj::Down), &[h, f])?;
+                        let up = ck.tensor(&name(Proj::Up), &[f, h])?;
                         Ok(Expert::new(h, f, gate, up, down))
                     })
                     .collect::<Result<Vec<_>, RuntimeError>>()

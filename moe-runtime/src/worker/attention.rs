@@ -480,7 +480,14 @@ impl AttentionWorker {
         );
         forward::attention(&s, w, &mut mb.x, &mut segs, &mut self.scratch);
         self.spare_segs = recycle(segs);
-        let routes = forward::moe_input(&s, w, &mb.x, &mut mb.y, &mut self.scratch);
+        let routes = forward::moe_input(
+            &s,
+            w,
+            self.weights.norm_topk,
+            &mb.x,
+            &mut mb.y,
+            &mut self.scratch,
+        );
         plan_into(
             routes,
             s.experts,
