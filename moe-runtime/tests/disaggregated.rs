@@ -128,6 +128,11 @@ fn qwen3_mini_matches_the_reference_on_every_shape() {
 }
 
 #[test]
+fn olmoe_mini_matches_the_reference_on_every_shape() {
+    matrix("olmoe-mini", 15);
+}
+
+#[test]
 fn idle_micro_batches_and_ranks_still_complete_their_rounds() {
     // One prompt on 2 attention ranks with 4 micro-batches: attention rank 1
     // has nothing at all, and rank 0 fills one micro-batch of four, so

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::family::Family;
+use super::family::{Family, QkNorm};
 
 /// A model description that cannot be read (the planner reports it as
 /// its own [`crate::plan::PlanError`]).
@@ -73,10 +73,10 @@ impl ModelConfig {
         let kv = 2 * self.hidden * self.kv_heads * self.head_dim;
         let o = self.heads * self.head_dim * self.hidden;
         let router = self.hidden * self.experts;
-        let qk_norm = if self.family.qk_norm() {
-            2 * self.head_dim
-        } else {
-            0
+        let qk_norm = match self.family.qk_norm() {
+            None => 0,
+            Some(QkNorm::PerHead) => 2 * self.head_dim,
+            Some(QkNorm::Whole) => (self.heads + self.kv_heads) * self.head_dim,
         };
         q + kv + o + router + 2 * self.hidden + qk_norm
     }
@@ -138,6 +138,14 @@ impl ModelConfig {
             norm_eps: 1e-6,
             ..m("qwen3-mini", 128, 4, 8, 2, 32, 8, 64, 1024)
         };
+        // OLMoE-1B-7B's pattern: 64 experts top-8 without renormalisation,
+        // full multi-head attention, whole-projection query and key norms.
+        let olmoe_mini = ModelConfig {
+            family: Family::Olmoe,
+            rope_theta: 1e4,
+            norm_topk: false,
+            ..m("olmoe-mini", 128, 4, 8, 8, 64, 8, 64, 1024)
+        };
         vec![
             // Hugging Face mistralai/Mixtral-8x22B-v0.1.
             m("mixtral-8x22b", 6144, 56, 48, 8, 8, 2, 16384, 32768),
@@ -154,6 +162,7 @@ impl ModelConfig {
             // DBRX's 16 experts, top-4, FFN = 1.75 x hidden; 8/2 heads.
             m("dbrx-mini", 256, 4, 8, 2, 16, 4, 448, 1024),
             qwen3_mini,
+            olmoe_mini,
         ]
     }
 
@@ -201,6 +210,30 @@ impl ModelConfig {
                 "attention_bias": false,
                 "use_sliding_window": false,
                 "sliding_window": null,
+                "hidden_act": "silu",
+                "tie_word_embeddings": false,
+                "torch_dtype": "bfloat16",
+            });
+        }
+        if self.family == Family::Olmoe {
+            return serde_json::json!({
+                "architectures": [self.family.architecture()],
+                "model_type": self.family.model_type(),
+                "_name_or_path": self.name,
+                "hidden_size": self.hidden,
+                "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads,
+                "num_key_value_heads": self.kv_heads,
+                "num_experts": self.experts,
+                "num_experts_per_tok": self.top_k,
+                "intermediate_size": self.ffn,
+                "norm_topk_prob": self.norm_topk,
+                "vocab_size": self.vocab,
+                "rope_theta": self.rope_theta,
+                "rope_scaling": null,
+                "rms_norm_eps": self.norm_eps,
+                "attention_bias": false,
+                "clip_qkv": null,
                 "hidden_act": "silu",
                 "tie_word_embeddings": false,
                 "torch_dtype": "bfloat16",
@@ -304,7 +337,7 @@ impl ModelConfig {
             // transformers' Qwen3MoeConfig defaults norm_topk_prob to false.
             norm_topk: match family {
                 Family::Mixtral => true,
-                Family::Qwen3Moe => v
+                Family::Qwen3Moe | Family::Olmoe => v
                     .get("norm_topk_prob")
                     .and_then(|x| x.as_bool())
                     .unwrap_or(false),

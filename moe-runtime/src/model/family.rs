@@ -5,9 +5,10 @@
 //! embeddings...), is refused when its `config.json` is read, before any
 //! worker starts, naming the field and what is supported.
 //!
-//! Families run: Mixtral (`mixtral`, `MixtralForCausalLM`) and Qwen3-MoE
-//! (`qwen3_moe`, `Qwen3MoeForCausalLM`, every layer sparse). The planner
-//! reads more shapes (DBRX) than the runtime runs.
+//! Families run: Mixtral (`mixtral`, `MixtralForCausalLM`), Qwen3-MoE
+//! (`qwen3_moe`, `Qwen3MoeForCausalLM`, every layer sparse) and OLMoE
+//! (`olmoe`, `OlmoeForCausalLM`). The planner reads more shapes (DBRX)
+//! than the runtime runs.
 //!
 //! What differs between families, and where it is handled: the config
 //! fields ([`super::config`]), the tensor names ([`super::tensors`]), and
@@ -33,12 +34,28 @@ pub enum Family {
     /// `norm_topk_prob` says so; experts of `moe_intermediate_size`
     /// (`gate_proj`, `up_proj`, `down_proj`).
     Qwen3Moe,
+    /// `transformers/models/olmoe`: Mixtral's layer plus an RMSNorm over
+    /// the whole query projection and the whole key projection before
+    /// rope, and the router's renormalisation only when `norm_topk_prob`
+    /// says so; experts named as Qwen3-MoE's.
+    Olmoe,
+}
+
+/// How a family normalises its queries and keys before rope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// An RMSNorm over each head (`head_dim` weights): Qwen3-MoE.
+    PerHead,
+    /// An RMSNorm over the whole projection (`heads * head_dim` and
+    /// `kv_heads * head_dim` weights): OLMoE.
+    Whole,
 }
 
 /// Every family, with its `model_type` and its `architectures` entry.
 const FAMILIES: &[(Family, &str, &str)] = &[
     (Family::Mixtral, "mixtral", "MixtralForCausalLM"),
     (Family::Qwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"),
+    (Family::Olmoe, "olmoe", "OlmoeForCausalLM"),
 ];
 
 impl Family {
@@ -51,9 +68,13 @@ impl Family {
             .map_or(Family::Mixtral, |f| f.0)
     }
 
-    /// Whether queries and keys get a per-head RMSNorm before rope.
-    pub fn qk_norm(self) -> bool {
-        self == Family::Qwen3Moe
+    /// How queries and keys are normalised before rope, if they are.
+    pub fn qk_norm(self) -> Option<QkNorm> {
+        match self {
+            Family::Mixtral => None,
+            Family::Qwen3Moe => Some(QkNorm::PerHead),
+            Family::Olmoe => Some(QkNorm::Whole),
+        }
     }
 
     pub fn model_type(self) -> &'static str {
@@ -159,6 +180,19 @@ impl Family {
                     );
                 }
             }
+            Family::Olmoe => {
+                if let Some(c) = set("clip_qkv") {
+                    return Err(format!(
+                        "clip_qkv {c}: clipping the query, key and value projections is not implemented (null: none)"
+                    ));
+                }
+                if set("attention_bias").and_then(Value::as_bool) == Some(true) {
+                    return Err(
+                        "attention_bias true: biased attention projections are not implemented"
+                            .into(),
+                    );
+                }
+            }
         }
         // Every family: plain rope, silu experts, an LM head of its own.
         // transformers 4 writes `rope_scaling` (null when plain);
@@ -226,9 +260,24 @@ mod tests {
             let err = Family::of_config(&v(extra)).unwrap_err();
             assert!(err.starts_with(field), "{field}: {err}");
         }
-        assert!(Family::Qwen3Moe.qk_norm() && !Family::Mixtral.qk_norm());
+        assert_eq!(Family::Qwen3Moe.qk_norm(), Some(QkNorm::PerHead));
+        assert_eq!(Family::Mixtral.qk_norm(), None);
         assert_eq!(Family::lenient(Some("qwen3_moe")), Family::Qwen3Moe);
         assert_eq!(Family::lenient(Some("dbrx")), Family::Mixtral);
+    }
+
+    #[test]
+    fn olmoe_is_recognised_and_clip_qkv_refused() {
+        let v = |extra: &str| -> Value {
+            serde_json::from_str(&format!(
+                r#"{{"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "clip_qkv": null{extra}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(Family::of_config(&v("")), Ok(Family::Olmoe));
+        assert_eq!(Family::Olmoe.qk_norm(), Some(QkNorm::Whole));
+        let err = Family::of_config(&v(r#", "clip_qkv": 8.0"#)).unwrap_err();
+        assert!(err.starts_with("clip_qkv"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Read by the loader ([`super::weights`], which checks a checkpoint
 //! against it) and by the random-checkpoint writer ([`super::init`]).
 
-use super::family::Family;
+use super::family::{Family, QkNorm};
 use super::ModelConfig;
 
 /// The single-file checkpoint's name.
@@ -39,7 +39,7 @@ pub enum Proj {
 pub fn router(family: Family, i: usize) -> String {
     match family {
         Family::Mixtral => names::layer(i, "block_sparse_moe.gate.weight"),
-        Family::Qwen3Moe => names::layer(i, "mlp.gate.weight"),
+        Family::Qwen3Moe | Family::Olmoe => names::layer(i, "mlp.gate.weight"),
     }
 }
 
@@ -55,7 +55,7 @@ pub fn expert(family: Family, i: usize, j: usize, p: Proj) -> String {
                 Proj::Up => "w3",
             },
         ),
-        Family::Qwen3Moe => names::layer(
+        Family::Qwen3Moe | Family::Olmoe => names::layer(
             i,
             &format!(
                 "mlp.experts.{j}.{}.weight",
@@ -69,15 +69,17 @@ pub fn expert(family: Family, i: usize, j: usize, p: Proj) -> String {
     }
 }
 
-/// Layer `i`'s per-head query and key norms (`head_dim` each), in the
-/// families that have them.
-pub fn qk_norms(family: Family, i: usize) -> Option<(String, String)> {
-    family.qk_norm().then(|| {
-        (
-            names::layer(i, "self_attn.q_norm.weight"),
-            names::layer(i, "self_attn.k_norm.weight"),
-        )
-    })
+/// Layer `i`'s query and key norms (name, length), in the families that
+/// have them: `head_dim` each when per head, else the projections' widths.
+pub fn qk_norms(c: &ModelConfig, i: usize) -> Option<[(String, usize); 2]> {
+    let (q, k) = match c.family.qk_norm()? {
+        QkNorm::PerHead => (c.head_dim, c.head_dim),
+        QkNorm::Whole => (c.heads * c.head_dim, c.kv_heads * c.head_dim),
+    };
+    Some([
+        (names::layer(i, "self_attn.q_norm.weight"), q as usize),
+        (names::layer(i, "self_attn.k_norm.weight"), k as usize),
+    ])
 }
 
 /// What a tensor does in the model.
@@ -134,10 +136,8 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
             vec![h, qd],
             Kind::Output,
         ));
-        if let Some((qn, kn)) = qk_norms(c.family, i) {
-            let d = c.head_dim as usize;
-            t.push(spec(qn, vec![d], Kind::Norm));
-            t.push(spec(kn, vec![d], Kind::Norm));
+        for (name, len) in qk_norms(c, i).into_iter().flatten() {
+            t.push(spec(name, vec![len], Kind::Norm));
         }
         t.push(spec(
             l("post_attention_layernorm.weight"),

@@ -252,9 +252,10 @@ impl AttentionWeights {
         let layers = (0..c.layers as usize)
             .map(|i| {
                 let t = |rest: &str, shape: &[usize]| ck.tensor(&names::layer(i, rest), shape);
-                let d = c.head_dim as usize;
-                let (q_norm, k_norm) = match tensors::qk_norms(c.family, i) {
-                    Some((qn, kn)) => (Some(ck.tensor(&qn, &[d])?), Some(ck.tensor(&kn, &[d])?)),
+                let (q_norm, k_norm) = match tensors::qk_norms(c, i) {
+                    Some([(qn, ql), (kn, kl)]) => {
+                        (Some(ck.tensor(&qn, &[ql])?), Some(ck.tensor(&kn, &[kl])?))
+                    }
                     None => (None, None),
                 };
                 Ok(AttentionLayer {
