@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::forward::Scratch;
 use crate::model::reference::Reference;
 use crate::model::RuntimeError;
-use crate::worker::attention::{AttentionWorker, Request};
+use crate::worker::attention::{AttentionWorker, Request, StepReport};
 
 /// One measured configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,12 +86,15 @@ pub fn run_attention(
         transport: w.transport().name().to_string(),
         ..Default::default()
     };
-    // Prefill (one step: the launcher sizes the micro-batches for it) and warm-up.
+    // Prefill (one step: the launcher sizes the micro-batches for it) and
+    // warm-up; one report for every step, so that measured decode steps
+    // allocate nothing.
+    let mut r = StepReport::default();
     for _ in 0..1 + spec.warmup {
-        w.step()?;
+        w.step_into(&mut r)?;
     }
     for _ in 0..spec.steps {
-        let r = w.step()?;
+        w.step_into(&mut r)?;
         b.steps += 1;
         b.tokens += r.tokens.len() as u64;
         b.wall_ns += r.wall_ns;
