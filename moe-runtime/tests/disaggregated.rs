@@ -271,3 +271,89 @@ fn teacher_forced_scores_match_generation() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+fn scores(model: &std::path::Path, seq: &[u32], dtype: &str) -> Vec<f32> {
+    let ids: Vec<String> = seq.iter().map(|t| t.to_string()).collect();
+    let o = moe_run(
+        &[
+            "--model".into(),
+            model.display().to_string(),
+            "--reference".into(),
+            "--score".into(),
+            "--dtype".into(),
+            dtype.into(),
+            "--prompt-ids".into(),
+            ids.join(","),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+        .trim()
+        .strip_prefix("scores: ")
+        .unwrap_or_else(|| panic!("{}", stdout(&o)))
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+/// The f32 reference (`--dtype f32`): its scores of its own greedy
+/// continuation equal its generation's log-probabilities, and every family
+/// lands near the bf16 reference (the two differ only in rounding; a
+/// missing piece of a layer would move them far apart).
+#[test]
+fn the_f32_reference_scores_its_generation_and_stays_near_bf16() {
+    let dir = TempDir::new("f32");
+    for (preset, seed) in [("tiny", 3), ("qwen3-mini", 4), ("olmoe-mini", 5)] {
+        let model = checkpoint(dir.path(), preset, seed, 1, StoreDtype::Bf16);
+        let prompt: Vec<u32> = vec![5, 17, 250, 3, 9];
+        let o = moe_run(
+            &[
+                "--model".into(),
+                model.display().to_string(),
+                "--reference".into(),
+                "--dtype".into(),
+                "f32".into(),
+                "--logprobs".into(),
+                "--max-new-tokens".into(),
+                "8".into(),
+                "--prompt-ids".into(),
+                "5,17,250,3,9".into(),
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{preset}: {}", stderr(&o));
+        let got = results(&stdout(&o));
+        let (tokens, logprobs) = &got[0];
+        let mut seq = prompt.clone();
+        seq.extend(tokens);
+        let f32_scores = scores(&model, &seq, "f32");
+        assert_eq!(&f32_scores[prompt.len() - 1..], &logprobs[..], "{preset}");
+        let bf16_scores = scores(&model, &seq, "bf16");
+        let mean = f32_scores
+            .iter()
+            .zip(&bf16_scores)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / f32_scores.len() as f32;
+        assert!(
+            mean > 0.0 && mean < 0.5,
+            "{preset}: mean |f32 - bf16| = {mean}"
+        );
+    }
+    // The workers compute in bf16: f32 is the reference's alone.
+    let model = checkpoint(dir.path(), "tiny", 3, 1, StoreDtype::Bf16);
+    let o = moe_run(
+        &[
+            "--model".into(),
+            model.display().to_string(),
+            "--dtype".into(),
+            "f32".into(),
+            "--prompt-ids".into(),
+            "1,2".into(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--reference"), "{}", stderr(&o));
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use m2n::Role;
 use moe_runtime::launch;
-use moe_runtime::model::reference::{check_prompt, Reference};
+use moe_runtime::model::reference::{check_prompt, Precision, Reference};
 use moe_runtime::model::weights::Checkpoint;
 use moe_runtime::model::{load_config, RuntimeError};
 use moe_runtime::worker::attention::Request;
@@ -56,6 +56,11 @@ struct Args {
     /// first given those before it (with --reference).
     #[arg(long, requires = "reference")]
     score: bool,
+    /// Precision of the activations: bf16 (as the workers compute) or f32
+    /// (every activation in f32, as transformers in float32; with
+    /// --reference).
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    dtype: Dtype,
     /// Longest wait for a peer's round before giving up.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -68,6 +73,12 @@ struct Args {
     worker: Option<String>,
     #[arg(long, hide = true)]
     rank: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Dtype {
+    Bf16,
+    F32,
 }
 
 impl Args {
@@ -96,6 +107,12 @@ fn main() -> ExitCode {
     let a = Args::parse();
     if let Some(addr) = a.serve_root {
         return serve_root(addr, Duration::from_secs(a.timeout_s));
+    }
+    if a.dtype == Dtype::F32 && !a.reference {
+        eprintln!(
+            "moe-run: --dtype f32 runs with --reference (the workers compute in bf16, as the bf16 reference does)"
+        );
+        return ExitCode::from(2);
     }
     let prompts = prompts();
     if prompts.iter().flatten().any(|&t| t == u32::MAX) {
@@ -156,13 +173,18 @@ fn result_lines(i: usize, tokens: &[(u32, f32)], logprobs: bool) -> Vec<String> 
 fn reference(a: &Args, prompts: &[Vec<u32>]) -> ExitCode {
     let run = || -> Result<(), RuntimeError> {
         let r = Reference::load(a.model_dir())?;
+        let precision = match a.dtype {
+            Dtype::Bf16 => Precision::Bf16,
+            Dtype::F32 => Precision::F32,
+        };
         for p in prompts {
             if a.score {
-                let lps: Vec<String> = r.score(p)?.iter().map(|v| format!("{v:?}")).collect();
+                let scores = r.score_in(p, precision)?;
+                let lps: Vec<String> = scores.iter().map(|v| format!("{v:?}")).collect();
                 println!("scores: {}", lps.join(" "));
                 continue;
             }
-            let mut out = r.generate(p, a.max_new_tokens)?;
+            let mut out = r.generate_in(p, a.max_new_tokens, precision)?;
             if let Some(k) = out.iter().position(|t| a.stop_ids.contains(&t.0)) {
                 out.truncate(k + 1);
             }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod family;
 pub mod forward;
 pub mod init;
+pub mod precise;
 pub mod reference;
 pub mod tensors;
 pub mod tokenizer;

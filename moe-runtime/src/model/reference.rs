@@ -23,6 +23,18 @@ use super::{load_config, ModelConfig, RuntimeError};
 /// A generated token and its natural-log probability.
 pub type Generated = (u32, f32);
 
+/// The precision of the reference's activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// As the workers compute: bf16 activations, f32 accumulation (the
+    /// oracle the workers must match bit for bit).
+    #[default]
+    Bf16,
+    /// Every activation in f32 ([`super::precise`]): what transformers
+    /// computes in float32.
+    F32,
+}
+
 /// Every weight of the model in one process.
 #[derive(Debug)]
 pub struct Reference {
@@ -74,6 +86,45 @@ impl Reference {
             input = vec![tok];
         }
         Ok(out)
+    }
+
+    /// [`generate`](Self::generate) in `precision`.
+    pub fn generate_in(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        precision: Precision,
+    ) -> Result<Vec<Generated>, RuntimeError> {
+        if precision == Precision::Bf16 {
+            return self.generate(prompt, max_new);
+        }
+        check_prompt(prompt, self.config.vocab)?;
+        let vocab = self.config.vocab as usize;
+        let mut seq = prompt.to_vec();
+        let mut out = Vec::with_capacity(max_new);
+        while out.len() < max_new {
+            let logits = super::precise::logits(&self.shape, &self.attn, &self.experts, &seq);
+            let (tok, lp) = forward::greedy(&logits[logits.len() - vocab..]);
+            out.push((tok, lp));
+            seq.push(tok);
+        }
+        Ok(out)
+    }
+
+    /// [`score`](Self::score) in `precision`.
+    pub fn score_in(&self, tokens: &[u32], precision: Precision) -> Result<Vec<f32>, RuntimeError> {
+        if precision == Precision::Bf16 {
+            return self.score(tokens);
+        }
+        check_prompt(tokens, self.config.vocab)?;
+        let vocab = self.config.vocab as usize;
+        let logits = super::precise::logits(&self.shape, &self.attn, &self.experts, tokens);
+        Ok(tokens
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, &next)| forward::logprob(&logits[(i - 1) * vocab..][..vocab], next as usize))
+            .collect())
     }
 
     /// Teacher-forced scores: for each token of `tokens` after the first,
