@@ -1,7 +1,8 @@
 //! A decode step allocates nothing once warm: a counting global allocator
 //! around a 1 x 2 group in this process (the attention worker on the test's
 //! thread, each expert worker on a thread of its own, every thread counted),
-//! two micro-batches, greedy and sampled sequences, over shm and tcp.
+//! two micro-batches, greedy and sampled sequences, over shm and tcp, with
+//! and without a shared expert.
 
 mod support;
 
@@ -46,9 +47,14 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Allocations in each of `measured` decode steps after `warm` steps
 /// (prefill and the first decode steps) of a 1 x 2 group.
-fn allocations_per_step(transport: TransportKind, warm: usize, measured: usize) -> Vec<u64> {
-    let tmp = TempDir::new(&format!("alloc-{transport:?}"));
-    let dir = checkpoint(tmp.path(), "tiny", 7, 1, StoreDtype::Bf16);
+fn allocations_per_step(
+    preset: &str,
+    transport: TransportKind,
+    warm: usize,
+    measured: usize,
+) -> Vec<u64> {
+    let tmp = TempDir::new(&format!("alloc-{preset}-{transport:?}"));
+    let dir = checkpoint(tmp.path(), preset, 7, 1, StoreDtype::Bf16);
     let config = load_config(&dir).unwrap();
     let deploy = Deployment {
         attention: 1,
@@ -122,11 +128,17 @@ fn allocations_per_step(transport: TransportKind, warm: usize, measured: usize) 
 
 #[test]
 fn decode_steps_allocate_nothing_once_warm() {
-    for transport in [TransportKind::Shm, TransportKind::Tcp] {
-        let per_step = allocations_per_step(transport, 4, 12);
+    // tiny: Mixtral's layer; qwen2-moe-mini: biases and a shared expert
+    // on the attention side.
+    for (preset, transport) in [
+        ("tiny", TransportKind::Shm),
+        ("tiny", TransportKind::Tcp),
+        ("qwen2-moe-mini", TransportKind::Shm),
+    ] {
+        let per_step = allocations_per_step(preset, transport, 4, 12);
         assert!(
             per_step.iter().all(|&n| n == 0),
-            "{transport:?}: allocations in each measured decode step: {per_step:?}"
+            "{preset} over {transport:?}: allocations in each measured decode step: {per_step:?}"
         );
     }
 }

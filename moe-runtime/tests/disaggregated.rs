@@ -133,6 +133,11 @@ fn olmoe_mini_matches_the_reference_on_every_shape() {
 }
 
 #[test]
+fn qwen2_moe_mini_matches_the_reference_on_every_shape() {
+    matrix("qwen2-moe-mini", 16);
+}
+
+#[test]
 fn idle_micro_batches_and_ranks_still_complete_their_rounds() {
     // One prompt on 2 attention ranks with 4 micro-batches: attention rank 1
     // has nothing at all, and rank 0 fills one micro-batch of four, so
@@ -304,7 +309,12 @@ fn scores(model: &std::path::Path, seq: &[u32], dtype: &str) -> Vec<f32> {
 #[test]
 fn the_f32_reference_scores_its_generation_and_stays_near_bf16() {
     let dir = TempDir::new("f32");
-    for (preset, seed) in [("tiny", 3), ("qwen3-mini", 4), ("olmoe-mini", 5)] {
+    for (preset, seed) in [
+        ("tiny", 3),
+        ("qwen3-mini", 4),
+        ("olmoe-mini", 5),
+        ("qwen2-moe-mini", 6),
+    ] {
         let model = checkpoint(dir.path(), preset, seed, 1, StoreDtype::Bf16);
         let prompt: Vec<u32> = vec![5, 17, 250, 3, 9];
         let o = moe_run(

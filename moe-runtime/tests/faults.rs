@@ -285,7 +285,11 @@ fn other_families_and_unsupported_options_are_refused() {
     let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     let cases = [
-        ("model_type", serde_json::json!("qwen2_moe"), "qwen2_moe"),
+        (
+            "model_type",
+            serde_json::json!("deepseek_v3"),
+            "deepseek_v3",
+        ),
         ("sliding_window", serde_json::json!(4096), "sliding_window"),
         (
             "rope_scaling",

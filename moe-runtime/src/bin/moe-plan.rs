@@ -18,7 +18,8 @@ use moe_runtime::plan::{search, Plan, PlanError, SearchResult};
     about = "Plan a disaggregated MoE deployment (MegaScale-Infer, Algorithm 1)"
 )]
 struct Cli {
-    /// Preset: mixtral-8x22b, dbrx, scaled-moe, tiny, mixtral-mini, dbrx-mini, qwen3-mini, olmoe-mini.
+    /// Preset: mixtral-8x22b, dbrx, scaled-moe, tiny, mixtral-mini, dbrx-mini, qwen3-mini, olmoe-mini,
+    /// qwen2-moe-mini.
     #[arg(long, conflicts_with = "hf_config")]
     model: Option<String>,
     /// A Hugging Face config.json instead of a preset.

@@ -47,6 +47,10 @@ pub struct ModelConfig {
     /// (Mixtral always; Qwen3-MoE when `norm_topk_prob`).
     #[serde(default = "default_norm_topk")]
     pub norm_topk: bool,
+    /// The shared expert's FFN size (0: none), in the families that have
+    /// one; it runs on the attention workers.
+    #[serde(default)]
+    pub shared_ffn: u64,
 }
 
 fn default_norm_topk() -> bool {
@@ -78,7 +82,15 @@ impl ModelConfig {
             Some(QkNorm::PerHead) => 2 * self.head_dim,
             Some(QkNorm::Whole) => (self.heads + self.kv_heads) * self.head_dim,
         };
-        q + kv + o + router + 2 * self.hidden + qk_norm
+        let qkv_bias = if self.family.qkv_bias() {
+            (self.heads + 2 * self.kv_heads) * self.head_dim
+        } else {
+            0
+        };
+        // The shared expert and its gate run beside attention.
+        let shared =
+            3 * self.hidden * self.shared_ffn + self.hidden * u64::from(self.shared_ffn > 0);
+        q + kv + o + router + 2 * self.hidden + qk_norm + qkv_bias + shared
     }
 
     /// P_a: everything an attention node holds (all layers' attention,
@@ -128,7 +140,18 @@ impl ModelConfig {
                 rope_theta: 1e6,
                 norm_eps: 1e-5,
                 norm_topk: true,
+                shared_ffn: 0,
             };
+        // Qwen2-57B-A14B's pattern: 64 experts top-8 not renormalised, GQA,
+        // biased q/k/v, a gated shared expert 4 x the routed experts' size.
+        let qwen2_moe_mini = ModelConfig {
+            family: Family::Qwen2Moe,
+            rope_theta: 1e4,
+            norm_eps: 1e-6,
+            norm_topk: false,
+            shared_ffn: 256,
+            ..m("qwen2-moe-mini", 128, 4, 8, 2, 64, 8, 64, 1024)
+        };
         // Qwen3-30B-A3B's pattern at small size: 32 fine-grained experts,
         // top-8 renormalised, a head_dim of its own (q is 2 x hidden wide).
         let qwen3_mini = ModelConfig {
@@ -163,6 +186,7 @@ impl ModelConfig {
             m("dbrx-mini", 256, 4, 8, 2, 16, 4, 448, 1024),
             qwen3_mini,
             olmoe_mini,
+            qwen2_moe_mini,
         ]
     }
 
@@ -208,6 +232,35 @@ impl ModelConfig {
                 "rope_scaling": null,
                 "rms_norm_eps": self.norm_eps,
                 "attention_bias": false,
+                "use_sliding_window": false,
+                "sliding_window": null,
+                "hidden_act": "silu",
+                "tie_word_embeddings": false,
+                "torch_dtype": "bfloat16",
+            });
+        }
+        if self.family == Family::Qwen2Moe {
+            return serde_json::json!({
+                "architectures": [self.family.architecture()],
+                "model_type": self.family.model_type(),
+                "_name_or_path": self.name,
+                "hidden_size": self.hidden,
+                "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads,
+                "num_key_value_heads": self.kv_heads,
+                "num_experts": self.experts,
+                "num_experts_per_tok": self.top_k,
+                "moe_intermediate_size": self.ffn,
+                "shared_expert_intermediate_size": self.shared_ffn,
+                // The dense MLP's size: unused while every layer is sparse.
+                "intermediate_size": 3 * self.hidden,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": self.norm_topk,
+                "vocab_size": self.vocab,
+                "rope_theta": self.rope_theta,
+                "rope_scaling": null,
+                "rms_norm_eps": self.norm_eps,
                 "use_sliding_window": false,
                 "sliding_window": null,
                 "hidden_act": "silu",
@@ -337,10 +390,15 @@ impl ModelConfig {
             // transformers' Qwen3MoeConfig defaults norm_topk_prob to false.
             norm_topk: match family {
                 Family::Mixtral => true,
-                Family::Qwen3Moe | Family::Olmoe => v
+                Family::Qwen3Moe | Family::Olmoe | Family::Qwen2Moe => v
                     .get("norm_topk_prob")
                     .and_then(|x| x.as_bool())
                     .unwrap_or(false),
+            },
+            shared_ffn: if family.shared_expert() {
+                need(&["shared_expert_intermediate_size"])?
+            } else {
+                0
             },
         };
         if cfg.heads == 0

@@ -6,8 +6,9 @@
 //! worker starts, naming the field and what is supported.
 //!
 //! Families run: Mixtral (`mixtral`, `MixtralForCausalLM`), Qwen3-MoE
-//! (`qwen3_moe`, `Qwen3MoeForCausalLM`, every layer sparse) and OLMoE
-//! (`olmoe`, `OlmoeForCausalLM`). The planner reads more shapes (DBRX)
+//! (`qwen3_moe`, `Qwen3MoeForCausalLM`, every layer sparse), OLMoE
+//! (`olmoe`, `OlmoeForCausalLM`) and Qwen2-MoE (`qwen2_moe`,
+//! `Qwen2MoeForCausalLM`, every layer sparse). The planner reads more shapes (DBRX)
 //! than the runtime runs.
 //!
 //! What differs between families, and where it is handled: the config
@@ -39,6 +40,12 @@ pub enum Family {
     /// rope, and the router's renormalisation only when `norm_topk_prob`
     /// says so; experts named as Qwen3-MoE's.
     Olmoe,
+    /// `transformers/models/qwen2_moe`: Mixtral's layer with biased query,
+    /// key and value projections, the router's renormalisation only when
+    /// `norm_topk_prob` says so, and a shared expert (a SwiGLU MLP of
+    /// `shared_expert_intermediate_size` every token goes through) whose
+    /// output is scaled by `sigmoid(shared_expert_gate(x))`.
+    Qwen2Moe,
 }
 
 /// How a family normalises its queries and keys before rope.
@@ -56,6 +63,7 @@ const FAMILIES: &[(Family, &str, &str)] = &[
     (Family::Mixtral, "mixtral", "MixtralForCausalLM"),
     (Family::Qwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"),
     (Family::Olmoe, "olmoe", "OlmoeForCausalLM"),
+    (Family::Qwen2Moe, "qwen2_moe", "Qwen2MoeForCausalLM"),
 ];
 
 impl Family {
@@ -74,7 +82,18 @@ impl Family {
             Family::Mixtral => None,
             Family::Qwen3Moe => Some(QkNorm::PerHead),
             Family::Olmoe => Some(QkNorm::Whole),
+            Family::Qwen2Moe => None,
         }
+    }
+
+    /// Whether the query, key and value projections have biases.
+    pub fn qkv_bias(self) -> bool {
+        self == Family::Qwen2Moe
+    }
+
+    /// Whether each layer has a gated shared expert.
+    pub fn shared_expert(self) -> bool {
+        self == Family::Qwen2Moe
     }
 
     pub fn model_type(self) -> &'static str {
@@ -152,8 +171,8 @@ impl Family {
                     ));
                 }
             }
-            Family::Qwen3Moe => {
-                // Qwen3 configs carry a window size that applies only when
+            Family::Qwen3Moe | Family::Qwen2Moe => {
+                // Qwen configs carry a window size that applies only when
                 // use_sliding_window is true.
                 if set("use_sliding_window").and_then(Value::as_bool) == Some(true) {
                     return Err(
@@ -281,11 +300,29 @@ mod tests {
     }
 
     #[test]
+    fn qwen2_moe_is_recognised_with_its_bias_and_shared_expert() {
+        let v: Value = serde_json::from_str(
+            r#"{"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
+            "use_sliding_window": false, "sliding_window": 4096, "mlp_only_layers": []}"#,
+        )
+        .unwrap();
+        assert_eq!(Family::of_config(&v), Ok(Family::Qwen2Moe));
+        assert!(Family::Qwen2Moe.qkv_bias() && Family::Qwen2Moe.shared_expert());
+        assert!(!Family::Qwen3Moe.qkv_bias() && !Family::Mixtral.shared_expert());
+        let v: Value =
+            serde_json::from_str(r#"{"model_type": "qwen2_moe", "decoder_sparse_step": 2}"#)
+                .unwrap();
+        assert!(Family::of_config(&v)
+            .unwrap_err()
+            .starts_with("decoder_sparse_step"));
+    }
+
+    #[test]
     fn other_families_and_options_are_refused_by_name() {
-        let v: Value = serde_json::from_str(r#"{"model_type": "qwen2_moe"}"#).unwrap();
+        let v: Value = serde_json::from_str(r#"{"model_type": "deepseek_v3"}"#).unwrap();
         let err = Family::of_config(&v).unwrap_err();
         assert!(
-            err.contains("qwen2_moe") && err.contains("mixtral"),
+            err.contains("deepseek_v3") && err.contains("mixtral"),
             "{err}"
         );
         let v: Value = serde_json::from_str(r#"{"hidden_size": 8}"#).unwrap();

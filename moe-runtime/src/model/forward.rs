@@ -14,13 +14,14 @@
 use half::bf16;
 use kernels::cpu::attention::{prefill_attention, AttnScratch, KvCache};
 use kernels::cpu::ffn::{swiglu_rows, Expert, FfnScratch};
+
 use kernels::cpu::gemv::{matmul_bf16, widen};
 use kernels::cpu::norm::rmsnorm_with;
 use kernels::cpu::rope::rope_with;
 use kernels::cpu::router::{route_into, Route, RouterScratch};
 use kernels::LayerShape;
 
-use super::weights::{AttentionLayer, AttentionWeights};
+use super::weights::{AttentionLayer, AttentionWeights, SharedExpert};
 
 /// Consecutive rows of a batch that belong to one sequence: its cache for
 /// this layer and the position of its first row.
@@ -49,6 +50,8 @@ pub struct Scratch {
     positions: Vec<u32>,
     attn_sc: AttnScratch,
     heads_tmp: Vec<bf16>,
+    shared_ffn: FfnScratch,
+    shared_row: Vec<f32>,
     norm: Vec<f32>,
     rope: Vec<f32>,
     router: RouterScratch,
@@ -65,6 +68,15 @@ impl Scratch {
 fn to_bf16_into(src: &[f32], dst: &mut Vec<bf16>) {
     dst.clear();
     dst.extend(src.iter().map(|&v| bf16::from_f32(v)));
+}
+
+/// `x[r] += bias` for every `bias.len()`-wide row `r` of `x`.
+fn add_bias(x: &mut [f32], bias: &[bf16]) {
+    for row in x.chunks_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b.to_f32();
+        }
+    }
 }
 
 /// RMSNorm of every head of `x` (`rows x heads x head_dim`) with the
@@ -102,6 +114,12 @@ pub fn attention(
     matmul_bf16(&sc.xf, rows, h, &w.q, qd, &mut sc.q);
     matmul_bf16(&sc.xf, rows, h, &w.k, kvd, &mut sc.k);
     matmul_bf16(&sc.xf, rows, h, &w.v, kvd, &mut sc.v);
+    // Qwen2-MoE: biased projections (added in f32, before any rounding).
+    if let Some([qb, kb, vb]) = &w.qkv_bias {
+        add_bias(&mut sc.q, qb);
+        add_bias(&mut sc.k, kb);
+        add_bias(&mut sc.v, vb);
+    }
     to_bf16_into(&sc.q, &mut sc.qb);
     to_bf16_into(&sc.k, &mut sc.kb);
     // Qwen3-MoE: an RMSNorm over each head of the queries and keys, before rope.
@@ -197,6 +215,36 @@ pub fn moe_input<'s>(
 /// One expert on its rows: the batch-invariant SwiGLU.
 pub fn expert_rows(e: &Expert, x: &[bf16], out: &mut [bf16], sc: &mut FfnScratch) {
     swiglu_rows(e, x, out, sc);
+}
+
+/// The shared expert on the experts' input `y` (`rows x hidden`), into
+/// `out`: `sigmoid(gate . y_r) * swiglu(y_r)` per row, rounded to bf16.
+/// It runs where the routers do, on the attention side (see the attention
+/// worker's schedule), and like every kernel here a row's bits do not
+/// depend on its batch.
+pub fn shared_expert(sh: &SharedExpert, y: &[bf16], out: &mut Vec<bf16>, sc: &mut Scratch) {
+    let h = sh.expert.hidden;
+    out.clear();
+    out.resize(y.len(), bf16::ZERO);
+    if y.is_empty() {
+        return;
+    }
+    swiglu_rows(&sh.expert, y, out, &mut sc.shared_ffn);
+    sc.shared_row.resize(h, 0.0);
+    for (yr, or) in y.chunks(h).zip(out.chunks_mut(h)) {
+        widen(yr, &mut sc.shared_row);
+        let logit = kernels::cpu::gemv::dot_bf16(&sc.shared_row, &sh.gate);
+        let g = 1.0 / (1.0 + (-logit).exp());
+        for o in or.iter_mut() {
+            *o = bf16::from_f32(g * o.to_f32());
+        }
+    }
+}
+
+/// The routed experts' combine plus the shared expert's output, in bf16
+/// (`moe += shared`), before the residual.
+pub fn add_shared(moe: &mut [bf16], shared: &[bf16]) {
+    add_residual(moe, shared);
 }
 
 /// The MoE residual: `h += y`, in bf16.

@@ -45,6 +45,9 @@ fn scale(c: &ModelConfig, kind: Kind) -> Option<f32> {
         Kind::Router => Some(4.0 * unit(h)),
         Kind::ExpertGate | Kind::ExpertUp => Some(1.5 * unit(h)),
         Kind::ExpertDown => Some(2.0 * unit(f)),
+        Kind::Bias => Some(0.5),
+        Kind::SharedDown => Some(2.0 * unit((c.shared_ffn as usize).max(1))),
+        Kind::SharedGate => Some(2.0 * unit(h)),
         Kind::LmHead => Some(6.0 * unit(h)),
     }
 }

@@ -100,6 +100,14 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], s: &LayerShape) -> Vec<f32> {
     out
 }
 
+fn add_bias(x: &mut [f32], bias: &[bf16]) {
+    for row in x.chunks_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b.to_f32();
+        }
+    }
+}
+
 /// One expert's SwiGLU on one row.
 fn expert(e: &Expert, x: &[f32]) -> Vec<f32> {
     let g = linear(x, e.hidden, &e.gate, e.ffn);
@@ -142,6 +150,13 @@ fn moe(
                 *o += wt * v;
             }
         }
+        if let Some(sh) = &w.shared {
+            let logit: f32 = row.iter().zip(&sh.gate).map(|(a, b)| a * b.to_f32()).sum();
+            let g = 1.0 / (1.0 + (-logit).exp());
+            for (o, v) in out[t * h..][..h].iter_mut().zip(expert(&sh.expert, row)) {
+                *o += g * v;
+            }
+        }
     }
     out
 }
@@ -165,7 +180,12 @@ pub fn logits(
         rmsnorm(&mut xn, &w.input_norm, s.norm_eps);
         let mut q = linear(&xn, h, &w.q, qw);
         let mut k = linear(&xn, h, &w.k, kw);
-        let v = linear(&xn, h, &w.v, kw);
+        let mut v = linear(&xn, h, &w.v, kw);
+        if let Some([qb, kb, vb]) = &w.qkv_bias {
+            add_bias(&mut q, qb);
+            add_bias(&mut k, kb);
+            add_bias(&mut v, vb);
+        }
         if let Some(qn) = &w.q_norm {
             rmsnorm(&mut q, qn, s.norm_eps);
         }

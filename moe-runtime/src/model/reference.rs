@@ -232,6 +232,11 @@ impl Reference {
             &mut Combiner::default(),
             &mut moe,
         );
+        if let Some(sh) = &w.shared {
+            let mut shared = Vec::new();
+            forward::shared_expert(sh, &y, &mut shared, sc);
+            forward::add_shared(&mut moe, &shared);
+        }
         forward::add_residual(x, &moe);
     }
 }

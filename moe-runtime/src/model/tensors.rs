@@ -39,7 +39,7 @@ pub enum Proj {
 pub fn router(family: Family, i: usize) -> String {
     match family {
         Family::Mixtral => names::layer(i, "block_sparse_moe.gate.weight"),
-        Family::Qwen3Moe | Family::Olmoe => names::layer(i, "mlp.gate.weight"),
+        Family::Qwen3Moe | Family::Olmoe | Family::Qwen2Moe => names::layer(i, "mlp.gate.weight"),
     }
 }
 
@@ -55,7 +55,7 @@ pub fn expert(family: Family, i: usize, j: usize, p: Proj) -> String {
                 Proj::Up => "w3",
             },
         ),
-        Family::Qwen3Moe | Family::Olmoe => names::layer(
+        Family::Qwen3Moe | Family::Olmoe | Family::Qwen2Moe => names::layer(
             i,
             &format!(
                 "mlp.experts.{j}.{}.weight",
@@ -82,6 +82,37 @@ pub fn qk_norms(c: &ModelConfig, i: usize) -> Option<[(String, usize); 2]> {
     ])
 }
 
+/// Layer `i`'s query, key and value biases (name, length), in the
+/// families that have them.
+pub fn qkv_biases(c: &ModelConfig, i: usize) -> Option<[(String, usize); 3]> {
+    let (q, kv) = (
+        (c.heads * c.head_dim) as usize,
+        (c.kv_heads * c.head_dim) as usize,
+    );
+    c.family.qkv_bias().then(|| {
+        [
+            (names::layer(i, "self_attn.q_proj.bias"), q),
+            (names::layer(i, "self_attn.k_proj.bias"), kv),
+            (names::layer(i, "self_attn.v_proj.bias"), kv),
+        ]
+    })
+}
+
+/// Layer `i`'s shared expert, projection `p` (Qwen2-MoE).
+pub fn shared_expert(i: usize, p: Proj) -> String {
+    let p = match p {
+        Proj::Gate => "gate_proj",
+        Proj::Up => "up_proj",
+        Proj::Down => "down_proj",
+    };
+    names::layer(i, &format!("mlp.shared_expert.{p}.weight"))
+}
+
+/// Layer `i`'s shared expert's sigmoid gate (`1 x hidden`).
+pub fn shared_expert_gate(i: usize) -> String {
+    names::layer(i, "mlp.shared_expert_gate.weight")
+}
+
 /// What a tensor does in the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -101,6 +132,13 @@ pub enum Kind {
     ExpertDown,
     /// An expert's up projection (`w3`).
     ExpertUp,
+    /// A query, key or value bias.
+    Bias,
+    /// The shared expert's down projection (its gate and up projections
+    /// are [`Kind::ExpertGate`] and [`Kind::ExpertUp`]).
+    SharedDown,
+    /// The shared expert's sigmoid gate.
+    SharedGate,
     LmHead,
 }
 
@@ -136,6 +174,9 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
             vec![h, qd],
             Kind::Output,
         ));
+        for (name, len) in qkv_biases(c, i).into_iter().flatten() {
+            t.push(spec(name, vec![len], Kind::Bias));
+        }
         for (name, len) in qk_norms(c, i).into_iter().flatten() {
             t.push(spec(name, vec![len], Kind::Norm));
         }
@@ -154,6 +195,21 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
             t.push(spec(e(Proj::Gate), vec![f, h], Kind::ExpertGate));
             t.push(spec(e(Proj::Down), vec![h, f], Kind::ExpertDown));
             t.push(spec(e(Proj::Up), vec![f, h], Kind::ExpertUp));
+        }
+        if c.family.shared_expert() {
+            let s = c.shared_ffn as usize;
+            t.push(spec(
+                shared_expert(i, Proj::Gate),
+                vec![s, h],
+                Kind::ExpertGate,
+            ));
+            t.push(spec(shared_expert(i, Proj::Up), vec![s, h], Kind::ExpertUp));
+            t.push(spec(
+                shared_expert(i, Proj::Down),
+                vec![h, s],
+                Kind::SharedDown,
+            ));
+            t.push(spec(shared_expert_gate(i), vec![1, h], Kind::SharedGate));
         }
     }
     t.push(spec(names::NORM.into(), vec![h], Kind::Norm));

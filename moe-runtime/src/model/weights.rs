@@ -16,6 +16,15 @@ use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
 use super::tensors::{self, tensor_specs, Proj, TensorSpec};
+
+/// A shared expert every token goes through, scaled by
+/// `sigmoid(gate . x)` (Qwen2-MoE); held by the attention workers.
+#[derive(Debug)]
+pub struct SharedExpert {
+    pub expert: Expert,
+    /// `hidden`.
+    pub gate: Vec<bf16>,
+}
 use super::{ModelConfig, RuntimeError};
 
 pub use super::tensors::{names, INDEX_FILE, SINGLE_FILE};
@@ -223,6 +232,9 @@ pub struct AttentionLayer {
     /// the families that have them.
     pub q_norm: Option<Vec<bf16>>,
     pub k_norm: Option<Vec<bf16>>,
+    /// Query, key and value biases, in the families that have them.
+    pub qkv_bias: Option<[Vec<bf16>; 3]>,
+    pub shared: Option<SharedExpert>,
     pub post_norm: Vec<bf16>,
     /// The router, `experts x hidden`.
     pub gate: Vec<bf16>,
@@ -258,7 +270,29 @@ impl AttentionWeights {
                     }
                     None => (None, None),
                 };
+                let qkv_bias = match tensors::qkv_biases(c, i) {
+                    Some([(qn, ql), (kn, kl), (vn, vl)]) => Some([
+                        ck.tensor(&qn, &[ql])?,
+                        ck.tensor(&kn, &[kl])?,
+                        ck.tensor(&vn, &[vl])?,
+                    ]),
+                    None => None,
+                };
+                let shared = if c.family.shared_expert() {
+                    let s = c.shared_ffn as usize;
+                    let gate = ck.tensor(&tensors::shared_expert(i, Proj::Gate), &[s, h])?;
+                    let up = ck.tensor(&tensors::shared_expert(i, Proj::Up), &[s, h])?;
+                    let down = ck.tensor(&tensors::shared_expert(i, Proj::Down), &[h, s])?;
+                    Some(SharedExpert {
+                        expert: Expert::new(h, s, gate, up, down),
+                        gate: ck.tensor(&tensors::shared_expert_gate(i), &[1, h])?,
+                    })
+                } else {
+                    None
+                };
                 Ok(AttentionLayer {
+                    qkv_bias,
+                    shared,
                     input_norm: t("input_layernorm.weight", &[h])?,
                     q: t("self_attn.q_proj.weight", &[q, h])?,
                     k: t("self_attn.k_proj.weight", &[kv, h])?,

@@ -19,6 +19,13 @@
 //! LM head on each sequence's last row
 //! ```
 //!
+//! Families with a shared expert (Qwen2-MoE) run it here, on the attention
+//! side, right after `send dispatch (l, i)`: every token goes through it,
+//! so it needs no routing, and computing it while the routed experts work
+//! on round `(l, i)` hides it behind the round trip. Its output joins the
+//! combine in `finish` (`x_i = h_i + (combine + shared)`); its time counts
+//! in T_a.
+//!
 //! Rounds go out in `(layer, micro-batch)` order on both channels, so at
 //! most `m` rounds are in flight per attention worker and m2n's depth must
 //! be at least `m`. Every attention worker sends every expert worker one
@@ -182,6 +189,9 @@ struct MicroBatch {
     entries: Vec<Vec<Entry>>,
     /// Dispatch round in flight, and when it was posted.
     round: Option<u64>,
+    /// The shared expert's output (families that have one), computed while
+    /// the round is at the routed experts.
+    shared: Vec<bf16>,
     posted: Option<Instant>,
     t_a: u64,
 }
@@ -541,6 +551,13 @@ impl AttentionWorker {
         };
         mb.round = Some(round);
         self.spare_msgs = recycle(msgs);
+        // The shared expert runs here, while the routed experts work on
+        // the round just sent: it overlaps the round trip, and counts in T_a.
+        if let Some(sh) = &w.shared {
+            let t1 = Instant::now();
+            forward::shared_expert(sh, &mb.y, &mut mb.shared, &mut self.scratch);
+            mb.t_a += t1.elapsed().as_nanos() as u64;
+        }
         Ok(())
     }
 
@@ -591,6 +608,9 @@ impl AttentionWorker {
         self.moe_out.clear();
         self.moe_out.resize(mb.x.len(), bf16::ZERO);
         self.combiner.finish(&mut self.moe_out);
+        if self.weights.layers[l].shared.is_some() {
+            forward::add_shared(&mut self.moe_out, &mb.shared);
+        }
         self.comm.combine().release(round)?;
         forward::add_residual(&mut mb.x, &self.moe_out);
         let rtt = mb.posted.map_or(0, |p| {
