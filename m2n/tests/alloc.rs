@@ -2,39 +2,16 @@
 //! a 1 x 1 group in this process (both ranks' threads count), round trips
 //! over shm and tcp with blocking and non-blocking calls.
 
+#[path = "../../tests/support/counting.rs"]
+mod counting;
+
 #[path = "support/inproc.rs"]
 mod inproc;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use m2n::{Config, Msg, TransportKind, WaitPolicy};
-
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
 
 /// Allocations during `measured` round trips after `warm` ones.
 fn allocations(transport: TransportKind, nonblocking: bool) -> u64 {
@@ -68,7 +45,7 @@ fn allocations(transport: TransportKind, nonblocking: bool) -> u64 {
     for k in 0..warm + measured {
         if k == warm {
             marks.wait();
-            before = ALLOCS.load(Ordering::Relaxed);
+            before = counting::allocations();
         }
         if k == warm + measured - 1 {
             marks.wait();
@@ -97,7 +74,7 @@ fn allocations(transport: TransportKind, nonblocking: bool) -> u64 {
         assert_eq!(back.round(), k);
         a.combine().release(back).unwrap();
     }
-    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    let allocs = counting::allocations() - before;
     let e = expert.join().unwrap();
     drop((a, e));
     allocs

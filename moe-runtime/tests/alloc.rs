@@ -4,10 +4,11 @@
 //! two micro-batches, greedy and sampled sequences, over shm and tcp, with
 //! and without a shared expert.
 
+#[path = "../../tests/support/counting.rs"]
+mod counting;
+
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use m2n::{Communicator, Config, Role, Root, Shape, TransportKind, WaitPolicy};
@@ -18,30 +19,6 @@ use moe_runtime::worker::attention::{AttentionWorker, Request, Sampling, StepRep
 use moe_runtime::worker::expert::ExpertWorker;
 use moe_runtime::worker::Deployment;
 use support::{checkpoint, TempDir};
-
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -111,9 +88,9 @@ fn allocations_per_step(
     }
     let mut per_step = Vec::new();
     for _ in 0..measured {
-        let before = ALLOCS.load(Ordering::Relaxed);
+        let before = counting::allocations();
         w.step_into(&mut report).unwrap();
-        per_step.push(ALLOCS.load(Ordering::Relaxed) - before);
+        per_step.push(counting::allocations() - before);
         assert_eq!(report.tokens.len(), 4, "every sequence decodes a token");
         assert_eq!(report.rows, 4, "decode steps: one row per sequence");
     }

@@ -209,108 +209,69 @@ impl ModelConfig {
     /// A Hugging Face `config.json` in its family's naming, which
     /// [`from_hf_config`](Self::from_hf_config) reads back to `self`.
     pub fn to_hf_config(&self) -> serde_json::Value {
-        if self.family == Family::Qwen3Moe {
-            return serde_json::json!({
-                "architectures": [self.family.architecture()],
-                "model_type": self.family.model_type(),
-                "_name_or_path": self.name,
-                "hidden_size": self.hidden,
-                "num_hidden_layers": self.layers,
-                "num_attention_heads": self.heads,
-                "num_key_value_heads": self.kv_heads,
-                "head_dim": self.head_dim,
-                "num_experts": self.experts,
-                "num_experts_per_tok": self.top_k,
-                "moe_intermediate_size": self.ffn,
-                // The dense MLP's size: unused while every layer is sparse.
-                "intermediate_size": 3 * self.hidden,
-                "decoder_sparse_step": 1,
-                "mlp_only_layers": [],
-                "norm_topk_prob": self.norm_topk,
-                "vocab_size": self.vocab,
-                "rope_theta": self.rope_theta,
-                "rope_scaling": null,
-                "rms_norm_eps": self.norm_eps,
-                "attention_bias": false,
-                "use_sliding_window": false,
-                "sliding_window": null,
-                "hidden_act": "silu",
-                "tie_word_embeddings": false,
-                "torch_dtype": "bfloat16",
-            });
-        }
-        if self.family == Family::Qwen2Moe {
-            return serde_json::json!({
-                "architectures": [self.family.architecture()],
-                "model_type": self.family.model_type(),
-                "_name_or_path": self.name,
-                "hidden_size": self.hidden,
-                "num_hidden_layers": self.layers,
-                "num_attention_heads": self.heads,
-                "num_key_value_heads": self.kv_heads,
-                "num_experts": self.experts,
-                "num_experts_per_tok": self.top_k,
-                "moe_intermediate_size": self.ffn,
-                "shared_expert_intermediate_size": self.shared_ffn,
-                // The dense MLP's size: unused while every layer is sparse.
-                "intermediate_size": 3 * self.hidden,
-                "decoder_sparse_step": 1,
-                "mlp_only_layers": [],
-                "norm_topk_prob": self.norm_topk,
-                "vocab_size": self.vocab,
-                "rope_theta": self.rope_theta,
-                "rope_scaling": null,
-                "rms_norm_eps": self.norm_eps,
-                "use_sliding_window": false,
-                "sliding_window": null,
-                "hidden_act": "silu",
-                "tie_word_embeddings": false,
-                "torch_dtype": "bfloat16",
-            });
-        }
-        if self.family == Family::Olmoe {
-            return serde_json::json!({
-                "architectures": [self.family.architecture()],
-                "model_type": self.family.model_type(),
-                "_name_or_path": self.name,
-                "hidden_size": self.hidden,
-                "num_hidden_layers": self.layers,
-                "num_attention_heads": self.heads,
-                "num_key_value_heads": self.kv_heads,
-                "num_experts": self.experts,
-                "num_experts_per_tok": self.top_k,
-                "intermediate_size": self.ffn,
-                "norm_topk_prob": self.norm_topk,
-                "vocab_size": self.vocab,
-                "rope_theta": self.rope_theta,
-                "rope_scaling": null,
-                "rms_norm_eps": self.norm_eps,
-                "attention_bias": false,
-                "clip_qkv": null,
-                "hidden_act": "silu",
-                "tie_word_embeddings": false,
-                "torch_dtype": "bfloat16",
-            });
-        }
-        serde_json::json!({
-            "architectures": ["MixtralForCausalLM"],
-            "model_type": "mixtral",
+        use serde_json::json;
+        let mut v = json!({
+            "architectures": [self.family.architecture()],
+            "model_type": self.family.model_type(),
             "_name_or_path": self.name,
             "hidden_size": self.hidden,
             "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads,
             "num_key_value_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "num_local_experts": self.experts,
             "num_experts_per_tok": self.top_k,
-            "intermediate_size": self.ffn,
             "vocab_size": self.vocab,
             "rope_theta": self.rope_theta,
             "rms_norm_eps": self.norm_eps,
             "hidden_act": "silu",
             "tie_word_embeddings": false,
             "torch_dtype": "bfloat16",
-        })
+        });
+        // The Qwen families' every-layer-sparse settings.
+        let sparse = json!({
+            "moe_intermediate_size": self.ffn,
+            // The dense MLP's size: unused while every layer is sparse.
+            "intermediate_size": 3 * self.hidden,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "use_sliding_window": false,
+            "sliding_window": null,
+        });
+        let own = match self.family {
+            Family::Mixtral => json!({
+                "head_dim": self.head_dim,
+                "num_local_experts": self.experts,
+                "intermediate_size": self.ffn,
+            }),
+            Family::Qwen3Moe => json!({
+                "head_dim": self.head_dim,
+                "num_experts": self.experts,
+                "norm_topk_prob": self.norm_topk,
+                "attention_bias": false,
+            }),
+            Family::Qwen2Moe => json!({
+                "num_experts": self.experts,
+                "norm_topk_prob": self.norm_topk,
+                "shared_expert_intermediate_size": self.shared_ffn,
+            }),
+            // OLMoE's head_dim is hidden / heads; it has no field for it.
+            Family::Olmoe => json!({
+                "num_experts": self.experts,
+                "intermediate_size": self.ffn,
+                "norm_topk_prob": self.norm_topk,
+                "attention_bias": false,
+                "clip_qkv": null,
+            }),
+        };
+        let mut extend = |more: serde_json::Value| {
+            if let (Some(v), serde_json::Value::Object(more)) = (v.as_object_mut(), more) {
+                v.extend(more);
+            }
+        };
+        if matches!(self.family, Family::Qwen3Moe | Family::Qwen2Moe) {
+            extend(sparse);
+        }
+        extend(own);
+        v
     }
 
     /// The kernels' view of one layer.
