@@ -406,6 +406,25 @@ mod tests {
     }
 
     #[test]
+    fn shared_experts_and_biases_count_on_the_attention_side() {
+        let q2 = ModelConfig::preset("qwen2-moe-mini").unwrap();
+        let bare = ModelConfig {
+            family: Family::Mixtral,
+            shared_ffn: 0,
+            ..q2.clone()
+        };
+        let (h, d) = (q2.hidden, q2.head_dim);
+        let shared = 3 * h * q2.shared_ffn + h;
+        let bias = (q2.heads + 2 * q2.kv_heads) * d;
+        assert_eq!(
+            q2.attention_params_per_layer(),
+            bare.attention_params_per_layer() + shared + bias
+        );
+        // The experts' side is the routed experts alone.
+        assert_eq!(q2.expert_params_per_layer(), 3 * h * q2.ffn);
+    }
+
+    #[test]
     fn unknown_model_lists_the_known_ones() {
         let err = ModelConfig::preset("gpt-5").unwrap_err().to_string();
         assert!(
