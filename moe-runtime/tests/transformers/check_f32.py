@@ -1,0 +1,210 @@
+"""The f32 reference against transformers in float32, every family.
+
+For each family the runtime runs, a small random model of transformers'
+own class is built with sharp weights rounded to bf16 values (so that the
+runtime, which holds weights in bf16, computes on the very same numbers),
+saved with ``save_pretrained`` (the Hub's per-expert layout), and scored by
+teacher forcing with transformers in float32 and with
+``moe-run --reference --score --dtype f32``. Every log-probability must
+agree within TOLERANCE. Negative controls (the same checkpoint with one
+detail of its config.json changed) must not: they show that a wrong
+detail is visible at this tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+
+TOLERANCE = 1e-3
+SEQUENCES = [
+    [1, 5, 9, 33, 200, 7, 8, 100, 250, 3, 44, 12],
+    [300, 2, 2, 2, 17],
+    [(i * 37 + 11) % 320 for i in range(40)],
+]
+COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 320,
+    "rope_theta": 1e4,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 512,
+}
+SPARSE: dict[str, Any] = {"decoder_sparse_step": 1, "mlp_only_layers": []}
+# Qwen3-MoE's own head_dim (queries 2 x hidden wide).
+HEAD_DIM: dict[str, Any] = {"head_dim": 32}
+
+
+@dataclass
+class Family:
+    """A family: how to build its transformers model, and its controls."""
+
+    name: str
+    build: Callable[[], transformers.PreTrainedModel]
+    # (what is broken, config.json edits)
+    controls: list[tuple[str, dict[str, Any]]]
+
+
+def families() -> list[Family]:
+    """Every family the runtime runs, at small size."""
+    t = transformers
+    rope = {"rope_theta": 1e6}
+    return [
+        Family(
+            "mixtral",
+            lambda: t.MixtralForCausalLM(
+                t.MixtralConfig(intermediate_size=128, num_local_experts=8, **COMMON)
+            ),
+            [("rope theta 1e6 instead of 1e4", rope)],
+        ),
+        Family(
+            "qwen3_moe",
+            lambda: t.Qwen3MoeForCausalLM(
+                t.Qwen3MoeConfig(
+                    **HEAD_DIM,
+                    moe_intermediate_size=64,
+                    intermediate_size=256,
+                    num_experts=16,
+                    num_experts_per_tok=4,
+                    norm_topk_prob=True,
+                    **SPARSE,
+                    **COMMON,
+                )
+            ),
+            [("norm_topk_prob flipped", {"norm_topk_prob": False})],
+        ),
+        Family(
+            "olmoe",
+            lambda: t.OlmoeForCausalLM(
+                t.OlmoeConfig(
+                    intermediate_size=64,
+                    num_experts=16,
+                    num_experts_per_tok=4,
+                    norm_topk_prob=False,
+                    pad_token_id=0,
+                    eos_token_id=1,
+                    **COMMON,
+                )
+            ),
+            [("norm_topk_prob flipped", {"norm_topk_prob": True})],
+        ),
+        Family(
+            "qwen2_moe",
+            lambda: t.Qwen2MoeForCausalLM(
+                t.Qwen2MoeConfig(
+                    moe_intermediate_size=64,
+                    shared_expert_intermediate_size=128,
+                    intermediate_size=256,
+                    num_experts=16,
+                    num_experts_per_tok=4,
+                    norm_topk_prob=False,
+                    **SPARSE,
+                    **COMMON,
+                )
+            ),
+            [("norm_topk_prob flipped", {"norm_topk_prob": True})],
+        ),
+    ]
+
+
+def sharpen(model: torch.nn.Module) -> None:
+    """Sharp random weights (large enough that a wrong detail moves the scores), as bf16 values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + (torch.rand_like(p) - 0.5) * 0.6)
+            elif name.endswith("bias"):
+                p.copy_(torch.rand_like(p) - 0.5)
+            else:
+                scale = 3.0 * (3.0 / p.shape[-1]) ** 0.5
+                p.copy_((torch.rand_like(p) * 2 - 1) * scale)
+            p.copy_(p.to(torch.bfloat16).float())
+
+
+def hf_scores(model: transformers.PreTrainedModel, seq: list[int]) -> list[float]:
+    """Teacher-forced log-probabilities from transformers in float32."""
+    with torch.no_grad():
+        lp = model(torch.tensor([seq])).logits.float().log_softmax(-1)[0]
+    return [lp[i - 1, seq[i]].item() for i in range(1, len(seq))]
+
+
+def our_scores(moe_run: str, model_dir: Path, seq: list[int]) -> list[float]:
+    """Teacher-forced log-probabilities from moe-run's f32 reference."""
+    args = [moe_run, "--model", str(model_dir), "--reference", "--score", "--dtype", "f32"]
+    args += ["--prompt-ids", ",".join(map(str, seq))]
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    if out.returncode != 0 or not out.stdout.startswith("scores: "):
+        sys.exit(f"check_f32: moe-run failed on {model_dir}: {out.stderr.strip()}")
+    return [float(v) for v in out.stdout.split()[1:]]
+
+
+def deviation(moe_run: str, model_dir: Path, want: list[list[float]]) -> float:
+    """Largest |ours - transformers| over every scored token."""
+    worst = 0.0
+    for seq, ref in zip(SEQUENCES, want):
+        got = our_scores(moe_run, model_dir, seq)
+        if len(got) != len(ref):
+            sys.exit(f"check_f32: {len(got)} scores for {len(ref)} tokens")
+        worst = max(worst, max(abs(a - b) for a, b in zip(got, ref)))
+    return worst
+
+
+def main() -> None:
+    """Checks every family; exits non-zero on any failure."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--moe-run", required=True)
+    ap.add_argument("--json", help="also write the figures here")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    failed = []
+    print(f"# f32: moe-run --reference --dtype f32 against transformers {transformers.__version__}")
+    print(f"# {'family':<10} {'max |ours - hf_f32|':>20}  tolerance {TOLERANCE:g}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fam in families():
+            model = fam.build()  # float32 parameters, as transformers makes them
+            model.eval()  # type: ignore[no-untyped-call]
+            model.config._attn_implementation = "eager"
+            sharpen(model)
+            d = Path(tmp) / fam.name
+            model.save_pretrained(d)
+            want = [hf_scores(model, s) for s in SEQUENCES]
+            worst = deviation(a.moe_run, d, want)
+            ok = worst <= TOLERANCE
+            print(f"  {fam.name:<10} {worst:>20.3g}  {'ok' if ok else 'FAILED'}")
+            row: dict[str, Any] = {"family": fam.name, "max_abs": worst, "controls": {}}
+            if not ok:
+                failed.append(fam.name)
+            config = json.loads((d / "config.json").read_text())
+            for what, edits in fam.controls:
+                (d / "config.json").write_text(json.dumps({**config, **edits}))
+                off = deviation(a.moe_run, d, want)
+                caught = off > TOLERANCE
+                print(
+                    f"  {'':<10} {off:>20.3g}  control: {what}: {'caught' if caught else 'MISSED'}"
+                )
+                row["controls"][what] = off
+                if not caught:
+                    failed.append(f"{fam.name} control ({what})")
+            rows.append(row)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if failed:
+        sys.exit(f"check_f32: failed: {', '.join(failed)}")
+    print("check_f32: every family agrees with transformers in float32")
+
+
+if __name__ == "__main__":
+    main()
