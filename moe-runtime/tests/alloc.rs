@@ -106,11 +106,13 @@ fn allocations_per_step(
 #[test]
 fn decode_steps_allocate_nothing_once_warm() {
     // tiny: Mixtral's layer; qwen2-moe-mini: biases and a shared expert
-    // on the attention side.
+    // on the attention side; deepseek-v3-mini: MLA, the grouped router and
+    // a dense layer.
     for (preset, transport) in [
         ("tiny", TransportKind::Shm),
         ("tiny", TransportKind::Tcp),
         ("qwen2-moe-mini", TransportKind::Shm),
+        ("deepseek-v3-mini", TransportKind::Shm),
     ] {
         let per_step = allocations_per_step(preset, transport, 4, 12);
         assert!(

@@ -137,6 +137,13 @@ fn qwen2_moe_mini_matches_the_reference_on_every_shape() {
     matrix("qwen2-moe-mini", 16);
 }
 
+/// DeepSeek-V3's layer: MLA and its latent KV cache, the grouped sigmoid
+/// router, a shared expert, and a dense first layer that has no round.
+#[test]
+fn deepseek_v3_mini_matches_the_reference_on_every_shape() {
+    matrix("deepseek-v3-mini", 17);
+}
+
 #[test]
 fn idle_micro_batches_and_ranks_still_complete_their_rounds() {
     // One prompt on 2 attention ranks with 4 micro-batches: attention rank 1
@@ -309,11 +316,18 @@ fn scores(model: &std::path::Path, seq: &[u32], dtype: &str) -> Vec<f32> {
 #[test]
 fn the_f32_reference_scores_its_generation_and_stays_near_bf16() {
     let dir = TempDir::new("f32");
-    for (preset, seed) in [
-        ("tiny", 3),
-        ("qwen3-mini", 4),
-        ("olmoe-mini", 5),
-        ("qwen2-moe-mini", 6),
+    // The bound on the mean |f32 - bf16| over the continuation: rounding
+    // alone stays well under it. DeepSeek-V3's preset (routed weights
+    // scaled by 2.5 on top of a shared expert) amplifies rounding more:
+    // 0.65 measured; its bf16 is no worse than transformers' own (on the
+    // transformers check's checkpoint, mean |bf16 - f32| 0.11 for ours and
+    // 0.14 for transformers' bf16).
+    for (preset, seed, bound) in [
+        ("tiny", 3, 0.5),
+        ("qwen3-mini", 4, 0.5),
+        ("olmoe-mini", 5, 0.5),
+        ("qwen2-moe-mini", 6, 0.5),
+        ("deepseek-v3-mini", 7, 1.0),
     ] {
         let model = checkpoint(dir.path(), preset, seed, 1, StoreDtype::Bf16);
         let prompt: Vec<u32> = vec![5, 17, 250, 3, 9];
@@ -347,7 +361,7 @@ fn the_f32_reference_scores_its_generation_and_stays_near_bf16() {
             .sum::<f32>()
             / f32_scores.len() as f32;
         assert!(
-            mean > 0.0 && mean < 0.5,
+            mean > 0.0 && mean < bound,
             "{preset}: mean |f32 - bf16| = {mean}"
         );
     }

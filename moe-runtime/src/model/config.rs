@@ -51,6 +51,143 @@ pub struct ModelConfig {
     /// one; it runs on the attention workers.
     #[serde(default)]
     pub shared_ffn: u64,
+    /// Layers whose FFN is one dense SwiGLU MLP instead of experts
+    /// (DeepSeek-V3's first `first_k_dense_replace`; the Qwen families'
+    /// `mlp_only_layers` and `decoder_sparse_step`). They run on the
+    /// attention workers and have no M2N round.
+    #[serde(default)]
+    pub dense_layers: Vec<u64>,
+    /// The dense layers' MLP size (`intermediate_size`).
+    #[serde(default)]
+    pub dense_ffn: u64,
+    /// Multi-head latent attention's sizes (DeepSeek-V3), instead of GQA.
+    #[serde(default)]
+    pub mla: Option<Mla>,
+    /// YaRN rope scaling, in the families that implement it.
+    #[serde(default)]
+    pub yarn: Option<Yarn>,
+    /// Group-limited routing: the experts fall in `n_group` groups and a
+    /// token's top-k are chosen from its best `topk_group` groups
+    /// (DeepSeek-V3; 1 and 1 elsewhere).
+    #[serde(default = "one")]
+    pub n_group: u64,
+    #[serde(default = "one")]
+    pub topk_group: u64,
+    /// The routed experts' weights are multiplied by this
+    /// (`routed_scaling_factor`; 1 elsewhere).
+    #[serde(default = "one_f64")]
+    pub routed_scaling: f64,
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3): queries through an
+/// optional low-rank pair, keys and values from one compressed latent per
+/// token (what the KV cache holds, with the shared rope key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mla {
+    /// `q_lora_rank` (0: one `q_proj`, as `q_lora_rank: null`).
+    pub q_lora_rank: u64,
+    pub kv_lora_rank: u64,
+    pub qk_nope_head_dim: u64,
+    pub qk_rope_head_dim: u64,
+    pub v_head_dim: u64,
+    /// Rope rotates interleaved pairs `(x0, x1), (x2, x3)...`
+    /// (`rope_interleave`, DeepSeek's checkpoints) instead of halves.
+    pub rope_interleave: bool,
+}
+
+impl Mla {
+    /// A query's or key's width per head (`qk_nope_head_dim + qk_rope_head_dim`).
+    pub fn qk_head_dim(&self) -> u64 {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+}
+
+/// YaRN rope scaling (transformers' `_compute_yarn_parameters`): the
+/// inverse frequencies blend interpolation and extrapolation, and cos and
+/// sin are scaled by an attention factor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: u64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// 0: not set.
+    pub mscale: f64,
+    /// 0: not set.
+    pub mscale_all_dim: f64,
+    /// Set explicitly (`attention_factor`), else derived from the mscales.
+    pub attention_factor: Option<f64>,
+    pub truncate: bool,
+}
+
+impl Yarn {
+    fn get_mscale(scale: f64, mscale: f64) -> f64 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * mscale * scale.ln() + 1.0
+        }
+    }
+
+    /// The factor cos and sin are multiplied by.
+    pub fn attention_factor(&self) -> f64 {
+        self.attention_factor.unwrap_or_else(|| {
+            if self.mscale != 0.0 && self.mscale_all_dim != 0.0 {
+                Self::get_mscale(self.factor, self.mscale)
+                    / Self::get_mscale(self.factor, self.mscale_all_dim)
+            } else {
+                Self::get_mscale(self.factor, 1.0)
+            }
+        })
+    }
+
+    /// DeepSeek's softmax scale multiplier (`yarn_apply_mscale`):
+    /// `mscale(factor, mscale_all_dim)^2` when `mscale_all_dim` is set.
+    pub fn softmax_scale(&self) -> f64 {
+        if self.mscale_all_dim != 0.0 {
+            let m = Self::get_mscale(self.factor, self.mscale_all_dim);
+            m * m
+        } else {
+            1.0
+        }
+    }
+
+    /// The inverse frequencies of a `dim`-wide rope with base `theta`.
+    pub fn inv_freq(&self, dim: usize, theta: f64) -> Vec<f64> {
+        let d = dim as f64;
+        let correction = |rot: f64| {
+            d * (self.original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI))
+                .ln()
+                / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (correction(self.beta_fast), correction(self.beta_slow));
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        (0..dim / 2)
+            .map(|i| {
+                // transformers computes these in float32.
+                let pos = (theta as f32).powf((2 * i) as f32 / dim as f32) as f64;
+                let extra = 1.0 / pos;
+                let inter = 1.0 / (self.factor * pos);
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp;
+                inter * (1.0 - keep) + extra * keep
+            })
+            .collect()
+    }
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 fn default_norm_topk() -> bool {
@@ -71,32 +208,107 @@ impl ModelConfig {
         (self.heads / self.kv_heads.max(1)).max(1)
     }
 
-    /// Attention parameters of one layer (q, k, v, o projections, norms).
-    pub fn attention_params_per_layer(&self) -> u64 {
-        let q = self.hidden * self.heads * self.head_dim;
-        let kv = 2 * self.hidden * self.kv_heads * self.head_dim;
-        let o = self.heads * self.head_dim * self.hidden;
-        let router = self.hidden * self.experts;
+    /// Whether layer `l` has a dense MLP instead of experts.
+    pub fn is_dense(&self, l: usize) -> bool {
+        self.dense_layers.contains(&(l as u64))
+    }
+
+    /// The layers with experts (each one M2N round per micro-batch).
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.layers as usize)
+            .filter(|&l| !self.is_dense(l))
+            .collect()
+    }
+
+    /// How many layers have experts.
+    pub fn sparse_layers(&self) -> u64 {
+        self.layers - self.dense_layers.len() as u64
+    }
+
+    /// Elements per token of one layer's KV cache, (keys, values): GQA's
+    /// keys and values; MLA's compressed latent and its shared rope key.
+    pub fn kv_widths(&self) -> (usize, usize) {
+        match &self.mla {
+            Some(m) => (m.kv_lora_rank as usize, m.qk_rope_head_dim as usize),
+            None => {
+                let kv = (self.kv_heads * self.head_dim) as usize;
+                (kv, kv)
+            }
+        }
+    }
+
+    /// Self-attention's parameters in one layer (projections and their
+    /// norms and biases).
+    fn self_attention_params(&self) -> u64 {
+        let (h, heads) = (self.hidden, self.heads);
+        if let Some(m) = &self.mla {
+            let q_out = heads * m.qk_head_dim();
+            let q = if m.q_lora_rank > 0 {
+                h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * q_out
+            } else {
+                h * q_out
+            };
+            let kv = h * (m.kv_lora_rank + m.qk_rope_head_dim)
+                + m.kv_lora_rank
+                + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim);
+            return q + kv + heads * m.v_head_dim * h;
+        }
+        let q = h * heads * self.head_dim;
+        let kv = 2 * h * self.kv_heads * self.head_dim;
+        let o = heads * self.head_dim * h;
         let qk_norm = match self.family.qk_norm() {
             None => 0,
             Some(QkNorm::PerHead) => 2 * self.head_dim,
-            Some(QkNorm::Whole) => (self.heads + self.kv_heads) * self.head_dim,
+            Some(QkNorm::Whole) => (heads + self.kv_heads) * self.head_dim,
         };
         let qkv_bias = if self.family.qkv_bias() {
-            (self.heads + 2 * self.kv_heads) * self.head_dim
+            (heads + 2 * self.kv_heads) * self.head_dim
         } else {
             0
         };
-        // The shared expert and its gate run beside attention.
-        let shared =
-            3 * self.hidden * self.shared_ffn + self.hidden * u64::from(self.shared_ffn > 0);
-        q + kv + o + router + 2 * self.hidden + qk_norm + qkv_bias + shared
+        q + kv + o + qk_norm + qkv_bias
+    }
+
+    /// What an attention worker holds of layer `l`: self-attention, the
+    /// two norms, and the router and shared expert (sparse layers) or the
+    /// dense MLP (dense layers).
+    pub fn attention_params_of_layer(&self, l: usize) -> u64 {
+        let h = self.hidden;
+        let ffn_side = if self.is_dense(l) {
+            3 * h * self.dense_ffn
+        } else {
+            let router = h * self.experts
+                + if self.family.router_bias() {
+                    self.experts
+                } else {
+                    0
+                };
+            let gate = if self.family.shared_expert_gate() && self.shared_ffn > 0 {
+                h
+            } else {
+                0
+            };
+            router + 3 * h * self.shared_ffn + gate
+        };
+        self.self_attention_params() + 2 * h + ffn_side
+    }
+
+    /// Attention-side parameters of a layer, the mean over the layers
+    /// (they differ where some layers are dense).
+    pub fn attention_params_per_layer(&self) -> u64 {
+        let total: u64 = (0..self.layers as usize)
+            .map(|l| self.attention_params_of_layer(l))
+            .sum();
+        total / self.layers.max(1)
     }
 
     /// P_a: everything an attention node holds (all layers' attention,
-    /// routers, embeddings and the LM head).
+    /// routers, shared experts and dense MLPs, embeddings and the LM head).
     pub fn attention_params(&self) -> u64 {
-        self.layers * self.attention_params_per_layer() + 2 * self.vocab * self.hidden
+        (0..self.layers as usize)
+            .map(|l| self.attention_params_of_layer(l))
+            .sum::<u64>()
+            + 2 * self.vocab * self.hidden
     }
 
     /// Parameters of one expert in one layer (gate, up, down).
@@ -104,9 +316,9 @@ impl ModelConfig {
         3 * self.hidden * self.ffn
     }
 
-    /// P_e: what an expert node holds: one expert in every layer.
+    /// P_e: what an expert node holds: one expert in every sparse layer.
     pub fn expert_params(&self) -> u64 {
-        self.layers * self.expert_params_per_layer()
+        self.sparse_layers() * self.expert_params_per_layer()
     }
 
     pub fn total_params(&self) -> u64 {
@@ -115,7 +327,8 @@ impl ModelConfig {
 
     /// KV-cache bytes of one token in one layer.
     pub fn kv_bytes_per_token_layer(&self) -> u64 {
-        2 * self.kv_heads * self.head_dim * self.dtype_bytes
+        let (k, v) = self.kv_widths();
+        (k + v) as u64 * self.dtype_bytes
     }
 
     /// The presets: the paper's three models, and small shapes that run in
@@ -141,6 +354,13 @@ impl ModelConfig {
                 norm_eps: 1e-5,
                 norm_topk: true,
                 shared_ffn: 0,
+                dense_layers: Vec::new(),
+                dense_ffn: 0,
+                mla: None,
+                yarn: None,
+                n_group: 1,
+                topk_group: 1,
+                routed_scaling: 1.0,
             };
         // Qwen2-57B-A14B's pattern: 64 experts top-8 not renormalised, GQA,
         // biased q/k/v, a gated shared expert 4 x the routed experts' size.
@@ -169,6 +389,42 @@ impl ModelConfig {
             norm_topk: false,
             ..m("olmoe-mini", 128, 4, 8, 8, 64, 8, 64, 1024)
         };
+        // DeepSeek-V3's pattern at small size: MLA with both low-rank
+        // projections and interleaved rope under YaRN scaling, 64
+        // fine-grained experts top-8 from the best 2 of 4 groups (sigmoid
+        // scores, a score-correction bias, renormalised, scaled by 2.5),
+        // one shared expert, and the first layer dense.
+        let deepseek_v3_mini = ModelConfig {
+            family: Family::DeepseekV3,
+            head_dim: 16,
+            rope_theta: 1e4,
+            norm_eps: 1e-6,
+            shared_ffn: 64,
+            dense_layers: vec![0],
+            dense_ffn: 320,
+            mla: Some(Mla {
+                q_lora_rank: 96,
+                kv_lora_rank: 64,
+                qk_nope_head_dim: 32,
+                qk_rope_head_dim: 16,
+                v_head_dim: 32,
+                rope_interleave: true,
+            }),
+            yarn: Some(Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 64,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: 1.0,
+                mscale_all_dim: 1.0,
+                attention_factor: None,
+                truncate: true,
+            }),
+            n_group: 4,
+            topk_group: 2,
+            routed_scaling: 2.5,
+            ..m("deepseek-v3-mini", 128, 4, 8, 8, 64, 8, 64, 1024)
+        };
         vec![
             // Hugging Face mistralai/Mixtral-8x22B-v0.1.
             m("mixtral-8x22b", 6144, 56, 48, 8, 8, 2, 16384, 32768),
@@ -187,6 +443,7 @@ impl ModelConfig {
             qwen3_mini,
             olmoe_mini,
             qwen2_moe_mini,
+            deepseek_v3_mini,
         ]
     }
 
@@ -229,10 +486,10 @@ impl ModelConfig {
         // The Qwen families' every-layer-sparse settings.
         let sparse = json!({
             "moe_intermediate_size": self.ffn,
-            // The dense MLP's size: unused while every layer is sparse.
-            "intermediate_size": 3 * self.hidden,
+            // The dense MLP's size (unused while every layer is sparse).
+            "intermediate_size": if self.dense_ffn > 0 { self.dense_ffn } else { 3 * self.hidden },
             "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
+            "mlp_only_layers": self.dense_layers,
             "use_sliding_window": false,
             "sliding_window": null,
         });
@@ -261,6 +518,47 @@ impl ModelConfig {
                 "attention_bias": false,
                 "clip_qkv": null,
             }),
+            Family::DeepseekV3 => {
+                let m = self.mla.as_ref().expect("DeepSeek-V3 has MLA");
+                let first_k = self.dense_layers.len();
+                debug_assert!(self
+                    .dense_layers
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &l)| l == i as u64));
+                json!({
+                    "n_routed_experts": self.experts,
+                    "moe_intermediate_size": self.ffn,
+                    "intermediate_size": self.dense_ffn,
+                    "n_shared_experts": self.shared_ffn / self.ffn.max(1),
+                    "first_k_dense_replace": first_k,
+                    "norm_topk_prob": self.norm_topk,
+                    "n_group": self.n_group,
+                    "topk_group": self.topk_group,
+                    "routed_scaling_factor": self.routed_scaling,
+                    "q_lora_rank": if m.q_lora_rank > 0 { json!(m.q_lora_rank) } else { json!(null) },
+                    "kv_lora_rank": m.kv_lora_rank,
+                    "qk_nope_head_dim": m.qk_nope_head_dim,
+                    "qk_rope_head_dim": m.qk_rope_head_dim,
+                    "v_head_dim": m.v_head_dim,
+                    "rope_interleave": m.rope_interleave,
+                    "attention_bias": false,
+                    "max_position_embeddings": self.yarn.as_ref().map_or(4096, |y| {
+                        (y.factor * y.original_max_position_embeddings as f64) as u64
+                    }),
+                    "rope_scaling": self.yarn.as_ref().map(|y| json!({
+                        "type": "yarn",
+                        "factor": y.factor,
+                        "original_max_position_embeddings": y.original_max_position_embeddings,
+                        "beta_fast": y.beta_fast,
+                        "beta_slow": y.beta_slow,
+                        "mscale": y.mscale,
+                        "mscale_all_dim": y.mscale_all_dim,
+                        "attention_factor": y.attention_factor,
+                        "truncate": y.truncate,
+                    })),
+                })
+            }
         };
         let mut extend = |more: serde_json::Value| {
             if let (Some(v), serde_json::Value::Object(more)) = (v.as_object_mut(), more) {
@@ -326,6 +624,7 @@ impl ModelConfig {
                 "num_local_experts",
                 "ffn_config.moe_num_experts",
                 "num_experts",
+                "n_routed_experts",
             ])?,
             top_k: need(&["num_experts_per_tok", "ffn_config.moe_top_k"])?,
             // Families with dense layers too name the experts' size apart.
@@ -351,17 +650,76 @@ impl ModelConfig {
             // transformers' Qwen3MoeConfig defaults norm_topk_prob to false.
             norm_topk: match family {
                 Family::Mixtral => true,
-                Family::Qwen3Moe | Family::Olmoe | Family::Qwen2Moe => v
+                Family::Qwen3Moe | Family::Olmoe | Family::Qwen2Moe | Family::DeepseekV3 => v
                     .get("norm_topk_prob")
                     .and_then(|x| x.as_bool())
                     .unwrap_or(false),
             },
-            shared_ffn: if family.shared_expert() {
-                need(&["shared_expert_intermediate_size"])?
-            } else {
-                0
+            shared_ffn: match family {
+                Family::Qwen2Moe => need(&["shared_expert_intermediate_size"])?,
+                Family::DeepseekV3 => {
+                    get(&["n_shared_experts"]).unwrap_or(0) * need(&["moe_intermediate_size"])?
+                }
+                _ => 0,
             },
+            dense_layers: Vec::new(),
+            dense_ffn: 0,
+            mla: None,
+            yarn: None,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling: 1.0,
         };
+        let mut cfg = cfg;
+        match family {
+            Family::Qwen3Moe | Family::Qwen2Moe => {
+                // transformers: layer l is sparse unless listed in
+                // mlp_only_layers, and only every decoder_sparse_step-th.
+                let only: Vec<u64> = v
+                    .get("mlp_only_layers")
+                    .and_then(|l| l.as_array())
+                    .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+                    .unwrap_or_default();
+                let step = get(&["decoder_sparse_step"]).unwrap_or(1).max(1);
+                cfg.dense_layers = (0..cfg.layers)
+                    .filter(|l| only.contains(l) || (l + 1) % step != 0)
+                    .collect();
+            }
+            Family::DeepseekV3 => {
+                let first_k = get(&["first_k_dense_replace"]).unwrap_or(0).min(cfg.layers);
+                cfg.dense_layers = (0..first_k).collect();
+                cfg.norm_topk = v
+                    .get("norm_topk_prob")
+                    .and_then(|x| x.as_bool())
+                    .unwrap_or(true);
+                cfg.n_group = get(&["n_group"]).unwrap_or(1);
+                cfg.topk_group = get(&["topk_group"]).unwrap_or(1);
+                cfg.routed_scaling = v
+                    .get("routed_scaling_factor")
+                    .and_then(|x| x.as_f64())
+                    .unwrap_or(1.0);
+                let mla = Mla {
+                    q_lora_rank: get(&["q_lora_rank"]).unwrap_or(0),
+                    kv_lora_rank: need(&["kv_lora_rank"])?,
+                    qk_nope_head_dim: need(&["qk_nope_head_dim"])?,
+                    qk_rope_head_dim: need(&["qk_rope_head_dim"])?,
+                    v_head_dim: need(&["v_head_dim"])?,
+                    rope_interleave: v
+                        .get("rope_interleave")
+                        .and_then(|x| x.as_bool())
+                        .unwrap_or(true),
+                };
+                // transformers: head_dim is the rope part's width.
+                cfg.head_dim = mla.qk_rope_head_dim;
+                cfg.mla = Some(mla);
+                cfg.yarn = read_yarn(&v, get(&["max_position_embeddings"]))
+                    .map_err(|e| ModelConfigError::BadConfig(format!("{name}: {e}")))?;
+            }
+            Family::Mixtral | Family::Olmoe => {}
+        }
+        if !cfg.dense_layers.is_empty() {
+            cfg.dense_ffn = need(&["intermediate_size"])?;
+        }
         if cfg.heads == 0
             || cfg.kv_heads == 0
             || !cfg.heads.is_multiple_of(cfg.kv_heads)
@@ -371,6 +729,15 @@ impl ModelConfig {
             || cfg.experts == 0
             || cfg.top_k == 0
             || cfg.top_k > cfg.experts
+            || cfg.n_group == 0
+            || !cfg.experts.is_multiple_of(cfg.n_group)
+            || cfg.topk_group == 0
+            || cfg.topk_group > cfg.n_group
+            || cfg.top_k > cfg.topk_group * (cfg.experts / cfg.n_group)
+            || cfg.sparse_layers() == 0
+            || cfg.mla.as_ref().is_some_and(|m| {
+                m.kv_lora_rank == 0 || m.qk_rope_head_dim % 2 != 0 || m.v_head_dim == 0
+            })
         {
             return Err(ModelConfigError::BadConfig(format!(
                 "{name}: inconsistent shape {cfg:?}"
@@ -378,6 +745,45 @@ impl ModelConfig {
         }
         Ok(cfg)
     }
+}
+
+/// YaRN scaling from `rope_scaling` (transformers 4 and the published
+/// configs) or `rope_parameters` (transformers 5), if either says
+/// "yarn"; `factor` defaults to `max_position_embeddings /
+/// original_max_position_embeddings` as in transformers.
+fn read_yarn(v: &serde_json::Value, max_pos: Option<u64>) -> Result<Option<Yarn>, String> {
+    let Some(r) = ["rope_scaling", "rope_parameters"]
+        .iter()
+        .filter_map(|k| v.get(*k).filter(|r| !r.is_null()))
+        .find(|r| {
+            r.get("rope_type")
+                .or_else(|| r.get("type"))
+                .and_then(|t| t.as_str())
+                == Some("yarn")
+        })
+    else {
+        return Ok(None);
+    };
+    let f = |k: &str| r.get(k).and_then(|x| x.as_f64()).filter(|x| *x != 0.0);
+    let original = r
+        .get("original_max_position_embeddings")
+        .and_then(|x| x.as_u64())
+        .ok_or("yarn rope scaling without original_max_position_embeddings")?;
+    let factor = match (f("factor"), max_pos) {
+        (Some(x), _) => x,
+        (None, Some(m)) => m as f64 / original as f64,
+        (None, None) => return Err("yarn rope scaling without a factor".into()),
+    };
+    Ok(Some(Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: f("beta_fast").unwrap_or(32.0),
+        beta_slow: f("beta_slow").unwrap_or(1.0),
+        mscale: f("mscale").unwrap_or(0.0),
+        mscale_all_dim: f("mscale_all_dim").unwrap_or(0.0),
+        attention_factor: r.get("attention_factor").and_then(|x| x.as_f64()),
+        truncate: r.get("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
+    }))
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@
 //!
 //! Families run: Mixtral (`mixtral`, `MixtralForCausalLM`), Qwen3-MoE
 //! (`qwen3_moe`, `Qwen3MoeForCausalLM`, every layer sparse), OLMoE
-//! (`olmoe`, `OlmoeForCausalLM`) and Qwen2-MoE (`qwen2_moe`,
-//! `Qwen2MoeForCausalLM`, every layer sparse). The planner reads more shapes (DBRX)
-//! than the runtime runs.
+//! (`olmoe`, `OlmoeForCausalLM`), Qwen2-MoE (`qwen2_moe`,
+//! `Qwen2MoeForCausalLM`) and DeepSeek-V3 (`deepseek_v3`,
+//! `DeepseekV3ForCausalLM`, also Kimi-K2's architecture). The planner
+//! reads more shapes (DBRX) than the runtime runs.
 //!
 //! What differs between families, and where it is handled: the config
 //! fields ([`super::config`]), the tensor names ([`super::tensors`]), and
@@ -46,6 +47,16 @@ pub enum Family {
     /// `shared_expert_intermediate_size` every token goes through) whose
     /// output is scaled by `sigmoid(shared_expert_gate(x))`.
     Qwen2Moe,
+    /// `transformers/models/deepseek_v3`: multi-head latent attention
+    /// (queries through a low-rank pair, keys and values from one
+    /// compressed latent per token, a shared rope key; rope over
+    /// interleaved pairs, YaRN scaling), a sigmoid router whose choice adds
+    /// a score-correction bias and is limited to the best `topk_group` of
+    /// `n_group` expert groups, weights renormalised by `norm_topk_prob`
+    /// and scaled by `routed_scaling_factor`; ungated shared experts
+    /// (`n_shared_experts` x `moe_intermediate_size`), and the first
+    /// `first_k_dense_replace` layers dense.
+    DeepseekV3,
 }
 
 /// How a family normalises its queries and keys before rope.
@@ -64,6 +75,7 @@ const FAMILIES: &[(Family, &str, &str)] = &[
     (Family::Qwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"),
     (Family::Olmoe, "olmoe", "OlmoeForCausalLM"),
     (Family::Qwen2Moe, "qwen2_moe", "Qwen2MoeForCausalLM"),
+    (Family::DeepseekV3, "deepseek_v3", "DeepseekV3ForCausalLM"),
 ];
 
 impl Family {
@@ -82,7 +94,7 @@ impl Family {
             Family::Mixtral => None,
             Family::Qwen3Moe => Some(QkNorm::PerHead),
             Family::Olmoe => Some(QkNorm::Whole),
-            Family::Qwen2Moe => None,
+            Family::Qwen2Moe | Family::DeepseekV3 => None,
         }
     }
 
@@ -91,9 +103,22 @@ impl Family {
         self == Family::Qwen2Moe
     }
 
-    /// Whether each layer has a gated shared expert.
+    /// Whether sparse layers have a shared expert.
     pub fn shared_expert(self) -> bool {
+        matches!(self, Family::Qwen2Moe | Family::DeepseekV3)
+    }
+
+    /// Whether the shared expert's output is scaled by a sigmoid gate
+    /// (Qwen2-MoE; DeepSeek-V3's is added as it is).
+    pub fn shared_expert_gate(self) -> bool {
         self == Family::Qwen2Moe
+    }
+
+    /// Whether the router scores with a sigmoid and chooses with a
+    /// score-correction bias in groups (DeepSeek-V3), rather than with a
+    /// softmax.
+    pub fn router_bias(self) -> bool {
+        self == Family::DeepseekV3
     }
 
     pub fn model_type(self) -> &'static str {
@@ -180,23 +205,28 @@ impl Family {
                             .into(),
                     );
                 }
-                if let Some(l) =
-                    set("mlp_only_layers").filter(|l| l.as_array().is_none_or(|a| !a.is_empty()))
-                {
-                    return Err(format!(
-                        "mlp_only_layers {l}: dense MLP layers are not implemented yet (every layer must be sparse: [])"
-                    ));
-                }
-                if let Some(d) = set("decoder_sparse_step").filter(|d| d.as_u64() != Some(1)) {
-                    return Err(format!(
-                        "decoder_sparse_step {d}: dense MLP layers are not implemented yet (every layer must be sparse: 1)"
-                    ));
-                }
                 if set("attention_bias").and_then(Value::as_bool) == Some(true) {
                     return Err(
                         "attention_bias true: biased attention projections are not implemented"
                             .into(),
                     );
+                }
+            }
+            Family::DeepseekV3 => {
+                if set("attention_bias").and_then(Value::as_bool) == Some(true) {
+                    return Err(
+                        "attention_bias true: biased attention projections are not implemented"
+                            .into(),
+                    );
+                }
+                // The published configs name the router that transformers
+                // implements; another one is not computed.
+                for (key, want) in [("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")] {
+                    if let Some(x) = set(key).filter(|x| x.as_str() != Some(want)) {
+                        return Err(format!(
+                            "{key} {x}: {name}'s router is implemented as {want:?} only"
+                        ));
+                    }
                 }
             }
             Family::Olmoe => {
@@ -213,14 +243,22 @@ impl Family {
                 }
             }
         }
-        // Every family: plain rope, silu experts, an LM head of its own.
+        // Every family: plain rope (and YaRN for DeepSeek-V3), silu
+        // experts, an LM head of its own.
         // transformers 4 writes `rope_scaling` (null when plain);
         // transformers 5 writes `rope_parameters` with a `rope_type`
         // ("default" when plain) and the theta.
         for key in ["rope_scaling", "rope_parameters"] {
             let Some(r) = set(key) else { continue };
             let kind = r.get("rope_type").or_else(|| r.get("type"));
-            if kind.and_then(Value::as_str) != Some("default") {
+            let kind = kind.and_then(Value::as_str);
+            if self == Family::DeepseekV3 {
+                if !matches!(kind, Some("default" | "yarn")) {
+                    return Err(format!(
+                        "{key} {r}: rope scaling {kind:?} is not implemented for {name} (rope_type \"default\" or \"yarn\")"
+                    ));
+                }
+            } else if kind != Some("default") {
                 return Err(format!(
                     "{key} {r}: rope scaling is not implemented for {name} (plain rope only: rope_type \"default\")"
                 ));
@@ -259,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn qwen3_moe_is_recognised_and_its_dense_layers_refused() {
+    fn qwen3_moe_is_recognised_with_its_dense_layers() {
         let v = |extra: &str| -> Value {
             serde_json::from_str(&format!(
                 r#"{{"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
@@ -270,9 +308,9 @@ mod tests {
         assert_eq!(Family::of_config(&v("")), Ok(Family::Qwen3Moe));
         let sparse = r#", "mlp_only_layers": [], "decoder_sparse_step": 1"#;
         assert_eq!(Family::of_config(&v(sparse)), Ok(Family::Qwen3Moe));
+        let dense = r#", "mlp_only_layers": [0, 3], "decoder_sparse_step": 2"#;
+        assert_eq!(Family::of_config(&v(dense)), Ok(Family::Qwen3Moe));
         for (extra, field) in [
-            (r#", "mlp_only_layers": [0, 3]"#, "mlp_only_layers"),
-            (r#", "decoder_sparse_step": 2"#, "decoder_sparse_step"),
             (r#", "use_sliding_window": true"#, "use_sliding_window"),
             (r#", "attention_bias": true"#, "attention_bias"),
         ] {
@@ -309,20 +347,38 @@ mod tests {
         assert_eq!(Family::of_config(&v), Ok(Family::Qwen2Moe));
         assert!(Family::Qwen2Moe.qkv_bias() && Family::Qwen2Moe.shared_expert());
         assert!(!Family::Qwen3Moe.qkv_bias() && !Family::Mixtral.shared_expert());
-        let v: Value =
-            serde_json::from_str(r#"{"model_type": "qwen2_moe", "decoder_sparse_step": 2}"#)
-                .unwrap();
-        assert!(Family::of_config(&v)
-            .unwrap_err()
-            .starts_with("decoder_sparse_step"));
+    }
+
+    #[test]
+    fn deepseek_v3_is_recognised_with_yarn_and_other_routers_refused() {
+        let v = |extra: &str| -> Value {
+            serde_json::from_str(&format!(
+                r#"{{"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+                "rope_scaling": {{"type": "yarn", "factor": 40}}, "scoring_func": "sigmoid",
+                "topk_method": "noaux_tc"{extra}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(Family::of_config(&v("")), Ok(Family::DeepseekV3));
+        assert!(Family::DeepseekV3.router_bias() && Family::DeepseekV3.shared_expert());
+        assert!(!Family::DeepseekV3.shared_expert_gate());
+        for (extra, field) in [
+            (r#", "scoring_func": "softmax""#, "scoring_func"),
+            (r#", "topk_method": "greedy""#, "topk_method"),
+            (r#", "attention_bias": true"#, "attention_bias"),
+            (r#", "rope_scaling": {"type": "longrope"}"#, "rope_scaling"),
+        ] {
+            let err = Family::of_config(&v(extra)).unwrap_err();
+            assert!(err.starts_with(field), "{field}: {err}");
+        }
     }
 
     #[test]
     fn other_families_and_options_are_refused_by_name() {
-        let v: Value = serde_json::from_str(r#"{"model_type": "deepseek_v3"}"#).unwrap();
+        let v: Value = serde_json::from_str(r#"{"model_type": "deepseek_v2"}"#).unwrap();
         let err = Family::of_config(&v).unwrap_err();
         assert!(
-            err.contains("deepseek_v3") && err.contains("mixtral"),
+            err.contains("deepseek_v2") && err.contains("deepseek_v3") && err.contains("mixtral"),
             "{err}"
         );
         let v: Value = serde_json::from_str(r#"{"hidden_size": 8}"#).unwrap();

@@ -10,6 +10,19 @@
 //! 3. the experts: each runs [`expert_rows`] on its rows of `y`;
 //! 4. combine (`kernels::cpu::layout::combine_into`, by expert) and
 //!    [`add_residual`]: `x' = h + combine`.
+//!
+//! A dense layer (DeepSeek-V3's first ones, the Qwen families'
+//! `mlp_only_layers`) replaces 2 to 4 with [`dense_mlp`].
+//!
+//! Attention is grouped-query attention, or DeepSeek's multi-head latent
+//! attention ([`SelfAttn::Mla`]): its KV cache holds, per token, the
+//! normalised latent (`kv_lora_rank`, in the cache's `k`) and the shared
+//! rope key (`qk_rope_head_dim`, in `v`), and it attends in the latent
+//! space: each head's query is taken through its key projection
+//! (`q_nope W_uk`) and its output through its value projection after the
+//! softmax (the absorbed form: the same products as materialising every
+//! past token's keys and values, in another order; the f32 reference
+//! materialises them as transformers does).
 
 use half::bf16;
 use kernels::cpu::attention::{prefill_attention, AttnScratch, KvCache};
@@ -21,7 +34,11 @@ use kernels::cpu::rope::rope_with;
 use kernels::cpu::router::{route_into, Route, RouterScratch};
 use kernels::LayerShape;
 
-use super::weights::{AttentionLayer, AttentionWeights, SharedExpert};
+use kernels::cpu::router::{route_grouped_into, Grouped};
+
+use super::weights::{
+    AttentionLayer, AttentionWeights, MlaWeights, Routing, SelfAttn, SharedExpert,
+};
 
 /// Consecutive rows of a batch that belong to one sequence: its cache for
 /// this layer and the position of its first row.
@@ -56,12 +73,31 @@ pub struct Scratch {
     rope: Vec<f32>,
     router: RouterScratch,
     routes: Vec<Route>,
+    dense_out: Vec<bf16>,
+    mla: MlaScratch,
+}
+
+/// Multi-head latent attention's buffers.
+#[derive(Debug, Default)]
+struct MlaScratch {
+    qa: Vec<f32>,
+    qab: Vec<bf16>,
+    qaf: Vec<f32>,
+    kv: Vec<f32>,
+    kvb: Vec<bf16>,
+    latent: Vec<bf16>,
+    q_lat: Vec<f32>,
+    q_rot: Vec<f32>,
+    scores: Vec<f32>,
+    o_lat: Vec<f32>,
 }
 
 impl Scratch {
     /// Grows the attention buffers for contexts of up to `len` tokens.
     pub fn reserve(&mut self, s: &LayerShape, len: usize) {
         self.attn_sc.reserve(s, len);
+        let more = len.saturating_sub(self.mla.scores.len());
+        self.mla.scores.reserve(more);
     }
 }
 
@@ -103,17 +139,53 @@ pub fn attention(
     if rows == 0 {
         return;
     }
-    let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     sc.normed.resize(rows * h, bf16::ZERO);
     rmsnorm_with(x, &w.input_norm, s.norm_eps, &mut sc.normed, &mut sc.norm);
     sc.xf.resize(rows * h, 0.0);
     widen(&sc.normed, &mut sc.xf);
+    sc.positions.clear();
+    for g in segs.iter() {
+        sc.positions
+            .extend((g.start..g.start + g.len).map(|p| p as u32));
+    }
+    let out_width = match &w.attn {
+        SelfAttn::Gqa { q, k, v } => {
+            gqa(s, w, [q, k, v], rows, segs, sc);
+            s.heads * s.head_dim
+        }
+        SelfAttn::Mla(m) => {
+            mla(s, m, rows, segs, sc);
+            s.heads * m.dims.v_head_dim as usize
+        }
+    };
+    sc.attn_f.resize(rows * out_width, 0.0);
+    widen(&sc.attn, &mut sc.attn_f);
+    sc.o.resize(rows * h, 0.0);
+    matmul_bf16(&sc.attn_f, rows, out_width, &w.o, h, &mut sc.o);
+    for (xv, &ov) in x.iter_mut().zip(&sc.o) {
+        // o_proj's output is bf16, then the residual add (as in bf16 models).
+        *xv = bf16::from_f32(xv.to_f32() + bf16::from_f32(ov).to_f32());
+    }
+}
+
+/// Grouped-query attention of the `rows` normalised rows in `sc.xf`, into
+/// `sc.attn` (`rows x heads * head_dim`, bf16).
+fn gqa(
+    s: &LayerShape,
+    w: &AttentionLayer,
+    [wq, wk, wv]: [&[bf16]; 3],
+    rows: usize,
+    segs: &mut [Segment<'_>],
+    sc: &mut Scratch,
+) {
+    let h = s.hidden;
+    let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     sc.q.resize(rows * qd, 0.0);
     sc.k.resize(rows * kvd, 0.0);
     sc.v.resize(rows * kvd, 0.0);
-    matmul_bf16(&sc.xf, rows, h, &w.q, qd, &mut sc.q);
-    matmul_bf16(&sc.xf, rows, h, &w.k, kvd, &mut sc.k);
-    matmul_bf16(&sc.xf, rows, h, &w.v, kvd, &mut sc.v);
+    matmul_bf16(&sc.xf, rows, h, wq, qd, &mut sc.q);
+    matmul_bf16(&sc.xf, rows, h, wk, kvd, &mut sc.k);
+    matmul_bf16(&sc.xf, rows, h, wv, kvd, &mut sc.v);
     // Qwen2-MoE: biased projections (added in f32, before any rounding).
     if let Some([qb, kb, vb]) = &w.qkv_bias {
         add_bias(&mut sc.q, qb);
@@ -128,11 +200,6 @@ pub fn attention(
     }
     if let Some(kn) = &w.k_norm {
         norm_heads(&mut sc.kb, kn, s.norm_eps, &mut sc.heads_tmp, &mut sc.norm);
-    }
-    sc.positions.clear();
-    for g in segs.iter() {
-        sc.positions
-            .extend((g.start..g.start + g.len).map(|p| p as u32));
     }
     rope_with(
         &mut sc.qb,
@@ -173,23 +240,210 @@ pub fn attention(
         );
         row += g.len;
     }
-    sc.attn_f.resize(rows * qd, 0.0);
-    widen(&sc.attn, &mut sc.attn_f);
-    sc.o.resize(rows * h, 0.0);
-    matmul_bf16(&sc.attn_f, rows, qd, &w.o, h, &mut sc.o);
-    for (xv, &ov) in x.iter_mut().zip(&sc.o) {
-        // o_proj's output is bf16, then the residual add (as in bf16 models).
-        *xv = bf16::from_f32(xv.to_f32() + bf16::from_f32(ov).to_f32());
+}
+
+/// Rope on one head's rope part `x` (f32, in place) at `pos`: interleaved
+/// pairs `(x0, x1), (x2, x3)...` each rotated by one frequency and laid out
+/// as `[evens, odds]` (transformers' `apply_rotary_pos_emb_interleave`), or
+/// the halves rotated (`apply_rotary_pos_emb`); cos and sin scaled by
+/// `factor` (YaRN's attention factor). `tmp` holds a copy.
+pub fn rope_mla(
+    x: &mut [f32],
+    pos: u32,
+    inv_freq: &[f32],
+    factor: f32,
+    interleave: bool,
+    tmp: &mut Vec<f32>,
+) {
+    let half = x.len() / 2;
+    tmp.clear();
+    tmp.extend_from_slice(x);
+    for (i, &f) in inv_freq.iter().enumerate().take(half) {
+        let (sn, cs) = (pos as f32 * f).sin_cos();
+        let (sn, cs) = (sn * factor, cs * factor);
+        let (a, b) = if interleave {
+            (tmp[2 * i], tmp[2 * i + 1])
+        } else {
+            (tmp[i], tmp[half + i])
+        };
+        x[i] = a * cs - b * sn;
+        x[half + i] = b * cs + a * sn;
     }
 }
 
+/// Multi-head latent attention of the `rows` normalised rows in `sc.xf`,
+/// into `sc.attn` (`rows x heads * v_head_dim`, bf16), appending each
+/// row's latent and rope key to its sequence's cache. Every row is
+/// computed alone (batch-invariant), projections as bf16 linear layers.
+fn mla(s: &LayerShape, w: &MlaWeights, rows: usize, segs: &mut [Segment<'_>], sc: &mut Scratch) {
+    let h = s.hidden;
+    let d = &w.dims;
+    let heads = s.heads;
+    let (kvl, rope) = (d.kv_lora_rank as usize, d.qk_rope_head_dim as usize);
+    let (nope, vd) = (d.qk_nope_head_dim as usize, d.v_head_dim as usize);
+    let qk = nope + rope;
+    let m = &mut sc.mla;
+    // Queries: q_b(norm(q_a(x))), or q(x); bf16 outputs.
+    sc.q.resize(rows * heads * qk, 0.0);
+    match &w.q_a {
+        Some((qa, qa_norm)) => {
+            let ql = qa_norm.len();
+            m.qa.resize(rows * ql, 0.0);
+            matmul_bf16(&sc.xf, rows, h, qa, ql, &mut m.qa);
+            to_bf16_into(&m.qa, &mut m.qab);
+            sc.heads_tmp.clear();
+            sc.heads_tmp.resize(rows * ql, bf16::ZERO);
+            rmsnorm_with(&m.qab, qa_norm, s.norm_eps, &mut sc.heads_tmp, &mut sc.norm);
+            m.qaf.resize(rows * ql, 0.0);
+            widen(&sc.heads_tmp, &mut m.qaf);
+            matmul_bf16(&m.qaf, rows, ql, &w.q_b, heads * qk, &mut sc.q);
+        }
+        None => matmul_bf16(&sc.xf, rows, h, &w.q_b, heads * qk, &mut sc.q),
+    }
+    to_bf16_into(&sc.q, &mut sc.qb);
+    // The compressed latent and the shared rope key.
+    m.kv.resize(rows * (kvl + rope), 0.0);
+    matmul_bf16(&sc.xf, rows, h, &w.kv_a, kvl + rope, &mut m.kv);
+    to_bf16_into(&m.kv, &mut m.kvb);
+    m.latent.clear();
+    m.latent.resize(rows * kvl, bf16::ZERO);
+    sc.kb.clear();
+    sc.kb.resize(rows * kvl, bf16::ZERO);
+    for r in 0..rows {
+        sc.kb[r * kvl..(r + 1) * kvl].copy_from_slice(&m.kvb[r * (kvl + rope)..][..kvl]);
+    }
+    rmsnorm_with(
+        &sc.kb,
+        &w.kv_a_norm,
+        s.norm_eps,
+        &mut m.latent,
+        &mut sc.norm,
+    );
+    sc.attn.clear();
+    sc.attn.resize(rows * heads * vd, bf16::ZERO);
+    let mut row = 0;
+    for g in segs.iter_mut() {
+        assert_eq!(g.cache.len, g.start, "a sequence's rows continue its cache");
+        for r in row..row + g.len {
+            let pos = sc.positions[r];
+            // This row's rope key, roped, into the cache after its latent.
+            sc.k.clear();
+            sc.k.extend(
+                m.kvb[r * (kvl + rope) + kvl..][..rope]
+                    .iter()
+                    .map(|v| v.to_f32()),
+            );
+            rope_mla(
+                &mut sc.k,
+                pos,
+                &w.inv_freq,
+                w.rope_factor,
+                d.rope_interleave,
+                &mut sc.rope,
+            );
+            g.cache
+                .k
+                .extend_from_slice(&m.latent[r * kvl..(r + 1) * kvl]);
+            g.cache.v.extend(sc.k.iter().map(|&v| bf16::from_f32(v)));
+            g.cache.len += 1;
+            let t = g.cache.len;
+            let latents = &g.cache.k[..t * kvl];
+            for hd in 0..heads {
+                let qrow = &sc.qb[(r * heads + hd) * qk..][..qk];
+                let wk = &w.kv_b[hd * (nope + vd) * kvl..][..nope * kvl];
+                let wv = &w.kv_b[(hd * (nope + vd) + nope) * kvl..][..vd * kvl];
+                // q_nope through the head's key projection: q_lat = W_uk^T q_nope.
+                m.q_lat.clear();
+                m.q_lat.resize(kvl, 0.0);
+                for (dd, qv) in qrow[..nope].iter().enumerate() {
+                    let qv = qv.to_f32();
+                    for (a, b) in m.q_lat.iter_mut().zip(&wk[dd * kvl..(dd + 1) * kvl]) {
+                        *a += qv * b.to_f32();
+                    }
+                }
+                m.q_rot.clear();
+                m.q_rot.extend(qrow[nope..].iter().map(|v| v.to_f32()));
+                rope_mla(
+                    &mut m.q_rot,
+                    pos,
+                    &w.inv_freq,
+                    w.rope_factor,
+                    d.rope_interleave,
+                    &mut sc.rope,
+                );
+                m.q_rot
+                    .iter_mut()
+                    .for_each(|v| *v = bf16::from_f32(*v).to_f32());
+                m.scores.clear();
+                for p in 0..t {
+                    let lat: f32 = m
+                        .q_lat
+                        .iter()
+                        .zip(&latents[p * kvl..(p + 1) * kvl])
+                        .map(|(a, b)| a * b.to_f32())
+                        .sum();
+                    let rot: f32 = m
+                        .q_rot
+                        .iter()
+                        .zip(&g.cache.v[p * rope..(p + 1) * rope])
+                        .map(|(a, b)| a * b.to_f32())
+                        .sum();
+                    m.scores.push((lat + rot) * w.softmax_scale);
+                }
+                let max = m.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for v in m.scores.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                m.o_lat.clear();
+                m.o_lat.resize(kvl, 0.0);
+                for (p, &e) in m.scores.iter().enumerate() {
+                    let e = e / sum;
+                    for (o, c) in m.o_lat.iter_mut().zip(&latents[p * kvl..(p + 1) * kvl]) {
+                        *o += e * c.to_f32();
+                    }
+                }
+                // The head's output through its value projection.
+                let out = &mut sc.attn[(r * heads + hd) * vd..][..vd];
+                for (e, o) in out.iter_mut().enumerate() {
+                    let v: f32 = wv[e * kvl..(e + 1) * kvl]
+                        .iter()
+                        .zip(&m.o_lat)
+                        .map(|(a, b)| a.to_f32() * b)
+                        .sum();
+                    *o = bf16::from_f32(v);
+                }
+            }
+        }
+        row += g.len;
+    }
+}
+
+/// A dense layer's FFN with its residual, in place: `x += mlp(post_norm(x))`
+/// (bf16, as the MoE combine is added).
+pub fn dense_mlp(s: &LayerShape, w: &AttentionLayer, x: &mut [bf16], sc: &mut Scratch) {
+    let mlp = w.dense.as_ref().expect("a dense layer");
+    if x.is_empty() {
+        return;
+    }
+    sc.normed.clear();
+    sc.normed.resize(x.len(), bf16::ZERO);
+    rmsnorm_with(x, &w.post_norm, s.norm_eps, &mut sc.normed, &mut sc.norm);
+    sc.dense_out.clear();
+    sc.dense_out.resize(x.len(), bf16::ZERO);
+    swiglu_rows(mlp, &sc.normed, &mut sc.dense_out, &mut sc.shared_ffn);
+    add_residual(x, &sc.dense_out);
+}
+
 /// The experts' input: `post_norm(h)` into `normed`, and each row's route
-/// (held in the scratch until the next call); `norm_topk`: the chosen
-/// experts' weights are renormalised to sum to one.
+/// (held in the scratch until the next call), chosen as `routing` says:
+/// the softmax router, or DeepSeek-V3's grouped sigmoid router in a layer
+/// with a score-correction bias.
 pub fn moe_input<'s>(
     s: &LayerShape,
     w: &AttentionLayer,
-    norm_topk: bool,
+    routing: &Routing,
     h: &[bf16],
     normed: &mut Vec<bf16>,
     sc: &'s mut Scratch,
@@ -200,16 +454,34 @@ pub fn moe_input<'s>(
         return &[];
     }
     rmsnorm_with(h, &w.post_norm, s.norm_eps, normed, &mut sc.norm);
-    route_into(
-        normed,
-        s.hidden,
-        &w.gate,
-        s.experts,
-        s.top_k,
-        norm_topk,
-        &mut sc.router,
-        &mut sc.routes,
-    )
+    match &w.score_bias {
+        Some(bias) => route_grouped_into(
+            normed,
+            s.hidden,
+            &w.gate,
+            s.experts,
+            s.top_k,
+            &Grouped {
+                bias,
+                groups: routing.groups,
+                topk_groups: routing.topk_groups,
+                renormalize: routing.norm_topk,
+                scale: routing.scale,
+            },
+            &mut sc.router,
+            &mut sc.routes,
+        ),
+        None => route_into(
+            normed,
+            s.hidden,
+            &w.gate,
+            s.experts,
+            s.top_k,
+            routing.norm_topk,
+            &mut sc.router,
+            &mut sc.routes,
+        ),
+    }
 }
 
 /// One expert on its rows: the batch-invariant SwiGLU.
@@ -218,7 +490,8 @@ pub fn expert_rows(e: &Expert, x: &[bf16], out: &mut [bf16], sc: &mut FfnScratch
 }
 
 /// The shared expert on the experts' input `y` (`rows x hidden`), into
-/// `out`: `sigmoid(gate . y_r) * swiglu(y_r)` per row, rounded to bf16.
+/// `out`: `swiglu(y_r)`, times `sigmoid(gate . y_r)` where it is gated,
+/// per row, rounded to bf16.
 /// It runs where the routers do, on the attention side (see the attention
 /// worker's schedule), and like every kernel here a row's bits do not
 /// depend on its batch.
@@ -230,10 +503,11 @@ pub fn shared_expert(sh: &SharedExpert, y: &[bf16], out: &mut Vec<bf16>, sc: &mu
         return;
     }
     swiglu_rows(&sh.expert, y, out, &mut sc.shared_ffn);
+    let Some(gate) = &sh.gate else { return };
     sc.shared_row.resize(h, 0.0);
     for (yr, or) in y.chunks(h).zip(out.chunks_mut(h)) {
         widen(yr, &mut sc.shared_row);
-        let logit = kernels::cpu::gemv::dot_bf16(&sc.shared_row, &sh.gate);
+        let logit = kernels::cpu::gemv::dot_bf16(&sc.shared_row, gate);
         let g = 1.0 / (1.0 + (-logit).exp());
         for o in or.iter_mut() {
             *o = bf16::from_f32(g * o.to_f32());

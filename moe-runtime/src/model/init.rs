@@ -27,28 +27,23 @@ pub enum StoreDtype {
 }
 
 /// The uniform scale of a tensor's random values (`None`: a norm weight,
-/// `1 + U(-0.2, 0.2)`).
-fn scale(c: &ModelConfig, kind: Kind) -> Option<f32> {
-    let (h, f, qd) = (
-        c.hidden as usize,
-        c.ffn as usize,
-        (c.heads * c.head_dim) as usize,
-    );
+/// `1 + U(-0.2, 0.2)`), by what it does and its fan-in (a matrix's
+/// second dimension).
+fn scale(kind: Kind, shape: &[usize]) -> Option<f32> {
+    let fan_in = shape.get(1).copied().unwrap_or(1).max(1);
     // Uniform(-a, a) has variance a^2 / 3: a = sqrt(3 / fan_in) keeps unit scale.
-    let unit = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    let unit = (3.0 / fan_in as f32).sqrt();
     match kind {
         Kind::Embedding => Some(1.0),
         Kind::Norm => None,
-        Kind::Query | Kind::Key => Some(2.0 * unit(h)),
-        Kind::Value => Some(unit(h)),
-        Kind::Output => Some(unit(qd)),
-        Kind::Router => Some(4.0 * unit(h)),
-        Kind::ExpertGate | Kind::ExpertUp => Some(1.5 * unit(h)),
-        Kind::ExpertDown => Some(2.0 * unit(f)),
+        Kind::Query | Kind::Key => Some(2.0 * unit),
+        Kind::Value | Kind::Output => Some(unit),
+        Kind::Router => Some(4.0 * unit),
+        Kind::ScoreBias => Some(0.2),
+        Kind::ExpertGate | Kind::ExpertUp => Some(1.5 * unit),
+        Kind::ExpertDown | Kind::SharedDown | Kind::SharedGate => Some(2.0 * unit),
         Kind::Bias => Some(0.5),
-        Kind::SharedDown => Some(2.0 * unit((c.shared_ffn as usize).max(1))),
-        Kind::SharedGate => Some(2.0 * unit(h)),
-        Kind::LmHead => Some(6.0 * unit(h)),
+        Kind::LmHead => Some(6.0 * unit),
     }
 }
 
@@ -115,7 +110,7 @@ pub fn write_checkpoint(
         let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for t in specs.iter().filter(|t| shard_of(&t.name) == shard) {
             let (name, shape) = (&t.name, &t.shape);
-            let v = values(seed, name, shape.iter().product(), scale(c, t.kind));
+            let v = values(seed, name, shape.iter().product(), scale(t.kind, shape));
             let bytes: Vec<u8> = match dtype {
                 StoreDtype::Bf16 => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
                 StoreDtype::F32 => v.iter().flat_map(|x| x.to_f32().to_le_bytes()).collect(),

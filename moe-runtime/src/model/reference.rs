@@ -202,8 +202,12 @@ impl Reference {
         let s = &self.shape;
         let w = &self.attn.layers[l];
         forward::attention(s, w, x, segs, sc);
+        if w.dense.is_some() {
+            forward::dense_mlp(s, w, x, sc);
+            return;
+        }
         let mut y = Vec::new();
-        let routes = forward::moe_input(s, w, self.attn.norm_topk, x, &mut y, sc);
+        let routes = forward::moe_input(s, w, &self.attn.routing, x, &mut y, sc);
         let entries = plan(routes, s.experts, 1).remove(0);
         // Every expert's rows, in buffer order (by expert).
         let mut rows = vec![bf16::ZERO; entries.len() * s.hidden];

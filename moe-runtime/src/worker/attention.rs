@@ -19,7 +19,13 @@
 //! LM head on each sequence's last row
 //! ```
 //!
-//! Families with a shared expert (Qwen2-MoE) run it here, on the attention
+//! Dense layers (DeepSeek-V3's first `first_k_dense_replace`, the Qwen
+//! families' `mlp_only_layers`) run their MLP here too, right after their
+//! attention, and have no round: the experts never see them (the rounds'
+//! order skips them on both sides, see [`super::round_position`]). They
+//! do not overlap anything; their time is attention-side time.
+//!
+//! Families with a shared expert (Qwen2-MoE, DeepSeek-V3) run it here, on the attention
 //! side, right after `send dispatch (l, i)`: every token goes through it,
 //! so it needs no routing, and computing it while the routed experts work
 //! on round `(l, i)` hides it behind the round trip. Its output joins the
@@ -319,7 +325,7 @@ impl AttentionWorker {
         // now, so that its decode steps allocate nothing (and a sequence
         // that cannot fit is refused here, not half-way through).
         let context = prompt.len().saturating_add(max_new);
-        let kv = context.saturating_mul(self.shape.kv_heads * self.shape.head_dim);
+        let (k_width, v_width) = self.config.kv_widths();
         let no_room = || {
             RuntimeError::Request(format!(
                 "a KV cache for {context} tokens ({} prompt + {max_new} new) does not fit in memory",
@@ -329,8 +335,10 @@ impl AttentionWorker {
         let mut caches = Vec::with_capacity(self.config.layers as usize);
         for _ in 0..self.config.layers {
             let mut c = KvCache::default();
-            c.k.try_reserve_exact(kv).map_err(|_| no_room())?;
-            c.v.try_reserve_exact(kv).map_err(|_| no_room())?;
+            c.k.try_reserve_exact(context.saturating_mul(k_width))
+                .map_err(|_| no_room())?;
+            c.v.try_reserve_exact(context.saturating_mul(v_width))
+                .map_err(|_| no_room())?;
             caches.push(c);
         }
         let mut generated = Vec::new();
@@ -449,13 +457,15 @@ impl AttentionWorker {
         }
         let mut group_active = active;
         for (l, i) in step_rounds(layers, m) {
-            if l > 0 {
+            if l > 0 && !self.config.is_dense(l - 1) {
                 group_active = self.finish_moe(l - 1, i, report)?;
             }
             self.attention_and_dispatch(l, i, active)?;
         }
-        for i in 0..m {
-            group_active = self.finish_moe(layers - 1, i, report)?;
+        if !self.config.is_dense(layers - 1) {
+            for i in 0..m {
+                group_active = self.finish_moe(layers - 1, i, report)?;
+            }
         }
         report.group_active = group_active;
         self.sample(report);
@@ -490,10 +500,16 @@ impl AttentionWorker {
         );
         forward::attention(&s, w, &mut mb.x, &mut segs, &mut self.scratch);
         self.spare_segs = recycle(segs);
+        if w.dense.is_some() {
+            // A dense layer: its MLP here, and no round.
+            forward::dense_mlp(&s, w, &mut mb.x, &mut self.scratch);
+            mb.t_a = t0.elapsed().as_nanos() as u64;
+            return Ok(());
+        }
         let routes = forward::moe_input(
             &s,
             w,
-            self.weights.norm_topk,
+            &self.weights.routing,
             &mb.x,
             &mut mb.y,
             &mut self.scratch,

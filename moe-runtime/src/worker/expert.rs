@@ -62,8 +62,9 @@ impl ExpertWorker {
     ) -> Result<Self, RuntimeError> {
         deploy.validate(&config)?;
         let experts = deploy.experts_of(&config, comm.rank());
+        let first_moe = config.moe_layers().first().copied().unwrap_or(0);
         if weights.first != experts.start
-            || weights.layers.first().map_or(0, |l| l.len()) != experts.len()
+            || weights.layers.get(first_moe).map_or(0, |l| l.len()) != experts.len()
         {
             return Err(RuntimeError::Config(format!(
                 "expert rank {} needs experts {}..{}",
@@ -94,13 +95,14 @@ impl ExpertWorker {
     /// Serves rounds until the attention ranks finish a step in which none
     /// of them had work (see the attention module's "Ending").
     pub fn run(&mut self) -> Result<ExpertStats, RuntimeError> {
-        let layers = self.config.layers as usize;
+        let moe_layers = self.config.moe_layers();
+        let (first, last) = (moe_layers[0], moe_layers[moe_layers.len() - 1]);
         let m = self.deploy.microbatches;
         let mut stats = ExpertStats::default();
         let mut idle_since = Instant::now();
         let mut group_active = true;
         for k in 0u64.. {
-            let at = round_position(k, layers, m);
+            let at = round_position(k, &moe_layers, m);
             let round = self.next_dispatch()?;
             let t_in = Instant::now();
             let idle = (t_in - idle_since).as_nanos() as u64;
@@ -113,7 +115,7 @@ impl ExpertWorker {
             }
             let any_active = self.compute(&round, at, buf, &mut stats)?;
             let (_, layer, mb) = at;
-            if layer == 0 && mb == 0 {
+            if layer == first && mb == 0 {
                 group_active = any_active;
             }
             let compute = t_in.elapsed().as_nanos() as u64;
@@ -129,7 +131,7 @@ impl ExpertWorker {
             stats.rounds += 1;
             stats.busy_ns += t_in.elapsed().as_nanos() as u64;
             idle_since = Instant::now();
-            if layer == layers - 1 && mb == m - 1 {
+            if layer == last && mb == m - 1 {
                 stats.steps += 1;
                 if !group_active {
                     break;

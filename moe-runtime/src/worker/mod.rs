@@ -43,11 +43,16 @@ pub fn step_rounds(layers: usize, microbatches: usize) -> impl Iterator<Item = (
 }
 
 /// Where the group's `k`-th round (from 0) falls: `(step, layer,
-/// micro-batch)`, in [`step_rounds`] order.
-pub fn round_position(k: u64, layers: usize, microbatches: usize) -> (u64, usize, usize) {
-    let per_step = (layers * microbatches) as u64;
+/// micro-batch)`, in [`step_rounds`] order over the layers with experts
+/// (`moe_layers`, ascending: a dense layer has no round).
+pub fn round_position(k: u64, moe_layers: &[usize], microbatches: usize) -> (u64, usize, usize) {
+    let per_step = (moe_layers.len() * microbatches) as u64;
     let in_step = (k % per_step) as usize;
-    (k / per_step, in_step / microbatches, in_step % microbatches)
+    (
+        k / per_step,
+        moe_layers[in_step / microbatches],
+        in_step % microbatches,
+    )
 }
 
 /// Empties `v` and hands its allocation back for items of another type of
@@ -129,13 +134,22 @@ mod tests {
 
     #[test]
     fn round_positions_follow_the_step_order() {
-        for (layers, m) in [(1, 1), (3, 2), (2, 4)] {
-            let order: Vec<(usize, usize)> = step_rounds(layers, m).collect();
-            assert_eq!(order.len(), layers * m);
+        let all = |n: usize| (0..n).collect::<Vec<_>>();
+        for (layers, moe, m) in [
+            (1, all(1), 1),
+            (3, all(3), 2),
+            (2, all(2), 4),
+            (4, vec![1, 2, 3], 2),
+            (5, vec![0, 2, 4], 3),
+        ] {
+            let order: Vec<(usize, usize)> = step_rounds(layers, m)
+                .filter(|(l, _)| moe.contains(l))
+                .collect();
+            assert_eq!(order.len(), moe.len() * m);
             for step in 0..3u64 {
                 for (j, &(l, i)) in order.iter().enumerate() {
-                    let k = step * (layers * m) as u64 + j as u64;
-                    assert_eq!(round_position(k, layers, m), (step, l, i), "round {k}");
+                    let k = step * order.len() as u64 + j as u64;
+                    assert_eq!(round_position(k, &moe, m), (step, l, i), "round {k}");
                 }
             }
         }

@@ -45,6 +45,42 @@ COMMON: dict[str, Any] = {
 SPARSE: dict[str, Any] = {"decoder_sparse_step": 1, "mlp_only_layers": []}
 # Qwen3-MoE's own head_dim (queries 2 x hidden wide).
 HEAD_DIM: dict[str, Any] = {"head_dim": 32}
+# DeepSeek-V3 at small size: MLA with both low-rank projections, YaRN over
+# an original context shorter than the longest sequence, 16 experts in 4
+# groups (top-4 from the best 2), a shared expert, the first layer dense.
+YARN: dict[str, Any] = {
+    "rope_type": "yarn",
+    "rope_theta": 1e4,
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+DEEPSEEK: dict[str, Any] = {
+    **{k: v for k, v in COMMON.items() if k != "rope_theta"},
+    "num_hidden_layers": 3,
+    "max_position_embeddings": 128,  # factor x original
+    "num_key_value_heads": 4,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "moe_intermediate_size": 32,
+    "intermediate_size": 96,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": 48,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "rope_interleave": True,
+    "rope_parameters": YARN,
+}
 
 
 @dataclass
@@ -116,6 +152,19 @@ def families() -> list[Family]:
             ),
             [("norm_topk_prob flipped", {"norm_topk_prob": True})],
         ),
+        Family(
+            "deepseek_v3",
+            lambda: t.DeepseekV3ForCausalLM(t.DeepseekV3Config(**DEEPSEEK)),
+            [
+                ("rope_interleave flipped", {"rope_interleave": False}),
+                ("no group limit (topk_group 4)", {"topk_group": 4}),
+                (
+                    "plain rope instead of YaRN",
+                    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+                ),
+                ("routed_scaling_factor 1", {"routed_scaling_factor": 1.0}),
+            ],
+        ),
     ]
 
 
@@ -131,6 +180,11 @@ def sharpen(model: torch.nn.Module) -> None:
                 scale = 3.0 * (3.0 / p.shape[-1]) ** 0.5
                 p.copy_((torch.rand_like(p) * 2 - 1) * scale)
             p.copy_(p.to(torch.bfloat16).float())
+        # DeepSeek-V3's score-correction bias is a buffer: about the size
+        # of the sigmoid scores' spread, so that it changes some choices.
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(((torch.rand_like(b) - 0.5) * 0.4).to(torch.bfloat16).float())
 
 
 def hf_scores(model: transformers.PreTrainedModel, seq: list[int]) -> list[float]:
