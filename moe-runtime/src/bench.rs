@@ -44,6 +44,10 @@ pub struct AttentionBench {
     /// Per (layer, micro-batch) samples.
     pub samples: u64,
     pub t_a_ns: u64,
+    /// Of `t_a_ns`, the shared experts'.
+    pub t_shared_ns: u64,
+    /// Dense layers' time (attention and MLP), over the measured steps.
+    pub dense_ns: u64,
     pub t_e_ns: u64,
     /// T_c over the clean samples only (see `MbTiming::t_c_clean`).
     pub t_c_ns: u64,
@@ -99,9 +103,11 @@ pub fn run_attention(
         b.tokens += r.tokens.len() as u64;
         b.wall_ns += r.wall_ns;
         b.wait_ns += r.wait_ns;
+        b.dense_ns += r.dense_ns;
         for t in &r.timings {
             b.samples += 1;
             b.t_a_ns += t.t_a;
+            b.t_shared_ns += t.t_shared;
             b.t_e_ns += t.t_e;
             if t.t_c_clean {
                 b.t_c_ns += t.t_c;

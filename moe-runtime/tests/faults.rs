@@ -351,3 +351,36 @@ fn a_checkpoint_missing_its_familys_tensors_names_them() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("q_norm"), "{}", stderr(&o));
 }
+
+/// DeepSeek-V3: a config.json that no longer matches its checkpoint (one
+/// more dense layer; a narrower latent) is refused naming the tensor that
+/// is missing or mis-shaped.
+#[test]
+fn a_deepseek_checkpoint_that_does_not_match_its_config_names_the_tensor() {
+    let dir = TempDir::new("deepseek-tensors");
+    let model = checkpoint(dir.path(), "deepseek-v3-mini", 5, 1, StoreDtype::Bf16);
+    let config_path = model.join("config.json");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    for (field, value, named, what) in [
+        (
+            "first_k_dense_replace",
+            serde_json::json!(2),
+            "model.layers.1.mlp.gate_proj.weight",
+            "missing",
+        ),
+        (
+            "kv_lora_rank",
+            serde_json::json!(32),
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+            "shape",
+        ),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        v[field] = value;
+        std::fs::write(&config_path, v.to_string()).unwrap();
+        let err = Reference::load(&model).unwrap_err().to_string();
+        assert!(err.contains(named) && err.contains(what), "{field}: {err}");
+    }
+    std::fs::write(&config_path, original).unwrap();
+    assert!(Reference::load(&model).is_ok());
+}

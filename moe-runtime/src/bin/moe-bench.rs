@@ -124,6 +124,10 @@ struct Row {
     tokens_per_s: f64,
     step_ms: f64,
     t_a_us: f64,
+    /// Of T_a, the shared expert's (per micro-batch and layer).
+    t_shared_us: f64,
+    /// The dense layers' time per step (attention and MLP; no rounds).
+    dense_ms: f64,
     t_e_us: f64,
     /// `None` when too few rounds qualify to say anything.
     t_c_us: Option<f64>,
@@ -190,6 +194,8 @@ fn measure(a: &Args, m: usize, batch: usize) -> Result<Row, RuntimeError> {
         tokens_per_s: sum(|b| b.tokens) / (wall / 1e9),
         step_ms: wall / steps / 1e6,
         t_a_us: sum(|b| b.t_a_ns) / samples / 1e3,
+        t_shared_us: sum(|b| b.t_shared_ns) / samples / 1e3,
+        dense_ms: r0.dense_ns as f64 / steps / 1e6,
         t_e_us: sum(|b| b.t_e_ns) / samples / 1e3,
         t_c_us: (sum(|b| b.t_c_samples) >= T_C_MIN_SAMPLES)
             .then(|| sum(|b| b.t_c_ns) / sum(|b| b.t_c_samples) / 1e3),
@@ -210,11 +216,11 @@ fn print_header(a: &Args, config: &ModelConfig, transport: &str) {
         config.name, config.layers, config.hidden, config.experts, config.top_k, a.attention, a.experts
     );
     println!(
-        "# prompt {} tokens, {} warm-up + {} measured decode steps; T_a, T_e, T_c: mean per micro-batch and layer\n# (T_c: dispatch + combine, from the rounds both sides waited for; c_n: their share; 'few': under 10 such rounds, too few to say)",
+        "# prompt {} tokens, {} warm-up + {} measured decode steps; T_a, T_e, T_c: mean per micro-batch and layer\n# (T_c: dispatch + combine, from the rounds both sides waited for; c_n: their share; 'few': under 10 such rounds, too few to say;\n# T_sh: of T_a, the shared expert's; dense_ms: per step, the dense layers' attention and MLP, which have no rounds)",
         a.prompt_len, a.warmup, a.steps
     );
     println!(
-        "# {:>5} {:>2} {:>10} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>6} {:>7} {:>12} {:>7}",
+        "# {:>5} {:>2} {:>10} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>6} {:>7} {:>12} {:>7} {:>7} {:>8}",
         "batch",
         "m",
         "tok/s",
@@ -227,7 +233,9 @@ fn print_header(a: &Args, config: &ModelConfig, transport: &str) {
         "e_idle",
         "vs_m=1",
         "coloc_tok/s",
-        "dis/col"
+        "dis/col",
+        "T_sh_us",
+        "dense_ms"
     );
 }
 
@@ -276,7 +284,7 @@ fn launcher(a: &Args) -> Result<(), RuntimeError> {
             let base_tps = *base.get_or_insert(if m == 1 { r.tokens_per_s } else { f64::NAN });
             let col_tps = col.map_or(f64::NAN, |c| c.tokens_per_s());
             println!(
-                "  {:>5} {:>2} {:>10.1} {:>8.2} {:>8.1} {:>8.1} {:>8} {:>5.2} {:>6.2} {:>6.2} {:>7.2} {:>12.1} {:>7.2}",
+                "  {:>5} {:>2} {:>10.1} {:>8.2} {:>8.1} {:>8.1} {:>8} {:>5.2} {:>6.2} {:>6.2} {:>7.2} {:>12.1} {:>7.2} {:>7.1} {:>8.2}",
                 batch,
                 m,
                 r.tokens_per_s,
@@ -289,7 +297,9 @@ fn launcher(a: &Args) -> Result<(), RuntimeError> {
                 r.expert_idle,
                 r.tokens_per_s / base_tps,
                 col_tps,
-                r.tokens_per_s / col_tps
+                r.tokens_per_s / col_tps,
+                r.t_shared_us,
+                r.dense_ms
             );
             rows.push(r);
         }
@@ -329,7 +339,7 @@ fn launcher(a: &Args) -> Result<(), RuntimeError> {
             "steps": a.steps,
             "configs": rows.iter().map(|r| json!({
                 "batch": r.batch, "microbatches": r.m, "tokens_per_s": r.tokens_per_s,
-                "step_ms": r.step_ms, "t_a_us": r.t_a_us, "t_e_us": r.t_e_us, "t_c_us": r.t_c_us,
+                "step_ms": r.step_ms, "t_a_us": r.t_a_us, "t_shared_us": r.t_shared_us, "dense_ms": r.dense_ms, "t_e_us": r.t_e_us, "t_c_us": r.t_c_us,
                 "t_c_clean_share": r.t_c_share,
                 "attention_idle": r.attention_idle, "expert_idle": r.expert_idle,
                 "b_a": r.b_a, "b_e": r.b_e,

@@ -18,7 +18,7 @@ enum DtypeArg {
 #[derive(Debug, Parser)]
 #[command(name = "moe-init")]
 struct Args {
-    /// A preset (tiny, mixtral-mini, dbrx-mini, qwen3-mini, olmoe-mini, qwen2-moe-mini, ...) or a
+    /// A preset (tiny, mixtral-mini, dbrx-mini, qwen3-mini, olmoe-mini, qwen2-moe-mini, deepseek-v3-mini) or a
     /// Hugging Face config.json.
     #[arg(long)]
     config: String,

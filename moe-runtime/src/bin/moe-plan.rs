@@ -19,7 +19,7 @@ use moe_runtime::plan::{search, Plan, PlanError, SearchResult};
 )]
 struct Cli {
     /// Preset: mixtral-8x22b, dbrx, scaled-moe, tiny, mixtral-mini, dbrx-mini, qwen3-mini, olmoe-mini,
-    /// qwen2-moe-mini.
+    /// qwen2-moe-mini, deepseek-v3-mini.
     #[arg(long, conflicts_with = "hf_config")]
     model: Option<String>,
     /// A Hugging Face config.json instead of a preset.

@@ -325,6 +325,17 @@ impl ModelConfig {
         self.attention_params() + self.experts * self.expert_params()
     }
 
+    /// Attention's FLOPs per query token and per token of its context, in
+    /// one layer: GQA's scores and weighted values (`4 heads head_dim`);
+    /// MLA's in the latent space (scores over latent and rope key, the
+    /// weighted latent).
+    pub fn attention_flops_per_context_token(&self) -> u64 {
+        match &self.mla {
+            Some(m) => 2 * self.heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim),
+            None => 4 * self.heads * self.head_dim,
+        }
+    }
+
     /// KV-cache bytes of one token in one layer.
     pub fn kv_bytes_per_token_layer(&self) -> u64 {
         let (k, v) = self.kv_widths();

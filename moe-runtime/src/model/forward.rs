@@ -28,7 +28,7 @@ use half::bf16;
 use kernels::cpu::attention::{prefill_attention, AttnScratch, KvCache};
 use kernels::cpu::ffn::{swiglu_rows, Expert, FfnScratch};
 
-use kernels::cpu::gemv::{matmul_bf16, widen};
+use kernels::cpu::gemv::{axpy_bf16, dot_bf16, matmul_bf16, widen};
 use kernels::cpu::norm::rmsnorm_with;
 use kernels::cpu::rope::rope_with;
 use kernels::cpu::router::{route_into, Route, RouterScratch};
@@ -356,10 +356,7 @@ fn mla(s: &LayerShape, w: &MlaWeights, rows: usize, segs: &mut [Segment<'_>], sc
                 m.q_lat.clear();
                 m.q_lat.resize(kvl, 0.0);
                 for (dd, qv) in qrow[..nope].iter().enumerate() {
-                    let qv = qv.to_f32();
-                    for (a, b) in m.q_lat.iter_mut().zip(&wk[dd * kvl..(dd + 1) * kvl]) {
-                        *a += qv * b.to_f32();
-                    }
+                    axpy_bf16(&mut m.q_lat, qv.to_f32(), &wk[dd * kvl..(dd + 1) * kvl]);
                 }
                 m.q_rot.clear();
                 m.q_rot.extend(qrow[nope..].iter().map(|v| v.to_f32()));
@@ -376,18 +373,8 @@ fn mla(s: &LayerShape, w: &MlaWeights, rows: usize, segs: &mut [Segment<'_>], sc
                     .for_each(|v| *v = bf16::from_f32(*v).to_f32());
                 m.scores.clear();
                 for p in 0..t {
-                    let lat: f32 = m
-                        .q_lat
-                        .iter()
-                        .zip(&latents[p * kvl..(p + 1) * kvl])
-                        .map(|(a, b)| a * b.to_f32())
-                        .sum();
-                    let rot: f32 = m
-                        .q_rot
-                        .iter()
-                        .zip(&g.cache.v[p * rope..(p + 1) * rope])
-                        .map(|(a, b)| a * b.to_f32())
-                        .sum();
+                    let lat = dot_bf16(&m.q_lat, &latents[p * kvl..(p + 1) * kvl]);
+                    let rot = dot_bf16(&m.q_rot, &g.cache.v[p * rope..(p + 1) * rope]);
                     m.scores.push((lat + rot) * w.softmax_scale);
                 }
                 let max = m.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -399,20 +386,12 @@ fn mla(s: &LayerShape, w: &MlaWeights, rows: usize, segs: &mut [Segment<'_>], sc
                 m.o_lat.clear();
                 m.o_lat.resize(kvl, 0.0);
                 for (p, &e) in m.scores.iter().enumerate() {
-                    let e = e / sum;
-                    for (o, c) in m.o_lat.iter_mut().zip(&latents[p * kvl..(p + 1) * kvl]) {
-                        *o += e * c.to_f32();
-                    }
+                    axpy_bf16(&mut m.o_lat, e / sum, &latents[p * kvl..(p + 1) * kvl]);
                 }
                 // The head's output through its value projection.
                 let out = &mut sc.attn[(r * heads + hd) * vd..][..vd];
                 for (e, o) in out.iter_mut().enumerate() {
-                    let v: f32 = wv[e * kvl..(e + 1) * kvl]
-                        .iter()
-                        .zip(&m.o_lat)
-                        .map(|(a, b)| a.to_f32() * b)
-                        .sum();
-                    *o = bf16::from_f32(v);
+                    *o = bf16::from_f32(dot_bf16(&m.o_lat, &wv[e * kvl..(e + 1) * kvl]));
                 }
             }
         }

@@ -76,8 +76,8 @@ pub fn attention_coeffs(
     let flops = tp * gpu.flops() * eff.compute;
     let weights = (m.attention_params_per_layer() * m.dtype_bytes) as f64;
     let kv = (seq_len * m.kv_bytes_per_token_layer()) as f64;
-    let work =
-        2.0 * m.attention_params_per_layer() as f64 + 4.0 * (seq_len * m.heads * m.head_dim) as f64;
+    let work = 2.0 * m.attention_params_per_layer() as f64
+        + (seq_len * m.attention_flops_per_context_token()) as f64;
     Linear {
         per_token: (kv / bw).max(work / flops),
         fixed: weights / bw,
@@ -323,12 +323,12 @@ impl Setting {
     }
 
     /// The memory constraint of an attention node:
-    /// `4 m b_a s h L / g + 2 P_a < tp_a C_a` (KV cache of m micro-batches
-    /// plus weights, bf16).
+    /// `m b_a s L kv + 2 P_a < tp_a C_a` (KV cache of m micro-batches
+    /// plus weights, bf16; `kv` the bytes per token and layer: `4 h / g`
+    /// for GQA with `head_dim = h / heads`, MLA's latent and rope key).
     pub fn attention_fits(&self, tp_a: u64, m: u64, b_a: u64) -> bool {
         let md = &self.model;
-        let kv =
-            4.0 * (m * b_a * self.seq_len * md.hidden * md.layers) as f64 / md.gqa_group() as f64;
+        let kv = (m * b_a * self.seq_len * md.layers * md.kv_bytes_per_token_layer()) as f64;
         kv + 2.0 * (md.attention_params() as f64) < tp_a as f64 * self.attention_gpu.memory_bytes()
     }
 

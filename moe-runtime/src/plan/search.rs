@@ -273,7 +273,9 @@ pub fn search(s: &Setting) -> SearchResult {
 /// `moe-bench`'s fitted `T_e` line takes. Per layer, the micro-batches
 /// cycle in `max(m T_f, T_a + T_e + 2 T_c)`; a full pipeline adds its fill
 /// once per iteration, giving the paper's `(T_a + T_e + 2 T_c) + T_f (mL -
-/// 1)`.
+/// 1)`. A dense layer has no round: its micro-batches run one after the
+/// other on the attention side, `m T_a` (its MLP taken to cost what a
+/// sparse layer's router and shared expert do there).
 pub fn predict(s: &Setting, n_a: u64, n_e: u64, m: u64, batch: u64) -> Estimate {
     let md = &s.model;
     let b_a = batch as f64 / (n_a * m) as f64;
@@ -283,14 +285,15 @@ pub fn predict(s: &Setting, n_a: u64, n_e: u64, m: u64, batch: u64) -> Estimate 
     let t_c = s.comm(1, 1, b_a, b_e);
     let t_f = t_a.max(t_e);
     let serial = t_a + t_e + 2.0 * t_c;
-    let l = md.layers as f64;
+    let l = md.sparse_layers() as f64;
     let cycle = (m as f64 * t_f).max(serial);
     let fill = if m as f64 * t_f >= serial {
         serial - t_f
     } else {
         0.0
     };
-    let t_total = l * cycle + fill;
+    let dense = md.dense_layers.len() as f64 * m as f64 * t_a;
+    let t_total = l * cycle + fill + dense;
     Estimate {
         t_a,
         t_e,

@@ -122,8 +122,10 @@ pub struct MbTiming {
     /// Rows sent to experts (tokens x top-k).
     pub expert_rows: u32,
     /// Attention compute for this micro-batch and layer (T_a): attention,
-    /// router, layout into the send buffer.
+    /// router, layout into the send buffer, and the shared expert.
     pub t_a: u64,
+    /// Of `t_a`, the shared expert's part (0 in families without one).
+    pub t_shared: u64,
     /// Slowest expert's compute on it (T_e).
     pub t_e: u64,
     /// Communication (T_c): dispatch posted to combine received, less the
@@ -151,6 +153,9 @@ pub struct StepReport {
     pub wall_ns: u64,
     /// Time blocked waiting for combine rounds.
     pub wait_ns: u64,
+    /// Time in the dense layers (attention and MLP, every micro-batch);
+    /// they have no round, so no entry in `timings`.
+    pub dense_ns: u64,
     pub timings: Vec<MbTiming>,
 }
 
@@ -200,6 +205,7 @@ struct MicroBatch {
     shared: Vec<bf16>,
     posted: Option<Instant>,
     t_a: u64,
+    t_shared: u64,
 }
 
 /// An attention worker. See the module docs.
@@ -446,6 +452,7 @@ impl AttentionWorker {
         report.timings.clear();
         report.rows = rows;
         report.wait_ns = 0;
+        report.dense_ns = 0;
         // Embeddings of each micro-batch's rows.
         for (i, mb) in self.mbs.iter_mut().enumerate() {
             self.tokens.clear();
@@ -460,7 +467,11 @@ impl AttentionWorker {
             if l > 0 && !self.config.is_dense(l - 1) {
                 group_active = self.finish_moe(l - 1, i, report)?;
             }
+            let t_layer = Instant::now();
             self.attention_and_dispatch(l, i, active)?;
+            if self.config.is_dense(l) {
+                report.dense_ns += t_layer.elapsed().as_nanos() as u64;
+            }
         }
         if !self.config.is_dense(layers - 1) {
             for i in 0..m {
@@ -503,7 +514,6 @@ impl AttentionWorker {
         if w.dense.is_some() {
             // A dense layer: its MLP here, and no round.
             forward::dense_mlp(&s, w, &mut mb.x, &mut self.scratch);
-            mb.t_a = t0.elapsed().as_nanos() as u64;
             return Ok(());
         }
         let routes = forward::moe_input(
@@ -572,7 +582,8 @@ impl AttentionWorker {
         if let Some(sh) = &w.shared {
             let t1 = Instant::now();
             forward::shared_expert(sh, &mb.y, &mut mb.shared, &mut self.scratch);
-            mb.t_a += t1.elapsed().as_nanos() as u64;
+            mb.t_shared = t1.elapsed().as_nanos() as u64;
+            mb.t_a += mb.t_shared;
         }
         Ok(())
     }
@@ -638,6 +649,7 @@ impl AttentionWorker {
             rows: (mb.x.len() / h) as u32,
             expert_rows: mb.entries.iter().map(|e| e.len() as u32).sum(),
             t_a: mb.t_a,
+            t_shared: mb.t_shared,
             t_e,
             t_c: rtt.saturating_sub(residence),
             t_c_clean: clean,

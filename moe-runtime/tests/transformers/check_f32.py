@@ -122,6 +122,23 @@ def families() -> list[Family]:
             [("norm_topk_prob flipped", {"norm_topk_prob": False})],
         ),
         Family(
+            "qwen3_moe_dense",
+            lambda: t.Qwen3MoeForCausalLM(
+                t.Qwen3MoeConfig(
+                    **HEAD_DIM,
+                    moe_intermediate_size=64,
+                    intermediate_size=256,
+                    num_experts=16,
+                    num_experts_per_tok=4,
+                    norm_topk_prob=True,
+                    decoder_sparse_step=1,
+                    mlp_only_layers=[0],
+                    **COMMON,
+                )
+            ),
+            [],
+        ),
+        Family(
             "olmoe",
             lambda: t.OlmoeForCausalLM(
                 t.OlmoeConfig(
@@ -194,9 +211,9 @@ def hf_scores(model: transformers.PreTrainedModel, seq: list[int]) -> list[float
     return [lp[i - 1, seq[i]].item() for i in range(1, len(seq))]
 
 
-def our_scores(moe_run: str, model_dir: Path, seq: list[int]) -> list[float]:
-    """Teacher-forced log-probabilities from moe-run's f32 reference."""
-    args = [moe_run, "--model", str(model_dir), "--reference", "--score", "--dtype", "f32"]
+def our_scores(moe_run: str, model_dir: Path, seq: list[int], dtype: str = "f32") -> list[float]:
+    """Teacher-forced log-probabilities from moe-run's reference in ``dtype``."""
+    args = [moe_run, "--model", str(model_dir), "--reference", "--score", "--dtype", dtype]
     args += ["--prompt-ids", ",".join(map(str, seq))]
     out = subprocess.run(args, capture_output=True, text=True, check=False)
     if out.returncode != 0 or not out.stdout.startswith("scores: "):
@@ -206,13 +223,26 @@ def our_scores(moe_run: str, model_dir: Path, seq: list[int]) -> list[float]:
 
 def deviation(moe_run: str, model_dir: Path, want: list[list[float]]) -> float:
     """Largest |ours - transformers| over every scored token."""
-    worst = 0.0
+    return deviations(moe_run, model_dir, want)[0]
+
+
+def deviations(
+    moe_run: str, model_dir: Path, want: list[list[float]], dtype: str = "f32"
+) -> tuple[float, float]:
+    """Largest and mean |ours - transformers| over every scored token."""
+    diffs: list[float] = []
     for seq, ref in zip(SEQUENCES, want):
-        got = our_scores(moe_run, model_dir, seq)
+        got = our_scores(moe_run, model_dir, seq, dtype)
         if len(got) != len(ref):
             sys.exit(f"check_f32: {len(got)} scores for {len(ref)} tokens")
-        worst = max(worst, max(abs(a - b) for a, b in zip(got, ref)))
-    return worst
+        diffs += [abs(a - b) for a, b in zip(got, ref)]
+    return max(diffs), sum(diffs) / len(diffs)
+
+
+def spread(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
+    """Largest and mean |a - b| over every scored token."""
+    d = [abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v)]
+    return max(d), sum(d) / len(d)
 
 
 def main() -> None:
@@ -252,6 +282,17 @@ def main() -> None:
                 row["controls"][what] = off
                 if not caught:
                     failed.append(f"{fam.name} control ({what})")
+            # bf16, for the record (not a pass/fail bound here: check.py
+            # bounds it on its own checkpoints): the runtime's bf16 against
+            # transformers f32, next to transformers' own bf16.
+            (d / "config.json").write_text(json.dumps(config))
+            ours_bf16 = deviations(a.moe_run, d, want, "bf16")
+            hf_bf16 = spread([hf_scores(model.to(torch.bfloat16), s) for s in SEQUENCES], want)
+            print(
+                f"  {'':<10} bf16 vs hf f32, max / mean: moe-run {ours_bf16[0]:.3f} / "
+                f"{ours_bf16[1]:.3f}, transformers bf16 {hf_bf16[0]:.3f} / {hf_bf16[1]:.3f}"
+            )
+            row["bf16"] = {"moe_run": ours_bf16, "transformers": hf_bf16}
             rows.append(row)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
