@@ -66,6 +66,18 @@ fn rope(x: &mut [f32], heads: usize, d: usize, theta: f32) {
     }
 }
 
+/// `x[i] = exp(x[i] - max x)` in place; returns their sum (the softmax's
+/// denominator).
+fn exp_shifted(x: &mut [f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
+}
+
 /// Causal GQA attention over the whole sequence.
 fn attention(q: &[f32], k: &[f32], v: &[f32], s: &LayerShape) -> Vec<f32> {
     let (hd, g) = (s.head_dim, s.group());
@@ -82,15 +94,7 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], s: &LayerShape) -> Vec<f32> {
                 let kr = &k[p * kw + kh * hd..][..hd];
                 *sc = qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
             }
-            let max = scores[..=t]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for sc in &mut scores[..=t] {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
+            let sum = exp_shifted(&mut scores[..=t]);
             let o = &mut out[t * qw + h * hd..][..hd];
             for (p, &e) in scores[..=t].iter().enumerate() {
                 let vr = &v[p * kw + kh * hd..][..hd];
@@ -274,15 +278,7 @@ fn mla(xn: &[f32], s: &LayerShape, w: &MlaWeights) -> Vec<f32> {
                     + qv[nope..].iter().zip(kr).map(|(a, b)| a * b).sum::<f32>();
                 *sc = dot * w.softmax_scale;
             }
-            let max = scores[..=t]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for sc in &mut scores[..=t] {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
+            let sum = exp_shifted(&mut scores[..=t]);
             let o = &mut out[(t * heads + hd) * vd..][..vd];
             for (p, &e) in scores[..=t].iter().enumerate() {
                 let vr = &kvb[(p * heads + hd) * (nope + vd) + nope..][..vd];
