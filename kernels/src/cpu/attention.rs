@@ -5,6 +5,16 @@ use half::bf16;
 
 use crate::LayerShape;
 
+/// `x[i] = exp(x[i] - max x)` in place, returning their sum (in index
+/// order): a softmax's numerators and denominator.
+pub fn exp_shifted(x: &mut [f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+    }
+    x.iter().sum()
+}
+
 /// One sequence's KV cache: `[len, kv_heads, head_dim]` for keys and values.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct KvCache {
@@ -186,12 +196,7 @@ fn attend(
             }
         }
         for j in 0..g {
-            let sc = &mut scores[j * n..][..n];
-            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for x in sc.iter_mut() {
-                *x = (*x - max).exp();
-            }
-            sums[j] = sc.iter().sum();
+            sums[j] = exp_shifted(&mut scores[j * n..][..n]);
         }
         acc.iter_mut().for_each(|a| *a = 0.0);
         for p in 0..n {

@@ -25,7 +25,7 @@
 //! materialises them as transformers does).
 
 use half::bf16;
-use kernels::cpu::attention::{prefill_attention, AttnScratch, KvCache};
+use kernels::cpu::attention::{exp_shifted, prefill_attention, AttnScratch, KvCache};
 use kernels::cpu::ffn::{swiglu_rows, Expert, FfnScratch};
 
 use kernels::cpu::gemv::{axpy_bf16, dot_bf16, matmul_bf16, widen};
@@ -377,12 +377,7 @@ fn mla(s: &LayerShape, w: &MlaWeights, rows: usize, segs: &mut [Segment<'_>], sc
                     let rot = dot_bf16(&m.q_rot, &g.cache.v[p * rope..(p + 1) * rope]);
                     m.scores.push((lat + rot) * w.softmax_scale);
                 }
-                let max = m.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for v in m.scores.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
+                let sum = exp_shifted(&mut m.scores);
                 m.o_lat.clear();
                 m.o_lat.resize(kvl, 0.0);
                 for (p, &e) in m.scores.iter().enumerate() {

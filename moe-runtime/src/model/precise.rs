@@ -12,6 +12,7 @@
 //! sequence each step).
 
 use half::bf16;
+use kernels::cpu::attention::exp_shifted;
 use kernels::cpu::ffn::Expert;
 use kernels::cpu::gemv::{matmul_bf16, widen};
 use kernels::LayerShape;
@@ -64,18 +65,6 @@ fn rope(x: &mut [f32], heads: usize, d: usize, theta: f32) {
             }
         }
     }
-}
-
-/// `x[i] = exp(x[i] - max x)` in place; returns their sum (the softmax's
-/// denominator).
-fn exp_shifted(x: &mut [f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    sum
 }
 
 /// Causal GQA attention over the whole sequence.
