@@ -77,8 +77,14 @@ fn allocations_per_step(
                 temperature,
                 top_p: 0.9,
                 seed: id,
-                top_logprobs: 0,
+                // Sequence 3 takes the penalties' path (a copy of the
+                // logits, the seen flags) every step.
+                repetition_penalty: if id == 3 { 1.3 } else { 1.0 },
+                frequency_penalty: if id == 3 { 0.5 } else { 0.0 },
+                presence_penalty: if id == 3 { 0.25 } else { 0.0 },
+                ..Sampling::default()
             },
+            prompt_logprobs: None,
         };
         w.submit(id, request).unwrap();
     }

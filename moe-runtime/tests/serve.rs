@@ -175,6 +175,128 @@ fn the_official_openai_client_works_and_greedy_tokens_equal_the_reference() {
     );
 }
 
+/// Runs `script` (in tests/) with the openai client on the path; false
+/// (after saying why) when the client is not installed.
+fn run_python(script: &str, args: &[String]) -> bool {
+    let pydeps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps/openai");
+    if !python_has_openai(&pydeps) {
+        println!("SKIPPED: the openai Python client is not installed (scripts/setup puts it in target/pydeps/openai)");
+        return false;
+    }
+    let o = Command::new("python3")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests")
+                .join(script),
+        )
+        .args(args)
+        .env("PYTHONPATH", &pydeps)
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    true
+}
+
+#[test]
+fn the_openai_request_in_full_and_vllms_sampling_extensions_work() {
+    let s = Server::start("api", "mixtral-mini", &[]);
+    let prompt = [1u32, 17, 200, 33, 5, 91, 4, 250];
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let r = moe_run(
+        &[
+            "--model".into(),
+            s.model_dir.display().to_string(),
+            "--reference".into(),
+            "--score".into(),
+            "--prompt-ids".into(),
+            ids.join(","),
+        ],
+        &[],
+    );
+    assert!(r.status.success(), "{}", stderr(&r));
+    let scores = stdout(&r)
+        .lines()
+        .find_map(|l| l.strip_prefix("scores:").map(str::trim).map(String::from))
+        .expect("moe-run --score prints scores");
+    run_python(
+        "serve_api.py",
+        &[
+            s.url(),
+            s.model.clone(),
+            s.model_dir.display().to_string(),
+            ids.join(" "),
+            scores,
+        ],
+    );
+}
+
+#[test]
+fn an_api_key_guards_v1_and_leaves_health_and_metrics_open() {
+    let dir = TempDir::new("key");
+    let model_dir = checkpoint(dir.path(), "tiny", 4, 1, StoreDtype::Bf16);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(MOE_SERVE)
+        .args(["--model", &model_dir.display().to_string()])
+        .args(["--port", &port.to_string(), "--served-model-name", "m"])
+        .env("MOE_SERVE_API_KEY", "s3cret-key")
+        .env("M2N_WAIT", "yield")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while http(port, "GET", "/health", "").0 != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = r#"{"model": "m", "prompt": "hi", "max_tokens": 2}"#;
+    let call = |auth: Option<&str>, method: &str, path: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let header = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        let b = if method == "POST" { body } else { "" };
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{header}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            b.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status: u16 = out.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, out.split_once("\r\n\r\n").unwrap().1.to_string())
+    };
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer s3cret-ke"),
+        Some("s3cret-key"),
+    ] {
+        let (status, text) = call(auth, "POST", "/v1/completions");
+        assert_eq!(status, 401, "{auth:?}: {text}");
+        let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(e["error"]["type"], "authentication_error", "{text}");
+        assert_eq!(call(auth, "GET", "/v1/models").0, 401);
+    }
+    assert_eq!(
+        call(Some("Bearer s3cret-key"), "POST", "/v1/completions").0,
+        200
+    );
+    assert_eq!(call(Some("Bearer s3cret-key"), "GET", "/v1/models").0, 200);
+    assert_eq!(call(None, "GET", "/health").0, 200);
+    assert_eq!(call(None, "GET", "/metrics").0, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[test]
 fn curl_sees_well_formed_server_sent_events() {
     let s = Server::start("curl", "tiny", &[]);

@@ -61,6 +61,12 @@ struct Args {
     served_model_name: Option<String>,
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
+    /// Require `Authorization: Bearer <key>` on `/v1/*` (as vLLM's
+    /// `--api-key`; `/health` and `/metrics` stay open). Set it whenever
+    /// `--host` is not a loopback address. From the environment, it stays
+    /// out of the process list.
+    #[arg(long, env = "MOE_SERVE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[arg(long, hide = true)]
     worker: Option<String>,
     #[arg(long, hide = true)]
@@ -119,6 +125,11 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
     let tokenizer = Tokenizer::load(&a.model, config.vocab as usize)?;
     let name = served_model_name(a, &config);
     let (http, addr) = listen(a)?;
+    if a.api_key.is_none() && !addr.ip().is_loopback() {
+        eprintln!(
+            "moe-serve: warning: listening on {addr} without an API key: anyone who can reach it can use it (set --api-key or MOE_SERVE_API_KEY)"
+        );
+    }
     let control = TcpListener::bind("127.0.0.1:0")
         .map_err(|e| RuntimeError::Io(format!("control listener: {e}")))?;
     let control_addr = control
@@ -143,6 +154,7 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         engine_vocab: config.vocab as usize,
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
     });
     // Lives to the end: tasks still running after the HTTP server stops
     // (streams the drain ends) go with it, after the workers' report.

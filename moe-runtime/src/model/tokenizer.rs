@@ -202,8 +202,14 @@ impl Tokenizer {
 
     /// The text of `ids`, as one piece (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> String {
+        self.decode_with(ids, false)
+    }
+
+    /// [`decode`](Self::decode), leaving out the tokenizer's special
+    /// tokens when `skip_special` (the byte-level fallback has none).
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> String {
         match &self.hf {
-            Some(t) => t.decode(ids, false).unwrap_or_default(),
+            Some(t) => t.decode(ids, skip_special).unwrap_or_default(),
             None => {
                 let mut bytes = Vec::new();
                 for &id in ids {
@@ -270,12 +276,32 @@ pub struct Detokenizer {
     /// Bytes of `text` already handed out.
     emitted: usize,
     stops: Vec<String>,
-    /// Where a stop string was found (the text is cut there).
-    stopped: bool,
+    /// The stop string that ended the text (which is cut there).
+    stopped: Option<String>,
+    opts: DetokenizeOptions,
+    /// Text before this byte is not searched for stop strings (it was
+    /// made before `min_tokens` ids were in).
+    search_from: usize,
+}
+
+/// How a [`Detokenizer`] treats special tokens and stop strings (vLLM's
+/// `skip_special_tokens`, `include_stop_str_in_output`, `min_tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DetokenizeOptions {
+    /// Leave the tokenizer's special tokens out of the text.
+    pub skip_special: bool,
+    /// Keep a stop string that ends the text in it.
+    pub include_stop: bool,
+    /// Stop strings count only once this many ids are in.
+    pub min_tokens: usize,
 }
 
 impl Detokenizer {
     pub fn new(stops: Vec<String>) -> Self {
+        Self::with(stops, DetokenizeOptions::default())
+    }
+
+    pub fn with(stops: Vec<String>, opts: DetokenizeOptions) -> Self {
         Self {
             ids: Vec::new(),
             text: String::new(),
@@ -283,23 +309,34 @@ impl Detokenizer {
             read: 0,
             emitted: 0,
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
-            stopped: false,
+            stopped: None,
+            opts,
+            search_from: 0,
         }
     }
 
     /// Whether a stop string ended the text.
     pub fn stopped(&self) -> bool {
-        self.stopped
+        self.stopped.is_some()
+    }
+
+    /// The stop string that ended the text, if one did.
+    pub fn stop_string(&self) -> Option<&str> {
+        self.stopped.as_deref()
+    }
+
+    fn decode(&self, tok: &Tokenizer, ids: &[u32]) -> String {
+        tok.decode_with(ids, self.opts.skip_special)
     }
 
     /// Adds `id`; returns the newly final text (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
-        if self.stopped {
+        if self.stopped() {
             return String::new();
         }
         self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read]);
-        let now = tok.decode(&self.ids[self.prefix..]);
+        let before = self.decode(tok, &self.ids[self.prefix..self.read]);
+        let now = self.decode(tok, &self.ids[self.prefix..]);
         if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
             self.text.push_str(&now[before.len()..]);
             self.prefix = self.read;
@@ -310,9 +347,9 @@ impl Detokenizer {
 
     /// Flushes whatever is held back; returns it.
     pub fn finish(&mut self, tok: &Tokenizer) -> String {
-        if !self.stopped && self.read < self.ids.len() {
-            let before = tok.decode(&self.ids[self.prefix..self.read]);
-            let now = tok.decode(&self.ids[self.prefix..]);
+        if !self.stopped() && self.read < self.ids.len() {
+            let before = self.decode(tok, &self.ids[self.prefix..self.read]);
+            let now = self.decode(tok, &self.ids[self.prefix..]);
             let tail = now
                 .strip_prefix(before.as_str())
                 .unwrap_or(&now[before.len().min(now.len())..]);
@@ -331,22 +368,34 @@ impl Detokenizer {
         // A stop string ends the text before it. Held-back text never
         // contains a whole stop string, so a match starts after `emitted`
         // less a stop's length.
+        if self.ids.len() < self.opts.min_tokens {
+            self.search_from = self.text.len();
+        }
         let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let mut from = self.emitted.saturating_sub(longest);
+        let mut from = self
+            .emitted
+            .saturating_sub(longest)
+            .max(self.search_from)
+            .min(self.text.len());
         while !self.text.is_char_boundary(from) {
             from -= 1;
         }
         let hit = self
             .stops
             .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| i + from))
-            .min();
-        if let Some(at) = hit {
-            self.text.truncate(at.max(self.emitted));
-            self.stopped = true;
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| (i + from, s)))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, stop)) = hit {
+            let cut = if self.opts.include_stop {
+                at + stop.len()
+            } else {
+                at
+            };
+            self.stopped = Some(stop.clone());
+            self.text.truncate(cut.max(self.emitted));
         }
         let mut end = self.text.len();
-        if !last && !self.stopped {
+        if !last && !self.stopped() {
             // Hold back a suffix that may grow into a stop string.
             for s in &self.stops {
                 for k in (1..s.len()).rev() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::model::RuntimeError;
-use crate::worker::attention::{AttentionWorker, MbTiming, Request, SeqId, Token};
+use crate::worker::attention::{AttentionWorker, MbTiming, PromptLogprob, Request, SeqId, Token};
 
 /// The environment variable carrying the engine's control address.
 pub const CONTROL_ADDR_ENV: &str = "MOE_CONTROL_ADDR";
@@ -41,6 +41,8 @@ pub enum FromWorker {
     },
     Stepped {
         tokens: Vec<Token>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        prompt_logprobs: Vec<PromptLogprob>,
         timings: Vec<MbTiming>,
         rows: usize,
         wall_ns: u64,
@@ -136,6 +138,7 @@ fn obey(w: &mut AttentionWorker, stream: &mut TcpStream) -> Result<(), RuntimeEr
                     stream,
                     &FromWorker::Stepped {
                         tokens: r.tokens,
+                        prompt_logprobs: r.prompt_logprobs,
                         timings: r.timings,
                         rows: r.rows,
                         wall_ns: r.wall_ns,

@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::api::{FinishReason, GenerateRequest, GeneratedToken, RequestId};
+use super::api::{FinishReason, GenerateRequest, GeneratedToken, PromptToken, RequestId};
 use super::control::{FromWorker, ToWorker};
 use super::metrics::Metrics;
-use crate::worker::attention::{Finish, Request, Sampling, SeqId, Token};
+use crate::worker::attention::{Finish, PromptLogprob, Request, Sampling, SeqId, Token};
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +48,9 @@ pub struct EngineConfig {
 /// What a request's stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
+    /// A prompt token's log-probability (requests that asked; all of them
+    /// come before the first generated token).
+    Prompt(PromptToken),
     Token(GeneratedToken),
     /// The request ends with an error (HTTP status, message).
     Error(u16, String),
@@ -193,16 +196,35 @@ impl EngineHandle {
 
 /// The worker's form of a request.
 fn to_worker(r: GenerateRequest) -> Request {
+    let s = r.sampling;
     Request {
         prompt: r.prompt,
         max_new: r.max_tokens,
         stop: r.stop_tokens,
         sampling: Sampling {
-            temperature: r.sampling.temperature,
-            top_p: r.sampling.top_p,
-            seed: r.sampling.seed,
-            top_logprobs: r.sampling.top_logprobs,
+            temperature: s.temperature,
+            top_p: s.top_p,
+            seed: s.seed,
+            top_logprobs: s.top_logprobs,
+            top_k: s.top_k,
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            min_tokens: s.min_tokens,
         },
+        prompt_logprobs: r.prompt_logprobs,
+    }
+}
+
+/// The server's form of a prompt token's log-probability.
+fn prompt_from_worker(p: PromptLogprob) -> PromptToken {
+    PromptToken {
+        pos: p.pos,
+        token: p.token,
+        logprob: p.logprob,
+        rank: p.rank,
+        top: p.top,
     }
 }
 
@@ -547,6 +569,7 @@ impl Engine {
                     _,
                     Ok(FromWorker::Stepped {
                         tokens,
+                        prompt_logprobs,
                         timings,
                         rows,
                         ..
@@ -556,6 +579,11 @@ impl Engine {
                     iteration_tokens += rows;
                     for t in &timings {
                         self.metrics.observe_timing(t);
+                    }
+                    for p in prompt_logprobs {
+                        if let Some(r) = self.running.get(&p.seq) {
+                            let _ = r.events.send(SeqEvent::Prompt(prompt_from_worker(p)));
+                        }
                     }
                     for t in tokens {
                         self.route(t);
@@ -614,7 +642,14 @@ mod tests {
                 top_p: 0.9,
                 seed: 42,
                 top_logprobs: 3,
+                top_k: 5,
+                min_p: 0.1,
+                repetition_penalty: 1.2,
+                presence_penalty: 0.5,
+                frequency_penalty: -0.5,
+                min_tokens: 4,
             },
+            prompt_logprobs: Some(2),
         };
         assert_eq!(
             to_worker(r),
@@ -627,7 +662,14 @@ mod tests {
                     top_p: 0.9,
                     seed: 42,
                     top_logprobs: 3,
+                    top_k: 5,
+                    min_p: 0.1,
+                    repetition_penalty: 1.2,
+                    presence_penalty: 0.5,
+                    frequency_penalty: -0.5,
+                    min_tokens: 4,
                 },
+                prompt_logprobs: Some(2),
             }
         );
         for (finish, reason) in [

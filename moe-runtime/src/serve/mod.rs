@@ -4,6 +4,7 @@
 //! metrics.
 
 pub mod api;
+mod choices;
 pub mod control;
 pub mod engine;
 pub mod http;

@@ -54,6 +54,8 @@ use kernels::LayerShape;
 use m2n::{Communicator, Msg, Region};
 
 use super::msg::{self, Header, FLAG_ACTIVE, FLAG_WAITED, WAIT_THRESHOLD_NS};
+use super::sampling::apply_penalties;
+pub use super::sampling::{sample, sample_with, Sampling};
 use super::{recycle, step_rounds, Deployment, POLL};
 use crate::model::forward::{self, Scratch, Segment};
 use crate::model::reference::check_prompt;
@@ -87,21 +89,6 @@ pub struct Token {
     pub finish: Option<Finish>,
 }
 
-/// How the next token is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
-pub struct Sampling {
-    /// 0: greedy (the largest logit); else sample from `softmax(logits / T)`.
-    pub temperature: f32,
-    /// Nucleus: sample among the most likely tokens whose probabilities
-    /// add up to `top_p` (1 or 0: all).
-    pub top_p: f32,
-    /// Seed of the sequence's own random stream: the same seed gives the
-    /// same tokens (the logits are batch-invariant).
-    pub seed: u64,
-    /// How many most-likely tokens to report with each token.
-    pub top_logprobs: usize,
-}
-
 /// A sequence to run.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Request {
@@ -110,6 +97,26 @@ pub struct Request {
     /// Token ids that end the sequence (e.g. end of sequence).
     pub stop: Vec<u32>,
     pub sampling: Sampling,
+    /// Report the log-probability of each prompt token after the first
+    /// (given the tokens before it) with this many most likely
+    /// alternatives; `None`: do not (it costs an LM head per prompt row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// A prompt token's log-probability given the tokens before it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PromptLogprob {
+    pub seq: SeqId,
+    /// Its index in the prompt (from 1: the first token has no context).
+    pub pos: u32,
+    pub token: u32,
+    pub logprob: f32,
+    /// 1 + the number of tokens the model found more likely.
+    pub rank: u32,
+    /// The most likely tokens and their log-probabilities, best first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Timing of one micro-batch in one layer, in nanoseconds.
@@ -145,6 +152,9 @@ pub struct MbTiming {
 #[derive(Debug, Clone, Default)]
 pub struct StepReport {
     pub tokens: Vec<Token>,
+    /// Prompt log-probabilities of the rows prefilled this step, for the
+    /// sequences that asked (in prompt order per sequence).
+    pub prompt_logprobs: Vec<PromptLogprob>,
     /// Whether any attention rank had work this step; when false, this was
     /// the group's last step and the experts have stopped.
     pub group_active: bool,
@@ -167,6 +177,7 @@ struct Sequence {
     max_new: usize,
     stop: Vec<u32>,
     sampling: Sampling,
+    prompt_logprobs: Option<usize>,
     rng: u64,
     caches: Vec<KvCache>,
     /// Tokens in the caches.
@@ -229,6 +240,10 @@ pub struct AttentionWorker {
     combiner: Combiner,
     moe_out: Vec<bf16>,
     logits: Vec<f32>,
+    /// The logits after the penalties (sequences that ask for any), and
+    /// a flag per vocabulary entry for them (see `sampling`).
+    processed: Vec<f32>,
+    seen: Vec<bool>,
     /// Per-step lists kept for their allocations (a decode step allocates
     /// nothing once warm; `tests/alloc.rs` holds it to that).
     load: Vec<usize>,
@@ -281,6 +296,8 @@ impl AttentionWorker {
             combiner: Combiner::default(),
             moe_out: Vec::new(),
             logits: Vec::new(),
+            processed: Vec::new(),
+            seen: Vec::new(),
             load: Vec::new(),
             order: Vec::new(),
             tokens: Vec::new(),
@@ -303,18 +320,16 @@ impl AttentionWorker {
             max_new,
             stop,
             sampling,
+            prompt_logprobs,
         } = req;
         check_prompt(&prompt, self.config.vocab)?;
-        if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
-            return Err(RuntimeError::Request(format!(
-                "temperature {} must be a finite number >= 0",
-                sampling.temperature
-            )));
+        if let Some(why) = sampling.check() {
+            return Err(RuntimeError::Request(why));
         }
-        if !(0.0..=1.0).contains(&sampling.top_p) {
+        if let Some(&t) = stop.iter().find(|&&t| u64::from(t) >= self.config.vocab) {
             return Err(RuntimeError::Request(format!(
-                "top_p {} must be in [0, 1]",
-                sampling.top_p
+                "stop token {t} is outside the vocabulary of {}",
+                self.config.vocab
             )));
         }
         if max_new == 0 {
@@ -359,6 +374,7 @@ impl AttentionWorker {
             max_new,
             stop,
             sampling,
+            prompt_logprobs,
             rng: sampling.seed ^ 0x9E37_79B9_7F4A_7C15,
             caches,
             pos: 0,
@@ -449,6 +465,7 @@ impl AttentionWorker {
         let m = self.deploy.microbatches;
         let h = self.shape.hidden;
         report.tokens.clear();
+        report.prompt_logprobs.clear();
         report.timings.clear();
         report.rows = rows;
         report.wait_ns = 0;
@@ -659,15 +676,45 @@ impl AttentionWorker {
     }
 
     /// LM head on each scheduled sequence's last row (when its prompt is
-    /// all in), greedy choice, and the sequences that end leave.
+    /// all in), the next token chosen (see [`super::sampling`]), and the
+    /// sequences that end leave. Sequences that asked for prompt
+    /// log-probabilities get an LM head on every prefilled row too.
     fn sample(&mut self, report: &mut StepReport) {
         let h = self.shape.hidden;
         let vocab = self.config.vocab as usize;
         for (i, mb) in self.mbs.iter().enumerate() {
             let mut row = 0;
             for s in self.seqs.iter_mut().filter(|s| s.mb == Some(i)) {
+                let first = row;
                 let last = row + s.rows - 1;
                 row += s.rows;
+                if let Some(k) = s.prompt_logprobs {
+                    // Row `first + j` holds position `pos + j`, which
+                    // predicts the prompt token after it.
+                    for j in 0..s.rows {
+                        let q = s.pos + j;
+                        let Some(&token) = s.prompt.get(q + 1) else {
+                            break;
+                        };
+                        forward::lm_head(
+                            &self.shape,
+                            &self.weights,
+                            &mb.x[(first + j) * h..][..h],
+                            &mut self.logits,
+                            &mut self.scratch,
+                        );
+                        let logits = &self.logits[..vocab];
+                        let l = logits[token as usize];
+                        report.prompt_logprobs.push(PromptLogprob {
+                            seq: s.id,
+                            pos: (q + 1) as u32,
+                            token,
+                            logprob: forward::logprob(logits, token as usize),
+                            rank: 1 + logits.iter().filter(|&&x| x > l).count() as u32,
+                            top: forward::top_logprobs(logits, k),
+                        });
+                    }
+                }
                 s.pos += s.rows;
                 if s.pos < s.prompt.len() {
                     continue; // more prompt to prefill
@@ -679,14 +726,32 @@ impl AttentionWorker {
                     &mut self.logits,
                     &mut self.scratch,
                 );
-                let logits = &self.logits[..vocab];
-                let (token, logprob) = if s.sampling.temperature > 0.0 {
-                    let t = sample_with(logits, &s.sampling, &mut s.rng, &mut self.probs);
-                    (t, forward::logprob(logits, t as usize))
+                let raw = &self.logits[..vocab];
+                // The penalties work on a copy: log-probabilities are the
+                // raw logits'.
+                let chosen = if s.sampling.processes(s.generated.len(), &s.stop) {
+                    self.processed.clear();
+                    self.processed.extend_from_slice(raw);
+                    self.seen.resize(vocab, false);
+                    apply_penalties(
+                        &mut self.processed,
+                        &s.sampling,
+                        &s.prompt,
+                        &s.generated,
+                        &s.stop,
+                        &mut self.seen,
+                    );
+                    &self.processed[..]
                 } else {
-                    forward::greedy(logits)
+                    raw
                 };
-                let top = forward::top_logprobs(logits, s.sampling.top_logprobs);
+                let token = if s.sampling.temperature > 0.0 {
+                    sample_with(chosen, &s.sampling, &mut s.rng, &mut self.probs)
+                } else {
+                    forward::greedy(chosen).0
+                };
+                let logprob = forward::logprob(raw, token as usize);
+                let top = forward::top_logprobs(raw, s.sampling.top_logprobs);
                 s.generated.push(token);
                 let finish = if s.stop.contains(&token) {
                     Some(Finish::Stop)
@@ -724,60 +789,4 @@ impl AttentionWorker {
         self.comm.progress()?;
         Ok(())
     }
-}
-
-/// SplitMix64: the next number of a sequence's random stream.
-fn next_u64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Draws a token from `softmax(logits / temperature)`, restricted to the
-/// nucleus of probability `top_p`.
-pub fn sample(logits: &[f32], s: &Sampling, state: &mut u64) -> u32 {
-    sample_with(logits, s, state, &mut Vec::new())
-}
-
-/// [`sample`] with a reusable buffer for the probabilities.
-pub fn sample_with(logits: &[f32], s: &Sampling, state: &mut u64, p: &mut Vec<(u32, f64)>) -> u32 {
-    let t = s.temperature.max(1e-6);
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    p.clear();
-    p.extend(
-        logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, (f64::from(l - max) / f64::from(t)).exp())),
-    );
-    // A total order (ties by id), so the unstable sort is deterministic.
-    p.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let total: f64 = p.iter().map(|x| x.1).sum();
-    let top_p = if s.top_p <= 0.0 {
-        1.0
-    } else {
-        f64::from(s.top_p)
-    };
-    let mut keep = p.len();
-    let mut acc = 0.0;
-    for (i, x) in p.iter().enumerate() {
-        acc += x.1 / total;
-        if acc >= top_p {
-            keep = i + 1;
-            break;
-        }
-    }
-    let p = &p[..keep];
-    let mass: f64 = p.iter().map(|x| x.1).sum();
-    let u = (next_u64(state) >> 11) as f64 / (1u64 << 53) as f64 * mass;
-    let mut acc = 0.0;
-    for x in p {
-        acc += x.1;
-        if u < acc {
-            return x.0;
-        }
-    }
-    p[p.len() - 1].0
 }

@@ -12,6 +12,7 @@
 pub mod attention;
 pub mod expert;
 pub mod msg;
+pub mod sampling;
 
 use std::ops::Range;
 use std::time::Duration;
