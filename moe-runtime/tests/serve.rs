@@ -297,6 +297,59 @@ fn an_api_key_guards_v1_and_leaves_health_and_metrics_open() {
     let _ = child.wait();
 }
 
+/// `vllm bench serve`'s request bodies (captured from vLLM 0.32's
+/// benchmark client, `tests/vllm_bench_payloads.json`), replayed: both
+/// endpoints stream every token, the usage chunk and `[DONE]`.
+#[test]
+fn vllm_bench_serve_payloads_are_served_as_they_are() {
+    let s = Server::start("vllm-bench", "tiny", &[]);
+    let captured: serde_json::Value =
+        serde_json::from_str(include_str!("vllm_bench_payloads.json")).unwrap();
+    for (endpoint, key, object) in [
+        ("/v1/completions", "completions", "text_completion"),
+        ("/v1/chat/completions", "chat", "chat.completion.chunk"),
+    ] {
+        let mut body = captured[key].clone();
+        body["model"] = s.model.clone().into();
+        let o = Command::new("curl")
+            .args(["-sN", "--fail-with-body", "--max-time", "120"])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body.to_string(),
+            ])
+            .arg(format!("{}{endpoint}", s.url()))
+            .output()
+            .expect("curl (scripts/setup installs it)");
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{endpoint}: {text}");
+        let events: Vec<&str> = text
+            .split("\n\n")
+            .map(str::trim)
+            .filter(|e| e.starts_with("data: "))
+            .collect();
+        assert_eq!(*events.last().unwrap(), "data: [DONE]", "{endpoint}");
+        let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(&e["data: ".len()..]).unwrap())
+            .collect();
+        assert!(chunks.iter().all(|c| c["object"] == object), "{endpoint}");
+        let usage = &chunks.last().unwrap()["usage"];
+        assert_eq!(
+            usage["completion_tokens"], 128,
+            "{endpoint}: ignore_eos, max tokens"
+        );
+        let finish: Vec<&serde_json::Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .map(|c| &c["finish_reason"])
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finish, vec!["length"], "{endpoint}");
+    }
+}
+
 #[test]
 fn curl_sees_well_formed_server_sent_events() {
     let s = Server::start("curl", "tiny", &[]);
