@@ -7,7 +7,7 @@ use kernels::cpu::attention::{
     attention, attention_ref, prefill_attention, prefill_attention_ref, AttnScratch, KvCache,
 };
 use kernels::cpu::ffn::{swiglu, swiglu_ref, swiglu_rows, Expert, FfnScratch, GEMM_TOKENS};
-use kernels::cpu::gemv::matmul_bf16;
+use kernels::cpu::gemv::{matmul_bf16, matmul_bf16_on, matmul_ref, Isa};
 use kernels::cpu::layout::{combine, combine_ref, permute, permute_ref};
 use kernels::cpu::norm::{rmsnorm, rmsnorm_ref};
 use kernels::cpu::random_bf16 as values;
@@ -117,6 +117,26 @@ proptest! {
             let mut d = vec![bf16::ZERO; row];
             attention(&q[i * row..][..row], std::slice::from_ref(&prefix), &s, &mut d);
             prop_assert_eq!(&a[i * row..][..row], &d[..], "token {}", i);
+        }
+    }
+
+    #[test]
+    fn every_instruction_set_matches_the_definition_and_is_batch_invariant(seed in any::<u64>(), n in 1usize..11, k in 1usize..300, m in 1usize..6) {
+        let x: Vec<f32> = kernels::cpu::to_f32(&values(seed, n * k, 1.0));
+        let w = values(seed ^ 4, m * k, 1.0);
+        let mut want = vec![0.0f32; n * m];
+        matmul_ref(&x, n, k, &w, m, &mut want);
+        for isa in Isa::available() {
+            let mut all = vec![0.0f32; n * m];
+            matmul_bf16_on(isa, &x, n, k, &w, m, &mut all);
+            for (i, (a, b)) in all.iter().zip(&want).enumerate() {
+                prop_assert!((a - b).abs() <= 1e-4 * (k as f32).sqrt() * (1.0 + b.abs()), "{:?} [{}]: {} vs {}", isa, i, a, b);
+            }
+            for t in 0..n {
+                let mut one = vec![0.0f32; m];
+                matmul_bf16_on(isa, &x[t * k..][..k], 1, k, &w, m, &mut one);
+                prop_assert_eq!(&all[t * m..][..m], &one[..], "{:?}: token {} of {}", isa, t, n);
+            }
         }
     }
 

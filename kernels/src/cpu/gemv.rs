@@ -58,21 +58,82 @@ pub fn axpy_bf16(acc: &mut [f32], w: f32, v: &[bf16]) {
     }
 }
 
+/// The instruction sets [`matmul_bf16`] can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// 16-wide, tiles of four weight rows by four tokens.
+    Avx512,
+    /// 8-wide, two tokens per pass.
+    Avx2,
+    /// What the compiler vectorises.
+    Portable,
+}
+
+impl Isa {
+    /// The instruction sets this machine has, best first (detected at run
+    /// time; `Portable` is always there).
+    pub fn available() -> Vec<Isa> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+        }
+        v.push(Isa::Portable);
+        v
+    }
+
+    /// The best one, detected once.
+    pub fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Isa::available()[0])
+    }
+}
+
 /// Fast, for small `n`: each weight row is read from memory once (and from
-/// L1 for every further pair of tokens). On x86-64 with AVX2 and FMA
-/// (detected at run time) the row is widened and multiplied in registers.
+/// L1 for every further group of tokens), widened and multiplied in
+/// registers on the best instruction set this machine has ([`Isa::best`]).
 /// Batch-invariant: row `t` of `out` depends only on row `t` of `x`, never
 /// on `n` or on where the token sits in the batch.
 pub fn matmul_bf16(x: &[f32], n: usize, k: usize, w: &[bf16], m: usize, out: &mut [f32]) {
+    matmul_bf16_on(Isa::best(), x, n, k, w, m, out)
+}
+
+/// [`matmul_bf16`] on a given instruction set (one of
+/// [`Isa::available`]; another falls back to `Portable`). Each set has its
+/// own summation order, so all ranks of a group must use the same one
+/// (they do: they run on one kind of machine and take the best).
+pub fn matmul_bf16_on(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[bf16],
+    m: usize,
+    out: &mut [f32],
+) {
     assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the features were detected; the asserts bound every access.
-        unsafe { avx2::matmul_bf16(x, n, k, w, m, out) };
-        return;
+    match isa {
+        Isa::Avx512 if is_x86_feature_detected!("avx512f") => {
+            // SAFETY: the feature was detected; the assert bounds every access.
+            unsafe { avx512::matmul_bf16(x, n, k, w, m, out) };
+            return;
+        }
+        Isa::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => {
+            // SAFETY: the features were detected; the assert bounds every access.
+            unsafe { avx2::matmul_bf16(x, n, k, w, m, out) };
+            return;
+        }
+        _ => {}
     }
-    // Without AVX2: widened in registers, eight accumulators (no buffer,
-    // so a decode step allocates nothing on this path either).
+    let _ = isa;
+    // Widened in registers, eight accumulators (no buffer, so a decode
+    // step allocates nothing on this path either).
     for j in 0..m {
         let row = &w[j * k..(j + 1) * k];
         for t in 0..n {
@@ -267,6 +328,169 @@ mod avx2 {
                     }
                     out[t * m + j] = finish(&a) + tail(t, j, k8);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    /// Weight rows and tokens of one register tile: 16 accumulators.
+    const ROWS: usize = 4;
+    const TOKENS: usize = 4;
+
+    /// Sixteen bf16 at `p` widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const u16) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable u16 at p (32 bytes).
+        unsafe {
+            _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+                16,
+            ))
+        }
+    }
+
+    /// `R` rows times `T` tokens over the first `k16` elements: one
+    /// accumulator per pair, chunks of sixteen in order.
+    ///
+    /// # Safety
+    /// AVX-512F; `rows[r]` and `xs[t]` readable for `k16` elements.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const R: usize, const T: usize>(
+        rows: [*const u16; R],
+        xs: [*const f32; T],
+        k16: usize,
+    ) -> [[__m512; T]; R] {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let mut i = 0;
+        // SAFETY: i + 16 <= k16, within every row and token (the caller).
+        unsafe {
+            while i < k16 {
+                let xv: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(xs[t].add(i)));
+                for r in 0..R {
+                    let wv = load16(rows[r].add(i));
+                    for t in 0..T {
+                        acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+                    }
+                }
+                i += 16;
+            }
+        }
+        acc
+    }
+
+    /// See [`super::matmul_bf16`]. Every (token, row) dot product has the
+    /// same arithmetic wherever the token sits in the batch: the chunks of
+    /// sixteen are accumulated in order into one vector, which is reduced,
+    /// then the tail (`k % 16` elements) is added in order. Tiles of
+    /// [`ROWS`] rows by [`TOKENS`] tokens share every widened weight chunk
+    /// and every loaded activation chunk (sixteen independent chains keep
+    /// both FMA ports busy); rows and tokens left over run the same sums in
+    /// other tiles (a token alone against eight rows: a decode step).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; slices as asserted by the caller.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn matmul_bf16(
+        x: &[f32],
+        n: usize,
+        k: usize,
+        w: &[bf16],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        // Tokens in groups of TOKENS, each row block's weights in L1 for
+        // all of them; then the tokens left over (all of a decode step's
+        // when it has fewer than TOKENS) together, in one pass.
+        let full = n / TOKENS * TOKENS;
+        let mut j = 0;
+        while j < m {
+            let r = if m - j >= ROWS { ROWS } else { 1 };
+            for t in (0..full).step_by(TOKENS) {
+                // SAFETY: rows j..j + r <= m and tokens t..t + TOKENS <= n.
+                unsafe {
+                    if r == ROWS {
+                        block::<ROWS, TOKENS>(x, w, k, m, j, t, out);
+                    } else {
+                        block::<1, TOKENS>(x, w, k, m, j, t, out);
+                    }
+                }
+            }
+            j += r;
+        }
+        // SAFETY: tokens full..n < n, every row (the caller's asserts).
+        unsafe {
+            match n - full {
+                1 => rows_pass::<{ 2 * ROWS }, 1>(x, w, k, m, full, out),
+                2 => rows_pass::<ROWS, 2>(x, w, k, m, full, out),
+                3 => rows_pass::<ROWS, 3>(x, w, k, m, full, out),
+                _ => {}
+            }
+        }
+    }
+
+    /// Every row (in tiles of `R`, then one at a time) against tokens
+    /// `t..t + T`.
+    ///
+    /// # Safety
+    /// AVX-512F; `x` holds tokens up to `t + T`, `w` has `m` rows of `k`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_pass<const R: usize, const T: usize>(
+        x: &[f32],
+        w: &[bf16],
+        k: usize,
+        m: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let mut j = 0;
+        while j < m {
+            // SAFETY: rows j..j + R (or j) < m; tokens as the caller says.
+            unsafe {
+                if m - j >= R {
+                    block::<R, T>(x, w, k, m, j, t, out);
+                    j += R;
+                } else {
+                    block::<1, T>(x, w, k, m, j, t, out);
+                    j += 1;
+                }
+            }
+        }
+    }
+
+    /// Rows `j..j + R` against tokens `t..t + T`: each dot product's
+    /// vector part in one accumulator ([`tile`]), reduced, plus its tail.
+    ///
+    /// # Safety
+    /// AVX-512F; those rows and tokens exist.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize, const T: usize>(
+        x: &[f32],
+        w: &[bf16],
+        k: usize,
+        m: usize,
+        j: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let k16 = k / 16 * 16;
+        let rows: [*const u16; R] = std::array::from_fn(|a| w[(j + a) * k..].as_ptr().cast());
+        let xs: [*const f32; T] = std::array::from_fn(|b| x[(t + b) * k..].as_ptr());
+        // SAFETY: each row and token has k >= k16 elements.
+        let acc = unsafe { tile::<R, T>(rows, xs, k16) };
+        for (a, accs) in acc.iter().enumerate() {
+            for (b, v) in accs.iter().enumerate() {
+                let (row, tok) = (&w[(j + a) * k..][..k], &x[(t + b) * k..][..k]);
+                let tail: f32 = (k16..k).map(|i| tok[i] * row[i].to_f32()).sum();
+                out[(t + b) * m + j + a] = _mm512_reduce_add_ps(*v) + tail;
             }
         }
     }

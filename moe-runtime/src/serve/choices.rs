@@ -556,12 +556,10 @@ async fn stream_choice(
     tx: &UnboundedSender<Result<Event, Infallible>>,
 ) -> Option<usize> {
     let send = |v: Value| tx.send(sse(&framing.chunk(v))).is_ok();
-    if framing.kind == Kind::Chat {
-        let first = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-        if !send(first) {
-            return None;
-        }
-    }
+    // Chat's role chunk goes out with the first token, as vLLM sends it:
+    // clients (vLLM's benchmark among them) take the first chunk as the
+    // first token's arrival.
+    let mut role_pending = framing.kind == Kind::Chat;
     // The echoed prompt goes out with the first token, when its
     // log-probabilities (which come before it) are all in.
     let mut echo_pending = p.echo;
@@ -578,6 +576,13 @@ async fn stream_choice(
         };
         if !is_token {
             continue;
+        }
+        if role_pending {
+            role_pending = false;
+            let role = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+            if !send(role) {
+                return None;
+            }
         }
         if echo_pending {
             echo_pending = false;
