@@ -131,13 +131,44 @@ fn python_has_openai(pydeps: &Path) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Where the openai Python client is, or `None` (after saying why the
+/// test skips) when it is not installed.
+fn openai_client() -> Option<PathBuf> {
+    let pydeps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps/openai");
+    if python_has_openai(&pydeps) {
+        return Some(pydeps);
+    }
+    println!("SKIPPED: the openai Python client is not installed (scripts/setup puts it in target/pydeps/openai)");
+    None
+}
+
+/// Runs `script` (in tests/) with the openai client at `pydeps`; it must
+/// pass.
+fn run_python(pydeps: &Path, script: &str, args: &[String]) {
+    let o = Command::new("python3")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests")
+                .join(script),
+        )
+        .args(args)
+        .env("PYTHONPATH", pydeps)
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn the_official_openai_client_works_and_greedy_tokens_equal_the_reference() {
-    let pydeps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps/openai");
-    if !python_has_openai(&pydeps) {
-        println!("SKIPPED: the openai Python client is not installed (scripts/setup puts it in target/pydeps/openai)");
+    let Some(pydeps) = openai_client() else {
         return;
-    }
+    };
     let s = Server::start(
         "openai",
         "mixtral-mini",
@@ -158,53 +189,23 @@ fn the_official_openai_client_works_and_greedy_tokens_equal_the_reference() {
     );
     let (ids, lps) = results(&stdout(&r)).remove(0);
     let join = |v: Vec<String>| v.join(" ");
-    let o = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve_openai.py"))
-        .args([&s.url(), &s.model])
-        .arg(join(ids.iter().map(|x| x.to_string()).collect()))
-        .arg(join(lps.iter().map(|x| format!("{x:?}")).collect()))
-        .env("PYTHONPATH", &pydeps)
-        .output()
-        .unwrap();
-    println!("{}", String::from_utf8_lossy(&o.stdout));
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    run_python(
+        &pydeps,
+        "serve_openai.py",
+        &[
+            s.url(),
+            s.model.clone(),
+            join(ids.iter().map(|x| x.to_string()).collect()),
+            join(lps.iter().map(|x| format!("{x:?}")).collect()),
+        ],
     );
-}
-
-/// Runs `script` (in tests/) with the openai client on the path; false
-/// (after saying why) when the client is not installed.
-fn run_python(script: &str, args: &[String]) -> bool {
-    let pydeps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps/openai");
-    if !python_has_openai(&pydeps) {
-        println!("SKIPPED: the openai Python client is not installed (scripts/setup puts it in target/pydeps/openai)");
-        return false;
-    }
-    let o = Command::new("python3")
-        .arg(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests")
-                .join(script),
-        )
-        .args(args)
-        .env("PYTHONPATH", &pydeps)
-        .output()
-        .unwrap();
-    println!("{}", String::from_utf8_lossy(&o.stdout));
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    true
 }
 
 #[test]
 fn the_openai_request_in_full_and_vllms_sampling_extensions_work() {
+    let Some(pydeps) = openai_client() else {
+        return;
+    };
     let s = Server::start("api", "mixtral-mini", &[]);
     let prompt = [1u32, 17, 200, 33, 5, 91, 4, 250];
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
@@ -225,6 +226,7 @@ fn the_openai_request_in_full_and_vllms_sampling_extensions_work() {
         .find_map(|l| l.strip_prefix("scores:").map(str::trim).map(String::from))
         .expect("moe-run --score prints scores");
     run_python(
+        &pydeps,
         "serve_api.py",
         &[
             s.url(),
