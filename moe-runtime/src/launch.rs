@@ -26,6 +26,10 @@ use crate::worker::Deployment;
 /// Set in the workers a launcher starts (they then report `MOE-READY`).
 pub const LAUNCHED_ENV: &str = "MOE_LAUNCHED";
 
+/// Set in a replacement worker: it joins the group whose id its control
+/// channel brings, not `M2N_UNIQUE_ID`.
+pub const REPLACEMENT_ENV: &str = "MOE_REPLACEMENT";
+
 fn ready(role: Role, rank: usize) {
     if std::env::var_os(LAUNCHED_ENV).is_some() {
         use std::io::Write;
@@ -73,11 +77,31 @@ impl WorkerOutput {
     }
 }
 
+/// One worker process a launcher started.
+#[derive(Debug)]
+struct Child1 {
+    role: Role,
+    rank: usize,
+    child: Child,
+    /// Its stdout lines, when it has ended.
+    lines: std::thread::JoinHandle<Vec<String>>,
+    /// Its `MOE-ERROR` line as soon as it prints one.
+    error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Its exit was reported by [`Group::newly_exited`].
+    reported: bool,
+}
+
 /// A started group of worker processes.
 #[derive(Debug)]
 pub struct Group {
-    children: Vec<(Role, usize, Child, std::thread::JoinHandle<Vec<String>>)>,
-    root: std::thread::JoinHandle<Result<(), m2n::bootstrap::BootstrapError>>,
+    children: Vec<Child1>,
+    root: Option<std::thread::JoinHandle<Result<(), m2n::bootstrap::BootstrapError>>>,
+    exe: std::path::PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    bootstrap: Duration,
+    joined: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    announce: bool,
 }
 
 /// Starts `deploy.attention + deploy.experts` copies of this executable
@@ -91,72 +115,166 @@ pub fn spawn(
     bootstrap: Duration,
     announce: bool,
 ) -> Result<Group, RuntimeError> {
-    let root = Root::bind("127.0.0.1:0".parse().expect("literal address"))
-        .map_err(|e| RuntimeError::Io(format!("cannot start the rendezvous root: {e}")))?;
-    let uid = root.unique_id().to_string();
-    let served = root.spawn(bootstrap);
     let exe = std::env::current_exe()
         .map_err(|e| RuntimeError::Io(format!("cannot find my own executable: {e}")))?;
-    let mut children = Vec::new();
+    let mut group = Group {
+        children: Vec::new(),
+        root: None,
+        exe,
+        args: args.to_vec(),
+        env: env.to_vec(),
+        bootstrap,
+        joined: Default::default(),
+        announce,
+    };
+    let (uid, served) = group.open_root()?;
+    group.root = Some(served);
     let total = deploy.attention + deploy.experts;
-    let joined = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let prog = exe
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     for (role, count) in [
         (Role::Attention, deploy.attention),
         (Role::Expert, deploy.experts),
     ] {
         for rank in 0..count {
-            let spawned = Command::new(&exe)
-                .args(args)
-                .args(["--worker", role.name(), "--rank", &rank.to_string()])
-                .env("M2N_UNIQUE_ID", &uid)
-                .env(LAUNCHED_ENV, "1")
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .stdout(Stdio::piped())
-                .spawn();
-            let mut child = match spawned {
-                Ok(c) => c,
-                Err(e) => {
-                    for (_, _, c, _) in children.iter_mut() {
-                        let _ = Child::kill(c);
-                    }
-                    return Err(RuntimeError::Io(format!("cannot start {role} {rank}: {e}")));
-                }
-            };
-            let stdout = child.stdout.take().expect("piped");
-            let (joined, prog) = (joined.clone(), prog.clone());
-            let lines = std::thread::spawn(move || {
-                let mut out = Vec::new();
-                for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if l.starts_with("MOE-READY ") {
-                        let n = joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                        if n == total && announce {
-                            eprintln!("{prog}: all {total} workers joined the group");
-                        }
-                    }
-                    out.push(l);
-                }
-                out
-            });
-            children.push((role, rank, child, lines));
+            if let Err(e) = group.start(role, rank, Some(&uid), total) {
+                group.kill_all();
+                return Err(e);
+            }
         }
     }
-    Ok(Group {
-        children,
-        root: served,
-    })
+    Ok(group)
 }
 
 impl Group {
-    /// Workers that have exited since the last call, with their status.
+    /// A rendezvous root for a new group, served on its own thread.
+    #[allow(clippy::type_complexity)]
+    fn open_root(
+        &self,
+    ) -> Result<
+        (
+            String,
+            std::thread::JoinHandle<Result<(), m2n::bootstrap::BootstrapError>>,
+        ),
+        RuntimeError,
+    > {
+        let root = Root::bind("127.0.0.1:0".parse().expect("literal address"))
+            .map_err(|e| RuntimeError::Io(format!("cannot start the rendezvous root: {e}")))?;
+        let uid = root.unique_id().to_string();
+        Ok((uid, root.spawn(self.bootstrap)))
+    }
+
+    /// Opens the rendezvous of a re-formed group (after a loss): its
+    /// unique id, for the survivors and the replacements.
+    pub fn new_root(&mut self, timeout: Duration) -> Result<String, RuntimeError> {
+        // The root's thread ends once every member joined, or times out.
+        let root = Root::bind("127.0.0.1:0".parse().expect("literal address"))
+            .map_err(|e| RuntimeError::Io(format!("cannot start the rendezvous root: {e}")))?;
+        let uid = root.unique_id().to_string();
+        let _served = root.spawn(timeout);
+        Ok(uid)
+    }
+
+    /// Starts the worker `role rank` joining group `uid`; its process id.
+    fn start(
+        &mut self,
+        role: Role,
+        rank: usize,
+        uid: Option<&str>,
+        total: usize,
+    ) -> Result<u32, RuntimeError> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args)
+            .args(["--worker", role.name(), "--rank", &rank.to_string()])
+            .env(LAUNCHED_ENV, "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped());
+        match uid {
+            Some(uid) => cmd.env("M2N_UNIQUE_ID", uid).env_remove(REPLACEMENT_ENV),
+            None => cmd.env(REPLACEMENT_ENV, "1").env_remove("M2N_UNIQUE_ID"),
+        };
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RuntimeError::Io(format!("cannot start {role} {rank}: {e}")))?;
+        let stdout = child.stdout.take().expect("piped");
+        let (joined, announce) = (self.joined.clone(), self.announce);
+        let prog = self
+            .exe
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let error = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = error.clone();
+        let lines = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if l.starts_with("MOE-READY ") {
+                    let n = joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    if n == total && announce {
+                        eprintln!("{prog}: all {total} workers joined the group");
+                    }
+                }
+                if let Some(e) = l.strip_prefix("MOE-ERROR ") {
+                    *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                }
+                out.push(l);
+            }
+            out
+        });
+        let pid = child.id();
+        self.children.push(Child1 {
+            role,
+            rank,
+            child,
+            lines,
+            error,
+            reported: false,
+        });
+        Ok(pid)
+    }
+
+    /// Stops the worker `role rank` if it still runs (SIGKILL: a stopped
+    /// one too) and starts another for the same place; the new one's
+    /// process id. Only it loads weights; it learns its group over the
+    /// control channel ([`REPLACEMENT_ENV`] is set, `M2N_UNIQUE_ID` not).
+    pub fn replace(&mut self, role: Role, rank: usize) -> Result<u32, RuntimeError> {
+        if let Some(i) = self
+            .children
+            .iter()
+            .position(|c| c.role == role && c.rank == rank)
+        {
+            let mut old = self.children.remove(i);
+            let _ = old.child.kill();
+            let _ = old.child.wait();
+            let _ = old.lines.join();
+        }
+        self.start(role, rank, None, 0)
+    }
+
+    /// Workers that have exited, each reported once: role, rank, process
+    /// id, and how it ended (its status and its `MOE-ERROR` line, if any).
+    pub fn newly_exited(&mut self) -> Vec<(Role, usize, u32, String)> {
+        let mut out = Vec::new();
+        for c in self.children.iter_mut().filter(|c| !c.reported) {
+            if let Ok(Some(s)) = c.child.try_wait() {
+                c.reported = true;
+                // Its last line may still be in the pipe.
+                std::thread::sleep(Duration::from_millis(20));
+                let error = c.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let why = match error {
+                    Some(e) => format!("exited ({s}): {e}"),
+                    None => format!("exited ({s})"),
+                };
+                out.push((c.role, c.rank, c.child.id(), why));
+            }
+        }
+        out
+    }
+
+    /// Workers that have exited, with their status.
     pub fn exited(&mut self) -> Vec<(Role, usize, ExitStatus)> {
         let mut out = Vec::new();
-        for (role, rank, child, _) in self.children.iter_mut() {
-            if let Ok(Some(s)) = child.try_wait() {
-                out.push((*role, *rank, s));
+        for c in self.children.iter_mut() {
+            if let Ok(Some(s)) = c.child.try_wait() {
+                out.push((c.role, c.rank, s));
             }
         }
         out
@@ -164,9 +282,9 @@ impl Group {
 
     /// Kills every worker still running.
     pub fn kill_all(&mut self) {
-        for (_, _, child, _) in self.children.iter_mut() {
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
+        for c in self.children.iter_mut() {
+            if let Ok(None) = c.child.try_wait() {
+                let _ = c.child.kill();
             }
         }
     }
@@ -175,15 +293,19 @@ impl Group {
     pub fn pids(&self) -> Vec<(Role, usize, u32)> {
         self.children
             .iter()
-            .map(|(r, k, c, _)| (*r, *k, c.id()))
+            .map(|c| (c.role, c.rank, c.child.id()))
             .collect()
     }
 
     /// Waits for every worker. Once one fails, the others get `grace` to
     /// notice (their errors name the lost peer) and are then stopped, so a
     /// worker stuck before the group formed cannot hold the launcher.
-    pub fn wait(self, grace: Duration) -> Vec<WorkerOutput> {
-        let mut children = self.children;
+    pub fn wait(mut self, grace: Duration) -> Vec<WorkerOutput> {
+        let mut children: Vec<(Role, usize, Child, std::thread::JoinHandle<Vec<String>>)> =
+            std::mem::take(&mut self.children)
+                .into_iter()
+                .map(|c| (c.role, c.rank, c.child, c.lines))
+                .collect();
         let mut status: Vec<Option<std::io::Result<ExitStatus>>> =
             children.iter().map(|_| None).collect();
         let mut stopped = vec![false; children.len()];
@@ -242,7 +364,9 @@ impl Group {
         // The root has served (or will time out on its own): do not wait for it
         // when a worker failed before joining.
         if outs.iter().all(WorkerOutput::ok) {
-            let _ = self.root.join();
+            if let Some(root) = self.root.take() {
+                let _ = root.join();
+            }
         }
         outs
     }
@@ -284,6 +408,38 @@ pub fn unique_id_from_env() -> Result<UniqueId, RuntimeError> {
         .map_err(|e: String| RuntimeError::Config(format!("M2N_UNIQUE_ID: {e}")))
 }
 
+/// Joins group `uid` as `role rank` with m2n's configuration for the
+/// deployment (a worker's first group, or one re-formed after a loss).
+pub fn join(
+    config: &ModelConfig,
+    deploy: &Deployment,
+    role: Role,
+    rank: usize,
+    uid: &UniqueId,
+) -> Result<Communicator, RuntimeError> {
+    let cfg = m2n_config(config, deploy)?;
+    let comm = Communicator::init(
+        cfg,
+        role,
+        rank,
+        Shape::new(deploy.attention, deploy.experts),
+        uid,
+    )?;
+    ready(role, rank);
+    Ok(comm)
+}
+
+/// Loads the attention weights.
+pub fn attention_weights(
+    dir: &Path,
+    deploy: Deployment,
+) -> Result<(ModelConfig, AttentionWeights), RuntimeError> {
+    let config = load_config(dir)?;
+    deploy.validate(&config)?;
+    let weights = AttentionWeights::load(&Checkpoint::open(dir)?, &config)?;
+    Ok((config, weights))
+}
+
 /// Loads the attention weights and joins the group as attention `rank`.
 pub fn attention_worker(
     dir: &Path,
@@ -295,16 +451,40 @@ pub fn attention_worker(
     let config = load_config(dir)?;
     deploy.validate(&config)?;
     let weights = AttentionWeights::load(&Checkpoint::open(dir)?, &config)?;
-    let cfg = m2n_config(&config, &deploy)?;
-    let comm = Communicator::init(
-        cfg,
-        Role::Attention,
-        rank,
-        Shape::new(deploy.attention, deploy.experts),
-        uid,
-    )?;
-    ready(Role::Attention, rank);
+    let comm = join(&config, &deploy, Role::Attention, rank, uid)?;
     AttentionWorker::new(config, deploy, weights, comm, timeout)
+}
+
+/// Loads expert worker `rank`'s experts (memory-mapped where the
+/// checkpoint allows).
+pub fn expert_weights(
+    dir: &Path,
+    deploy: Deployment,
+    rank: usize,
+) -> Result<(ModelConfig, ExpertWeights), RuntimeError> {
+    let config = load_config(dir)?;
+    deploy.validate(&config)?;
+    let range = deploy.experts_of(&config, rank);
+    let weights = ExpertWeights::load(&Checkpoint::open(dir)?, &config, range.start, range.len())?;
+    Ok((config, weights))
+}
+
+/// Joins group `uid` as expert `rank` with weights already loaded. When
+/// the group does not form, the weights come back with the error (a
+/// worker re-joining keeps them).
+pub fn expert_join(
+    config: &ModelConfig,
+    deploy: Deployment,
+    weights: ExpertWeights,
+    rank: usize,
+    uid: &UniqueId,
+    timeout: Duration,
+) -> Result<ExpertWorker, (Option<Box<ExpertWeights>>, RuntimeError)> {
+    let comm = match join(config, &deploy, Role::Expert, rank, uid) {
+        Ok(c) => c,
+        Err(e) => return Err((Some(Box::new(weights)), e)),
+    };
+    ExpertWorker::new(config.clone(), deploy, weights, comm, timeout).map_err(|e| (None, e))
 }
 
 /// Loads this rank's experts and joins the group as expert `rank`.
@@ -315,20 +495,8 @@ pub fn expert_worker(
     uid: &UniqueId,
     timeout: Duration,
 ) -> Result<ExpertWorker, RuntimeError> {
-    let config = load_config(dir)?;
-    deploy.validate(&config)?;
-    let range = deploy.experts_of(&config, rank);
-    let weights = ExpertWeights::load(&Checkpoint::open(dir)?, &config, range.start, range.len())?;
-    let cfg = m2n_config(&config, &deploy)?;
-    let comm = Communicator::init(
-        cfg,
-        Role::Expert,
-        rank,
-        Shape::new(deploy.attention, deploy.experts),
-        uid,
-    )?;
-    ready(Role::Expert, rank);
-    ExpertWorker::new(config, deploy, weights, comm, timeout)
+    let (config, weights) = expert_weights(dir, deploy, rank)?;
+    expert_join(&config, deploy, weights, rank, uid, timeout).map_err(|(_, e)| e)
 }
 
 /// The body of a worker process a launcher started: parses `--worker
@@ -340,6 +508,22 @@ pub fn worker_main(
     rank: usize,
     body: impl FnOnce(Role, &UniqueId) -> Result<(), RuntimeError>,
 ) -> std::process::ExitCode {
+    serving_worker_main(prog, role, rank, false, |role, uid| match uid {
+        Some(uid) => body(role, uid),
+        None => unreachable!("replacements are refused"),
+    })
+}
+
+/// [`worker_main`] for a worker that may be a replacement
+/// ([`REPLACEMENT_ENV`], when `replaceable`): its body gets no unique id
+/// and learns it over its control channel.
+pub fn serving_worker_main(
+    prog: &str,
+    role: &str,
+    rank: usize,
+    replaceable: bool,
+    body: impl FnOnce(Role, Option<&UniqueId>) -> Result<(), RuntimeError>,
+) -> std::process::ExitCode {
     let role: Role = match role.parse() {
         Ok(r) => r,
         Err(e) => {
@@ -347,7 +531,12 @@ pub fn worker_main(
             return std::process::ExitCode::from(2);
         }
     };
-    match unique_id_from_env().and_then(|uid| body(role, &uid)) {
+    let result = if replaceable && std::env::var_os(REPLACEMENT_ENV).is_some() {
+        body(role, None)
+    } else {
+        unique_id_from_env().and_then(|uid| body(role, Some(&uid)))
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             report_error(role, rank, &e);

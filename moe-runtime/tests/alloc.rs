@@ -85,6 +85,7 @@ fn allocations_per_step(
                 ..Sampling::default()
             },
             prompt_logprobs: None,
+            resume: Vec::new(),
         };
         w.submit(id, request).unwrap();
     }

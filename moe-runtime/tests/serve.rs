@@ -27,6 +27,10 @@ struct Server {
 
 impl Server {
     fn start(tag: &str, preset: &str, extra: &[&str]) -> Server {
+        Self::start_with(tag, preset, extra, &[])
+    }
+
+    fn start_with(tag: &str, preset: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = TempDir::new(tag);
         let model_dir = checkpoint(dir.path(), preset, 4, 1, StoreDtype::Bf16);
         let port = {
@@ -43,6 +47,7 @@ impl Server {
             .args(["--served-model-name", "test-model"])
             .args(extra)
             .env("M2N_WAIT", "yield")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -580,65 +585,156 @@ fn sigterm_drains_running_requests_then_exits_zero() {
     );
 }
 
+/// Completions of `prompts` (greedy, or seeded sampling for every third),
+/// all at once, each on its own connection: (status, text) per prompt.
+fn completions_at_once(
+    port: u16,
+    model: &str,
+    prompts: &[String],
+    max_tokens: usize,
+) -> Vec<(u16, String)> {
+    let threads: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let sampling = if i % 3 == 2 {
+                r#""temperature": 0.8, "seed": 7"#
+            } else {
+                r#""temperature": 0"#
+            };
+            let body = format!(
+                r#"{{"model": "{model}", "prompt": "{p}", "max_tokens": {max_tokens}, "ignore_eos": true, {sampling}}}"#
+            );
+            std::thread::spawn(move || {
+                let (status, body) = http(port, "POST", "/v1/completions", &body);
+                let text = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+                    .unwrap_or(body);
+                (status, text)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn health(s: &Server) -> (u16, String) {
+    http(s.port, "GET", "/health", "")
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
 #[test]
-fn a_killed_expert_fails_requests_and_health_without_hanging() {
-    let s = Server::start("killexp", "tiny", &["--experts", "2"]);
-    let body = format!(
-        r#"{{"model": "{}", "prompt": "Hello", "max_tokens": 1800, "stream": true, "ignore_eos": true}}"#,
-        s.model
+fn lost_workers_are_replaced_and_every_request_ends_as_if_nothing_happened() {
+    // A short peer timeout: a stopped worker is noticed in 1.5 s.
+    let s = Server::start_with(
+        "replace",
+        "tiny",
+        &["--attention", "2", "--experts", "2"],
+        &[("M2N_PEER_TIMEOUT_MS", "1500")],
     );
-    let url = format!("{}/v1/completions", s.url());
-    let curl = Command::new("curl")
-        .args([
-            "-sN",
-            "--max-time",
-            "60",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &body,
-            &url,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while s.metric("m2n_serve:generation_tokens_total") < 5.0 {
-        assert!(t0.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(10));
+    assert!(health(&s).1.contains("whole"), "{:?}", health(&s));
+    let prompts: Vec<String> = (0..6).map(|i| format!("Hello number {i}")).collect();
+    let max_tokens = 160;
+    let reference = completions_at_once(s.port, &s.model, &prompts, max_tokens);
+    assert!(reference.iter().all(|(st, _)| *st == 200), "{reference:?}");
+    use nix::sys::signal::Signal::{SIGCONT, SIGKILL, SIGSTOP};
+    let faults: [(&str, nix::sys::signal::Signal); 3] = [
+        ("--worker expert --rank 1", SIGKILL),
+        ("--worker attention --rank 0", SIGKILL),
+        ("--worker expert --rank 0", SIGSTOP),
+    ];
+    for (n, (who, sig)) in faults.iter().enumerate() {
+        let before = s.metric("m2n_serve:generation_tokens_total");
+        let port = s.port;
+        let (ps, mt, model) = (prompts.clone(), max_tokens, s.model.clone());
+        let load = std::thread::spawn(move || completions_at_once(port, &model, &ps, mt));
+        // Strike mid-generation: every request has started.
+        let t0 = Instant::now();
+        while s.metric("m2n_serve:generation_tokens_total") < before + 60.0 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no tokens");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pid = s.pid_of(who);
+        signal(pid, *sig);
+        let got = load.join().unwrap();
+        for (i, ((st, text), (_, want))) in got.iter().zip(&reference).enumerate() {
+            assert_eq!(
+                *st, 200,
+                "fault {n} ({who} {sig}): request {i} failed: {text}"
+            );
+            assert_eq!(text, want, "fault {n} ({who} {sig}): request {i} differs");
+        }
+        if *sig == SIGSTOP {
+            // Replaced (killed) meanwhile: waking it changes nothing.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), SIGCONT);
+        }
+        let t0 = Instant::now();
+        while !health(&s).1.contains("whole") {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", health(&s));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_ne!(s.pid_of(who), pid, "{who} was replaced");
     }
-    let pid = s.pid_of("--worker expert --rank 1");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let out = curl.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
-    let last_chunk = if events.len() >= 2 {
-        events[events.len() - 2]
-    } else {
-        ""
+    let replaced = |role: &str| {
+        s.metric(&format!(
+            "m2n_serve:worker_replacements_total{{model_name=\"test-model\",role=\"{role}\"}}"
+        ))
     };
-    assert!(
-        last_chunk.contains("\"error\"") && text.ends_with("data: [DONE]\n\n"),
-        "the stream ends with an error event: {last_chunk}"
+    assert_eq!(replaced("expert"), 2.0);
+    assert_eq!(replaced("attention"), 1.0);
+    assert!(s.metric("m2n_serve:requests_resumed_total") >= 1.0);
+    assert_eq!(s.metric("m2n_serve:request_failures_total"), 0.0);
+    // And it still serves.
+    let again = completions_at_once(s.port, &s.model, &prompts[..2], max_tokens);
+    assert_eq!(again, reference[..2]);
+}
+
+#[test]
+fn a_replacement_that_cannot_start_ends_requests_with_the_reason_and_the_server_is_down() {
+    let s = Server::start(
+        "noreplace",
+        "tiny",
+        &["--experts", "2", "--recovery-timeout-s", "4"],
     );
-    assert!(
-        last_chunk.contains("expert 1") || last_chunk.contains("exited"),
-        "it names the lost worker: {last_chunk}"
+    // The running workers mapped their weights; a new one cannot load them.
+    for e in std::fs::read_dir(&s.model_dir).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "safetensors") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let port = s.port;
+    let model = s.model.clone();
+    let load = std::thread::spawn(move || {
+        let prompts = ["Hello".to_string(), "World".to_string()];
+        completions_at_once(port, &model, &prompts, 2000)
+    });
+    let t0 = Instant::now();
+    while s.metric("m2n_serve:generation_tokens_total") < 10.0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no tokens");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(
+        s.pid_of("--worker expert --rank 1"),
+        nix::sys::signal::Signal::SIGKILL,
     );
-    let (status, body) = http(s.port, "GET", "/health", "");
+    let t0 = Instant::now();
+    let got = load.join().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "ended by the deadline"
+    );
+    for (st, text) in &got {
+        assert_eq!(*st, 503, "{text}");
+        assert!(
+            text.contains("expert 1") && text.contains("safetensors"),
+            "the error names the worker and why it could not be replaced: {text}"
+        );
+    }
+    let (status, body) = health(&s);
     assert_eq!(status, 503, "{body}");
-    let (status, body) = http(
-        s.port,
-        "POST",
-        "/v1/completions",
-        &format!(
-            r#"{{"model": "{}", "prompt": "x", "max_tokens": 2}}"#,
-            s.model
-        ),
-    );
-    assert_eq!(status, 503, "new requests are refused: {body}");
+    assert!(body.contains("down"), "{body}");
+    assert_eq!(s.metric("m2n_serve:service_state"), 2.0);
 }

@@ -30,6 +30,18 @@ impl KvCache {
         self.v.extend_from_slice(v);
         self.len += 1;
     }
+
+    /// Keeps the first `tokens` tokens (no-op when it holds fewer): drops
+    /// what a step that did not finish appended.
+    pub fn truncate(&mut self, tokens: usize) {
+        if tokens >= self.len {
+            return;
+        }
+        let (kw, vw) = (self.k.len() / self.len, self.v.len() / self.len);
+        self.k.truncate(tokens * kw);
+        self.v.truncate(tokens * vw);
+        self.len = tokens;
+    }
 }
 
 /// Reference: `out[h] = softmax(q[h] . K[g(h)] / sqrt(d)) V[g(h)]` per head.
@@ -215,5 +227,28 @@ fn attend(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod kv_tests {
+    use super::*;
+
+    #[test]
+    fn truncate_keeps_the_first_tokens_of_both_halves() {
+        let b = |x: f32| bf16::from_f32(x);
+        let mut c = KvCache::default();
+        for t in 0..4 {
+            let t = t as f32;
+            c.push(&[b(t), b(t + 0.5)], &[b(-t), b(-t), b(-t)]);
+        }
+        c.truncate(9);
+        assert_eq!((c.len, c.k.len(), c.v.len()), (4, 8, 12));
+        c.truncate(2);
+        assert_eq!((c.len, c.k.len(), c.v.len()), (2, 4, 6));
+        assert_eq!(c.k, [b(0.0), b(0.5), b(1.0), b(1.5)]);
+        assert_eq!(c.v[3..], [b(-1.0), b(-1.0), b(-1.0)]);
+        c.truncate(0);
+        assert_eq!((c.len, c.k.len(), c.v.len()), (0, 0, 0));
     }
 }

@@ -4,11 +4,18 @@
 //! continuous batching over a loopback control channel, and serves HTTP
 //! with axum. SIGTERM or SIGINT drains: no new requests, running ones get
 //! `--drain-timeout-s`, then the workers stop and it exits 0.
+//!
+//! A worker that dies (or hangs past m2n's peer timeout) is replaced: the
+//! server starts another process for its place and the group is re-formed
+//! around it, the survivors keeping their weights and sequences (see the
+//! engine's module docs); requests wait and none is lost. `/health` says
+//! `degraded` meanwhile; past `--recovery-timeout-s` the requests in flight
+//! fail and the server is down.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,10 +25,11 @@ use moe_runtime::launch::{self, WorkerOutput};
 use moe_runtime::model::weights::Checkpoint;
 use moe_runtime::model::{load_config, ModelConfig, RuntimeError};
 use moe_runtime::serve::control::{self, CONTROL_ADDR_ENV};
-use moe_runtime::serve::engine::{self, EngineConfig, EngineHandle};
+use moe_runtime::serve::engine::{self, EngineConfig, EngineHandle, Slot, Supervisor};
 use moe_runtime::serve::http::{self, AppState};
 use moe_runtime::serve::metrics::Metrics;
 use moe_runtime::serve::tokenizer::Tokenizer;
+use moe_runtime::worker::attention::AttentionWorker;
 use moe_runtime::worker::Deployment;
 
 /// Serve a model over the OpenAI API on a disaggregated MoE group.
@@ -61,6 +69,11 @@ struct Args {
     served_model_name: Option<String>,
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
+    /// After a worker is lost, how long the group has to be whole again
+    /// (a replacement started and joined) before the requests in flight
+    /// fail and the server reports itself down.
+    #[arg(long, default_value_t = 60)]
+    recovery_timeout_s: u64,
     /// Require `Authorization: Bearer <key>` on `/v1/*` (as vLLM's
     /// `--api-key`; `/health` and `/metrics` stay open). Set it whenever
     /// `--host` is not a loopback address. From the environment, it stays
@@ -99,17 +112,26 @@ fn main() -> ExitCode {
 fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
     // Steps are bounded by the engine's own timeout; a lost peer ends any wait.
     let timeout = Duration::from_secs(600);
-    launch::worker_main("moe-serve", role, rank, |role, uid| {
+    launch::serving_worker_main("moe-serve", role, rank, true, |role, first| {
+        let deploy = deployment(a);
+        let addr = std::env::var(CONTROL_ADDR_ENV)
+            .map_err(|_| RuntimeError::Config(format!("{CONTROL_ADDR_ENV} is not set")))?;
         let result = match role {
             Role::Attention => {
-                let addr = std::env::var(CONTROL_ADDR_ENV)
-                    .map_err(|_| RuntimeError::Config(format!("{CONTROL_ADDR_ENV} is not set")))?;
-                let mut w = launch::attention_worker(&a.model, deployment(a), rank, uid, timeout)?;
-                control::serve_attention(&mut w, &addr)
+                let (config, weights) = launch::attention_weights(&a.model, deploy)?;
+                let mut join = |uid: &m2n::UniqueId| {
+                    launch::join(&config, &deploy, Role::Attention, rank, uid)
+                };
+                let build =
+                    |comm| AttentionWorker::new(config.clone(), deploy, weights, comm, timeout);
+                control::serve_attention(rank, &addr, first, &mut join, build)
             }
             Role::Expert => {
-                let mut w = launch::expert_worker(&a.model, deployment(a), rank, uid, timeout)?;
-                w.run().map(|_| ())
+                let (config, weights) = launch::expert_weights(&a.model, deploy, rank)?;
+                let mut make = |w, uid: &m2n::UniqueId| {
+                    launch::expert_join(&config, deploy, w, rank, uid, timeout)
+                };
+                control::serve_expert(weights, rank, first, &addr, &mut make)
             }
         };
         // The server reads its workers' reports only at the end: say it now too.
@@ -135,14 +157,20 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
     let control_addr = control
         .local_addr()
         .map_err(|e| RuntimeError::Io(e.to_string()))?;
-    let group = spawn_workers(a, control_addr)?;
+    let group = Arc::new(Mutex::new(spawn_workers(a, control_addr)?));
     let metrics = Arc::new(Metrics::new(&name));
     let accept_timeout = Duration::from_secs(120);
-    let (engine, engine_thread) =
-        match engine::start(control, engine_config(a), metrics.clone(), accept_timeout) {
-            Ok(x) => x,
-            Err(e) => return Err(workers_did_not_start(group, e)),
-        };
+    let supervisor = Box::new(Local(group.clone()));
+    let (engine, engine_thread) = match engine::start(
+        control,
+        engine_config(a)?,
+        metrics.clone(),
+        accept_timeout,
+        supervisor,
+    ) {
+        Ok(x) => x,
+        Err(e) => return Err(workers_did_not_start(owned(group), e)),
+    };
     let watcher = watch_workers(group, engine.clone(), deployment(a));
     let state = Arc::new(AppState {
         engine: engine.clone(),
@@ -225,16 +253,56 @@ fn spawn_workers(a: &Args, control_addr: SocketAddr) -> Result<launch::Group, Ru
     launch::spawn(&deployment(a), &args, &env, Duration::from_secs(120), true)
 }
 
-/// The scheduler's limits from the flags.
-fn engine_config(a: &Args) -> EngineConfig {
-    EngineConfig {
+/// The scheduler's limits from the flags (and m2n's peer timeout, which
+/// bounds how long a live worker takes to notice a loss).
+fn engine_config(a: &Args) -> Result<EngineConfig, RuntimeError> {
+    let m2n = m2n::Config::from_env().map_err(|e| RuntimeError::Config(e.to_string()))?;
+    Ok(EngineConfig {
         attention: a.attention,
+        experts: a.experts,
         max_batch: a.max_batch,
         max_queue: a.max_queue,
         kv_tokens_per_worker: a
             .kv_tokens
             .unwrap_or_else(|| (a.max_batch * a.max_model_len).div_ceil(a.attention)),
         step_timeout: Duration::from_secs(120),
+        loss_window: m2n.peer_timeout * 2 + Duration::from_secs(1),
+        recovery_timeout: Duration::from_secs(a.recovery_timeout_s),
+    })
+}
+
+/// The workers this server started, as the engine's supervisor: a new
+/// group is a new rendezvous root here; a replacement is a new process.
+struct Local(Arc<Mutex<launch::Group>>);
+
+impl Supervisor for Local {
+    fn new_group(&mut self) -> Result<String, String> {
+        lock(&self.0)
+            .new_root(engine::REFORM_ROOT_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+    fn replace(&mut self, slot: Slot) -> Result<u32, String> {
+        lock(&self.0)
+            .replace(slot.role, slot.rank)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn lock(g: &Mutex<launch::Group>) -> std::sync::MutexGuard<'_, launch::Group> {
+    g.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The group back from its sharers (the engine's supervisor goes with the
+/// engine).
+fn owned(mut group: Arc<Mutex<launch::Group>>) -> launch::Group {
+    loop {
+        match Arc::try_unwrap(group) {
+            Ok(m) => return m.into_inner().unwrap_or_else(|p| p.into_inner()),
+            Err(back) => {
+                group = back;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 }
 
@@ -247,33 +315,31 @@ fn workers_did_not_start(mut group: launch::Group, e: String) -> RuntimeError {
     RuntimeError::Io(format!("the workers did not start: {e}\n{why}"))
 }
 
-/// Watches the worker processes: one that exits takes the server's
-/// health. Once the engine has stopped, waits for the workers (10 s at
-/// most), and the thread returns how each ended.
+/// Watches the worker processes: each exit goes to the engine (which
+/// replaces the worker). Once the engine has stopped, waits for the
+/// workers (10 s at most), and the thread returns how each ended.
 fn watch_workers(
-    mut group: launch::Group,
+    group: Arc<Mutex<launch::Group>>,
     engine: EngineHandle,
     deploy: Deployment,
 ) -> JoinHandle<Vec<WorkerOutput>> {
     std::thread::spawn(move || loop {
-        let gone = group.exited();
-        if let Some((role, rank, status)) = gone.first() {
-            if !engine.shared.draining() {
-                engine.lost(format!("{role} {rank} exited ({status})"));
-            }
+        for (role, rank, pid, why) in lock(&group).newly_exited() {
+            engine.lost(Slot { role, rank }, pid, why);
         }
         if engine.shared.stopped() {
             // Workers finish their last step and exit on their own.
             let t0 = Instant::now();
-            while group.exited().len() < deploy.attention + deploy.experts
+            while lock(&group).exited().len() < deploy.attention + deploy.experts
                 && t0.elapsed() < Duration::from_secs(10)
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let mut group = owned(group);
             group.kill_all();
             return group.wait(Duration::from_secs(1));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     })
 }
 

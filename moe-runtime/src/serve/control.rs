@@ -1,25 +1,38 @@
 //! The control channel between the serving front end (the engine) and the
-//! attention workers: one TCP connection per worker on the loopback
-//! interface, JSON lines. The engine connects nothing; each worker dials
-//! `MOE_CONTROL_ADDR` and says hello. Activations never travel here (only
-//! token ids, requests and cancellations): they cross m2n.
+//! workers: one TCP connection per worker, JSON lines. The engine connects
+//! nothing; each worker dials `MOE_CONTROL_ADDR` and says hello with its
+//! role and rank. Activations never travel here (only token ids, requests,
+//! cancellations and group changes): they cross m2n.
 //!
 //! Engine to worker ([`ToWorker`]): `submit` (a sequence joins this
-//! worker's batch at the next step), `cancel`, `step` (run one step of the
-//! group: every worker gets one, the engine sends them together), and
-//! `shutdown` (run the group's last, idle step and exit).
+//! attention worker's batch at the next step), `cancel`, `step` (run one
+//! step of the group: every attention worker gets one, the engine sends
+//! them together), `reform` (the group lost a member: join the new group
+//! with this id, keeping weights and sequences) and `shutdown` (run the
+//! group's last, idle step and exit).
 //!
 //! Worker to engine ([`FromWorker`]): `hello`, `stepped` (the tokens made
-//! and the per-micro-batch timings), `error` (then it exits).
+//! and the per-micro-batch timings), `rejected` (a request it refused),
+//! `broken` (its group failed under it, naming the peer m2n blamed if it
+//! did; it waits for `reform`), `reformed` (it joined the new group) and
+//! `error` (something it cannot recover from; then it exits).
+//!
+//! A worker whose control channel closes exits: that is how a worker the
+//! engine gave up on (hung past the peer timeout, then replaced) is fenced
+//! out even if it wakes later; its old group is gone too, so nothing it
+//! sends there is received.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use m2n::{Communicator, Role, UniqueId};
 use serde::{Deserialize, Serialize};
 
+use crate::model::weights::ExpertWeights;
 use crate::model::RuntimeError;
 use crate::worker::attention::{AttentionWorker, MbTiming, PromptLogprob, Request, SeqId, Token};
+use crate::worker::expert::ExpertWorker;
 
 /// The environment variable carrying the engine's control address.
 pub const CONTROL_ADDR_ENV: &str = "MOE_CONTROL_ADDR";
@@ -27,9 +40,18 @@ pub const CONTROL_ADDR_ENV: &str = "MOE_CONTROL_ADDR";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ToWorker {
-    Submit { id: SeqId, request: Request },
-    Cancel { id: SeqId },
+    Submit {
+        id: SeqId,
+        request: Request,
+    },
+    Cancel {
+        id: SeqId,
+    },
     Step,
+    /// Join the group re-formed under this unique id.
+    Reform {
+        uid: String,
+    },
     Shutdown,
 }
 
@@ -37,7 +59,13 @@ pub enum ToWorker {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum FromWorker {
     Hello {
+        /// `attention` or `expert`.
+        #[serde(default = "attention_role")]
+        role: String,
         rank: usize,
+        /// Its process id (on its host).
+        #[serde(default)]
+        pid: u32,
     },
     Stepped {
         tokens: Vec<Token>,
@@ -53,9 +81,22 @@ pub enum FromWorker {
         id: SeqId,
         message: String,
     },
+    /// The group failed under this worker; it waits for `reform`.
+    Broken {
+        message: String,
+        /// The peer m2n named (`expert 1`), if it named one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+    },
+    /// It joined the re-formed group.
+    Reformed,
     Error {
         message: String,
     },
+}
+
+fn attention_role() -> String {
+    Role::Attention.name().to_string()
 }
 
 fn send(stream: &mut TcpStream, msg: &FromWorker) -> Result<(), RuntimeError> {
@@ -66,57 +107,202 @@ fn send(stream: &mut TcpStream, msg: &FromWorker) -> Result<(), RuntimeError> {
         .map_err(|e| RuntimeError::Io(format!("control channel: {e}")))
 }
 
-/// An attention worker under a serving engine: dials `addr`, then obeys.
-/// Between commands it keeps m2n's liveness links alive. Returns when told
-/// to shut down (after the group's last step) or on an error, which it
-/// also reports to the engine.
-pub fn serve_attention(w: &mut AttentionWorker, addr: &str) -> Result<(), RuntimeError> {
+/// Whether `e` is the group failing (a peer lost, hung or misbehaving; a
+/// timeout inside a round), which a new group can recover from, rather
+/// than this worker's own fault.
+fn group_failure(e: &RuntimeError) -> Option<FromWorker> {
+    let peer = match e {
+        RuntimeError::M2n(m) => m.peer().map(|p| p.to_string()),
+        RuntimeError::Message { peer, .. } => Some(peer.clone()),
+        _ => return None,
+    };
+    Some(FromWorker::Broken {
+        message: e.to_string(),
+        peer,
+    })
+}
+
+/// Dials the engine at `addr` and says hello.
+fn dial(addr: &str, role: Role, rank: usize) -> Result<TcpStream, RuntimeError> {
     let io = |e: std::io::Error| RuntimeError::Io(format!("control channel {addr}: {e}"));
     let mut stream = TcpStream::connect(addr).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
-    send(&mut stream, &FromWorker::Hello { rank: w.rank() })?;
-    let result = obey(w, &mut stream);
+    send(
+        &mut stream,
+        &FromWorker::Hello {
+            role: role.name().to_string(),
+            rank,
+            pid: std::process::id(),
+        },
+    )?;
+    Ok(stream)
+}
+
+/// Reads the next command; `Ok(None)` when the read timed out (with a
+/// read timeout set) and nothing is pending.
+fn next_command(
+    reader: &mut BufReader<TcpStream>,
+    line: &mut String,
+) -> Result<Option<ToWorker>, RuntimeError> {
+    match reader.read_line(line) {
+        Ok(0) => Err(RuntimeError::Io(
+            "the engine closed the control channel".into(),
+        )),
+        Ok(_) if line.ends_with('\n') => {
+            let cmd = serde_json::from_str(line.trim_end()).map_err(|e| {
+                RuntimeError::Io(format!("control channel: bad command {line:?}: {e}"))
+            });
+            line.clear();
+            cmd.map(Some)
+        }
+        Ok(_) => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(RuntimeError::Io(format!("control channel: {e}"))),
+    }
+}
+
+/// Joins a group as this worker's role and rank under a unique id (the
+/// launcher's first one, then each re-formed group's).
+pub type Join<'a> = dyn FnMut(&UniqueId) -> Result<Communicator, RuntimeError> + 'a;
+
+fn parse_uid(uid: &str) -> Result<UniqueId, RuntimeError> {
+    uid.parse()
+        .map_err(|e: String| RuntimeError::Io(format!("control channel: bad group id: {e}")))
+}
+
+/// Waits for `reform` (or `shutdown`: `None`); other commands are refused
+/// while a worker has no group.
+fn await_reform(
+    reader: &mut BufReader<TcpStream>,
+    line: &mut String,
+) -> Result<Option<UniqueId>, RuntimeError> {
+    loop {
+        match next_command(reader, line)? {
+            Some(ToWorker::Reform { uid }) => return parse_uid(&uid).map(Some),
+            Some(ToWorker::Shutdown) => return Ok(None),
+            Some(other) => {
+                return Err(RuntimeError::Io(format!(
+                    "control channel: {other:?} while this worker has no group"
+                )))
+            }
+            None => {}
+        }
+    }
+}
+
+/// Joins the group under `uid`; a failure of the group (a member lost
+/// while it formed) is reported as `broken` and the next `reform` is
+/// awaited. `None`: told to shut down.
+fn join_until_whole<T>(
+    mut uid: UniqueId,
+    stream: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    line: &mut String,
+    join: &mut dyn FnMut(&UniqueId) -> Result<T, RuntimeError>,
+) -> Result<Option<T>, RuntimeError> {
+    loop {
+        match join(&uid) {
+            Ok(t) => return Ok(Some(t)),
+            Err(e @ RuntimeError::M2n(_)) => send(
+                stream,
+                &FromWorker::Broken {
+                    message: format!("joining the re-formed group: {e}"),
+                    peer: None,
+                },
+            )?,
+            Err(e) => return Err(e),
+        }
+        match await_reform(reader, line)? {
+            Some(u) => uid = u,
+            None => return Ok(None),
+        }
+    }
+}
+
+/// An attention worker under a serving engine: dials `addr` and says
+/// hello, joins its first group (`first`, or the id a `reform` brings: a
+/// replacement's way in), builds the worker (`build`, with the weights it
+/// loaded), then obeys. Between commands it keeps m2n's liveness links
+/// alive. When its group fails it reports `broken` and waits to be told
+/// the new group's id (`join` joins it). Returns when told to shut down
+/// (after the group's last step) or on an error it cannot recover from,
+/// which it also reports to the engine.
+pub fn serve_attention(
+    rank: usize,
+    addr: &str,
+    first: Option<&UniqueId>,
+    join: &mut Join<'_>,
+    build: impl FnOnce(Communicator) -> Result<AttentionWorker, RuntimeError>,
+) -> Result<(), RuntimeError> {
+    let mut stream = dial(addr, Role::Attention, rank)?;
+    let result = attention_loop(&mut stream, first, join, build);
     if let Err(e) = &result {
         let _ = send(
             &mut stream,
             &FromWorker::Error {
-                message: format!("attention {}: {e}", w.rank()),
+                message: format!("attention {rank}: {e}"),
             },
         );
     }
     result
 }
 
-fn obey(w: &mut AttentionWorker, stream: &mut TcpStream) -> Result<(), RuntimeError> {
+fn attention_loop(
+    stream: &mut TcpStream,
+    first: Option<&UniqueId>,
+    join: &mut Join<'_>,
+    build: impl FnOnce(Communicator) -> Result<AttentionWorker, RuntimeError>,
+) -> Result<(), RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::Io(format!("control channel: {e}"));
+    let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
+    let mut line = String::new();
+    let (uid, replacement) = match first {
+        Some(u) => (u.clone(), false),
+        None => match await_reform(&mut reader, &mut line)? {
+            Some(u) => (u, true),
+            None => return Ok(()),
+        },
+    };
+    let Some(comm) = join_until_whole(uid, stream, &mut reader, &mut line, join)? else {
+        return Ok(());
+    };
+    let mut w = build(comm)?;
+    if replacement {
+        send(stream, &FromWorker::Reformed)?;
+    }
+    obey(&mut w, stream, &mut reader, &mut line, join)
+}
+
+fn obey(
+    w: &mut AttentionWorker,
+    stream: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    line: &mut String,
+    join: &mut Join<'_>,
+) -> Result<(), RuntimeError> {
     let io = |e: std::io::Error| RuntimeError::Io(format!("control channel: {e}"));
     stream
         .set_read_timeout(Some(Duration::from_millis(100)))
         .map_err(io)?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
-    let mut line = String::new();
+    // Whether the group failed under us (we wait for `reform`).
+    let mut broken = false;
     loop {
-        match reader.read_line(&mut line) {
-            Ok(0) => {
-                return Err(RuntimeError::Io(
-                    "the engine closed the control channel".into(),
-                ))
+        let Some(cmd) = next_command(reader, line)? else {
+            if !broken {
+                if let Err(e) = w.idle() {
+                    broken = true;
+                    report_broken(w, stream, e)?;
+                }
             }
-            Ok(_) if line.ends_with('\n') => {}
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                w.idle()?;
-                continue;
-            }
-            Err(e) => return Err(io(e)),
-        }
-        let cmd: ToWorker = serde_json::from_str(line.trim_end())
-            .map_err(|e| RuntimeError::Io(format!("control channel: bad command {line:?}: {e}")))?;
-        line.clear();
+            continue;
+        };
         match cmd {
             ToWorker::Submit { id, request } => {
                 if let Err(e) = w.submit(id, request) {
@@ -132,9 +318,15 @@ fn obey(w: &mut AttentionWorker, stream: &mut TcpStream) -> Result<(), RuntimeEr
             ToWorker::Cancel { id } => {
                 w.cancel(id);
             }
-            ToWorker::Step => {
-                let r = w.step()?;
-                send(
+            ToWorker::Step if broken => send(
+                stream,
+                &FromWorker::Broken {
+                    message: "the group is being re-formed".into(),
+                    peer: None,
+                },
+            )?,
+            ToWorker::Step => match w.step() {
+                Ok(r) => send(
                     stream,
                     &FromWorker::Stepped {
                         tokens: r.tokens,
@@ -144,14 +336,136 @@ fn obey(w: &mut AttentionWorker, stream: &mut TcpStream) -> Result<(), RuntimeEr
                         wall_ns: r.wall_ns,
                         group_active: r.group_active,
                     },
-                )?;
+                )?,
+                Err(e) => {
+                    broken = true;
+                    report_broken(w, stream, e)?;
+                }
+            },
+            ToWorker::Reform { uid } => {
+                let uid = parse_uid(&uid)?;
+                let Some(comm) = join_until_whole(uid, stream, reader, line, join)? else {
+                    return Ok(());
+                };
+                w.reform(comm)?;
+                broken = false;
+                send(stream, &FromWorker::Reformed)?;
             }
+            ToWorker::Shutdown if broken => return Ok(()),
             ToWorker::Shutdown => {
                 w.cancel_all();
                 while w.step()?.group_active {}
                 return Ok(());
             }
         }
+    }
+}
+
+/// A step or an idle check failed: a group failure is reported as
+/// `broken` (after aborting, so the other members fail fast too); any
+/// other error ends the worker.
+fn report_broken(
+    w: &mut AttentionWorker,
+    stream: &mut TcpStream,
+    e: RuntimeError,
+) -> Result<(), RuntimeError> {
+    let Some(msg) = group_failure(&e) else {
+        return Err(e);
+    };
+    w.abort();
+    send(stream, &msg)
+}
+
+/// Builds an expert worker from its weights, joined to a group; when the
+/// group does not form, the weights come back with the error.
+pub type MakeExpert<'a> = dyn FnMut(
+        ExpertWeights,
+        &UniqueId,
+    ) -> Result<ExpertWorker, (Option<Box<ExpertWeights>>, RuntimeError)>
+    + 'a;
+
+/// An expert worker under a serving engine: dials `addr` and says hello,
+/// joins its first group (`first`, or the id a `reform` brings) and serves
+/// rounds. When its group fails it keeps its weights, reports `broken`,
+/// and joins the group re-formed under the id the engine sends; it
+/// returns when a group ends normally or the engine says shut down.
+pub fn serve_expert(
+    weights: ExpertWeights,
+    rank: usize,
+    first: Option<&UniqueId>,
+    addr: &str,
+    make: &mut MakeExpert<'_>,
+) -> Result<(), RuntimeError> {
+    let mut stream = dial(addr, Role::Expert, rank)?;
+    let result = expert_loop(weights, first, &mut stream, make);
+    if let Err(e) = &result {
+        let _ = send(
+            &mut stream,
+            &FromWorker::Error {
+                message: format!("expert {rank}: {e}"),
+            },
+        );
+    }
+    result
+}
+
+fn expert_loop(
+    weights: ExpertWeights,
+    first: Option<&UniqueId>,
+    stream: &mut TcpStream,
+    make: &mut MakeExpert<'_>,
+) -> Result<(), RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::Io(format!("control channel: {e}"));
+    let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
+    let mut line = String::new();
+    let mut weights = Some(weights);
+    let (mut uid, mut tell) = match first {
+        Some(u) => (u.clone(), false),
+        None => match await_reform(&mut reader, &mut line)? {
+            Some(u) => (u, true),
+            None => return Ok(()),
+        },
+    };
+    loop {
+        // Join (again, with the weights kept) until a group forms.
+        let mut w = loop {
+            match make(weights.take().expect("weights are back"), &uid) {
+                Ok(w) => break w,
+                Err((Some(back), e @ RuntimeError::M2n(_))) => {
+                    weights = Some(*back);
+                    send(
+                        stream,
+                        &FromWorker::Broken {
+                            message: format!("joining the re-formed group: {e}"),
+                            peer: None,
+                        },
+                    )?;
+                    match await_reform(&mut reader, &mut line)? {
+                        Some(u) => uid = u,
+                        None => return Ok(()),
+                    }
+                }
+                Err((_, e)) => return Err(e),
+            }
+        };
+        if tell {
+            send(stream, &FromWorker::Reformed)?;
+        }
+        let e = match w.run() {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let Some(msg) = group_failure(&e) else {
+            return Err(e);
+        };
+        w.abort();
+        weights = Some(w.into_weights());
+        send(stream, &msg)?;
+        match await_reform(&mut reader, &mut line)? {
+            Some(u) => uid = u,
+            None => return Ok(()),
+        }
+        tell = true;
     }
 }
 

@@ -15,8 +15,34 @@
 //! worker steps together; prefill is chunked by the workers, so a long
 //! prompt never stalls the running sequences for more than a chunk). A
 //! finished sequence leaves at once and frees its reservation.
+//!
+//! # Losing a worker
+//!
+//! Every worker (attention and expert) holds a control connection; the
+//! process supervisor (the server's, for the workers it started) reports
+//! exits. When a worker is lost, the others find their group broken (m2n's
+//! `PeerLost`; each aborts, so the rest fail fast) and say so. The engine
+//! then:
+//!
+//! 1. collects: every worker has said `broken` or is lost; one silent past
+//!    the loss window (hung, or stopped) is lost too;
+//! 2. opens a new group (a fresh rendezvous id), closes the lost workers'
+//!    control channels (fencing them: a worker without one exits) and has
+//!    the supervisor replace them (it kills what still runs);
+//! 3. tells the survivors to re-form: they keep their weights, and the
+//!    attention workers their sequences and KV caches, rolling back the
+//!    step the old group could not finish, which the next step runs again;
+//! 4. once every survivor has re-formed and every replacement has said
+//!    hello, resubmits the sequences of a lost attention worker to its
+//!    replacement with the tokens they had generated (`Request::resume`):
+//!    prefilled again, they go on where they stopped, and their streams
+//!    see no token twice or missing.
+//!
+//! A second loss during a recovery starts it over; if the group is not
+//! whole again by the recovery deadline, every request in flight ends with
+//! an error naming why and the server reports itself down.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,17 +50,19 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use m2n::Role;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::api::{FinishReason, GenerateRequest, GeneratedToken, PromptToken, RequestId};
 use super::control::{FromWorker, ToWorker};
 use super::metrics::Metrics;
-use crate::worker::attention::{Finish, PromptLogprob, Request, Sampling, SeqId, Token};
+use crate::worker::attention::{Finish, MbTiming, PromptLogprob, Request, Sampling, SeqId, Token};
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
     pub attention: usize,
+    pub experts: usize,
     /// Most sequences running at once, over all workers.
     pub max_batch: usize,
     /// Most requests waiting; beyond it, new ones are refused (429).
@@ -43,6 +71,81 @@ pub struct EngineConfig {
     pub kv_tokens_per_worker: usize,
     /// Longest a step may take before the group is declared stuck.
     pub step_timeout: Duration,
+    /// After a loss, how long a worker may stay silent before it is
+    /// judged lost too (hung or stopped): longer than m2n's peer timeout,
+    /// so that every live worker has noticed the broken group by then.
+    pub loss_window: Duration,
+    /// From a loss to the group whole again; past it, requests in flight
+    /// fail and the server is down.
+    pub recovery_timeout: Duration,
+}
+
+/// A worker's place in the group: its role and rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot {
+    pub role: Role,
+    pub rank: usize,
+}
+
+impl Slot {
+    pub fn attention(rank: usize) -> Self {
+        Slot {
+            role: Role::Attention,
+            rank,
+        }
+    }
+    pub fn expert(rank: usize) -> Self {
+        Slot {
+            role: Role::Expert,
+            rank,
+        }
+    }
+}
+
+impl Slot {
+    fn key(&self) -> (bool, usize) {
+        (self.role == Role::Expert, self.rank)
+    }
+}
+
+/// Attention ranks first, then experts.
+impl Ord for Slot {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl PartialOrd for Slot {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.role, self.rank)
+    }
+}
+
+/// Starts and stops the worker processes for the engine.
+pub trait Supervisor: Send {
+    /// Opens a rendezvous for a new group of every worker; its unique id.
+    fn new_group(&mut self) -> Result<String, String>;
+    /// Stops `slot`'s worker if it still runs (it was judged lost), and
+    /// starts one for the same slot (it says hello, then waits for the
+    /// group's id); its process id.
+    fn replace(&mut self, slot: Slot) -> Result<u32, String>;
+}
+
+/// Whether the service can serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceState {
+    /// Every worker is in the group.
+    Whole,
+    /// A worker was lost and the group is being re-formed: requests wait.
+    Degraded(String),
+    /// It cannot serve (a recovery failed, or the server is stopping).
+    Down(String),
 }
 
 /// What a request's stream carries.
@@ -72,8 +175,13 @@ enum Cmd {
         events: UnboundedSender<SeqEvent>,
     },
     Cancel(SeqId),
-    Worker(usize, Result<FromWorker, String>),
-    Lost(String),
+    /// A worker connected and said hello (its connection's number, its
+    /// process id, and the stream to write to).
+    Joined(Slot, u64, u32, TcpStream),
+    /// A line from a worker's connection (or why it ended).
+    Worker(Slot, u64, Result<FromWorker, String>),
+    /// The supervisor saw a worker's process (this id) end.
+    Lost(Slot, u32, String),
     Drain(Instant),
 }
 
@@ -81,6 +189,7 @@ enum Cmd {
 #[derive(Debug, Default)]
 pub struct Shared {
     unhealthy: Mutex<Option<String>>,
+    recovering: Mutex<Option<String>>,
     draining: AtomicBool,
     waiting: AtomicUsize,
     running: AtomicUsize,
@@ -100,6 +209,27 @@ impl Shared {
         let mut u = self.unhealthy.lock().unwrap_or_else(|p| p.into_inner());
         if u.is_none() {
             *u = Some(why);
+        }
+    }
+    fn set_recovering(&self, why: Option<String>) {
+        *self.recovering.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+    /// Whole, degraded (re-forming the group after a loss) or down.
+    pub fn state(&self) -> ServiceState {
+        if let Some(why) = self.unhealthy() {
+            return ServiceState::Down(why);
+        }
+        if self.draining() {
+            return ServiceState::Down("the server is shutting down".into());
+        }
+        match self
+            .recovering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            Some(why) => ServiceState::Degraded(why),
+            None => ServiceState::Whole,
         }
     }
     pub fn draining(&self) -> bool {
@@ -130,8 +260,9 @@ impl std::fmt::Debug for Cmd {
         match self {
             Cmd::Submit { id, .. } => write!(f, "Submit({id})"),
             Cmd::Cancel(id) => write!(f, "Cancel({id})"),
-            Cmd::Worker(r, m) => write!(f, "Worker({r}, {m:?})"),
-            Cmd::Lost(w) => write!(f, "Lost({w})"),
+            Cmd::Joined(s, c, p, _) => write!(f, "Joined({s}, {c}, pid {p})"),
+            Cmd::Worker(s, c, m) => write!(f, "Worker({s}, {c}, {m:?})"),
+            Cmd::Lost(s, p, w) => write!(f, "Lost({s}, pid {p}, {w})"),
             Cmd::Drain(_) => write!(f, "Drain"),
         }
     }
@@ -176,9 +307,9 @@ impl EngineHandle {
         let _ = self.tx.send(Cmd::Cancel(id));
     }
 
-    /// Reports a lost worker process (from the process monitor).
-    pub fn lost(&self, what: String) {
-        let _ = self.tx.send(Cmd::Lost(what));
+    /// Reports a worker process that ended (from the process supervisor).
+    pub fn lost(&self, slot: Slot, pid: u32, why: String) {
+        let _ = self.tx.send(Cmd::Lost(slot, pid, why));
     }
 
     /// Stops taking requests; running ones get until `deadline`, then the
@@ -214,6 +345,7 @@ fn to_worker(r: GenerateRequest) -> Request {
             min_tokens: s.min_tokens,
         },
         prompt_logprobs: r.prompt_logprobs,
+        resume: Vec::new(),
     }
 }
 
@@ -252,76 +384,132 @@ struct Running {
     rank: usize,
     events: UnboundedSender<SeqEvent>,
     reserved: usize,
+    /// The request as submitted, and the tokens it has generated so far:
+    /// what a replacement worker needs to resume it.
+    request: Request,
+    generated: Vec<u32>,
+    /// The last prompt position whose log-probability went out (a resumed
+    /// prefill reports them again; the stream must not).
+    prompt_sent: u32,
+}
+
+/// Accepts workers' control connections on `listener` for as long as the
+/// process lives (replacements and late joiners say hello at any time):
+/// each must say hello with a role and rank that fit the group within 5 s.
+fn accept_workers(listener: TcpListener, tx: Sender<Cmd>, attention: usize, experts: usize) {
+    let mut next_conn = 0u64;
+    for stream in listener.incoming() {
+        let Ok(s) = stream else { continue };
+        next_conn += 1;
+        let (conn, tx) = (next_conn, tx.clone());
+        std::thread::spawn(move || {
+            let Some((slot, pid, reader)) = hello(&s, attention, experts) else {
+                return;
+            };
+            let Ok(writer) = s.try_clone() else { return };
+            if tx.send(Cmd::Joined(slot, conn, pid, writer)).is_err() {
+                return;
+            }
+            for line in reader.lines() {
+                let msg = match line {
+                    Ok(l) => serde_json::from_str(&l)
+                        .map_err(|e| format!("{slot}: bad message {l:?}: {e}")),
+                    Err(e) => Err(format!("{slot}: control channel: {e}")),
+                };
+                let stop = msg.is_err();
+                if tx.send(Cmd::Worker(slot, conn, msg)).is_err() || stop {
+                    return;
+                }
+            }
+            let _ = tx.send(Cmd::Worker(
+                slot,
+                conn,
+                Err(format!("{slot} closed its control channel")),
+            ));
+        });
+    }
+}
+
+/// Reads a worker's hello: its slot, and the reader for what follows.
+fn hello(
+    s: &TcpStream,
+    attention: usize,
+    experts: usize,
+) -> Option<(Slot, u32, BufReader<TcpStream>)> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_nodelay(true).ok()?;
+    let mut r = BufReader::new(s.try_clone().ok()?);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    s.set_read_timeout(None).ok()?;
+    let bad = |why: String| {
+        eprintln!("moe-serve: refused a control connection: {why}");
+        None
+    };
+    let (role, rank, pid) = match serde_json::from_str(line.trim_end()) {
+        Ok(FromWorker::Hello { role, rank, pid }) => (role, rank, pid),
+        Ok(FromWorker::Error { message }) => return bad(format!("it reported {message}")),
+        _ => return bad(format!("not a worker's hello: {line:?}")),
+    };
+    let slot = match role.parse::<Role>() {
+        Ok(Role::Attention) if rank < attention => Slot::attention(rank),
+        Ok(Role::Expert) if rank < experts => Slot::expert(rank),
+        Ok(role) => {
+            return bad(format!(
+                "{role} {rank} is not in a group of {attention} x {experts}"
+            ))
+        }
+        Err(e) => return bad(format!("role {role:?}: {e}")),
+    };
+    Some((slot, pid, r))
 }
 
 /// Accepts the workers' control connections on `listener` (each says
-/// hello with its rank), then runs the engine on its own thread.
+/// hello with its role and rank), then runs the engine on its own thread.
 pub fn start(
     listener: TcpListener,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
     accept_timeout: Duration,
+    supervisor: Box<dyn Supervisor>,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), String> {
     let (tx, rx) = channel();
-    let mut writers: Vec<Option<TcpStream>> = (0..cfg.attention).map(|_| None).collect();
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    {
+        let tx = tx.clone();
+        let (m, n) = (cfg.attention, cfg.experts);
+        std::thread::Builder::new()
+            .name("moe-control-accept".into())
+            .spawn(move || accept_workers(listener, tx, m, n))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut writers = BTreeMap::new();
+    let mut pids = BTreeMap::new();
     let deadline = Instant::now() + accept_timeout;
-    while writers.iter().any(Option::is_none) {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))
-                    .map_err(|e| e.to_string())?;
-                let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
-                let mut line = String::new();
-                r.read_line(&mut line)
-                    .map_err(|e| format!("a worker's hello: {e}"))?;
-                let rank = match serde_json::from_str(line.trim_end()) {
-                    Ok(FromWorker::Hello { rank }) if rank < cfg.attention => rank,
-                    Ok(FromWorker::Error { message }) => return Err(message),
-                    _ => return Err(format!("not a worker's hello: {line:?}")),
-                };
-                if writers[rank].is_some() {
-                    return Err(format!("attention {rank} said hello twice"));
+    let all = all_slots(&cfg);
+    while writers.len() < all.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Cmd::Joined(slot, conn, pid, s)) => {
+                if writers.insert(slot, (conn, s)).is_some() {
+                    return Err(format!("{slot} said hello twice"));
                 }
-                s.set_read_timeout(None).map_err(|e| e.to_string())?;
-                s.set_nodelay(true).map_err(|e| e.to_string())?;
-                let tx = tx.clone();
-                std::thread::spawn(move || {
-                    for line in r.lines() {
-                        let msg = match line {
-                            Ok(l) => serde_json::from_str(&l)
-                                .map_err(|e| format!("attention {rank}: bad message {l:?}: {e}")),
-                            Err(e) => Err(format!("attention {rank}: control channel: {e}")),
-                        };
-                        let stop = msg.is_err();
-                        if tx.send(Cmd::Worker(rank, msg)).is_err() || stop {
-                            return;
-                        }
-                    }
-                    let _ = tx.send(Cmd::Worker(
-                        rank,
-                        Err(format!("attention {rank} closed its control channel")),
-                    ));
-                });
-                writers[rank] = Some(s);
+                pids.insert(slot, pid);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    let missing: Vec<String> = writers
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, w)| w.is_none())
-                        .map(|(i, _)| i.to_string())
-                        .collect();
-                    return Err(format!(
-                        "attention workers {} did not connect within {accept_timeout:?}",
-                        missing.join(", ")
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            Ok(Cmd::Worker(_, _, Ok(FromWorker::Error { message }))) => return Err(message),
+            Ok(Cmd::Worker(_, _, Err(message))) => return Err(message),
+            Ok(Cmd::Lost(slot, _, why)) => return Err(format!("{slot} {why}")),
+            Ok(_) => {}
+            Err(_) => {
+                let missing: Vec<String> = all
+                    .iter()
+                    .filter(|s| !writers.contains_key(s))
+                    .map(Slot::to_string)
+                    .collect();
+                return Err(format!(
+                    "workers {} did not connect within {accept_timeout:?}",
+                    missing.join(", ")
+                ));
             }
-            Err(e) => return Err(e.to_string()),
         }
     }
     let shared = Arc::new(Shared::default());
@@ -330,13 +518,13 @@ pub fn start(
         shared: shared.clone(),
         max_queue: cfg.max_queue,
     };
+    metrics.service_state.set(0);
     let engine = Engine {
         cfg,
         rx,
-        writers: writers
-            .into_iter()
-            .map(|w| w.expect("all connected"))
-            .collect(),
+        writers,
+        pids,
+        supervisor,
         shared,
         metrics,
         waiting: VecDeque::new(),
@@ -344,6 +532,7 @@ pub fn start(
         per_rank: vec![0; cfg.attention],
         kv_used: vec![0; cfg.attention],
         drain: None,
+        failure: None,
     };
     let thread = std::thread::Builder::new()
         .name("moe-engine".into())
@@ -352,10 +541,41 @@ pub fn start(
     Ok((handle, thread))
 }
 
+fn all_slots(cfg: &EngineConfig) -> Vec<Slot> {
+    (0..cfg.attention)
+        .map(Slot::attention)
+        .chain((0..cfg.experts).map(Slot::expert))
+        .collect()
+}
+
+/// A group that lost members, while the engine re-forms it.
+#[derive(Debug)]
+struct Failure {
+    began: Instant,
+    /// Workers lost, and why.
+    lost: BTreeMap<Slot, String>,
+    /// Workers that said their group broke (they wait to re-form).
+    broken: BTreeSet<Slot>,
+    /// Attention ranks whose sequences must be resumed (lost at any point
+    /// of this recovery).
+    resume: BTreeSet<usize>,
+    /// Workers told to join a group that then failed, not yet heard from.
+    rejoining: BTreeSet<Slot>,
+}
+
+/// How long a re-formed group's rendezvous waits for its members (every
+/// one has loaded its weights by then: it only has to connect).
+pub const REFORM_ROOT_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct Engine {
     cfg: EngineConfig,
     rx: Receiver<Cmd>,
-    writers: Vec<TcpStream>,
+    /// Each worker's control connection (its number, and the writer).
+    writers: BTreeMap<Slot, (u64, TcpStream)>,
+    /// Each worker's process id (from its hello, or its replacement's
+    /// start): an exit the supervisor reports for another is old news.
+    pids: BTreeMap<Slot, u32>,
+    supervisor: Box<dyn Supervisor>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     waiting: VecDeque<Waiting>,
@@ -363,6 +583,7 @@ struct Engine {
     per_rank: Vec<usize>,
     kv_used: Vec<usize>,
     drain: Option<Instant>,
+    failure: Option<Failure>,
 }
 
 impl Engine {
@@ -384,6 +605,9 @@ impl Engine {
                     self.handle(c);
                 }
             }
+            if self.failure.is_some() && self.shared.unhealthy().is_none() {
+                self.recover();
+            }
             self.drop_abandoned();
             if let Some(why) = self.shared.unhealthy() {
                 self.fail_all(503, &why);
@@ -395,10 +619,8 @@ impl Engine {
             self.admit();
             self.publish();
             if !self.running.is_empty() {
-                if let Err(why) = self.step() {
-                    self.shared.set_unhealthy(why);
-                    continue;
-                }
+                self.step();
+                continue;
             }
             if let Some(deadline) = self.drain {
                 let idle = self.running.is_empty() && self.waiting.is_empty();
@@ -410,6 +632,12 @@ impl Engine {
             }
         }
         self.shared.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a message on connection `conn` comes from `slot`'s current
+    /// worker (a replaced worker's last words are ignored).
+    fn current(&self, slot: Slot, conn: u64) -> bool {
+        self.writers.get(&slot).is_some_and(|(c, _)| *c == conn)
     }
 
     fn handle(&mut self, c: Cmd) {
@@ -424,29 +652,110 @@ impl Engine {
                 events,
             }),
             Cmd::Cancel(id) => self.cancel(id),
-            Cmd::Worker(_, Ok(FromWorker::Rejected { id, message })) => {
+            Cmd::Joined(slot, _, pid, s) => {
+                // Only a replacement the engine started is taken (in the
+                // recovery); anyone else is refused: its channel closes,
+                // so it exits.
+                eprintln!("moe-serve: refused {slot} (pid {pid}): the group did not ask for it");
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Cmd::Worker(slot, conn, _) if !self.current(slot, conn) => {}
+            Cmd::Worker(_, _, Ok(FromWorker::Rejected { id, message })) => {
                 if let Some(r) = self.running.remove(&id) {
                     self.release(&r);
+                    self.metrics.requests_failed.inc();
                     let _ = r.events.send(SeqEvent::Error(400, message));
                 }
             }
-            Cmd::Worker(_, Ok(FromWorker::Error { message })) | Cmd::Worker(_, Err(message)) => {
-                self.shared.set_unhealthy(message)
+            Cmd::Worker(
+                _,
+                _,
+                Ok(FromWorker::Stepped {
+                    tokens,
+                    prompt_logprobs,
+                    timings,
+                    ..
+                }),
+            ) => self.stepped(tokens, prompt_logprobs, &timings),
+            Cmd::Worker(slot, _, Ok(FromWorker::Broken { message, peer })) => {
+                let peer = peer.map(|p| format!(" (it names {p})")).unwrap_or_default();
+                self.failure().broken.insert(slot);
+                self.shared
+                    .set_recovering(Some(format!("{slot}: {message}{peer}")));
             }
-            Cmd::Worker(rank, Ok(other)) => self
-                .shared
-                .set_unhealthy(format!("attention {rank} sent {other:?} outside a step")),
-            Cmd::Lost(what) => self.shared.set_unhealthy(what),
+            Cmd::Worker(slot, _, Ok(FromWorker::Error { message })) => self.lose(slot, message),
+            Cmd::Worker(slot, _, Err(message)) => self.lose(slot, message),
+            Cmd::Worker(slot, _, Ok(other)) => {
+                self.lose(slot, format!("{slot} sent {other:?} out of turn"))
+            }
+            Cmd::Lost(slot, pid, why) => {
+                if self.pids.get(&slot) == Some(&pid) {
+                    self.lose(slot, format!("{slot} {why}"))
+                }
+            }
             Cmd::Drain(deadline) => self.drain = Some(deadline),
         }
     }
 
-    fn send(&mut self, rank: usize, cmd: &ToWorker) -> Result<(), String> {
+    /// The current failure, begun now if there is none.
+    fn failure(&mut self) -> &mut Failure {
+        self.failure.get_or_insert_with(|| Failure {
+            began: Instant::now(),
+            lost: BTreeMap::new(),
+            broken: BTreeSet::new(),
+            resume: BTreeSet::new(),
+            rejoining: BTreeSet::new(),
+        })
+    }
+
+    /// `slot`'s worker is lost: its control channel closes (fencing it).
+    fn lose(&mut self, slot: Slot, why: String) {
+        if self.drain.is_some() && self.running.is_empty() {
+            return; // workers end on their own at shutdown
+        }
+        if self
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.lost.contains_key(&slot))
+        {
+            return; // already lost
+        }
+        self.writers.remove(&slot);
+        eprintln!("moe-serve: lost {slot}: {why}");
+        self.metrics
+            .worker_losses
+            .with_label_values(&[slot.role.name()])
+            .inc();
+        self.shared.set_recovering(Some(why.clone()));
+        let f = self.failure();
+        f.broken.remove(&slot);
+        if slot.role == Role::Attention {
+            f.resume.insert(slot.rank);
+        }
+        f.lost.insert(slot, why);
+    }
+
+    fn send(&mut self, slot: Slot, cmd: &ToWorker) -> Result<(), String> {
         let mut line = serde_json::to_string(cmd).expect("serialisable");
         line.push('\n');
-        self.writers[rank]
-            .write_all(line.as_bytes())
-            .map_err(|e| format!("attention {rank}: control channel: {e}"))
+        let Some((_, w)) = self.writers.get_mut(&slot) else {
+            return Err(format!("{slot} is not connected"));
+        };
+        w.write_all(line.as_bytes())
+            .map_err(|e| format!("{slot}: control channel: {e}"))
+    }
+
+    /// Sends `cmd` to `slot`; a worker that cannot be told is lost.
+    fn tell(&mut self, slot: Slot, cmd: &ToWorker) -> bool {
+        match self.send(slot, cmd) {
+            Ok(()) => true,
+            Err(why) => {
+                if self.writers.contains_key(&slot) {
+                    self.lose(slot, why);
+                }
+                false
+            }
+        }
     }
 
     fn release(&mut self, r: &Running) {
@@ -457,9 +766,7 @@ impl Engine {
     fn cancel(&mut self, id: SeqId) {
         if let Some(r) = self.running.remove(&id) {
             self.release(&r);
-            if let Err(why) = self.send(r.rank, &ToWorker::Cancel { id }) {
-                self.shared.set_unhealthy(why);
-            }
+            self.tell(Slot::attention(r.rank), &ToWorker::Cancel { id });
         } else if let Some(i) = self.waiting.iter().position(|w| w.id == id) {
             self.waiting.remove(i);
         }
@@ -481,9 +788,11 @@ impl Engine {
 
     fn fail_all(&mut self, status: u16, why: &str) {
         for (_, r) in self.running.drain() {
+            self.metrics.requests_failed.inc();
             let _ = r.events.send(SeqEvent::Error(status, why.to_string()));
         }
         for w in self.waiting.drain(..) {
+            self.metrics.requests_failed.inc();
             let _ = w.events.send(SeqEvent::Error(status, why.to_string()));
         }
         self.per_rank.iter_mut().for_each(|n| *n = 0);
@@ -505,28 +814,31 @@ impl Engine {
                 break;
             };
             let w = self.waiting.pop_front().expect("front exists");
-            let cmd = ToWorker::Submit {
-                id: w.id,
-                request: w.request.clone(),
-            };
-            if let Err(why) = self.send(rank, &cmd) {
-                let _ = w.events.send(SeqEvent::Error(503, why.clone()));
-                self.shared.set_unhealthy(why);
-                return;
-            }
             self.metrics
                 .prompt_tokens
                 .inc_by(w.request.prompt.len() as u64);
             self.per_rank[rank] += 1;
             self.kv_used[rank] += need;
+            // Running before it is sent: if the worker is lost on the way,
+            // the recovery resumes it with the rest.
+            let cmd = ToWorker::Submit {
+                id: w.id,
+                request: w.request.clone(),
+            };
             self.running.insert(
                 w.id,
                 Running {
                     rank,
                     events: w.events,
                     reserved: need,
+                    generated: Vec::with_capacity(w.request.max_new),
+                    request: w.request,
+                    prompt_sent: 0,
                 },
             );
+            if !self.tell(Slot::attention(rank), &cmd) {
+                return;
+            }
         }
     }
 
@@ -545,72 +857,76 @@ impl Engine {
     }
 
     /// One step of the group: every worker steps, the engine collects all
-    /// their replies and routes the tokens.
-    fn step(&mut self) -> Result<(), String> {
+    /// their replies and routes the tokens. A failure ends it early (the
+    /// recovery collects the rest).
+    fn step(&mut self) {
         for r in 0..self.cfg.attention {
-            self.send(r, &ToWorker::Step)?;
+            if !self.tell(Slot::attention(r), &ToWorker::Step) {
+                return;
+            }
         }
         let deadline = Instant::now() + self.cfg.step_timeout;
-        let mut replies = 0;
+        let mut replied = vec![false; self.cfg.attention];
         let mut iteration_tokens = 0;
-        while replies < self.cfg.attention {
+        while replied.iter().any(|r| !r) {
             let left = deadline.saturating_duration_since(Instant::now());
             let c = match self.rx.recv_timeout(left) {
                 Ok(c) => c,
                 Err(_) => {
-                    return Err(format!(
-                        "a step took longer than {:?}",
-                        self.cfg.step_timeout
-                    ))
+                    // Nobody reported a failure: the silent ones are
+                    // judged (by the loss window) in the recovery.
+                    let why = format!("a step took longer than {:?}", self.cfg.step_timeout);
+                    self.shared.set_recovering(Some(why));
+                    self.failure();
+                    return;
                 }
             };
             match c {
-                Cmd::Worker(
-                    _,
-                    Ok(FromWorker::Stepped {
-                        tokens,
-                        prompt_logprobs,
-                        timings,
-                        rows,
-                        ..
-                    }),
-                ) => {
-                    replies += 1;
+                Cmd::Worker(slot, conn, Ok(FromWorker::Stepped { rows, .. }))
+                    if self.current(slot, conn) && slot.role == Role::Attention =>
+                {
+                    replied[slot.rank] = true;
                     iteration_tokens += rows;
-                    for t in &timings {
-                        self.metrics.observe_timing(t);
-                    }
-                    for p in prompt_logprobs {
-                        if let Some(r) = self.running.get(&p.seq) {
-                            let _ = r.events.send(SeqEvent::Prompt(prompt_from_worker(p)));
-                        }
-                    }
-                    for t in tokens {
-                        self.route(t);
-                    }
+                    self.handle(c);
                 }
-                other => {
-                    self.handle(other);
-                    if let Some(why) = self.shared.unhealthy() {
-                        return Err(why);
-                    }
-                }
+                other => self.handle(other),
+            }
+            if self.failure.is_some() {
+                return;
             }
         }
         self.metrics
             .iteration_tokens
             .observe(iteration_tokens as f64);
         self.publish();
-        Ok(())
+    }
+
+    /// A worker's step: its timings, prompt log-probabilities and tokens.
+    fn stepped(&mut self, tokens: Vec<Token>, prompt: Vec<PromptLogprob>, timings: &[MbTiming]) {
+        for t in timings {
+            self.metrics.observe_timing(t);
+        }
+        for p in prompt {
+            if let Some(r) = self.running.get_mut(&p.seq) {
+                if p.pos > r.prompt_sent {
+                    r.prompt_sent = p.pos;
+                    let _ = r.events.send(SeqEvent::Prompt(prompt_from_worker(p)));
+                }
+            }
+        }
+        for t in tokens {
+            self.route(t);
+        }
     }
 
     fn route(&mut self, t: Token) {
         self.metrics.generation_tokens.inc();
         let finished = t.finish.is_some();
         let id = t.seq;
-        let Some(r) = self.running.get(&id) else {
+        let Some(r) = self.running.get_mut(&id) else {
             return; // cancelled meanwhile
         };
+        r.generated.push(t.token);
         let _ = r.events.send(SeqEvent::Token(from_worker(t)));
         if finished {
             if let Some(r) = self.running.remove(&id) {
@@ -619,9 +935,193 @@ impl Engine {
         }
     }
 
+    /// Re-forms the group after a loss (see the module docs); on failure
+    /// by the deadline, the server is down.
+    fn recover(&mut self) {
+        let began = self.failure().began;
+        self.metrics.service_state.set(1);
+        let deadline = began + self.cfg.recovery_timeout;
+        let outcome = loop {
+            match self.try_reform(deadline) {
+                Ok(true) => break Ok(()),
+                Ok(false) => {
+                    // Another loss: start over (not in a tight loop when a
+                    // replacement dies at once).
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                Err(why) => break Err(why),
+            }
+        };
+        let failure = self.failure.take().expect("a failure is being recovered");
+        match outcome {
+            Ok(()) => {
+                self.resume(&failure.resume);
+                self.metrics.recovery.observe(began.elapsed().as_secs_f64());
+                self.metrics.service_state.set(0);
+                self.shared.set_recovering(None);
+                let lost: Vec<String> = failure.lost.keys().map(Slot::to_string).collect();
+                eprintln!(
+                    "moe-serve: group re-formed in {:.0?} after losing {}",
+                    began.elapsed(),
+                    lost.join(", ")
+                );
+            }
+            Err(why) => {
+                self.metrics.service_state.set(2);
+                self.shared.set_recovering(None);
+                self.shared.set_unhealthy(why);
+            }
+        }
+    }
+
+    /// One attempt: collect, replace, re-form. `Ok(false)` when another
+    /// worker was lost meanwhile (try again), `Err` past the deadline.
+    fn try_reform(&mut self, deadline: Instant) -> Result<bool, String> {
+        let all = all_slots(&self.cfg);
+        // 1. Every worker broken or lost; the silent ones past the window
+        //    are lost. A survivor still joining the last attempt's group
+        //    answers once that group's rendezvous gives up.
+        let rejoining = !self.failure.as_ref().expect("failing").rejoining.is_empty();
+        let window = if rejoining {
+            self.cfg.loss_window + REFORM_ROOT_TIMEOUT
+        } else {
+            self.cfg.loss_window
+        };
+        let window = (Instant::now() + window).min(deadline);
+        loop {
+            let f = self.failure.as_ref().expect("failing");
+            let silent: Vec<Slot> = all
+                .iter()
+                .filter(|s| !f.lost.contains_key(s) && !f.broken.contains(s))
+                .copied()
+                .collect();
+            if silent.is_empty() {
+                break;
+            }
+            let left = window.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(c) => self.handle(c),
+                Err(RecvTimeoutError::Timeout) => {
+                    for s in silent {
+                        let why = format!(
+                            "{s} said nothing for {:?} after the group broke (hung or stopped)",
+                            window.saturating_duration_since(Instant::now()) + self.cfg.loss_window
+                        );
+                        self.lose(s, why);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err("the engine stopped".into()),
+            }
+        }
+        let f = self.failure.as_mut().expect("failing");
+        let lost: Vec<Slot> = f.lost.keys().copied().collect();
+        let why = f.lost.values().cloned().collect::<Vec<_>>().join("; ");
+        let timeout = self.cfg.recovery_timeout;
+        let late = |what: String| {
+            format!("the group could not be re-formed within {timeout:?}: {what} (lost: {why})")
+        };
+        if Instant::now() >= deadline {
+            return Err(late("out of time".into()));
+        }
+        f.lost.clear();
+        f.broken.clear();
+        f.rejoining.clear();
+        // 2. The lost are replaced; each says hello (its weights loaded).
+        let mut pending: BTreeSet<Slot> = lost.iter().copied().collect();
+        for &slot in &lost {
+            let pid = self
+                .supervisor
+                .replace(slot)
+                .map_err(|e| format!("{slot} cannot be replaced: {e} (lost: {why})"))?;
+            self.pids.insert(slot, pid);
+            self.metrics
+                .worker_replacements
+                .with_label_values(&[slot.role.name()])
+                .inc();
+        }
+        while !pending.is_empty() {
+            let Some(c) = self.next_before(deadline) else {
+                let names: Vec<String> = pending.iter().map(Slot::to_string).collect();
+                return Err(late(format!("no hello from {}", names.join(", "))));
+            };
+            match c {
+                Cmd::Joined(slot, conn, pid, s)
+                    if pending.contains(&slot) && self.pids.get(&slot) == Some(&pid) =>
+                {
+                    self.writers.insert(slot, (conn, s));
+                    pending.remove(&slot);
+                }
+                other => self.handle(other),
+            }
+            if self.failure.as_ref().is_some_and(|f| !f.lost.is_empty()) {
+                return Ok(false);
+            }
+        }
+        // 3. Everyone joins the new group: the survivors keep their state.
+        let uid = self.supervisor.new_group()?;
+        for &slot in &all {
+            if !self.tell(slot, &ToWorker::Reform { uid: uid.clone() }) {
+                return Ok(false);
+            }
+        }
+        let mut pending: BTreeSet<Slot> = all.iter().copied().collect();
+        while !pending.is_empty() {
+            let Some(c) = self.next_before(deadline) else {
+                let names: Vec<String> = pending.iter().map(Slot::to_string).collect();
+                return Err(late(format!("{} did not join", names.join(", "))));
+            };
+            match c {
+                Cmd::Worker(slot, conn, Ok(FromWorker::Reformed)) if self.current(slot, conn) => {
+                    pending.remove(&slot);
+                }
+                other => self.handle(other),
+            }
+            let f = self.failure.as_mut().expect("failing");
+            if !f.lost.is_empty() || !f.broken.is_empty() {
+                // Those still joining answer when the rendezvous gives up.
+                f.rejoining = pending
+                    .iter()
+                    .filter(|s| !f.lost.contains_key(s) && !f.broken.contains(s))
+                    .copied()
+                    .collect();
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next command, or `None` at `deadline`.
+    fn next_before(&self, deadline: Instant) -> Option<Cmd> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.rx.recv_timeout(left).ok()
+    }
+
+    /// Sequences of lost attention workers go to their replacements with
+    /// the tokens they had generated.
+    fn resume(&mut self, ranks: &BTreeSet<usize>) {
+        let mut ids: Vec<SeqId> = self
+            .running
+            .iter()
+            .filter(|(_, r)| ranks.contains(&r.rank))
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            let r = &self.running[&id];
+            let mut request = r.request.clone();
+            request.resume = r.generated.clone();
+            let rank = r.rank;
+            self.metrics.requests_resumed.inc();
+            if !self.tell(Slot::attention(rank), &ToWorker::Submit { id, request }) {
+                return;
+            }
+        }
+    }
+
     fn shutdown_workers(&mut self) {
-        for r in 0..self.cfg.attention {
-            let _ = self.send(r, &ToWorker::Shutdown);
+        for slot in all_slots(&self.cfg) {
+            let _ = self.send(slot, &ToWorker::Shutdown);
         }
     }
 }
@@ -670,6 +1170,7 @@ mod tests {
                     min_tokens: 4,
                 },
                 prompt_logprobs: Some(2),
+                resume: Vec::new(),
             }
         );
         for (finish, reason) in [

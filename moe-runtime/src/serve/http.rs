@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use super::choices::respond;
-use super::engine::EngineHandle;
+use super::engine::{EngineHandle, ServiceState};
 use super::metrics::Metrics;
 use super::request::{parse, Kind};
 use super::tokenizer::Tokenizer;
@@ -139,14 +139,21 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     ]}))
 }
 
+/// 200 `{"status": "whole"}` when every worker is in the group; 200
+/// `{"status": "degraded", "reason"}` while a lost worker is replaced (requests
+/// wait, none is lost); 503 in the OpenAI error shape when it cannot serve.
 async fn health(State(st): State<Arc<AppState>>) -> Response {
-    if let Some(why) = st.engine.shared.unhealthy() {
-        return ApiError::status(503, format!("unhealthy: {why}")).into_response();
+    match st.engine.shared.state() {
+        ServiceState::Whole => {
+            (StatusCode::OK, Json(serde_json::json!({"status": "whole"}))).into_response()
+        }
+        ServiceState::Degraded(why) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "degraded", "reason": why})),
+        )
+            .into_response(),
+        ServiceState::Down(why) => ApiError::status(503, format!("down: {why}")).into_response(),
     }
-    if st.engine.shared.draining() {
-        return ApiError::status(503, "the server is shutting down").into_response();
-    }
-    (StatusCode::OK, "").into_response()
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {

@@ -25,6 +25,21 @@ pub struct Metrics {
     pub t_a: Histogram,
     pub t_e: Histogram,
     pub t_c: Histogram,
+    /// Workers lost (exited, closed their control channel, or hung past
+    /// the recovery window), by role.
+    pub worker_losses: IntCounterVec,
+    /// Replacement workers started (or standbys taken), by role.
+    pub worker_replacements: IntCounterVec,
+    /// Sequences moved to a new attention worker (prefilled again with
+    /// the tokens they had generated).
+    pub requests_resumed: IntCounter,
+    /// Requests ended with an error by the engine (a recovery that did
+    /// not finish, a worker that refused them).
+    pub requests_failed: IntCounter,
+    /// From a loss to the re-formed group's first step.
+    pub recovery: Histogram,
+    /// 0 whole, 1 degraded (recovering), 2 down.
+    pub service_state: IntGauge,
 }
 
 const PREFIX: &str = "m2n_serve:";
@@ -140,6 +155,42 @@ impl Metrics {
         registry
             .register(Box::new(success.clone()))
             .expect("unique metric");
+        let by_role = |name: &str, help: &str| {
+            let c = IntCounterVec::new(
+                Opts::new(format!("{PREFIX}{name}"), help).const_label("model_name", model),
+                &["role"],
+            )
+            .expect("valid counter");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            for role in ["attention", "expert"] {
+                c.with_label_values(&[role]);
+            }
+            c
+        };
+        let worker_losses = by_role("worker_losses_total", "Workers lost, by role.");
+        let worker_replacements = by_role(
+            "worker_replacements_total",
+            "Replacement workers started or standbys taken, by role.",
+        );
+        let requests_resumed = counter(
+            "requests_resumed_total",
+            "Sequences resumed on a new attention worker after a loss.",
+        );
+        let requests_failed = counter(
+            "request_failures_total",
+            "Requests the engine ended with an error.",
+        );
+        let recovery = hist(
+            "recovery_seconds",
+            "From a worker loss to the re-formed group's first step.",
+            prometheus::exponential_buckets(0.01, 2.0, 14).expect("valid buckets"),
+        );
+        let service_state = gauge(
+            "service_state",
+            "0: whole; 1: degraded (recovering from a worker loss); 2: down.",
+        );
         Self {
             registry,
             ttft,
@@ -155,6 +206,12 @@ impl Metrics {
             t_a,
             t_e,
             t_c,
+            worker_losses,
+            worker_replacements,
+            requests_resumed,
+            requests_failed,
+            recovery,
+            service_state,
         }
     }
 

@@ -102,6 +102,12 @@ pub struct Request {
     /// alternatives; `None`: do not (it costs an LM head per prompt row).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<usize>,
+    /// Tokens this sequence already generated elsewhere (a worker that was
+    /// lost): they are prefilled after the prompt and count as generated
+    /// (for `max_new`, `min_tokens`, the penalties and the seeded draws),
+    /// so the sequence goes on exactly where it stopped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume: Vec<u32>,
 }
 
 /// A prompt token's log-probability given the tokens before it.
@@ -188,15 +194,42 @@ struct Sequence {
 }
 
 impl Sequence {
-    /// The tokens of its next rows, up to `cap`.
-    fn next_input(&self, cap: usize) -> &[u32] {
-        if self.pos < self.prompt.len() {
-            let end = self.prompt.len().min(self.pos + cap);
-            &self.prompt[self.pos..end]
-        } else {
-            let last = self.generated.len() - 1;
-            &self.generated[last..]
+    /// Tokens of its context: the prompt, then what it generated.
+    fn context_len(&self) -> usize {
+        self.prompt.len() + self.generated.len()
+    }
+
+    /// Rows it wants next (up to `cap`): the context not yet in its KV
+    /// cache. A prefill chunk, one decode token, or (resumed) the prompt
+    /// and the tokens it had generated.
+    fn wanted(&self, cap: usize) -> usize {
+        (self.context_len() - self.pos).min(cap)
+    }
+
+    /// Whether it is decoding (its next row is its last token).
+    fn decoding(&self) -> bool {
+        self.pos >= self.prompt.len() && self.context_len() - self.pos == 1
+    }
+
+    /// Appends the tokens of its next `rows` rows to `out`.
+    fn input_into(&self, rows: usize, out: &mut Vec<u32>) {
+        let (start, end) = (self.pos, self.pos + rows);
+        let p = self.prompt.len();
+        if start < p {
+            out.extend_from_slice(&self.prompt[start..end.min(p)]);
         }
+        if end > p {
+            out.extend_from_slice(&self.generated[start.max(p) - p..end - p]);
+        }
+    }
+
+    /// Forgets whatever a step that did not finish wrote to its KV caches.
+    fn roll_back(&mut self) {
+        for c in &mut self.caches {
+            c.truncate(self.pos);
+        }
+        self.mb = None;
+        self.rows = 0;
     }
 }
 
@@ -321,8 +354,21 @@ impl AttentionWorker {
             stop,
             sampling,
             prompt_logprobs,
+            resume,
         } = req;
         check_prompt(&prompt, self.config.vocab)?;
+        if let Some(&t) = resume.iter().find(|&&t| u64::from(t) >= self.config.vocab) {
+            return Err(RuntimeError::Request(format!(
+                "resumed token {t} is outside the vocabulary of {}",
+                self.config.vocab
+            )));
+        }
+        if resume.len() >= max_new {
+            return Err(RuntimeError::Request(format!(
+                "{} tokens to resume leave none of the {max_new} to generate",
+                resume.len()
+            )));
+        }
         if let Some(why) = sampling.check() {
             return Err(RuntimeError::Request(why));
         }
@@ -366,7 +412,16 @@ impl AttentionWorker {
         generated
             .try_reserve_exact(max_new)
             .map_err(|_| no_room())?;
+        generated.extend_from_slice(&resume);
         self.scratch.reserve(&self.shape, context);
+        // One draw per sampled token: a resumed sequence's generator skips
+        // the draws its tokens took.
+        let mut rng = sampling.seed ^ 0x9E37_79B9_7F4A_7C15;
+        if sampling.temperature > 0.0 {
+            for _ in 0..resume.len() {
+                super::sampling::next_u64(&mut rng);
+            }
+        }
         self.seqs.push(Sequence {
             id,
             prompt,
@@ -375,7 +430,7 @@ impl AttentionWorker {
             stop,
             sampling,
             prompt_logprobs,
-            rng: sampling.seed ^ 0x9E37_79B9_7F4A_7C15,
+            rng,
             caches,
             pos: 0,
             mb: None,
@@ -421,8 +476,8 @@ impl AttentionWorker {
         self.order.clear();
         self.order.extend(
             (0..seqs.len())
-                .filter(|&i| seqs[i].pos >= seqs[i].prompt.len())
-                .chain((0..seqs.len()).filter(|&i| seqs[i].pos < seqs[i].prompt.len())),
+                .filter(|&i| seqs[i].decoding())
+                .chain((0..seqs.len()).filter(|&i| !seqs[i].decoding())),
         );
         for &i in &self.order {
             let s = &mut self.seqs[i];
@@ -432,7 +487,7 @@ impl AttentionWorker {
                 .min_by_key(|&(_, &l)| l)
                 .map(|(i, &l)| (i, l))
                 .expect("m >= 1");
-            let want = s.next_input(cap).len();
+            let want = s.wanted(cap);
             let rows = want.min(cap - used);
             if rows == 0 {
                 s.mb = None;
@@ -474,8 +529,7 @@ impl AttentionWorker {
         for (i, mb) in self.mbs.iter_mut().enumerate() {
             self.tokens.clear();
             for s in self.seqs.iter().filter(|s| s.mb == Some(i)) {
-                self.tokens
-                    .extend_from_slice(&s.next_input(s.rows)[..s.rows]);
+                s.input_into(s.rows, &mut self.tokens);
             }
             forward::embed(&self.weights, h, &self.tokens, &mut mb.x);
         }
@@ -716,8 +770,8 @@ impl AttentionWorker {
                     }
                 }
                 s.pos += s.rows;
-                if s.pos < s.prompt.len() {
-                    continue; // more prompt to prefill
+                if s.pos < s.context_len() {
+                    continue; // more prompt (or resumed context) to prefill
                 }
                 forward::lm_head(
                     &self.shape,
@@ -781,6 +835,45 @@ impl AttentionWorker {
     /// Aborts the communicator, so that peers fail fast.
     pub fn abort(&mut self) {
         self.comm.abort();
+    }
+
+    /// Moves to a new group (`comm`, joined as the same rank after the
+    /// old group lost a member): the sequences and their KV caches stay;
+    /// whatever the step the old group could not finish wrote is rolled
+    /// back, so the next step runs it again. The new group counts its
+    /// steps from 0, as its experts do.
+    pub fn reform(&mut self, mut comm: Communicator) -> Result<(), RuntimeError> {
+        if comm.rank() != self.rank {
+            return Err(RuntimeError::Config(format!(
+                "attention {} cannot join a new group as rank {}",
+                self.rank,
+                comm.rank()
+            )));
+        }
+        let section = comm.config().dispatch.slot_bytes;
+        let send = (0..self.deploy.microbatches)
+            .map(|_| comm.alloc(section * self.deploy.experts))
+            .collect::<Result<Vec<_>, _>>()?;
+        // The old buffers go before the old communicator they came from.
+        self.send.clear();
+        self.comm = comm;
+        self.send = send;
+        self.section = section;
+        self.step = 0;
+        for mb in &mut self.mbs {
+            mb.round = None;
+            mb.posted = None;
+        }
+        for s in &mut self.seqs {
+            s.roll_back();
+        }
+        Ok(())
+    }
+
+    /// The ids of the sequences running here (for a driver that lost
+    /// track, and for tests).
+    pub fn sequence_ids(&self) -> Vec<SeqId> {
+        self.seqs.iter().map(|s| s.id).collect()
     }
 
     /// Keeps the group's liveness links alive while no step runs (an idle

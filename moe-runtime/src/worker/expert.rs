@@ -265,6 +265,20 @@ impl ExpertWorker {
     pub fn abort(&mut self) {
         self.comm.abort();
     }
+
+    /// Leaves the group, keeping the weights (for a worker that joins the
+    /// group re-formed after a loss: only a replacement loads weights).
+    pub fn into_weights(self) -> ExpertWeights {
+        let Self {
+            weights,
+            send,
+            comm,
+            ..
+        } = self;
+        drop(send);
+        drop(comm);
+        weights
+    }
 }
 
 fn clamp32(ns: u64) -> u32 {
