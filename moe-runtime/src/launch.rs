@@ -102,6 +102,8 @@ pub struct Group {
     bootstrap: Duration,
     joined: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     announce: bool,
+    /// The roles whose workers this group starts (and replaces).
+    roles: Vec<Role>,
 }
 
 /// Starts `deploy.attention + deploy.experts` copies of this executable
@@ -126,6 +128,7 @@ pub fn spawn(
         bootstrap,
         joined: Default::default(),
         announce,
+        roles: vec![Role::Attention, Role::Expert],
     };
     let (uid, served) = group.open_root()?;
     group.root = Some(served);
@@ -144,7 +147,59 @@ pub fn spawn(
     Ok(group)
 }
 
+/// Starts the workers of `roles` (all ranks of each) as [`spawn`] does,
+/// but without a group: each learns its group's id over its control
+/// channel ([`REPLACEMENT_ENV`] is set), as `moe-serve`'s workers do.
+pub fn spawn_unjoined(
+    deploy: &Deployment,
+    roles: &[Role],
+    args: &[String],
+    env: &[(String, String)],
+    bootstrap: Duration,
+) -> Result<Group, RuntimeError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| RuntimeError::Io(format!("cannot find my own executable: {e}")))?;
+    let mut group = Group {
+        children: Vec::new(),
+        root: None,
+        exe,
+        args: args.to_vec(),
+        env: env.to_vec(),
+        bootstrap,
+        joined: Default::default(),
+        announce: false,
+        roles: roles.to_vec(),
+    };
+    for &role in roles {
+        let count = match role {
+            Role::Attention => deploy.attention,
+            Role::Expert => deploy.experts,
+        };
+        for rank in 0..count {
+            if let Err(e) = group.start(role, rank, None, 0) {
+                group.kill_all();
+                return Err(e);
+            }
+        }
+    }
+    Ok(group)
+}
+
 impl Group {
+    /// Whether this group started (and replaces) the workers of `role`.
+    /// Worker processes it holds.
+    pub fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+
+    pub fn starts(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
     /// A rendezvous root for a new group, served on its own thread.
     #[allow(clippy::type_complexity)]
     fn open_root(
@@ -164,9 +219,13 @@ impl Group {
 
     /// Opens the rendezvous of a re-formed group (after a loss): its
     /// unique id, for the survivors and the replacements.
-    pub fn new_root(&mut self, timeout: Duration) -> Result<String, RuntimeError> {
+    pub fn new_root(
+        &mut self,
+        ip: std::net::IpAddr,
+        timeout: Duration,
+    ) -> Result<String, RuntimeError> {
         // The root's thread ends once every member joined, or times out.
-        let root = Root::bind("127.0.0.1:0".parse().expect("literal address"))
+        let root = Root::bind(std::net::SocketAddr::new(ip, 0))
             .map_err(|e| RuntimeError::Io(format!("cannot start the rendezvous root: {e}")))?;
         let uid = root.unique_id().to_string();
         let _served = root.spawn(timeout);

@@ -80,9 +80,35 @@ struct Args {
     /// out of the process list.
     #[arg(long, env = "MOE_SERVE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    #[arg(long, hide = true)]
+    /// Where workers dial the server's control channel: loopback (a free
+    /// port) by default; an address other hosts reach (and a fixed port)
+    /// to take workers started there with `--join`.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    control_listen: String,
+    /// The workers this server starts itself: `all`, `attention`,
+    /// `expert` or `none` (the others must join with `--join`).
+    #[arg(long, default_value = "all")]
+    spawn: String,
+    /// A file holding the group's secret, which every worker presents (or
+    /// `MOE_SERVE_SECRET`). Needed when workers join from other hosts;
+    /// otherwise a random one is made for the local workers.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Run as a worker that joins the server whose control channel is at
+    /// HOST:PORT (with `--worker ROLE --rank R`, the server's `--model`,
+    /// `--attention`, `--experts`, `--microbatches`,
+    /// `--max-tokens-per-mb`, and the group's secret).
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["worker", "rank"])]
+    join: Option<String>,
+    /// With `--join`: wait as a standby for this place, and take it over
+    /// (without a process start) when its worker is lost.
+    #[arg(long, requires = "join")]
+    standby: bool,
+    /// The worker's role (`attention` or `expert`; with `--join`).
+    #[arg(long)]
     worker: Option<String>,
-    #[arg(long, hide = true)]
+    /// The worker's rank (with `--join`).
+    #[arg(long)]
     rank: Option<usize>,
 }
 
@@ -112,10 +138,19 @@ fn main() -> ExitCode {
 fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
     // Steps are bounded by the engine's own timeout; a lost peer ends any wait.
     let timeout = Duration::from_secs(600);
-    launch::serving_worker_main("moe-serve", role, rank, true, |role, first| {
+    let body = |role, first: Option<&m2n::UniqueId>| {
         let deploy = deployment(a);
-        let addr = std::env::var(CONTROL_ADDR_ENV)
-            .map_err(|_| RuntimeError::Config(format!("{CONTROL_ADDR_ENV} is not set")))?;
+        let addr = match &a.join {
+            Some(addr) => addr.clone(),
+            None => std::env::var(CONTROL_ADDR_ENV)
+                .map_err(|_| RuntimeError::Config(format!("{CONTROL_ADDR_ENV} is not set")))?,
+        };
+        let dial = control::Dial {
+            addr,
+            secret: secret(a)?.unwrap_or_default(),
+            standby: a.standby,
+            deploy,
+        };
         let result = match role {
             Role::Attention => {
                 let (config, weights) = launch::attention_weights(&a.model, deploy)?;
@@ -124,18 +159,78 @@ fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
                 };
                 let build =
                     |comm| AttentionWorker::new(config.clone(), deploy, weights, comm, timeout);
-                control::serve_attention(rank, &addr, first, &mut join, build)
+                control::serve_attention(rank, &dial, first, &mut join, build)
             }
             Role::Expert => {
                 let (config, weights) = launch::expert_weights(&a.model, deploy, rank)?;
                 let mut make = |w, uid: &m2n::UniqueId| {
                     launch::expert_join(&config, deploy, w, rank, uid, timeout)
                 };
-                control::serve_expert(weights, rank, first, &addr, &mut make)
+                control::serve_expert(weights, rank, first, &dial, &mut make)
             }
         };
         // The server reads its workers' reports only at the end: say it now too.
         result.inspect_err(|e| eprintln!("moe-serve: {role} {rank}: {e}"))
+    };
+    if a.join.is_some() {
+        // Started by hand (or by a service manager) on any host: it learns
+        // its group over the control channel.
+        return match role.parse::<Role>() {
+            Ok(r) => match body(r, None) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(3),
+            },
+            Err(e) => {
+                eprintln!("moe-serve: --worker {role}: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    launch::serving_worker_main("moe-serve", role, rank, true, body)
+}
+
+/// The group's secret: `--secret-file`, else `MOE_SERVE_SECRET`; `None`
+/// when neither is given.
+fn secret(a: &Args) -> Result<Option<String>, RuntimeError> {
+    if let Some(path) = &a.secret_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RuntimeError::Config(format!("--secret-file {}: {e}", path.display())))?;
+        let text = text.trim().to_string();
+        if text.len() < 16 {
+            return Err(RuntimeError::Config(format!(
+                "--secret-file {}: a secret of at least 16 characters, please",
+                path.display()
+            )));
+        }
+        return Ok(Some(text));
+    }
+    Ok(std::env::var(control::SECRET_ENV)
+        .ok()
+        .filter(|s| !s.is_empty()))
+}
+
+/// A random secret for a group whose workers are all started here.
+fn random_secret() -> Result<String, RuntimeError> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| RuntimeError::Io(format!("cannot read /dev/urandom for a secret: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The roles `--spawn` names.
+fn spawned_roles(a: &Args) -> Result<Vec<Role>, RuntimeError> {
+    Ok(match a.spawn.as_str() {
+        "all" => vec![Role::Attention, Role::Expert],
+        "attention" => vec![Role::Attention],
+        "expert" => vec![Role::Expert],
+        "none" => vec![],
+        other => {
+            return Err(RuntimeError::Config(format!(
+                "--spawn {other}: all, attention, expert or none"
+            )))
+        }
     })
 }
 
@@ -152,17 +247,39 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
             "moe-serve: warning: listening on {addr} without an API key: anyone who can reach it can use it (set --api-key or MOE_SERVE_API_KEY)"
         );
     }
-    let control = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| RuntimeError::Io(format!("control listener: {e}")))?;
+    let roles = spawned_roles(a)?;
+    let control_addr: SocketAddr = a
+        .control_listen
+        .parse()
+        .map_err(|e| RuntimeError::Config(format!("--control-listen {}: {e}", a.control_listen)))?;
+    let secret = match secret(a)? {
+        Some(s) => s,
+        None if control_addr.ip().is_loopback() => random_secret()?,
+        None => {
+            return Err(RuntimeError::Config(format!(
+                "--control-listen {control_addr} takes workers from other hosts: give the group a secret (--secret-file or {})",
+                control::SECRET_ENV
+            )))
+        }
+    };
+    let control = TcpListener::bind(control_addr)
+        .map_err(|e| RuntimeError::Io(format!("control listener on {control_addr}: {e}")))?;
     let control_addr = control
         .local_addr()
         .map_err(|e| RuntimeError::Io(e.to_string()))?;
-    let group = Arc::new(Mutex::new(spawn_workers(a, control_addr)?));
+    if roles.len() < 2 {
+        eprintln!("moe-serve: waiting for workers to join at {control_addr}");
+    }
+    let group = Arc::new(Mutex::new(spawn_workers(a, &roles, control_addr, &secret)?));
     let metrics = Arc::new(Metrics::new(&name));
     let accept_timeout = Duration::from_secs(120);
-    let supervisor = Box::new(Local(group.clone()));
+    let supervisor = Box::new(Local {
+        group: group.clone(),
+        root_ip: control_addr.ip(),
+    });
     let (engine, engine_thread) = match engine::start(
         control,
+        secret,
         engine_config(a)?,
         metrics.clone(),
         accept_timeout,
@@ -171,7 +288,7 @@ fn server(a: &Args) -> Result<(), RuntimeError> {
         Ok(x) => x,
         Err(e) => return Err(workers_did_not_start(owned(group), e)),
     };
-    let watcher = watch_workers(group, engine.clone(), deployment(a));
+    let watcher = watch_workers(group, engine.clone());
     let state = Arc::new(AppState {
         engine: engine.clone(),
         tokenizer: Arc::new(tokenizer),
@@ -233,9 +350,14 @@ fn listen(a: &Args) -> Result<(TcpListener, SocketAddr), RuntimeError> {
     Ok((http, addr))
 }
 
-/// Starts the worker processes (this executable with `--worker`); the
-/// attention workers dial the engine at `control_addr`.
-fn spawn_workers(a: &Args, control_addr: SocketAddr) -> Result<launch::Group, RuntimeError> {
+/// Starts the worker processes of `roles` (this executable with
+/// `--worker`); they dial the engine at `control_addr` with `secret`.
+fn spawn_workers(
+    a: &Args,
+    roles: &[Role],
+    control_addr: SocketAddr,
+    secret: &str,
+) -> Result<launch::Group, RuntimeError> {
     let mut args: Vec<String> = vec![
         "--model".into(),
         a.model.display().to_string(),
@@ -249,8 +371,11 @@ fn spawn_workers(a: &Args, control_addr: SocketAddr) -> Result<launch::Group, Ru
         a.max_tokens_per_mb.to_string(),
     ];
     args.shrink_to_fit();
-    let env = [(CONTROL_ADDR_ENV.to_string(), control_addr.to_string())];
-    launch::spawn(&deployment(a), &args, &env, Duration::from_secs(120), true)
+    let env = [
+        (CONTROL_ADDR_ENV.to_string(), control_addr.to_string()),
+        (control::SECRET_ENV.to_string(), secret.to_string()),
+    ];
+    launch::spawn_unjoined(&deployment(a), roles, &args, &env, Duration::from_secs(120))
 }
 
 /// The scheduler's limits from the flags (and m2n's peer timeout, which
@@ -268,22 +393,32 @@ fn engine_config(a: &Args) -> Result<EngineConfig, RuntimeError> {
         step_timeout: Duration::from_secs(120),
         loss_window: m2n.peer_timeout * 2 + Duration::from_secs(1),
         recovery_timeout: Duration::from_secs(a.recovery_timeout_s),
+        deployment: control::deployment_words(&deployment(a)),
     })
 }
 
 /// The workers this server started, as the engine's supervisor: a new
-/// group is a new rendezvous root here; a replacement is a new process.
-struct Local(Arc<Mutex<launch::Group>>);
+/// group is a new rendezvous root here (on the control channel's address,
+/// which workers from other hosts reach too); a replacement is a new
+/// process, for the roles this server starts.
+struct Local {
+    group: Arc<Mutex<launch::Group>>,
+    root_ip: std::net::IpAddr,
+}
 
 impl Supervisor for Local {
     fn new_group(&mut self) -> Result<String, String> {
-        lock(&self.0)
-            .new_root(engine::REFORM_ROOT_TIMEOUT)
+        lock(&self.group)
+            .new_root(self.root_ip, engine::REFORM_ROOT_TIMEOUT)
             .map_err(|e| e.to_string())
     }
-    fn replace(&mut self, slot: Slot) -> Result<u32, String> {
-        lock(&self.0)
-            .replace(slot.role, slot.rank)
+    fn replace(&mut self, slot: Slot) -> Result<Option<u32>, String> {
+        let mut g = lock(&self.group);
+        if !g.starts(slot.role) {
+            return Ok(None);
+        }
+        g.replace(slot.role, slot.rank)
+            .map(Some)
             .map_err(|e| e.to_string())
     }
 }
@@ -321,7 +456,6 @@ fn workers_did_not_start(mut group: launch::Group, e: String) -> RuntimeError {
 fn watch_workers(
     group: Arc<Mutex<launch::Group>>,
     engine: EngineHandle,
-    deploy: Deployment,
 ) -> JoinHandle<Vec<WorkerOutput>> {
     std::thread::spawn(move || loop {
         for (role, rank, pid, why) in lock(&group).newly_exited() {
@@ -330,9 +464,11 @@ fn watch_workers(
         if engine.shared.stopped() {
             // Workers finish their last step and exit on their own.
             let t0 = Instant::now();
-            while lock(&group).exited().len() < deploy.attention + deploy.experts
-                && t0.elapsed() < Duration::from_secs(10)
-            {
+            let all_exited = || {
+                let mut g = lock(&group);
+                g.exited().len() == g.len()
+            };
+            while !all_exited() && t0.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let mut group = owned(group);

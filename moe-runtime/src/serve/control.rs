@@ -33,6 +33,7 @@ use crate::model::weights::ExpertWeights;
 use crate::model::RuntimeError;
 use crate::worker::attention::{AttentionWorker, MbTiming, PromptLogprob, Request, SeqId, Token};
 use crate::worker::expert::ExpertWorker;
+use crate::worker::Deployment;
 
 /// The environment variable carrying the engine's control address.
 pub const CONTROL_ADDR_ENV: &str = "MOE_CONTROL_ADDR";
@@ -48,9 +49,13 @@ pub enum ToWorker {
         id: SeqId,
     },
     Step,
-    /// Join the group re-formed under this unique id.
+    /// Join the group (re-)formed under this unique id; `deployment` is
+    /// the server's (attention, experts, micro-batches, rows per
+    /// micro-batch), which a worker started elsewhere must share.
     Reform {
         uid: String,
+        #[serde(default)]
+        deployment: [usize; 4],
     },
     Shutdown,
 }
@@ -66,6 +71,13 @@ pub enum FromWorker {
         /// Its process id (on its host).
         #[serde(default)]
         pid: u32,
+        /// The group's secret (`MOE_SERVE_SECRET`), compared in constant
+        /// time: only workers that know it are taken.
+        #[serde(default)]
+        secret: String,
+        /// It waits to take over its slot when the worker there is lost.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        standby: bool,
     },
     Stepped {
         tokens: Vec<Token>,
@@ -122,10 +134,32 @@ fn group_failure(e: &RuntimeError) -> Option<FromWorker> {
     })
 }
 
-/// Dials the engine at `addr` and says hello.
-fn dial(addr: &str, role: Role, rank: usize) -> Result<TcpStream, RuntimeError> {
-    let io = |e: std::io::Error| RuntimeError::Io(format!("control channel {addr}: {e}"));
-    let mut stream = TcpStream::connect(addr).map_err(io)?;
+/// The environment variable carrying the group's secret (its workers
+/// present it in their hello).
+pub const SECRET_ENV: &str = "MOE_SERVE_SECRET";
+
+/// How a worker reaches its engine.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// The engine's control address (`HOST:PORT`).
+    pub addr: String,
+    /// The group's secret.
+    pub secret: String,
+    /// Wait as a standby for this slot instead of filling it.
+    pub standby: bool,
+    /// This worker's deployment: the engine's must be the same.
+    pub deploy: Deployment,
+}
+
+/// A deployment as a `reform` carries it.
+pub fn deployment_words(d: &Deployment) -> [usize; 4] {
+    [d.attention, d.experts, d.microbatches, d.max_tokens]
+}
+
+/// Dials the engine and says hello.
+fn dial(d: &Dial, role: Role, rank: usize) -> Result<TcpStream, RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::Io(format!("control channel {}: {e}", d.addr));
+    let mut stream = TcpStream::connect(&d.addr).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     send(
         &mut stream,
@@ -133,6 +167,8 @@ fn dial(addr: &str, role: Role, rank: usize) -> Result<TcpStream, RuntimeError> 
             role: role.name().to_string(),
             rank,
             pid: std::process::id(),
+            secret: d.secret.clone(),
+            standby: d.standby,
         },
     )?;
     Ok(stream)
@@ -177,15 +213,44 @@ fn parse_uid(uid: &str) -> Result<UniqueId, RuntimeError> {
         .map_err(|e: String| RuntimeError::Io(format!("control channel: bad group id: {e}")))
 }
 
+/// A group id from a `reform`, once its deployment is checked against
+/// this worker's.
+fn reform_uid(
+    uid: &str,
+    deployment: [usize; 4],
+    mine: &Deployment,
+) -> Result<UniqueId, RuntimeError> {
+    let own = deployment_words(mine);
+    if deployment != own {
+        let show = |w: [usize; 4]| {
+            format!(
+                "{} attention x {} expert workers, {} micro-batches, {} rows per micro-batch",
+                w[0], w[1], w[2], w[3]
+            )
+        };
+        return Err(RuntimeError::Config(format!(
+            "the server runs {}; this worker was started for {} (pass the server's --attention, --experts, --microbatches and --max-tokens-per-mb)",
+            show(deployment),
+            show(own)
+        )));
+    }
+    parse_uid(uid)
+}
+
 /// Waits for `reform` (or `shutdown`: `None`); other commands are refused
 /// while a worker has no group.
 fn await_reform(
     reader: &mut BufReader<TcpStream>,
     line: &mut String,
+    mine: &Deployment,
 ) -> Result<Option<UniqueId>, RuntimeError> {
+    // No read timeout while waiting: a standby may wait for days.
+    let _ = reader.get_ref().set_read_timeout(None);
     loop {
         match next_command(reader, line)? {
-            Some(ToWorker::Reform { uid }) => return parse_uid(&uid).map(Some),
+            Some(ToWorker::Reform { uid, deployment }) => {
+                return reform_uid(&uid, deployment, mine).map(Some)
+            }
             Some(ToWorker::Shutdown) => return Ok(None),
             Some(other) => {
                 return Err(RuntimeError::Io(format!(
@@ -205,6 +270,7 @@ fn join_until_whole<T>(
     stream: &mut TcpStream,
     reader: &mut BufReader<TcpStream>,
     line: &mut String,
+    mine: &Deployment,
     join: &mut dyn FnMut(&UniqueId) -> Result<T, RuntimeError>,
 ) -> Result<Option<T>, RuntimeError> {
     loop {
@@ -219,7 +285,7 @@ fn join_until_whole<T>(
             )?,
             Err(e) => return Err(e),
         }
-        match await_reform(reader, line)? {
+        match await_reform(reader, line, mine)? {
             Some(u) => uid = u,
             None => return Ok(None),
         }
@@ -236,13 +302,13 @@ fn join_until_whole<T>(
 /// which it also reports to the engine.
 pub fn serve_attention(
     rank: usize,
-    addr: &str,
+    d: &Dial,
     first: Option<&UniqueId>,
     join: &mut Join<'_>,
     build: impl FnOnce(Communicator) -> Result<AttentionWorker, RuntimeError>,
 ) -> Result<(), RuntimeError> {
-    let mut stream = dial(addr, Role::Attention, rank)?;
-    let result = attention_loop(&mut stream, first, join, build);
+    let mut stream = dial(d, Role::Attention, rank)?;
+    let result = attention_loop(&mut stream, d, first, join, build);
     if let Err(e) = &result {
         let _ = send(
             &mut stream,
@@ -256,6 +322,7 @@ pub fn serve_attention(
 
 fn attention_loop(
     stream: &mut TcpStream,
+    d: &Dial,
     first: Option<&UniqueId>,
     join: &mut Join<'_>,
     build: impl FnOnce(Communicator) -> Result<AttentionWorker, RuntimeError>,
@@ -265,19 +332,19 @@ fn attention_loop(
     let mut line = String::new();
     let (uid, replacement) = match first {
         Some(u) => (u.clone(), false),
-        None => match await_reform(&mut reader, &mut line)? {
+        None => match await_reform(&mut reader, &mut line, &d.deploy)? {
             Some(u) => (u, true),
             None => return Ok(()),
         },
     };
-    let Some(comm) = join_until_whole(uid, stream, &mut reader, &mut line, join)? else {
+    let Some(comm) = join_until_whole(uid, stream, &mut reader, &mut line, &d.deploy, join)? else {
         return Ok(());
     };
     let mut w = build(comm)?;
     if replacement {
         send(stream, &FromWorker::Reformed)?;
     }
-    obey(&mut w, stream, &mut reader, &mut line, join)
+    obey(&mut w, stream, &mut reader, &mut line, &d.deploy, join)
 }
 
 fn obey(
@@ -285,6 +352,7 @@ fn obey(
     stream: &mut TcpStream,
     reader: &mut BufReader<TcpStream>,
     line: &mut String,
+    mine: &Deployment,
     join: &mut Join<'_>,
 ) -> Result<(), RuntimeError> {
     let io = |e: std::io::Error| RuntimeError::Io(format!("control channel: {e}"));
@@ -342,9 +410,9 @@ fn obey(
                     report_broken(w, stream, e)?;
                 }
             },
-            ToWorker::Reform { uid } => {
-                let uid = parse_uid(&uid)?;
-                let Some(comm) = join_until_whole(uid, stream, reader, line, join)? else {
+            ToWorker::Reform { uid, deployment } => {
+                let uid = reform_uid(&uid, deployment, mine)?;
+                let Some(comm) = join_until_whole(uid, stream, reader, line, mine, join)? else {
                     return Ok(());
                 };
                 w.reform(comm)?;
@@ -393,11 +461,11 @@ pub fn serve_expert(
     weights: ExpertWeights,
     rank: usize,
     first: Option<&UniqueId>,
-    addr: &str,
+    d: &Dial,
     make: &mut MakeExpert<'_>,
 ) -> Result<(), RuntimeError> {
-    let mut stream = dial(addr, Role::Expert, rank)?;
-    let result = expert_loop(weights, first, &mut stream, make);
+    let mut stream = dial(d, Role::Expert, rank)?;
+    let result = expert_loop(weights, first, d, &mut stream, make);
     if let Err(e) = &result {
         let _ = send(
             &mut stream,
@@ -412,6 +480,7 @@ pub fn serve_expert(
 fn expert_loop(
     weights: ExpertWeights,
     first: Option<&UniqueId>,
+    d: &Dial,
     stream: &mut TcpStream,
     make: &mut MakeExpert<'_>,
 ) -> Result<(), RuntimeError> {
@@ -421,7 +490,7 @@ fn expert_loop(
     let mut weights = Some(weights);
     let (mut uid, mut tell) = match first {
         Some(u) => (u.clone(), false),
-        None => match await_reform(&mut reader, &mut line)? {
+        None => match await_reform(&mut reader, &mut line, &d.deploy)? {
             Some(u) => (u, true),
             None => return Ok(()),
         },
@@ -440,7 +509,7 @@ fn expert_loop(
                             peer: None,
                         },
                     )?;
-                    match await_reform(&mut reader, &mut line)? {
+                    match await_reform(&mut reader, &mut line, &d.deploy)? {
                         Some(u) => uid = u,
                         None => return Ok(()),
                     }
@@ -461,7 +530,7 @@ fn expert_loop(
         w.abort();
         weights = Some(w.into_weights());
         send(stream, &msg)?;
-        match await_reform(&mut reader, &mut line)? {
+        match await_reform(&mut reader, &mut line, &d.deploy)? {
             Some(u) => uid = u,
             None => return Ok(()),
         }

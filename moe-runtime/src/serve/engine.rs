@@ -54,7 +54,7 @@ use m2n::Role;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::api::{FinishReason, GenerateRequest, GeneratedToken, PromptToken, RequestId};
-use super::control::{FromWorker, ToWorker};
+use super::control::{FromWorker, ToWorker, SECRET_ENV};
 use super::metrics::Metrics;
 use crate::worker::attention::{Finish, MbTiming, PromptLogprob, Request, Sampling, SeqId, Token};
 
@@ -78,6 +78,9 @@ pub struct EngineConfig {
     /// From a loss to the group whole again; past it, requests in flight
     /// fail and the server is down.
     pub recovery_timeout: Duration,
+    /// The deployment every worker must share (attention, experts,
+    /// micro-batches, rows per micro-batch; see `control::deployment_words`).
+    pub deployment: [usize; 4],
 }
 
 /// A worker's place in the group: its role and rank.
@@ -133,8 +136,10 @@ pub trait Supervisor: Send {
     fn new_group(&mut self) -> Result<String, String>;
     /// Stops `slot`'s worker if it still runs (it was judged lost), and
     /// starts one for the same slot (it says hello, then waits for the
-    /// group's id); its process id.
-    fn replace(&mut self, slot: Slot) -> Result<u32, String>;
+    /// group's id); its process id. `None`: the place is not this
+    /// supervisor's (its worker came from elsewhere): the engine waits
+    /// for one to join.
+    fn replace(&mut self, slot: Slot) -> Result<Option<u32>, String>;
 }
 
 /// Whether the service can serve.
@@ -175,9 +180,16 @@ enum Cmd {
         events: UnboundedSender<SeqEvent>,
     },
     Cancel(SeqId),
-    /// A worker connected and said hello (its connection's number, its
-    /// process id, and the stream to write to).
-    Joined(Slot, u64, u32, TcpStream),
+    /// A worker connected and said hello: its place, its connection's
+    /// number, its process id, whether it is a standby, and the stream to
+    /// write to.
+    Joined {
+        slot: Slot,
+        conn: u64,
+        pid: u32,
+        standby: bool,
+        stream: TcpStream,
+    },
     /// A line from a worker's connection (or why it ended).
     Worker(Slot, u64, Result<FromWorker, String>),
     /// The supervisor saw a worker's process (this id) end.
@@ -260,7 +272,9 @@ impl std::fmt::Debug for Cmd {
         match self {
             Cmd::Submit { id, .. } => write!(f, "Submit({id})"),
             Cmd::Cancel(id) => write!(f, "Cancel({id})"),
-            Cmd::Joined(s, c, p, _) => write!(f, "Joined({s}, {c}, pid {p})"),
+            Cmd::Joined {
+                slot, conn, pid, ..
+            } => write!(f, "Joined({slot}, {conn}, pid {pid})"),
             Cmd::Worker(s, c, m) => write!(f, "Worker({s}, {c}, {m:?})"),
             Cmd::Lost(s, p, w) => write!(f, "Lost({s}, pid {p}, {w})"),
             Cmd::Drain(_) => write!(f, "Drain"),
@@ -394,20 +408,35 @@ struct Running {
 }
 
 /// Accepts workers' control connections on `listener` for as long as the
-/// process lives (replacements and late joiners say hello at any time):
-/// each must say hello with a role and rank that fit the group within 5 s.
-fn accept_workers(listener: TcpListener, tx: Sender<Cmd>, attention: usize, experts: usize) {
+/// process lives (replacements, standbys and workers from other hosts say
+/// hello at any time): each must say hello within 5 s with a role and rank
+/// that fit the group and the group's secret.
+fn accept_workers(listener: TcpListener, tx: Sender<Cmd>, gate: Gate) {
     let mut next_conn = 0u64;
     for stream in listener.incoming() {
         let Ok(s) = stream else { continue };
         next_conn += 1;
-        let (conn, tx) = (next_conn, tx.clone());
+        let (conn, tx, gate) = (next_conn, tx.clone(), gate.clone());
         std::thread::spawn(move || {
-            let Some((slot, pid, reader)) = hello(&s, attention, experts) else {
-                return;
+            let peer = s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            let (hello, reader) = match gate.hello(&s) {
+                Ok(x) => x,
+                Err(why) => {
+                    eprintln!("moe-serve: refused a control connection from {peer}: {why}");
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
             };
+            let slot = hello.slot;
             let Ok(writer) = s.try_clone() else { return };
-            if tx.send(Cmd::Joined(slot, conn, pid, writer)).is_err() {
+            let joined = Cmd::Joined {
+                slot,
+                conn,
+                pid: hello.pid,
+                standby: hello.standby,
+                stream: writer,
+            };
+            if tx.send(joined).is_err() {
                 return;
             }
             for line in reader.lines() {
@@ -430,44 +459,78 @@ fn accept_workers(listener: TcpListener, tx: Sender<Cmd>, attention: usize, expe
     }
 }
 
-/// Reads a worker's hello: its slot, and the reader for what follows.
-fn hello(
-    s: &TcpStream,
+/// What a control connection must show to be taken: a hello that fits the
+/// group's shape, with the group's secret.
+#[derive(Clone)]
+struct Gate {
     attention: usize,
     experts: usize,
-) -> Option<(Slot, u32, BufReader<TcpStream>)> {
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.set_nodelay(true).ok()?;
-    let mut r = BufReader::new(s.try_clone().ok()?);
-    let mut line = String::new();
-    r.read_line(&mut line).ok()?;
-    s.set_read_timeout(None).ok()?;
-    let bad = |why: String| {
-        eprintln!("moe-serve: refused a control connection: {why}");
-        None
-    };
-    let (role, rank, pid) = match serde_json::from_str(line.trim_end()) {
-        Ok(FromWorker::Hello { role, rank, pid }) => (role, rank, pid),
-        Ok(FromWorker::Error { message }) => return bad(format!("it reported {message}")),
-        _ => return bad(format!("not a worker's hello: {line:?}")),
-    };
-    let slot = match role.parse::<Role>() {
-        Ok(Role::Attention) if rank < attention => Slot::attention(rank),
-        Ok(Role::Expert) if rank < experts => Slot::expert(rank),
-        Ok(role) => {
-            return bad(format!(
-                "{role} {rank} is not in a group of {attention} x {experts}"
-            ))
+    secret: Arc<String>,
+}
+
+/// A hello the gate let through.
+struct Hello {
+    slot: Slot,
+    pid: u32,
+    standby: bool,
+}
+
+/// The longest hello line read (a stranger cannot make us buffer more).
+const MAX_HELLO: u64 = 4096;
+
+impl Gate {
+    /// Reads a worker's hello: who it is, and the reader for what follows;
+    /// or why it is refused.
+    fn hello(&self, s: &TcpStream) -> Result<(Hello, BufReader<TcpStream>), String> {
+        let io = |e: std::io::Error| e.to_string();
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io)?;
+        s.set_nodelay(true).map_err(io)?;
+        let mut reader = BufReader::new(s.try_clone().map_err(io)?);
+        let mut line = String::new();
+        std::io::Read::take(&mut reader, MAX_HELLO)
+            .read_line(&mut line)
+            .map_err(|e| format!("no hello within 5 s: {e}"))?;
+        if !line.ends_with('\n') {
+            return Err(format!(
+                "no complete hello line (at most {MAX_HELLO} bytes)"
+            ));
         }
-        Err(e) => return bad(format!("role {role:?}: {e}")),
-    };
-    Some((slot, pid, r))
+        s.set_read_timeout(None).map_err(io)?;
+        let (role, rank, pid, secret, standby) = match serde_json::from_str(line.trim_end()) {
+            Ok(FromWorker::Hello {
+                role,
+                rank,
+                pid,
+                secret,
+                standby,
+            }) => (role, rank, pid, secret, standby),
+            Ok(FromWorker::Error { message }) => return Err(format!("it reported {message}")),
+            _ => return Err("not a worker's hello".into()),
+        };
+        use subtle::ConstantTimeEq;
+        if !bool::from(secret.as_bytes().ct_eq(self.secret.as_bytes())) {
+            return Err(format!(
+                "{role} {rank} did not present the group's secret ({SECRET_ENV})"
+            ));
+        }
+        let (m, n) = (self.attention, self.experts);
+        let slot = match role.parse::<Role>() {
+            Ok(Role::Attention) if rank < m => Slot::attention(rank),
+            Ok(Role::Expert) if rank < n => Slot::expert(rank),
+            Ok(role) => return Err(format!("{role} {rank} is not in a group of {m} x {n}")),
+            Err(e) => return Err(format!("role {role:?}: {e}")),
+        };
+        Ok((Hello { slot, pid, standby }, reader))
+    }
 }
 
 /// Accepts the workers' control connections on `listener` (each says
-/// hello with its role and rank), then runs the engine on its own thread.
+/// hello with its role, rank and the group's `secret`), forms the group
+/// once every place has a worker, then runs the engine on its own thread.
 pub fn start(
     listener: TcpListener,
+    secret: String,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
     accept_timeout: Duration,
@@ -476,41 +539,15 @@ pub fn start(
     let (tx, rx) = channel();
     {
         let tx = tx.clone();
-        let (m, n) = (cfg.attention, cfg.experts);
+        let gate = Gate {
+            attention: cfg.attention,
+            experts: cfg.experts,
+            secret: Arc::new(secret),
+        };
         std::thread::Builder::new()
             .name("moe-control-accept".into())
-            .spawn(move || accept_workers(listener, tx, m, n))
+            .spawn(move || accept_workers(listener, tx, gate))
             .map_err(|e| e.to_string())?;
-    }
-    let mut writers = BTreeMap::new();
-    let mut pids = BTreeMap::new();
-    let deadline = Instant::now() + accept_timeout;
-    let all = all_slots(&cfg);
-    while writers.len() < all.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(Cmd::Joined(slot, conn, pid, s)) => {
-                if writers.insert(slot, (conn, s)).is_some() {
-                    return Err(format!("{slot} said hello twice"));
-                }
-                pids.insert(slot, pid);
-            }
-            Ok(Cmd::Worker(_, _, Ok(FromWorker::Error { message }))) => return Err(message),
-            Ok(Cmd::Worker(_, _, Err(message))) => return Err(message),
-            Ok(Cmd::Lost(slot, _, why)) => return Err(format!("{slot} {why}")),
-            Ok(_) => {}
-            Err(_) => {
-                let missing: Vec<String> = all
-                    .iter()
-                    .filter(|s| !writers.contains_key(s))
-                    .map(Slot::to_string)
-                    .collect();
-                return Err(format!(
-                    "workers {} did not connect within {accept_timeout:?}",
-                    missing.join(", ")
-                ));
-            }
-        }
     }
     let shared = Arc::new(Shared::default());
     let handle = EngineHandle {
@@ -518,12 +555,12 @@ pub fn start(
         shared: shared.clone(),
         max_queue: cfg.max_queue,
     };
-    metrics.service_state.set(0);
-    let engine = Engine {
+    let mut engine = Engine {
         cfg,
         rx,
-        writers,
-        pids,
+        writers: BTreeMap::new(),
+        pids: BTreeMap::new(),
+        standbys: Vec::new(),
         supervisor,
         shared,
         metrics,
@@ -534,6 +571,8 @@ pub fn start(
         drain: None,
         failure: None,
     };
+    engine.form_first(Instant::now() + accept_timeout)?;
+    engine.metrics.service_state.set(0);
     let thread = std::thread::Builder::new()
         .name("moe-engine".into())
         .spawn(move || engine.run())
@@ -575,6 +614,9 @@ struct Engine {
     /// Each worker's process id (from its hello, or its replacement's
     /// start): an exit the supervisor reports for another is old news.
     pids: BTreeMap<Slot, u32>,
+    /// Standby workers (connection, process id, stream), by the place
+    /// each stands by for.
+    standbys: Vec<(Slot, u64, u32, TcpStream)>,
     supervisor: Box<dyn Supervisor>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
@@ -652,12 +694,30 @@ impl Engine {
                 events,
             }),
             Cmd::Cancel(id) => self.cancel(id),
-            Cmd::Joined(slot, _, pid, s) => {
-                // Only a replacement the engine started is taken (in the
-                // recovery); anyone else is refused: its channel closes,
-                // so it exits.
-                eprintln!("moe-serve: refused {slot} (pid {pid}): the group did not ask for it");
-                let _ = s.shutdown(std::net::Shutdown::Both);
+            Cmd::Joined {
+                slot,
+                conn,
+                pid,
+                standby: true,
+                stream,
+            } => {
+                eprintln!("moe-serve: a standby for {slot} joined (pid {pid})");
+                self.standbys.push((slot, conn, pid, stream));
+            }
+            Cmd::Joined {
+                slot, pid, stream, ..
+            } => {
+                // A place is filled only when the engine asks (at the
+                // start, in a recovery); anyone else is refused: its
+                // channel closes, so it exits.
+                eprintln!("moe-serve: refused {slot} (pid {pid}): the place is taken");
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+            Cmd::Worker(slot, conn, msg) if self.standbys.iter().any(|s| s.1 == conn) => {
+                if let Err(why) | Ok(FromWorker::Error { message: why }) = msg {
+                    eprintln!("moe-serve: the standby for {slot} left: {why}");
+                    self.standbys.retain(|s| s.1 != conn);
+                }
             }
             Cmd::Worker(slot, conn, _) if !self.current(slot, conn) => {}
             Cmd::Worker(_, _, Ok(FromWorker::Rejected { id, message })) => {
@@ -720,7 +780,11 @@ impl Engine {
         {
             return; // already lost
         }
-        self.writers.remove(&slot);
+        if let Some((_, w)) = self.writers.remove(&slot) {
+            // Both halves: the reader's copy too, so that the worker sees
+            // its channel close and exits even if it wakes much later.
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
         eprintln!("moe-serve: lost {slot}: {why}");
         self.metrics
             .worker_losses
@@ -1027,49 +1091,107 @@ impl Engine {
         f.lost.clear();
         f.broken.clear();
         f.rejoining.clear();
-        // 2. The lost are replaced; each says hello (its weights loaded).
-        let mut pending: BTreeSet<Slot> = lost.iter().copied().collect();
+        // 2. The lost are replaced: by a standby, else by a new worker
+        //    (started here, or joining from elsewhere), which says hello
+        //    once its weights are loaded.
+        let mut expect: BTreeMap<Slot, Option<u32>> = BTreeMap::new();
         for &slot in &lost {
-            let pid = self
-                .supervisor
-                .replace(slot)
-                .map_err(|e| format!("{slot} cannot be replaced: {e} (lost: {why})"))?;
-            self.pids.insert(slot, pid);
+            if let Some(i) = self.standbys.iter().position(|s| s.0 == slot) {
+                let (_, conn, pid, stream) = self.standbys.remove(i);
+                eprintln!("moe-serve: the standby (pid {pid}) takes over {slot}");
+                self.writers.insert(slot, (conn, stream));
+                self.pids.insert(slot, pid);
+            } else {
+                let pid = self
+                    .supervisor
+                    .replace(slot)
+                    .map_err(|e| format!("{slot} cannot be replaced: {e} (lost: {why})"))?;
+                if let Some(pid) = pid {
+                    self.pids.insert(slot, pid);
+                } else {
+                    eprintln!("moe-serve: waiting for a worker to join as {slot}");
+                }
+                expect.insert(slot, pid);
+            }
             self.metrics
                 .worker_replacements
                 .with_label_values(&[slot.role.name()])
                 .inc();
         }
-        while !pending.is_empty() {
+        if let Err(what) = self.await_hellos(expect, deadline) {
+            return match what {
+                None => Ok(false),
+                Some(what) => Err(late(what)),
+            };
+        }
+        // 3. Everyone joins the new group: the survivors keep their state.
+        match self.form(deadline) {
+            Ok(()) => Ok(true),
+            Err(None) => Ok(false),
+            Err(Some(what)) => Err(late(what)),
+        }
+    }
+
+    /// Waits for a hello from each place in `expect` (from that process,
+    /// when its id is known). `Err(None)`: a worker was lost meanwhile;
+    /// `Err(Some(why))`: the deadline passed.
+    fn await_hellos(
+        &mut self,
+        mut expect: BTreeMap<Slot, Option<u32>>,
+        deadline: Instant,
+    ) -> Result<(), Option<String>> {
+        while !expect.is_empty() {
             let Some(c) = self.next_before(deadline) else {
-                let names: Vec<String> = pending.iter().map(Slot::to_string).collect();
-                return Err(late(format!("no hello from {}", names.join(", "))));
+                let names: Vec<String> = expect.keys().map(Slot::to_string).collect();
+                return Err(Some(format!(
+                    "no worker said hello as {}",
+                    names.join(", ")
+                )));
             };
             match c {
-                Cmd::Joined(slot, conn, pid, s)
-                    if pending.contains(&slot) && self.pids.get(&slot) == Some(&pid) =>
+                Cmd::Joined {
+                    slot,
+                    conn,
+                    pid,
+                    stream,
+                    ..
+                } if expect
+                    .get(&slot)
+                    .is_some_and(|e| e.is_none_or(|p| p == pid)) =>
                 {
-                    self.writers.insert(slot, (conn, s));
-                    pending.remove(&slot);
+                    self.writers.insert(slot, (conn, stream));
+                    self.pids.insert(slot, pid);
+                    expect.remove(&slot);
                 }
                 other => self.handle(other),
             }
             if self.failure.as_ref().is_some_and(|f| !f.lost.is_empty()) {
-                return Ok(false);
+                return Err(None);
             }
         }
-        // 3. Everyone joins the new group: the survivors keep their state.
-        let uid = self.supervisor.new_group()?;
+        Ok(())
+    }
+
+    /// Every worker joins a new group (the first, or one re-formed).
+    /// `Err(None)`: a worker was lost or found the group broken meanwhile;
+    /// `Err(Some(why))`: the deadline passed or no group could be opened.
+    fn form(&mut self, deadline: Instant) -> Result<(), Option<String>> {
+        let all = all_slots(&self.cfg);
+        let uid = self.supervisor.new_group().map_err(Some)?;
         for &slot in &all {
-            if !self.tell(slot, &ToWorker::Reform { uid: uid.clone() }) {
-                return Ok(false);
+            let reform = ToWorker::Reform {
+                uid: uid.clone(),
+                deployment: self.cfg.deployment,
+            };
+            if !self.tell(slot, &reform) {
+                return Err(None);
             }
         }
         let mut pending: BTreeSet<Slot> = all.iter().copied().collect();
         while !pending.is_empty() {
             let Some(c) = self.next_before(deadline) else {
                 let names: Vec<String> = pending.iter().map(Slot::to_string).collect();
-                return Err(late(format!("{} did not join", names.join(", "))));
+                return Err(Some(format!("{} did not join", names.join(", "))));
             };
             match c {
                 Cmd::Worker(slot, conn, Ok(FromWorker::Reformed)) if self.current(slot, conn) => {
@@ -1077,18 +1199,47 @@ impl Engine {
                 }
                 other => self.handle(other),
             }
-            let f = self.failure.as_mut().expect("failing");
-            if !f.lost.is_empty() || !f.broken.is_empty() {
-                // Those still joining answer when the rendezvous gives up.
-                f.rejoining = pending
-                    .iter()
-                    .filter(|s| !f.lost.contains_key(s) && !f.broken.contains(s))
-                    .copied()
-                    .collect();
-                return Ok(false);
+            if let Some(f) = self.failure.as_mut() {
+                if !f.lost.is_empty() || !f.broken.is_empty() {
+                    // Those still joining answer when the rendezvous gives up.
+                    f.rejoining = pending
+                        .iter()
+                        .filter(|s| !f.lost.contains_key(s) && !f.broken.contains(s))
+                        .copied()
+                        .collect();
+                    return Err(None);
+                }
             }
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// The first group: every place's worker says hello (started here or
+    /// joining from elsewhere), then all join.
+    fn form_first(&mut self, deadline: Instant) -> Result<(), String> {
+        let expect = all_slots(&self.cfg)
+            .into_iter()
+            .map(|s| (s, None))
+            .collect();
+        let failed = |e: &mut Self, what: Option<String>| {
+            let lost = e
+                .failure
+                .take()
+                .map(|f| f.lost.into_values().collect::<Vec<_>>().join("; "))
+                .unwrap_or_default();
+            match what {
+                Some(w) if lost.is_empty() => w,
+                Some(w) => format!("{w}; {lost}"),
+                None => lost,
+            }
+        };
+        if let Err(what) = self.await_hellos(expect, deadline) {
+            return Err(failed(self, what));
+        }
+        if let Err(what) = self.form(deadline) {
+            return Err(failed(self, what));
+        }
+        Ok(())
     }
 
     /// The next command, or `None` at `deadline`.
