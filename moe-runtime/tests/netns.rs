@@ -122,3 +122,217 @@ fn attention_and_experts_in_two_namespaces_over_tcp_match_the_reference() {
     let got: String = keyed.into_iter().map(|(_, _, t)| t + "\n").collect();
     assert_eq!(got, stdout(&reference));
 }
+
+const MOE_SERVE: &str = env!("CARGO_BIN_EXE_moe-serve");
+const SECRET: &str = "netns-test-secret-0123456789";
+
+/// `moe-serve` in namespace `ns` with `args` (m2n over tcp, a short peer
+/// timeout, the test's secret unless `secret` says otherwise).
+fn serve_in(ns: &str, args: &[&str], secret: &str) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns, MOE_SERVE])
+        .args(args)
+        .env("M2N_TRANSPORT", "tcp")
+        .env("M2N_WAIT", "yield")
+        .env("M2N_PEER_TIMEOUT_MS", "1500")
+        .env("MOE_SERVE_SECRET", secret)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start moe-serve")
+}
+
+/// curl in namespace `ns`: (HTTP status, body).
+fn curl_in(ns: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "curl", "-s", "--max-time", "60"])
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let out = c
+        .arg(format!("http://127.0.0.1:8000{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn metric_in(ns: &str, name: &str) -> f64 {
+    let (_, text) = curl_in(ns, "/metrics", None);
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Greedy completions of four prompts at once: (status, text) each.
+fn four_completions(ns: &str) -> Vec<(u16, String)> {
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let ns = ns.to_string();
+            std::thread::spawn(move || {
+                let body = format!(
+                    r#"{{"model": "test-model", "prompt": "Hello number {i}", "max_tokens": 120, "ignore_eos": true, "temperature": 0}}"#
+                );
+                let (st, body) = curl_in(&ns, "/v1/completions", Some(&body));
+                let text = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+                    .unwrap_or(body);
+                (st, text)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+struct KillOnDrop(Vec<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The process under `ip netns exec` (its only child, the worker).
+fn worker_pid(c: &Child) -> i32 {
+    // `ip netns exec` execs the program: same process.
+    c.id() as i32
+}
+
+fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !ok() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(secs),
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn experts_join_moe_serve_from_another_namespace_and_standbys_take_over() {
+    use nix::sys::signal::Signal::{SIGCONT, SIGKILL, SIGSTOP};
+    let net = match Net::create("msv", 10) {
+        Ok(n) => n,
+        Err(why) => {
+            println!(
+                "SKIPPED: cannot create network namespaces here ({why}); needs root and iproute2"
+            );
+            return;
+        }
+    };
+    let dir = TempDir::new("netns-serve");
+    let model = checkpoint(dir.path(), "tiny", 4, 1, StoreDtype::Bf16);
+    let model = model.display().to_string();
+    let control = "10.231.10.1:7411";
+    let shape = ["--attention", "1", "--experts", "2"];
+    let mut server = serve_in(
+        &net.a,
+        &[
+            &["--model", &model, "--served-model-name", "test-model"],
+            &shape[..],
+            &["--spawn", "attention", "--control-listen", control],
+            &["--port", "8000", "--recovery-timeout-s", "30"],
+        ]
+        .concat(),
+        SECRET,
+    );
+    let expert = |rank: &str, extra: &[&str], secret: &str| {
+        serve_in(
+            &net.b,
+            &[
+                &["--join", control, "--worker", "expert", "--rank", rank],
+                &["--model", &model][..],
+                &shape[..],
+                extra,
+            ]
+            .concat(),
+            secret,
+        )
+    };
+    let mut procs = KillOnDrop(vec![
+        expert("0", &[], SECRET),
+        expert("1", &[], SECRET),
+        expert("1", &["--standby"], SECRET),
+    ]);
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on"), "moe-serve said {line:?}");
+    procs.0.push(server);
+    let a = net.a.clone();
+    assert!(curl_in(&a, "/health", None).1.contains("whole"));
+
+    // A worker without the secret is refused and exits.
+    let stranger = expert("0", &["--standby"], "not-the-secret-at-all")
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        !stranger.status.success(),
+        "a worker without the secret was taken"
+    );
+
+    let reference = four_completions(&a);
+    assert!(reference.iter().all(|(s, _)| *s == 200), "{reference:?}");
+    let run_with_fault = |fault: &mut dyn FnMut()| {
+        let before = metric_in(&a, "m2n_serve:generation_tokens_total");
+        let ns = a.clone();
+        let load = std::thread::spawn(move || four_completions(&ns));
+        wait_for("tokens", 30, || {
+            metric_in(&a, "m2n_serve:generation_tokens_total") > before + 40.0
+        });
+        fault();
+        let got = load.join().unwrap();
+        for (i, ((st, text), (_, want))) in got.iter().zip(&reference).enumerate() {
+            assert_eq!(*st, 200, "request {i} failed: {text}");
+            assert_eq!(text, want, "request {i} differs from the undisturbed run");
+        }
+        wait_for("whole again", 30, || {
+            curl_in(&a, "/health", None).1.contains("whole")
+        });
+    };
+
+    // 1. Expert 1 is killed: the standby takes over, no process starts.
+    let killed = worker_pid(&procs.0[1]);
+    run_with_fault(&mut || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(killed), SIGKILL).unwrap();
+    });
+    assert!(
+        procs.0[2].try_wait().unwrap().is_none(),
+        "the standby serves as expert 1"
+    );
+
+    // 2. Expert 0 stops: judged lost after the window, a standby that
+    //    joins meanwhile takes over; woken, the stopped one finds its
+    //    channel closed and exits.
+    let stopped = worker_pid(&procs.0[0]);
+    let mut newcomer = None;
+    run_with_fault(&mut || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(stopped), SIGSTOP).unwrap();
+        newcomer = Some(expert("0", &["--standby"], SECRET));
+    });
+    procs.0.push(newcomer.take().unwrap());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(stopped), SIGCONT).unwrap();
+    wait_for("the woken worker exits", 20, || {
+        procs.0[0].try_wait().unwrap().is_some()
+    });
+    let replaced = metric_in(
+        &a,
+        "m2n_serve:worker_replacements_total{model_name=\"test-model\",role=\"expert\"}",
+    );
+    assert_eq!(replaced, 2.0);
+    assert_eq!(metric_in(&a, "m2n_serve:request_failures_total"), 0.0);
+}

@@ -138,6 +138,9 @@ fn group_failure(e: &RuntimeError) -> Option<FromWorker> {
 /// present it in their hello).
 pub const SECRET_ENV: &str = "MOE_SERVE_SECRET";
 
+/// How long a worker keeps dialing a server that is not listening yet.
+const DIAL_PATIENCE: Duration = Duration::from_secs(60);
+
 /// How a worker reaches its engine.
 #[derive(Debug, Clone)]
 pub struct Dial {
@@ -159,7 +162,21 @@ pub fn deployment_words(d: &Deployment) -> [usize; 4] {
 /// Dials the engine and says hello.
 fn dial(d: &Dial, role: Role, rank: usize) -> Result<TcpStream, RuntimeError> {
     let io = |e: std::io::Error| RuntimeError::Io(format!("control channel {}: {e}", d.addr));
-    let mut stream = TcpStream::connect(&d.addr).map_err(io)?;
+    // A worker started by hand may come up before its server: it keeps
+    // dialing for a minute.
+    let t0 = std::time::Instant::now();
+    let mut stream = loop {
+        match TcpStream::connect(&d.addr) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && t0.elapsed() < DIAL_PATIENCE =>
+            {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => return Err(io(e)),
+        }
+    };
     stream.set_nodelay(true).map_err(io)?;
     send(
         &mut stream,
