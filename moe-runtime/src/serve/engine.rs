@@ -570,6 +570,7 @@ pub fn start(
         kv_used: vec![0; cfg.attention],
         drain: None,
         failure: None,
+        recovered_from: None,
     };
     engine.form_first(Instant::now() + accept_timeout)?;
     engine.metrics.service_state.set(0);
@@ -600,6 +601,8 @@ struct Failure {
     resume: BTreeSet<usize>,
     /// Workers told to join a group that then failed, not yet heard from.
     rejoining: BTreeSet<Slot>,
+    /// Every worker lost in this failure, in order (for the log).
+    names: Vec<String>,
 }
 
 /// How long a re-formed group's rendezvous waits for its members (every
@@ -626,6 +629,9 @@ struct Engine {
     kv_used: Vec<usize>,
     drain: Option<Instant>,
     failure: Option<Failure>,
+    /// When the loss the last recovery answered happened, until the first
+    /// step after it is done.
+    recovered_from: Option<Instant>,
 }
 
 impl Engine {
@@ -765,6 +771,7 @@ impl Engine {
             broken: BTreeSet::new(),
             resume: BTreeSet::new(),
             rejoining: BTreeSet::new(),
+            names: Vec::new(),
         })
     }
 
@@ -796,6 +803,7 @@ impl Engine {
         if slot.role == Role::Attention {
             f.resume.insert(slot.rank);
         }
+        f.names.push(slot.to_string());
         f.lost.insert(slot, why);
     }
 
@@ -963,6 +971,21 @@ impl Engine {
             .iteration_tokens
             .observe(iteration_tokens as f64);
         self.publish();
+        if self.recovered_from.is_some() {
+            self.recovered();
+        }
+    }
+
+    /// The first step after a recovery is done: the time from the loss.
+    fn recovered(&mut self) {
+        if let Some(began) = self.recovered_from.take() {
+            let t = began.elapsed();
+            self.metrics.recovery.observe(t.as_secs_f64());
+            eprintln!(
+                "moe-serve: serving again {:.3} s after the loss",
+                t.as_secs_f64()
+            );
+        }
     }
 
     /// A worker's step: its timings, prompt log-probabilities and tokens.
@@ -1021,15 +1044,19 @@ impl Engine {
         match outcome {
             Ok(()) => {
                 self.resume(&failure.resume);
-                self.metrics.recovery.observe(began.elapsed().as_secs_f64());
                 self.metrics.service_state.set(0);
                 self.shared.set_recovering(None);
-                let lost: Vec<String> = failure.lost.keys().map(Slot::to_string).collect();
                 eprintln!(
                     "moe-serve: group re-formed in {:.0?} after losing {}",
                     began.elapsed(),
-                    lost.join(", ")
+                    failure.names.join(", ")
                 );
+                // Recovered once the group's first step is done (or now,
+                // if nothing runs).
+                self.recovered_from = Some(began);
+                if self.running.is_empty() {
+                    self.recovered();
+                }
             }
             Err(why) => {
                 self.metrics.service_state.set(2);

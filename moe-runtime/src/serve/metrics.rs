@@ -36,7 +36,7 @@ pub struct Metrics {
     /// Requests ended with an error by the engine (a recovery that did
     /// not finish, a worker that refused them).
     pub requests_failed: IntCounter,
-    /// From a loss to the re-formed group's first step.
+    /// From a worker loss to the re-formed group's first step (its first tokens).
     pub recovery: Histogram,
     /// 0 whole, 1 degraded (recovering), 2 down.
     pub service_state: IntGauge,
