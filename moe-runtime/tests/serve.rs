@@ -640,6 +640,25 @@ fn lost_workers_are_replaced_and_every_request_ends_as_if_nothing_happened() {
     let max_tokens = 160;
     let reference = completions_at_once(s.port, &s.model, &prompts, max_tokens);
     assert!(reference.iter().all(|(st, _)| *st == 200), "{reference:?}");
+    // Steady load from moe-loadgen through all three faults.
+    let dir = TempDir::new("replace-load");
+    let load_json = dir.path().join("load.json");
+    let mut loadgen = Command::new(MOE_LOADGEN)
+        .args([
+            "--url",
+            &s.url(),
+            "--num-prompts",
+            "400",
+            "--request-rate",
+            "40",
+        ])
+        .args(["--input-len-median", "16", "--output-len-median", "24"])
+        .arg("--json")
+        .arg(&load_json)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     use nix::sys::signal::Signal::{SIGCONT, SIGKILL, SIGSTOP};
     let faults: [(&str, nix::sys::signal::Signal); 3] = [
         ("--worker expert --rank 1", SIGKILL),
@@ -686,6 +705,15 @@ fn lost_workers_are_replaced_and_every_request_ends_as_if_nothing_happened() {
     assert_eq!(replaced("expert"), 2.0);
     assert_eq!(replaced("attention"), 1.0);
     assert!(s.metric("m2n_serve:requests_resumed_total") >= 1.0);
+    assert!(loadgen.wait().unwrap().success());
+    let load: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&load_json).unwrap()).unwrap();
+    assert_eq!(
+        load["failed"], 0,
+        "moe-loadgen saw failures: {}",
+        load["errors"]
+    );
+    assert!(load["completed"].as_u64().unwrap() >= 400);
     assert_eq!(s.metric("m2n_serve:request_failures_total"), 0.0);
     // And it still serves.
     let again = completions_at_once(s.port, &s.model, &prompts[..2], max_tokens);
@@ -737,4 +765,73 @@ fn a_replacement_that_cannot_start_ends_requests_with_the_reason_and_the_server_
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("down"), "{body}");
     assert_eq!(s.metric("m2n_serve:service_state"), 2.0);
+}
+
+#[test]
+fn expert_workers_launched_by_mpiexec_join_the_server() {
+    if Command::new("mpiexec").arg("--version").output().is_err() {
+        println!("SKIPPED: no mpiexec here (MPICH's, from scripts/setup)");
+        return;
+    }
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (port, control) = (free(), free());
+    let control = format!("127.0.0.1:{control}");
+    let dir = TempDir::new("mpijoin");
+    let model_dir = checkpoint(dir.path(), "tiny", 4, 1, StoreDtype::Bf16);
+    let model = model_dir.display().to_string();
+    let secret = "mpiexec-test-secret-0123456789";
+    let shape = ["--attention", "1", "--experts", "2"];
+    let mut child = Command::new(MOE_SERVE)
+        .args(["--model", &model, "--port", &port.to_string()])
+        .args(["--served-model-name", "test-model"])
+        .args(shape)
+        .args(["--spawn", "attention", "--control-listen", &control])
+        .env("M2N_WAIT", "yield")
+        .env("MOE_SERVE_SECRET", secret)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Expert ranks from the launcher's world ranks.
+    let mut mpi = Command::new("mpiexec")
+        .args([
+            "-n", "2", MOE_SERVE, "--join", &control, "--worker", "expert",
+        ])
+        .args(["--model", &model])
+        .args(shape)
+        .env("M2N_WAIT", "yield")
+        .env("MOE_SERVE_SECRET", secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on"), "moe-serve said {line:?}");
+    let s = Server {
+        child,
+        port,
+        model: "test-model".into(),
+        _dir: dir,
+        model_dir,
+    };
+    let prompts = ["Hello".to_string(), "World".to_string()];
+    let got = completions_at_once(s.port, &s.model, &prompts, 12);
+    assert!(got.iter().all(|(st, _)| *st == 200), "{got:?}");
+    assert!(health(&s).1.contains("whole"));
+    drop(s);
+    // The server gone, the workers find their channel closed and exit.
+    let t0 = Instant::now();
+    while mpi.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "mpiexec's workers outlived the server"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

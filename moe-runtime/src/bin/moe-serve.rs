@@ -97,8 +97,11 @@ struct Args {
     /// Run as a worker that joins the server whose control channel is at
     /// HOST:PORT (with `--worker ROLE --rank R`, the server's `--model`,
     /// `--attention`, `--experts`, `--microbatches`,
-    /// `--max-tokens-per-mb`, and the group's secret).
-    #[arg(long, value_name = "HOST:PORT", requires_all = ["worker", "rank"])]
+    /// `--max-tokens-per-mb`, and the group's secret). Under `mpiexec`,
+    /// the rank comes from the MPI launcher when `--rank` is not given,
+    /// and so does the role when `--worker` is not: world ranks `0..M`
+    /// are the attention workers, the rest the experts.
+    #[arg(long, value_name = "HOST:PORT")]
     join: Option<String>,
     /// With `--join`: wait as a standby for this place, and take it over
     /// (without a process start) when its worker is lost.
@@ -123,6 +126,15 @@ fn deployment(a: &Args) -> Deployment {
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    if a.join.is_some() {
+        return match joining_place(&a) {
+            Ok((role, rank)) => worker(&a, &role, rank),
+            Err(e) => {
+                eprintln!("moe-serve: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let (Some(role), Some(rank)) = (a.worker.as_deref(), a.rank) {
         return worker(&a, role, rank);
     }
@@ -187,6 +199,37 @@ fn worker(a: &Args, role: &str, rank: usize) -> ExitCode {
         };
     }
     launch::serving_worker_main("moe-serve", role, rank, true, body)
+}
+
+/// The world rank an MPI launcher gave this process (MPICH's and Open
+/// MPI's variables), if any.
+fn mpi_rank() -> Option<usize> {
+    ["PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// A joining worker's role and rank: the flags, else from the MPI world
+/// rank (`--worker` given: that role's rank; neither: ranks `0..M` are
+/// attention, the rest experts).
+fn joining_place(a: &Args) -> Result<(String, usize), String> {
+    let world = mpi_rank();
+    match (&a.worker, a.rank, world) {
+        (Some(role), Some(rank), _) => Ok((role.clone(), rank)),
+        (Some(role), None, Some(w)) => Ok((role.clone(), w)),
+        (None, None, Some(w)) if w < a.attention => Ok(("attention".into(), w)),
+        (None, None, Some(w)) if w < a.attention + a.experts => {
+            Ok(("expert".into(), w - a.attention))
+        }
+        (None, None, Some(w)) => Err(format!(
+            "MPI rank {w} is past the {} attention + {} expert workers of --attention/--experts",
+            a.attention, a.experts
+        )),
+        _ => Err(
+            "--join needs --worker ROLE and --rank R (or an MPI launcher that gives the rank)"
+                .into(),
+        ),
+    }
 }
 
 /// The group's secret: `--secret-file`, else `MOE_SERVE_SECRET`; `None`
