@@ -149,11 +149,17 @@ class Server:
             self.log.append((time.monotonic(), line.rstrip()))
 
     def workers(self) -> list[int]:
-        """Process ids of the live workers.
+        """Process ids of the live workers in service.
 
-        The server's children and, with netns, the experts in service (not
-        the standbys).
+        The server's children and, with netns, the experts in service: the
+        first ones and the standbys the server says took over (not the
+        standbys still waiting).
         """
+        took_over = {
+            int(m.group(1))
+            for _, text in self.log
+            if (m := re.search(r"the standby \(pid (\d+)\) takes over", text))
+        }
         out = []
         for d in Path("/proc").iterdir():
             if not d.name.isdigit():
@@ -166,7 +172,7 @@ class Server:
             if (
                 self.model in cmd
                 and "--worker" in cmd
-                and "--standby" not in cmd
+                and ("--standby" not in cmd or int(d.name) in took_over)
                 and state != "Z"
                 and not cmd.startswith("ip ")
             ):
@@ -386,12 +392,18 @@ def main() -> None:
             for t, text in server.log
             if (m := re.search(r"serving again ([0-9.]+) s after the loss", text))
         ]
-        rec: dict[str, list[float]] = {"SIGKILL": [], "SIGSTOP": []}
+        # By kind, and by how the place was filled: a standby took over
+        # (the server logs it) or a new process started.
+        rec: dict[str, list[float]] = {}
         windows = []
         for t, kind, _ in faults:
             after = [x for x in again if x[0] >= t]
             if after:
-                rec[kind].append(after[0][1])
+                standby = any(
+                    t <= ts <= after[0][0] and "takes over" in text for ts, text in server.log
+                )
+                how = f"{kind}, {'standby' if standby else 'process start'}"
+                rec.setdefault(how, []).append(after[0][1])
                 windows.append((t, after[0][0]))
         if not any(rec.values()):
             die(f"no recovery was logged; the server's last lines: {server.log[-10:]}")
@@ -422,6 +434,9 @@ def main() -> None:
             "itl_p50_ms_outside_recovery": 1e3 * pct(outside, 0.5),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "server.log").write_text(
+            "".join(f"{t - t_start:9.3f} {text}\n" for t, text in server.log)
+        )
         print(json.dumps(summary, indent=2))
         print(f"== written to {out}/summary.json")
         bad = summary["load_failed"] or summary["probe_failed"] or summary["probe_differing"]

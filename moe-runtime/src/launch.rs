@@ -117,33 +117,11 @@ pub fn spawn(
     bootstrap: Duration,
     announce: bool,
 ) -> Result<Group, RuntimeError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| RuntimeError::Io(format!("cannot find my own executable: {e}")))?;
-    let mut group = Group {
-        children: Vec::new(),
-        root: None,
-        exe,
-        args: args.to_vec(),
-        env: env.to_vec(),
-        bootstrap,
-        joined: Default::default(),
-        announce,
-        roles: vec![Role::Attention, Role::Expert],
-    };
+    let roles = [Role::Attention, Role::Expert];
+    let mut group = Group::new(&roles, args, env, bootstrap, announce)?;
     let (uid, served) = group.open_root()?;
     group.root = Some(served);
-    let total = deploy.attention + deploy.experts;
-    for (role, count) in [
-        (Role::Attention, deploy.attention),
-        (Role::Expert, deploy.experts),
-    ] {
-        for rank in 0..count {
-            if let Err(e) = group.start(role, rank, Some(&uid), total) {
-                group.kill_all();
-                return Err(e);
-            }
-        }
-    }
+    group.start_all(deploy, Some(&uid))?;
     Ok(group)
 }
 
@@ -157,36 +135,54 @@ pub fn spawn_unjoined(
     env: &[(String, String)],
     bootstrap: Duration,
 ) -> Result<Group, RuntimeError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| RuntimeError::Io(format!("cannot find my own executable: {e}")))?;
-    let mut group = Group {
-        children: Vec::new(),
-        root: None,
-        exe,
-        args: args.to_vec(),
-        env: env.to_vec(),
-        bootstrap,
-        joined: Default::default(),
-        announce: false,
-        roles: roles.to_vec(),
-    };
-    for &role in roles {
-        let count = match role {
-            Role::Attention => deploy.attention,
-            Role::Expert => deploy.experts,
-        };
-        for rank in 0..count {
-            if let Err(e) = group.start(role, rank, None, 0) {
-                group.kill_all();
-                return Err(e);
-            }
-        }
-    }
+    let mut group = Group::new(roles, args, env, bootstrap, false)?;
+    group.start_all(deploy, None)?;
     Ok(group)
 }
 
 impl Group {
-    /// Whether this group started (and replaces) the workers of `role`.
+    /// A group of no workers yet, which starts those of `roles`.
+    fn new(
+        roles: &[Role],
+        args: &[String],
+        env: &[(String, String)],
+        bootstrap: Duration,
+        announce: bool,
+    ) -> Result<Self, RuntimeError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| RuntimeError::Io(format!("cannot find my own executable: {e}")))?;
+        Ok(Group {
+            children: Vec::new(),
+            root: None,
+            exe,
+            args: args.to_vec(),
+            env: env.to_vec(),
+            bootstrap,
+            joined: Default::default(),
+            announce,
+            roles: roles.to_vec(),
+        })
+    }
+
+    /// Starts every rank of its roles (joining `uid`, if given); on a
+    /// failure, stops those started.
+    fn start_all(&mut self, deploy: &Deployment, uid: Option<&str>) -> Result<(), RuntimeError> {
+        let total = deploy.attention + deploy.experts;
+        for role in self.roles.clone() {
+            let count = match role {
+                Role::Attention => deploy.attention,
+                Role::Expert => deploy.experts,
+            };
+            for rank in 0..count {
+                if let Err(e) = self.start(role, rank, uid, total) {
+                    self.kill_all();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Worker processes it holds.
     pub fn len(&self) -> usize {
         self.children.len()
@@ -196,6 +192,7 @@ impl Group {
         self.children.is_empty()
     }
 
+    /// Whether this group started (and replaces) the workers of `role`.
     pub fn starts(&self, role: Role) -> bool {
         self.roles.contains(&role)
     }

@@ -33,25 +33,18 @@ impl Server {
     fn start_with(tag: &str, preset: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = TempDir::new(tag);
         let model_dir = checkpoint(dir.path(), preset, 4, 1, StoreDtype::Bf16);
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let mut child = Command::new(MOE_SERVE)
-            .args([
-                "--model",
-                &model_dir.display().to_string(),
-                "--port",
-                &port.to_string(),
-            ])
-            .args(["--served-model-name", "test-model"])
+        let port = free_port();
+        let child = serve_command(&model_dir, port)
             .args(extra)
-            .env("M2N_WAIT", "yield")
             .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        Self::ready(child, port, dir, model_dir)
+    }
+
+    /// The server `child` on `port`, once it says it listens and answers
+    /// `/health`.
+    fn ready(mut child: Child, port: u16, dir: TempDir, model_dir: PathBuf) -> Server {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -99,6 +92,24 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// moe-serve on `model_dir` and `port`, served as `test-model`, polling
+/// with yields (the tests oversubscribe two cores), output piped.
+fn serve_command(model_dir: &Path, port: u16) -> Command {
+    let mut c = Command::new(MOE_SERVE);
+    c.args(["--model", &model_dir.display().to_string()])
+        .args(["--port", &port.to_string()])
+        .args(["--served-model-name", "test-model"])
+        .env("M2N_WAIT", "yield")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
 }
 
 /// A plain HTTP/1.1 request (Connection: close): (status, body).
@@ -247,10 +258,7 @@ fn the_openai_request_in_full_and_vllms_sampling_extensions_work() {
 fn an_api_key_guards_v1_and_leaves_health_and_metrics_open() {
     let dir = TempDir::new("key");
     let model_dir = checkpoint(dir.path(), "tiny", 4, 1, StoreDtype::Bf16);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut child = Command::new(MOE_SERVE)
         .args(["--model", &model_dir.display().to_string()])
         .args(["--port", &port.to_string(), "--served-model-name", "m"])
@@ -773,26 +781,17 @@ fn expert_workers_launched_by_mpiexec_join_the_server() {
         println!("SKIPPED: no mpiexec here (MPICH's, from scripts/setup)");
         return;
     }
-    let free = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let (port, control) = (free(), free());
+    let (port, control) = (free_port(), free_port());
     let control = format!("127.0.0.1:{control}");
     let dir = TempDir::new("mpijoin");
     let model_dir = checkpoint(dir.path(), "tiny", 4, 1, StoreDtype::Bf16);
     let model = model_dir.display().to_string();
     let secret = "mpiexec-test-secret-0123456789";
     let shape = ["--attention", "1", "--experts", "2"];
-    let mut child = Command::new(MOE_SERVE)
-        .args(["--model", &model, "--port", &port.to_string()])
-        .args(["--served-model-name", "test-model"])
+    let child = serve_command(&model_dir, port)
         .args(shape)
         .args(["--spawn", "attention", "--control-listen", &control])
-        .env("M2N_WAIT", "yield")
         .env("MOE_SERVE_SECRET", secret)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // Expert ranks from the launcher's world ranks.
@@ -808,18 +807,7 @@ fn expert_workers_launched_by_mpiexec_join_the_server() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening on"), "moe-serve said {line:?}");
-    let s = Server {
-        child,
-        port,
-        model: "test-model".into(),
-        _dir: dir,
-        model_dir,
-    };
+    let s = Server::ready(child, port, dir, model_dir);
     let prompts = ["Hello".to_string(), "World".to_string()];
     let got = completions_at_once(s.port, &s.model, &prompts, 12);
     assert!(got.iter().all(|(st, _)| *st == 200), "{got:?}");
