@@ -287,7 +287,14 @@ fn experts_join_moe_serve_from_another_namespace_and_standbys_take_over() {
 
     let reference = four_completions(&a);
     assert!(reference.iter().all(|(s, _)| *s == 200), "{reference:?}");
+    let replaced = || {
+        metric_in(
+            &a,
+            "m2n_serve:worker_replacements_total{model_name=\"test-model\",role=\"expert\"}",
+        )
+    };
     let run_with_fault = |fault: &mut dyn FnMut()| {
+        let replaced_before = replaced();
         let before = metric_in(&a, "m2n_serve:generation_tokens_total");
         let ns = a.clone();
         let load = std::thread::spawn(move || four_completions(&ns));
@@ -300,6 +307,8 @@ fn experts_join_moe_serve_from_another_namespace_and_standbys_take_over() {
             assert_eq!(*st, 200, "request {i} failed: {text}");
             assert_eq!(text, want, "request {i} differs from the undisturbed run");
         }
+        // The place is filled (the requests may have ended first).
+        wait_for("a replacement", 30, || replaced() > replaced_before);
         wait_for("whole again", 30, || {
             curl_in(&a, "/health", None).1.contains("whole")
         });
@@ -329,10 +338,6 @@ fn experts_join_moe_serve_from_another_namespace_and_standbys_take_over() {
     wait_for("the woken worker exits", 20, || {
         procs.0[0].try_wait().unwrap().is_some()
     });
-    let replaced = metric_in(
-        &a,
-        "m2n_serve:worker_replacements_total{model_name=\"test-model\",role=\"expert\"}",
-    );
-    assert_eq!(replaced, 2.0);
+    assert_eq!(replaced(), 2.0);
     assert_eq!(metric_in(&a, "m2n_serve:request_failures_total"), 0.0);
 }

@@ -673,6 +673,16 @@ fn lost_workers_are_replaced_and_every_request_ends_as_if_nothing_happened() {
         ("--worker attention --rank 0", SIGKILL),
         ("--worker expert --rank 0", SIGSTOP),
     ];
+    let all_replaced = || {
+        ["attention", "expert"]
+            .iter()
+            .map(|role| {
+                s.metric(&format!(
+                    "m2n_serve:worker_replacements_total{{model_name=\"test-model\",role=\"{role}\"}}"
+                ))
+            })
+            .sum::<f64>()
+    };
     for (n, (who, sig)) in faults.iter().enumerate() {
         let before = s.metric("m2n_serve:generation_tokens_total");
         let port = s.port;
@@ -694,14 +704,15 @@ fn lost_workers_are_replaced_and_every_request_ends_as_if_nothing_happened() {
             );
             assert_eq!(text, want, "fault {n} ({who} {sig}): request {i} differs");
         }
+        // The place is filled (the requests may have ended first), then whole.
+        let t0 = Instant::now();
+        while all_replaced() < (n + 1) as f64 || !health(&s).1.contains("whole") {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", health(&s));
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if *sig == SIGSTOP {
             // Replaced (killed) meanwhile: waking it changes nothing.
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), SIGCONT);
-        }
-        let t0 = Instant::now();
-        while !health(&s).1.contains("whole") {
-            assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", health(&s));
-            std::thread::sleep(Duration::from_millis(20));
         }
         assert_ne!(s.pid_of(who), pid, "{who} was replaced");
     }
