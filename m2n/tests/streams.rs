@@ -536,3 +536,504 @@ fn a_release_that_overtakes_its_receive_is_applied_when_the_round_arrives() {
     s_recv.synchronize(Duration::from_secs(10)).unwrap();
     assert!(e.streams_idle());
 }
+
+// ---------------------------------------------------------------------
+// Graph-safe mode (issue 26): a recording of stream-ordered calls,
+// launched again and again, as a CUDA graph is.
+
+use m2n::stream::{HostGraph, StreamMode};
+use m2n::{Role, Root, Shape};
+use std::sync::atomic::AtomicU64;
+
+/// An `att` x `exp` group over shm with ring depth `depth`, each rank on
+/// its own thread: (attention ranks, expert ranks).
+fn group(att: usize, exp: usize, depth: usize) -> (Vec<Communicator>, Vec<Communicator>) {
+    let mut cfg = config_on(m2n::TransportKind::Shm);
+    cfg.dispatch.depth = depth;
+    cfg.combine.depth = depth;
+    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let uid = root.unique_id().clone();
+    let served = root.spawn(Duration::from_secs(30));
+    let ranks: Vec<_> = (0..att)
+        .map(|r| (Role::Attention, r))
+        .chain((0..exp).map(|r| (Role::Expert, r)))
+        .map(|(role, rank)| {
+            let (cfg, uid) = (cfg.clone(), uid.clone());
+            std::thread::spawn(move || {
+                Communicator::init(cfg, role, rank, Shape::new(att, exp), &uid).unwrap()
+            })
+        })
+        .collect();
+    let mut comms: Vec<Communicator> = ranks.into_iter().map(|t| t.join().unwrap()).collect();
+    served.join().unwrap().unwrap();
+    let experts = comms.split_off(att);
+    (comms, experts)
+}
+
+/// The bytes attention rank `a` sends expert `e` at step `k`.
+fn step_bytes(k: u64, a: usize, e: usize, len: usize) -> Vec<u8> {
+    pattern(k * 7 + a as u64 * 3 + e as u64, len)
+}
+
+/// What the expert sends back for them.
+fn echo(bytes: &[u8], e: usize) -> Vec<u8> {
+    bytes
+        .iter()
+        .map(|b| b.wrapping_mul(3).wrapping_add(e as u8 + 1))
+        .collect()
+}
+
+/// Counts of a rank's checks: messages checked, and wrong ones (with the
+/// first wrong step).
+#[derive(Default)]
+struct Checks {
+    checked: AtomicUsize,
+    wrong: AtomicUsize,
+    first_wrong: Mutex<Option<String>>,
+}
+
+impl Checks {
+    fn check(&self, what: impl FnOnce() -> String, got: &[u8], want: &[u8]) {
+        self.checked.fetch_add(1, Ordering::SeqCst);
+        if got != want {
+            self.wrong.fetch_add(1, Ordering::SeqCst);
+            self.first_wrong.lock().unwrap().get_or_insert_with(what);
+        }
+    }
+}
+
+/// What a rank records: its rank, the other side's size, the message
+/// length, how many steps.
+#[derive(Clone, Copy)]
+struct Steps {
+    me: usize,
+    peers: usize,
+    len: usize,
+    steps: usize,
+}
+
+/// Records `steps` steps of an attention rank: the producer fills the
+/// stable source buffer from the step counter (kept with the stream's
+/// work, as a GPU keeps it in device memory), the dispatch send, the
+/// combine receive, the consumer checking every byte, the release.
+fn record_attention(
+    proxy: &m2n::Proxy<Communicator>,
+    stream: &HostStream,
+    out: &Region,
+    shape: Steps,
+    checks: &Arc<Checks>,
+) -> HostGraph {
+    let Steps {
+        me,
+        peers: experts,
+        len,
+        steps,
+    } = shape;
+    let step = Arc::new(AtomicU64::new(0));
+    let at = addr(out);
+    stream.begin_capture().unwrap();
+    for _ in 0..steps {
+        let s = step.clone();
+        stream.launch_repeatable(move || {
+            let k = s.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(200));
+            for e in 0..experts {
+                let b = step_bytes(k, me, e, len);
+                // SAFETY: `out` holds experts * len bytes, lives until the streams are synchronised, and only this stream writes it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), (at + e * len) as *mut u8, len)
+                };
+            }
+        });
+        let msgs: Vec<Msg> = (0..experts).map(|e| Msg::new(out, e * len, len)).collect();
+        proxy
+            .lock()
+            .dispatch()
+            .send_on_stream(&msgs, stream)
+            .unwrap();
+        let r = proxy.lock().combine().recv_on_stream(stream).unwrap();
+        let addrs: Vec<usize> = (0..experts).map(|e| r.message_addr(e) as usize).collect();
+        let (s, c) = (step.clone(), checks.clone());
+        stream.launch_repeatable(move || {
+            let k = s.load(Ordering::SeqCst);
+            for (e, &at) in addrs.iter().enumerate() {
+                // SAFETY: the arrived round's slot in the live ring; the stream waited until it arrived and releases it after this.
+                let got = unsafe { std::slice::from_raw_parts(at as *const u8, len) };
+                let want = echo(&step_bytes(k, me, e, len), e);
+                c.check(
+                    || format!("attention {me}: step {k}, expert {e}"),
+                    got,
+                    &want,
+                );
+            }
+            s.fetch_add(1, Ordering::SeqCst);
+        });
+        proxy.lock().combine().release_on_stream(r, stream).unwrap();
+    }
+    stream.end_capture().unwrap()
+}
+
+/// Records `steps` steps of an expert rank: receive the dispatch round,
+/// check every byte and write the echo into the stable return buffer,
+/// release, send the echo back.
+fn record_expert(
+    proxy: &m2n::Proxy<Communicator>,
+    stream: &HostStream,
+    back: &Region,
+    shape: Steps,
+    checks: &Arc<Checks>,
+) -> HostGraph {
+    let Steps {
+        me,
+        peers: attention,
+        len,
+        steps,
+    } = shape;
+    let step = Arc::new(AtomicU64::new(0));
+    let at_back = addr(back);
+    stream.begin_capture().unwrap();
+    for _ in 0..steps {
+        let r = proxy.lock().dispatch().recv_on_stream(stream).unwrap();
+        let addrs: Vec<usize> = (0..attention).map(|a| r.message_addr(a) as usize).collect();
+        let (s, c) = (step.clone(), checks.clone());
+        stream.launch_repeatable(move || {
+            let k = s.fetch_add(1, Ordering::SeqCst);
+            for (a, &at) in addrs.iter().enumerate() {
+                // SAFETY: the arrived round's slot, released after this.
+                let got = unsafe { std::slice::from_raw_parts(at as *const u8, len) };
+                c.check(
+                    || format!("expert {me}: step {k}, attention {a}"),
+                    got,
+                    &step_bytes(k, a, me, len),
+                );
+                let e = echo(got, me);
+                // SAFETY: `back` holds attention * len bytes, written only here (the stream waits until its last send left).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(e.as_ptr(), (at_back + a * len) as *mut u8, len)
+                };
+            }
+        });
+        proxy
+            .lock()
+            .dispatch()
+            .release_on_stream(r, stream)
+            .unwrap();
+        let msgs: Vec<Msg> = (0..attention)
+            .map(|a| Msg::new(back, a * len, len))
+            .collect();
+        proxy
+            .lock()
+            .combine()
+            .send_on_stream(&msgs, stream)
+            .unwrap();
+    }
+    stream.end_capture().unwrap()
+}
+
+/// A 2 x 2 group whose every rank records `depth` steps once (one cycle
+/// of the ring) and launches the recording `launches` times; every byte
+/// of every step is checked on both sides.
+fn recorded_steps_replay(depth: usize, launches: usize) {
+    let (att, exp, len) = (2, 2, 1500);
+    let (attention, experts) = group(att, exp, depth);
+    let steps = depth;
+    let total = steps * launches;
+    let mut ranks = Vec::new();
+    for (i, c) in attention.into_iter().enumerate() {
+        ranks.push((Role::Attention, i, c));
+    }
+    for (i, c) in experts.into_iter().enumerate() {
+        ranks.push((Role::Expert, i, c));
+    }
+    let results: Vec<(Role, usize, Arc<Checks>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|(role, me, comm)| {
+                scope.spawn(move || {
+                    let proxy = comm.start_proxy();
+                    let stream = HostStream::new();
+                    let checks = Arc::new(Checks::default());
+                    {
+                        let mut c = proxy.lock();
+                        c.dispatch()
+                            .set_stream_mode(StreamMode::GraphSafe, &stream)
+                            .unwrap();
+                        c.combine()
+                            .set_stream_mode(StreamMode::GraphSafe, &stream)
+                            .unwrap();
+                    }
+                    let buf = proxy.lock().alloc(2 * len).unwrap();
+                    let graph = match role {
+                        Role::Attention => record_attention(
+                            &proxy,
+                            &stream,
+                            &buf,
+                            Steps {
+                                me,
+                                peers: exp,
+                                len,
+                                steps,
+                            },
+                            &checks,
+                        ),
+                        Role::Expert => record_expert(
+                            &proxy,
+                            &stream,
+                            &buf,
+                            Steps {
+                                me,
+                                peers: att,
+                                len,
+                                steps,
+                            },
+                            &checks,
+                        ),
+                    };
+                    for _ in 0..launches {
+                        graph.launch(&stream).unwrap();
+                    }
+                    if let Err(e) = stream.synchronize(Duration::from_secs(120)) {
+                        let host = proxy.lock().progress().err();
+                        panic!(
+                            "{role:?} {me}: {e}; the host says {host:?}; {} checked",
+                            checks.checked.load(Ordering::SeqCst)
+                        );
+                    }
+                    wait_idle(&proxy);
+                    assert!(proxy.is_running(), "the proxy stopped");
+                    // Every launched round went through the host: the next
+                    // direct graph-safe round is the one after them all.
+                    drop(buf);
+                    proxy.stop().unwrap();
+                    (role, me, checks)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (role, me, c) in results {
+        let first = c.first_wrong.lock().unwrap().clone();
+        assert_eq!(
+            c.wrong.load(Ordering::SeqCst),
+            0,
+            "{role:?} {me}: wrong bytes, first at {first:?}"
+        );
+        assert_eq!(
+            c.checked.load(Ordering::SeqCst),
+            total * 2,
+            "{role:?} {me}: every step's two messages checked"
+        );
+    }
+}
+
+#[test]
+fn a_recorded_step_replays_200_times_with_every_byte_checked_depth_1() {
+    // Depth 1: one step is a whole cycle of the ring.
+    recorded_steps_replay(1, 200);
+}
+
+#[test]
+fn a_recorded_cycle_of_two_steps_replays_100_times_with_every_byte_checked_depth_2() {
+    recorded_steps_replay(2, 100);
+}
+
+#[test]
+fn a_replayed_step_with_a_peer_aborted_ends_in_an_error_not_a_hang() {
+    let (a, e) = pair();
+    let len = 512;
+    let (pa, pe) = (a.start_proxy(), e.start_proxy());
+    let (sa, se) = (HostStream::new(), HostStream::new());
+    for (p, s) in [(&pa, &sa), (&pe, &se)] {
+        let mut c = p.lock();
+        c.dispatch()
+            .set_stream_mode(StreamMode::GraphSafe, s)
+            .unwrap();
+        c.combine()
+            .set_stream_mode(StreamMode::GraphSafe, s)
+            .unwrap();
+    }
+    let (out, back) = (pa.lock().alloc(len).unwrap(), pe.lock().alloc(len).unwrap());
+    let (ca, ce) = (Arc::new(Checks::default()), Arc::new(Checks::default()));
+    // Depth 2: two steps are a cycle.
+    let ga = record_attention(
+        &pa,
+        &sa,
+        &out,
+        Steps {
+            me: 0,
+            peers: 1,
+            len,
+            steps: 2,
+        },
+        &ca,
+    );
+    let ge = record_expert(
+        &pe,
+        &se,
+        &back,
+        Steps {
+            me: 0,
+            peers: 1,
+            len,
+            steps: 2,
+        },
+        &ce,
+    );
+    for _ in 0..10 {
+        ga.launch(&sa).unwrap();
+        ge.launch(&se).unwrap();
+    }
+    sa.synchronize(Duration::from_secs(30)).unwrap();
+    se.synchronize(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        (
+            ca.checked.load(Ordering::SeqCst),
+            ca.wrong.load(Ordering::SeqCst)
+        ),
+        (20, 0)
+    );
+    // The expert's stream runs ahead into launches whose rounds never
+    // come: the attention rank aborts.
+    for _ in 0..20 {
+        ge.launch(&se).unwrap();
+    }
+    pa.lock().abort();
+    let mut waited = 0;
+    while pe.is_running() {
+        std::thread::sleep(Duration::from_millis(10));
+        waited += 1;
+        assert!(waited < 2000, "the expert's proxy never saw the abort");
+    }
+    // Every launch lets go, including ones launched after the failure.
+    se.synchronize(Duration::from_secs(20))
+        .expect("the expert's replays are let go");
+    for _ in 0..5 {
+        ge.launch(&se).unwrap();
+    }
+    se.synchronize(Duration::from_secs(20))
+        .expect("launches after the failure are let go too");
+    let err = pe.stop().unwrap_err();
+    assert!(matches!(err, Error::PeerLost { .. }), "{err}");
+    // The aborted side's own launches are let go as well.
+    ga.launch(&sa).unwrap();
+    sa.synchronize(Duration::from_secs(20))
+        .expect("the aborted rank's replay is let go");
+    drop(pa);
+}
+
+#[test]
+fn graph_safe_misuse_is_refused_naming_it() {
+    let (mut a, mut e) = pair();
+    let stream = HostStream::new();
+    let buf = a.alloc(64).unwrap();
+    // Sequence mode cannot be recorded: its numbers would be baked in.
+    stream.begin_capture().unwrap();
+    let err = a
+        .dispatch()
+        .send_on_stream(&[Msg::new(&buf, 0, 8)], &stream)
+        .unwrap_err();
+    assert!(err.to_string().contains("sequence mode"), "{err}");
+    let err = e.dispatch().recv_on_stream(&stream).unwrap_err();
+    assert!(err.to_string().contains("GraphSafe"), "{err}");
+    let err = a
+        .dispatch()
+        .set_stream_mode(StreamMode::GraphSafe, &stream)
+        .unwrap_err();
+    assert!(err.to_string().contains("before the capture"), "{err}");
+    drop(stream.end_capture().unwrap());
+    // A sequence-mode receive outstanding: no switch.
+    let r = e.dispatch().recv_on_stream(&stream).unwrap();
+    let err = e
+        .dispatch()
+        .set_stream_mode(StreamMode::GraphSafe, &stream)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("sequence stream operations"),
+        "{err}"
+    );
+    // Graph-safe sends: the direct API is refused.
+    a.dispatch()
+        .set_stream_mode(StreamMode::GraphSafe, &stream)
+        .unwrap();
+    assert_eq!(a.dispatch().stream_mode(), StreamMode::GraphSafe);
+    let err = a.dispatch().try_send(&[Msg::new(&buf, 0, 8)]).unwrap_err();
+    assert!(err.to_string().contains("graph-safe"), "{err}");
+    // Let the sequence receive through (the send on a stream of its own:
+    // this one waits for the round), then switch the receiving side.
+    let sender = HostStream::new();
+    a.dispatch()
+        .send_on_stream(&[Msg::new(&buf, 0, 8)], &sender)
+        .unwrap();
+    e.dispatch().release_on_stream(r, &stream).unwrap();
+    let mut tries = 0;
+    while stream.synchronize(Duration::from_millis(1)).is_err()
+        || sender.synchronize(Duration::from_millis(1)).is_err()
+        || !e.streams_idle()
+        || !a.streams_idle()
+    {
+        a.progress().unwrap();
+        e.progress().unwrap();
+        tries += 1;
+        assert!(tries < 20_000, "the stream never drained");
+    }
+    e.dispatch()
+        .set_stream_mode(StreamMode::GraphSafe, &stream)
+        .unwrap();
+    let err = e.dispatch().try_recv().unwrap_err();
+    assert!(err.to_string().contains("graph-safe"), "{err}");
+    // More receives than the ring has slots (depth 2), none released.
+    let r1 = e.dispatch().recv_on_stream(&stream).unwrap();
+    let r2 = e.dispatch().recv_on_stream(&stream).unwrap();
+    let err = e.dispatch().recv_on_stream(&stream).unwrap_err();
+    assert!(
+        err.to_string().contains("as many as the ring has slots"),
+        "{err}"
+    );
+    // A recording launched on a stream of another kind: only a CUDA
+    // stream is one, and none can be made here; a host recording on a
+    // host stream is fine (checked in the tests above).
+    drop((r1, r2));
+}
+
+#[test]
+fn a_recording_of_part_of_a_cycle_is_refused_when_replayed() {
+    // Depth 2, one step recorded: the second launch signals slot 0 again
+    // while round 1 (slot 1) is next.
+    let (a, mut e) = pair();
+    let pa = a.start_proxy();
+    let stream = HostStream::new();
+    pa.lock()
+        .dispatch()
+        .set_stream_mode(StreamMode::GraphSafe, &stream)
+        .unwrap();
+    let buf = pa.lock().alloc(64).unwrap();
+    stream.begin_capture().unwrap();
+    pa.lock()
+        .dispatch()
+        .send_on_stream(&[Msg::new(&buf, 0, 8)], &stream)
+        .unwrap();
+    let g = stream.end_capture().unwrap();
+    let expert = std::thread::spawn(move || {
+        // Receives and releases whatever comes, so credit never blocks.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(r)) = e.dispatch().try_recv() {
+                let _ = e.dispatch().release(r);
+            }
+        }
+    });
+    g.launch(&stream).unwrap();
+    g.launch(&stream).unwrap();
+    let mut waited = 0;
+    while pa.is_running() {
+        std::thread::sleep(Duration::from_millis(10));
+        waited += 1;
+        assert!(waited < 2000, "the out-of-turn send was never refused");
+    }
+    let err = pa.stop().unwrap_err();
+    assert!(err.to_string().contains("whole cycles"), "{err}");
+    stream
+        .synchronize(Duration::from_secs(10))
+        .expect("let go after the error");
+    expert.join().unwrap();
+}

@@ -22,6 +22,32 @@
 //! each gate enforces (ring depths keep it far lower in practice). The
 //! host only ever moves a flag forward, in order: `sent` and `arrived` name
 //! the last operation all of whose predecessors are done too.
+//!
+//! ## Graph-safe mode ([`StreamMode::GraphSafe`], issue 26)
+//!
+//! A CUDA graph bakes every value and address of its memory operations in
+//! at capture, so a replay of a sequence-numbered wait would wait for the
+//! same number again. In graph-safe mode every value a stream writes or
+//! waits on is constant, on handshake flags per ring slot (round `r` uses
+//! slot `r % depth`, as the ring does):
+//!
+//! | call | enqueued on the stream | the host, when it sees | the host then |
+//! |---|---|---|---|
+//! | send (slot `s`) | write `ready[s] = 1`; wait `sent[s] >= 1`; write `sent[s] = 0` | `ready[s] == 1` for the next round's slot | sets `ready[s] = 0`, posts the round; once it left its buffers, sets `sent[s] = 1` |
+//! | receive (slot `s`) | wait `arrived[s] >= 1`; write `arrived[s] = 0` | the next round (slot `s`) in and visible | sets `arrived[s] = 1` |
+//! | release (slot `s`) | write `released[s] = 1` | `released[s] == 1` for the oldest delivered round | sets `released[s] = 0`, releases the round |
+//!
+//! The side of each flag that consumes a handshake resets it (the stream
+//! resets `sent` and `arrived` right after its wait; the host resets
+//! `ready` and `released` before acting), and no handshake can be set
+//! again before its reset: slot `s`'s next send waits for round `r`'s
+//! credit, the host sets `arrived[s]` for round `r + depth` only after
+//! round `r`'s release, which the stream writes after its reset. The host
+//! counts rounds itself (each `ready` is the next round; rounds arrive in
+//! order), so it needs no value from the stream: a recording that covers
+//! a whole cycle of slots (`depth` steps, or `depth` recordings launched
+//! in rotation) replays for ever. A slot signalled out of turn (a
+//! recording of part of a cycle) is refused ([`GateError::OutOfTurn`]).
 
 use std::collections::VecDeque;
 
@@ -67,6 +93,26 @@ pub enum GateError {
         got: u64,
         expected: u64,
     },
+    /// Graph-safe mode: a stream signalled a slot out of turn.
+    #[error("graph-safe stream {what}: the stream signalled slot {got} while round {round} (slot {expected}) is next; a recording must cover whole cycles of the ring's {depth} slots, enqueued on one stream")]
+    OutOfTurn {
+        what: &'static str,
+        got: u32,
+        expected: u32,
+        round: u64,
+        depth: u32,
+    },
+    /// Graph-safe mode: the host was about to overwrite a handshake the
+    /// stream has not consumed.
+    #[error("graph-safe stream {what}: slot {slot}'s flag is still set for round {round}'s predecessor in that slot")]
+    Unconsumed {
+        what: &'static str,
+        slot: u32,
+        round: u64,
+    },
+    /// Graph-safe mode: more receives enqueued than the ring has slots.
+    #[error("graph-safe stream receives: {0} are enqueued and not released, as many as the ring has slots; another would wait on a slot whose round cannot come until one is released")]
+    RingFull(u32),
 }
 
 /// Stream operations to enqueue for one call, in this order.
@@ -89,6 +135,37 @@ pub enum Flag {
     Arrived,
     /// Stream to host: the consumer is done with the round.
     Released,
+    /// Graph-safe mode: `Ready` of the sends whose rounds land in slot `n`
+    /// (0 or 1; see [`GraphSendGate`]).
+    SlotReady(u32),
+    /// Graph-safe mode: `Sent` of slot `n`'s sends.
+    SlotSent(u32),
+    /// Graph-safe mode: `Arrived` of the rounds in slot `n` (see [`GraphRecvGate`]).
+    SlotArrived(u32),
+    /// Graph-safe mode: `Released` of the rounds in slot `n`.
+    SlotReleased(u32),
+}
+
+/// How a channel side's stream-ordered operations use their flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamMode {
+    /// Per-gate sequence numbers 1, 2, 3, ...: each enqueued operation
+    /// waits for and writes its own number (cannot be replayed from a
+    /// recording: the numbers are baked into it).
+    #[default]
+    Sequence,
+    /// Constant values on per-slot handshake flags (see the module docs):
+    /// a recording of a whole cycle of ring slots can be replayed.
+    GraphSafe,
+}
+
+impl StreamMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamMode::Sequence => "sequence",
+            StreamMode::GraphSafe => "graph-safe",
+        }
+    }
 }
 
 /// Sequence numbers: the next one, and how many are outstanding.
@@ -315,6 +392,212 @@ impl RecvGate {
     }
 }
 
+/// Graph-safe sends of one channel side (see the module docs): the
+/// host's count of rounds, and which slots' sends are posted and not yet
+/// out.
+#[derive(Debug)]
+pub struct GraphSendGate {
+    depth: u32,
+    /// Posted: (round, slot), in order, not yet out.
+    posted: VecDeque<(u64, u32)>,
+}
+
+impl GraphSendGate {
+    pub fn new(depth: usize) -> Self {
+        GraphSendGate {
+            depth: depth as u32,
+            posted: VecDeque::new(),
+        }
+    }
+
+    pub fn slot_of(&self, round: u64) -> u32 {
+        (round % u64::from(self.depth)) as u32
+    }
+
+    /// A send of round `round` (by the host's count of enqueued sends),
+    /// known to the host as `id` (not 0): its slot and the constant stream
+    /// operations to enqueue. The stream signals `id`, so the host knows
+    /// which enqueued send (which messages) each launch is.
+    pub fn enqueue(&self, round: u64, id: u32) -> (u32, [StreamOp; 3]) {
+        assert_ne!(id, 0, "ready = 0 means no send");
+        let s = self.slot_of(round);
+        (
+            s,
+            [
+                StreamOp::Write(Flag::SlotReady(s), id),
+                StreamOp::Wait(Flag::SlotSent(s), 1),
+                StreamOp::Write(Flag::SlotSent(s), 0),
+            ],
+        )
+    }
+
+    /// The id of the send the stream signalled for round `next` (the
+    /// round the host will post next), if it did, reading flags with
+    /// `load`. A `ready` set on another slot is a stream out of turn.
+    pub fn ready(&self, next: u64, load: impl Fn(Flag) -> u32) -> Result<Option<u32>, GateError> {
+        let s = self.slot_of(next);
+        let id = load(Flag::SlotReady(s));
+        if id != 0 {
+            return Ok(Some(id));
+        }
+        if let Some(got) = (0..self.depth).find(|&o| o != s && load(Flag::SlotReady(o)) != 0) {
+            // The stream writes in order: a later slot's flag seen set
+            // means this one's would be too, were it in turn.
+            let id = load(Flag::SlotReady(s));
+            if id != 0 {
+                return Ok(Some(id));
+            }
+            return Err(GateError::OutOfTurn {
+                what: "send",
+                got,
+                expected: s,
+                round: next,
+                depth: self.depth,
+            });
+        }
+        Ok(None)
+    }
+
+    /// Round `round` was posted (the host reset its `ready`).
+    pub fn on_posted(&mut self, round: u64) {
+        self.posted.push_back((round, self.slot_of(round)));
+    }
+
+    /// The slots whose `sent` to set now: posted rounds that `is_sent`
+    /// says have left their buffers (each slot's handshake is its own, so
+    /// in any order).
+    pub fn poll_sent(&mut self, mut is_sent: impl FnMut(u64) -> bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.posted.retain(|&(r, s)| {
+            let done = is_sent(r);
+            if done {
+                out.push(s);
+            }
+            !done
+        });
+        out
+    }
+
+    /// Rounds posted and not yet out.
+    pub fn in_flight(&self) -> impl Iterator<Item = u64> + '_ {
+        self.posted.iter().map(|p| p.0)
+    }
+}
+
+/// Graph-safe receives and releases of one channel side (see the module
+/// docs): every round that arrives is handed to the stream.
+#[derive(Debug)]
+pub struct GraphRecvGate {
+    depth: u32,
+    /// Receives enqueued and their release not yet enqueued.
+    open: u32,
+    /// Delivered to the stream, not yet released: rounds in order.
+    delivered: VecDeque<u64>,
+}
+
+impl GraphRecvGate {
+    pub fn new(depth: usize) -> Self {
+        GraphRecvGate {
+            depth: depth as u32,
+            open: 0,
+            delivered: VecDeque::new(),
+        }
+    }
+
+    pub fn slot_of(&self, round: u64) -> u32 {
+        (round % u64::from(self.depth)) as u32
+    }
+
+    /// A receive of round `round` (by the host's count of enqueued
+    /// receives): its slot and the constant stream operations to enqueue.
+    /// Refused while `depth` receives have no release enqueued.
+    pub fn enqueue_recv(&mut self, round: u64) -> Result<(u32, [StreamOp; 2]), GateError> {
+        if self.open >= self.depth {
+            return Err(GateError::RingFull(self.open));
+        }
+        self.open += 1;
+        let s = self.slot_of(round);
+        Ok((
+            s,
+            [
+                StreamOp::Wait(Flag::SlotArrived(s), 1),
+                StreamOp::Write(Flag::SlotArrived(s), 0),
+            ],
+        ))
+    }
+
+    /// The release of a received round in slot `slot`: the stream
+    /// operation to enqueue after the consumer's work.
+    pub fn enqueue_release(&mut self, slot: u32) -> StreamOp {
+        self.open = self.open.saturating_sub(1);
+        StreamOp::Write(Flag::SlotReleased(slot), 1)
+    }
+
+    /// Round `round` is in and visible: the slot whose `arrived` to set.
+    /// Its previous handshake must have been consumed (`arrived` back at 0).
+    pub fn on_delivered(&mut self, round: u64, arrived: u32) -> Result<u32, GateError> {
+        let s = self.slot_of(round);
+        if arrived != 0 {
+            return Err(GateError::Unconsumed {
+                what: "receive",
+                slot: s,
+                round,
+            });
+        }
+        self.delivered.push_back(round);
+        Ok(s)
+    }
+
+    /// The oldest delivered round, if the stream released it (reading
+    /// flags with `load`); the host then resets its `released` and
+    /// releases it. A `released` set on another slot is a stream out of
+    /// turn.
+    /// `next_round`: the next round to be delivered (named in the error).
+    pub fn next_released(
+        &mut self,
+        next_round: u64,
+        load: impl Fn(Flag) -> u32,
+    ) -> Result<Option<u64>, GateError> {
+        let expected = self.delivered.front().map(|&r| (r, self.slot_of(r)));
+        if let Some((r, s)) = expected {
+            if load(Flag::SlotReleased(s)) != 0 {
+                self.delivered.pop_front();
+                return Ok(Some(r));
+            }
+        }
+        let Some(got) = (0..self.depth)
+            .find(|&o| Some(o) != expected.map(|e| e.1) && load(Flag::SlotReleased(o)) != 0)
+        else {
+            return Ok(None);
+        };
+        // Written in order: re-read the expected one before judging.
+        if let Some((r, s)) = expected {
+            if load(Flag::SlotReleased(s)) != 0 {
+                self.delivered.pop_front();
+                return Ok(Some(r));
+            }
+        }
+        let round = expected.map_or(next_round, |e| e.0);
+        Err(GateError::OutOfTurn {
+            what: "release",
+            got,
+            expected: self.slot_of(round),
+            round,
+            depth: self.depth,
+        })
+    }
+
+    /// Rounds delivered to the stream and not yet released.
+    pub fn delivered(&self) -> usize {
+        self.delivered.len()
+    }
+
+    /// Receives enqueued whose release is not.
+    pub fn open(&self) -> u32 {
+        self.open
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,5 +738,213 @@ mod tests {
         let mut g = RecvGate::new();
         g.recv_seq.outstanding = MAX_OUTSTANDING;
         assert_eq!(g.enqueue_recv(), Err(GateError::TooMany(MAX_OUTSTANDING)));
+    }
+
+    /// A graph-safe channel end to end: a sending stream and a receiving
+    /// stream each replay a recording of `steps` steps (constant flag
+    /// operations only) `replays` times; the hosts count rounds, post,
+    /// deliver and release; the data of round `r` is `r`. Returns the
+    /// rounds the consumer saw, or the first gate error.
+    fn graph_sim(
+        depth: usize,
+        steps: usize,
+        replays: usize,
+        seed: u64,
+    ) -> Result<Vec<u64>, GateError> {
+        use std::collections::HashMap;
+        #[derive(Clone, Copy)]
+        enum Op {
+            Gate(StreamOp),
+            Produce,
+            Consume(u32),
+        }
+        let mut flags: HashMap<Flag, u32> = HashMap::new();
+        let (mut sg, mut rg) = (GraphSendGate::new(depth), GraphRecvGate::new(depth));
+        // The recordings: enqueued once, with the hosts' round counts.
+        let (mut send_prog, mut recv_prog) = (Vec::new(), Vec::new());
+        for step in 0..steps as u64 {
+            send_prog.push(Op::Produce);
+            send_prog.extend(sg.enqueue(step, step as u32 + 1).1.map(Op::Gate));
+            let (slot, ops) = rg.enqueue_recv(step)?;
+            recv_prog.extend(ops.map(Op::Gate));
+            recv_prog.push(Op::Consume(slot));
+            recv_prog.push(Op::Gate(rg.enqueue_release(slot)));
+        }
+        let total = (steps * replays) as u64;
+        let (send_prog, recv_prog) = (send_prog.repeat(replays), recv_prog.repeat(replays));
+        let (mut sp, mut rp) = (0, 0);
+        let mut produced = 0u64; // the source buffer's value
+        let mut ring = vec![u64::MAX; depth];
+        let (mut next_post, mut arrived, mut delivered_to, mut released) = (0u64, 0u64, 0u64, 0u64);
+        let mut in_flight: Vec<(u64, u64)> = Vec::new(); // (round, value)
+        let mut left: Vec<u64> = Vec::new();
+        let mut seen = Vec::new();
+        let mut rng = seed | 1;
+        let mut idle = 0;
+        while seen.len() < total as usize {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let moved = match rng % 5 {
+                // The sending stream.
+                0 if sp < send_prog.len() => match send_prog[sp] {
+                    Op::Produce => {
+                        produced += 1;
+                        sp += 1;
+                        true
+                    }
+                    Op::Gate(StreamOp::Write(f, v)) => {
+                        flags.insert(f, v);
+                        sp += 1;
+                        true
+                    }
+                    Op::Gate(StreamOp::Wait(f, v)) => {
+                        let ok = reached(*flags.get(&f).unwrap_or(&0), v);
+                        sp += usize::from(ok);
+                        ok
+                    }
+                    Op::Consume(_) => unreachable!(),
+                },
+                // The receiving stream.
+                1 if rp < recv_prog.len() => match recv_prog[rp] {
+                    Op::Consume(slot) => {
+                        seen.push(ring[slot as usize]);
+                        rp += 1;
+                        true
+                    }
+                    Op::Gate(StreamOp::Write(f, v)) => {
+                        flags.insert(f, v);
+                        rp += 1;
+                        true
+                    }
+                    Op::Gate(StreamOp::Wait(f, v)) => {
+                        let ok = reached(*flags.get(&f).unwrap_or(&0), v);
+                        rp += usize::from(ok);
+                        ok
+                    }
+                    Op::Produce => unreachable!(),
+                },
+                // The sending host: post the next round with credit, or
+                // complete one in flight.
+                2 => {
+                    let f = flags.clone();
+                    let id = sg.ready(next_post, |fl| *f.get(&fl).unwrap_or(&0))?;
+                    if let (true, Some(id)) = (next_post < released + depth as u64, id) {
+                        assert_eq!(
+                            u64::from(id),
+                            next_post % steps as u64 + 1,
+                            "round {next_post} is the send recorded at its step"
+                        );
+                        flags.insert(Flag::SlotReady(sg.slot_of(next_post)), 0);
+                        in_flight.push((next_post, produced));
+                        sg.on_posted(next_post);
+                        next_post += 1;
+                        true
+                    } else if let Some(&(r, v)) = in_flight.first() {
+                        // It lands in the receiver's ring and leaves its buffer.
+                        ring[(r % depth as u64) as usize] = v - 1;
+                        left.push(r);
+                        in_flight.remove(0);
+                        arrived = arrived.max(r + 1);
+                        for s in sg.poll_sent(|x| left.contains(&x)) {
+                            flags.insert(Flag::SlotSent(s), 1);
+                        }
+                        true
+                    } else {
+                        false
+                    }
+                }
+                // The receiving host: deliver, release.
+                _ => {
+                    let f = flags.clone();
+                    if let Some(r) =
+                        rg.next_released(delivered_to, |fl| *f.get(&fl).unwrap_or(&0))?
+                    {
+                        flags.insert(Flag::SlotReleased(rg.slot_of(r)), 0);
+                        assert_eq!(r, released, "releases in order");
+                        released += 1;
+                        true
+                    } else if delivered_to < arrived {
+                        let s = rg.slot_of(delivered_to);
+                        let a = *flags.get(&Flag::SlotArrived(s)).unwrap_or(&0);
+                        let s = rg.on_delivered(delivered_to, a)?;
+                        flags.insert(Flag::SlotArrived(s), 1);
+                        delivered_to += 1;
+                        true
+                    } else {
+                        false
+                    }
+                }
+            };
+            idle = if moved { 0 } else { idle + 1 };
+            if idle > 10_000 {
+                break; // stuck: a hang, returned as what was seen
+            }
+        }
+        Ok(seen)
+    }
+
+    #[test]
+    fn a_recording_of_a_whole_cycle_replays_every_round_in_order() {
+        for depth in [1, 2, 3, 4] {
+            for seed in [1, 2, 3, 99] {
+                let seen = graph_sim(depth, depth, 40, seed).unwrap();
+                assert_eq!(
+                    seen,
+                    (0..(depth * 40) as u64).collect::<Vec<_>>(),
+                    "depth {depth}"
+                );
+            }
+        }
+        // Two cycles per recording work too.
+        let seen = graph_sim(2, 4, 10, 5).unwrap();
+        assert_eq!(seen, (0..40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_recording_of_part_of_a_cycle_is_refused_not_silently_wrong() {
+        for seed in [1, 2, 3, 99] {
+            match graph_sim(2, 1, 20, seed) {
+                Err(GateError::OutOfTurn { depth: 2, .. }) => {}
+                other => panic!("one step of a depth-2 ring, replayed: {other:?}"),
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn graph_safe_rounds_in_any_interleaving(depth in 1usize..5, cycles in 1usize..3, seed in any::<u64>()) {
+            let seen = graph_sim(depth, depth * cycles, 8, seed).unwrap();
+            prop_assert_eq!(seen, (0..(depth * cycles * 8) as u64).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn graph_safe_receives_are_refused_past_the_ring() {
+        let mut g = GraphRecvGate::new(2);
+        let (s0, ops) = g.enqueue_recv(6).unwrap();
+        assert_eq!(s0, 0);
+        assert_eq!(
+            ops,
+            [
+                StreamOp::Wait(Flag::SlotArrived(0), 1),
+                StreamOp::Write(Flag::SlotArrived(0), 0)
+            ]
+        );
+        g.enqueue_recv(7).unwrap();
+        assert_eq!(g.enqueue_recv(8), Err(GateError::RingFull(2)));
+        assert_eq!(
+            g.enqueue_release(0),
+            StreamOp::Write(Flag::SlotReleased(0), 1)
+        );
+        assert_eq!(g.enqueue_recv(8).unwrap().0, 0);
+        assert_eq!(
+            g.on_delivered(6, 1),
+            Err(GateError::Unconsumed {
+                what: "receive",
+                slot: 0,
+                round: 6
+            })
+        );
     }
 }

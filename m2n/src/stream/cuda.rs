@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys;
 
-use super::{Flag, FlagBlock, MappedRegion, Stream, StreamError, StreamKind, FLAG_BLOCK_BYTES};
+use super::{Flag, FlagBlock, FlagLayout, MappedRegion, Stream, StreamError, StreamKind};
 use crate::gpu::Ctx;
 use crate::transport::Region;
 
@@ -124,27 +124,52 @@ impl Stream for CudaStream {
         })
     }
 
-    fn alloc_flags(&self) -> Result<FlagBlock, StreamError> {
+    fn alloc_flags(&self, layout: FlagLayout) -> Result<FlagBlock, StreamError> {
         self.ctx.make_current().map_err(gpu_err)?;
+        let bytes = layout.bytes();
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: valid out-parameter.
         check("cuMemHostAlloc", unsafe {
             sys::cuMemHostAlloc(
                 &mut p,
-                FLAG_BLOCK_BYTES,
+                bytes,
                 sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
             )
         })?;
         let owner = Pinned(p, self.ctx);
-        // SAFETY: FLAG_BLOCK_BYTES bytes were just allocated at p.
-        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, FLAG_BLOCK_BYTES) };
+        // SAFETY: `bytes` bytes were just allocated at p.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, bytes) };
         let mut dev: sys::CUdeviceptr = 0;
         // SAFETY: p is mapped pinned memory; valid out-parameter.
         check("cuMemHostGetDevicePointer", unsafe {
             sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0)
         })?;
-        // SAFETY: zeroed, page-aligned, FLAG_BLOCK_BYTES long, freed only when `owner` drops with the block; `dev` is its device address.
-        Ok(unsafe { FlagBlock::from_raw(p.cast(), dev, StreamKind::Cuda, Box::new(owner)) })
+        // SAFETY: zeroed, page-aligned, layout.bytes() long, freed only when `owner` drops with the block; `dev` is its device address.
+        Ok(
+            unsafe {
+                FlagBlock::from_raw(p.cast(), dev, StreamKind::Cuda, layout, Box::new(owner))
+            },
+        )
+    }
+
+    /// `cuStreamIsCapturing`: inside `cuStreamBeginCapture` /
+    /// `cuStreamEndCapture` the memory operations m2n enqueues become
+    /// graph nodes (batch memory-operation nodes) with their values and
+    /// addresses baked in.
+    fn is_capturing(&self) -> Result<bool, StreamError> {
+        self.ctx.make_current().map_err(gpu_err)?;
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: a live stream (see from_raw) and a valid out-parameter.
+        check("cuStreamIsCapturing", unsafe {
+            sys::cuStreamIsCapturing(self.raw, &mut status)
+        })?;
+        match status {
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => Ok(false),
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => Ok(true),
+            _ => Err(StreamError::Capture(
+                "the CUDA stream's capture was invalidated".into(),
+            )),
+        }
     }
 
     fn map_region(&self, region: &Region, rdma: bool) -> Result<MappedRegion, StreamError> {

@@ -14,6 +14,14 @@
 //! [`crate::proto::gate`]; the communicator's progress engine (or its
 //! proxy thread, [`Proxy`]) drives the host's half. See
 //! [`crate::Channel::send_on_stream`].
+//!
+//! Recorded and replayed (CUDA graphs): in [`StreamMode::GraphSafe`]
+//! (`Channel::set_stream_mode`) every flag value a stream writes or waits
+//! on is a constant, so a recording of a whole cycle of ring slots can be
+//! launched again and again ([`crate::proto::gate`] has the protocol).
+//! [`HostStream::begin_capture`] / [`HostStream::end_capture`] /
+//! [`HostGraph::launch`] record and replay on host streams as
+//! `cuStreamBeginCapture` / `cuStreamEndCapture` / `cuGraphLaunch` do.
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -24,9 +32,9 @@ use std::sync::Arc;
 
 #[cfg(feature = "cuda")]
 pub use cuda::CudaStream;
-pub use host::HostStream;
+pub use host::{HostGraph, HostStream};
 
-pub use crate::proto::gate::{reached, Flag, StreamKind};
+pub use crate::proto::gate::{reached, Flag, StreamKind, StreamMode};
 use crate::transport::Region;
 
 /// Why a stream operation could not be enqueued or done.
@@ -49,6 +57,10 @@ pub enum StreamError {
     /// A host stream gave up waiting (it was dropped, or synchronise timed out).
     #[error("{0}")]
     Abandoned(String),
+    /// Recording misused (begun twice, ended without a beginning,
+    /// synchronised while recording, work that cannot be replayed).
+    #[error("{0}")]
+    Capture(String),
 }
 
 /// An in-order queue of work that m2n can gate (see the module docs).
@@ -68,8 +80,21 @@ pub trait Stream {
     fn wait_value(&self, flags: &Arc<FlagBlock>, flag: Flag, value: u32)
         -> Result<(), StreamError>;
 
-    /// A new, zeroed flag block that this kind of stream can read and write.
-    fn alloc_flags(&self) -> Result<FlagBlock, StreamError>;
+    /// A new, zeroed flag block of `layout` that this kind of stream can
+    /// read and write.
+    fn alloc_flags(&self, layout: FlagLayout) -> Result<FlagBlock, StreamError>;
+
+    /// Whether the stream is recording (a CUDA stream capture, or
+    /// [`HostStream::begin_capture`]): what is enqueued now does not run
+    /// now but each time the recording is launched, with the values and
+    /// addresses it has now.
+    fn is_capturing(&self) -> Result<bool, StreamError>;
+
+    /// The stream as a host stream, if it is one (to launch a
+    /// [`HostGraph`] on).
+    fn as_host(&self) -> Option<&HostStream> {
+        None
+    }
 
     /// Where work on this stream reads `region` (a receive ring): the host
     /// address for host streams and for device memory; for host memory on
@@ -112,25 +137,58 @@ impl std::fmt::Debug for MappedRegion {
 const LINE_WORDS: usize = 16;
 const FLAGS: [Flag; 4] = [Flag::Ready, Flag::Sent, Flag::Arrived, Flag::Released];
 
-/// Bytes of a flag block.
+/// Bytes of a flag block without graph-safe slots.
 pub const FLAG_BLOCK_BYTES: usize = FLAGS.len() * LINE_WORDS * 4;
 
-fn index(flag: Flag) -> usize {
-    match flag {
-        Flag::Ready => 0,
-        Flag::Sent => 1,
-        Flag::Arrived => 2,
-        Flag::Released => 3,
+/// How many graph-safe slot flags a block holds: a `ready` and a `sent`
+/// per slot of the send side, an `arrived` and a `released` per slot of
+/// the receive side (after the four sequence-mode flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlagLayout {
+    pub send_slots: u32,
+    pub recv_slots: u32,
+}
+
+impl FlagLayout {
+    fn lines(&self) -> usize {
+        FLAGS.len() + 2 * self.send_slots as usize + 2 * self.recv_slots as usize
+    }
+
+    /// Bytes of a block of this layout.
+    pub fn bytes(&self) -> usize {
+        self.lines() * LINE_WORDS * 4
+    }
+
+    /// The flag's line; panics naming a slot the layout does not have.
+    fn index(&self, flag: Flag) -> usize {
+        let (s, r) = (self.send_slots, self.recv_slots);
+        let slot = |n: u32, of: u32, base: usize| {
+            assert!(n < of, "{flag:?}: the flag block has {of} slots there");
+            base + n as usize
+        };
+        match flag {
+            Flag::Ready => 0,
+            Flag::Sent => 1,
+            Flag::Arrived => 2,
+            Flag::Released => 3,
+            Flag::SlotReady(n) => slot(n, s, 4),
+            Flag::SlotSent(n) => slot(n, s, 4 + s as usize),
+            Flag::SlotArrived(n) => slot(n, r, 4 + 2 * s as usize),
+            Flag::SlotReleased(n) => slot(n, r, 4 + 2 * s as usize + r as usize),
+        }
     }
 }
 
-/// The four flags of one communicator's stream operations, in memory both
-/// the host and the streams can reach. Only ever moved forward.
+/// The flags of one communicator's stream operations, in memory both the
+/// host and the streams can reach: the four sequence-mode flags (only
+/// ever moved forward) and the graph-safe handshake flags of its
+/// [`FlagLayout`] (0 or 1).
 pub struct FlagBlock {
     host: *const AtomicU32,
     /// The block's address as the streams see it.
     device: u64,
     kind: StreamKind,
+    layout: FlagLayout,
     /// Frees the memory (heap or pinned) when the block goes.
     _owner: Box<dyn Send + Sync>,
 }
@@ -152,9 +210,14 @@ impl std::fmt::Debug for FlagBlock {
 }
 
 impl FlagBlock {
-    /// A block on the heap, for host streams.
+    /// A block on the heap, for host streams, without graph-safe slots.
     pub fn host() -> Self {
-        let words: Box<[AtomicU32]> = (0..FLAGS.len() * LINE_WORDS)
+        Self::host_with(FlagLayout::default())
+    }
+
+    /// A block on the heap, for host streams.
+    pub fn host_with(layout: FlagLayout) -> Self {
+        let words: Box<[AtomicU32]> = (0..layout.lines() * LINE_WORDS)
             .map(|_| AtomicU32::new(0))
             .collect();
         let host = words.as_ptr();
@@ -162,6 +225,7 @@ impl FlagBlock {
             host,
             device: host as u64,
             kind: StreamKind::Host,
+            layout,
             _owner: Box::new(words),
         }
     }
@@ -169,7 +233,7 @@ impl FlagBlock {
     /// A block in memory someone else allocated (pinned host memory).
     ///
     /// # Safety
-    /// `host` must point to [`FLAG_BLOCK_BYTES`] zeroed, 4-byte aligned
+    /// `host` must point to `layout.bytes()` zeroed, 4-byte aligned
     /// bytes that stay valid while `owner` lives, and `device` must be
     /// their address as `kind` streams see it.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -177,12 +241,14 @@ impl FlagBlock {
         host: *mut u8,
         device: u64,
         kind: StreamKind,
+        layout: FlagLayout,
         owner: Box<dyn Send + Sync>,
     ) -> Self {
         FlagBlock {
             host: host.cast(),
             device,
             kind,
+            layout,
             _owner: owner,
         }
     }
@@ -191,9 +257,13 @@ impl FlagBlock {
         self.kind
     }
 
+    pub fn layout(&self) -> FlagLayout {
+        self.layout
+    }
+
     fn word(&self, flag: Flag) -> &AtomicU32 {
-        // SAFETY: the block has FLAGS.len() lines of LINE_WORDS words and lives as long as `self` (see the type's invariants).
-        unsafe { &*self.host.add(index(flag) * LINE_WORDS) }
+        // SAFETY: the block has layout.lines() lines of LINE_WORDS words (index() checks the slot) and lives as long as `self` (see the type's invariants).
+        unsafe { &*self.host.add(self.layout.index(flag) * LINE_WORDS) }
     }
 
     /// The flag's value (acquire: what the stream wrote before it is visible).
@@ -208,7 +278,7 @@ impl FlagBlock {
 
     /// The flag's address as streams see it.
     pub fn device_addr(&self, flag: Flag) -> u64 {
-        self.device + (index(flag) * LINE_WORDS * 4) as u64
+        self.device + (self.layout.index(flag) * LINE_WORDS * 4) as u64
     }
 }
 

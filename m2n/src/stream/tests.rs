@@ -89,3 +89,109 @@ fn dropping_a_host_stream_stuck_on_a_flag_does_not_hang() {
     s.wait_value(&flags, Flag::Released, 1).unwrap();
     drop(s);
 }
+
+#[test]
+fn a_host_recording_replays_its_operations_with_the_values_they_had() {
+    let s = HostStream::new();
+    let flags = Arc::new(FlagBlock::host());
+    let runs = Arc::new(AtomicU32::new(0));
+    s.begin_capture().unwrap();
+    assert!(s.is_capturing().unwrap());
+    s.wait_value(&flags, Flag::Ready, 1).unwrap();
+    s.write_value(&flags, Flag::Ready, 0).unwrap();
+    let r = runs.clone();
+    s.launch_repeatable(move || {
+        r.fetch_add(1, Ordering::SeqCst);
+    });
+    s.write_value(&flags, Flag::Sent, 7).unwrap();
+    let g = s.end_capture().unwrap();
+    assert!(!s.is_capturing().unwrap());
+    assert_eq!(g.len(), 4);
+    // Nothing ran while recording.
+    s.synchronize(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        (runs.load(Ordering::SeqCst), flags.load(Flag::Sent)),
+        (0, 0)
+    );
+    for k in 1..=5 {
+        g.launch(&s).unwrap();
+        assert!(
+            s.synchronize(Duration::from_millis(20)).is_err(),
+            "launch {k} waits for Ready as recorded"
+        );
+        flags.store(Flag::Ready, 1);
+        s.synchronize(Duration::from_secs(5)).unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), k);
+        assert_eq!(flags.load(Flag::Ready), 0, "reset by the recording");
+        assert_eq!(flags.load(Flag::Sent), 7);
+    }
+}
+
+#[test]
+fn recording_misuse_is_refused_naming_it() {
+    let s = HostStream::new();
+    assert!(s
+        .end_capture()
+        .unwrap_err()
+        .to_string()
+        .contains("not recording"));
+    s.begin_capture().unwrap();
+    assert!(s
+        .begin_capture()
+        .unwrap_err()
+        .to_string()
+        .contains("recording already"));
+    let err = s.synchronize(Duration::from_secs(1)).unwrap_err();
+    assert!(err.to_string().contains("recording"), "{err}");
+    s.launch(|| {});
+    let err = s.end_capture().unwrap_err();
+    assert!(err.to_string().contains("launch_repeatable"), "{err}");
+    // The stream records no more and runs work again.
+    let ran = Arc::new(AtomicU32::new(0));
+    let r = ran.clone();
+    s.launch(move || {
+        r.store(1, Ordering::SeqCst);
+    });
+    s.synchronize(Duration::from_secs(5)).unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn slot_flags_sit_after_the_sequence_flags_each_on_its_line() {
+    let layout = FlagLayout {
+        send_slots: 2,
+        recv_slots: 3,
+    };
+    let f = FlagBlock::host_with(layout);
+    let all = [
+        Flag::Ready,
+        Flag::Sent,
+        Flag::Arrived,
+        Flag::Released,
+        Flag::SlotReady(0),
+        Flag::SlotReady(1),
+        Flag::SlotSent(0),
+        Flag::SlotSent(1),
+        Flag::SlotArrived(0),
+        Flag::SlotArrived(2),
+        Flag::SlotReleased(0),
+        Flag::SlotReleased(2),
+    ];
+    let mut addrs: Vec<u64> = all.iter().map(|&fl| f.device_addr(fl)).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), all.len(), "no two flags share a line");
+    assert_eq!(layout.bytes(), (4 + 4 + 6) * 64);
+    assert!(addrs
+        .iter()
+        .all(|a| a - f.device_addr(Flag::Ready) < layout.bytes() as u64));
+    f.store(Flag::SlotArrived(2), 1);
+    assert_eq!(
+        (f.load(Flag::SlotArrived(2)), f.load(Flag::SlotReleased(0))),
+        (1, 0)
+    );
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        f.device_addr(Flag::SlotSent(2))
+    }));
+    assert!(r.is_err(), "a slot the layout lacks");
+}
