@@ -354,6 +354,199 @@ fn cuda_ipc_rounds_between_processes() {
     drop(proxy);
 }
 
+/// Pinned host memory (`cuMemHostAlloc`), zeroed; freed at exit.
+fn pinned(len: usize) -> *mut u8 {
+    let mut p = std::ptr::null_mut();
+    // SAFETY: valid out-parameter, current context.
+    ck("cuMemHostAlloc", unsafe {
+        sys::cuMemHostAlloc(&mut p, len, sys::CU_MEMHOSTALLOC_PORTABLE)
+    });
+    // SAFETY: just allocated, `len` bytes.
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, len) };
+    p.cast()
+}
+
+/// The bytes of step `k` (the producer's and, echoed, the consumer's).
+fn step_bytes(k: u64, len: usize) -> impl Iterator<Item = u8> {
+    (0..len).map(move |i| (k as usize * 31 + i * 7 + 1) as u8)
+}
+
+/// What a host-function node of the graph reads and writes: a step
+/// counter kept across launches, a pinned buffer, and the checks' counts.
+struct StepState {
+    step: std::sync::atomic::AtomicU64,
+    buf: *mut u8,
+    len: usize,
+    checked: std::sync::atomic::AtomicUsize,
+    wrong: std::sync::atomic::AtomicUsize,
+}
+
+use std::sync::atomic::Ordering::SeqCst;
+
+/// Host node: fill the producer's pinned buffer with this step's bytes.
+unsafe extern "C" fn produce(data: *mut c_void) {
+    // SAFETY: `data` is a StepState that outlives every launch (the test synchronises first).
+    let st = unsafe { &*(data as *const StepState) };
+    let k = st.step.load(SeqCst);
+    for (i, b) in step_bytes(k, st.len).enumerate() {
+        // SAFETY: `buf` is `len` pinned bytes, only this node writes it.
+        unsafe { *st.buf.add(i) = b };
+    }
+}
+
+/// Host node: check every byte of the consumer's pinned buffer against
+/// this step's, then count the step.
+unsafe extern "C" fn consume(data: *mut c_void) {
+    // SAFETY: as in produce.
+    let st = unsafe { &*(data as *const StepState) };
+    let k = st.step.fetch_add(1, SeqCst);
+    // SAFETY: `buf` is `len` pinned bytes written by the copy before this node.
+    let got = unsafe { std::slice::from_raw_parts(st.buf, st.len) };
+    st.checked.fetch_add(1, SeqCst);
+    if !got.iter().copied().eq(step_bytes(k, st.len)) {
+        st.wrong.fetch_add(1, SeqCst);
+    }
+}
+
+/// Host node: the producer's next step.
+unsafe extern "C" fn next(data: *mut c_void) {
+    // SAFETY: as in produce.
+    unsafe { &*(data as *const StepState) }
+        .step
+        .fetch_add(1, SeqCst);
+}
+
+fn host_node(s: sys::CUstream, f: unsafe extern "C" fn(*mut c_void), st: &StepState) {
+    // SAFETY: `st` outlives the graph's launches (synchronised before it goes).
+    ck("cuLaunchHostFunc", unsafe {
+        sys::cuLaunchHostFunc(s, Some(f), st as *const StepState as *mut c_void)
+    });
+}
+
+fn begin_capture(s: sys::CUstream) {
+    // Relaxed: the proxy threads keep making driver calls meanwhile.
+    // SAFETY: a live stream.
+    ck("cuStreamBeginCapture", unsafe {
+        sys::cuStreamBeginCapture_v2(s, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+    });
+}
+
+fn end_capture(s: sys::CUstream) -> sys::CUgraphExec {
+    let mut g = std::ptr::null_mut();
+    let mut exec = std::ptr::null_mut();
+    // SAFETY: a stream in capture, valid out-parameters.
+    unsafe {
+        ck("cuStreamEndCapture", sys::cuStreamEndCapture(s, &mut g));
+        ck(
+            "cuGraphInstantiateWithFlags",
+            sys::cuGraphInstantiateWithFlags(&mut exec, g, 0),
+        );
+        ck("cuGraphDestroy", sys::cuGraphDestroy(g));
+    }
+    exec
+}
+
+/// Graph-safe stream calls captured into real CUDA graphs (two steps:
+/// a cycle of the depth-2 ring) and each graph launched 100 times: the
+/// attention rank's producer (a host node filling pinned memory, then a
+/// copy to the GPU buffer), its stream-ordered send (staged over shm),
+/// its stream-ordered receive read by the copy engine into pinned memory
+/// and checked byte by byte by a host node, its release; the expert
+/// receives, copies the round to its GPU buffer, releases and sends it
+/// back, all on its stream.
+#[test]
+fn graph_safe_calls_captured_into_cuda_graphs_replay_with_every_byte_checked() {
+    let Some(()) = gpu() else { return };
+    let (a, e) = pair(TransportKind::Shm);
+    let (len, launches, steps) = (20_000usize, 100usize, 2usize);
+    let (sa, se) = (stream(), stream());
+    // SAFETY: both streams outlive their use here (synchronised below).
+    let (ca, ce) = unsafe {
+        (
+            CudaStream::from_raw(sa.cast()),
+            CudaStream::from_raw(se.cast()),
+        )
+    };
+    let (ca, ce) = (ca.unwrap(), ce.unwrap());
+    let (pa, pe) = (a.start_proxy(), e.start_proxy());
+    for (p, c) in [(&pa, &ca), (&pe, &ce)] {
+        let mut p = p.lock();
+        p.dispatch()
+            .set_stream_mode(m2n::stream::StreamMode::GraphSafe, c)
+            .unwrap();
+        p.combine()
+            .set_stream_mode(m2n::stream::StreamMode::GraphSafe, c)
+            .unwrap();
+    }
+    let (d_src, d_back) = (alloc(len), alloc(len));
+    // SAFETY: both stay allocated for the whole test.
+    let src = unsafe { pa.lock().register_gpu(d_src, len) }.unwrap();
+    // SAFETY: as above.
+    let back = unsafe { pe.lock().register_gpu(d_back, len) }.unwrap();
+    let producer = StepState {
+        step: 0.into(),
+        buf: pinned(len),
+        len,
+        checked: 0.into(),
+        wrong: 0.into(),
+    };
+    let consumer = StepState {
+        step: 0.into(),
+        buf: pinned(len),
+        len,
+        checked: 0.into(),
+        wrong: 0.into(),
+    };
+    // The attention rank's cycle.
+    begin_capture(sa);
+    for _ in 0..steps {
+        host_node(sa, produce, &producer);
+        copy(d_src, producer.buf as u64, len, sa);
+        host_node(sa, next, &producer);
+        pa.lock()
+            .dispatch()
+            .send_on_stream(&[Msg::new(&src, 0, len)], &ca)
+            .unwrap();
+        let r = pa.lock().combine().recv_on_stream(&ca).unwrap();
+        copy(consumer.buf as u64, r.message_addr(0), len, sa);
+        host_node(sa, consume, &consumer);
+        pa.lock().combine().release_on_stream(r, &ca).unwrap();
+    }
+    let ga = end_capture(sa);
+    // The expert's cycle.
+    begin_capture(se);
+    for _ in 0..steps {
+        let r = pe.lock().dispatch().recv_on_stream(&ce).unwrap();
+        copy(d_back, r.message_addr(0), len, se);
+        pe.lock().dispatch().release_on_stream(r, &ce).unwrap();
+        pe.lock()
+            .combine()
+            .send_on_stream(&[Msg::new(&back, 0, len)], &ce)
+            .unwrap();
+    }
+    let ge = end_capture(se);
+    for _ in 0..launches {
+        // SAFETY: instantiated graphs on live streams.
+        unsafe {
+            ck("cuGraphLaunch", sys::cuGraphLaunch(ga, sa));
+            ck("cuGraphLaunch", sys::cuGraphLaunch(ge, se));
+        }
+    }
+    sync(sa);
+    sync(se);
+    let (checked, wrong) = (consumer.checked.load(SeqCst), consumer.wrong.load(SeqCst));
+    println!("CUDA graphs: {launches} launches of {steps} steps each side, {checked} rounds of {len} B checked, {wrong} wrong");
+    assert_eq!(wrong, 0, "rounds that came back wrong");
+    assert_eq!(checked, launches * steps);
+    assert!(pa.is_running() && pe.is_running(), "a proxy stopped");
+    // SAFETY: the streams are idle; the graphs go.
+    unsafe {
+        sys::cuGraphExecDestroy(ga);
+        sys::cuGraphExecDestroy(ge);
+    }
+    drop((src, back));
+}
+
 #[test]
 fn cuda_ipc_without_a_gpu_is_refused_naming_what_is_missing() {
     if m2n::gpu::init().is_ok() {

@@ -105,10 +105,10 @@ impl HostGraph {
     /// stream can run a host recording.
     pub fn launch(&self, stream: &dyn Stream) -> Result<(), StreamError> {
         let Some(host) = stream.as_host() else {
-            return Err(StreamError::Mixed {
-                have: "host (a recording of a host stream)",
-                got: stream.kind().name(),
-            });
+            return Err(StreamError::Capture(format!(
+                "a host stream's recording runs only on a host stream, not on a {} stream",
+                stream.kind().name()
+            )));
         };
         for op in self.ops.iter() {
             host.push(op.op())?;

@@ -195,3 +195,44 @@ fn slot_flags_sit_after_the_sequence_flags_each_on_its_line() {
     }));
     assert!(r.is_err(), "a slot the layout lacks");
 }
+
+/// A stream of the other kind, for refusals only (nothing is enqueued).
+struct OtherKind;
+
+impl Stream for OtherKind {
+    fn kind(&self) -> StreamKind {
+        StreamKind::Cuda
+    }
+    fn write_value(&self, _: &Arc<FlagBlock>, _: Flag, _: u32) -> Result<(), StreamError> {
+        unreachable!("refused before")
+    }
+    fn wait_value(&self, _: &Arc<FlagBlock>, _: Flag, _: u32) -> Result<(), StreamError> {
+        unreachable!("refused before")
+    }
+    fn alloc_flags(&self, _: FlagLayout) -> Result<FlagBlock, StreamError> {
+        unreachable!("refused before")
+    }
+    fn is_capturing(&self) -> Result<bool, StreamError> {
+        Ok(false)
+    }
+    fn map_region(&self, _: &Region, _: bool) -> Result<MappedRegion, StreamError> {
+        unreachable!("refused before")
+    }
+    fn copy_to_host(&self, _: usize, _: u64, _: usize) -> Result<(), StreamError> {
+        unreachable!("refused before")
+    }
+}
+
+#[test]
+fn a_host_recording_launched_on_a_stream_of_another_kind_is_refused() {
+    let s = HostStream::new();
+    s.begin_capture().unwrap();
+    s.launch_repeatable(|| {});
+    let g = s.end_capture().unwrap();
+    let err = g.launch(&OtherKind).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only on a host stream, not on a CUDA stream"),
+        "{err}"
+    );
+}
