@@ -60,6 +60,26 @@ typedef enum m2n_role_t {
   M2N_ROLE_EXPERT = 1,
 } m2n_role_t;
 
+// Which of a communicator's two sides a stream mode applies to: the side
+// it sends on (m2n_send_stream) or the side it receives on
+// (m2n_recv_stream, m2n_round_release_stream). An attention rank sends
+// dispatch and receives combine; an expert the other way round.
+typedef enum m2n_side_t {
+  M2N_SIDE_SEND = 0,
+  M2N_SIDE_RECV = 1,
+} m2n_side_t;
+
+// How a side's stream-ordered operations use their flags
+// (m2n_set_stream_mode).
+typedef enum m2n_stream_mode_t {
+  // The default: each operation waits for and writes its own sequence
+  // number (a captured CUDA graph cannot be replayed).
+  M2N_STREAM_SEQUENCE = 0,
+  // Constant values on per-slot handshake flags: a CUDA graph that
+  // captured a whole ring cycle of this side's operations replays.
+  M2N_STREAM_GRAPH_SAFE = 1,
+} m2n_stream_mode_t;
+
 // Values of m2n_config_t.transport.
 typedef enum m2n_transport_t {
   M2N_TRANSPORT_AUTO = 0,
@@ -269,6 +289,29 @@ enum m2n_result_t m2n_recv_stream(struct m2n_comm_t *comm,
 enum m2n_result_t m2n_round_release_stream(struct m2n_comm_t *comm,
                                            struct m2n_round_t *round,
                                            void *stream);
+
+// Sets how `side`'s (an m2n_side_t) stream-ordered operations use their
+// flags: `mode` is an m2n_stream_mode_t. M2N_STREAM_GRAPH_SAFE makes
+// them replayable from a CUDA graph: capture them (cudaStreamBeginCapture
+// .. cudaStreamEndCapture) and launch the graph again and again; each
+// launch is the next round, with the messages, offsets and lengths given
+// at capture (a send carries what those bytes hold at launch). A capture
+// must cover a whole cycle of the ring: a multiple of the side's depth
+// steps (or depth recordings launched in rotation; at depth 1 one step
+// replays alone); a slot signalled out of turn is an error
+// (M2N_ERR_INVALID_USAGE from m2n_progress or the proxy thread).
+// In graph-safe mode the direct calls of that side (m2n_send,
+// m2n_test_recv, ...) are refused with M2N_ERR_INVALID_USAGE, and its
+// operations must run on one stream (or streams the caller orders).
+// Call it before the capture, with the stream the operations will use
+// (it allocates the flags and maps the receive ring): refused on a
+// stream that is capturing, and while operations of the other mode are
+// outstanding on this side. Setting the current mode again succeeds.
+enum m2n_result_t m2n_set_stream_mode(struct m2n_comm_t *comm, int side, int mode, void *stream);
+
+// `*mode` is `side`'s (an m2n_side_t) stream mode, an m2n_stream_mode_t
+// (M2N_STREAM_SEQUENCE until m2n_set_stream_mode changes it).
+enum m2n_result_t m2n_get_stream_mode(struct m2n_comm_t *comm, int side, int *mode);
 
 // Starts a thread that drives `comm`'s progress engine (stream-ordered
 // calls need it when the application does not call m2n_progress). It

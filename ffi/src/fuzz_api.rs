@@ -417,6 +417,31 @@ fn step(g: &mut Group, inp: &mut Input) {
                 let r =
                     m2n_send_stream(comm, std::ptr::null(), 0, std::ptr::null_mut(), &mut round);
                 expect("send_stream", comm, r, &allowed(g, &[M2N_ERR_STREAM]));
+                // Stream modes: a bad side or mode is named before the
+                // stream is touched; good ones need a stream; the mode
+                // stays sequence.
+                for side in -1..3 {
+                    for mode in -1..3 {
+                        let r = m2n_set_stream_mode(comm, side, mode, std::ptr::null_mut());
+                        let want = if (0..2).contains(&side) && (0..2).contains(&mode) {
+                            M2N_ERR_STREAM
+                        } else {
+                            M2N_ERR_INVALID_ARGUMENT
+                        };
+                        expect("set_stream_mode", comm, r, &allowed(g, &[want]));
+                    }
+                    let mut mode = -1;
+                    let r = m2n_get_stream_mode(comm, side, &mut mode);
+                    let want = if (0..2).contains(&side) {
+                        R
+                    } else {
+                        M2N_ERR_INVALID_ARGUMENT
+                    };
+                    expect("get_stream_mode", comm, r, &allowed(g, &[want]));
+                    if r == R {
+                        assert_eq!(mode, m2n_stream_mode_t::M2N_STREAM_SEQUENCE as c_int);
+                    }
+                }
             }
         },
         1 | 2 => {

@@ -944,6 +944,81 @@ pub extern "C" fn m2n_round_release_stream(
     })
 }
 
+/// The channel of `side` (an m2n_side_t) of this communicator.
+fn side_channel(c: &mut Communicator, side: c_int) -> Result<m2n_rs::Channel<'_>, Failure> {
+    match side {
+        0 => Ok(send_channel(c)),
+        1 => Ok(recv_channel(c)),
+        s => Err(invalid(format!(
+            "side {s} is not M2N_SIDE_SEND (0) or M2N_SIDE_RECV (1)"
+        ))),
+    }
+}
+
+/// Sets how `side`'s (an m2n_side_t) stream-ordered operations use their
+/// flags: `mode` is an m2n_stream_mode_t. M2N_STREAM_GRAPH_SAFE makes
+/// them replayable from a CUDA graph: capture them (cudaStreamBeginCapture
+/// .. cudaStreamEndCapture) and launch the graph again and again; each
+/// launch is the next round, with the messages, offsets and lengths given
+/// at capture (a send carries what those bytes hold at launch). A capture
+/// must cover a whole cycle of the ring: a multiple of the side's depth
+/// steps (or depth recordings launched in rotation; at depth 1 one step
+/// replays alone); a slot signalled out of turn is an error
+/// (M2N_ERR_INVALID_USAGE from m2n_progress or the proxy thread).
+/// In graph-safe mode the direct calls of that side (m2n_send,
+/// m2n_test_recv, ...) are refused with M2N_ERR_INVALID_USAGE, and its
+/// operations must run on one stream (or streams the caller orders).
+/// Call it before the capture, with the stream the operations will use
+/// (it allocates the flags and maps the receive ring): refused on a
+/// stream that is capturing, and while operations of the other mode are
+/// outstanding on this side. Setting the current mode again succeeds.
+#[no_mangle]
+pub extern "C" fn m2n_set_stream_mode(
+    comm: *mut m2n_comm_t,
+    side: c_int,
+    mode: c_int,
+    stream: *mut c_void,
+) -> m2n_result_t {
+    with_comm(comm, |st| {
+        not_aborted(st)?;
+        let mode = match mode {
+            0 => m2n_rs::stream::StreamMode::Sequence,
+            1 => m2n_rs::stream::StreamMode::GraphSafe,
+            m => {
+                return Err(invalid(format!(
+                    "stream mode {m} is not M2N_STREAM_SEQUENCE (0) or M2N_STREAM_GRAPH_SAFE (1)"
+                )))
+            }
+        };
+        side_channel(&mut st.comm, side)?;
+        let s = cuda_stream(stream)?;
+        side_channel(&mut st.comm, side)?
+            .set_stream_mode(mode, &s)
+            .map_err(map_err)?;
+        Ok(m2n_result_t::M2N_SUCCESS)
+    })
+}
+
+/// `*mode` is `side`'s (an m2n_side_t) stream mode, an m2n_stream_mode_t
+/// (M2N_STREAM_SEQUENCE until m2n_set_stream_mode changes it).
+#[no_mangle]
+pub extern "C" fn m2n_get_stream_mode(
+    comm: *mut m2n_comm_t,
+    side: c_int,
+    mode: *mut c_int,
+) -> m2n_result_t {
+    with_comm(comm, |st| {
+        not_aborted(st)?;
+        let m = side_channel(&mut st.comm, side)?.stream_mode();
+        let v = match m {
+            m2n_rs::stream::StreamMode::Sequence => m2n_stream_mode_t::M2N_STREAM_SEQUENCE,
+            m2n_rs::stream::StreamMode::GraphSafe => m2n_stream_mode_t::M2N_STREAM_GRAPH_SAFE,
+        };
+        put(mode, "mode", v as c_int)?;
+        Ok(m2n_result_t::M2N_SUCCESS)
+    })
+}
+
 fn stream_round_data(
     comm: &Communicator,
     r: &m2n_rs::stream::StreamRound,

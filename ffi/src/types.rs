@@ -55,6 +55,30 @@ pub enum m2n_transport_t {
     M2N_TRANSPORT_CUDA_IPC = 4,
 }
 
+/// Which of a communicator's two sides a stream mode applies to: the side
+/// it sends on (m2n_send_stream) or the side it receives on
+/// (m2n_recv_stream, m2n_round_release_stream). An attention rank sends
+/// dispatch and receives combine; an expert the other way round.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum m2n_side_t {
+    M2N_SIDE_SEND = 0,
+    M2N_SIDE_RECV = 1,
+}
+
+/// How a side's stream-ordered operations use their flags
+/// (m2n_set_stream_mode).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum m2n_stream_mode_t {
+    /// The default: each operation waits for and writes its own sequence
+    /// number (a captured CUDA graph cannot be replayed).
+    M2N_STREAM_SEQUENCE = 0,
+    /// Constant values on per-slot handshake flags: a CUDA graph that
+    /// captured a whole ring cycle of this side's operations replays.
+    M2N_STREAM_GRAPH_SAFE = 1,
+}
+
 /// The version of m2n_config_t this library speaks.
 pub const M2N_CONFIG_VERSION: u32 = 1;
 /// Bytes of an m2n_unique_id_t.

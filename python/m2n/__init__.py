@@ -66,6 +66,8 @@ __all__ = [
     "ProtocolError",
     "Root",
     "Round",
+    "STREAM_GRAPH_SAFE",
+    "STREAM_SEQUENCE",
     "StreamError",
     "StreamRound",
     "Timeout",
@@ -81,6 +83,14 @@ ATTENTION = "attention"
 """The attention side (M ranks): sends on dispatch, receives on combine."""
 EXPERT = "expert"
 """The expert side (N ranks): receives on dispatch, sends on combine."""
+
+STREAM_SEQUENCE = "sequence"
+"""Stream mode (the default): each stream-ordered operation waits for and
+writes its own sequence number; a captured CUDA graph cannot be replayed."""
+STREAM_GRAPH_SAFE = "graph-safe"
+"""Stream mode: constant values on per-slot handshake flags, so a CUDA graph
+that captured a whole ring cycle of a side's operations replays
+(`Channel.set_stream_mode`)."""
 
 Message = Any
 """One message of a round: None (empty), a registered tensor / array / buffer
@@ -527,6 +537,43 @@ class Channel:
         return StreamRound(
             self._comm, self._id, self._c.recv_on_stream(self._id, _stream_handle(stream))
         )
+
+    @property
+    def stream_mode(self) -> str:
+        """The stream mode of this rank's side: `STREAM_SEQUENCE` or `STREAM_GRAPH_SAFE`."""
+        return self._c.stream_mode(self._id)
+
+    def set_stream_mode(self, mode: str, stream: Any = None) -> None:
+        """Set how this rank's side of the channel runs its stream-ordered operations.
+
+        `mode` is `STREAM_SEQUENCE` ("sequence", the default) or
+        `STREAM_GRAPH_SAFE` ("graph-safe"); `stream` is the CUDA stream the
+        operations will use (a torch.cuda.Stream, a CUstream int, or None:
+        torch's current stream). In graph-safe mode `send_on_stream`,
+        `recv_on_stream` and `StreamRound.release_on_stream` can be
+        captured into a CUDA graph (torch.cuda.CUDAGraph) and the graph
+        replayed: each replay is the next round, with the messages, offsets
+        and lengths given at capture (a send carries what those bytes hold
+        when the replay runs), and each receive reads the slot address it
+        was captured with.
+
+        Switch before the capture (it allocates; refused on a capturing
+        stream, and while operations of the other mode are outstanding on
+        this side). A recording must cover a whole ring cycle: a multiple
+        of `depth` steps (or `depth` graphs replayed in rotation; with
+        depth 1 one step replays alone); a slot signalled out of turn is a
+        `UsageError` from progress (the proxy stops on it). On a graph-safe
+        side the direct API (`send`, `try_send`, `recv`, `try_recv`) is
+        refused with `UsageError`, every round goes to the streams, and the
+        side's operations must run on one stream (or streams the caller
+        orders). Progress must run (`Communicator.start_proxy`). An unknown
+        mode is `InvalidArgument`; no CUDA driver or GPU is `StreamError`.
+        """
+        if mode not in (STREAM_SEQUENCE, STREAM_GRAPH_SAFE):
+            raise InvalidArgument(
+                f"stream mode {mode!r} is not {STREAM_SEQUENCE!r} or {STREAM_GRAPH_SAFE!r}"
+            )
+        self._c.set_stream_mode(self._id, mode, _stream_handle(stream))
 
 
 _ConfigValue = Union[str, int, float, bool]

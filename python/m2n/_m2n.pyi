@@ -154,6 +154,10 @@ class Comm:
         """A stream round's lengths once the host has seen it arrive."""
     def release_on_stream(self, ch: int, key: int, stream: int) -> None:
         """Enqueue the release of a stream round on a CUDA stream."""
+    def set_stream_mode(self, ch: int, mode: str, stream: int) -> None:
+        """Set the stream mode ('sequence' or 'graph-safe') of this rank's side of `ch`."""
+    def stream_mode(self, ch: int) -> str:
+        """The stream mode of this rank's side of `ch`."""
     def start_proxy(self) -> None:
         """Start a thread that drives progress."""
     def stop_proxy(self) -> None:

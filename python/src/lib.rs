@@ -782,6 +782,22 @@ impl Comm {
         })
     }
 
+    /// Sets the stream mode ("sequence" or "graph-safe") of this rank's
+    /// side of channel `ch`, with the CUDA stream its operations will use.
+    fn set_stream_mode(&self, py: Python<'_>, ch: u8, mode: &str, stream: u64) -> PyResult<()> {
+        self.call(py, |st| {
+            let mode = stream_mode(mode)?;
+            channel(st.comm()?, ch)?;
+            let s = cuda_stream(stream)?;
+            channel(st.comm()?, ch)?.set_stream_mode(mode, &s)
+        })
+    }
+
+    /// The stream mode of this rank's side of channel `ch`.
+    fn stream_mode(&self, py: Python<'_>, ch: u8) -> PyResult<&'static str> {
+        self.call(py, |st| Ok(channel(st.comm()?, ch)?.stream_mode().name()))
+    }
+
     /// Starts a thread that drives progress (for stream-ordered calls).
     fn start_proxy(&self) -> PyResult<()> {
         let mut st = self.lock();
@@ -840,6 +856,19 @@ impl Comm {
     fn credit_writes(&self, py: Python<'_>) -> PyResult<u64> {
         self.call(py, |st| Ok(st.comm()?.credit_writes()))
     }
+}
+
+/// A stream mode by its name.
+fn stream_mode(name: &str) -> m2n::Result<m2n::stream::StreamMode> {
+    use m2n::stream::StreamMode;
+    [StreamMode::Sequence, StreamMode::GraphSafe]
+        .into_iter()
+        .find(|m| m.name() == name)
+        .ok_or_else(|| {
+            m2n::Error::InvalidArgument(format!(
+                "stream mode {name:?} is not \"sequence\" or \"graph-safe\""
+            ))
+        })
 }
 
 /// The caller's CUDA stream (a `CUstream` as an integer; 0: the legacy
