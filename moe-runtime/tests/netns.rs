@@ -128,8 +128,10 @@ const SECRET: &str = "netns-test-secret-0123456789";
 
 /// `moe-serve` in namespace `ns` with `args` (m2n over tcp, a short peer
 /// timeout, the test's secret unless `secret` says otherwise).
+/// moe-serve in namespace `ns`; its stderr relayed (see `relay`), its
+/// stdout piped for the caller (who relays what it does not read).
 fn serve_in(ns: &str, args: &[&str], secret: &str) -> Child {
-    Command::new("ip")
+    let mut c = Command::new("ip")
         .args(["netns", "exec", ns, MOE_SERVE])
         .args(args)
         .env("M2N_TRANSPORT", "tcp")
@@ -139,7 +141,9 @@ fn serve_in(ns: &str, args: &[&str], secret: &str) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start moe-serve")
+        .expect("start moe-serve");
+    relay(&format!("{ns} {}", c.id()), c.stderr.take().unwrap());
+    c
 }
 
 /// curl in namespace `ns`: (HTTP status, body).
@@ -250,7 +254,7 @@ fn experts_join_moe_serve_from_another_namespace_and_standbys_take_over() {
         SECRET,
     );
     let expert = |rank: &str, extra: &[&str], secret: &str| {
-        serve_in(
+        let mut c = serve_in(
             &net.b,
             &[
                 &["--join", control, "--worker", "expert", "--rank", rank],
@@ -260,7 +264,12 @@ fn experts_join_moe_serve_from_another_namespace_and_standbys_take_over() {
             ]
             .concat(),
             secret,
-        )
+        );
+        relay(
+            &format!("expert {rank} {}", c.id()),
+            c.stdout.take().unwrap(),
+        );
+        c
     };
     let mut procs = KillOnDrop(vec![
         expert("0", &[], SECRET),
@@ -268,10 +277,10 @@ fn experts_join_moe_serve_from_another_namespace_and_standbys_take_over() {
         expert("1", &["--standby"], SECRET),
     ]);
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
     assert!(line.contains("listening on"), "moe-serve said {line:?}");
+    relay("server", out);
     procs.0.push(server);
     let a = net.a.clone();
     assert!(curl_in(&a, "/health", None).1.contains("whole"));

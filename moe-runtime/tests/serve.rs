@@ -46,13 +46,16 @@ impl Server {
     /// `/health`.
     fn ready(mut child: Child, port: u16, dir: TempDir, model_dir: PathBuf) -> Server {
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
         assert!(
             line.contains(&format!("listening on http://127.0.0.1:{port}")),
             "moe-serve said {line:?}"
         );
+        relay("moe-serve", out);
+        if let Some(err) = child.stderr.take() {
+            relay("moe-serve", err);
+        }
         let s = Server {
             child,
             port,
@@ -268,6 +271,7 @@ fn an_api_key_guards_v1_and_leaves_health_and_metrics_open() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    relay("moe-serve", child.stderr.take().unwrap());
     let t0 = Instant::now();
     while http(port, "GET", "/health", "").0 != 200 {
         assert!(t0.elapsed() < Duration::from_secs(30), "never healthy");
@@ -818,6 +822,7 @@ fn expert_workers_launched_by_mpiexec_join_the_server() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    relay("mpiexec", mpi.stderr.take().unwrap());
     let s = Server::ready(child, port, dir, model_dir);
     let prompts = ["Hello".to_string(), "World".to_string()];
     let got = completions_at_once(s.port, &s.model, &prompts, 12);

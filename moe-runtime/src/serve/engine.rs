@@ -1145,7 +1145,7 @@ impl Engine {
                 .with_label_values(&[slot.role.name()])
                 .inc();
         }
-        if let Err(what) = self.await_hellos(expect, deadline) {
+        if let Err(what) = self.await_hellos(expect, deadline, true) {
             return match what {
                 None => Ok(false),
                 Some(what) => Err(late(what)),
@@ -1160,12 +1160,17 @@ impl Engine {
     }
 
     /// Waits for a hello from each place in `expect` (from that process,
-    /// when its id is known). `Err(None)`: a worker was lost meanwhile;
-    /// `Err(Some(why))`: the deadline passed.
+    /// when its id is known). A standby fills a place only when
+    /// `standbys_fill` (a recovery waiting for someone to join); at the
+    /// first formation it waits in the pool, so that the place's own
+    /// worker is not refused when the standby happens to say hello first.
+    /// `Err(None)`: a worker was lost meanwhile; `Err(Some(why))`: the
+    /// deadline passed.
     fn await_hellos(
         &mut self,
         mut expect: BTreeMap<Slot, Option<u32>>,
         deadline: Instant,
+        standbys_fill: bool,
     ) -> Result<(), Option<String>> {
         while !expect.is_empty() {
             let Some(c) = self.next_before(deadline) else {
@@ -1181,10 +1186,11 @@ impl Engine {
                     conn,
                     pid,
                     stream,
-                    ..
-                } if expect
-                    .get(&slot)
-                    .is_some_and(|e| e.is_none_or(|p| p == pid)) =>
+                    standby,
+                } if (standbys_fill || !standby)
+                    && expect
+                        .get(&slot)
+                        .is_some_and(|e| e.is_none_or(|p| p == pid)) =>
                 {
                     self.writers.insert(slot, (conn, stream));
                     self.pids.insert(slot, pid);
@@ -1260,7 +1266,7 @@ impl Engine {
                 None => lost,
             }
         };
-        if let Err(what) = self.await_hellos(expect, deadline) {
+        if let Err(what) = self.await_hellos(expect, deadline, false) {
             return Err(failed(self, what));
         }
         if let Err(what) = self.form(deadline) {

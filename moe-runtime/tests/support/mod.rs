@@ -117,3 +117,19 @@ pub fn pid_with(model: &str, needle: &str) -> Option<i32> {
     }
     None
 }
+
+/// Passes what a child writes to `from` on to this test's stderr, line by
+/// line with `tag` in front, from a thread: a chatty child never blocks on
+/// a full pipe that nobody reads, and the harness shows its log when the
+/// test fails (spawned threads share the test's output capture).
+#[allow(dead_code)] // not every test binary relays
+pub fn relay(tag: &str, from: impl std::io::Read + Send + 'static) {
+    use std::io::BufRead;
+    let tag = tag.to_string();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[{tag}] {line}");
+        }
+    });
+}
