@@ -6,6 +6,7 @@
 //! [`bootstrap`] (rendezvous). See the README for the configuration table.
 
 pub mod bootstrap;
+pub mod clock;
 pub mod codec;
 pub mod comm;
 pub mod config;

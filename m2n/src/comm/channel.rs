@@ -188,7 +188,7 @@ impl Channel<'_> {
 
     /// Posts the next round, waiting up to `timeout` for credit.
     pub fn send(&mut self, msgs: &[Msg<'_>], timeout: Duration) -> Result<u64> {
-        let deadline = self.comm.fresh_now() + timeout;
+        let deadline = self.comm.now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
             let late = self.comm.now() >= deadline;
@@ -242,7 +242,7 @@ impl Channel<'_> {
 
     /// Waits until `round` is sent (see [`is_sent`](Self::is_sent)).
     pub fn wait_sent(&mut self, round: u64, timeout: Duration) -> Result<()> {
-        let deadline = self.comm.fresh_now() + timeout;
+        let deadline = self.comm.now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
             let late = self.comm.now() >= deadline;
@@ -289,7 +289,7 @@ impl Channel<'_> {
     /// Waits up to `timeout` for the next complete round. A sender that is
     /// lost while its message is missing fails the wait with `PeerLost`.
     pub fn recv(&mut self, timeout: Duration) -> Result<RecvRound> {
-        let deadline = self.comm.fresh_now() + timeout;
+        let deadline = self.comm.now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
             let late = self.comm.now() >= deadline;

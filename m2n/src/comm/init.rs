@@ -100,10 +100,7 @@ impl Communicator {
         }
         Ok(Self {
             detail,
-            clock: Clock {
-                now: Instant::now(),
-                calls: 0,
-            },
+            clock: Clock::new(),
             role,
             rank,
             shape,

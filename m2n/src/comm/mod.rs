@@ -36,6 +36,8 @@ mod streams;
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use crate::clock::Clock;
+
 pub use channel::Channel;
 pub use error::{Error, Result};
 use liveness::{Liveness, Lost};
@@ -150,28 +152,13 @@ pub struct Communicator {
     fatal: Option<Fatal>,
     /// The transport's description, and how its device was chosen.
     detail: String,
-    /// The time as last read (see [`Communicator::now`]).
+    /// The time on the polling paths, without a system call where the CPU
+    /// has a counter (see [`crate::clock`]).
     clock: Clock,
     /// Stream-ordered operations (see [`crate::stream`]).
     streams: streams::Streams,
     /// Host stages of device memory (shm and tcp).
     stages: staging::Stages,
-}
-
-/// Reads of the clock on the polling paths: one real read in
-/// [`Clock::EVERY`] calls, the cached time in between. Every poll of a
-/// blocking wait used to read it several times, and where
-/// `clock_gettime` is a system call (no usable TSC, as in VMs) that was
-/// most of a round's cost. The cached time is used for deadlines and
-/// liveness only, where a few polls of staleness do not matter.
-#[derive(Debug)]
-struct Clock {
-    now: Instant,
-    calls: u32,
-}
-
-impl Clock {
-    const EVERY: u32 = 64;
 }
 
 impl Communicator {
@@ -195,6 +182,13 @@ impl Communicator {
     /// completions, polls; zeros where the transport has no such queues).
     pub fn transport_counters(&self) -> crate::transport::TransportCounters {
         self.transport.counters()
+    }
+
+    /// Reads of the operating system's clock so far (system calls where it
+    /// has no user-space path, as in VMs): a few per second in the steady
+    /// state, however many calls are made (see [`crate::clock`]).
+    pub fn clock_reads(&self) -> u64 {
+        self.clock.os_reads()
     }
 
     /// Credit writes this rank has posted as a receiver (one per sender
@@ -539,28 +533,16 @@ impl Communicator {
         Peer { role, rank }
     }
 
-    /// The time, read for real once in [`Clock::EVERY`] calls.
+    /// The time (see [`crate::clock`]: no system call in the steady state).
     fn now(&mut self) -> Instant {
-        self.clock.calls += 1;
-        if self.clock.calls >= Clock::EVERY {
-            self.clock.calls = 0;
-            self.clock.now = Instant::now();
-        }
-        self.clock.now
-    }
-
-    /// The time, read now (deadlines are computed from it).
-    fn fresh_now(&mut self) -> Instant {
-        self.clock.calls = 0;
-        self.clock.now = Instant::now();
-        self.clock.now
+        self.clock.now()
     }
 
     /// Polls liveness and returns the other-side peers lost so far. Take
     /// the snapshot *before* draining the transport: whatever a peer wrote
     /// before it left is then drained before its loss is judged.
     fn lost_snapshot(&mut self, force: bool) -> Vec<(usize, Lost)> {
-        let now = if force { self.fresh_now() } else { self.now() };
+        let now = self.now();
         self.liveness.poll(now, force);
         let n = self.shape.side(self.other_side(0).role);
         (0..n)
