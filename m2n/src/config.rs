@@ -13,6 +13,7 @@
 //! | `M2N_BOOTSTRAP_TIMEOUT_MS` | deadline for the rendezvous | 30000 |
 //! | `M2N_CREDIT_REFRESH_MS` | re-send of the current credit, repairing a lost one | 100 |
 //! | `M2N_CREDIT_BATCH` | releases a receiver coalesces into one credit write (0: half the depth; a sender whose window is full is credited at once) | 0 |
+//! | `M2N_CREDIT_PIGGYBACK` | `1`: credits ride the data lane with this rank's next data write to the peer (one doorbell for both), instead of the ACK lane; for links without congestion, where a credit queued behind data costs nothing | 0 |
 //! | `M2N_SHM_QUEUE_DEPTH` | completion ring entries per peer (shm) | 1024 |
 //! | `M2N_SOCKET_IFNAME` | tcp: interfaces to use, NCCL style (`eth,ens` prefixes, `=eth0` exact, `^docker,lo` to exclude) | the route to the root |
 //! | `M2N_TCP_DATA_DSCP`, `M2N_TCP_ACK_DSCP` | tcp: DiffServ code point per lane (0..=63) | 0, 46 (EF) |
@@ -73,6 +74,13 @@ pub struct Config {
     /// Releases a receiver may leave unpublished before it writes a credit
     /// (0: half the depth); see [`RecvChannel::with_credit_batch`](crate::proto::RecvChannel::with_credit_batch).
     pub credit_batch: usize,
+    /// Credits on the data lane, posted with the rank's next data write to
+    /// the peer (one doorbell for both) rather than at once on the ACK
+    /// lane. Off by default: the ACK lane keeps credits out of congested
+    /// data queues (the paper's high-priority ACKs); on a quiet link
+    /// piggybacking saves a doorbell per credit. A credit a sender may be
+    /// waiting for (its window full) and the refresh still go at once.
+    pub credit_piggyback: bool,
     pub shm_queue_depth: usize,
     pub tcp: TcpConfig,
     pub ib: IbConfig,
@@ -99,6 +107,7 @@ impl Default for Config {
             bootstrap_timeout: Duration::from_secs(30),
             credit_refresh: Duration::from_millis(100),
             credit_batch: 0,
+            credit_piggyback: false,
             shm_queue_depth: 1024,
             tcp: TcpConfig::default(),
             ib: IbConfig::default(),
@@ -228,6 +237,11 @@ impl Config {
             "M2N_HEARTBEAT_MS" => self.heartbeat_interval = var.ms()?,
             "M2N_BOOTSTRAP_TIMEOUT_MS" => self.bootstrap_timeout = var.ms()?,
             "M2N_CREDIT_REFRESH_MS" => self.credit_refresh = var.ms()?,
+            "M2N_CREDIT_PIGGYBACK" => match var.value {
+                "0" => self.credit_piggyback = false,
+                "1" => self.credit_piggyback = true,
+                _ => return Err(var.err("expected 0 or 1".into())),
+            },
             "M2N_CREDIT_BATCH" => match var.value.parse::<usize>() {
                 Ok(n) if n <= crate::proto::imm::MAX_DEPTH => self.credit_batch = n,
                 _ => {

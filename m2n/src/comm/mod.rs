@@ -339,25 +339,38 @@ impl Communicator {
     }
 
     fn progress_inner(&mut self) -> Result<bool> {
-        let r = self.progress_steps();
+        self.progress_with(false)
+    }
+
+    /// Progress after a release: with piggybacked credits a batch of
+    /// releases waits for this rank's next data write (see
+    /// [`Config::credit_piggyback`]).
+    fn progress_after_release(&mut self) -> Result<bool> {
+        self.progress_with(self.config.credit_piggyback)
+    }
+
+    fn progress_with(&mut self, hold_credits: bool) -> Result<bool> {
+        let r = self.progress_steps(hold_credits);
         if let Err(e) = &r {
             self.streams.let_go(e);
         }
         r
     }
 
-    fn progress_steps(&mut self) -> Result<bool> {
+    /// One pass: data writes, then credits (so that piggybacked credits
+    /// share the data's doorbell), then the transport's completions.
+    fn progress_steps(&mut self, hold_credits: bool) -> Result<bool> {
         self.check_fatal()?;
         let now = self.now();
         let streams = self.streams_active();
         let mut moved = streams && self.drive_stream_sends()?;
         moved |= self.post_writes()?;
-        moved |= self.post_credits(now)?;
+        moved |= self.post_credits(now, hold_credits)?;
         moved |= self.poll_transport()?;
         moved |= self.read_credits()?;
         if streams {
             moved |= self.drive_stream_completions()?;
-            moved |= self.post_credits(now)?;
+            moved |= self.post_credits(now, false)?;
         }
         self.liveness.poll(now, false);
         Ok(moved)
@@ -420,8 +433,10 @@ impl Communicator {
         Ok(moved)
     }
 
-    fn post_credits(&mut self, now: Instant) -> Result<bool> {
-        if let Some(c) = self.recv.proto.poll_credit(now) {
+    /// Writes the receive side's credit to every sender when it is due
+    /// (`hold_batch`: a full batch alone waits for the next data write).
+    fn post_credits(&mut self, now: Instant, hold_batch: bool) -> Result<bool> {
+        if let Some(c) = self.recv.proto.poll_credit(now, hold_batch) {
             self.recv.credit_src.store_u64(0, c.released);
             let owed = &mut self.recv.credit_owed;
             owed.clear();
@@ -431,6 +446,11 @@ impl Communicator {
             return Ok(false);
         }
         let my_slot = self.rank * 8;
+        let lane = if self.config.credit_piggyback {
+            Lane::Data
+        } else {
+            Lane::Ack
+        };
         let mut owed = std::mem::take(&mut self.recv.credit_owed);
         let mut result = Ok(true);
         let mut posted = 0;
@@ -451,7 +471,7 @@ impl Communicator {
             let peer_global = self.shape.global(self.other_side(0).role, sender);
             // SAFETY: the credit word only ever grows and any value of it is a
             // valid credit, so changes while in flight are harmless.
-            match unsafe { self.transport.post_write(peer_global, Lane::Ack, &req) } {
+            match unsafe { self.transport.post_write(peer_global, lane, &req) } {
                 Ok(()) => {
                     posted += 1;
                     false

@@ -239,15 +239,18 @@ impl RecvChannel {
 
     /// The credit to write to every sender now, if any: after `batch`
     /// releases, after any release a sender may be waiting for, and every
-    /// `refresh` interval (which also repairs a lost credit).
-    pub fn poll_credit(&mut self, now: Instant) -> Option<CreditOp> {
+    /// `refresh` interval (which also repairs a lost credit). With
+    /// `hold_batch` a full batch alone is not due yet (the caller will post
+    /// it with its next data write: piggybacked credits); a sender that may
+    /// be waiting and the refresh still are.
+    pub fn poll_credit(&mut self, now: Instant, hold_batch: bool) -> Option<CreditOp> {
         let unpublished = self.released - self.published;
         let refresh_due = self
             .last_credit_at
             .is_some_and(|at| now.saturating_duration_since(at) >= self.refresh);
         let due = if unpublished > 0 {
             let sender_may_wait = self.max_arrived >= self.published + self.geo.depth as u64;
-            unpublished >= self.batch || sender_may_wait || refresh_due
+            (unpublished >= self.batch && !hold_batch) || sender_may_wait || refresh_due
         } else {
             self.released > 0 && refresh_due
         };

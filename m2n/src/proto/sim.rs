@@ -188,7 +188,7 @@ fn simulate(
                     );
                     rx.done += 1;
                 }
-                if let Some(c) = rx.proto.poll_credit(now) {
+                if let Some(c) = rx.proto.poll_credit(now, false) {
                     for s in 0..m {
                         if !rng.chance(credit_loss) {
                             credits.push((r, s, c.released));
@@ -250,7 +250,7 @@ fn credits_coalesce_without_making_a_sender_wait() {
         rx.on_arrival(0, op.imm, op.len).unwrap();
         let d = rx.poll_round().unwrap();
         rx.release(d.round).unwrap();
-        let published = rx.poll_credit(t).map(|c| c.released);
+        let published = rx.poll_credit(t, false).map(|c| c.released);
         if let Some(v) = published {
             tx.on_credit(0, v).unwrap();
         }
@@ -269,7 +269,7 @@ fn credits_coalesce_without_making_a_sender_wait() {
     assert_eq!(tx.post_round(&[8]).unwrap(), None, "the window is full");
     let d = rx.poll_round().unwrap();
     rx.release(d.round).unwrap();
-    assert_eq!(rx.poll_credit(t).map(|c| c.released), Some(7));
+    assert_eq!(rx.poll_credit(t, false).map(|c| c.released), Some(7));
     // Batch 1 publishes every release, the old behaviour.
     let mut eager = RecvChannel::new(geo, ChannelId::Dispatch, Duration::from_secs(3600))
         .unwrap()
@@ -458,12 +458,69 @@ fn release_rules() {
         rx.poll_round().unwrap();
     }
     rx.release(1).unwrap();
-    assert_eq!(rx.poll_credit(t), None, "round 0 still held: no new credit");
+    assert_eq!(
+        rx.poll_credit(t, false),
+        None,
+        "round 0 still held: no new credit"
+    );
     rx.release(0).unwrap();
-    assert_eq!(rx.poll_credit(t), Some(CreditOp { released: 2 }));
-    assert_eq!(rx.poll_credit(t), None);
+    assert_eq!(rx.poll_credit(t, false), Some(CreditOp { released: 2 }));
+    assert_eq!(rx.poll_credit(t, false), None);
     assert!(
-        rx.poll_credit(t + Duration::from_secs(61)).is_some(),
+        rx.poll_credit(t + Duration::from_secs(61), false).is_some(),
         "refresh re-sends the credit"
+    );
+}
+
+/// Piggybacked credits: a full batch waits for the caller's next data
+/// write, but a sender that may be waiting (its window full) and the
+/// refresh are credited at once.
+#[test]
+fn held_credits_wait_for_data_unless_a_sender_may_wait() {
+    let geo = Geometry {
+        senders: 1,
+        receivers: 1,
+        depth: 4,
+        slot_bytes: 8,
+    };
+    let mut rx = RecvChannel::new(geo, ChannelId::Dispatch, Duration::from_secs(60))
+        .unwrap()
+        .with_credit_batch(2);
+    let t = Instant::now();
+    let arrive = |rx: &mut RecvChannel, round: u64| {
+        rx.on_arrival(
+            0,
+            Immediate::new(ChannelId::Dispatch, 0, geo.slot_of(round), round).encode(),
+            0,
+        )
+        .unwrap();
+        rx.poll_round().unwrap();
+    };
+    arrive(&mut rx, 0);
+    arrive(&mut rx, 1);
+    rx.release(0).unwrap();
+    rx.release(1).unwrap();
+    assert_eq!(rx.poll_credit(t, true), None, "a batch of 2 is held");
+    assert_eq!(
+        rx.poll_credit(t, false),
+        Some(CreditOp { released: 2 }),
+        "and goes with the next data write"
+    );
+    // The sender's window fills (rounds 2..=5 in flight, credit at 2):
+    // the next release is credited at once even when held.
+    for round in 2..6 {
+        arrive(&mut rx, round);
+    }
+    rx.release(2).unwrap();
+    assert_eq!(
+        rx.poll_credit(t, true),
+        Some(CreditOp { released: 3 }),
+        "a sender that may be waiting is not held"
+    );
+    rx.release(3).unwrap();
+    rx.release(4).unwrap();
+    assert!(
+        rx.poll_credit(t + Duration::from_secs(61), true).is_some(),
+        "the refresh is not held"
     );
 }
