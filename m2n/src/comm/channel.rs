@@ -333,7 +333,7 @@ impl Channel<'_> {
             .release(round.round)
             .map_err(|source| Error::Protocol { peer, source })?;
         self.comm.recv.proto.recycle_lens(round.lens);
-        self.comm.progress_after_release()?;
+        self.comm.progress_inner()?;
         Ok(())
     }
 }

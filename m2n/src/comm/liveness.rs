@@ -13,6 +13,10 @@ use crate::secret::SECRET_BYTES;
 const HEARTBEAT: u8 = 1;
 const GOODBYE: u8 = 2;
 
+/// How often the links are looked at: a killed peer is noticed within this
+/// (its connection closes at once), a hung one after the peer timeout.
+pub(crate) const POLL_EVERY: Duration = Duration::from_millis(2);
+
 #[derive(Debug)]
 struct Link {
     peer: Peer,
@@ -195,13 +199,13 @@ impl Liveness {
     }
 
     /// Reads heartbeats, sends ours, and marks links lost. Cheap to call
-    /// often: does nothing more than once a millisecond unless `force`, and
-    /// then asks the kernel once for the whole group (one `poll` over every
-    /// link) and reads only the links with something to read: O(1) system
-    /// calls per millisecond whatever M x N, plus a heartbeat per link per
-    /// interval.
+    /// often: does nothing more than once per [`POLL_EVERY`] unless
+    /// `force`, and then asks the kernel once for the whole group (one
+    /// `poll` over every link) and reads only the links with something to
+    /// read: one system call per [`POLL_EVERY`] whatever M x N, plus a
+    /// heartbeat per link per interval.
     pub fn poll(&mut self, now: Instant, force: bool) {
-        if !force && now.saturating_duration_since(self.last_poll) < Duration::from_millis(1) {
+        if !force && now.saturating_duration_since(self.last_poll) < POLL_EVERY {
             return;
         }
         self.last_poll = now;

@@ -339,18 +339,7 @@ impl Communicator {
     }
 
     fn progress_inner(&mut self) -> Result<bool> {
-        self.progress_with(false)
-    }
-
-    /// Progress after a release: with piggybacked credits a batch of
-    /// releases waits for this rank's next data write (see
-    /// [`Config::credit_piggyback`]).
-    fn progress_after_release(&mut self) -> Result<bool> {
-        self.progress_with(self.config.credit_piggyback)
-    }
-
-    fn progress_with(&mut self, hold_credits: bool) -> Result<bool> {
-        let r = self.progress_steps(hold_credits);
+        let r = self.progress_steps();
         if let Err(e) = &r {
             self.streams.let_go(e);
         }
@@ -358,19 +347,25 @@ impl Communicator {
     }
 
     /// One pass: data writes, then credits (so that piggybacked credits
-    /// share the data's doorbell), then the transport's completions.
-    fn progress_steps(&mut self, hold_credits: bool) -> Result<bool> {
+    /// share the data's doorbell), then the transport's completions. With
+    /// piggybacked credits (see [`Config::credit_piggyback`]) a batch of
+    /// credits is held until a pass that writes data, on a rank that sends.
+    fn progress_steps(&mut self) -> Result<bool> {
         self.check_fatal()?;
         let now = self.now();
         let streams = self.streams_active();
         let mut moved = streams && self.drive_stream_sends()?;
-        moved |= self.post_writes()?;
-        moved |= self.post_credits(now, hold_credits)?;
+        let wrote = self.post_writes()?;
+        // A rank that has never sent (a one-way receiver) has no data to
+        // carry credits: holding would only delay them to the full window.
+        let hold = self.config.credit_piggyback && !wrote && self.send.proto.next_round() > 0;
+        moved |= wrote;
+        moved |= self.post_credits(now, hold)?;
         moved |= self.poll_transport()?;
         moved |= self.read_credits()?;
         if streams {
             moved |= self.drive_stream_completions()?;
-            moved |= self.post_credits(now, false)?;
+            moved |= self.post_credits(now, hold)?;
         }
         self.liveness.poll(now, false);
         Ok(moved)
