@@ -179,33 +179,6 @@ def wait_file(path: str, timeout: float) -> Any:
         return json.load(f)
 
 
-class Poll:
-    """Spin `spins` empty polls, then yield on each; TimeoutError past the deadline."""
-
-    __slots__ = ("deadline", "empty", "spins", "timeout", "what")
-
-    def __init__(self, spins: int, timeout: float) -> None:
-        self.spins = spins
-        self.timeout = timeout
-        self.empty = 0
-        self.deadline = 0.0
-        self.what = ""
-
-    def reset(self, what: str) -> None:
-        self.empty = 0
-        self.what = what
-
-    def idle(self) -> None:
-        self.empty += 1
-        e = self.empty
-        if e == 1:
-            self.deadline = time.monotonic() + self.timeout
-        if e > self.spins:
-            os.sched_yield()
-        if (e & 1023) == 0 and time.monotonic() > self.deadline:
-            raise TimeoutError(f"no progress for {self.timeout}s while {self.what}")
-
-
 # --- one rank (peer venv) ----------------------------------------------------
 
 
@@ -256,6 +229,10 @@ class Rank:
 
     def __init__(self, a: argparse.Namespace) -> None:
         import numpy as np
+
+        # The wait policy's loop, shared with the other rank scripts
+        # (rtcommon imports numpy, so only ranks import it).
+        from rtcommon import Poll
 
         self.np = np
         self.a = a
