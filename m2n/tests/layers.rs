@@ -17,6 +17,7 @@ fn lower_layers_never_use_higher_ones() {
             ("secret", 0),
             ("gpu", 0),
             ("wait", 0),
+            ("clock", 0),
             ("proto", 1),
             ("bootstrap", 1),
             ("pattern", 2),
