@@ -330,6 +330,7 @@ fn config_from(cfg: *const m2n_config_t) -> Result<Config, Failure> {
         2 => TransportKind::Tcp,
         3 => TransportKind::Verbs,
         4 => TransportKind::CudaIpc,
+        5 => TransportKind::Fabric,
         t => {
             return Err((
                 m2n_result_t::M2N_ERR_CONFIG,

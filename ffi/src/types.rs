@@ -53,6 +53,8 @@ pub enum m2n_transport_t {
     M2N_TRANSPORT_VERBS = 3,
     /// Processes on one host, receive rings in GPU memory (CUDA IPC).
     M2N_TRANSPORT_CUDA_IPC = 4,
+    /// libfabric (provider from M2N_FI_PROVIDER; EFA, tcp, shm, verbs).
+    M2N_TRANSPORT_FABRIC = 5,
 }
 
 /// Which of a communicator's two sides a stream mode applies to: the side

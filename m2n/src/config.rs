@@ -3,7 +3,7 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `M2N_TRANSPORT` | `shm`, `tcp`, `verbs`, `cuda-ipc` or `auto` | `auto` |
+//! | `M2N_TRANSPORT` | `shm`, `tcp`, `verbs`, `fabric` (libfabric), `cuda-ipc` or `auto` | `auto` |
 //! | `M2N_DEPTH` | slots per sender on each receiver, both channels (1..=256) | 4 |
 //! | `M2N_DISPATCH_DEPTH`, `M2N_COMBINE_DEPTH` | the same, per channel | 4 |
 //! | `M2N_SLOT_BYTES` | largest message per sender-receiver pair and round, both channels (K/M/G suffixes) | 1M |
@@ -25,6 +25,8 @@
 //! | `M2N_IB_DATA_SL`, `M2N_IB_ACK_SL` | verbs: service level per lane | 0, 6 |
 //! | `M2N_IB_TIMEOUT`, `M2N_IB_RETRY_CNT`, `M2N_IB_RNR_RETRY` | verbs: QP ACK timeout exponent, retries, RNR retries | 14, 7, 7 |
 //! | `M2N_IB_MTU`, `M2N_IB_MAX_INLINE` | verbs: path MTU bytes, inline payload limit | 4096, 64 |
+//! | `M2N_FI_PROVIDER`, `M2N_FI_DOMAIN` | fabric: libfabric provider (`tcp`, `shm`, `verbs`, `efa`, or a stack like `tcp;ofi_rxm`) and domain (`lo`, `rxe0`) | the first `fi_getinfo` offers with RMA writes carrying remote CQ data |
+//! | `M2N_FI_DATA_TCLASS`, `M2N_FI_ACK_TCLASS` | fabric: `FI_TC_*` class per lane's endpoint (`unspec`, `low_latency`, `bulk_data`, ..., `dscp:N`) | `unspec`, `low_latency` |
 //! | `M2N_CUDA_DEVICE` | the GPU whose memory holds the receive rings (cuda-ipc, `M2N_GPU_RINGS`) | 0 |
 //! | `M2N_GPU_RINGS` | `1`: verbs receive rings in GPU memory (GPUDirect RDMA); cuda-ipc's always are; shm and tcp refuse | 0 |
 //! | `M2N_WAIT` | how blocking calls wait: `spin`, `yield`, `spin-yield[:N]` (N empty polls, then yield), or `auto` (`yield` when this host runs more ranks than it has cores, else `spin-yield:256`) | `auto` |
@@ -39,7 +41,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use crate::transport::options::{IbConfig, LaneClass, TcpConfig};
+pub use crate::transport::options::{FabricConfig, IbConfig, LaneClass, TcpConfig, TrafficClass};
 use crate::transport::TransportKind;
 pub use crate::wait::WaitPolicy;
 
@@ -84,6 +86,7 @@ pub struct Config {
     pub shm_queue_depth: usize,
     pub tcp: TcpConfig,
     pub ib: IbConfig,
+    pub fabric: FabricConfig,
     pub wait: WaitPolicy,
     /// The GPU receive rings live on (cuda-ipc always; verbs with `gpu_rings`).
     pub cuda_device: usize,
@@ -111,6 +114,7 @@ impl Default for Config {
             shm_queue_depth: 1024,
             tcp: TcpConfig::default(),
             ib: IbConfig::default(),
+            fabric: FabricConfig::default(),
             wait: WaitPolicy::Auto,
             cuda_device: 0,
             gpu_rings: false,
@@ -171,7 +175,8 @@ impl Config {
                 || self.apply_channel(var)?
                 || self.apply_timing(var)?
                 || self.apply_tcp(var)?
-                || self.apply_ib(var)?;
+                || self.apply_ib(var)?
+                || self.apply_fabric(var)?;
             if !known {
                 return Err(var.err(
                     "unknown M2N_ variable (see the configuration table in the README)".into(),
@@ -326,6 +331,19 @@ impl Config {
                 _ => return Err(var.err("expected 256, 512, 1024, 2048 or 4096".into())),
             },
             "M2N_IB_MAX_INLINE" => self.ib.max_inline = var.bytes()? as u32,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The fabric transport's variables; `false` when `var` is none of them.
+    fn apply_fabric(&mut self, var: EnvVar) -> Result<bool, ConfigError> {
+        let name = |v: &str| Some(v.trim().to_string()).filter(|v| !v.is_empty());
+        match var.name {
+            "M2N_FI_PROVIDER" => self.fabric.provider = name(var.value),
+            "M2N_FI_DOMAIN" => self.fabric.domain = name(var.value),
+            "M2N_FI_DATA_TCLASS" => self.fabric.data = var.value.parse().map_err(|e| var.err(e))?,
+            "M2N_FI_ACK_TCLASS" => self.fabric.ack = var.value.parse().map_err(|e| var.err(e))?,
             _ => return Ok(false),
         }
         Ok(true)

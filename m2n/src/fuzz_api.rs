@@ -13,11 +13,16 @@ pub fn bootstrap_frame(data: &[u8]) {
     }
 }
 
-/// Transport descriptors (shm endpoints, tcp regions, verbs endpoints and
-/// regions): decoding never panics.
+/// Transport descriptors (shm endpoints, tcp regions, verbs and fabric
+/// endpoints and regions): decoding never panics.
 pub fn descriptors(data: &[u8]) {
     let _ = crate::transport::shm::ShmTransport::decode_endpoint(0, data);
     let _ = crate::transport::tcp::parse_region_descriptor(data);
+    #[cfg(feature = "fabric")]
+    {
+        let _ = crate::transport::fabric::Endpoint::decode(data, "tcp;ofi_rxm");
+        let _ = crate::transport::fabric::RegionDescriptor::decode(data);
+    }
     #[cfg(feature = "verbs")]
     {
         let _ = crate::transport::verbs::Endpoint::decode(data, 4);

@@ -10,9 +10,27 @@ use m2n::Role;
 use nix::sys::signal::Signal;
 use support::*;
 
-/// The transport a suite runs over, set by `transport_suite!`.
+/// The transport a suite runs over, set by `transport_suite!`: a name
+/// `M2N_TRANSPORT` takes, or `fabric:PROVIDER`.
 #[derive(Clone, Copy)]
 struct T(&'static str);
+
+impl T {
+    /// The value of `M2N_TRANSPORT`.
+    fn transport(self) -> &'static str {
+        self.0.split(':').next().unwrap_or(self.0)
+    }
+
+    /// The value of `M2N_FI_PROVIDER` (empty: the default, or not fabric).
+    fn provider(self) -> &'static str {
+        self.0.split_once(':').map_or("", |(_, p)| p)
+    }
+
+    /// Whether the transport counts work on queues (verbs and fabric).
+    fn has_work_queues(self) -> bool {
+        matches!(self.transport(), "verbs" | "fabric")
+    }
+}
 
 fn check_demo(t: T, m: usize, n: usize, rounds: u64, bytes: usize, slot: usize) {
     let (ok, out, err) = run_demo(
@@ -29,13 +47,14 @@ fn check_demo(t: T, m: usize, n: usize, rounds: u64, bytes: usize, slot: usize) 
             "2",
         ],
         &[
-            ("M2N_TRANSPORT", t.0),
+            ("M2N_TRANSPORT", t.transport()),
+            ("M2N_FI_PROVIDER", t.provider()),
             ("M2N_SLOT_BYTES", &slot.to_string()),
         ],
     );
     assert!(ok, "{m}x{n} at {bytes} B failed:\n{out}\n{err}");
     assert!(
-        out.contains(&format!("over {}", t.0)),
+        out.contains(&format!("over {}", t.transport())),
         "ran over the wrong transport:\n{out}"
     );
     let messages = 2 * m as u64 * n as u64 * rounds;
@@ -97,7 +116,11 @@ fn kill_mid_run_in(t: T, victim_role: Role, (m, n): (usize, usize), api: &[&str]
         m,
         n,
         &flags,
-        &[("M2N_TRANSPORT", t.0), ("M2N_PEER_TIMEOUT_MS", "3000")],
+        &[
+            ("M2N_TRANSPORT", t.transport()),
+            ("M2N_FI_PROVIDER", t.provider()),
+            ("M2N_PEER_TIMEOUT_MS", "3000"),
+        ],
     );
     for w in workers.iter_mut() {
         assert!(
@@ -195,13 +218,16 @@ fn streams_deliver_every_byte(t: T) {
                 "2",
                 "--streams",
             ],
-            &[("M2N_TRANSPORT", t.0)],
+            &[
+                ("M2N_TRANSPORT", t.transport()),
+                ("M2N_FI_PROVIDER", t.provider()),
+            ],
         );
         assert!(ok, "{m}x{n} at {bytes} B on streams failed:\n{out}\n{err}");
         let messages = 2 * m as u64 * n as u64 * r;
         assert!(
             out.contains(&format!("{messages} messages, every byte checked, 0 wrong"))
-                && out.contains(&format!("over {}", t.0)),
+                && out.contains(&format!("over {}", t.transport())),
             "{m}x{n} at {bytes} B on streams:\n{out}"
         );
     }
@@ -232,7 +258,8 @@ fn stopped_peer(t: T, nonblocking: bool) {
         1,
         &flags,
         &[
-            ("M2N_TRANSPORT", t.0),
+            ("M2N_TRANSPORT", t.transport()),
+            ("M2N_FI_PROVIDER", t.provider()),
             ("M2N_PEER_TIMEOUT_MS", "1500"),
             ("M2N_HEARTBEAT_MS", "100"),
         ],
@@ -321,7 +348,8 @@ fn work_per_round_is_pinned(t: T) {
                 "1",
             ],
             &[
-                ("M2N_TRANSPORT", t.0),
+                ("M2N_TRANSPORT", t.transport()),
+                ("M2N_FI_PROVIDER", t.provider()),
                 ("M2N_CREDIT_BATCH", batch),
                 ("M2N_CREDIT_PIGGYBACK", piggyback),
             ],
@@ -346,7 +374,7 @@ fn work_per_round_is_pinned(t: T) {
             .lines()
             .filter(|l| l.contains("work per round:"))
             .collect();
-        if t.0 != "verbs" {
+        if !t.has_work_queues() {
             assert!(lines.is_empty(), "{} counts work: {lines:?}", t.0);
             continue;
         }
@@ -504,3 +532,4 @@ macro_rules! transport_suite {
 transport_suite!(shm, "shm");
 transport_suite!(tcp, "tcp");
 transport_suite!(verbs, "verbs");
+transport_suite!(fabric_net, "fabric:net");

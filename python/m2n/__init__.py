@@ -650,7 +650,7 @@ class Communicator:
 
     @property
     def transport(self) -> str:
-        """The transport in use: shm, tcp, verbs or cuda-ipc."""
+        """The transport in use: shm, tcp, verbs, fabric or cuda-ipc."""
         return self._c.transport
 
     @property

@@ -112,7 +112,7 @@ class Comm:
         """(M, N)."""
     @property
     def transport(self) -> str:
-        """shm, tcp, verbs or cuda-ipc."""
+        """shm, tcp, verbs, fabric or cuda-ipc."""
     @property
     def transport_detail(self) -> str:
         """What the transport runs on."""

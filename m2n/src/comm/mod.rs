@@ -503,11 +503,19 @@ impl Communicator {
             match c {
                 Completion::WriteDone { wr_id } => self.send.proto.on_write_complete(wr_id),
                 Completion::Arrived { peer, imm, len } => {
-                    let from = self.peer_of_global(peer);
-                    let index = if from.role == self.role {
-                        usize::MAX
+                    let (from, index) = if peer == crate::transport::PEER_IN_IMMEDIATE {
+                        // The transport cannot name the writer: the
+                        // immediate does (its bounds are still checked).
+                        let sender = usize::from(crate::proto::Immediate::decode(imm).sender);
+                        (self.other_side(sender), sender)
                     } else {
-                        from.rank
+                        let from = self.peer_of_global(peer);
+                        let index = if from.role == self.role {
+                            usize::MAX
+                        } else {
+                            from.rank
+                        };
+                        (from, index)
                     };
                     if let Err(source) = self.recv.proto.on_arrival(index, imm, len) {
                         return Err(self.fail(Error::Protocol { peer: from, source }));

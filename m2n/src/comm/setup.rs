@@ -289,6 +289,25 @@ pub(super) fn make_transport(
                 VERBS_NOT_BUILT.into(),
             )))
         }
+        #[cfg(feature = "fabric")]
+        TransportKind::Fabric => Box::new(
+            crate::transport::fabric::FabricTransport::new(
+                me,
+                world,
+                crate::config::FabricConfig {
+                    cuda_device: config.cuda_device,
+                    ..config.fabric.clone()
+                },
+            )
+            .map_err(t)?,
+        ),
+        #[cfg(not(feature = "fabric"))]
+        TransportKind::Fabric => {
+            return Err(t(TransportError::Unavailable(
+                TransportKind::Fabric,
+                "this m2n was built without the `fabric` feature (build with default features; it needs libfabric-dev and libclang)".into(),
+            )))
+        }
         #[cfg(feature = "cuda")]
         TransportKind::CudaIpc => Box::new(
             crate::transport::cuda_ipc::CudaIpcTransport::new(

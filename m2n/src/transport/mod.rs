@@ -6,8 +6,8 @@
 //! completions when polled. "Not now" is [`TransportError::WouldBlock`], a
 //! normal answer: call [`Transport::poll`] and try again.
 //!
-//! Backends: [`shm`] (processes on one host). The `tcp` and `verbs` backends
-//! implement the same trait.
+//! Backends: [`shm`] (processes on one host). The `tcp`, `verbs` and
+//! `fabric` (libfabric) backends implement the same trait.
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -21,6 +21,8 @@ pub use crate::proto::Lane;
 
 #[cfg(feature = "cuda")]
 pub mod cuda_ipc;
+#[cfg(feature = "fabric")]
+pub mod fabric;
 pub mod options;
 /// Shared-memory segments (memfds), which shm, tcp and verbs all allocate from.
 pub(crate) mod segment;
@@ -35,6 +37,9 @@ pub enum TransportKind {
     Shm,
     Tcp,
     Verbs,
+    /// libfabric: reliable datagram endpoints and RMA writes with remote
+    /// CQ data, on the provider `M2N_FI_PROVIDER` names (feature `fabric`).
+    Fabric,
     /// CUDA IPC between processes on one host: receive rings in GPU
     /// memory, writes are device-to-device copies (feature `cuda`).
     CudaIpc,
@@ -48,6 +53,7 @@ impl TransportKind {
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
             TransportKind::Verbs => "verbs",
+            TransportKind::Fabric => "fabric",
             TransportKind::CudaIpc => "cuda-ipc",
             TransportKind::Auto => "auto",
         }
@@ -67,10 +73,11 @@ impl std::str::FromStr for TransportKind {
             "shm" => Ok(Self::Shm),
             "tcp" => Ok(Self::Tcp),
             "verbs" => Ok(Self::Verbs),
+            "fabric" | "ofi" | "libfabric" => Ok(Self::Fabric),
             "cuda-ipc" | "cuda_ipc" => Ok(Self::CudaIpc),
             "auto" => Ok(Self::Auto),
             other => Err(format!(
-                "unknown transport {other:?}: expected shm, tcp, verbs, cuda-ipc or auto"
+                "unknown transport {other:?}: expected shm, tcp, verbs, fabric, cuda-ipc or auto"
             )),
         }
     }
@@ -502,8 +509,16 @@ pub enum Completion {
     /// A signalled local write finished; its source may be reused.
     WriteDone { wr_id: u64 },
     /// A peer's write with immediate landed in one of our regions.
+    /// `peer` is [`PEER_IN_IMMEDIATE`] where the transport cannot tell
+    /// (fabric): the immediate's sender index names the writer.
     Arrived { peer: usize, imm: u32, len: usize },
 }
+
+/// The `peer` of a [`Completion::Arrived`] whose transport does not know
+/// the writer: libfabric 1.17's rxm reports no source address for remote
+/// writes, so the immediate's sender index and channel are taken at their
+/// word (a misrouted write is then not detected as such).
+pub const PEER_IN_IMMEDIATE: usize = usize::MAX;
 
 /// The transport contract (see the module docs).
 ///

@@ -127,3 +127,90 @@ impl Default for IbConfig {
         }
     }
 }
+
+/// A libfabric traffic class (`FI_TC_*`), by the name `M2N_FI_*_TCLASS`
+/// takes: `unspec`, `best_effort`, `low_latency`, `dedicated_access`,
+/// `bulk_data`, `scavenger`, `network_ctrl`, or `dscp:N` (0..=63).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrafficClass(pub u32);
+
+impl TrafficClass {
+    const NAMED: [(&'static str, u32); 7] = [
+        ("unspec", 0),
+        ("best_effort", 0x200),
+        ("low_latency", 0x201),
+        ("dedicated_access", 0x202),
+        ("bulk_data", 0x203),
+        ("scavenger", 0x204),
+        ("network_ctrl", 0x205),
+    ];
+    /// `FI_TC_DSCP`: the class carries a DiffServ code point in its low bits.
+    const DSCP: u32 = 0x100;
+
+    pub const UNSPEC: TrafficClass = TrafficClass(0);
+    pub const LOW_LATENCY: TrafficClass = TrafficClass(0x201);
+
+    pub fn name(self) -> String {
+        match Self::NAMED.iter().find(|(_, v)| *v == self.0) {
+            Some((n, _)) => (*n).to_string(),
+            None if self.0 & !0x3f == Self::DSCP => format!("dscp:{}", self.0 & 0x3f),
+            None => format!("{:#x}", self.0),
+        }
+    }
+}
+
+impl std::str::FromStr for TrafficClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        if let Some(n) = s.strip_prefix("dscp:") {
+            return match n.parse::<u32>() {
+                Ok(d) if d <= 63 => Ok(TrafficClass(Self::DSCP | d)),
+                _ => Err(format!("{n:?} is not a DSCP (0..=63)")),
+            };
+        }
+        Self::NAMED
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|&(_, v)| TrafficClass(v))
+            .ok_or_else(|| {
+                format!(
+                    "unknown traffic class {s:?}: expected {}, or dscp:N",
+                    Self::NAMED.map(|(n, _)| n).join(", ")
+                )
+            })
+    }
+}
+
+/// Settings of the fabric (libfabric) transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FabricConfig {
+    /// Provider (`M2N_FI_PROVIDER`, e.g. `tcp`, `shm`, `verbs`, `efa`, or
+    /// a full stack `tcp;ofi_rxm`); `None`: the first `fi_getinfo` offers
+    /// with what m2n needs.
+    pub provider: Option<String>,
+    /// Domain (`M2N_FI_DOMAIN`, e.g. `lo`, `rxe0`); `None`: the provider's first.
+    pub domain: Option<String>,
+    /// Traffic class of the data lane's endpoint (`M2N_FI_DATA_TCLASS`).
+    pub data: TrafficClass,
+    /// Traffic class of the ACK lane's endpoint (`M2N_FI_ACK_TCLASS`),
+    /// `low_latency` by default.
+    pub ack: TrafficClass,
+    /// Writes in flight per process that wait for a completion.
+    pub tx_depth: usize,
+    /// The GPU whose memory `FI_HMEM` registrations name (`M2N_CUDA_DEVICE`).
+    pub cuda_device: usize,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        Self {
+            provider: None,
+            domain: None,
+            data: TrafficClass::UNSPEC,
+            ack: TrafficClass::LOW_LATENCY,
+            tx_depth: 1024,
+            cuda_device: 0,
+        }
+    }
+}

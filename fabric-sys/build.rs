@@ -1,0 +1,40 @@
+//! Generates bindings to the installed libfabric (found by pkg-config).
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=wrapper.h");
+    let lib = pkg_config::Config::new()
+        .atleast_version("1.14")
+        .probe("libfabric")
+        .unwrap_or_else(|e| {
+            panic!(
+                "libfabric was not found by pkg-config ({e}); install Debian's libfabric-dev \
+                 (scripts/setup does), or build m2n without the `fabric` feature"
+            )
+        });
+    let bindings = bindgen::Builder::default()
+        .header("wrapper.h")
+        .clang_args(
+            lib.include_paths
+                .iter()
+                .map(|p| format!("-I{}", p.display())),
+        )
+        .allowlist_item("fi_.*")
+        .allowlist_item("FI_.*")
+        .allowlist_item("fid.*")
+        // The header's `static inline` calls are not symbols of the
+        // library: m2n makes them through the ops tables.
+        .generate_inline_functions(false)
+        .derive_default(true)
+        .derive_debug(true)
+        .prepend_enum_name(false)
+        .blocklist_type("iovec")
+        .raw_line("use libc::iovec;")
+        .generate()
+        .expect("bindgen could not generate the libfabric bindings");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    bindings
+        .write_to_file(out.join("bindings.rs"))
+        .expect("writing bindings.rs");
+}

@@ -1,0 +1,593 @@
+//! Owned libfabric objects and the header's inline calls.
+//!
+//! Each handle owns one `fid` and closes it in `Drop`; children hold their
+//! parents (`Arc`) so a domain outlives its endpoints, queues and memory
+//! registrations. libfabric's `fi_domain`, `fi_writemsg`, `fi_cq_readfrom`
+//! and friends are `static inline` in the C header: they call through the
+//! object's ops table, and so do the methods here.
+
+// bindgen types the header's constants by their values (u32 or u64), which
+// may differ between libfabric versions: every use casts to the field's type.
+#![allow(clippy::unnecessary_cast)]
+
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::ptr;
+use std::sync::Arc;
+
+use m2n_fabric_sys as sys;
+
+/// The libfabric API version m2n is written against (1.14 or newer runs it).
+pub(crate) const API_VERSION: u32 = sys::fi_version_of(1, 14);
+
+/// `FI_ADDR_NOTAVAIL` (`(uint64_t)-1` in the header, which bindgen skips).
+pub(crate) const ADDR_NOTAVAIL: sys::fi_addr_t = u64::MAX;
+
+/// A libfabric call that failed: the call and libfabric's error text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FiError {
+    pub op: &'static str,
+    /// The positive `FI_E*` / errno code.
+    pub code: i32,
+}
+
+impl FiError {
+    pub(crate) fn new(op: &'static str, ret: i64) -> Self {
+        Self {
+            op,
+            code: ret.unsigned_abs().min(i32::MAX as u64) as i32,
+        }
+    }
+
+    pub(crate) fn is_again(&self) -> bool {
+        self.code == sys::FI_EAGAIN as i32
+    }
+}
+
+/// libfabric's text for error `code`.
+pub(crate) fn strerror(code: i32) -> String {
+    // SAFETY: fi_strerror returns a static NUL-terminated string for any code.
+    unsafe { CStr::from_ptr(sys::fi_strerror(code)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl fmt::Display for FiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} ({})", self.op, strerror(self.code), self.code)
+    }
+}
+
+fn check(op: &'static str, ret: i64) -> Result<(), FiError> {
+    if ret < 0 {
+        Err(FiError::new(op, ret))
+    } else {
+        Ok(())
+    }
+}
+
+/// Closes `fid` (the header's `fi_close`).
+///
+/// # Safety
+/// `fid` is a live libfabric object nothing else uses after this call.
+unsafe fn close(fid: *mut sys::fid) {
+    // SAFETY: the caller's contract; every fid has an ops table with close.
+    unsafe {
+        if let Some(close) = (*(*fid).ops).close {
+            close(fid);
+        }
+    }
+}
+
+/// An `fi_info` list or entry m2n owns (freed with `fi_freeinfo`).
+#[derive(Debug)]
+pub(crate) struct Info(*mut sys::fi_info);
+
+// SAFETY: plain data owned by this handle; libfabric keeps no reference to it.
+unsafe impl Send for Info {}
+// SAFETY: as above; only read through `&self`.
+unsafe impl Sync for Info {}
+
+impl Drop for Info {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: allocated by fi_dupinfo / fi_getinfo and owned here.
+            unsafe { sys::fi_freeinfo(self.0) }
+        }
+    }
+}
+
+/// What m2n asks of a provider (see [`Info::hints`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Wants {
+    pub provider: Option<String>,
+    pub domain: Option<String>,
+    pub caps: u64,
+    pub mr_mode: u32,
+    pub msg_order: u64,
+}
+
+impl Info {
+    /// Hints for `fi_getinfo`: reliable datagram endpoints with `wants`.
+    pub(crate) fn hints(wants: &Wants) -> Result<Info, FiError> {
+        // SAFETY: fi_dupinfo(NULL) is the header's fi_allocinfo().
+        let h = unsafe { sys::fi_dupinfo(ptr::null()) };
+        if h.is_null() {
+            return Err(FiError::new("fi_allocinfo", -(libc::ENOMEM as i64)));
+        }
+        let info = Info(h);
+        // SAFETY: fi_allocinfo allocates every attribute struct; strings
+        // set here are strdup'ed, which fi_freeinfo frees.
+        unsafe {
+            (*h).caps = wants.caps;
+            (*h).mode = sys::FI_CONTEXT as u64 | sys::FI_CONTEXT2;
+            (*(*h).ep_attr).type_ = sys::FI_EP_RDM;
+            (*(*h).domain_attr).mr_mode = wants.mr_mode as i32;
+            (*(*h).domain_attr).threading = sys::FI_THREAD_SAFE;
+            (*(*h).tx_attr).msg_order = wants.msg_order;
+            (*(*h).rx_attr).msg_order = wants.msg_order;
+            if let Some(p) = &wants.provider {
+                let c = CString::new(p.as_str())
+                    .map_err(|_| FiError::new("M2N_FI_PROVIDER", -(libc::EINVAL as i64)))?;
+                (*(*h).fabric_attr).prov_name = libc::strdup(c.as_ptr());
+            }
+            if let Some(d) = &wants.domain {
+                let c = CString::new(d.as_str())
+                    .map_err(|_| FiError::new("M2N_FI_DOMAIN", -(libc::EINVAL as i64)))?;
+                (*(*h).domain_attr).name = libc::strdup(c.as_ptr());
+            }
+        }
+        Ok(info)
+    }
+
+    /// `fi_getinfo` with `hints`: the providers that match, best first.
+    pub(crate) fn get(hints: &Info) -> Result<Info, FiError> {
+        let mut out = ptr::null_mut();
+        // SAFETY: valid hints; `out` receives a list this handle then owns.
+        let ret =
+            unsafe { sys::fi_getinfo(API_VERSION, ptr::null(), ptr::null(), 0, hints.0, &mut out) };
+        check("fi_getinfo", ret as i64)?;
+        Ok(Info(out))
+    }
+
+    /// The entries of this list, in order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &sys::fi_info> {
+        let mut p = self.0;
+        std::iter::from_fn(move || {
+            // SAFETY: a list owned by self; `next` is null-terminated.
+            let e = unsafe { p.as_ref()? };
+            p = e.next;
+            Some(e)
+        })
+    }
+
+    /// A copy of one entry (its own allocation, `next` cleared).
+    pub(crate) fn dup(entry: &sys::fi_info) -> Result<Info, FiError> {
+        // SAFETY: a valid entry; fi_dupinfo copies exactly one.
+        let p = unsafe { sys::fi_dupinfo(entry) };
+        if p.is_null() {
+            return Err(FiError::new("fi_dupinfo", -(libc::ENOMEM as i64)));
+        }
+        Ok(Info(p))
+    }
+
+    pub(crate) fn get_ref(&self) -> &sys::fi_info {
+        // SAFETY: non-null for every Info built by dup/get with a match.
+        unsafe { &*self.0 }
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::fi_info {
+        self.0
+    }
+}
+
+/// The provider name of an entry (`tcp;ofi_rxm`).
+pub(crate) fn prov_name(e: &sys::fi_info) -> String {
+    cstr_field(
+        // SAFETY: fabric_attr is set on every fi_getinfo result.
+        unsafe { e.fabric_attr.as_ref() }.map_or(ptr::null(), |a| a.prov_name),
+    )
+}
+
+/// The fabric and domain names of an entry.
+pub(crate) fn fabric_domain(e: &sys::fi_info) -> (String, String) {
+    // SAFETY: attribute structs of a fi_getinfo result, or null.
+    unsafe {
+        (
+            cstr_field(e.fabric_attr.as_ref().map_or(ptr::null(), |a| a.name)),
+            cstr_field(e.domain_attr.as_ref().map_or(ptr::null(), |a| a.name)),
+        )
+    }
+}
+
+fn cstr_field(p: *const libc::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: libfabric's attribute strings are NUL-terminated.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+#[derive(Debug)]
+pub(crate) struct Fabric(*mut sys::fid_fabric);
+
+#[derive(Debug)]
+pub(crate) struct Domain {
+    ptr: *mut sys::fid_domain,
+    _fabric: Arc<Fabric>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Av {
+    ptr: *mut sys::fid_av,
+    _domain: Arc<Domain>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Cq {
+    ptr: *mut sys::fid_cq,
+    _domain: Arc<Domain>,
+}
+
+/// A reliable datagram endpoint, bound to its address vector and queue.
+#[derive(Debug)]
+pub(crate) struct Ep {
+    ptr: *mut sys::fid_ep,
+    _av: Arc<Av>,
+    _cq: Arc<Cq>,
+}
+
+/// A memory registration.
+#[derive(Debug)]
+pub(crate) struct Mr {
+    ptr: *mut sys::fid_mr,
+    _domain: Arc<Domain>,
+}
+
+// SAFETY: the domain is opened FI_THREAD_SAFE, so its objects may be used
+// and closed from any thread.
+unsafe impl Send for Fabric {}
+// SAFETY: as above.
+unsafe impl Sync for Fabric {}
+// SAFETY: as above.
+unsafe impl Send for Domain {}
+// SAFETY: as above.
+unsafe impl Sync for Domain {}
+// SAFETY: as above.
+unsafe impl Send for Av {}
+// SAFETY: as above.
+unsafe impl Sync for Av {}
+// SAFETY: as above.
+unsafe impl Send for Cq {}
+// SAFETY: as above.
+unsafe impl Sync for Cq {}
+// SAFETY: as above.
+unsafe impl Send for Ep {}
+// SAFETY: as above.
+unsafe impl Send for Mr {}
+// SAFETY: as above; the key and descriptor are only read.
+unsafe impl Sync for Mr {}
+
+macro_rules! closes {
+    ($t:ty) => {
+        impl Drop for $t {
+            fn drop(&mut self) {
+                // SAFETY: owned here; children hold an Arc of their parent,
+                // so nothing opened from this object is still open.
+                unsafe { close(self.fid()) }
+            }
+        }
+    };
+}
+
+impl Fabric {
+    pub(crate) fn open(info: &Info) -> Result<Arc<Fabric>, FiError> {
+        let mut f = ptr::null_mut();
+        // SAFETY: fabric_attr of a fi_getinfo entry.
+        let ret = unsafe { sys::fi_fabric((*info.0).fabric_attr, &mut f, ptr::null_mut()) };
+        check("fi_fabric", ret as i64)?;
+        Ok(Arc::new(Fabric(f)))
+    }
+    fn fid(&self) -> *mut sys::fid {
+        // SAFETY: `fid` is the first member of every libfabric object.
+        unsafe { &mut (*self.0).fid }
+    }
+}
+closes!(Fabric);
+
+impl Domain {
+    pub(crate) fn open(fabric: &Arc<Fabric>, info: &Info) -> Result<Arc<Domain>, FiError> {
+        let mut d = ptr::null_mut();
+        // SAFETY: the header's fi_domain: fabric->ops->domain.
+        let ret = unsafe {
+            let op = (*(*fabric.0).ops).domain.expect("fi_ops_fabric.domain");
+            op(fabric.0, info.0, &mut d, ptr::null_mut())
+        };
+        check("fi_domain", ret as i64)?;
+        Ok(Arc::new(Domain {
+            ptr: d,
+            _fabric: fabric.clone(),
+        }))
+    }
+    fn fid(&self) -> *mut sys::fid {
+        // SAFETY: as for Fabric.
+        unsafe { &mut (*self.ptr).fid }
+    }
+
+    /// `fi_mr_regattr`: registers `len` bytes at `addr` for `access`, in
+    /// host memory or, with `cuda_device`, in that GPU's memory.
+    ///
+    /// # Safety
+    /// The memory stays valid until the returned registration is dropped.
+    pub(crate) unsafe fn register(
+        self: &Arc<Domain>,
+        addr: *mut u8,
+        len: usize,
+        access: u64,
+        requested_key: u64,
+        cuda_device: Option<i32>,
+    ) -> Result<Mr, FiError> {
+        let iov = libc::iovec {
+            iov_base: addr.cast(),
+            iov_len: len,
+        };
+        let mut attr = sys::fi_mr_attr {
+            mr_iov: &iov,
+            iov_count: 1,
+            access,
+            requested_key,
+            ..Default::default()
+        };
+        if let Some(dev) = cuda_device {
+            attr.iface = sys::FI_HMEM_CUDA;
+            attr.device.cuda = dev;
+        }
+        let mut mr = ptr::null_mut();
+        // SAFETY: the header's fi_mr_regattr: domain->mr->regattr; `attr`
+        // and `iov` outlive the call, the memory the caller's contract.
+        let ret = unsafe {
+            let op = (*(*self.ptr).mr).regattr.expect("fi_ops_mr.regattr");
+            op(&mut (*self.ptr).fid, &attr, 0, &mut mr)
+        };
+        check("fi_mr_regattr", ret as i64)?;
+        Ok(Mr {
+            ptr: mr,
+            _domain: self.clone(),
+        })
+    }
+}
+closes!(Domain);
+
+impl Av {
+    pub(crate) fn open(domain: &Arc<Domain>, count: usize) -> Result<Arc<Av>, FiError> {
+        let mut attr = sys::fi_av_attr {
+            type_: sys::FI_AV_TABLE,
+            count,
+            ..Default::default()
+        };
+        let mut av = ptr::null_mut();
+        // SAFETY: the header's fi_av_open: domain->ops->av_open.
+        let ret = unsafe {
+            let op = (*(*domain.ptr).ops).av_open.expect("fi_ops_domain.av_open");
+            op(domain.ptr, &mut attr, &mut av, ptr::null_mut())
+        };
+        check("fi_av_open", ret as i64)?;
+        Ok(Arc::new(Av {
+            ptr: av,
+            _domain: domain.clone(),
+        }))
+    }
+    fn fid(&self) -> *mut sys::fid {
+        // SAFETY: as for Fabric.
+        unsafe { &mut (*self.ptr).fid }
+    }
+
+    /// `fi_av_insert` of one raw endpoint name; its fabric address.
+    pub(crate) fn insert(&self, name: &[u8]) -> Result<sys::fi_addr_t, FiError> {
+        let mut addr = ADDR_NOTAVAIL;
+        // SAFETY: the header's fi_av_insert: av->ops->insert, one address
+        // of the provider's own format (the length was checked against
+        // ours by the caller).
+        let ret = unsafe {
+            let op = (*(*self.ptr).ops).insert.expect("fi_ops_av.insert");
+            op(
+                self.ptr,
+                name.as_ptr().cast(),
+                1,
+                &mut addr,
+                0,
+                ptr::null_mut(),
+            )
+        };
+        if ret != 1 || addr == ADDR_NOTAVAIL {
+            return Err(FiError::new(
+                "fi_av_insert",
+                if ret < 0 {
+                    ret as i64
+                } else {
+                    -(libc::EINVAL as i64)
+                },
+            ));
+        }
+        Ok(addr)
+    }
+}
+closes!(Av);
+
+impl Cq {
+    pub(crate) fn open(domain: &Arc<Domain>, size: usize) -> Result<Arc<Cq>, FiError> {
+        let mut attr = sys::fi_cq_attr {
+            size,
+            format: sys::FI_CQ_FORMAT_DATA,
+            wait_obj: sys::FI_WAIT_NONE,
+            ..Default::default()
+        };
+        let mut cq = ptr::null_mut();
+        // SAFETY: the header's fi_cq_open: domain->ops->cq_open.
+        let ret = unsafe {
+            let op = (*(*domain.ptr).ops).cq_open.expect("fi_ops_domain.cq_open");
+            op(domain.ptr, &mut attr, &mut cq, ptr::null_mut())
+        };
+        check("fi_cq_open", ret as i64)?;
+        Ok(Arc::new(Cq {
+            ptr: cq,
+            _domain: domain.clone(),
+        }))
+    }
+    fn fid(&self) -> *mut sys::fid {
+        // SAFETY: as for Fabric.
+        unsafe { &mut (*self.ptr).fid }
+    }
+
+    /// `fi_cq_read`: up to `buf.len()` completions. `Ok(0)` when there
+    /// are none; `Err` with `FI_EAVAIL` when an error completion waits for
+    /// [`read_err`](Self::read_err).
+    pub(crate) fn read(&self, buf: &mut [sys::fi_cq_data_entry]) -> Result<usize, FiError> {
+        // SAFETY: the header's fi_cq_read: cq->ops->read, into `buf.len()`
+        // entries of the format the queue was opened with.
+        let ret = unsafe {
+            let op = (*(*self.ptr).ops).read.expect("fi_ops_cq.read");
+            op(self.ptr, buf.as_mut_ptr().cast(), buf.len())
+        };
+        match ret {
+            r if r >= 0 => Ok(r as usize),
+            r if r == -(sys::FI_EAGAIN as isize) => Ok(0),
+            r => Err(FiError::new("fi_cq_read", r as i64)),
+        }
+    }
+
+    /// `fi_cq_readerr`: the next error completion, if any.
+    pub(crate) fn read_err(&self) -> Option<sys::fi_cq_err_entry> {
+        let mut e = sys::fi_cq_err_entry::default();
+        // SAFETY: the header's fi_cq_readerr: cq->ops->readerr, into one entry.
+        let ret = unsafe {
+            let op = (*(*self.ptr).ops).readerr.expect("fi_ops_cq.readerr");
+            op(self.ptr, &mut e, 0)
+        };
+        (ret > 0).then_some(e)
+    }
+
+    /// The provider's text for an error completion.
+    pub(crate) fn err_text(&self, e: &sys::fi_cq_err_entry) -> String {
+        let mut buf = [0 as libc::c_char; 256];
+        // SAFETY: the header's fi_cq_strerror: cq->ops->strerror, into `buf`.
+        let p = unsafe {
+            let op = (*(*self.ptr).ops).strerror.expect("fi_ops_cq.strerror");
+            op(
+                self.ptr,
+                e.prov_errno,
+                e.err_data,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        let prov = cstr_field(p);
+        format!("{} ({prov})", strerror(e.err))
+    }
+}
+closes!(Cq);
+
+impl Ep {
+    /// An endpoint of `info`, bound to `av` and to `cq` for both
+    /// directions with selective completion, and enabled.
+    pub(crate) fn open(
+        domain: &Arc<Domain>,
+        info: &Info,
+        av: &Arc<Av>,
+        cq: &Arc<Cq>,
+    ) -> Result<Ep, FiError> {
+        let mut p = ptr::null_mut();
+        // SAFETY: the header's fi_endpoint: domain->ops->endpoint.
+        let ret = unsafe {
+            let op = (*(*domain.ptr).ops)
+                .endpoint
+                .expect("fi_ops_domain.endpoint");
+            op(domain.ptr, info.0, &mut p, ptr::null_mut())
+        };
+        check("fi_endpoint", ret as i64)?;
+        let ep = Ep {
+            ptr: p,
+            _av: av.clone(),
+            _cq: cq.clone(),
+        };
+        ep.bind(av.fid(), 0)?;
+        ep.bind(
+            cq.fid(),
+            sys::FI_TRANSMIT as u64 | sys::FI_RECV as u64 | sys::FI_SELECTIVE_COMPLETION,
+        )?;
+        // SAFETY: the header's fi_enable: ep->fid.ops->control(FI_ENABLE).
+        let ret = unsafe {
+            let op = (*(*p).fid.ops).control.expect("fi_ops.control");
+            op(&mut (*p).fid, sys::FI_ENABLE as i32, ptr::null_mut())
+        };
+        check("fi_enable", ret as i64)?;
+        Ok(ep)
+    }
+
+    fn bind(&self, what: *mut sys::fid, flags: u64) -> Result<(), FiError> {
+        // SAFETY: the header's fi_ep_bind: ep->fid.ops->bind.
+        let ret = unsafe {
+            let op = (*(*self.ptr).fid.ops).bind.expect("fi_ops.bind");
+            op(&mut (*self.ptr).fid, what, flags)
+        };
+        check("fi_ep_bind", ret as i64)
+    }
+
+    fn fid(&self) -> *mut sys::fid {
+        // SAFETY: as for Fabric.
+        unsafe { &mut (*self.ptr).fid }
+    }
+
+    /// `fi_getname`: this endpoint's raw address.
+    pub(crate) fn name(&self) -> Result<Vec<u8>, FiError> {
+        let mut buf = vec![0u8; 256];
+        let mut len = buf.len();
+        // SAFETY: the header's fi_getname: ep->cm->getname, into `buf`.
+        let ret = unsafe {
+            let op = (*(*self.ptr).cm).getname.expect("fi_ops_cm.getname");
+            op(self.fid(), buf.as_mut_ptr().cast(), &mut len)
+        };
+        check("fi_getname", ret as i64)?;
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// `fi_writemsg`: one RMA write described by `msg`.
+    ///
+    /// # Safety
+    /// `msg` names registered memory that stays valid and unchanged until
+    /// the write completes (or, with `FI_INJECT`, until this returns), and
+    /// a context valid until its completion is read.
+    pub(crate) unsafe fn write_msg(
+        &self,
+        msg: &sys::fi_msg_rma,
+        flags: u64,
+    ) -> Result<(), FiError> {
+        // SAFETY: the header's fi_writemsg: ep->rma->writemsg; the rest is
+        // the caller's contract.
+        let ret = unsafe {
+            let op = (*(*self.ptr).rma).writemsg.expect("fi_ops_rma.writemsg");
+            op(self.ptr, msg, flags)
+        };
+        check("fi_writemsg", ret as i64)
+    }
+}
+closes!(Ep);
+
+impl Mr {
+    fn fid(&self) -> *mut sys::fid {
+        // SAFETY: as for Fabric.
+        unsafe { &mut (*self.ptr).fid }
+    }
+    /// The remote key (`fi_mr_key`).
+    pub(crate) fn key(&self) -> u64 {
+        // SAFETY: a live registration; `key` is plain data.
+        unsafe { (*self.ptr).key }
+    }
+    /// The local descriptor (`fi_mr_desc`).
+    pub(crate) fn desc(&self) -> *mut libc::c_void {
+        // SAFETY: as above.
+        unsafe { (*self.ptr).mem_desc }
+    }
+}
+closes!(Mr);

@@ -1,0 +1,942 @@
+//! The fabric backend: m2n over libfabric (`M2N_TRANSPORT=fabric`).
+//!
+//! The same one-sided protocol as verbs, on the API that AWS EFA, HPE
+//! Slingshot and the rest of the OFI world speak. Each process opens two
+//! reliable datagram endpoints (`FI_EP_RDM`), one per lane, so credits
+//! travel apart from data and can ask for their own traffic class
+//! (`FI_TC_*`); both share one address vector and one completion queue.
+//! Receive rings are memory regions with `FI_REMOTE_WRITE`; each message is
+//! one RMA write carrying 32 bits of remote CQ data (`fi_writemsg` with
+//! `FI_REMOTE_CQ_DATA`, the general form of `fi_writedata`, so that each
+//! write can also say `FI_INJECT` and whether it wants a completion), which
+//! the receiver reads from its queue exactly where verbs reads the
+//! immediate. Two things verbs' completion says, libfabric 1.17's rxm
+//! (the layer under tcp and verbs) does not: the writer (it reports no
+//! source address for remote writes) and the length (it reports 0). The
+//! immediate names the writer ([`PEER_IN_IMMEDIATE`](super::PEER_IN_IMMEDIATE)),
+//! and where remote CQ data has 64 bits (tcp, shm) the length rides in
+//! its upper half.
+//!
+//! Writes posted between two polls go out per endpoint as one train, all
+//! but the last flagged `FI_MORE` (the doorbell batching of verbs); only
+//! writes the caller wants signalled, and those too large to inject, ask
+//! for a completion (`FI_SELECTIVE_COMPLETION`), each with its own context
+//! from a fixed table, so a round allocates nothing.
+//!
+//! Peers' addresses come through m2n's rendezvous (`fi_getname`, then
+//! `fi_av_insert`). `M2N_FI_PROVIDER` picks the provider; by default it is
+//! the first `fi_getinfo` ranks among those with what m2n needs.
+
+// bindgen types the header's constants by their values (u32 or u64), which
+// may differ between libfabric versions: every use casts to the field's type.
+#![allow(clippy::unnecessary_cast)]
+
+pub(crate) mod fi;
+
+use std::sync::Arc;
+
+use m2n_fabric_sys as sys;
+
+use super::segment::Segment;
+use super::{
+    Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Transport,
+    TransportCounters, TransportError, TransportKind, WriteRequest,
+};
+use crate::codec::{DecodeError, Reader, Writer};
+use fi::{Av, Cq, Domain, Ep, Fabric, FiError, Info, Mr, Wants};
+
+const ENDPOINT_MAGIC: u32 = 0x4d32_4e46; // "M2NF"
+const REGION_MAGIC: u32 = 0x4d32_4e4b; // "M2NK"
+/// Longest raw endpoint address accepted from a peer (EFA's is 32 bytes,
+/// an IPv6 socket address 28).
+pub const MAX_NAME: usize = 256;
+/// Longest provider name accepted from a peer.
+pub const MAX_PROVIDER: usize = 128;
+/// Writes queued per lane before a post has to wait for the provider.
+const MAX_BATCH: usize = 64;
+/// A train is sent once it holds this many writes, without waiting for a poll.
+const FLUSH_AT: usize = 16;
+/// No completion context (an injected write nobody waits for).
+const NO_SLOT: u32 = u32::MAX;
+
+/// Settings of the fabric transport (`M2N_FI_*`).
+pub use super::options::FabricConfig as FabricOptions;
+
+fn fi_err(e: FiError) -> TransportError {
+    TransportError::os(e.to_string(), std::io::Error::other("libfabric"))
+}
+
+fn unavailable(why: String) -> TransportError {
+    TransportError::Unavailable(TransportKind::Fabric, why)
+}
+
+/// What m2n needs of a provider, as `fi_getinfo` hints.
+fn wants(opts: &FabricOptions, hmem: bool) -> Wants {
+    let mut caps = sys::FI_RMA as u64 | sys::FI_WRITE as u64 | sys::FI_REMOTE_WRITE as u64;
+    let mut mr_mode =
+        sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY;
+    if hmem {
+        caps |= sys::FI_HMEM;
+        mr_mode |= sys::FI_MR_HMEM;
+    }
+    Wants {
+        provider: opts.provider.clone(),
+        domain: opts.domain.clone(),
+        caps,
+        mr_mode,
+        // Writes from one rank to another land in order (the receiver
+        // expects rounds in order, and a credit never overtakes a newer one).
+        msg_order: sys::FI_ORDER_WAW as u64,
+    }
+}
+
+/// The provider `opts` names or, by default, the best `fi_getinfo` offers
+/// with remote CQ data of 32 bits or more and keys of at most 64 bits.
+fn choose(opts: &FabricOptions, hmem: bool) -> Result<Info, TransportError> {
+    let hints = Info::hints(&wants(opts, hmem)).map_err(fi_err)?;
+    let what = match &opts.provider {
+        Some(p) => format!("provider {p:?}"),
+        None => "any provider".into(),
+    };
+    let list = match Info::get(&hints) {
+        Ok(list) => list,
+        Err(e) if e.code == sys::FI_ENODATA as i32 => {
+            return Err(unavailable(format!(
+                "{what}{}: no reliable datagram endpoint (FI_EP_RDM) with RMA writes and \
+                 ordered writes (FI_ORDER_WAW){} (`fi_info -l` lists the installed providers)",
+                opts.domain
+                    .as_ref()
+                    .map(|d| format!(" on domain {d:?}"))
+                    .unwrap_or_default(),
+                if hmem { " and FI_HMEM" } else { "" },
+            )))
+        }
+        Err(e) => return Err(unavailable(format!("{what}: {e}"))),
+    };
+    let mut refused = Vec::new();
+    for e in list.entries() {
+        if opts.provider.is_none() && passed_over(e) {
+            continue;
+        }
+        // SAFETY: the domain attributes of a fi_getinfo result.
+        let dom = unsafe { &*e.domain_attr };
+        let name = fi::prov_name(e);
+        if dom.cq_data_size < 4 {
+            refused.push(format!(
+                "{name}: {} bytes of remote CQ data",
+                dom.cq_data_size
+            ));
+        } else if dom.mr_key_size > 8 {
+            refused.push(format!("{name}: {}-byte memory keys", dom.mr_key_size));
+        } else if e.src_addrlen > MAX_NAME {
+            refused.push(format!("{name}: {}-byte addresses", e.src_addrlen));
+        } else {
+            return Info::dup(e).map_err(fi_err);
+        }
+    }
+    Err(unavailable(format!(
+        "{what}: every match falls short of m2n's needs: {}",
+        refused.join("; ")
+    )))
+}
+
+/// Stacks the default passes over: in libfabric before 1.18, rxm over tcp
+/// crashes (SIGSEGV in `rxm_handle_comp_error`) when two ranks connect to
+/// each other at once or a peer dies; `net`, the native reliable datagram
+/// tcp provider of 1.17 (called `tcp` from 1.18), does neither. Named
+/// explicitly (`M2N_FI_PROVIDER=tcp`), rxm over tcp is still used.
+fn passed_over(e: &sys::fi_info) -> bool {
+    // SAFETY: fi_version() has no preconditions.
+    let version = unsafe { sys::fi_version() };
+    version < sys::fi_version_of(1, 18) && fi::prov_name(e) == "tcp;ofi_rxm"
+}
+
+/// Whether libfabric offers m2n a provider under `opts`, and which
+/// (`tcp;ofi_rxm on fabric 127.0.0.1/32, domain lo`).
+pub fn probe(opts: &FabricOptions) -> Result<String, TransportError> {
+    let info = choose(opts, false)?;
+    let (fabric, domain) = fi::fabric_domain(info.get_ref());
+    Ok(format!(
+        "{} on fabric {fabric}, domain {domain}",
+        fi::prov_name(info.get_ref())
+    ))
+}
+
+/// Memory of a fabric region: its bytes and their registration.
+#[derive(Debug)]
+struct FabricMemory {
+    base: *mut u8,
+    len: usize,
+    /// `None` for an empty region (nothing to register).
+    _mr: Option<Mr>,
+    /// The memory, when the transport allocated it (dropped after the MR).
+    _owner: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+    device: bool,
+}
+
+// SAFETY: plain memory plus a registration of a thread-safe domain.
+unsafe impl Send for FabricMemory {}
+// SAFETY: as above.
+unsafe impl Sync for FabricMemory {}
+
+impl LocalMemory for FabricMemory {
+    fn base(&self) -> *mut u8 {
+        self.base
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn is_device(&self) -> bool {
+        self.device
+    }
+}
+
+/// A write waiting for its completion.
+#[derive(Debug)]
+struct InFlight {
+    user_wr_id: u64,
+    report: bool,
+    peer: usize,
+    _keep: Arc<dyn LocalMemory>,
+}
+
+/// A write queued for the next train of its lane.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    peer: usize,
+    dest: sys::fi_addr_t,
+    local: usize,
+    len: usize,
+    desc: usize,
+    remote_addr: u64,
+    key: u64,
+    data: u64,
+    flags: u64,
+    slot: u32,
+}
+
+/// Completion contexts: one per write that asks for a completion, at a
+/// fixed address until it is read back (providers with `FI_CONTEXT` mode
+/// keep their state in it).
+struct Contexts {
+    ctx: Box<[sys::fi_context2]>,
+    ops: Vec<Option<InFlight>>,
+    free: Vec<u32>,
+    /// The context of writes without completion.
+    spare: Box<sys::fi_context2>,
+}
+
+// SAFETY: the contexts are plain memory the provider writes only while a
+// call on this transport runs or before their completion is read.
+unsafe impl Send for Contexts {}
+
+impl std::fmt::Debug for Contexts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Contexts({} in flight)",
+            self.ctx.len() - self.free.len()
+        )
+    }
+}
+
+impl Contexts {
+    fn new(n: usize) -> Self {
+        Self {
+            ctx: (0..n).map(|_| sys::fi_context2::default()).collect(),
+            ops: (0..n).map(|_| None).collect(),
+            free: (0..n as u32).rev().collect(),
+            spare: Box::default(),
+        }
+    }
+
+    fn ptr(&mut self, slot: u32) -> *mut libc::c_void {
+        if slot == NO_SLOT {
+            return (&mut *self.spare as *mut sys::fi_context2).cast();
+        }
+        (&mut self.ctx[slot as usize] as *mut sys::fi_context2).cast()
+    }
+
+    /// The slot whose context is at `p`, if it is one of ours.
+    fn slot_of(&self, p: *mut libc::c_void) -> Option<usize> {
+        let base = self.ctx.as_ptr() as usize;
+        let size = std::mem::size_of::<sys::fi_context2>();
+        let off = (p as usize).checked_sub(base)?;
+        (off % size == 0 && off / size < self.ctx.len()).then_some(off / size)
+    }
+
+    fn release(&mut self, slot: usize) -> Option<InFlight> {
+        let op = self.ops[slot].take();
+        if op.is_some() {
+            self.free.push(slot as u32);
+        }
+        op
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Imported {
+    peer: usize,
+    addr: u64,
+    key: u64,
+}
+
+/// What a peer needs to reach this process: the provider (both sides must
+/// run the same) and the raw address of its receiving endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub provider: String,
+    pub address: Vec<u8>,
+}
+
+impl Endpoint {
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::new()
+            .u32(ENDPOINT_MAGIC)
+            .bytes(self.provider.as_bytes())
+            .bytes(&self.address)
+            .finish()
+    }
+
+    /// Decodes a peer's endpoint; it must run `provider`, and its address
+    /// (of the provider's format, up to [`MAX_NAME`] bytes) must not be empty.
+    pub fn decode(blob: &[u8], provider: &str) -> Result<Endpoint, DecodeError> {
+        let mut r = Reader::new(blob);
+        r.magic("fabric endpoint magic", ENDPOINT_MAGIC, "a fabric endpoint")?;
+        let prov = r.bytes("provider", MAX_PROVIDER)?;
+        let prov = std::str::from_utf8(prov).map_err(|_| DecodeError::Invalid {
+            field: "provider",
+            detail: "not UTF-8".into(),
+        })?;
+        if prov != provider {
+            return Err(DecodeError::Invalid {
+                field: "provider",
+                detail: format!("peer runs {prov:?}, this process {provider:?}"),
+            });
+        }
+        let address = r.bytes("address", MAX_NAME)?.to_vec();
+        if address.is_empty() {
+            return Err(DecodeError::Invalid {
+                field: "address",
+                detail: "empty".into(),
+            });
+        }
+        r.finish()?;
+        Ok(Endpoint {
+            provider: prov.to_string(),
+            address,
+        })
+    }
+}
+
+/// A region a peer may write: its address in the provider's terms (the
+/// virtual address with `FI_MR_VIRT_ADDR`, else 0) and its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionDescriptor {
+    pub addr: u64,
+    pub key: u64,
+    pub len: usize,
+}
+
+impl RegionDescriptor {
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::new()
+            .u32(REGION_MAGIC)
+            .u64(self.addr)
+            .u64(self.key)
+            .u64(self.len as u64)
+            .finish()
+    }
+
+    pub fn decode(blob: &[u8]) -> Result<RegionDescriptor, DecodeError> {
+        let mut r = Reader::new(blob);
+        r.magic(
+            "fabric region magic",
+            REGION_MAGIC,
+            "a fabric region descriptor",
+        )?;
+        let addr = r.u64("address")?;
+        let key = r.u64("key")?;
+        let len = r.len("length")?;
+        if addr.checked_add(len as u64).is_none() {
+            return Err(DecodeError::Invalid {
+                field: "length",
+                detail: format!("{len} bytes from {addr:#x} wrap around"),
+            });
+        }
+        r.finish()?;
+        Ok(RegionDescriptor { addr, key, len })
+    }
+}
+
+fn lane_index(lane: Lane) -> usize {
+    match lane {
+        Lane::Data => 0,
+        Lane::Ack => 1,
+    }
+}
+
+/// The fabric transport of one process.
+#[derive(Debug)]
+pub struct FabricTransport {
+    me: usize,
+    world: usize,
+    provider: String,
+    fabric_name: String,
+    domain_name: String,
+    opts: FabricOptions,
+    domain: Arc<Domain>,
+    cq: Arc<Cq>,
+    av: Arc<Av>,
+    /// The data lane's and the ACK lane's sending endpoints, and the
+    /// receiving one peers write to.
+    eps: [Ep; 3],
+    /// The receiving endpoint's address.
+    name: Vec<u8>,
+    /// Per peer, the fabric address of its receiving endpoint.
+    addrs: Vec<sys::fi_addr_t>,
+    virt_addr: bool,
+    next_key: u64,
+    inject_size: usize,
+    /// Whether remote CQ data has 64 bits, so the write's length rides in
+    /// the upper half (tcp;ofi_rxm and shm report 0 as the length of a
+    /// remote write's completion).
+    len_in_data: bool,
+    hmem: bool,
+    locals: LocalRegions,
+    /// Local descriptors (`fi_mr_desc`) by region index.
+    descs: Vec<usize>,
+    imports: Vec<Imported>,
+    closed: Vec<Option<String>>,
+    contexts: Contexts,
+    batch: [Vec<Pending>; 2],
+    done: Vec<Completion>,
+    entries: Vec<sys::fi_cq_data_entry>,
+    counters: TransportCounters,
+    _fabric: Arc<Fabric>,
+    _info: Info,
+}
+
+// SAFETY: every libfabric object is of a FI_THREAD_SAFE domain; the raw
+// pointers in the completion entries are plain data.
+unsafe impl Send for FabricTransport {}
+
+impl FabricTransport {
+    pub fn new(me: usize, world: usize, opts: FabricOptions) -> Result<Self, TransportError> {
+        // Device memory registration (FI_HMEM) is asked for only where a
+        // GPU is present: providers may pick slower paths for it.
+        #[cfg(feature = "cuda")]
+        let with_hmem = crate::gpu::init().is_ok();
+        #[cfg(not(feature = "cuda"))]
+        let with_hmem = false;
+        let (info, hmem) = match with_hmem.then(|| choose(&opts, true)) {
+            Some(Ok(info)) => (info, true),
+            _ => (choose(&opts, false)?, false),
+        };
+        let e = info.get_ref();
+        let provider = fi::prov_name(e);
+        let (fabric_name, domain_name) = fi::fabric_domain(e);
+        // SAFETY: attribute structs of a fi_getinfo result.
+        let (mr_mode, inject_size, cq_data_size) = unsafe {
+            (
+                (*e.domain_attr).mr_mode as u32,
+                (*e.tx_attr).inject_size,
+                (*e.domain_attr).cq_data_size,
+            )
+        };
+        let fabric = Fabric::open(&info).map_err(fi_err)?;
+        let domain = Domain::open(&fabric, &info).map_err(fi_err)?;
+        let cq = Cq::open(&domain, 2 * opts.tx_depth + 4096).map_err(fi_err)?;
+        let av = Av::open(&domain, 2 * world).map_err(fi_err)?;
+        let open = |class: super::options::TrafficClass| -> Result<Ep, TransportError> {
+            let lane_info = Info::dup(info.get_ref()).map_err(fi_err)?;
+            // SAFETY: a copy this closure owns; tx_attr is allocated with it.
+            unsafe { (*(*lane_info.as_ptr()).tx_attr).tclass = class.0 };
+            Ep::open(&domain, &lane_info, &av, &cq).map_err(fi_err)
+        };
+        // Endpoints that only send and one that only receives: a
+        // connection-oriented layer (rxm) then connects each pair from one
+        // side only (1.17's rxm crashes on some simultaneous connects).
+        let eps = [
+            open(opts.data)?,
+            open(opts.ack)?,
+            open(super::options::TrafficClass::UNSPEC)?,
+        ];
+        let name = eps[2].name().map_err(fi_err)?;
+        if me == 0 {
+            eprintln!(
+                "m2n: fabric transport: provider {provider} (fabric {fabric_name}, domain {domain_name}{})",
+                if hmem { ", FI_HMEM" } else { "" }
+            );
+        }
+        Ok(Self {
+            me,
+            world,
+            provider,
+            fabric_name,
+            domain_name,
+            domain,
+            cq,
+            av,
+            eps,
+            name,
+            addrs: vec![fi::ADDR_NOTAVAIL; world],
+            virt_addr: mr_mode & sys::FI_MR_VIRT_ADDR != 0,
+            next_key: 1,
+            inject_size,
+            len_in_data: cq_data_size >= 8,
+            hmem,
+            locals: LocalRegions::default(),
+            descs: Vec::new(),
+            imports: Vec::new(),
+            closed: vec![None; world],
+            contexts: Contexts::new(opts.tx_depth),
+            batch: [Vec::with_capacity(MAX_BATCH), Vec::with_capacity(MAX_BATCH)],
+            done: Vec::new(),
+            entries: vec![sys::fi_cq_data_entry::default(); 64],
+            counters: TransportCounters::default(),
+            opts,
+            _fabric: fabric,
+            _info: info,
+        })
+    }
+
+    /// The provider in use (`tcp;ofi_rxm`).
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    fn close_peer(&mut self, peer: usize, reason: String) {
+        if peer < self.world && self.closed[peer].is_none() {
+            self.closed[peer] = Some(reason);
+        }
+    }
+
+    /// Registers `len` bytes at `base` (host memory, or GPU `device`'s).
+    ///
+    /// # Safety
+    /// The memory stays valid until the registration is dropped.
+    unsafe fn register_mr(
+        &mut self,
+        base: *mut u8,
+        len: usize,
+        remote_write: bool,
+        device: Option<i32>,
+    ) -> Result<Option<Mr>, TransportError> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let mut access = sys::FI_WRITE as u64;
+        if remote_write {
+            access |= sys::FI_REMOTE_WRITE as u64;
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        // SAFETY: forwarded contract.
+        unsafe { self.domain.register(base, len, access, key, device) }
+            .map(Some)
+            .map_err(fi_err)
+    }
+
+    /// Adds a registered region; its descriptor (for remote writes) when
+    /// `remote` is set.
+    fn add(&mut self, mem: FabricMemory, remote: bool) -> Region {
+        let (desc, key) = mem
+            ._mr
+            .as_ref()
+            .map_or((0, 0), |mr| (mr.desc() as usize, mr.key()));
+        let descriptor = if remote {
+            RegionDescriptor {
+                addr: if self.virt_addr { mem.base as u64 } else { 0 },
+                key,
+                len: mem.len,
+            }
+            .encode()
+        } else {
+            Vec::new()
+        };
+        let index = self.locals.next_id().index() as usize;
+        self.descs.resize(index + 1, 0);
+        self.descs[index] = desc;
+        let device = mem.device;
+        let mut region = self.locals.add(Arc::new(mem), Vec::new());
+        region.descriptor = descriptor;
+        region.host = !device;
+        region
+    }
+
+    #[cfg(feature = "cuda")]
+    fn require_hmem(&self) -> Result<(), TransportError> {
+        if self.hmem {
+            return Ok(());
+        }
+        Err(unavailable(format!(
+            "GPU memory needs a provider with FI_HMEM; {} offers none here (a GPU and a \
+             provider built with CUDA support, such as efa or verbs;ofi_rxm, are needed)",
+            self.provider
+        )))
+    }
+
+    /// Posts each lane's train: every write but the last with `FI_MORE`.
+    /// A write the provider cannot take now stays queued for the next call.
+    fn flush(&mut self) {
+        for lane in 0..2 {
+            let n = self.batch[lane].len();
+            let mut posted = 0;
+            while posted < n {
+                let p = self.batch[lane][posted];
+                let more = if posted + 1 < n {
+                    sys::FI_MORE as u64
+                } else {
+                    0
+                };
+                let iov = libc::iovec {
+                    iov_base: p.local as *mut libc::c_void,
+                    iov_len: p.len,
+                };
+                let mut desc = p.desc as *mut libc::c_void;
+                let rma = sys::fi_rma_iov {
+                    addr: p.remote_addr,
+                    len: p.len,
+                    key: p.key,
+                };
+                let msg = sys::fi_msg_rma {
+                    msg_iov: &iov,
+                    desc: &mut desc,
+                    iov_count: 1,
+                    addr: p.dest,
+                    rma_iov: &rma,
+                    rma_iov_count: 1,
+                    context: self.contexts.ptr(p.slot),
+                    data: p.data,
+                };
+                // SAFETY: the source is registered memory kept alive by its
+                // in-flight entry (or copied at once with FI_INJECT), the
+                // remote range was checked against the peer's region, and the
+                // context lives in the fixed table until its completion.
+                match unsafe { self.eps[lane].write_msg(&msg, p.flags | more) } {
+                    Ok(()) => {
+                        self.counters.work_requests += 1;
+                        if p.flags & sys::FI_INJECT as u64 != 0 {
+                            self.counters.inline += 1;
+                        }
+                        if p.flags & sys::FI_COMPLETION as u64 != 0 {
+                            self.counters.signaled += 1;
+                        }
+                    }
+                    Err(e) if e.is_again() => break,
+                    Err(e) => {
+                        self.close_peer(p.peer, format!("write failed: {e}"));
+                        if p.slot != NO_SLOT {
+                            self.contexts.release(p.slot as usize);
+                        }
+                    }
+                }
+                posted += 1;
+            }
+            if posted > 0 {
+                self.counters.doorbells += 1;
+                self.batch[lane].drain(..posted);
+            }
+        }
+    }
+
+    /// Handles an error completion: the write's peer is closed.
+    fn on_error(&mut self, e: &sys::fi_cq_err_entry) -> Result<(), TransportError> {
+        let text = self.cq.err_text(e);
+        if let Some(slot) = self.contexts.slot_of(e.op_context) {
+            if let Some(op) = self.contexts.release(slot) {
+                self.close_peer(op.peer, format!("write failed: {text}"));
+                return Ok(());
+            }
+        }
+        // Not one of our writes: the provider's own traffic with a peer
+        // (a connection reset when a peer dies). Whose it is the entry does
+        // not say; the peer's writers see their own errors, and liveness
+        // judges the peer.
+        let _ = text;
+        Ok(())
+    }
+}
+
+impl Transport for FabricTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Fabric
+    }
+
+    fn counters(&self) -> TransportCounters {
+        self.counters
+    }
+
+    /// Provider, fabric, domain and inject size in use.
+    fn describe(&self) -> String {
+        format!(
+            "fabric provider {} on fabric {}, domain {}, inject {} B, ack class {}{}",
+            self.provider,
+            self.fabric_name,
+            self.domain_name,
+            self.inject_size,
+            self.opts.ack.name(),
+            if self.hmem { ", FI_HMEM" } else { "" }
+        )
+    }
+
+    fn endpoint(&self) -> Vec<u8> {
+        Endpoint {
+            provider: self.provider.clone(),
+            address: self.name.clone(),
+        }
+        .encode()
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
+        let id = self.locals.next_id();
+        let seg = Segment::create(&format!("m2n-fabric-r{}", id.index()), len)?;
+        let base = seg.as_ptr().as_ptr();
+        // SAFETY: the segment lives in the same FabricMemory as the MR.
+        let mr = unsafe { self.register_mr(base, len, true, None) }?;
+        Ok(self.add(
+            FabricMemory {
+                base,
+                len,
+                _mr: mr,
+                _owner: Some(Box::new(seg)),
+                device: false,
+            },
+            true,
+        ))
+    }
+
+    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region, TransportError> {
+        if ptr.is_null() && len > 0 {
+            return Err(TransportError::os(
+                "register",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "null pointer with a non-zero length",
+                ),
+            ));
+        }
+        // SAFETY: forwarded contract: valid until the region drops.
+        let mr = unsafe { self.register_mr(ptr, len, false, None) }?;
+        Ok(self.add(
+            FabricMemory {
+                base: ptr,
+                len,
+                _mr: mr,
+                _owner: None,
+                device: false,
+            },
+            false,
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    unsafe fn register_device(&mut self, dptr: u64, len: usize) -> Result<Region, TransportError> {
+        self.require_hmem()?;
+        let device = self.opts.cuda_device as i32;
+        // SAFETY: forwarded contract: the device memory outlives the region.
+        let mr = unsafe { self.register_mr(dptr as *mut u8, len, false, Some(device)) }?;
+        Ok(self.add(
+            FabricMemory {
+                base: dptr as *mut u8,
+                len,
+                _mr: mr,
+                _owner: None,
+                device: true,
+            },
+            false,
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn alloc_gpu_ring(&mut self, len: usize, device: usize) -> Result<Region, TransportError> {
+        self.require_hmem()?;
+        let buf = crate::gpu::DeviceBuffer::alloc(device, len)
+            .map_err(|e| unavailable(format!("GPU receive ring: {e}")))?;
+        let dptr = buf.dptr;
+        // SAFETY: the buffer lives in the same FabricMemory as the MR.
+        let mr = unsafe { self.register_mr(dptr as *mut u8, len, true, Some(device as i32)) }?;
+        Ok(self.add(
+            FabricMemory {
+                base: dptr as *mut u8,
+                len,
+                _mr: mr,
+                _owner: Some(Box::new(buf)),
+                device: true,
+            },
+            true,
+        ))
+    }
+
+    fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError> {
+        if peer >= self.world || peer == self.me {
+            return Err(TransportError::NotConnected(peer));
+        }
+        let ep = Endpoint::decode(endpoint, &self.provider)
+            .map_err(|source| TransportError::BadDescriptor { peer, source })?;
+        self.addrs[peer] = self.av.insert(&ep.address).map_err(fi_err)?;
+        Ok(())
+    }
+
+    fn import(&mut self, peer: usize, descriptor: &[u8]) -> Result<RemoteRegion, TransportError> {
+        let RegionDescriptor { addr, key, len } = RegionDescriptor::decode(descriptor)
+            .map_err(|source| TransportError::BadDescriptor { peer, source })?;
+        let index = self.imports.len() as u32;
+        self.imports.push(Imported { peer, addr, key });
+        Ok(RemoteRegion {
+            peer,
+            key: index,
+            len,
+        })
+    }
+
+    unsafe fn post_write(
+        &mut self,
+        peer: usize,
+        lane: Lane,
+        req: &WriteRequest,
+    ) -> Result<(), TransportError> {
+        if peer >= self.world {
+            return Err(TransportError::NotConnected(peer));
+        }
+        if let Some(reason) = &self.closed[peer] {
+            return Err(TransportError::PeerClosed {
+                peer,
+                reason: reason.clone(),
+            });
+        }
+        let l = lane_index(lane);
+        let dest = self.addrs[peer];
+        if dest == fi::ADDR_NOTAVAIL {
+            return Err(TransportError::NotConnected(peer));
+        }
+        let remote = *self
+            .imports
+            .get(req.remote.key as usize)
+            .filter(|r| r.peer == peer)
+            .ok_or(TransportError::NotConnected(peer))?;
+        // The library refuses out-of-range writes before posting.
+        let local = self.locals.source(peer, req, req.remote.len)?;
+        if self.batch[l].len() >= MAX_BATCH {
+            self.flush();
+            if self.batch[l].len() >= MAX_BATCH {
+                return Err(TransportError::WouldBlock);
+            }
+        }
+        // Small writes are injected (the provider copies them at once);
+        // only those the caller waits for, and larger ones (whose source
+        // must stay alive until done), ask for a completion.
+        let inject = req.len <= self.inject_size && !local.is_device();
+        let complete = req.signaled || !inject;
+        let slot = if complete {
+            match self.contexts.free.pop() {
+                Some(s) => s,
+                None => return Err(TransportError::WouldBlock),
+            }
+        } else {
+            NO_SLOT
+        };
+        let mut flags = 0u64;
+        if req.imm.is_some() {
+            flags |= sys::FI_REMOTE_CQ_DATA as u64;
+        }
+        if inject {
+            flags |= sys::FI_INJECT as u64;
+        }
+        if complete {
+            flags |= sys::FI_COMPLETION as u64;
+        }
+        let index = req.local.index() as usize;
+        self.batch[l].push(Pending {
+            peer,
+            dest,
+            // SAFETY: in range, checked by `source`.
+            local: unsafe { local.base().add(req.local_offset) } as usize,
+            len: req.len,
+            desc: self.descs.get(index).copied().unwrap_or(0),
+            remote_addr: remote.addr + req.remote_offset as u64,
+            key: remote.key,
+            data: u64::from(req.imm.unwrap_or(0))
+                | if self.len_in_data {
+                    (req.len as u64) << 32
+                } else {
+                    0
+                },
+            flags,
+            slot,
+        });
+        if complete {
+            self.contexts.ops[slot as usize] = Some(InFlight {
+                user_wr_id: req.wr_id,
+                report: req.signaled,
+                peer,
+                _keep: local,
+            });
+        }
+        if self.batch[l].len() >= FLUSH_AT {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    fn owns(&self, region: RegionId) -> bool {
+        self.locals.owns(region)
+    }
+
+    /// Never known: a provider may hold a peer's last writes (in a socket,
+    /// in shm's command queue) after the peer said goodbye, and libfabric
+    /// says nothing when a peer's stream ends. A peer that left is judged
+    /// after the peer timeout, its writes delivered meanwhile.
+    fn peer_drained(&self, _peer: usize) -> bool {
+        false
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {
+        self.flush();
+        loop {
+            let n = match self.cq.read(&mut self.entries) {
+                Ok(n) => n,
+                Err(e) if e.code == sys::FI_EAVAIL as i32 => {
+                    while let Some(err) = self.cq.read_err() {
+                        self.on_error(&err)?;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(fi_err(e)),
+            };
+            self.counters.cq_polls += 1;
+            self.counters.completions += n as u64;
+            for i in 0..n {
+                let e = self.entries[i];
+                if e.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0 {
+                    out.push(Completion::Arrived {
+                        peer: super::PEER_IN_IMMEDIATE,
+                        imm: e.data as u32,
+                        len: if self.len_in_data {
+                            (e.data >> 32) as usize
+                        } else {
+                            e.len
+                        },
+                    });
+                } else if let Some(slot) = self.contexts.slot_of(e.op_context) {
+                    if let Some(op) = self.contexts.release(slot) {
+                        if op.report {
+                            self.done.push(Completion::WriteDone {
+                                wr_id: op.user_wr_id,
+                            });
+                        }
+                    }
+                }
+            }
+            if n < self.entries.len() {
+                break;
+            }
+        }
+        out.append(&mut self.done);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
