@@ -4,13 +4,15 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=wrapper.h");
+    // Headers only: the library is loaded at run time (see src/lib.rs).
     let lib = pkg_config::Config::new()
         .atleast_version("1.14")
+        .cargo_metadata(false)
         .probe("libfabric")
         .unwrap_or_else(|e| {
             panic!(
-                "libfabric was not found by pkg-config ({e}); install Debian's libfabric-dev \
-                 (scripts/setup does), or build m2n without the `fabric` feature"
+                "libfabric's headers were not found by pkg-config ({e}); install Debian's \
+                 libfabric-dev (scripts/setup does), or build m2n without the `fabric` feature"
             )
         });
     let bindings = bindgen::Builder::default()
@@ -20,11 +22,14 @@ fn main() {
                 .iter()
                 .map(|p| format!("-I{}", p.display())),
         )
-        .allowlist_item("fi_.*")
-        .allowlist_item("FI_.*")
-        .allowlist_item("fid.*")
-        // The header's `static inline` calls are not symbols of the
-        // library: m2n makes them through the ops tables.
+        .allowlist_type("fi_.*|fid.*")
+        .allowlist_var("FI_.*")
+        // The library's exported functions m2n calls, as a struct loaded
+        // with dlopen. The header's `static inline` calls are not symbols
+        // of the library: m2n makes them through the ops tables.
+        .allowlist_function("fi_(getinfo|freeinfo|dupinfo|fabric|strerror|version)")
+        .dynamic_library_name("LibFabric")
+        .dynamic_link_require_all(true)
         .generate_inline_functions(false)
         .derive_default(true)
         .derive_debug(true)

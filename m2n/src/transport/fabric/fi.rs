@@ -20,6 +20,13 @@ use m2n_fabric_sys as sys;
 /// The libfabric API version m2n is written against (1.14 or newer runs it).
 pub(crate) const API_VERSION: u32 = sys::fi_version_of(1, 14);
 
+/// The loaded library. Every libfabric object m2n holds was made after
+/// [`sys::library`] succeeded (the transport loads it first), so this
+/// cannot fail where it is called.
+pub(crate) fn lib() -> &'static sys::LibFabric {
+    sys::library().expect("libfabric is loaded before any of its objects exist")
+}
+
 /// `FI_ADDR_NOTAVAIL` (`(uint64_t)-1` in the header, which bindgen skips).
 pub(crate) const ADDR_NOTAVAIL: sys::fi_addr_t = u64::MAX;
 
@@ -47,7 +54,7 @@ impl FiError {
 /// libfabric's text for error `code`.
 pub(crate) fn strerror(code: i32) -> String {
     // SAFETY: fi_strerror returns a static NUL-terminated string for any code.
-    unsafe { CStr::from_ptr(sys::fi_strerror(code)) }
+    unsafe { CStr::from_ptr(lib().fi_strerror(code)) }
         .to_string_lossy()
         .into_owned()
 }
@@ -92,7 +99,7 @@ impl Drop for Info {
     fn drop(&mut self) {
         if !self.0.is_null() {
             // SAFETY: allocated by fi_dupinfo / fi_getinfo and owned here.
-            unsafe { sys::fi_freeinfo(self.0) }
+            unsafe { lib().fi_freeinfo(self.0) }
         }
     }
 }
@@ -111,7 +118,7 @@ impl Info {
     /// Hints for `fi_getinfo`: reliable datagram endpoints with `wants`.
     pub(crate) fn hints(wants: &Wants) -> Result<Info, FiError> {
         // SAFETY: fi_dupinfo(NULL) is the header's fi_allocinfo().
-        let h = unsafe { sys::fi_dupinfo(ptr::null()) };
+        let h = unsafe { lib().fi_dupinfo(ptr::null()) };
         if h.is_null() {
             return Err(FiError::new("fi_allocinfo", -(libc::ENOMEM as i64)));
         }
@@ -144,8 +151,9 @@ impl Info {
     pub(crate) fn get(hints: &Info) -> Result<Info, FiError> {
         let mut out = ptr::null_mut();
         // SAFETY: valid hints; `out` receives a list this handle then owns.
-        let ret =
-            unsafe { sys::fi_getinfo(API_VERSION, ptr::null(), ptr::null(), 0, hints.0, &mut out) };
+        let ret = unsafe {
+            lib().fi_getinfo(API_VERSION, ptr::null(), ptr::null(), 0, hints.0, &mut out)
+        };
         check("fi_getinfo", ret as i64)?;
         Ok(Info(out))
     }
@@ -164,7 +172,7 @@ impl Info {
     /// A copy of one entry (its own allocation, `next` cleared).
     pub(crate) fn dup(entry: &sys::fi_info) -> Result<Info, FiError> {
         // SAFETY: a valid entry; fi_dupinfo copies exactly one.
-        let p = unsafe { sys::fi_dupinfo(entry) };
+        let p = unsafe { lib().fi_dupinfo(entry) };
         if p.is_null() {
             return Err(FiError::new("fi_dupinfo", -(libc::ENOMEM as i64)));
         }
@@ -284,7 +292,7 @@ impl Fabric {
     pub(crate) fn open(info: &Info) -> Result<Arc<Fabric>, FiError> {
         let mut f = ptr::null_mut();
         // SAFETY: fabric_attr of a fi_getinfo entry.
-        let ret = unsafe { sys::fi_fabric((*info.0).fabric_attr, &mut f, ptr::null_mut()) };
+        let ret = unsafe { lib().fi_fabric((*info.0).fabric_attr, &mut f, ptr::null_mut()) };
         check("fi_fabric", ret as i64)?;
         Ok(Arc::new(Fabric(f)))
     }

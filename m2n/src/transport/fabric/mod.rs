@@ -93,6 +93,7 @@ fn wants(opts: &FabricOptions, hmem: bool) -> Wants {
 /// The provider `opts` names or, by default, the best `fi_getinfo` offers
 /// with remote CQ data of 32 bits or more and keys of at most 64 bits.
 fn choose(opts: &FabricOptions, hmem: bool) -> Result<Info, TransportError> {
+    sys::library().map_err(unavailable)?;
     let hints = Info::hints(&wants(opts, hmem)).map_err(fi_err)?;
     let what = match &opts.provider {
         Some(p) => format!("provider {p:?}"),
@@ -147,7 +148,7 @@ fn choose(opts: &FabricOptions, hmem: bool) -> Result<Info, TransportError> {
 /// explicitly (`M2N_FI_PROVIDER=tcp`), rxm over tcp is still used.
 fn passed_over(e: &sys::fi_info) -> bool {
     // SAFETY: fi_version() has no preconditions.
-    let version = unsafe { sys::fi_version() };
+    let version = unsafe { fi::lib().fi_version() };
     version < sys::fi_version_of(1, 18) && fi::prov_name(e) == "tcp;ofi_rxm"
 }
 

@@ -226,3 +226,26 @@ fn traffic_classes_parse_by_name() {
     let err = "fast".parse::<TrafficClass>().unwrap_err();
     assert!(err.contains("low_latency"), "{err}");
 }
+
+/// Loading libfabric leaves the process's signal handlers as they were
+/// (Debian's pulls in libpsm-infinipath, whose initialiser installs its
+/// own for SIGINT, SIGQUIT, SIGTERM, SIGSEGV and others). Neither this test
+/// process nor the harness catches SIGINT, SIGQUIT or SIGTERM, whichever
+/// test loads the library first.
+#[test]
+fn loading_libfabric_keeps_the_signal_handlers() {
+    m2n_fabric_sys::library().unwrap();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caught = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    for sig in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM] {
+        assert_eq!(
+            caught & (1 << (sig - 1)),
+            0,
+            "signal {sig} is caught: {caught:#x}"
+        );
+    }
+}
