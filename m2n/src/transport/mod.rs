@@ -168,6 +168,12 @@ pub(crate) trait LocalMemory: Send + Sync + fmt::Debug {
     fn key(&self) -> u32 {
         0
     }
+    /// The transport's local descriptor for this memory (libfabric's
+    /// `fi_mr_desc`; 0 elsewhere).
+    #[cfg_attr(not(feature = "fabric"), allow(dead_code))]
+    fn desc(&self) -> usize {
+        0
+    }
     /// Whether the memory is a GPU's (the host cannot read it directly).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn is_device(&self) -> bool {
@@ -269,19 +275,8 @@ impl LocalRegions {
         ptr: *mut u8,
         len: usize,
     ) -> Result<Region, TransportError> {
-        let ptr = match NonNull::new(ptr) {
-            Some(p) => p,
-            None if len == 0 => NonNull::dangling(),
-            None => {
-                return Err(TransportError::os(
-                    "register",
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "null pointer with a non-zero length",
-                    ),
-                ))
-            }
-        };
+        check_registrable(ptr, len)?;
+        let ptr = NonNull::new(ptr).unwrap_or(NonNull::dangling());
         Ok(self.add(Arc::new(External { ptr, len }), Vec::new()))
     }
 
@@ -685,6 +680,36 @@ pub fn host_identity() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// Refuses a null pointer with a non-zero length (application memory to
+/// register); a null pointer of length 0 is an empty region.
+pub(crate) fn check_registrable(ptr: *mut u8, len: usize) -> Result<(), TransportError> {
+    if ptr.is_null() && len > 0 {
+        return Err(TransportError::os(
+            "register",
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "null pointer with a non-zero length",
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `Ok` when `peer` is a rank of this world (`closed` has one entry per
+/// rank) whose connection is not closed: `NotConnected` for a rank out of
+/// range, `PeerClosed` with the reason for a closed one.
+#[cfg_attr(not(any(feature = "verbs", feature = "fabric")), allow(dead_code))]
+pub(crate) fn check_open(closed: &[Option<String>], peer: usize) -> Result<(), TransportError> {
+    match closed.get(peer) {
+        None => Err(TransportError::NotConnected(peer)),
+        Some(Some(reason)) => Err(TransportError::PeerClosed {
+            peer,
+            reason: reason.clone(),
+        }),
+        Some(None) => Ok(()),
+    }
 }
 
 /// Checks `offset + len <= region_len` without overflow.

@@ -1,12 +1,13 @@
 //! The fabric backend: m2n over libfabric (`M2N_TRANSPORT=fabric`).
 //!
 //! The same one-sided protocol as verbs, on the API that AWS EFA, HPE
-//! Slingshot and the rest of the OFI world speak. Each process opens two
-//! reliable datagram endpoints (`FI_EP_RDM`), one per lane, so credits
-//! travel apart from data and can ask for their own traffic class
-//! (`FI_TC_*`); both share one address vector and one completion queue.
-//! Receive rings are memory regions with `FI_REMOTE_WRITE`; each message is
-//! one RMA write carrying 32 bits of remote CQ data (`fi_writemsg` with
+//! Slingshot and the rest of the OFI world speak. Each process opens three
+//! reliable datagram endpoints (`FI_EP_RDM`): one per lane that only sends,
+//! so credits travel apart from data and can ask for their own traffic
+//! class (`FI_TC_*`), and one that only receives; all share one address
+//! vector and one completion queue. Receive rings are memory regions with
+//! `FI_REMOTE_WRITE`; each message is one RMA write carrying 64 bits of
+//! remote CQ data (`fi_writemsg` with
 //! `FI_REMOTE_CQ_DATA`, the general form of `fi_writedata`, so that each
 //! write can also say `FI_INJECT` and whether it wants a completion), which
 //! the receiver reads from its queue exactly where verbs reads the
@@ -14,8 +15,9 @@
 //! (the layer under tcp and verbs) does not: the writer (it reports no
 //! source address for remote writes) and the length (it reports 0). The
 //! immediate names the writer ([`PEER_IN_IMMEDIATE`](super::PEER_IN_IMMEDIATE)),
-//! and where remote CQ data has 64 bits (tcp, shm) the length rides in
-//! its upper half.
+//! and the length rides in the CQ data's upper half: m2n needs providers
+//! with 64 bits of it (tcp, net, shm and efa have them; rxm over verbs has
+//! the 32 of an immediate and is refused by name).
 //!
 //! Writes posted between two polls go out per endpoint as one train, all
 //! but the last flagged `FI_MORE` (the doorbell batching of verbs); only
@@ -122,9 +124,10 @@ fn choose(opts: &FabricOptions, hmem: bool) -> Result<Info, TransportError> {
         // SAFETY: the domain attributes of a fi_getinfo result.
         let dom = unsafe { &*e.domain_attr };
         let name = fi::prov_name(e);
-        if dom.cq_data_size < 4 {
+        if dom.cq_data_size < 8 {
             refused.push(format!(
-                "{name}: {} bytes of remote CQ data",
+                "{name}: {} bytes of remote CQ data (m2n needs 8: the immediate and the length, \
+                 which providers do not all report)",
                 dom.cq_data_size
             ));
         } else if dom.mr_key_size > 8 {
@@ -189,6 +192,9 @@ impl LocalMemory for FabricMemory {
     }
     fn is_device(&self) -> bool {
         self.device
+    }
+    fn desc(&self) -> usize {
+        self._mr.as_ref().map_or(0, |mr| mr.desc() as usize)
     }
 }
 
@@ -264,6 +270,13 @@ impl Contexts {
         let size = std::mem::size_of::<sys::fi_context2>();
         let off = (p as usize).checked_sub(base)?;
         (off % size == 0 && off / size < self.ctx.len()).then_some(off / size)
+    }
+
+    /// A free slot for `op`, or `None` when all are in flight.
+    fn claim(&mut self, op: InFlight) -> Option<u32> {
+        let slot = self.free.pop()?;
+        self.ops[slot as usize] = Some(op);
+        Some(slot)
     }
 
     fn release(&mut self, slot: usize) -> Option<InFlight> {
@@ -399,14 +412,8 @@ pub struct FabricTransport {
     virt_addr: bool,
     next_key: u64,
     inject_size: usize,
-    /// Whether remote CQ data has 64 bits, so the write's length rides in
-    /// the upper half (tcp;ofi_rxm and shm report 0 as the length of a
-    /// remote write's completion).
-    len_in_data: bool,
     hmem: bool,
     locals: LocalRegions,
-    /// Local descriptors (`fi_mr_desc`) by region index.
-    descs: Vec<usize>,
     imports: Vec<Imported>,
     closed: Vec<Option<String>>,
     contexts: Contexts,
@@ -438,13 +445,8 @@ impl FabricTransport {
         let provider = fi::prov_name(e);
         let (fabric_name, domain_name) = fi::fabric_domain(e);
         // SAFETY: attribute structs of a fi_getinfo result.
-        let (mr_mode, inject_size, cq_data_size) = unsafe {
-            (
-                (*e.domain_attr).mr_mode as u32,
-                (*e.tx_attr).inject_size,
-                (*e.domain_attr).cq_data_size,
-            )
-        };
+        let (dom, tx) = unsafe { (&*e.domain_attr, &*e.tx_attr) };
+        let (mr_mode, inject_size) = (dom.mr_mode as u32, tx.inject_size);
         let fabric = Fabric::open(&info).map_err(fi_err)?;
         let domain = Domain::open(&fabric, &info).map_err(fi_err)?;
         let cq = Cq::open(&domain, 2 * opts.tx_depth + 4096).map_err(fi_err)?;
@@ -485,10 +487,8 @@ impl FabricTransport {
             virt_addr: mr_mode & sys::FI_MR_VIRT_ADDR != 0,
             next_key: 1,
             inject_size,
-            len_in_data: cq_data_size >= 8,
             hmem,
             locals: LocalRegions::default(),
-            descs: Vec::new(),
             imports: Vec::new(),
             closed: vec![None; world],
             contexts: Contexts::new(opts.tx_depth),
@@ -542,10 +542,7 @@ impl FabricTransport {
     /// Adds a registered region; its descriptor (for remote writes) when
     /// `remote` is set.
     fn add(&mut self, mem: FabricMemory, remote: bool) -> Region {
-        let (desc, key) = mem
-            ._mr
-            .as_ref()
-            .map_or((0, 0), |mr| (mr.desc() as usize, mr.key()));
+        let key = mem._mr.as_ref().map_or(0, Mr::key);
         let descriptor = if remote {
             RegionDescriptor {
                 addr: if self.virt_addr { mem.base as u64 } else { 0 },
@@ -556,9 +553,6 @@ impl FabricTransport {
         } else {
             Vec::new()
         };
-        let index = self.locals.next_id().index() as usize;
-        self.descs.resize(index + 1, 0);
-        self.descs[index] = desc;
         let device = mem.device;
         let mut region = self.locals.add(Arc::new(mem), Vec::new());
         region.descriptor = descriptor;
@@ -642,21 +636,17 @@ impl FabricTransport {
         }
     }
 
-    /// Handles an error completion: the write's peer is closed.
-    fn on_error(&mut self, e: &sys::fi_cq_err_entry) -> Result<(), TransportError> {
-        let text = self.cq.err_text(e);
-        if let Some(slot) = self.contexts.slot_of(e.op_context) {
-            if let Some(op) = self.contexts.release(slot) {
-                self.close_peer(op.peer, format!("write failed: {text}"));
-                return Ok(());
-            }
+    /// Handles an error completion: a write's failure closes its peer. An
+    /// error that is not one of m2n's writes (the provider's own traffic
+    /// with a peer: a connection reset when a peer dies) does not say whose
+    /// it is, so it is let go; the peer's writers see their own errors,
+    /// and liveness judges the peer.
+    fn on_error(&mut self, e: &sys::fi_cq_err_entry) {
+        let slot = self.contexts.slot_of(e.op_context);
+        if let Some(op) = slot.and_then(|s| self.contexts.release(s)) {
+            let text = self.cq.err_text(e);
+            self.close_peer(op.peer, format!("write failed: {text}"));
         }
-        // Not one of our writes: the provider's own traffic with a peer
-        // (a connection reset when a peer dies). Whose it is the entry does
-        // not say; the peer's writers see their own errors, and liveness
-        // judges the peer.
-        let _ = text;
-        Ok(())
     }
 }
 
@@ -709,15 +699,7 @@ impl Transport for FabricTransport {
     }
 
     unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region, TransportError> {
-        if ptr.is_null() && len > 0 {
-            return Err(TransportError::os(
-                "register",
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "null pointer with a non-zero length",
-                ),
-            ));
-        }
+        super::check_registrable(ptr, len)?;
         // SAFETY: forwarded contract: valid until the region drops.
         let mr = unsafe { self.register_mr(ptr, len, false, None) }?;
         Ok(self.add(
@@ -798,15 +780,7 @@ impl Transport for FabricTransport {
         lane: Lane,
         req: &WriteRequest,
     ) -> Result<(), TransportError> {
-        if peer >= self.world {
-            return Err(TransportError::NotConnected(peer));
-        }
-        if let Some(reason) = &self.closed[peer] {
-            return Err(TransportError::PeerClosed {
-                peer,
-                reason: reason.clone(),
-            });
-        }
+        super::check_open(&self.closed, peer)?;
         let l = lane_index(lane);
         let dest = self.addrs[peer];
         if dest == fi::ADDR_NOTAVAIL {
@@ -830,14 +804,6 @@ impl Transport for FabricTransport {
         // must stay alive until done), ask for a completion.
         let inject = req.len <= self.inject_size && !local.is_device();
         let complete = req.signaled || !inject;
-        let slot = if complete {
-            match self.contexts.free.pop() {
-                Some(s) => s,
-                None => return Err(TransportError::WouldBlock),
-            }
-        } else {
-            NO_SLOT
-        };
         let mut flags = 0u64;
         if req.imm.is_some() {
             flags |= sys::FI_REMOTE_CQ_DATA as u64;
@@ -848,33 +814,34 @@ impl Transport for FabricTransport {
         if complete {
             flags |= sys::FI_COMPLETION as u64;
         }
-        let index = req.local.index() as usize;
-        self.batch[l].push(Pending {
-            peer,
-            dest,
-            // SAFETY: in range, checked by `source`.
-            local: unsafe { local.base().add(req.local_offset) } as usize,
-            len: req.len,
-            desc: self.descs.get(index).copied().unwrap_or(0),
-            remote_addr: remote.addr + req.remote_offset as u64,
-            key: remote.key,
-            data: u64::from(req.imm.unwrap_or(0))
-                | if self.len_in_data {
-                    (req.len as u64) << 32
-                } else {
-                    0
-                },
-            flags,
-            slot,
-        });
-        if complete {
-            self.contexts.ops[slot as usize] = Some(InFlight {
+        // SAFETY: in range, checked by `source`.
+        let addr = unsafe { local.base().add(req.local_offset) } as usize;
+        let desc = local.desc();
+        let slot = if complete {
+            let op = InFlight {
                 user_wr_id: req.wr_id,
                 report: req.signaled,
                 peer,
                 _keep: local,
-            });
-        }
+            };
+            self.contexts.claim(op).ok_or(TransportError::WouldBlock)?
+        } else {
+            NO_SLOT
+        };
+        self.batch[l].push(Pending {
+            peer,
+            dest,
+            local: addr,
+            len: req.len,
+            desc,
+            remote_addr: remote.addr + req.remote_offset as u64,
+            key: remote.key,
+            // The immediate, and the length in the upper half (`source`
+            // checked that it fits in 32 bits).
+            data: u64::from(req.imm.unwrap_or(0)) | (req.len as u64) << 32,
+            flags,
+            slot,
+        });
         if self.batch[l].len() >= FLUSH_AT {
             self.flush();
         }
@@ -900,7 +867,7 @@ impl Transport for FabricTransport {
                 Ok(n) => n,
                 Err(e) if e.code == sys::FI_EAVAIL as i32 => {
                     while let Some(err) = self.cq.read_err() {
-                        self.on_error(&err)?;
+                        self.on_error(&err);
                     }
                     continue;
                 }
@@ -914,11 +881,7 @@ impl Transport for FabricTransport {
                     out.push(Completion::Arrived {
                         peer: super::PEER_IN_IMMEDIATE,
                         imm: e.data as u32,
-                        len: if self.len_in_data {
-                            (e.data >> 32) as usize
-                        } else {
-                            e.len
-                        },
+                        len: (e.data >> 32) as usize,
                     });
                 } else if let Some(slot) = self.contexts.slot_of(e.op_context) {
                     if let Some(op) = self.contexts.release(slot) {

@@ -519,15 +519,7 @@ impl Transport for VerbsTransport {
     }
 
     unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region, TransportError> {
-        if ptr.is_null() && len > 0 {
-            return Err(TransportError::os(
-                "register",
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "null pointer with a non-zero length",
-                ),
-            ));
-        }
+        super::check_registrable(ptr, len)?;
         // SAFETY: forwarded contract: valid until the region drops.
         let mr = unsafe { Mr::register(&self.pd, ptr, len, false) }.map_err(ib_err)?;
         Ok(self.locals.add(
@@ -622,15 +614,7 @@ impl Transport for VerbsTransport {
         lane: Lane,
         req: &WriteRequest,
     ) -> Result<(), TransportError> {
-        if peer >= self.world {
-            return Err(TransportError::NotConnected(peer));
-        }
-        if let Some(reason) = &self.closed[peer] {
-            return Err(TransportError::PeerClosed {
-                peer,
-                reason: reason.clone(),
-            });
-        }
+        super::check_open(&self.closed, peer)?;
         let remote = *self
             .imports
             .get(req.remote.key as usize)
