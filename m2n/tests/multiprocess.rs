@@ -533,3 +533,4 @@ transport_suite!(shm, "shm");
 transport_suite!(tcp, "tcp");
 transport_suite!(verbs, "verbs");
 transport_suite!(fabric_net, "fabric:net");
+transport_suite!(fabric_shm, "fabric:shm");
