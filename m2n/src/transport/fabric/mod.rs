@@ -118,13 +118,14 @@ fn choose(opts: &FabricOptions, hmem: bool) -> Result<Info, TransportError> {
     };
     let mut refused = Vec::new();
     for e in list.entries() {
-        if opts.provider.is_none() && passed_over(e) {
-            continue;
-        }
         // SAFETY: the domain attributes of a fi_getinfo result.
         let dom = unsafe { &*e.domain_attr };
         let name = fi::prov_name(e);
-        if dom.cq_data_size < 8 {
+        if opts.provider.is_none() && passed_over(e) {
+            refused.push(format!(
+                "{name}: passed over by default in libfabric before 1.18 (name it to use it)"
+            ));
+        } else if dom.cq_data_size < 8 {
             refused.push(format!(
                 "{name}: {} bytes of remote CQ data (m2n needs 8: the immediate and the length, \
                  which providers do not all report)",
