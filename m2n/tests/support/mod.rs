@@ -92,6 +92,19 @@ impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // What libfabric's shm provider left in /dev/shm if the worker was
+        // killed, and no survivor outlived it to remove (m2n names them
+        // `m2n-PID-TOKEN:...`).
+        let stem = format!("m2n-{}-", self.child.id());
+        for entry in std::fs::read_dir("/dev/shm")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with(&stem) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 }
 

@@ -179,6 +179,24 @@ impl Info {
         Ok(Info(p))
     }
 
+    /// Replaces the source address with the string `addr` (providers
+    /// that name endpoints by strings, like shm).
+    pub(crate) fn set_src_addr(&self, addr: &str) -> Result<(), FiError> {
+        let c = CString::new(addr).map_err(|_| FiError::new("src_addr", -(libc::EINVAL as i64)))?;
+        // SAFETY: an entry this handle owns; fi_freeinfo frees src_addr
+        // with free(), so it is replaced by a strdup'ed string.
+        unsafe {
+            let dup = libc::strdup(c.as_ptr());
+            if dup.is_null() {
+                return Err(FiError::new("strdup", -(libc::ENOMEM as i64)));
+            }
+            libc::free((*self.0).src_addr);
+            (*self.0).src_addr = dup.cast();
+            (*self.0).src_addrlen = addr.len() + 1;
+        }
+        Ok(())
+    }
+
     pub(crate) fn get_ref(&self) -> &sys::fi_info {
         // SAFETY: non-null for every Info built by dup/get with a match.
         unsafe { &*self.0 }

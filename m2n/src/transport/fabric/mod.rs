@@ -145,6 +145,85 @@ fn choose(opts: &FabricOptions, hmem: bool) -> Result<Info, TransportError> {
     )))
 }
 
+/// The source address for shm endpoints: `fi_shm://m2n-PID-TOKEN`, which
+/// the provider turns into the names of its files in /dev/shm (adding the
+/// uid and an endpoint index). Its default, `fi_shm://PID`, collides with
+/// the files a killed process left behind (no signal handler runs on
+/// SIGKILL) once the pid is reused: libfabric 1.17 then fails `fi_enable`
+/// with EBUSY, since the stale region names a live pid (this process).
+fn shm_endpoint_name() -> Result<String, TransportError> {
+    let mut token = [0u8; 8];
+    getrandom::getrandom(&mut token)
+        .map_err(|e| TransportError::os("getrandom", std::io::Error::other(e.to_string())))?;
+    Ok(format!(
+        "fi_shm://m2n-{}-{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(token)
+    ))
+}
+
+/// A peer's shm provider files, found by the stem of the name
+/// [`shm_endpoint_name`] gave it (`m2n-PID-TOKEN`). A killed process cannot
+/// remove its files (the provider's handlers run only for signals that can
+/// be caught), so survivors remove those of peers that died when they close:
+/// each is 16 MiB or more of memory in tmpfs.
+#[derive(Debug, Clone, PartialEq)]
+struct ShmFiles {
+    pid: i32,
+    stem: String,
+}
+
+impl ShmFiles {
+    /// The files behind a peer's address, if it is one m2n named; anything
+    /// else a peer sends is ignored (it never names a path here).
+    fn of(address: &[u8]) -> Option<ShmFiles> {
+        let text = std::str::from_utf8(address).ok()?.trim_end_matches('\0');
+        let start = text.find("m2n-")?;
+        let stem = text[start..].split(':').next()?;
+        let (pid, token) = stem["m2n-".len()..].split_once('-')?;
+        let token_ok = token.len() == 16 && token.bytes().all(|b| b.is_ascii_hexdigit());
+        let pid = pid
+            .parse::<i32>()
+            .ok()
+            .filter(|_| pid.bytes().all(|b| b.is_ascii_digit()))?;
+        (token_ok && pid > 0).then(|| ShmFiles {
+            pid,
+            stem: stem.to_string(),
+        })
+    }
+
+    /// Whether the process is gone: no such pid, or a zombie its parent
+    /// has not reaped yet.
+    fn process_is_dead(&self) -> bool {
+        if let Err(nix::errno::Errno::ESRCH) =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), None)
+        {
+            return true;
+        }
+        // The state follows the command name's closing parenthesis.
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).is_ok_and(|stat| {
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X'))
+        })
+    }
+
+    /// Removes the files if their process has died.
+    fn remove_if_dead(&self) {
+        if !self.process_is_dead() {
+            return;
+        }
+        let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+            return;
+        };
+        let prefix = format!("{}:", self.stem);
+        for entry in dir.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 /// Stacks the default passes over: in libfabric before 1.18, rxm over tcp
 /// crashes (SIGSEGV in `rxm_handle_comp_error`) when two ranks connect to
 /// each other at once or a peer dies; `net`, the native reliable datagram
@@ -410,6 +489,8 @@ pub struct FabricTransport {
     name: Vec<u8>,
     /// Per peer, the fabric address of its receiving endpoint.
     addrs: Vec<sys::fi_addr_t>,
+    /// Per peer over shm, its files (removed at close if it died).
+    shm_files: Vec<Option<ShmFiles>>,
     virt_addr: bool,
     next_key: u64,
     inject_size: usize,
@@ -429,6 +510,14 @@ pub struct FabricTransport {
 // SAFETY: every libfabric object is of a FI_THREAD_SAFE domain; the raw
 // pointers in the completion entries are plain data.
 unsafe impl Send for FabricTransport {}
+
+impl Drop for FabricTransport {
+    fn drop(&mut self) {
+        for files in self.shm_files.iter().flatten() {
+            files.remove_if_dead();
+        }
+    }
+}
 
 impl FabricTransport {
     pub fn new(me: usize, world: usize, opts: FabricOptions) -> Result<Self, TransportError> {
@@ -452,10 +541,14 @@ impl FabricTransport {
         let domain = Domain::open(&fabric, &info).map_err(fi_err)?;
         let cq = Cq::open(&domain, 2 * opts.tx_depth + 4096).map_err(fi_err)?;
         let av = Av::open(&domain, 2 * world).map_err(fi_err)?;
+        let shm_name = (provider == "shm").then(shm_endpoint_name).transpose()?;
         let open = |class: super::options::TrafficClass| -> Result<Ep, TransportError> {
             let lane_info = Info::dup(info.get_ref()).map_err(fi_err)?;
             // SAFETY: a copy this closure owns; tx_attr is allocated with it.
             unsafe { (*(*lane_info.as_ptr()).tx_attr).tclass = class.0 };
+            if let Some(name) = &shm_name {
+                lane_info.set_src_addr(name).map_err(fi_err)?;
+            }
             Ep::open(&domain, &lane_info, &av, &cq).map_err(fi_err)
         };
         // Endpoints that only send and one that only receives: a
@@ -485,6 +578,7 @@ impl FabricTransport {
             eps,
             name,
             addrs: vec![fi::ADDR_NOTAVAIL; world],
+            shm_files: vec![None; world],
             virt_addr: mr_mode & sys::FI_MR_VIRT_ADDR != 0,
             next_key: 1,
             inject_size,
@@ -760,6 +854,9 @@ impl Transport for FabricTransport {
         let ep = Endpoint::decode(endpoint, &self.provider)
             .map_err(|source| TransportError::BadDescriptor { peer, source })?;
         self.addrs[peer] = self.av.insert(&ep.address).map_err(fi_err)?;
+        if self.provider == "shm" {
+            self.shm_files[peer] = ShmFiles::of(&ep.address);
+        }
         Ok(())
     }
 

@@ -249,3 +249,112 @@ fn loading_libfabric_keeps_the_signal_handlers() {
         );
     }
 }
+
+/// A killed process leaves its shm provider files in /dev/shm. Once its
+/// pid is reused, the provider's default names (`PID:UID:INDEX`) collide
+/// with them, and since the stale header then names a live pid, libfabric
+/// 1.17 fails `fi_enable` with EBUSY. m2n names its shm endpoints itself,
+/// so stale files under the default names are no obstacle. They are faked
+/// here with this process's pid and a real region's header.
+#[test]
+fn shm_endpoints_do_not_collide_with_files_a_dead_process_left() {
+    let pid = std::process::id();
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let a = FabricTransport::new(0, 2, opts("shm")).unwrap();
+    // Tests in this binary run in parallel, so another's region may go
+    // away while it is read: any of this process's regions will do.
+    let header = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("m2n-{pid}-"))
+        })
+        .find_map(|e| {
+            let mut buf = vec![0u8; 4096];
+            let mut f = std::fs::File::open(e.path()).ok()?;
+            std::io::Read::read_exact(&mut f, &mut buf).ok()?;
+            Some(buf)
+        })
+        .expect("the shm regions are named m2n-PID-TOKEN");
+    // Under every name not taken (never over a live region).
+    let fakes: Vec<_> = (0..1024)
+        .map(|i| std::path::PathBuf::from(format!("/dev/shm/{pid}:{uid}:{i}")))
+        .filter(|f| {
+            let new = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(f);
+            new.and_then(|mut file| std::io::Write::write_all(&mut file, &header))
+                .is_ok()
+        })
+        .collect();
+    let b = FabricTransport::new(1, 2, opts("shm"));
+    for f in &fakes {
+        let _ = std::fs::remove_file(f);
+    }
+    let b = b.unwrap();
+    drop((a, b));
+}
+
+#[test]
+fn shm_files_are_known_only_by_names_m2n_gives() {
+    let token = "0123456789abcdef";
+    assert_eq!(
+        ShmFiles::of(format!("fi_shm://m2n-42-{token}:0:2\0").as_bytes()),
+        Some(ShmFiles {
+            pid: 42,
+            stem: format!("m2n-42-{token}")
+        })
+    );
+    for bad in [
+        "fi_shm://1234:0:2".to_string(),
+        format!("fi_shm://m2n--{token}:0:2"),
+        format!("fi_shm://m2n-1x-{token}:0:2"),
+        "fi_shm://m2n-42-0123456789abcdeg:0:2".into(),
+        "fi_shm://m2n-42-../../etc/passwd:0:2".into(),
+        format!("fi_shm://m2n-42-{token}0:0:2"),
+        format!("fi_shm://m2n-0-{token}:0:2"),
+        format!("fi_shm://m2n-99999999999-{token}:0:2"),
+    ] {
+        assert_eq!(ShmFiles::of(bad.as_bytes()), None, "{bad}");
+    }
+    assert_eq!(ShmFiles::of(&[0xff, 0xfe]), None);
+}
+
+/// A dead peer's files go when a survivor closes; a live one's stay.
+#[test]
+fn a_dead_peers_shm_files_are_removed() {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    // Not reaped yet: a zombie counts as dead.
+    while !std::fs::read_to_string(format!("/proc/{dead}/stat"))
+        .unwrap()
+        .contains(") Z")
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let token = format!("{:016x}", u64::from(dead) << 20 | 0xabc);
+    let live = std::process::id();
+    let path = |pid: u32, rest: &str| format!("/dev/shm/m2n-{pid}-{token}{rest}");
+    let files = [
+        (path(dead, ":0:0"), false),
+        (path(dead, ":0:7"), false),
+        (path(dead, "-other:0:0"), true),
+        (path(live, ":0:0"), true),
+    ];
+    for (f, _) in &files {
+        std::fs::write(f, b"stale").unwrap();
+    }
+    for pid in [dead, live] {
+        let address = format!("fi_shm://m2n-{pid}-{token}:0:2");
+        ShmFiles::of(address.as_bytes()).unwrap().remove_if_dead();
+    }
+    for (f, kept) in &files {
+        assert_eq!(std::path::Path::new(f).exists(), *kept, "{f}");
+        let _ = std::fs::remove_file(f);
+    }
+    child.wait().unwrap();
+}
