@@ -200,6 +200,12 @@ pub struct FabricConfig {
     pub tx_depth: usize,
     /// The GPU whose memory `FI_HMEM` registrations name (`M2N_CUDA_DEVICE`).
     pub cuda_device: usize,
+    /// How long one call into libfabric may take before the process exits
+    /// with a message (`M2N_FI_STUCK_MS`; `None`: never). A peer that dies
+    /// or stops inside a provider's critical section (shm: the spinlock of
+    /// a shared region) leaves its peers spinning in the provider, where
+    /// m2n's peer timeout cannot reach them.
+    pub stuck_after: Option<std::time::Duration>,
 }
 
 impl Default for FabricConfig {
@@ -211,6 +217,7 @@ impl Default for FabricConfig {
             ack: TrafficClass::LOW_LATENCY,
             tx_depth: 1024,
             cuda_device: 0,
+            stuck_after: Some(std::time::Duration::from_secs(10)),
         }
     }
 }

@@ -64,6 +64,24 @@ const NO_SLOT: u32 = u32::MAX;
 /// Settings of the fabric transport (`M2N_FI_*`).
 pub use super::options::FabricConfig as FabricOptions;
 
+/// The exit status of a process whose libfabric call never returned.
+pub const STUCK_EXIT_CODE: i32 = 70;
+
+/// The watchdog's action: says why on stderr and exits at once, without
+/// running exit handlers (libfabric's own would wait on the same lock).
+fn exit_stuck(provider: String) -> watchdog::OnStuck {
+    Box::new(move |for_| {
+        eprintln!(
+            "m2n: fabric transport (provider {provider}): a libfabric call has not returned in \
+             {for_:?}: a peer that died or stopped inside the provider (shm: holding the \
+             spinlock of a shared region) leaves its peers spinning there, out of reach of \
+             m2n's peer timeout; exiting with status {STUCK_EXIT_CODE} (M2N_FI_STUCK_MS)"
+        );
+        // SAFETY: _exit ends the process at once; nothing runs after it.
+        unsafe { libc::_exit(STUCK_EXIT_CODE) }
+    })
+}
+
 fn fi_err(e: FiError) -> TransportError {
     TransportError::os(e.to_string(), std::io::Error::other("libfabric"))
 }
@@ -503,6 +521,8 @@ pub struct FabricTransport {
     done: Vec<Completion>,
     entries: Vec<sys::fi_cq_data_entry>,
     counters: TransportCounters,
+    /// Exits the process if a call into the provider never returns.
+    watchdog: Option<watchdog::Watchdog>,
     _fabric: Arc<Fabric>,
     _info: Info,
 }
@@ -560,6 +580,11 @@ impl FabricTransport {
             open(super::options::TrafficClass::UNSPEC)?,
         ];
         let name = eps[2].name().map_err(fi_err)?;
+        let watchdog = opts
+            .stuck_after
+            .map(|limit| watchdog::Watchdog::start(limit, exit_stuck(provider.clone())))
+            .transpose()
+            .map_err(|e| TransportError::os("spawning the fabric watchdog thread", e))?;
         if me == 0 {
             eprintln!(
                 "m2n: fabric transport: provider {provider} (fabric {fabric_name}, domain {domain_name}{})",
@@ -591,6 +616,7 @@ impl FabricTransport {
             done: Vec::new(),
             entries: vec![sys::fi_cq_data_entry::default(); 64],
             counters: TransportCounters::default(),
+            watchdog,
             opts,
             _fabric: fabric,
             _info: info,
@@ -670,6 +696,7 @@ impl FabricTransport {
     /// Posts each lane's train: every write but the last with `FI_MORE`.
     /// A write the provider cannot take now stays queued for the next call.
     fn flush(&mut self) {
+        let _inside = self.watchdog.as_ref().map(watchdog::Watchdog::enter);
         for lane in 0..2 {
             let n = self.batch[lane].len();
             let mut posted = 0;
@@ -960,6 +987,7 @@ impl Transport for FabricTransport {
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {
         self.flush();
+        let _inside = self.watchdog.as_ref().map(watchdog::Watchdog::enter);
         loop {
             let n = match self.cq.read(&mut self.entries) {
                 Ok(n) => n,
@@ -1002,3 +1030,4 @@ impl Transport for FabricTransport {
 
 #[cfg(test)]
 mod tests;
+mod watchdog;
