@@ -27,6 +27,7 @@
 //! | `M2N_IB_MTU`, `M2N_IB_MAX_INLINE` | verbs: path MTU bytes, inline payload limit | 4096, 64 |
 //! | `M2N_FI_PROVIDER`, `M2N_FI_DOMAIN` | fabric: libfabric provider (`tcp`, `shm`, `verbs`, `efa`, or a stack like `tcp;ofi_rxm`) and domain (`lo`, `rxe0`) | the first `fi_getinfo` offers with RMA writes carrying remote CQ data |
 //! | `M2N_FI_DATA_TCLASS`, `M2N_FI_ACK_TCLASS` | fabric: `FI_TC_*` class per lane's endpoint (`unspec`, `low_latency`, `bulk_data`, ..., `dscp:N`) | `unspec`, `low_latency` |
+//! | `M2N_FI_NOTIFY` | fabric: how a receiver learns of a write and its length: `cq-data` (8 bytes of remote CQ data on the write), `message` (an 8-byte message after it, ordered by `FI_ORDER_SAW`: for rxm over verbs, with 4), or `auto` (`cq-data` where the provider has 8 bytes) | `auto` |
 //! | `M2N_FI_STUCK_MS` | fabric: how long one libfabric call may run before the process exits with a message (a peer that died inside the provider, e.g. holding shm's lock, leaves it spinning there); 0: never | 10000 |
 //! | `M2N_CUDA_DEVICE` | the GPU whose memory holds the receive rings (cuda-ipc, `M2N_GPU_RINGS`) | 0 |
 //! | `M2N_GPU_RINGS` | `1`: verbs receive rings in GPU memory (GPUDirect RDMA); cuda-ipc's always are; shm and tcp refuse | 0 |
@@ -345,6 +346,7 @@ impl Config {
             "M2N_FI_DOMAIN" => self.fabric.domain = name(var.value),
             "M2N_FI_DATA_TCLASS" => self.fabric.data = var.value.parse().map_err(|e| var.err(e))?,
             "M2N_FI_ACK_TCLASS" => self.fabric.ack = var.value.parse().map_err(|e| var.err(e))?,
+            "M2N_FI_NOTIFY" => self.fabric.notify = var.value.parse().map_err(|e| var.err(e))?,
             "M2N_FI_STUCK_MS" => self.fabric.stuck_after = Some(var.ms()?).filter(|d| !d.is_zero()),
             _ => return Ok(false),
         }
@@ -510,6 +512,12 @@ mod tests {
         let stuck = |v: &str| env(&[("M2N_FI_STUCK_MS", v)]).unwrap().fabric.stuck_after;
         assert_eq!(stuck("2500"), Some(Duration::from_millis(2500)));
         assert_eq!(stuck("0"), None);
+        let notify = |v: &str| env(&[("M2N_FI_NOTIFY", v)]).unwrap().fabric.notify;
+        use crate::transport::options::Notify;
+        assert_eq!(
+            [notify("auto"), notify("cq-data"), notify("message")],
+            [Notify::Auto, Notify::CqData, Notify::Message]
+        );
         assert_eq!(
             Config::default().fabric.stuck_after,
             Some(Duration::from_secs(10))
@@ -525,6 +533,7 @@ mod tests {
             ("M2N_SLOT_BYTES", "lots"),
             ("M2N_PEER_TIMEOUT_MS", "-1"),
             ("M2N_FI_STUCK_MS", "soon"),
+            ("M2N_FI_NOTIFY", "pigeon"),
             ("M2N_WAIT", "nap"),
             ("M2N_DEPHT", "4"),
             ("M2N_TCP_ACK_DSCP", "64"),

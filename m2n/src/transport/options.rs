@@ -182,6 +182,46 @@ impl std::str::FromStr for TrafficClass {
     }
 }
 
+/// How a fabric receiver learns that a write landed, and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Notify {
+    /// `cq-data` where the provider carries 8 bytes of remote CQ data,
+    /// else `message`.
+    #[default]
+    Auto,
+    /// The write carries the immediate and the length as 8 bytes of
+    /// remote CQ data (one operation per message).
+    CqData,
+    /// The write carries none; an 8-byte message with the immediate and
+    /// the length follows it on the same endpoint, ordered after it
+    /// (`FI_ORDER_SAW`): for providers with less CQ data (rxm over verbs).
+    Message,
+}
+
+impl Notify {
+    pub fn name(self) -> &'static str {
+        match self {
+            Notify::Auto => "auto",
+            Notify::CqData => "cq-data",
+            Notify::Message => "message",
+        }
+    }
+}
+
+impl std::str::FromStr for Notify {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "auto" => Ok(Notify::Auto),
+            "cq-data" => Ok(Notify::CqData),
+            "message" => Ok(Notify::Message),
+            other => Err(format!(
+                "unknown notification {other:?}: expected auto, cq-data or message"
+            )),
+        }
+    }
+}
+
 /// Settings of the fabric (libfabric) transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FabricConfig {
@@ -206,6 +246,8 @@ pub struct FabricConfig {
     /// a shared region) leaves its peers spinning in the provider, where
     /// m2n's peer timeout cannot reach them.
     pub stuck_after: Option<std::time::Duration>,
+    /// How receivers learn of writes (`M2N_FI_NOTIFY`).
+    pub notify: Notify,
 }
 
 impl Default for FabricConfig {
@@ -218,6 +260,7 @@ impl Default for FabricConfig {
             tx_depth: 1024,
             cuda_device: 0,
             stuck_after: Some(std::time::Duration::from_secs(10)),
+            notify: Notify::Auto,
         }
     }
 }

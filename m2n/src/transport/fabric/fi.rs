@@ -29,6 +29,8 @@ pub(crate) fn lib() -> &'static sys::LibFabric {
 
 /// `FI_ADDR_NOTAVAIL` (`(uint64_t)-1` in the header, which bindgen skips).
 pub(crate) const ADDR_NOTAVAIL: sys::fi_addr_t = u64::MAX;
+/// `FI_ADDR_UNSPEC`: a receive from any peer (also `(uint64_t)-1`).
+pub(crate) const ADDR_UNSPEC: sys::fi_addr_t = u64::MAX;
 
 /// A libfabric call that failed: the call and libfabric's error text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -596,6 +598,36 @@ impl Ep {
             op(self.ptr, msg, flags)
         };
         check("fi_writemsg", ret as i64)
+    }
+
+    /// `fi_sendmsg`: one message of the bytes `msg` names.
+    ///
+    /// # Safety
+    /// As for [`Ep::write_msg`] (with `FI_INJECT` the bytes are copied
+    /// before this returns).
+    pub(crate) unsafe fn send_msg(&self, msg: &sys::fi_msg, flags: u64) -> Result<(), FiError> {
+        // SAFETY: the header's fi_sendmsg: ep->msg->sendmsg; the rest is
+        // the caller's contract.
+        let ret = unsafe {
+            let op = (*(*self.ptr).msg).sendmsg.expect("fi_ops_msg.sendmsg");
+            op(self.ptr, msg, flags)
+        };
+        check("fi_sendmsg", ret as i64)
+    }
+
+    /// `fi_recvmsg`: posts the buffer `msg` names for one message.
+    ///
+    /// # Safety
+    /// The buffer and the context stay valid, and the buffer is not read,
+    /// until the receive's completion is read.
+    pub(crate) unsafe fn recv_msg(&self, msg: &sys::fi_msg, flags: u64) -> Result<(), FiError> {
+        // SAFETY: the header's fi_recvmsg: ep->msg->recvmsg; the rest is
+        // the caller's contract.
+        let ret = unsafe {
+            let op = (*(*self.ptr).msg).recvmsg.expect("fi_ops_msg.recvmsg");
+            op(self.ptr, msg, flags)
+        };
+        check("fi_recvmsg", ret as i64)
     }
 }
 closes!(Ep);

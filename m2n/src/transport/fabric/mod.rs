@@ -15,9 +15,12 @@
 //! (the layer under tcp and verbs) does not: the writer (it reports no
 //! source address for remote writes) and the length (it reports 0). The
 //! immediate names the writer ([`PEER_IN_IMMEDIATE`](super::PEER_IN_IMMEDIATE)),
-//! and the length rides in the CQ data's upper half: m2n needs providers
-//! with 64 bits of it (tcp, net, shm and efa have them; rxm over verbs has
-//! the 32 of an immediate and is refused by name).
+//! and the length rides in the CQ data's upper half where the provider
+//! carries 64 bits of it (tcp, net, shm and efa). rxm over verbs carries
+//! the 32 of an immediate: there each write goes without CQ data and an
+//! 8-byte message with the same 64 bits follows it on the same endpoint,
+//! ordered after it (`FI_ORDER_SAW`), into buffers the receiver keeps
+//! posted (`M2N_FI_NOTIFY`: `auto` picks per provider).
 //!
 //! Writes posted between two polls go out per endpoint as one train, all
 //! but the last flagged `FI_MORE` (the doorbell batching of verbs); only
@@ -63,6 +66,7 @@ const NO_SLOT: u32 = u32::MAX;
 
 /// Settings of the fabric transport (`M2N_FI_*`).
 pub use super::options::FabricConfig as FabricOptions;
+use super::options::Notify;
 
 /// The exit status of a process whose libfabric call never returned.
 pub const STUCK_EXIT_CODE: i32 = 70;
@@ -92,7 +96,14 @@ fn unavailable(why: String) -> TransportError {
 
 /// What m2n needs of a provider, as `fi_getinfo` hints.
 fn wants(opts: &FabricOptions, hmem: bool) -> Wants {
-    let mut caps = sys::FI_RMA as u64 | sys::FI_WRITE as u64 | sys::FI_REMOTE_WRITE as u64;
+    // Messages too: the notices that follow writes where the provider has
+    // too little remote CQ data (see `Notify::Message`).
+    let mut caps = sys::FI_RMA as u64
+        | sys::FI_WRITE as u64
+        | sys::FI_REMOTE_WRITE as u64
+        | sys::FI_MSG as u64
+        | sys::FI_SEND as u64
+        | sys::FI_RECV as u64;
     let mut mr_mode =
         sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY;
     if hmem {
@@ -111,8 +122,10 @@ fn wants(opts: &FabricOptions, hmem: bool) -> Wants {
 }
 
 /// The provider `opts` names or, by default, the best `fi_getinfo` offers
-/// with remote CQ data of 32 bits or more and keys of at most 64 bits.
-fn choose(opts: &FabricOptions, hmem: bool) -> Result<Info, TransportError> {
+/// with a way to notify writes (`opts.notify`: 8 bytes of remote CQ data,
+/// or messages ordered after writes) and keys of at most 64 bits; and the
+/// way it notifies.
+fn choose(opts: &FabricOptions, hmem: bool) -> Result<(Info, Notify), TransportError> {
     sys::library().map_err(unavailable)?;
     let hints = Info::hints(&wants(opts, hmem)).map_err(fi_err)?;
     let what = match &opts.provider {
@@ -137,24 +150,37 @@ fn choose(opts: &FabricOptions, hmem: bool) -> Result<Info, TransportError> {
     let mut refused = Vec::new();
     for e in list.entries() {
         // SAFETY: the domain attributes of a fi_getinfo result.
-        let dom = unsafe { &*e.domain_attr };
+        let (dom, tx) = unsafe { (&*e.domain_attr, &*e.tx_attr) };
         let name = fi::prov_name(e);
+        let cq_data = dom.cq_data_size >= 8;
+        let saw = tx.msg_order & sys::FI_ORDER_SAW as u64 != 0;
+        let notify = match opts.notify {
+            Notify::Auto | Notify::CqData if cq_data => Some(Notify::CqData),
+            Notify::Auto | Notify::Message if saw => Some(Notify::Message),
+            _ => None,
+        };
         if opts.provider.is_none() && passed_over(e) {
             refused.push(format!(
                 "{name}: passed over by default in libfabric before 1.18 (name it to use it)"
             ));
-        } else if dom.cq_data_size < 8 {
-            refused.push(format!(
-                "{name}: {} bytes of remote CQ data (m2n needs 8: the immediate and the length, \
+        } else if notify.is_none() {
+            let data = format!(
+                "{} bytes of remote CQ data (cq-data needs 8: the immediate and the length, \
                  which providers do not all report)",
                 dom.cq_data_size
-            ));
+            );
+            let order = "no sends ordered after writes (message needs FI_ORDER_SAW)";
+            refused.push(match opts.notify {
+                Notify::CqData => format!("{name}: {data} (M2N_FI_NOTIFY=cq-data)"),
+                Notify::Message => format!("{name}: {order} (M2N_FI_NOTIFY=message)"),
+                Notify::Auto => format!("{name}: {data}, and {order}"),
+            });
         } else if dom.mr_key_size > 8 {
             refused.push(format!("{name}: {}-byte memory keys", dom.mr_key_size));
         } else if e.src_addrlen > MAX_NAME {
             refused.push(format!("{name}: {}-byte addresses", e.src_addrlen));
-        } else {
-            return Info::dup(e).map_err(fi_err);
+        } else if let Some(notify) = notify {
+            return Ok((Info::dup(e).map_err(fi_err)?, notify));
         }
     }
     Err(unavailable(format!(
@@ -256,11 +282,16 @@ fn passed_over(e: &sys::fi_info) -> bool {
 /// Whether libfabric offers m2n a provider under `opts`, and which
 /// (`tcp;ofi_rxm on fabric 127.0.0.1/32, domain lo`).
 pub fn probe(opts: &FabricOptions) -> Result<String, TransportError> {
-    let info = choose(opts, false)?;
+    let (info, notify) = choose(opts, false)?;
     let (fabric, domain) = fi::fabric_domain(info.get_ref());
     Ok(format!(
-        "{} on fabric {fabric}, domain {domain}",
-        fi::prov_name(info.get_ref())
+        "{} on fabric {fabric}, domain {domain}{}",
+        fi::prov_name(info.get_ref()),
+        if notify == Notify::Message {
+            ", notices by message"
+        } else {
+            ""
+        }
     ))
 }
 
@@ -318,6 +349,8 @@ struct Pending {
     data: u64,
     flags: u64,
     slot: u32,
+    /// Message mode: the write is posted, its notice not yet.
+    written: bool,
 }
 
 /// Completion contexts: one per write that asks for a completion, at a
@@ -383,6 +416,117 @@ impl Contexts {
             self.free.push(slot as u32);
         }
         op
+    }
+}
+
+/// Notices posted at once on the receiving endpoint (message mode).
+/// More in flight than this wait in the provider (rxm keeps unexpected
+/// messages) until a buffer is reposted.
+const NOTICE_BUFFERS: usize = 256;
+
+/// Message mode's receive side: 8-byte buffers posted on the receiving
+/// endpoint for the notices that follow writes, each with its own context;
+/// a buffer is reposted as soon as its notice is read.
+struct Notices {
+    buf: Box<[u64]>,
+    ctx: Box<[sys::fi_context2]>,
+    /// The buffers' registration, where the provider wants one for local
+    /// memory (`FI_MR_LOCAL`).
+    mr: Option<Mr>,
+    /// Buffers the provider could not take back yet.
+    repost: Vec<usize>,
+}
+
+// SAFETY: plain memory the provider writes only while a call on the
+// owning transport runs.
+unsafe impl Send for Notices {}
+
+impl std::fmt::Debug for Notices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Notices({} buffers)", self.buf.len())
+    }
+}
+
+impl Notices {
+    /// Registers the buffers (where the provider asks) and posts them all
+    /// on `ep`.
+    fn post(domain: &Arc<Domain>, ep: &Ep, local_mr: bool) -> Result<Notices, TransportError> {
+        let mut buf = vec![0u64; NOTICE_BUFFERS].into_boxed_slice();
+        let mr = if local_mr {
+            let len = std::mem::size_of_val(&*buf);
+            // SAFETY: the buffers live (boxed, never moved) as long as the
+            // registration, which is a field of the same struct.
+            let mr = unsafe {
+                domain.register(buf.as_mut_ptr().cast(), len, sys::FI_RECV as u64, 0, None)
+            };
+            Some(mr.map_err(fi_err)?)
+        } else {
+            None
+        };
+        let mut n = Notices {
+            buf,
+            ctx: (0..NOTICE_BUFFERS)
+                .map(|_| sys::fi_context2::default())
+                .collect(),
+            mr,
+            repost: Vec::new(),
+        };
+        for i in 0..NOTICE_BUFFERS {
+            n.post_one(ep, i).map_err(fi_err)?;
+        }
+        Ok(n)
+    }
+
+    fn post_one(&mut self, ep: &Ep, i: usize) -> Result<(), FiError> {
+        let iov = libc::iovec {
+            iov_base: (&mut self.buf[i] as *mut u64).cast(),
+            iov_len: 8,
+        };
+        let mut desc = self.mr.as_ref().map_or(std::ptr::null_mut(), Mr::desc);
+        let msg = sys::fi_msg {
+            msg_iov: &iov,
+            desc: &mut desc,
+            iov_count: 1,
+            addr: fi::ADDR_UNSPEC,
+            context: (&mut self.ctx[i] as *mut sys::fi_context2).cast(),
+            data: 0,
+        };
+        // SAFETY: the buffer and its context are boxed in self, which the
+        // transport drops only after the endpoint (cancelling the receive).
+        unsafe { ep.recv_msg(&msg, sys::FI_COMPLETION as u64) }
+    }
+
+    /// The buffer whose context is at `p`, if it is one of these.
+    fn index_of(&self, p: *mut libc::c_void) -> Option<usize> {
+        let base = self.ctx.as_ptr() as usize;
+        let size = std::mem::size_of::<sys::fi_context2>();
+        let off = (p as usize).checked_sub(base)?;
+        (off % size == 0 && off / size < self.ctx.len()).then_some(off / size)
+    }
+
+    /// Reads notice `i` (its completion read) and reposts its buffer, or
+    /// queues the repost when the provider cannot take it now.
+    fn take(&mut self, ep: &Ep, i: usize) -> Result<u64, FiError> {
+        // SAFETY: an aligned u64 in self; the provider wrote it before the
+        // completion that named it was read.
+        let data = unsafe { std::ptr::read_volatile(&self.buf[i]) };
+        match self.post_one(ep, i) {
+            Err(e) if e.is_again() => self.repost.push(i),
+            other => other?,
+        }
+        Ok(data)
+    }
+
+    /// Retries the reposts the provider refused for now.
+    fn retry(&mut self, ep: &Ep) -> Result<(), FiError> {
+        while let Some(&i) = self.repost.last() {
+            match self.post_one(ep, i) {
+                Err(e) if e.is_again() => return Ok(()),
+                other => other?,
+            }
+            self.repost.pop();
+        }
+        Ok(())
     }
 }
 
@@ -503,6 +647,9 @@ pub struct FabricTransport {
     /// The data lane's and the ACK lane's sending endpoints, and the
     /// receiving one peers write to.
     eps: [Ep; 3],
+    /// Message mode's posted notice buffers (after `eps`: the endpoints
+    /// close, cancelling the receives, before the buffers go).
+    notices: Option<Notices>,
     /// The receiving endpoint's address.
     name: Vec<u8>,
     /// Per peer, the fabric address of its receiving endpoint.
@@ -547,8 +694,8 @@ impl FabricTransport {
         let with_hmem = crate::gpu::init().is_ok();
         #[cfg(not(feature = "cuda"))]
         let with_hmem = false;
-        let (info, hmem) = match with_hmem.then(|| choose(&opts, true)) {
-            Some(Ok(info)) => (info, true),
+        let ((info, notify), hmem) = match with_hmem.then(|| choose(&opts, true)) {
+            Some(Ok(chosen)) => (chosen, true),
             _ => (choose(&opts, false)?, false),
         };
         let e = info.get_ref();
@@ -564,8 +711,17 @@ impl FabricTransport {
         let shm_name = (provider == "shm").then(shm_endpoint_name).transpose()?;
         let open = |class: super::options::TrafficClass| -> Result<Ep, TransportError> {
             let lane_info = Info::dup(info.get_ref()).map_err(fi_err)?;
-            // SAFETY: a copy this closure owns; tx_attr is allocated with it.
-            unsafe { (*(*lane_info.as_ptr()).tx_attr).tclass = class.0 };
+            // SAFETY: a copy this closure owns; its attributes are
+            // allocated with it.
+            unsafe {
+                let i = lane_info.as_ptr();
+                (*(*i).tx_attr).tclass = class.0;
+                if notify == Notify::Message {
+                    // Notices must not overtake the writes they announce.
+                    (*(*i).tx_attr).msg_order |= sys::FI_ORDER_SAW as u64;
+                    (*(*i).rx_attr).msg_order |= sys::FI_ORDER_SAW as u64;
+                }
+            }
             if let Some(name) = &shm_name {
                 lane_info.set_src_addr(name).map_err(fi_err)?;
             }
@@ -580,6 +736,11 @@ impl FabricTransport {
             open(super::options::TrafficClass::UNSPEC)?,
         ];
         let name = eps[2].name().map_err(fi_err)?;
+        let local_mr = mr_mode & sys::FI_MR_LOCAL != 0;
+        let notices = match notify {
+            Notify::Message => Some(Notices::post(&domain, &eps[2], local_mr)?),
+            _ => None,
+        };
         let watchdog = opts
             .stuck_after
             .map(|limit| watchdog::Watchdog::start(limit, exit_stuck(provider.clone())))
@@ -587,8 +748,9 @@ impl FabricTransport {
             .map_err(|e| TransportError::os("spawning the fabric watchdog thread", e))?;
         if me == 0 {
             eprintln!(
-                "m2n: fabric transport: provider {provider} (fabric {fabric_name}, domain {domain_name}{})",
-                if hmem { ", FI_HMEM" } else { "" }
+                "m2n: fabric transport: provider {provider} (fabric {fabric_name}, domain {domain_name}{}{})",
+                if hmem { ", FI_HMEM" } else { "" },
+                if notify == Notify::Message { ", notices by message" } else { "" }
             );
         }
         Ok(Self {
@@ -601,6 +763,7 @@ impl FabricTransport {
             cq,
             av,
             eps,
+            notices,
             name,
             addrs: vec![fi::ADDR_NOTAVAIL; world],
             shm_files: vec![None; world],
@@ -707,6 +870,23 @@ impl FabricTransport {
                 } else {
                     0
                 };
+                // Message mode: the write goes without CQ data, and the
+                // notice (the same 64 bits) follows it as a message.
+                let notice = self.notices.is_some() && p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0;
+                if p.written {
+                    match self.post_notice(lane, &p, more) {
+                        Ok(()) => {}
+                        Err(e) if e.is_again() => break,
+                        Err(e) => self.close_peer(p.peer, format!("notice failed: {e}")),
+                    }
+                    posted += 1;
+                    continue;
+                }
+                let flags = if notice {
+                    p.flags & !(sys::FI_REMOTE_CQ_DATA as u64) | sys::FI_MORE as u64
+                } else {
+                    p.flags | more
+                };
                 let iov = libc::iovec {
                     iov_base: p.local as *mut libc::c_void,
                     iov_len: p.len,
@@ -731,7 +911,7 @@ impl FabricTransport {
                 // in-flight entry (or copied at once with FI_INJECT), the
                 // remote range was checked against the peer's region, and the
                 // context lives in the fixed table until its completion.
-                match unsafe { self.eps[lane].write_msg(&msg, p.flags | more) } {
+                match unsafe { self.eps[lane].write_msg(&msg, flags) } {
                     Ok(()) => {
                         self.counters.work_requests += 1;
                         if p.flags & sys::FI_INJECT as u64 != 0 {
@@ -739,6 +919,16 @@ impl FabricTransport {
                         }
                         if p.flags & sys::FI_COMPLETION as u64 != 0 {
                             self.counters.signaled += 1;
+                        }
+                        if notice {
+                            match self.post_notice(lane, &p, more) {
+                                Ok(()) => {}
+                                Err(e) if e.is_again() => {
+                                    self.batch[lane][posted].written = true;
+                                    break;
+                                }
+                                Err(e) => self.close_peer(p.peer, format!("notice failed: {e}")),
+                            }
                         }
                     }
                     Err(e) if e.is_again() => break,
@@ -756,6 +946,30 @@ impl FabricTransport {
                 self.batch[lane].drain(..posted);
             }
         }
+    }
+
+    /// Message mode: the 8-byte notice of write `p`, injected on the
+    /// endpoint that wrote it (so ordered after it, `FI_ORDER_SAW`).
+    fn post_notice(&mut self, lane: usize, p: &Pending, more: u64) -> Result<(), FiError> {
+        let iov = libc::iovec {
+            iov_base: (&p.data as *const u64).cast_mut().cast(),
+            iov_len: 8,
+        };
+        let mut desc = std::ptr::null_mut();
+        let msg = sys::fi_msg {
+            msg_iov: &iov,
+            desc: &mut desc,
+            iov_count: 1,
+            addr: p.dest,
+            context: self.contexts.ptr(NO_SLOT),
+            data: 0,
+        };
+        // SAFETY: injected: the provider copies the 8 bytes before this
+        // returns, and asks no completion (the context is the spare one).
+        unsafe { self.eps[lane].send_msg(&msg, sys::FI_INJECT as u64 | more) }?;
+        self.counters.work_requests += 1;
+        self.counters.inline += 1;
+        Ok(())
     }
 
     /// Handles an error completion: a write's failure closes its peer. An
@@ -966,6 +1180,7 @@ impl Transport for FabricTransport {
             data: u64::from(req.imm.unwrap_or(0)) | (req.len as u64) << 32,
             flags,
             slot,
+            written: false,
         });
         if self.batch[l].len() >= FLUSH_AT {
             self.flush();
@@ -988,6 +1203,9 @@ impl Transport for FabricTransport {
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {
         self.flush();
         let _inside = self.watchdog.as_ref().map(watchdog::Watchdog::enter);
+        if let Some(n) = &mut self.notices {
+            n.retry(&self.eps[2]).map_err(fi_err)?;
+        }
         loop {
             let n = match self.cq.read(&mut self.entries) {
                 Ok(n) => n,
@@ -1008,6 +1226,25 @@ impl Transport for FabricTransport {
                         peer: super::PEER_IN_IMMEDIATE,
                         imm: e.data as u32,
                         len: (e.data >> 32) as usize,
+                    });
+                } else if let Some(i) = self.notices.as_ref().and_then(|n| n.index_of(e.op_context))
+                {
+                    let notices = self.notices.as_mut().expect("index_of found it");
+                    let data = notices.take(&self.eps[2], i).map_err(fi_err)?;
+                    if e.len != 8 {
+                        return Err(TransportError::os(
+                            "reading a write's notice",
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!("{} bytes arrived (notices are 8)", e.len),
+                            ),
+                        ));
+                    }
+                    self.counters.recv_posts += 1;
+                    out.push(Completion::Arrived {
+                        peer: super::PEER_IN_IMMEDIATE,
+                        imm: data as u32,
+                        len: (data >> 32) as usize,
                     });
                 } else if let Some(slot) = self.contexts.slot_of(e.op_context) {
                     if let Some(op) = self.contexts.release(slot) {
