@@ -725,7 +725,15 @@ impl FabricTransport {
             if let Some(name) = &shm_name {
                 lane_info.set_src_addr(name).map_err(fi_err)?;
             }
-            Ep::open(&domain, &lane_info, &av, &cq).map_err(fi_err)
+            Ep::open(&domain, &lane_info, &av, &cq).map_err(|e| {
+                TransportError::os(
+                    format!(
+                        "opening an endpoint of provider {provider}: {e} \
+                         (FI_LOG_LEVEL=warn makes libfabric say why)"
+                    ),
+                    std::io::Error::other("libfabric"),
+                )
+            })
         };
         // Endpoints that only send and one that only receives: a
         // connection-oriented layer (rxm) then connects each pair from one
