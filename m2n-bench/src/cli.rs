@@ -37,6 +37,30 @@ impl Baseline {
     }
 }
 
+/// Where each iteration's time starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Timing {
+    /// An MPI barrier before every iteration; each rank times from leaving
+    /// it, so p50/p99 are those of single, isolated rounds.
+    Barrier,
+    /// Iterations back to back after one barrier per size; each rank times
+    /// an iteration from the end of its previous one, as nccl-tests and
+    /// fabtests time their loops (the mean is total time / iterations). A
+    /// rank still completes its part of a round before it starts the next
+    /// (a sender waits for its writes), as with barrier timing.
+    Loop,
+}
+
+impl Timing {
+    /// How a sample is taken, as the header and the JSON report say it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Timing::Barrier => "per iteration: MPI barrier, then each rank times from leaving the barrier to its part of the round being complete; the sample is the maximum over ranks",
+            Timing::Loop => "iterations back to back after one MPI barrier per size; each rank times an iteration from the end of its previous one to its part of the round being complete; the sample is the maximum over ranks",
+        }
+    }
+}
+
 fn bytes(s: &str) -> Result<usize, String> {
     m2n::config::parse_bytes(s)
 }
@@ -78,6 +102,10 @@ pub struct Args {
     pub pattern: Pattern,
     #[arg(long, value_enum, default_value_t = Baseline::Mpi)]
     pub baseline: Baseline,
+    /// Where each iteration's time starts: after a barrier, or where the
+    /// rank's previous iteration ended (back to back).
+    #[arg(long, value_enum, default_value_t = Timing::Barrier)]
+    pub timing: Timing,
     /// How m2n's (and the MPI baseline's) blocking calls wait: spin, yield,
     /// spin-yield[:N], or auto (yield when ranks outnumber cores)
     /// [default: M2N_WAIT, else auto].
@@ -177,6 +205,16 @@ mod tests {
         assert_eq!(c.transport, m2n::TransportKind::Shm);
         assert_eq!((c.dispatch.depth, c.combine.depth), (2, 2));
         assert_eq!(c.wait, m2n::WaitPolicy::Spin);
+    }
+
+    #[test]
+    fn timing_is_barrier_unless_loop_is_asked_for() {
+        let args = Args::parse_from(["m2n_perf", "--senders", "1"]);
+        assert_eq!(args.timing, Timing::Barrier);
+        let args = Args::parse_from(["m2n_perf", "--senders", "1", "--timing", "loop"]);
+        assert_eq!(args.timing, Timing::Loop);
+        assert_ne!(Timing::Loop.describe(), Timing::Barrier.describe());
+        assert!(Args::try_parse_from(["m2n_perf", "--senders", "1", "--timing", "often"]).is_err());
     }
 
     #[test]

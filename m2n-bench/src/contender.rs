@@ -3,7 +3,7 @@
 use mpi::topology::SimpleCommunicator;
 
 use crate::cli::{Args, Baseline, Pattern};
-use crate::run::{MpiRank, Place, Sample};
+use crate::run::{Clock, MpiRank, Place, Sample};
 use crate::Resolved;
 #[cfg(feature = "verbs")]
 use crate::{fail, verbs_base};
@@ -51,7 +51,7 @@ pub fn start_baseline(
         #[cfg(feature = "cuda")]
         Baseline::Nccl => {
             let stream = resolved.gpu.clone().expect("opened above");
-            let r = nccl_base::NcclRank::new(world, stream, place, args.max_bytes, wait)
+            let r = nccl_base::NcclRank::new(world, stream, place, args.max_bytes)
                 .unwrap_or_else(|e| crate::abort(world, place, e));
             Some(Contender::Nccl(Box::new(r)))
         }
@@ -76,25 +76,26 @@ impl Contender {
     pub fn iteration(
         &mut self,
         world: &SimpleCommunicator,
+        clock: &mut Clock,
         place: Place,
         pattern: Pattern,
         size: usize,
         verify: bool,
     ) -> Sample {
         match self {
-            Contender::Mpi(r) => r.iteration(world, pattern, size, verify),
+            Contender::Mpi(r) => r.iteration(world, clock, pattern, size, verify),
             #[cfg(feature = "verbs")]
             Contender::Verbs(r) => r
-                .iteration(world, pattern, size, verify)
+                .iteration(world, clock, pattern, size, verify)
                 .unwrap_or_else(|e| crate::abort(world, place, format!("raw verbs baseline: {e}"))),
             #[cfg(feature = "cuda")]
             Contender::Nccl(r) => {
-                nccl_base::gpu_iteration(r.as_mut(), world, pattern, size, verify)
+                nccl_base::gpu_iteration(r.as_mut(), world, clock, pattern, size, verify)
                     .unwrap_or_else(|e| crate::abort(world, place, e))
             }
             #[cfg(feature = "cuda")]
             Contender::CudaMemcpy(r) => {
-                nccl_base::gpu_iteration(r.as_mut(), world, pattern, size, verify)
+                nccl_base::gpu_iteration(r.as_mut(), world, clock, pattern, size, verify)
                     .unwrap_or_else(|e| crate::abort(world, place, e))
             }
         }

@@ -158,9 +158,6 @@ impl GpuRounds for IpcRank {
     fn place(&self) -> Place {
         self.place
     }
-    fn wait(&self) -> m2n::WaitPolicy {
-        self.wait
-    }
     fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
         fill_gpu(
             &self.stream,

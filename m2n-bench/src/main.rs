@@ -134,6 +134,12 @@ fn check_args(world: &SimpleCommunicator, args: &Args) {
             &format!("-b {} is larger than -e {}", args.min_bytes, args.max_bytes),
         );
     }
+    if args.timing == cli::Timing::Loop
+        && args.baseline == cli::Baseline::Verbs
+        && args.pattern == cli::Pattern::Dispatch
+    {
+        fail_all(world, "--timing loop with --baseline verbs needs --pattern roundtrip: the raw-verbs baseline has no credits, so back-to-back one-way rounds could overwrite messages not yet read");
+    }
     #[cfg(not(feature = "verbs"))]
     if args.baseline == cli::Baseline::Verbs {
         fail_all(world, "the raw-verbs baseline needs an m2n-bench built with the `verbs` feature (the default)");

@@ -3,7 +3,6 @@
 //! stream synchronisation, timed exactly like m2n's rounds.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::{group_end, group_start, Comm, Id};
@@ -13,8 +12,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator as _, Root as _};
 
 use crate::cli::Pattern;
-use crate::mpi_base;
-use crate::run::{Place, Sample};
+use crate::run::{Clock, Place, Sample};
 
 /// The GPU this rank uses: ranks are spread over the devices round-robin.
 pub fn open_gpu(world: &SimpleCommunicator) -> Result<Arc<CudaStream>, String> {
@@ -62,7 +60,6 @@ pub fn wrong_on_gpu(
 /// m2n's rounds (see `run.rs`).
 pub trait GpuRounds {
     fn place(&self) -> Place;
-    fn wait(&self) -> m2n::WaitPolicy;
     /// Fills this rank's send buffer with its pattern of the current round.
     fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String>;
     /// Wrong bytes in the receive buffer for the current round.
@@ -89,6 +86,7 @@ pub trait GpuRounds {
 pub fn gpu_iteration(
     r: &mut impl GpuRounds,
     world: &SimpleCommunicator,
+    clock: &mut Clock,
     pattern: Pattern,
     size: usize,
     verify: bool,
@@ -98,8 +96,7 @@ pub fn gpu_iteration(
     if verify && place.role == Role::Attention {
         r.fill(ChannelId::Dispatch, size)?;
     }
-    mpi_base::barrier(world, r.wait());
-    let t0 = Instant::now();
+    let t0 = clock.start(world);
     match (place.role, pattern) {
         (Role::Attention, Pattern::Dispatch) => r.send(world, size, ChannelId::Dispatch)?,
         (Role::Expert, Pattern::Dispatch) => r.recv(world, size, ChannelId::Dispatch)?,
@@ -116,7 +113,7 @@ pub fn gpu_iteration(
             r.send(world, size, ChannelId::Combine)?;
         }
     }
-    let t1 = Instant::now();
+    let t1 = clock.stop();
     if let Some(ch) = place.checked_at_end(pattern).filter(|_| verify) {
         wrong += r.count_wrong(ch, size)?;
     }
@@ -134,7 +131,6 @@ pub struct NcclRank {
     send: CudaSlice<u8>,
     recv: CudaSlice<u8>,
     k: u64,
-    wait: m2n::WaitPolicy,
 }
 
 impl NcclRank {
@@ -143,7 +139,6 @@ impl NcclRank {
         stream: Arc<CudaStream>,
         place: Place,
         max_bytes: usize,
-        wait: m2n::WaitPolicy,
     ) -> Result<Self, String> {
         // Rank 0 makes the NCCL unique id; MPI carries it to everyone.
         let mut internal = [0 as std::ffi::c_char; 128];
@@ -173,7 +168,6 @@ impl NcclRank {
             stream,
             place,
             k: 0,
-            wait,
         })
     }
 
@@ -202,9 +196,6 @@ impl NcclRank {
 impl GpuRounds for NcclRank {
     fn place(&self) -> Place {
         self.place
-    }
-    fn wait(&self) -> m2n::WaitPolicy {
-        self.wait
     }
     fn fill(&mut self, channel: ChannelId, size: usize) -> Result<(), String> {
         fill_gpu(

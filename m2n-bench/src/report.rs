@@ -13,8 +13,6 @@ use crate::cli::{Args, Baseline};
 use crate::run::Place;
 use crate::sweep::{Row, Side, Sweep, WorkPerRound};
 
-const TIMING: &str = "per iteration: MPI barrier, then each rank times from leaving the barrier to its part of the round being complete; the sample is the maximum over ranks";
-
 /// The run's settings as the header states them and the report records
 /// them: the same on every rank.
 #[derive(Debug)]
@@ -136,7 +134,8 @@ pub fn print_header(run: &Run, hosts: &[String], with_baseline: bool) {
             .unwrap_or_default()
     );
     println!(
-        "# timing: {TIMING}; time = mean, p50/p99 over {} samples",
+        "# timing: {}; time = mean, p50/p99 over {} samples",
+        args.timing.describe(),
         args.iters
     );
     println!("# size = bytes per sender-receiver pair and round; algbw = all pairs' bytes / time; busbw = busiest rank's bytes / time");
@@ -351,7 +350,7 @@ fn report<'a>(run: &'a Run, sweep: &'a Sweep) -> Report<'a> {
         warmup: args.warmup,
         wait: run.wait.to_string(),
         depth: run.depth,
-        timing: TIMING,
+        timing: args.timing.describe(),
         peak_source: run.peak_source(),
         rows: &sweep.rows,
         utilisation_curve: sweep

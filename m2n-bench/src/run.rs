@@ -1,6 +1,7 @@
 //! One timed iteration of each contender, on one rank.
 //!
-//! How a sample is timed (the same for m2n and the baseline):
+//! How a sample is timed (the same for m2n and the baseline), with
+//! `--timing barrier` (the default):
 //! 1. every rank enters an MPI barrier (not timed; MPI_Ibarrier completed
 //!    with the run's wait policy, so waiting ranks yield when asked to);
 //! 2. each rank reads its clock when it leaves the barrier (t0) and again
@@ -13,6 +14,12 @@
 //!    size's last iteration): the time until the slowest rank finished,
 //!    i.e. the time the M2N round took.
 //!
+//! With `--timing loop` there is one barrier before the warm-up, one before
+//! the timed iterations and one before the check, and t0 is the end of the
+//! rank's previous iteration: the iterations run back to back, as
+//! nccl-tests and fabtests run theirs, and the mean is the loop's time over
+//! its iterations.
+//!
 //! Data checks run in one extra iteration per size whose time is not
 //! recorded: senders fill every byte with a pattern that depends on sender,
 //! receiver, round and channel; receivers count wrong bytes.
@@ -24,8 +31,53 @@ use m2n::proto::ChannelId;
 use m2n::{Communicator, Msg, Region, Role, WaitPolicy};
 use mpi::topology::SimpleCommunicator;
 
-use crate::cli::Pattern;
+use crate::cli::{Pattern, Timing};
 use crate::mpi_base;
+
+/// Where this rank's iterations start and end (see the module's docs).
+pub struct Clock {
+    timing: Timing,
+    wait: WaitPolicy,
+    /// When this rank's last iteration ended (or the clock was lined up).
+    last: Instant,
+}
+
+impl Clock {
+    pub fn new(timing: Timing, wait: WaitPolicy) -> Self {
+        Self {
+            timing,
+            wait,
+            last: Instant::now(),
+        }
+    }
+
+    /// An iteration's start: when this rank leaves a barrier of all ranks
+    /// (barrier timing), or when its previous iteration ended (loop).
+    pub fn start(&mut self, world: &SimpleCommunicator) -> Instant {
+        match self.timing {
+            Timing::Barrier => {
+                mpi_base::barrier(world, self.wait);
+                Instant::now()
+            }
+            Timing::Loop => self.last,
+        }
+    }
+
+    /// An iteration's end: now.
+    pub fn stop(&mut self) -> Instant {
+        self.last = Instant::now();
+        self.last
+    }
+
+    /// Lines all ranks up before a run of back-to-back iterations (loop
+    /// timing; barrier timing does so before every iteration anyway).
+    pub fn line_up(&mut self, world: &SimpleCommunicator) {
+        if self.timing == Timing::Loop {
+            mpi_base::barrier(world, self.wait);
+            self.last = Instant::now();
+        }
+    }
+}
 
 /// What one rank reports for one iteration.
 pub struct Sample {
@@ -257,6 +309,7 @@ impl M2nRank {
     pub fn iteration(
         &mut self,
         world: &SimpleCommunicator,
+        clock: &mut Clock,
         pattern: Pattern,
         size: usize,
         verify: bool,
@@ -266,8 +319,7 @@ impl M2nRank {
         if verify && self.role == Role::Attention {
             self.fill(ChannelId::Dispatch, size);
         }
-        mpi_base::barrier(world, self.comm.config().wait);
-        let t0 = Instant::now();
+        let t0 = clock.start(world);
         let t1 = match (self.role, pattern) {
             (Role::Attention, _) => {
                 let msgs = msgs(&self.send, self.peers, size);
@@ -277,11 +329,11 @@ impl M2nRank {
                     // Released before t1 too: the expert side's release is timed as well.
                     wrong += self.received(ChannelId::Combine, size, verify)?;
                 }
-                Instant::now()
+                clock.stop()
             }
             (Role::Expert, Pattern::Dispatch) => {
                 let r = self.comm.dispatch().recv(timeout)?;
-                let t1 = Instant::now();
+                let t1 = clock.stop();
                 if verify {
                     for s in 0..self.peers {
                         let seed = pattern::seed(ChannelId::Dispatch, s, self.rank, r.round());
@@ -299,7 +351,7 @@ impl M2nRank {
                 let msgs = msgs(&self.send, self.peers, size);
                 let round = self.comm.combine().send(&msgs, timeout)?;
                 self.comm.combine().wait_sent(round, timeout)?;
-                Instant::now()
+                clock.stop()
             }
         };
         self.k += 1;
@@ -347,6 +399,7 @@ impl MpiRank {
     pub fn iteration(
         &mut self,
         world: &SimpleCommunicator,
+        clock: &mut Clock,
         pattern: Pattern,
         size: usize,
         verify: bool,
@@ -360,8 +413,7 @@ impl MpiRank {
         if verify && self.place.role == Role::Attention {
             self.fill(ChannelId::Dispatch, size);
         }
-        mpi_base::barrier(world, self.wait);
-        let t0 = Instant::now();
+        let t0 = clock.start(world);
         match (self.place.role, pattern) {
             (Role::Attention, Pattern::Dispatch) => {
                 mpi_base::exchange(world, &self.sends(size), DISPATCH, &mut [], 0, self.wait);
@@ -397,7 +449,7 @@ impl MpiRank {
                 }
             }
         }
-        let t1 = Instant::now();
+        let t1 = clock.stop();
         if let Some(ch) = self.place.checked_at_end(pattern).filter(|_| verify) {
             wrong += self.count_wrong(ch, size);
         }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::cli::{Args, Pattern};
 use crate::contender::Contender;
 use crate::report::{self, Run};
-use crate::run::{M2nRank, Sample};
+use crate::run::{Clock, M2nRank, Sample};
 use crate::stats::Summary;
 use crate::{abort, limit};
 
@@ -64,16 +64,17 @@ pub fn sweep(
     let mut rows: Vec<Row> = Vec::new();
     let mut total_wrong = 0u64;
     let (work_before, rounds_before) = (contender.comm.transport_counters(), contender.rounds());
+    let mut clock = Clock::new(args.timing, run.wait);
     for &s in &args.sizes() {
-        let (samples, wrong) = measure(world, args, |verify| {
+        let (samples, wrong) = measure(world, args, &mut clock, |clock, verify| {
             contender
-                .iteration(world, args.pattern, s, verify)
+                .iteration(world, clock, args.pattern, s, verify)
                 .unwrap_or_else(|e| abort(world, place, e))
         });
         let m2n_side = side(args, place.m, place.n, s, &samples, wrong);
         let base_side = baseline.as_mut().map(|b| {
-            let (samples, wrong) = measure(world, args, |verify| {
-                b.iteration(world, place, args.pattern, s, verify)
+            let (samples, wrong) = measure(world, args, &mut clock, |clock, verify| {
+                b.iteration(world, clock, place, args.pattern, s, verify)
             });
             side(args, place.m, place.n, s, &samples, wrong)
         });
@@ -105,22 +106,29 @@ pub fn sweep(
     }
 }
 
-/// Runs warm-up, timed and check iterations of one contender at one size;
-/// returns (samples as maxima over ranks, wrong bytes over all ranks).
+/// Runs warm-up, timed and check iterations of one contender at one size,
+/// the ranks lined up before each of the three; returns (samples as maxima
+/// over ranks, wrong bytes over all ranks).
 fn measure(
     world: &SimpleCommunicator,
     args: &Args,
-    mut iteration: impl FnMut(bool) -> Sample,
+    clock: &mut Clock,
+    mut iteration: impl FnMut(&mut Clock, bool) -> Sample,
 ) -> (Vec<f64>, u64) {
+    clock.line_up(world);
     for _ in 0..args.warmup {
-        iteration(false);
+        iteration(clock, false);
     }
-    let mine: Vec<f64> = (0..args.iters).map(|_| iteration(false).secs).collect();
+    clock.line_up(world);
+    let mine: Vec<f64> = (0..args.iters)
+        .map(|_| iteration(clock, false).secs)
+        .collect();
     let mut samples = vec![0.0f64; mine.len()];
     world.all_reduce_into(&mine[..], &mut samples[..], SystemOperation::max());
     let mut wrong = 0u64;
     if args.check == 1 {
-        let mine = iteration(true).wrong;
+        clock.line_up(world);
+        let mine = iteration(clock, true).wrong;
         world.all_reduce_into(&mine, &mut wrong, SystemOperation::sum());
     }
     (samples, wrong)

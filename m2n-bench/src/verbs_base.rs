@@ -9,10 +9,12 @@
 //!
 //! Without credits a sender could overwrite a message its receiver has
 //! not read; the benchmark's barrier before every round is what makes
-//! that impossible here (one round per barrier).
+//! that impossible here (one round per barrier). With `--timing loop`
+//! only `roundtrip` is safe (a sender's next round waits for the combine
+//! of its last), so m2n_perf refuses loop timing of `dispatch` with this
+//! baseline.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use m2n::config::IbConfig;
 use m2n::pattern;
@@ -24,8 +26,7 @@ use mpi::traits::*;
 use rdma_sys::*;
 
 use crate::cli::Pattern;
-use crate::mpi_base;
-use crate::run::{Place, Sample};
+use crate::run::{Clock, Place, Sample};
 
 /// What a rank publishes: GID, LID, its receive region, and the number of
 /// the queue pair it keeps for every MPI rank (0 for ranks on its side).
@@ -247,6 +248,7 @@ impl VerbsRank {
     pub fn iteration(
         &mut self,
         world: &SimpleCommunicator,
+        clock: &mut Clock,
         pattern: Pattern,
         size: usize,
         verify: bool,
@@ -256,8 +258,7 @@ impl VerbsRank {
         if verify && self.place.role == Role::Attention {
             self.fill(ChannelId::Dispatch, size);
         }
-        mpi_base::barrier(world, self.wait);
-        let t0 = Instant::now();
+        let t0 = clock.start(world);
         match (self.place.role, pattern) {
             (Role::Attention, p) => {
                 self.post_writes(size)?;
@@ -278,7 +279,7 @@ impl VerbsRank {
                 }
             }
         }
-        let t1 = Instant::now();
+        let t1 = clock.stop();
         if let Some(ch) = self.place.checked_at_end(pattern).filter(|_| verify) {
             wrong += self.count_wrong(ch, size);
         }

@@ -349,6 +349,10 @@ struct Pending {
     data: u64,
     flags: u64,
     slot: u32,
+    /// An injected write the caller waits for: its `WriteDone`, reported
+    /// as soon as the provider has taken it (and with it a copy of the
+    /// bytes), since a completion from the provider would say no more.
+    done_at_post: Option<u64>,
     /// Message mode: the write is posted, its notice not yet.
     written: bool,
 }
@@ -928,6 +932,9 @@ impl FabricTransport {
                         if p.flags & sys::FI_COMPLETION as u64 != 0 {
                             self.counters.signaled += 1;
                         }
+                        if let Some(wr_id) = p.done_at_post {
+                            self.done.push(Completion::WriteDone { wr_id });
+                        }
                         if notice {
                             match self.post_notice(lane, &p, more) {
                                 Ok(()) => {}
@@ -1146,11 +1153,13 @@ impl Transport for FabricTransport {
                 return Err(TransportError::WouldBlock);
             }
         }
-        // Small writes are injected (the provider copies them at once);
-        // only those the caller waits for, and larger ones (whose source
-        // must stay alive until done), ask for a completion.
+        // Small writes are injected: the provider copies them before the
+        // post returns, so the source is free at once and they ask for no
+        // completion (one the caller waits for is reported done when
+        // posted). Larger ones ask for one: their source must stay alive
+        // until the provider is done with it.
         let inject = req.len <= self.inject_size && !local.is_device();
-        let complete = req.signaled || !inject;
+        let complete = !inject;
         let mut flags = 0u64;
         if req.imm.is_some() {
             flags |= sys::FI_REMOTE_CQ_DATA as u64;
@@ -1188,6 +1197,7 @@ impl Transport for FabricTransport {
             data: u64::from(req.imm.unwrap_or(0)) | (req.len as u64) << 32,
             flags,
             slot,
+            done_at_post: (inject && req.signaled).then_some(req.wr_id),
             written: false,
         });
         if self.batch[l].len() >= FLUSH_AT {

@@ -122,6 +122,52 @@ fn writes_land_with_their_length(notify: Notify) {
     }
 }
 
+/// A small write the caller waits for is injected too: its `WriteDone`
+/// comes from the post (the provider copied the bytes), no completion is
+/// asked of the provider, and changing the source at once does not change
+/// what lands.
+#[test]
+fn signalled_injected_writes_are_done_when_posted() {
+    for provider in HOST_PROVIDERS {
+        let (mut a, mut b) = pair(provider);
+        let mut src = a.alloc(64).unwrap();
+        let dst = b.alloc(64).unwrap();
+        let remote = a.import(1, dst.descriptor()).unwrap();
+        for k in 1..=20u8 {
+            src.as_mut_slice()[..8].fill(k);
+            let req = WriteRequest::test(&src, remote, 0, 8, Some(u32::from(k)), u64::from(k));
+            let mut ca = Vec::new();
+            // SAFETY: injected: the source is copied before the post returns.
+            while let Err(e) = unsafe { a.post_write(1, Lane::Data, &req) } {
+                assert!(matches!(e, TransportError::WouldBlock), "{provider}: {e}");
+                a.poll(&mut ca).unwrap();
+                b.poll(&mut Vec::new()).unwrap();
+            }
+            let wr_id = u64::from(k);
+            let (_, mut arrived) = drive(&mut a, &mut b, |ca, _| {
+                ca.contains(&Completion::WriteDone { wr_id })
+            });
+            // Reused at once: what lands is what was posted.
+            src.as_mut_slice()[..8].fill(0xee);
+            if arrived.is_empty() {
+                arrived = drive(&mut a, &mut b, |_, cb| !cb.is_empty()).1;
+            }
+            assert_eq!(
+                arrived,
+                vec![Completion::Arrived {
+                    peer: crate::transport::PEER_IN_IMMEDIATE,
+                    imm: u32::from(k),
+                    len: 8
+                }],
+                "{provider}"
+            );
+            assert_eq!(&dst.as_slice()[..8], &[k; 8], "{provider}: round {k}");
+        }
+        let c = a.counters();
+        assert_eq!((c.inline, c.signaled), (20, 0), "{provider}: {c:?}");
+    }
+}
+
 /// Unsignalled small writes (credits) are injected and ask for no
 /// completion; a train of them goes out in one post sequence.
 #[test]
