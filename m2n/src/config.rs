@@ -13,7 +13,7 @@
 //! | `M2N_BOOTSTRAP_TIMEOUT_MS` | deadline for the rendezvous | 30000 |
 //! | `M2N_CREDIT_REFRESH_MS` | re-send of the current credit, repairing a lost one | 100 |
 //! | `M2N_CREDIT_BATCH` | releases a receiver coalesces into one credit write (0: half the depth; a sender whose window is full is credited at once) | 0 |
-//! | `M2N_CREDIT_PIGGYBACK` | `1`: credits ride the data lane with this rank's next data write (one doorbell for both), instead of going at once on the ACK lane; for links without congestion, where a credit queued behind data costs nothing | 0 |
+//! | `M2N_CREDIT_PIGGYBACK` | `1`: credits ride the data lane with this rank's next data write (one doorbell for both; over fabric, inside that write where the provider takes two ranges per write), instead of going at once on the ACK lane; for links without congestion, where a credit queued behind data costs nothing | 0 |
 //! | `M2N_SHM_QUEUE_DEPTH` | completion ring entries per peer (shm) | 1024 |
 //! | `M2N_SOCKET_IFNAME` | tcp: interfaces to use, NCCL style (`eth,ens` prefixes, `=eth0` exact, `^docker,lo` to exclude) | the route to the root |
 //! | `M2N_TCP_DATA_DSCP`, `M2N_TCP_ACK_DSCP` | tcp: DiffServ code point per lane (0..=63) | 0, 46 (EF) |

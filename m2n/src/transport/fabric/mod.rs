@@ -23,10 +23,14 @@
 //! posted (`M2N_FI_NOTIFY`: `auto` picks per provider).
 //!
 //! Writes posted between two polls go out per endpoint as one train, all
-//! but the last flagged `FI_MORE` (the doorbell batching of verbs); only
-//! writes the caller wants signalled, and those too large to inject, ask
-//! for a completion (`FI_SELECTIVE_COMPLETION`), each with its own context
-//! from a fixed table, so a round allocates nothing.
+//! but the last flagged `FI_MORE` (the doorbell batching of verbs); a
+//! credit queued behind a data write to the same peer rides in it (one
+//! `fi_writemsg` naming both ranges, where the provider takes two: net, tcp
+//! and shm do), so that piggybacked credits cost no message of their own.
+//! Only writes too large to inject ask for a completion
+//! (`FI_SELECTIVE_COMPLETION`), each with its own context from a fixed
+//! table, so a round allocates nothing; an injected write the caller waits
+//! for is done once the provider has taken it.
 //!
 //! Peers' addresses come through m2n's rendezvous (`fi_getname`, then
 //! `fi_av_insert`). `M2N_FI_PROVIDER` picks the provider; by default it is
@@ -334,12 +338,16 @@ struct InFlight {
     report: bool,
     peer: usize,
     _keep: Arc<dyn LocalMemory>,
+    /// The source of a credit that rides in this write.
+    _rider: Option<Arc<dyn LocalMemory>>,
 }
 
 /// A write queued for the next train of its lane.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     peer: usize,
+    /// The source's region (kept alive by a write that carries this one).
+    region: RegionId,
     dest: sys::fi_addr_t,
     local: usize,
     len: usize,
@@ -355,6 +363,9 @@ struct Pending {
     done_at_post: Option<u64>,
     /// Message mode: the write is posted, its notice not yet.
     written: bool,
+    /// Posted inside an earlier data write of its train (see
+    /// [`FabricTransport::carrier_of`]).
+    merged: bool,
 }
 
 /// Completion contexts: one per write that asks for a completion, at a
@@ -412,6 +423,14 @@ impl Contexts {
         let slot = self.free.pop()?;
         self.ops[slot as usize] = Some(op);
         Some(slot)
+    }
+
+    /// Keeps `source` alive as long as the write of `slot`: the source of
+    /// a credit that rides in it, read by the provider until it completes.
+    fn keep_rider(&mut self, slot: u32, source: Arc<dyn LocalMemory>) {
+        if let Some(Some(op)) = self.ops.get_mut(slot as usize) {
+            op._rider = Some(source);
+        }
     }
 
     fn release(&mut self, slot: usize) -> Option<InFlight> {
@@ -663,6 +682,10 @@ pub struct FabricTransport {
     virt_addr: bool,
     next_key: u64,
     inject_size: usize,
+    /// A write may name two local and two remote ranges (the provider's
+    /// `iov_limit` and `rma_iov_limit`): a credit then rides in the data
+    /// write it is queued behind.
+    two_ranges: bool,
     hmem: bool,
     locals: LocalRegions,
     imports: Vec<Imported>,
@@ -708,6 +731,7 @@ impl FabricTransport {
         // SAFETY: attribute structs of a fi_getinfo result.
         let (dom, tx) = unsafe { (&*e.domain_attr, &*e.tx_attr) };
         let (mr_mode, inject_size) = (dom.mr_mode as u32, tx.inject_size);
+        let two_ranges = tx.iov_limit >= 2 && tx.rma_iov_limit >= 2;
         let fabric = Fabric::open(&info).map_err(fi_err)?;
         let domain = Domain::open(&fabric, &info).map_err(fi_err)?;
         let cq = Cq::open(&domain, 2 * opts.tx_depth + 4096).map_err(fi_err)?;
@@ -782,6 +806,7 @@ impl FabricTransport {
             virt_addr: mr_mode & sys::FI_MR_VIRT_ADDR != 0,
             next_key: 1,
             inject_size,
+            two_ranges,
             hmem,
             locals: LocalRegions::default(),
             imports: Vec::new(),
@@ -877,6 +902,10 @@ impl FabricTransport {
             let mut posted = 0;
             while posted < n {
                 let p = self.batch[lane][posted];
+                if p.merged {
+                    posted += 1;
+                    continue;
+                }
                 let more = if posted + 1 < n {
                     sys::FI_MORE as u64
                 } else {
@@ -899,30 +928,58 @@ impl FabricTransport {
                 } else {
                     p.flags | more
                 };
-                let iov = libc::iovec {
-                    iov_base: p.local as *mut libc::c_void,
-                    iov_len: p.len,
+                // A credit queued behind this data write to the same peer
+                // goes in it, first: one message instead of two.
+                let mut rider = if notice {
+                    None
+                } else {
+                    self.rider_of(lane, posted)
                 };
-                let mut desc = p.desc as *mut libc::c_void;
-                let rma = sys::fi_rma_iov {
-                    addr: p.remote_addr,
-                    len: p.len,
-                    key: p.key,
+                // A data write that is not injected reads the credit's
+                // source until it completes: its entry keeps that alive.
+                if let Some(r) = rider.filter(|_| p.slot != NO_SLOT) {
+                    match self.locals.get(self.batch[lane][r].region) {
+                        Ok(source) => self.contexts.keep_rider(p.slot, source),
+                        Err(_) => rider = None,
+                    }
+                }
+                let parts: &[Pending] = match rider {
+                    Some(r) => &[self.batch[lane][r], p],
+                    None => &[p],
                 };
+                let mut iov = [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; 2];
+                let mut desc = [std::ptr::null_mut(); 2];
+                let mut rma = [sys::fi_rma_iov::default(); 2];
+                for (i, w) in parts.iter().enumerate() {
+                    iov[i] = libc::iovec {
+                        iov_base: w.local as *mut libc::c_void,
+                        iov_len: w.len,
+                    };
+                    desc[i] = w.desc as *mut libc::c_void;
+                    rma[i] = sys::fi_rma_iov {
+                        addr: w.remote_addr,
+                        len: w.len,
+                        key: w.key,
+                    };
+                }
                 let msg = sys::fi_msg_rma {
-                    msg_iov: &iov,
-                    desc: &mut desc,
-                    iov_count: 1,
+                    msg_iov: iov.as_ptr(),
+                    desc: desc.as_mut_ptr(),
+                    iov_count: parts.len(),
                     addr: p.dest,
-                    rma_iov: &rma,
-                    rma_iov_count: 1,
+                    rma_iov: rma.as_ptr(),
+                    rma_iov_count: parts.len(),
                     context: self.contexts.ptr(p.slot),
                     data: p.data,
                 };
-                // SAFETY: the source is registered memory kept alive by its
-                // in-flight entry (or copied at once with FI_INJECT), the
-                // remote range was checked against the peer's region, and the
-                // context lives in the fixed table until its completion.
+                // SAFETY: the sources are registered memory kept alive by the
+                // in-flight entry (the rider's too), or copied at once with
+                // FI_INJECT; the remote ranges were checked against the
+                // peers' regions; the context lives in the fixed table until
+                // its completion.
                 match unsafe { self.eps[lane].write_msg(&msg, flags) } {
                     Ok(()) => {
                         self.counters.work_requests += 1;
@@ -934,6 +991,9 @@ impl FabricTransport {
                         }
                         if let Some(wr_id) = p.done_at_post {
                             self.done.push(Completion::WriteDone { wr_id });
+                        }
+                        if let Some(r) = rider {
+                            self.batch[lane][r].merged = true;
                         }
                         if notice {
                             match self.post_notice(lane, &p, more) {
@@ -961,6 +1021,31 @@ impl FabricTransport {
                 self.batch[lane].drain(..posted);
             }
         }
+    }
+
+    /// The write that can ride in data write `at` of `lane`'s train: the
+    /// first later unsignalled write without CQ data (a credit) to the
+    /// same peer that asks no completion, where the provider takes two
+    /// ranges per write and the pair stays injectable if the data write is
+    /// injected (an injected data write has no completion to keep a longer
+    /// source alive by).
+    fn rider_of(&self, lane: usize, at: usize) -> Option<usize> {
+        let p = &self.batch[lane][at];
+        if !self.two_ranges || p.written || p.flags & sys::FI_REMOTE_CQ_DATA as u64 == 0 {
+            return None;
+        }
+        let injected = p.flags & sys::FI_INJECT as u64 != 0;
+        let r = at
+            + 1
+            + self.batch[lane][at + 1..].iter().position(|q| {
+                q.peer == p.peer
+                    && !q.merged
+                    && q.slot == NO_SLOT
+                    && q.done_at_post.is_none()
+                    && q.flags & sys::FI_REMOTE_CQ_DATA as u64 == 0
+            })?;
+        let q = &self.batch[lane][r];
+        (!injected || p.len + q.len <= self.inject_size).then_some(r)
     }
 
     /// Message mode: the 8-byte notice of write `p`, injected on the
@@ -1179,6 +1264,7 @@ impl Transport for FabricTransport {
                 report: req.signaled,
                 peer,
                 _keep: local,
+                _rider: None,
             };
             self.contexts.claim(op).ok_or(TransportError::WouldBlock)?
         } else {
@@ -1186,6 +1272,7 @@ impl Transport for FabricTransport {
         };
         self.batch[l].push(Pending {
             peer,
+            region: req.local,
             dest,
             local: addr,
             len: req.len,
@@ -1199,6 +1286,7 @@ impl Transport for FabricTransport {
             slot,
             done_at_post: (inject && req.signaled).then_some(req.wr_id),
             written: false,
+            merged: false,
         });
         if self.batch[l].len() >= FLUSH_AT {
             self.flush();

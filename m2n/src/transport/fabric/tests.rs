@@ -168,6 +168,96 @@ fn signalled_injected_writes_are_done_when_posted() {
     }
 }
 
+/// A credit queued behind a data write to the same peer rides in it: one
+/// provider write names both ranges, and both land (an injected data write
+/// and one that asks a completion alike). A credit to another peer, or one
+/// on another lane, goes alone.
+#[test]
+fn credits_ride_in_the_data_write_before_them() {
+    for provider in HOST_PROVIDERS {
+        let (mut a, mut b) = pair(provider);
+        let mut src = a.alloc(8192).unwrap();
+        crate::pattern::fill(src.as_mut_slice(), 3);
+        let word = a.alloc(64).unwrap();
+        let ring = b.alloc(8192).unwrap();
+        let credits = b.alloc(64).unwrap();
+        let remote_ring = a.import(1, ring.descriptor()).unwrap();
+        let remote_credits = a.import(1, credits.descriptor()).unwrap();
+        for (k, len) in [(1u64, 8usize), (2, 4096), (3, 8000), (4, 8)] {
+            word.store_u64(0, k);
+            let data = WriteRequest::test(&src, remote_ring, 0, len, Some(k as u32), k);
+            let credit = WriteRequest {
+                signaled: false,
+                ..WriteRequest::test(&word, remote_credits, 8, 8, None, 0)
+            };
+            // The first writes wait while the provider connects.
+            let before = a.counters().work_requests;
+            let mut ca = Vec::new();
+            loop {
+                // SAFETY: sources unchanged until their completions below.
+                match unsafe { a.post_write(1, Lane::Data, &data) } {
+                    Ok(()) => break,
+                    Err(TransportError::WouldBlock) => {
+                        a.poll(&mut ca).unwrap();
+                        b.poll(&mut Vec::new()).unwrap();
+                    }
+                    Err(e) => panic!("{provider}: {e}"),
+                }
+            }
+            // SAFETY: as above.
+            unsafe { a.post_write(1, Lane::Data, &credit) }.unwrap();
+            let (_, cb) = drive(&mut a, &mut b, |ca, cb| {
+                !cb.is_empty() && ca.contains(&Completion::WriteDone { wr_id: k })
+            });
+            assert_eq!(
+                cb,
+                vec![Completion::Arrived {
+                    peer: crate::transport::PEER_IN_IMMEDIATE,
+                    imm: k as u32,
+                    len
+                }],
+                "{provider}"
+            );
+            // Both ranges landed before the data's CQ data was read.
+            assert_eq!(credits.load_u64(8), k, "{provider}: credit {k}");
+            assert_eq!(
+                crate::pattern::count_wrong(&ring.as_slice()[..len], 3),
+                0,
+                "{provider}: {len} bytes"
+            );
+            let writes = a.counters().work_requests - before;
+            // An injected data write takes the credit only if the pair
+            // is still injectable (no completion keeps a source alive).
+            let fits = len > a.inject_size || len + 8 <= a.inject_size;
+            let want = if a.two_ranges && fits { 1 } else { 2 };
+            assert_eq!(writes, want, "{provider}: {len} B data and a credit");
+        }
+        assert!(a.two_ranges, "{provider} takes two ranges per write");
+        // On the ACK lane, the credit goes alone.
+        word.store_u64(0, 9);
+        let data = WriteRequest::test(&src, remote_ring, 0, 8, Some(9), 9);
+        let credit = WriteRequest {
+            signaled: false,
+            ..WriteRequest::test(&word, remote_credits, 8, 8, None, 0)
+        };
+        let before = a.counters().work_requests;
+        // SAFETY: as above.
+        unsafe { a.post_write(1, Lane::Data, &data) }.unwrap();
+        // SAFETY: as above.
+        unsafe { a.post_write(1, Lane::Ack, &credit) }.unwrap();
+        drive(&mut a, &mut b, |ca, cb| {
+            !cb.is_empty() && ca.contains(&Completion::WriteDone { wr_id: 9 })
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while credits.load_u64(8) != 9 {
+            assert!(Instant::now() < deadline, "{provider}: the lone credit");
+            a.poll(&mut Vec::new()).unwrap();
+            b.poll(&mut Vec::new()).unwrap();
+        }
+        assert_eq!(a.counters().work_requests - before, 2, "{provider}");
+    }
+}
+
 /// Unsignalled small writes (credits) are injected and ask for no
 /// completion; a train of them goes out in one post sequence.
 #[test]
@@ -299,8 +389,28 @@ fn traffic_classes_parse_by_name() {
 /// own for SIGINT, SIGQUIT, SIGTERM, SIGSEGV and others). Neither this test
 /// process nor the harness catches SIGINT, SIGQUIT or SIGTERM, whichever
 /// test loads the library first.
+///
+/// Checked in a process of its own: other tests of this one open shm
+/// endpoints, and libfabric's shm provider installs handlers of its own
+/// when it does (to remove its files), which is not what is tested here.
 #[test]
 fn loading_libfabric_keeps_the_signal_handlers() {
+    const CHILD: &str = "FABRIC_SIGNALS_TEST_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let name = "transport::fabric::tests::loading_libfabric_keeps_the_signal_handlers";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads", "1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    }
     m2n_fabric_sys::library().unwrap();
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let caught = status
