@@ -60,7 +60,11 @@ impl Channel<'_> {
         self.sending()?;
         self.comm.check_no_stream_sends()?;
         let lost = self.comm.lost_snapshot(false);
-        self.comm.progress_inner()?;
+        // Credits first, unless the round can go already (the pass after
+        // posting reads the transport anyway).
+        if !self.comm.send.proto.can_post() {
+            self.comm.progress_inner()?;
+        }
         let Prepared {
             sources,
             lens,
@@ -333,7 +337,6 @@ impl Channel<'_> {
             .release(round.round)
             .map_err(|source| Error::Protocol { peer, source })?;
         self.comm.recv.proto.recycle_lens(round.lens);
-        self.comm.progress_inner()?;
-        Ok(())
+        self.comm.credit_after_release()
     }
 }

@@ -346,6 +346,25 @@ impl Communicator {
         r
     }
 
+    /// After a release: its credit goes out at once if it is due (and the
+    /// transport is polled to send it); otherwise nothing is polled, so
+    /// that a release on the way to the next send costs no pass of its
+    /// own. What is held (piggybacked credits) goes with the next pass.
+    pub(super) fn credit_after_release(&mut self) -> Result<()> {
+        let r = self.check_fatal().and_then(|()| {
+            let hold = self.config.credit_piggyback && self.send.proto.next_round() > 0;
+            let now = self.now();
+            if self.post_credits(now, hold)? {
+                self.poll_transport()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = &r {
+            self.streams.let_go(e);
+        }
+        r
+    }
+
     /// One pass: data writes, then credits (so that piggybacked credits
     /// share the data's doorbell), then the transport's completions. With
     /// piggybacked credits (see [`Config::credit_piggyback`]) a batch of
