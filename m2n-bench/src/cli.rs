@@ -45,9 +45,11 @@ pub enum Timing {
     Barrier,
     /// Iterations back to back after one barrier per size; each rank times
     /// an iteration from the end of its previous one, as nccl-tests and
-    /// fabtests time their loops (the mean is total time / iterations). A
-    /// rank still completes its part of a round before it starts the next
-    /// (a sender waits for its writes), as with barrier timing.
+    /// fabtests time their loops (the mean is total time / iterations).
+    /// One-way rounds overlap up to the depth (a sender waits for its
+    /// oldest round once `depth` are in flight; m2n and the MPI baseline,
+    /// like fi_rma_bw's window); in `roundtrip` each round is complete
+    /// before the next starts.
     Loop,
 }
 
@@ -56,7 +58,7 @@ impl Timing {
     pub fn describe(self) -> &'static str {
         match self {
             Timing::Barrier => "per iteration: MPI barrier, then each rank times from leaving the barrier to its part of the round being complete; the sample is the maximum over ranks",
-            Timing::Loop => "iterations back to back after one MPI barrier per size; each rank times an iteration from the end of its previous one to its part of the round being complete; the sample is the maximum over ranks",
+            Timing::Loop => "iterations back to back after one MPI barrier per size; each rank times an iteration from the end of its previous one to its part of the round being complete (one-way senders: posted, with up to depth rounds in flight); the sample is the maximum over ranks",
         }
     }
 }

@@ -34,7 +34,12 @@ pub fn start_baseline(
 ) -> Option<Contender> {
     let wait = resolved.wait;
     match args.baseline {
-        Baseline::Mpi => Some(Contender::Mpi(MpiRank::new(place, args.max_bytes, wait))),
+        Baseline::Mpi => Some(Contender::Mpi(MpiRank::new(
+            place,
+            args.max_bytes,
+            wait,
+            resolved.config.dispatch.depth,
+        ))),
         #[cfg(feature = "verbs")]
         Baseline::Verbs => {
             let transport = resolved.transport;
@@ -69,6 +74,14 @@ pub fn start_baseline(
 }
 
 impl Contender {
+    /// Waits until every round this rank sent is done (loop timing keeps
+    /// one-way rounds in flight; the other baselines complete each round).
+    pub fn drain(&mut self) {
+        if let Contender::Mpi(r) = self {
+            r.drain();
+        }
+    }
+
     /// One iteration on this rank (see `run`); a failure aborts the job.
     // Without `verbs`, no baseline that is left can fail (`place` names
     // the rank that did).

@@ -80,25 +80,44 @@ pub fn exchange(
         assert_eq!(rc, 0, "MPI_Irecv failed");
         reqs.push(req);
     }
+    // SAFETY: every buffer outlives the MPI_Waitall below.
+    unsafe { post_sends(world, sends, send_tag, &mut reqs) };
+    wait_all(&mut reqs, policy);
+}
+
+/// Posts all `sends` (destination rank, bytes) with `tag`, adding their
+/// requests to `reqs`.
+///
+/// # Safety
+/// Each buffer stays alive and unchanged until its request completes.
+pub unsafe fn post_sends(
+    world: &SimpleCommunicator,
+    sends: &[(i32, &[u8])],
+    tag: i32,
+    reqs: &mut Vec<ffi::MPI_Request>,
+) {
+    // SAFETY: RSMPI_UINT8_T is a constant MPI initialised before main's
+    // first MPI call.
+    let u8_type = unsafe { ffi::RSMPI_UINT8_T };
     for (dst, buf) in sends {
-        // SAFETY: as for the receives.
+        // SAFETY: a fresh out-parameter.
         let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
-        // SAFETY: `buf` outlives the MPI_Waitall below.
+        // SAFETY: `buf` lives until the request completes (the caller's
+        // contract); count fits (checked by the caller's size limit).
         let rc = unsafe {
             ffi::MPI_Isend(
                 buf.as_ptr().cast(),
                 buf.len() as c_int,
                 u8_type,
                 *dst,
-                send_tag,
-                comm,
+                tag,
+                world.as_raw(),
                 &mut req,
             )
         };
         assert_eq!(rc, 0, "MPI_Isend failed");
         reqs.push(req);
     }
-    wait_all(&mut reqs, policy);
 }
 
 /// Which path the MPI baseline's messages take. Against m2n over tcp it

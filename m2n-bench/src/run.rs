@@ -24,6 +24,7 @@
 //! recorded: senders fill every byte with a pattern that depends on sender,
 //! receiver, round and channel; receivers count wrong bytes.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use m2n::pattern;
@@ -61,6 +62,11 @@ impl Clock {
             }
             Timing::Loop => self.last,
         }
+    }
+
+    /// Whether rounds run back to back (loop timing).
+    pub fn back_to_back(&self) -> bool {
+        self.timing == Timing::Loop
     }
 
     /// An iteration's end: now.
@@ -181,6 +187,9 @@ pub struct M2nRank {
     /// Iterations so far: the round number of the next dispatch and combine.
     k: u64,
     timeout: Duration,
+    /// One-way rounds posted back to back whose writes may not be done
+    /// yet (loop timing: up to the dispatch depth), oldest first.
+    in_flight: VecDeque<u64>,
 }
 
 impl M2nRank {
@@ -207,7 +216,16 @@ impl M2nRank {
             peers,
             k: 0,
             timeout: Duration::from_secs(60),
+            in_flight: VecDeque::new(),
         })
+    }
+
+    /// Waits until every round this rank sent is done (its source free).
+    pub fn drain(&mut self) -> m2n::Result<()> {
+        while let Some(round) = self.in_flight.pop_front() {
+            self.comm.dispatch().wait_sent(round, self.timeout)?;
+        }
+        Ok(())
     }
 
     /// m2n sending from GPU memory: zero-copy over verbs (GPUDirect RDMA)
@@ -317,10 +335,25 @@ impl M2nRank {
         let timeout = self.timeout;
         let mut wrong = 0;
         if verify && self.role == Role::Attention {
+            self.drain()?;
             self.fill(ChannelId::Dispatch, size);
         }
         let t0 = clock.start(world);
         let t1 = match (self.role, pattern) {
+            // Back to back, one-way rounds overlap as far as the depth
+            // lets them (as fi_rma_bw's window and nccl-tests' loops do):
+            // the oldest round is waited for once `depth` are in flight.
+            (Role::Attention, Pattern::Dispatch) if clock.back_to_back() && !verify => {
+                let msgs = msgs(&self.send, self.peers, size);
+                let round = self.comm.dispatch().send(&msgs, timeout)?;
+                self.in_flight.push_back(round);
+                let depth = self.comm.config().dispatch.depth;
+                while self.in_flight.len() >= depth {
+                    let oldest = self.in_flight.pop_front().expect("not empty");
+                    self.comm.dispatch().wait_sent(oldest, timeout)?;
+                }
+                clock.stop()
+            }
             (Role::Attention, _) => {
                 let msgs = msgs(&self.send, self.peers, size);
                 let round = self.comm.dispatch().send(&msgs, timeout)?;
@@ -369,16 +402,30 @@ pub struct MpiRank {
     recv: Vec<u8>,
     k: u64,
     wait: WaitPolicy,
+    /// Rounds a sender may have in flight back to back (m2n's depth).
+    depth: usize,
+    /// The send requests of one-way rounds posted back to back, per
+    /// round, oldest first (loop timing).
+    in_flight: VecDeque<Vec<mpi::ffi::MPI_Request>>,
 }
 
 impl MpiRank {
-    pub fn new(place: Place, max_bytes: usize, wait: WaitPolicy) -> Self {
+    pub fn new(place: Place, max_bytes: usize, wait: WaitPolicy, depth: usize) -> Self {
         Self {
             place,
             send: vec![0; place.peers() * max_bytes],
             recv: vec![0; place.peers() * max_bytes],
             k: 0,
             wait,
+            depth: depth.max(1),
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    /// Waits until every round this rank sent is done (its buffer free).
+    pub fn drain(&mut self) {
+        while let Some(mut reqs) = self.in_flight.pop_front() {
+            mpi_base::wait_all(&mut reqs, self.wait);
         }
     }
 
@@ -411,10 +458,24 @@ impl MpiRank {
             .map(|p| self.place.mpi_rank(p))
             .collect();
         if verify && self.place.role == Role::Attention {
+            self.drain();
             self.fill(ChannelId::Dispatch, size);
         }
         let t0 = clock.start(world);
         match (self.place.role, pattern) {
+            // Back to back, up to `depth` rounds in flight, as m2n's.
+            (Role::Attention, Pattern::Dispatch) if clock.back_to_back() && !verify => {
+                let mut reqs = Vec::with_capacity(self.place.peers());
+                // SAFETY: `self.send` is not changed while rounds are in
+                // flight (only a check iteration fills it, after `drain`)
+                // and lives as long as `self`, which drains before it goes.
+                unsafe { mpi_base::post_sends(world, &self.sends(size), DISPATCH, &mut reqs) };
+                self.in_flight.push_back(reqs);
+                while self.in_flight.len() >= self.depth {
+                    let mut oldest = self.in_flight.pop_front().expect("not empty");
+                    mpi_base::wait_all(&mut oldest, self.wait);
+                }
+            }
             (Role::Attention, Pattern::Dispatch) => {
                 mpi_base::exchange(world, &self.sends(size), DISPATCH, &mut [], 0, self.wait);
             }
@@ -458,5 +519,12 @@ impl MpiRank {
             secs: (t1 - t0).as_secs_f64(),
             wrong,
         }
+    }
+}
+
+impl Drop for MpiRank {
+    fn drop(&mut self) {
+        // Sends still in flight read `self.send`.
+        self.drain();
     }
 }

@@ -71,11 +71,13 @@ pub fn sweep(
                 .iteration(world, clock, args.pattern, s, verify)
                 .unwrap_or_else(|e| abort(world, place, e))
         });
+        contender.drain().unwrap_or_else(|e| abort(world, place, e));
         let m2n_side = side(args, place.m, place.n, s, &samples, wrong);
         let base_side = baseline.as_mut().map(|b| {
             let (samples, wrong) = measure(world, args, &mut clock, |clock, verify| {
                 b.iteration(world, clock, place, args.pattern, s, verify)
             });
+            b.drain();
             side(args, place.m, place.n, s, &samples, wrong)
         });
         world.barrier();
