@@ -167,7 +167,9 @@ fn choose(opts: &FabricOptions, hmem: bool) -> Result<(Info, Notify), TransportE
             refused.push(format!(
                 "{name}: passed over by default in libfabric before 1.18 (name it to use it)"
             ));
-        } else if notify.is_none() {
+            continue;
+        }
+        let Some(notify) = notify else {
             let data = format!(
                 "{} bytes of remote CQ data (cq-data needs 8: the immediate and the length, \
                  which providers do not all report)",
@@ -179,11 +181,13 @@ fn choose(opts: &FabricOptions, hmem: bool) -> Result<(Info, Notify), TransportE
                 Notify::Message => format!("{name}: {order} (M2N_FI_NOTIFY=message)"),
                 Notify::Auto => format!("{name}: {data}, and {order}"),
             });
-        } else if dom.mr_key_size > 8 {
+            continue;
+        };
+        if dom.mr_key_size > 8 {
             refused.push(format!("{name}: {}-byte memory keys", dom.mr_key_size));
         } else if e.src_addrlen > MAX_NAME {
             refused.push(format!("{name}: {}-byte addresses", e.src_addrlen));
-        } else if let Some(notify) = notify {
+        } else {
             return Ok((Info::dup(e).map_err(fi_err)?, notify));
         }
     }
@@ -368,6 +372,14 @@ struct Pending {
     merged: bool,
 }
 
+/// The index in `table` of the context at `p`, if `p` is one of them (a
+/// completion's `op_context`: ours, or the provider's own).
+fn context_index(table: &[sys::fi_context2], p: *mut libc::c_void) -> Option<usize> {
+    let size = std::mem::size_of::<sys::fi_context2>();
+    let off = (p as usize).checked_sub(table.as_ptr() as usize)?;
+    (off % size == 0 && off / size < table.len()).then_some(off / size)
+}
+
 /// Completion contexts: one per write that asks for a completion, at a
 /// fixed address until it is read back (providers with `FI_CONTEXT` mode
 /// keep their state in it).
@@ -412,10 +424,7 @@ impl Contexts {
 
     /// The slot whose context is at `p`, if it is one of ours.
     fn slot_of(&self, p: *mut libc::c_void) -> Option<usize> {
-        let base = self.ctx.as_ptr() as usize;
-        let size = std::mem::size_of::<sys::fi_context2>();
-        let off = (p as usize).checked_sub(base)?;
-        (off % size == 0 && off / size < self.ctx.len()).then_some(off / size)
+        context_index(&self.ctx, p)
     }
 
     /// A free slot for `op`, or `None` when all are in flight.
@@ -521,10 +530,7 @@ impl Notices {
 
     /// The buffer whose context is at `p`, if it is one of these.
     fn index_of(&self, p: *mut libc::c_void) -> Option<usize> {
-        let base = self.ctx.as_ptr() as usize;
-        let size = std::mem::size_of::<sys::fi_context2>();
-        let off = (p as usize).checked_sub(base)?;
-        (off % size == 0 && off / size < self.ctx.len()).then_some(off / size)
+        context_index(&self.ctx, p)
     }
 
     /// Reads notice `i` (its completion read) and reposts its buffer, or
