@@ -48,6 +48,9 @@ pub(crate) struct Liveness {
     ready: Vec<bool>,
     /// The `poll(2)` table, kept between calls (no allocation per poll).
     fds: Vec<libc::pollfd>,
+    /// Whether any link is lost (as of the last `poll` that looked):
+    /// callers that ask every pass skip the search while none is.
+    any_lost: bool,
 }
 
 impl Lost {
@@ -195,6 +198,7 @@ impl Liveness {
             last_poll: now,
             ready: Vec::new(),
             fds: Vec::new(),
+            any_lost: false,
         })
     }
 
@@ -269,6 +273,12 @@ impl Liveness {
                 }
             }
         }
+        self.any_lost = self.links.iter().any(|l| l.lost.is_some());
+    }
+
+    /// Whether any peer is lost (links are only marked lost by `poll`).
+    pub fn any_lost(&self) -> bool {
+        self.any_lost
     }
 
     /// One `poll(2)` without waiting over the links not yet lost; marks in

@@ -587,6 +587,9 @@ impl Communicator {
     fn lost_snapshot(&mut self, force: bool) -> Vec<(usize, Lost)> {
         let now = self.now();
         self.liveness.poll(now, force);
+        if !self.liveness.any_lost() {
+            return Vec::new();
+        }
         let n = self.shape.side(self.other_side(0).role);
         (0..n)
             .filter_map(|i| {
