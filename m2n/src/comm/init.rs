@@ -91,6 +91,13 @@ impl Communicator {
             ..
         } = met;
         rv.barrier(deadline.saturating_duration_since(Instant::now()))?;
+        // What one poll can return: every write of the rounds in flight on
+        // both channels (their completions and arrivals) and the credits.
+        // Sized now, so that a poll that returns more than any before does
+        // not allocate in a warm run.
+        let completions = Vec::with_capacity(
+            2 * (config.dispatch.depth + config.combine.depth) * shape.world() + 64,
+        );
         let mut detail = wired.transport.describe();
         if kind == TransportKind::Verbs && device_list.as_deref().is_some_and(|l| l.contains(',')) {
             detail += &format!(
@@ -127,7 +134,7 @@ impl Communicator {
                 credit_writes: 0,
             },
             liveness: wired.liveness,
-            completions: Vec::new(),
+            completions,
             fatal: None,
             streams: streams::Streams::default(),
             stages: staging::Stages::default(),

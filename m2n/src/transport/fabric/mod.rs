@@ -819,7 +819,11 @@ impl FabricTransport {
             closed: vec![None; world],
             contexts: Contexts::new(opts.tx_depth),
             batch: [Vec::with_capacity(MAX_BATCH), Vec::with_capacity(MAX_BATCH)],
-            done: Vec::new(),
+            // Writes reported done between two polls: completions read
+            // (up to the contexts) and injected writes done when posted
+            // (up to two full trains per flush): sized now, so a warm run
+            // does not allocate for a new high.
+            done: Vec::with_capacity(opts.tx_depth + 4 * MAX_BATCH),
             entries: vec![sys::fi_cq_data_entry::default(); 64],
             counters: TransportCounters::default(),
             watchdog,
