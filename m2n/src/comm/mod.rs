@@ -330,16 +330,19 @@ impl Communicator {
             // hold that stream for ever.
             needed.extend(self.stream_dependencies());
         }
-        if let Err(e) = self.check_lost(&lost, &needed) {
-            // Streams waiting on this group would wait for ever.
-            self.streams.let_go(&e);
-            return Err(e);
-        }
+        let checked = self.check_lost(&lost, &needed);
+        self.let_streams_go_on_error(checked)?;
         Ok(moved)
     }
 
     fn progress_inner(&mut self) -> Result<bool> {
         let r = self.progress_steps();
+        self.let_streams_go_on_error(r)
+    }
+
+    /// Streams waiting on this group would wait for ever once a call fails:
+    /// they are let go with the same error.
+    fn let_streams_go_on_error<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             self.streams.let_go(e);
         }
@@ -359,10 +362,7 @@ impl Communicator {
             }
             Ok(())
         });
-        if let Err(e) = &r {
-            self.streams.let_go(e);
-        }
-        r
+        self.let_streams_go_on_error(r)
     }
 
     /// One pass: data writes, then credits (so that piggybacked credits

@@ -368,7 +368,7 @@ struct Pending {
     /// Message mode: the write is posted, its notice not yet.
     written: bool,
     /// Posted inside an earlier data write of its train (see
-    /// [`FabricTransport::carrier_of`]).
+    /// [`FabricTransport::rider_of`]).
     merged: bool,
 }
 
