@@ -4,6 +4,13 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=wrapper.h");
+    println!("cargo:rerun-if-changed=src/escape.c");
+    // The way out of a call that never returns (see src/escape.c): C, so
+    // that the jump out of a signal handler skips no Rust destructor.
+    cc::Build::new()
+        .file("src/escape.c")
+        .warnings(true)
+        .compile("m2n_fi_escape");
     // Headers only: the library is loaded at run time (see src/lib.rs).
     let lib = pkg_config::Config::new()
         .atleast_version("1.14")

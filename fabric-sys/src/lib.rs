@@ -76,3 +76,21 @@ pub fn library() -> Result<&'static LibFabric, String> {
     .as_ref()
     .map_err(Clone::clone)
 }
+
+extern "C" {
+    /// Installs the handler of the escape signal `signo` (see
+    /// `src/escape.c`); the handler that was there before still gets the
+    /// signals that find no guarded call. Returns 0 or sigaction's errno.
+    /// Call once per process.
+    pub fn m2n_fi_escape_install(signo: libc::c_int) -> libc::c_int;
+
+    /// Runs `call(arg)` so that the escape signal, sent to this thread, can
+    /// break it off: returns what it returned with `*escaped == 0`, or 0
+    /// with `*escaped == 1`. `call` must own nothing that needs dropping:
+    /// a broken-off call's frame is left by a jump.
+    pub fn m2n_fi_guarded(
+        call: unsafe extern "C" fn(*mut libc::c_void) -> libc::c_long,
+        arg: *mut libc::c_void,
+        escaped: *mut libc::c_int,
+    ) -> libc::c_long;
+}

@@ -301,12 +301,71 @@ impl Communicator {
     }
 
     fn fail(&mut self, err: Error) -> Error {
+        if let Error::Transport {
+            source: TransportError::Stuck { peer, .. },
+            ..
+        } = &err
+        {
+            let writing_to = peer.map(|p| self.peer_of_global(p));
+            if let Some(lost) = self.lost_behind_stuck(writing_to) {
+                return lost;
+            }
+        }
         self.fatal = match &err {
             Error::Protocol { peer, source } => Some(Fatal::Protocol(*peer, source.clone())),
             Error::Transport { peer, source } => Some(Fatal::Transport(*peer, source.to_string())),
             _ => return err,
         };
         err
+    }
+
+    /// The loss behind a transport stuck inside its library (fabric over
+    /// shm: a process died holding a lock of a shared region), as
+    /// `PeerLost`. The transport refuses every later call, so every later
+    /// call comes back here.
+    ///
+    /// - A peer liveness finds lost is the cause: it is named.
+    /// - Otherwise, if a write to an other-side peer was broken off, that
+    ///   peer cannot be reached any more (its region is locked by a process
+    ///   this rank may have no link to, such as another sender): it is
+    ///   named, with why.
+    /// - Otherwise (a receive was broken off: one of this rank's senders
+    ///   died inside it) liveness is waited for, up to the peer timeout (a
+    ///   stopped peer is judged by then, a killed one at once).
+    ///
+    /// `None` if no peer is lost by then: the stuck transport is then this
+    /// group's fatal error.
+    fn lost_behind_stuck(&mut self, writing_to: Option<Peer>) -> Option<Error> {
+        const STUCK: &str =
+            "this rank's fabric provider was left stuck: broken off by the watchdog";
+        let deadline = Instant::now() + self.config.peer_timeout;
+        loop {
+            let lost = self.lost_snapshot(true);
+            let first = lost
+                .iter()
+                .find(|(_, l)| !l.clean)
+                .or(lost.first())
+                .cloned();
+            if let Some((i, l)) = first {
+                return Some(Error::PeerLost {
+                    peer: self.other_side(i),
+                    reason: format!("{} (and {STUCK})", l.reason),
+                });
+            }
+            if let Some(peer) = writing_to.filter(|p| p.role != self.role) {
+                return Some(Error::PeerLost {
+                    peer,
+                    reason: format!(
+                        "a write to it never returned: {STUCK} (another process died inside \
+                         the provider holding the lock of {peer}'s shared region)"
+                    ),
+                });
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(liveness::POLL_EVERY);
+        }
     }
 
     /// Moves everything that can move now: posts queued writes and credits,

@@ -122,6 +122,13 @@ pub enum TransportError {
     Corrupt { peer: usize, detail: String },
     #[error("transport {0} is not available: {1}")]
     Unavailable(TransportKind, String),
+    /// A call into the transport's library never returned and was broken
+    /// off (a peer died inside it, holding its lock): the transport makes
+    /// no more calls, and the caller learns who died from its peers'
+    /// liveness. `peer`: the peer a write to which was broken off, if it
+    /// was a write.
+    #[error("{detail}")]
+    Stuck { peer: Option<usize>, detail: String },
 }
 
 impl TransportError {

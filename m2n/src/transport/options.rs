@@ -240,11 +240,14 @@ pub struct FabricConfig {
     pub tx_depth: usize,
     /// The GPU whose memory `FI_HMEM` registrations name (`M2N_CUDA_DEVICE`).
     pub cuda_device: usize,
-    /// How long one call into libfabric may take before the process exits
-    /// with a message (`M2N_FI_STUCK_MS`; `None`: never). A peer that dies
+    /// How long one call into libfabric may take before the watchdog
+    /// breaks it off (`M2N_FI_STUCK_MS`; `None`: never). A peer that dies
     /// or stops inside a provider's critical section (shm: the spinlock of
     /// a shared region) leaves its peers spinning in the provider, where
-    /// m2n's peer timeout cannot reach them.
+    /// m2n's peer timeout cannot reach them; broken off, the call fails,
+    /// the transport makes no more calls and the caller gets `PeerLost`.
+    /// A call still inside as long again (the escape signal, `SIGRTMAX-4`,
+    /// taken by another handler) ends the process with status 70.
     pub stuck_after: Option<std::time::Duration>,
     /// How receivers learn of writes (`M2N_FI_NOTIFY`).
     pub notify: Notify,

@@ -13,6 +13,7 @@
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use m2n_fabric_sys as sys;
@@ -51,7 +52,15 @@ impl FiError {
     pub(crate) fn is_again(&self) -> bool {
         self.code == sys::FI_EAGAIN as i32
     }
+
+    /// Whether the call was broken off by the watchdog (see [`guarded`]).
+    pub(crate) fn is_broken_off(&self) -> bool {
+        self.code == BROKEN_OFF
+    }
 }
+
+/// [`FiError::code`] of a call the watchdog broke off (no errno is this).
+const BROKEN_OFF: i32 = i32::MAX - 1;
 
 /// libfabric's text for error `code`.
 pub(crate) fn strerror(code: i32) -> String {
@@ -63,8 +72,59 @@ pub(crate) fn strerror(code: i32) -> String {
 
 impl fmt::Display for FiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_broken_off() {
+            return write!(f, "{}: never returned, broken off by the watchdog", self.op);
+        }
         write!(f, "{}: {} ({})", self.op, strerror(self.code), self.code)
     }
+}
+
+/// Makes one libfabric call, `call`, so that the transport's watchdog can
+/// break it off when it never returns (a peer that died inside the
+/// provider holding a lock: see the watchdog module). A call broken off
+/// marks `fabric` wedged: whatever it was doing is abandoned with the
+/// provider's locks it held, so no object of that fabric may be called or
+/// closed again (the handles then leak instead of closing).
+///
+/// `call` is `Copy`, so it owns nothing to drop: its frame may be left by
+/// a jump.
+fn guarded<F>(fabric: &Fabric, op: &'static str, call: F) -> Result<isize, FiError>
+where
+    F: FnOnce() -> isize + Copy,
+{
+    /// Runs the `F` at `arg`, copied out: nothing is left to drop here.
+    unsafe extern "C" fn run<F: FnOnce() -> isize + Copy>(arg: *mut libc::c_void) -> libc::c_long {
+        // SAFETY: `arg` points at the `F` that `guarded` passed, alive
+        // for the whole call; `F: Copy` makes the copy a plain read.
+        let f = unsafe { *arg.cast::<F>() };
+        f() as libc::c_long
+    }
+    if fabric.is_wedged() {
+        return Err(FiError {
+            op,
+            code: BROKEN_OFF,
+        });
+    }
+    let mut escaped = 0;
+    // SAFETY: `run::<F>` is called with a pointer to `call`, which lives
+    // on this frame until m2n_fi_guarded returns; `run` and `call` own
+    // nothing that needs dropping, so the jump of a broken-off call skips
+    // no destructor.
+    let ret = unsafe {
+        sys::m2n_fi_guarded(
+            run::<F>,
+            (&call as *const F).cast_mut().cast(),
+            &mut escaped,
+        )
+    };
+    if escaped != 0 {
+        fabric.wedged.store(true, Ordering::Release);
+        return Err(FiError {
+            op,
+            code: BROKEN_OFF,
+        });
+    }
+    Ok(ret as isize)
 }
 
 fn check(op: &'static str, ret: i64) -> Result<(), FiError> {
@@ -237,7 +297,12 @@ fn cstr_field(p: *const libc::c_char) -> String {
 }
 
 #[derive(Debug)]
-pub(crate) struct Fabric(*mut sys::fid_fabric);
+pub(crate) struct Fabric {
+    ptr: *mut sys::fid_fabric,
+    /// A call into one of this fabric's objects was broken off (see
+    /// [`guarded`]): none may be called or closed again.
+    wedged: AtomicBool,
+}
 
 #[derive(Debug)]
 pub(crate) struct Domain {
@@ -300,6 +365,11 @@ macro_rules! closes {
     ($t:ty) => {
         impl Drop for $t {
             fn drop(&mut self) {
+                // A wedged fabric's objects may be locked by the call that
+                // was broken off: closing could wait for ever. They leak.
+                if self.fabric().is_wedged() {
+                    return;
+                }
                 // SAFETY: owned here; children hold an Arc of their parent,
                 // so nothing opened from this object is still open.
                 unsafe { close(self.fid()) }
@@ -314,11 +384,22 @@ impl Fabric {
         // SAFETY: fabric_attr of a fi_getinfo entry.
         let ret = unsafe { lib().fi_fabric((*info.0).fabric_attr, &mut f, ptr::null_mut()) };
         check("fi_fabric", ret as i64)?;
-        Ok(Arc::new(Fabric(f)))
+        Ok(Arc::new(Fabric {
+            ptr: f,
+            wedged: AtomicBool::new(false),
+        }))
     }
     fn fid(&self) -> *mut sys::fid {
         // SAFETY: `fid` is the first member of every libfabric object.
-        unsafe { &mut (*self.0).fid }
+        unsafe { &mut (*self.ptr).fid }
+    }
+    fn fabric(&self) -> &Fabric {
+        self
+    }
+
+    /// Whether a call into this fabric's objects was broken off.
+    pub(crate) fn is_wedged(&self) -> bool {
+        self.wedged.load(Ordering::Acquire)
     }
 }
 closes!(Fabric);
@@ -328,8 +409,8 @@ impl Domain {
         let mut d = ptr::null_mut();
         // SAFETY: the header's fi_domain: fabric->ops->domain.
         let ret = unsafe {
-            let op = (*(*fabric.0).ops).domain.expect("fi_ops_fabric.domain");
-            op(fabric.0, info.0, &mut d, ptr::null_mut())
+            let op = (*(*fabric.ptr).ops).domain.expect("fi_ops_fabric.domain");
+            op(fabric.ptr, info.0, &mut d, ptr::null_mut())
         };
         check("fi_domain", ret as i64)?;
         Ok(Arc::new(Domain {
@@ -340,6 +421,9 @@ impl Domain {
     fn fid(&self) -> *mut sys::fid {
         // SAFETY: as for Fabric.
         unsafe { &mut (*self.ptr).fid }
+    }
+    fn fabric(&self) -> &Fabric {
+        &self._fabric
     }
 
     /// `fi_mr_regattr`: registers `len` bytes at `addr` for `access`, in
@@ -409,6 +493,9 @@ impl Av {
         // SAFETY: as for Fabric.
         unsafe { &mut (*self.ptr).fid }
     }
+    fn fabric(&self) -> &Fabric {
+        &self._domain._fabric
+    }
 
     /// `fi_av_insert` of one raw endpoint name; its fabric address.
     pub(crate) fn insert(&self, name: &[u8]) -> Result<sys::fi_addr_t, FiError> {
@@ -466,17 +553,22 @@ impl Cq {
         // SAFETY: as for Fabric.
         unsafe { &mut (*self.ptr).fid }
     }
+    fn fabric(&self) -> &Fabric {
+        &self._domain._fabric
+    }
 
     /// `fi_cq_read`: up to `buf.len()` completions. `Ok(0)` when there
     /// are none; `Err` with `FI_EAVAIL` when an error completion waits for
     /// [`read_err`](Self::read_err).
     pub(crate) fn read(&self, buf: &mut [sys::fi_cq_data_entry]) -> Result<usize, FiError> {
-        // SAFETY: the header's fi_cq_read: cq->ops->read, into `buf.len()`
-        // entries of the format the queue was opened with.
-        let ret = unsafe {
-            let op = (*(*self.ptr).ops).read.expect("fi_ops_cq.read");
-            op(self.ptr, buf.as_mut_ptr().cast(), buf.len())
-        };
+        // SAFETY: reads the live queue's ops table.
+        let op = unsafe { (*(*self.ptr).ops).read.expect("fi_ops_cq.read") };
+        let (cq, entries, n) = (self.ptr, buf.as_mut_ptr(), buf.len());
+        // SAFETY: the header's fi_cq_read, into `n` entries of the format
+        // the queue was opened with.
+        let ret = guarded(self.fabric(), "fi_cq_read", || unsafe {
+            op(cq, entries.cast(), n)
+        })?;
         match ret {
             r if r >= 0 => Ok(r as usize),
             r if r == -(sys::FI_EAGAIN as isize) => Ok(0),
@@ -487,12 +579,14 @@ impl Cq {
     /// `fi_cq_readerr`: the next error completion, if any.
     pub(crate) fn read_err(&self) -> Option<sys::fi_cq_err_entry> {
         let mut e = sys::fi_cq_err_entry::default();
-        // SAFETY: the header's fi_cq_readerr: cq->ops->readerr, into one entry.
-        let ret = unsafe {
-            let op = (*(*self.ptr).ops).readerr.expect("fi_ops_cq.readerr");
-            op(self.ptr, &mut e, 0)
-        };
-        (ret > 0).then_some(e)
+        // SAFETY: reads the live queue's ops table.
+        let op = unsafe { (*(*self.ptr).ops).readerr.expect("fi_ops_cq.readerr") };
+        let (cq, entry) = (self.ptr, &mut e as *mut sys::fi_cq_err_entry);
+        // SAFETY: the header's fi_cq_readerr, into the one entry `e`.
+        let ret = guarded(self.fabric(), "fi_cq_readerr", || unsafe {
+            op(cq, entry, 0)
+        });
+        matches!(ret, Ok(n) if n > 0).then_some(e)
     }
 
     /// The provider's text for an error completion.
@@ -565,6 +659,9 @@ impl Ep {
         // SAFETY: as for Fabric.
         unsafe { &mut (*self.ptr).fid }
     }
+    fn fabric(&self) -> &Fabric {
+        &self._cq._domain._fabric
+    }
 
     /// `fi_getname`: this endpoint's raw address.
     pub(crate) fn name(&self) -> Result<Vec<u8>, FiError> {
@@ -591,12 +688,13 @@ impl Ep {
         msg: &sys::fi_msg_rma,
         flags: u64,
     ) -> Result<(), FiError> {
-        // SAFETY: the header's fi_writemsg: ep->rma->writemsg; the rest is
-        // the caller's contract.
-        let ret = unsafe {
-            let op = (*(*self.ptr).rma).writemsg.expect("fi_ops_rma.writemsg");
-            op(self.ptr, msg, flags)
-        };
+        // SAFETY: reads the live endpoint's ops table.
+        let op = unsafe { (*(*self.ptr).rma).writemsg.expect("fi_ops_rma.writemsg") };
+        let (ep, msg) = (self.ptr, msg as *const sys::fi_msg_rma);
+        // SAFETY: the header's fi_writemsg; the rest is the caller's contract.
+        let ret = guarded(self.fabric(), "fi_writemsg", || unsafe {
+            op(ep, msg, flags)
+        })?;
         check("fi_writemsg", ret as i64)
     }
 
@@ -606,12 +704,13 @@ impl Ep {
     /// As for [`Ep::write_msg`] (with `FI_INJECT` the bytes are copied
     /// before this returns).
     pub(crate) unsafe fn send_msg(&self, msg: &sys::fi_msg, flags: u64) -> Result<(), FiError> {
-        // SAFETY: the header's fi_sendmsg: ep->msg->sendmsg; the rest is
-        // the caller's contract.
-        let ret = unsafe {
-            let op = (*(*self.ptr).msg).sendmsg.expect("fi_ops_msg.sendmsg");
-            op(self.ptr, msg, flags)
-        };
+        // SAFETY: reads the live endpoint's ops table.
+        let op = unsafe { (*(*self.ptr).msg).sendmsg.expect("fi_ops_msg.sendmsg") };
+        let (ep, msg) = (self.ptr, msg as *const sys::fi_msg);
+        // SAFETY: the header's fi_sendmsg; the rest is the caller's contract.
+        let ret = guarded(self.fabric(), "fi_sendmsg", || unsafe {
+            op(ep, msg, flags)
+        })?;
         check("fi_sendmsg", ret as i64)
     }
 
@@ -621,12 +720,13 @@ impl Ep {
     /// The buffer and the context stay valid, and the buffer is not read,
     /// until the receive's completion is read.
     pub(crate) unsafe fn recv_msg(&self, msg: &sys::fi_msg, flags: u64) -> Result<(), FiError> {
-        // SAFETY: the header's fi_recvmsg: ep->msg->recvmsg; the rest is
-        // the caller's contract.
-        let ret = unsafe {
-            let op = (*(*self.ptr).msg).recvmsg.expect("fi_ops_msg.recvmsg");
-            op(self.ptr, msg, flags)
-        };
+        // SAFETY: reads the live endpoint's ops table.
+        let op = unsafe { (*(*self.ptr).msg).recvmsg.expect("fi_ops_msg.recvmsg") };
+        let (ep, msg) = (self.ptr, msg as *const sys::fi_msg);
+        // SAFETY: the header's fi_recvmsg; the rest is the caller's contract.
+        let ret = guarded(self.fabric(), "fi_recvmsg", || unsafe {
+            op(ep, msg, flags)
+        })?;
         check("fi_recvmsg", ret as i64)
     }
 }
@@ -636,6 +736,9 @@ impl Mr {
     fn fid(&self) -> *mut sys::fid {
         // SAFETY: as for Fabric.
         unsafe { &mut (*self.ptr).fid }
+    }
+    fn fabric(&self) -> &Fabric {
+        &self._domain._fabric
     }
     /// The remote key (`fi_mr_key`).
     pub(crate) fn key(&self) -> u64 {

@@ -75,15 +75,17 @@ use super::options::Notify;
 /// The exit status of a process whose libfabric call never returned.
 pub const STUCK_EXIT_CODE: i32 = 70;
 
-/// The watchdog's action: says why on stderr and exits at once, without
-/// running exit handlers (libfabric's own would wait on the same lock).
+/// The watchdog's last resort, for a call the escape signal did not break
+/// off: says why on stderr and exits at once, without running exit
+/// handlers (libfabric's own would wait on the same lock).
 fn exit_stuck(provider: String) -> watchdog::OnStuck {
     Box::new(move |for_| {
         eprintln!(
             "m2n: fabric transport (provider {provider}): a libfabric call has not returned in \
-             {for_:?}: a peer that died or stopped inside the provider (shm: holding the \
-             spinlock of a shared region) leaves its peers spinning there, out of reach of \
-             m2n's peer timeout; exiting with status {STUCK_EXIT_CODE} (M2N_FI_STUCK_MS)"
+             {for_:?}, even after the escape signal (another handler of signal SIGRTMAX-4?): \
+             a peer that died or stopped inside the provider (shm: holding the spinlock of a \
+             shared region) leaves its peers spinning there, out of reach of m2n's peer \
+             timeout; exiting with status {STUCK_EXIT_CODE} (M2N_FI_STUCK_MS)"
         );
         // SAFETY: _exit ends the process at once; nothing runs after it.
         unsafe { libc::_exit(STUCK_EXIT_CODE) }
@@ -91,7 +93,28 @@ fn exit_stuck(provider: String) -> watchdog::OnStuck {
 }
 
 fn fi_err(e: FiError) -> TransportError {
+    if e.is_broken_off() {
+        return stuck(None);
+    }
     TransportError::os(e.to_string(), std::io::Error::other("libfabric"))
+}
+
+/// The error of every call on a transport whose provider was left wedged
+/// (`peer`: the one a write to which was broken off).
+fn stuck(peer: Option<usize>) -> TransportError {
+    let what = match peer {
+        Some(p) => format!("a write to peer {p}"),
+        None => "a libfabric call".into(),
+    };
+    TransportError::Stuck {
+        peer,
+        detail: format!(
+            "{what} never returned and was broken off by the watchdog (M2N_FI_STUCK_MS): a \
+             process that died or stopped inside the provider (shm: holding the spinlock of a \
+             shared region) left it spinning; the provider's state is abandoned and this \
+             transport makes no more calls"
+        ),
+    }
 }
 
 fn unavailable(why: String) -> TransportError {
@@ -701,8 +724,11 @@ pub struct FabricTransport {
     done: Vec<Completion>,
     entries: Vec<sys::fi_cq_data_entry>,
     counters: TransportCounters,
-    /// Exits the process if a call into the provider never returns.
+    /// Breaks off a call into the provider that never returns (or, as a
+    /// last resort, exits the process).
     watchdog: Option<watchdog::Watchdog>,
+    /// The peer a write to which was broken off (the provider is wedged).
+    stuck_writing_to: Option<usize>,
     _fabric: Arc<Fabric>,
     _info: Info,
 }
@@ -783,9 +809,12 @@ impl FabricTransport {
             Notify::Message => Some(Notices::post(&domain, &eps[2], local_mr)?),
             _ => None,
         };
+        // Without the escape signal's handler (sigaction failed), a call
+        // that never returns ends the process at once.
+        let escape = watchdog::escape_signal().ok();
         let watchdog = opts
             .stuck_after
-            .map(|limit| watchdog::Watchdog::start(limit, exit_stuck(provider.clone())))
+            .map(|limit| watchdog::Watchdog::start(limit, escape, exit_stuck(provider.clone())))
             .transpose()
             .map_err(|e| TransportError::os("spawning the fabric watchdog thread", e))?;
         if me == 0 {
@@ -827,6 +856,7 @@ impl FabricTransport {
             entries: vec![sys::fi_cq_data_entry::default(); 64],
             counters: TransportCounters::default(),
             watchdog,
+            stuck_writing_to: None,
             opts,
             _fabric: fabric,
             _info: info,
@@ -836,6 +866,14 @@ impl FabricTransport {
     /// The provider in use (`tcp;ofi_rxm`).
     pub fn provider(&self) -> &str {
         &self.provider
+    }
+
+    /// Refuses every call once a call into the provider was broken off.
+    fn check_usable(&self) -> Result<(), TransportError> {
+        if self._fabric.is_wedged() {
+            return Err(stuck(self.stuck_writing_to));
+        }
+        Ok(())
     }
 
     fn close_peer(&mut self, peer: usize, reason: String) {
@@ -906,6 +944,9 @@ impl FabricTransport {
     /// Posts each lane's train: every write but the last with `FI_MORE`.
     /// A write the provider cannot take now stays queued for the next call.
     fn flush(&mut self) {
+        if self._fabric.is_wedged() {
+            return;
+        }
         let _inside = self.watchdog.as_ref().map(watchdog::Watchdog::enter);
         for lane in 0..2 {
             let n = self.batch[lane].len();
@@ -928,6 +969,7 @@ impl FabricTransport {
                     match self.post_notice(lane, &p, more) {
                         Ok(()) => {}
                         Err(e) if e.is_again() => break,
+                        Err(e) if e.is_broken_off() => return,
                         Err(e) => self.close_peer(p.peer, format!("notice failed: {e}")),
                     }
                     posted += 1;
@@ -1012,11 +1054,17 @@ impl FabricTransport {
                                     self.batch[lane][posted].written = true;
                                     break;
                                 }
+                                Err(e) if e.is_broken_off() => return,
                                 Err(e) => self.close_peer(p.peer, format!("notice failed: {e}")),
                             }
                         }
                     }
                     Err(e) if e.is_again() => break,
+                    // The provider is wedged: the next call says so.
+                    Err(e) if e.is_broken_off() => {
+                        self.stuck_writing_to = Some(p.peer);
+                        return;
+                    }
                     Err(e) => {
                         self.close_peer(p.peer, format!("write failed: {e}"));
                         if p.slot != NO_SLOT {
@@ -1127,6 +1175,7 @@ impl Transport for FabricTransport {
     }
 
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
+        self.check_usable()?;
         let id = self.locals.next_id();
         let seg = Segment::create(&format!("m2n-fabric-r{}", id.index()), len)?;
         let base = seg.as_ptr().as_ptr();
@@ -1145,6 +1194,7 @@ impl Transport for FabricTransport {
     }
 
     unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region, TransportError> {
+        self.check_usable()?;
         super::check_registrable(ptr, len)?;
         // SAFETY: forwarded contract: valid until the region drops.
         let mr = unsafe { self.register_mr(ptr, len, false, None) }?;
@@ -1162,6 +1212,7 @@ impl Transport for FabricTransport {
 
     #[cfg(feature = "cuda")]
     unsafe fn register_device(&mut self, dptr: u64, len: usize) -> Result<Region, TransportError> {
+        self.check_usable()?;
         self.require_hmem()?;
         let device = self.opts.cuda_device as i32;
         // SAFETY: forwarded contract: the device memory outlives the region.
@@ -1180,6 +1231,7 @@ impl Transport for FabricTransport {
 
     #[cfg(feature = "cuda")]
     fn alloc_gpu_ring(&mut self, len: usize, device: usize) -> Result<Region, TransportError> {
+        self.check_usable()?;
         self.require_hmem()?;
         let buf = crate::gpu::DeviceBuffer::alloc(device, len)
             .map_err(|e| unavailable(format!("GPU receive ring: {e}")))?;
@@ -1199,6 +1251,7 @@ impl Transport for FabricTransport {
     }
 
     fn connect(&mut self, peer: usize, endpoint: &[u8]) -> Result<(), TransportError> {
+        self.check_usable()?;
         if peer >= self.world || peer == self.me {
             return Err(TransportError::NotConnected(peer));
         }
@@ -1229,6 +1282,7 @@ impl Transport for FabricTransport {
         lane: Lane,
         req: &WriteRequest,
     ) -> Result<(), TransportError> {
+        self.check_usable()?;
         super::check_open(&self.closed, peer)?;
         let l = lane_index(lane);
         let dest = self.addrs[peer];
@@ -1318,6 +1372,7 @@ impl Transport for FabricTransport {
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {
         self.flush();
+        self.check_usable()?;
         let _inside = self.watchdog.as_ref().map(watchdog::Watchdog::enter);
         if let Some(n) = &mut self.notices {
             n.retry(&self.eps[2]).map_err(fi_err)?;
