@@ -13,7 +13,7 @@
 //! | `M2N_BOOTSTRAP_TIMEOUT_MS` | deadline for the rendezvous | 30000 |
 //! | `M2N_CREDIT_REFRESH_MS` | re-send of the current credit, repairing a lost one | 100 |
 //! | `M2N_CREDIT_BATCH` | releases a receiver coalesces into one credit write (0: half the depth; a sender whose window is full is credited at once) | 0 |
-//! | `M2N_CREDIT_PIGGYBACK` | `1`: credits ride the data lane with this rank's next data write (one doorbell for both; over fabric, inside that write where the provider takes two ranges per write), instead of going at once on the ACK lane; for links without congestion, where a credit queued behind data costs nothing | 0 |
+//! | `M2N_CREDIT_PIGGYBACK` | `1`: credits ride the data lane with this rank's next data write (one doorbell for both; over fabric, inside that write where the provider takes two ranges per write), instead of going on the ACK lane with the next call's pass (after its data writes); for links without congestion, where a credit queued behind data costs nothing | 0 |
 //! | `M2N_SHM_QUEUE_DEPTH` | completion ring entries per peer (shm) | 1024 |
 //! | `M2N_SOCKET_IFNAME` | tcp: interfaces to use, NCCL style (`eth,ens` prefixes, `=eth0` exact, `^docker,lo` to exclude) | the route to the root |
 //! | `M2N_TCP_DATA_DSCP`, `M2N_TCP_ACK_DSCP` | tcp: DiffServ code point per lane (0..=63) | 0, 46 (EF) |
@@ -79,7 +79,8 @@ pub struct Config {
     /// (0: half the depth); see [`RecvChannel::with_credit_batch`](crate::proto::RecvChannel::with_credit_batch).
     pub credit_batch: usize,
     /// Credits on the data lane, posted with the rank's next data write
-    /// (one doorbell for both) rather than at once on the ACK lane. Off by default: the ACK lane keeps credits out of congested
+    /// (one doorbell for both) rather than on the ACK lane with the next
+    /// call's pass (after its data writes). Off by default: the ACK lane keeps credits out of congested
     /// data queues (the paper's high-priority ACKs); on a quiet link
     /// piggybacking saves a doorbell per credit. A credit a sender may be
     /// waiting for (its window full) and the refresh still go at once, and

@@ -324,7 +324,10 @@ impl Channel<'_> {
         }
     }
 
-    /// Hands a round back: its slots return to the senders as credit.
+    /// Hands a round back: its slots return to the senders as credit (at
+    /// once to a sender whose window is full; a batch of releases with the
+    /// next call's pass, after that pass's data writes, see
+    /// [`Config::credit_batch`](crate::Config::credit_batch)).
     pub fn release(&mut self, round: RecvRound) -> Result<()> {
         self.receiving()?;
         let peer = Peer {

@@ -408,15 +408,19 @@ impl Communicator {
         r
     }
 
-    /// After a release: its credit goes out at once if it is due (and the
-    /// transport is polled to send it); otherwise nothing is polled, so
-    /// that a release on the way to the next send costs no pass of its
-    /// own. What is held (piggybacked credits) goes with the next pass.
+    /// After a release: a credit a sender may be waiting for (its window
+    /// full) or the periodic refresh goes out at once, and the transport is
+    /// polled to send it. A batch that is merely complete waits for the
+    /// next pass (the next send, receive or progress call on this group),
+    /// which posts it after that pass's data writes: a release on the way
+    /// to the next send then neither costs a pass of its own nor puts its
+    /// credit on the wire ahead of the data (in a round trip, the reply).
+    /// A sender held by such a credit is not waiting for it yet, as with a
+    /// batch not yet complete.
     pub(super) fn credit_after_release(&mut self) -> Result<()> {
         let r = self.check_fatal().and_then(|()| {
-            let hold = self.config.credit_piggyback && self.send.proto.next_round() > 0;
             let now = self.now();
-            if self.post_credits(now, hold)? {
+            if self.post_credits(now, true)? {
                 self.poll_transport()?;
             }
             Ok(())
