@@ -129,6 +129,19 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// The u64 length of a range that starts at `start`: it must fit in
+    /// memory, and the range must not wrap around the address space.
+    pub fn len_from(&mut self, field: &'static str, start: u64) -> Result<usize, DecodeError> {
+        let len = self.len(field)?;
+        if start.checked_add(len as u64).is_none() {
+            return Err(DecodeError::Invalid {
+                field,
+                detail: format!("{len} bytes from {start:#x} wrap around"),
+            });
+        }
+        Ok(len)
+    }
+
     /// A length-prefixed byte string of at most `max` bytes.
     pub fn bytes(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], DecodeError> {
         let len = self.u32(field)? as usize;

@@ -665,13 +665,7 @@ impl RegionDescriptor {
         )?;
         let addr = r.u64("address")?;
         let key = r.u64("key")?;
-        let len = r.len("length")?;
-        if addr.checked_add(len as u64).is_none() {
-            return Err(DecodeError::Invalid {
-                field: "length",
-                detail: format!("{len} bytes from {addr:#x} wrap around"),
-            });
-        }
+        let len = r.len_from("length", addr)?;
         r.finish()?;
         Ok(RegionDescriptor { addr, key, len })
     }

@@ -425,7 +425,7 @@ impl RegionDescriptor {
         )?;
         let addr = r.u64("address")?;
         let rkey = r.u32("rkey")?;
-        let len = r.len("length")?;
+        let len = r.len_from("length", addr)?;
         r.finish()?;
         Ok(RegionDescriptor { addr, rkey, len })
     }
@@ -842,6 +842,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a verbs region descriptor"), "{err}");
+        let wrap = RegionDescriptor {
+            addr: u64::MAX - 10,
+            rkey: 1,
+            len: 4096,
+        };
+        let err = RegionDescriptor::decode(&wrap.encode())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wrap around"), "{err}");
     }
 
     #[test]
