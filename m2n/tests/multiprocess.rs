@@ -335,6 +335,17 @@ fn die_in_peer_lock_library() -> Option<std::path::PathBuf> {
 /// not a hang, and not the watchdog's last-resort exit (status 70).
 #[test]
 fn fabric_shm_peer_killed_holding_a_provider_lock_is_peer_lost() {
+    provider_lock_held_by_a_dead_peer(false);
+}
+
+/// The same with the sender stopped (SIGSTOP) inside the lock: a hung
+/// peer, judged by its missing heartbeats.
+#[test]
+fn fabric_shm_peer_stopped_holding_a_provider_lock_is_peer_lost() {
+    provider_lock_held_by_a_dead_peer(true);
+}
+
+fn provider_lock_held_by_a_dead_peer(stop: bool) {
     let Some(killer) = die_in_peer_lock_library() else {
         return;
     };
@@ -345,16 +356,17 @@ fn fabric_shm_peer_killed_holding_a_provider_lock_is_peer_lost() {
     // full window ahead). Every run must end well; tries are repeated
     // until one went through a broken-off call.
     for _ in 0..4 {
-        if killed_holding_a_provider_lock(&killer) {
+        if held_provider_lock(&killer, stop) {
             return;
         }
     }
     panic!("in 4 tries, no survivor was ever left spinning inside the provider");
 }
 
-/// One try of the test above; whether a survivor found the loss through a
-/// broken-off call (not a call that returned).
-fn killed_holding_a_provider_lock(killer: &str) -> bool {
+/// One try of the tests above (`stop`: the victim stops instead of dying);
+/// whether a survivor found the loss through a broken-off call (not a call
+/// that returned).
+fn held_provider_lock(killer: &str, stop: bool) -> bool {
     let root = m2n::Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let uid = root.unique_id().clone();
     let _served = root.spawn(Duration::from_secs(60));
@@ -379,20 +391,34 @@ fn killed_holding_a_provider_lock(killer: &str) -> bool {
         "60",
     ];
     let mut victim_env = env.to_vec();
-    victim_env.extend([("LD_PRELOAD", killer), ("DIE_IN_PEER_LOCK_AFTER", "2000")]);
+    victim_env.extend([
+        ("LD_PRELOAD", killer),
+        ("DIE_IN_PEER_LOCK_AFTER", "2000"),
+        ("DIE_IN_PEER_LOCK_STOP", if stop { "1" } else { "0" }),
+    ]);
     let mut survivor = spawn_worker(&uid, Role::Attention, 0, 2, 1, &flags, &env);
     let mut victim = spawn_worker(&uid, Role::Attention, 1, 2, 1, &flags, &victim_env);
     let mut expert = spawn_worker(&uid, Role::Expert, 0, 2, 1, &flags, &env);
-    let status = victim
-        .wait_exit(Duration::from_secs(60))
-        .expect("attention 1 never reached its 2000th peer lock");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "attention 1 died otherwise: {status:?} {:?}",
-        victim.seen
-    );
+    if stop {
+        let state = wait_stopped(victim.child.id(), Duration::from_secs(60));
+        assert_eq!(
+            state,
+            Some('T'),
+            "attention 1 never stopped at its 2000th peer lock: {:?}",
+            victim.seen
+        );
+    } else {
+        let status = victim
+            .wait_exit(Duration::from_secs(60))
+            .expect("attention 1 never reached its 2000th peer lock");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "attention 1 died otherwise: {status:?} {:?}",
+            victim.seen
+        );
+    }
     for w in [&mut survivor, &mut expert] {
         let status = w
             .wait_exit(Duration::from_secs(30))
@@ -414,11 +440,32 @@ fn killed_holding_a_provider_lock(killer: &str) -> bool {
                 .unwrap_or_default()
         })
         .collect();
+    if stop {
+        victim.signal(Signal::SIGKILL);
+    }
     assert!(
         errors.iter().all(|e| e.starts_with("M2N-ERROR peer-lost")),
         "{errors:?}"
     );
     errors.iter().any(|e| e.contains("left stuck"))
+}
+
+/// Waits until process `pid` is stopped or gone: its state in /proc
+/// (`T` stopped, `Z` exited), `None` if it still runs after `timeout`.
+fn wait_stopped(pid: u32, timeout: Duration) -> Option<char> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command name's closing parenthesis.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if let Some(s @ ('T' | 'Z')) = state {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 #[test]
