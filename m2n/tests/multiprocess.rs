@@ -170,9 +170,10 @@ fn kill_mid_run_in(t: T, victim_role: Role, (m, n): (usize, usize), api: &[&str]
             .unwrap_or_default();
         assert!(
             err.starts_with("M2N-ERROR peer-lost"),
-            "{} {}: {err:?}",
+            "{} {} ({status:?}): {err:?}; it said {:?}",
             w.role,
-            w.rank
+            w.rank,
+            w.seen
         );
         // Every survivor fails with PeerLost. Which peer it names depends on
         // what it noticed first: the victim, or a peer that gave up because
