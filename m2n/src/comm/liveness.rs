@@ -191,13 +191,16 @@ impl Liveness {
             pending.swap_remove(i);
             links.push(link(global, s)?);
         }
+        // The per-poll tables are sized here: the first poll may come
+        // after a fast warm-up, in a caller's steady state.
+        let n = links.len();
         Ok(Self {
             links,
             timeout,
             interval,
             last_poll: now,
-            ready: Vec::new(),
-            fds: Vec::new(),
+            ready: Vec::with_capacity(n),
+            fds: Vec::with_capacity(n),
             any_lost: false,
         })
     }

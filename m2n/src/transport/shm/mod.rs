@@ -84,7 +84,10 @@ impl ShmTransport {
             peers: (0..world).map(|_| None).collect(),
             locals: LocalRegions::default(),
             imports: Vec::new(),
-            done: Vec::new(),
+            // Sized at start for what accumulates between polls (no more
+            // writes than a completion ring holds), so that a new high in
+            // the steady state allocates nothing.
+            done: Vec::with_capacity(queue_depth),
         })
     }
 
