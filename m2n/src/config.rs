@@ -27,7 +27,7 @@
 //! | `M2N_IB_MTU`, `M2N_IB_MAX_INLINE` | verbs: path MTU bytes, inline payload limit | 4096, 64 |
 //! | `M2N_FI_PROVIDER`, `M2N_FI_DOMAIN` | fabric: libfabric provider (`tcp`, `shm`, `verbs`, `efa`, or a stack like `tcp;ofi_rxm`) and domain (`lo`, `rxe0`) | the first `fi_getinfo` offers with RMA writes carrying remote CQ data |
 //! | `M2N_FI_DATA_TCLASS`, `M2N_FI_ACK_TCLASS` | fabric: `FI_TC_*` class per lane's endpoint (`unspec`, `low_latency`, `bulk_data`, ..., `dscp:N`) | `unspec`, `low_latency` |
-//! | `M2N_FI_NOTIFY` | fabric: how a receiver learns of a write and its length: `cq-data` (8 bytes of remote CQ data on the write), `message` (an 8-byte message after it, ordered by `FI_ORDER_SAW`: for rxm over verbs, with 4), or `auto` (`cq-data` where the provider has 8 bytes) | `auto` |
+//! | `M2N_FI_NOTIFY` | fabric: how a receiver learns of a write and its length: `cq-data` (8 bytes of remote CQ data on the write), `message` (a 16-byte message after it, ordered by `FI_ORDER_SAW`: for rxm over verbs, with 4), or `auto` (`cq-data` where the provider has 8 bytes) | `auto` |
 //! | `M2N_FI_STUCK_MS` | fabric: how long one libfabric call may run before the watchdog breaks it off (signal `SIGRTMAX-4`) and the caller gets `PeerLost` (a peer that died inside the provider, e.g. holding shm's lock, leaves it spinning there); still inside as long again, the process exits with status 70; 0: never | 10000 |
 //! | `M2N_CUDA_DEVICE` | the GPU whose memory holds the receive rings (cuda-ipc, `M2N_GPU_RINGS`) | 0 |
 //! | `M2N_GPU_RINGS` | `1`: verbs receive rings in GPU memory (GPUDirect RDMA); cuda-ipc's always are; shm and tcp refuse | 0 |

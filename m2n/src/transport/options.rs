@@ -192,9 +192,10 @@ pub enum Notify {
     /// The write carries the immediate and the length as 8 bytes of
     /// remote CQ data (one operation per message).
     CqData,
-    /// The write carries none; an 8-byte message with the immediate and
-    /// the length follows it on the same endpoint, ordered after it
-    /// (`FI_ORDER_SAW`): for providers with less CQ data (rxm over verbs).
+    /// The write carries none; a 16-byte message with the immediate, the
+    /// length and the written region's key follows it on the same
+    /// endpoint, ordered after it (`FI_ORDER_SAW`): for providers with less
+    /// CQ data (rxm over verbs).
     Message,
 }
 

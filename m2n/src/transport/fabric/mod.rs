@@ -17,10 +17,18 @@
 //! immediate names the writer ([`PEER_IN_IMMEDIATE`](super::PEER_IN_IMMEDIATE)),
 //! and the length rides in the CQ data's upper half where the provider
 //! carries 64 bits of it (tcp, net, shm and efa). rxm over verbs carries
-//! the 32 of an immediate: there each write goes without CQ data and an
-//! 8-byte message with the same 64 bits follows it on the same endpoint,
-//! ordered after it (`FI_ORDER_SAW`), into buffers the receiver keeps
-//! posted (`M2N_FI_NOTIFY`: `auto` picks per provider).
+//! the 32 of an immediate: there each write goes without CQ data and a
+//! 16-byte message with the same 64 bits and the written region's key
+//! follows it on the same endpoint, ordered after it (`FI_ORDER_SAW`), into
+//! buffers the receiver keeps posted (`M2N_FI_NOTIFY`: `auto` picks per
+//! provider).
+//!
+//! Region keys start at a random number per process: over net and tcp an
+//! address is an IP and a port, which a process of another job may get
+//! once its owner died, while the dead peer's writers still write there
+//! (the provider reconnects). Their writes name keys not registered here,
+//! so the provider refuses them, and a notice naming none of this
+//! process's regions is let go.
 //!
 //! Writes posted between two polls go out per endpoint as one train, all
 //! but the last flagged `FI_MORE` (the doorbell batching of verbs); a
@@ -227,14 +235,18 @@ fn choose(opts: &FabricOptions, hmem: bool) -> Result<(Info, Notify), TransportE
 /// SIGKILL) once the pid is reused: libfabric 1.17 then fails `fi_enable`
 /// with EBUSY, since the stale region names a live pid (this process).
 fn shm_endpoint_name() -> Result<String, TransportError> {
-    let mut token = [0u8; 8];
-    getrandom::getrandom(&mut token)
-        .map_err(|e| TransportError::os("getrandom", std::io::Error::other(e.to_string())))?;
     Ok(format!(
         "fi_shm://m2n-{}-{:016x}",
         std::process::id(),
-        u64::from_le_bytes(token)
+        random_u64()?
     ))
+}
+
+fn random_u64() -> Result<u64, TransportError> {
+    let mut token = [0u8; 8];
+    getrandom::getrandom(&mut token)
+        .map_err(|e| TransportError::os("getrandom", std::io::Error::other(e.to_string())))?;
+    Ok(u64::from_le_bytes(token))
 }
 
 /// A peer's shm provider files, found by the stem of the name
@@ -478,12 +490,19 @@ impl Contexts {
 /// More in flight than this wait in the provider (rxm keeps unexpected
 /// messages) until a buffer is reposted.
 const NOTICE_BUFFERS: usize = 256;
+/// The bytes of a notice.
+const NOTICE_BYTES: usize = std::mem::size_of::<Notice>();
 
-/// Message mode's receive side: 8-byte buffers posted on the receiving
-/// endpoint for the notices that follow writes, each with its own context;
-/// a buffer is reposted as soon as its notice is read.
+/// A notice: the write's 64 bits of CQ data, and the key of the region it
+/// wrote (the receiver lets go of one that names none of its regions: a
+/// write meant for another process, see [`FabricTransport::next_key`]).
+type Notice = [u64; 2];
+
+/// Message mode's receive side: buffers posted on the receiving endpoint
+/// for the notices that follow writes, each with its own context; a buffer
+/// is reposted as soon as its notice is read.
 struct Notices {
-    buf: Box<[u64]>,
+    buf: Box<[Notice]>,
     ctx: Box<[sys::fi_context2]>,
     /// The buffers' registration, where the provider wants one for local
     /// memory (`FI_MR_LOCAL`).
@@ -505,14 +524,19 @@ impl std::fmt::Debug for Notices {
 impl Notices {
     /// Registers the buffers (where the provider asks) and posts them all
     /// on `ep`.
-    fn post(domain: &Arc<Domain>, ep: &Ep, local_mr: bool) -> Result<Notices, TransportError> {
-        let mut buf = vec![0u64; NOTICE_BUFFERS].into_boxed_slice();
-        let mr = if local_mr {
+    /// Registers the buffers with key `local_mr` where the provider asks.
+    fn post(
+        domain: &Arc<Domain>,
+        ep: &Ep,
+        local_mr: Option<u64>,
+    ) -> Result<Notices, TransportError> {
+        let mut buf = vec![[0u64; 2]; NOTICE_BUFFERS].into_boxed_slice();
+        let mr = if let Some(key) = local_mr {
             let len = std::mem::size_of_val(&*buf);
             // SAFETY: the buffers live (boxed, never moved) as long as the
             // registration, which is a field of the same struct.
             let mr = unsafe {
-                domain.register(buf.as_mut_ptr().cast(), len, sys::FI_RECV as u64, 0, None)
+                domain.register(buf.as_mut_ptr().cast(), len, sys::FI_RECV as u64, key, None)
             };
             Some(mr.map_err(fi_err)?)
         } else {
@@ -534,8 +558,8 @@ impl Notices {
 
     fn post_one(&mut self, ep: &Ep, i: usize) -> Result<(), FiError> {
         let iov = libc::iovec {
-            iov_base: (&mut self.buf[i] as *mut u64).cast(),
-            iov_len: 8,
+            iov_base: (&mut self.buf[i] as *mut Notice).cast(),
+            iov_len: NOTICE_BYTES,
         };
         let mut desc = self.mr.as_ref().map_or(std::ptr::null_mut(), Mr::desc);
         let msg = sys::fi_msg {
@@ -558,9 +582,9 @@ impl Notices {
 
     /// Reads notice `i` (its completion read) and reposts its buffer, or
     /// queues the repost when the provider cannot take it now.
-    fn take(&mut self, ep: &Ep, i: usize) -> Result<u64, FiError> {
-        // SAFETY: an aligned u64 in self; the provider wrote it before the
-        // completion that named it was read.
+    fn take(&mut self, ep: &Ep, i: usize) -> Result<Notice, FiError> {
+        // SAFETY: an aligned notice in self; the provider wrote it before
+        // the completion that named it was read.
         let data = unsafe { std::ptr::read_volatile(&self.buf[i]) };
         match self.post_one(ep, i) {
             Err(e) if e.is_again() => self.repost.push(i),
@@ -703,7 +727,19 @@ pub struct FabricTransport {
     /// Per peer over shm, its files (removed at close if it died).
     shm_files: Vec<Option<ShmFiles>>,
     virt_addr: bool,
+    /// The key of the next region. The first is random: over net and tcp an address is an IP and a port, which a new
+    /// process (of another job) may get once its owner died, while the
+    /// dead peer's writers still write to it (the provider reconnects).
+    /// Their writes name the dead peer's regions: with keys that count
+    /// from one, the region of the same rank here, which such a write
+    /// would corrupt. A random key names none here, and the provider
+    /// refuses the write.
     next_key: u64,
+    /// The keys' width (`mr_key_size`) as a mask.
+    key_mask: u64,
+    /// The keys of the regions peers write to (a notice naming another
+    /// is let go).
+    remote_keys: Vec<u64>,
     inject_size: usize,
     /// A write may name two local and two remote ranges (the provider's
     /// `iov_limit` and `rma_iov_limit`): a credit then rides in the data
@@ -799,8 +835,17 @@ impl FabricTransport {
         ];
         let name = eps[2].name().map_err(fi_err)?;
         let local_mr = mr_mode & sys::FI_MR_LOCAL != 0;
+        let key_mask = match dom.mr_key_size {
+            8.. => u64::MAX,
+            n => (1u64 << (8 * n)) - 1,
+        };
+        let key_base = random_u64()? & key_mask;
         let notices = match notify {
-            Notify::Message => Some(Notices::post(&domain, &eps[2], local_mr)?),
+            Notify::Message => Some(Notices::post(
+                &domain,
+                &eps[2],
+                local_mr.then_some(key_base),
+            )?),
             _ => None,
         };
         // Without the escape signal's handler (sigaction failed), a call
@@ -833,7 +878,9 @@ impl FabricTransport {
             addrs: vec![fi::ADDR_NOTAVAIL; world],
             shm_files: vec![None; world],
             virt_addr: mr_mode & sys::FI_MR_VIRT_ADDR != 0,
-            next_key: 1,
+            key_mask,
+            next_key: key_base.wrapping_add(1) & key_mask,
+            remote_keys: Vec::new(),
             inject_size,
             two_ranges,
             hmem,
@@ -895,7 +942,7 @@ impl FabricTransport {
             access |= sys::FI_REMOTE_WRITE as u64;
         }
         let key = self.next_key;
-        self.next_key += 1;
+        self.next_key = key.wrapping_add(1) & self.key_mask;
         // SAFETY: forwarded contract.
         unsafe { self.domain.register(base, len, access, key, device) }
             .map(Some)
@@ -906,6 +953,9 @@ impl FabricTransport {
     /// `remote` is set.
     fn add(&mut self, mem: FabricMemory, remote: bool) -> Region {
         let key = mem._mr.as_ref().map_or(0, Mr::key);
+        if remote && mem._mr.is_some() {
+            self.remote_keys.push(key);
+        }
         let descriptor = if remote {
             RegionDescriptor {
                 addr: if self.virt_addr { mem.base as u64 } else { 0 },
@@ -1100,12 +1150,13 @@ impl FabricTransport {
         (!injected || p.len + q.len <= self.inject_size).then_some(r)
     }
 
-    /// Message mode: the 8-byte notice of write `p`, injected on the
+    /// Message mode: the notice of write `p`, injected on the
     /// endpoint that wrote it (so ordered after it, `FI_ORDER_SAW`).
     fn post_notice(&mut self, lane: usize, p: &Pending, more: u64) -> Result<(), FiError> {
+        let notice: Notice = [p.data, p.key];
         let iov = libc::iovec {
-            iov_base: (&p.data as *const u64).cast_mut().cast(),
-            iov_len: 8,
+            iov_base: notice.as_ptr().cast_mut().cast(),
+            iov_len: NOTICE_BYTES,
         };
         let mut desc = std::ptr::null_mut();
         let msg = sys::fi_msg {
@@ -1116,7 +1167,7 @@ impl FabricTransport {
             context: self.contexts.ptr(NO_SLOT),
             data: 0,
         };
-        // SAFETY: injected: the provider copies the 8 bytes before this
+        // SAFETY: injected: the provider copies the notice before this
         // returns, and asks no completion (the context is the spare one).
         unsafe { self.eps[lane].send_msg(&msg, sys::FI_INJECT as u64 | more) }?;
         self.counters.work_requests += 1;
@@ -1395,17 +1446,22 @@ impl Transport for FabricTransport {
                 } else if let Some(i) = self.notices.as_ref().and_then(|n| n.index_of(e.op_context))
                 {
                     let notices = self.notices.as_mut().expect("index_of found it");
-                    let data = notices.take(&self.eps[2], i).map_err(fi_err)?;
-                    if e.len != 8 {
+                    let [data, key] = notices.take(&self.eps[2], i).map_err(fi_err)?;
+                    if e.len != NOTICE_BYTES {
                         return Err(TransportError::os(
                             "reading a write's notice",
                             std::io::Error::new(
                                 std::io::ErrorKind::InvalidData,
-                                format!("{} bytes arrived (notices are 8)", e.len),
+                                format!("{} bytes arrived (notices are {NOTICE_BYTES})", e.len),
                             ),
                         ));
                     }
                     self.counters.recv_posts += 1;
+                    if !self.remote_keys.contains(&key) {
+                        // The notice of a write meant for another process
+                        // (see `next_key`), which the provider refused.
+                        continue;
+                    }
                     out.push(Completion::Arrived {
                         peer: super::PEER_IN_IMMEDIATE,
                         imm: data as u32,

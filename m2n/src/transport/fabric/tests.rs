@@ -535,3 +535,51 @@ fn a_dead_peers_shm_files_are_removed() {
     }
     child.wait().unwrap();
 }
+
+/// A write that reaches a process it was not meant for lands nowhere. Over
+/// net and tcp an address is an IP and a port: when a peer dies, its port
+/// may be taken by a new process of another job while the dead peer's
+/// writers still write to it (the provider reconnects). Such a write names
+/// the dead peer's region: its key must not name one of this process's (as
+/// sequential keys would, for a process that registered its regions in the
+/// same order), and a notice that follows it (message mode) is let go.
+#[test]
+fn a_write_meant_for_another_process_lands_nowhere() {
+    for notify in [Notify::Auto, Notify::Message] {
+        for provider in ["net", "tcp"] {
+            let o = FabricOptions {
+                notify,
+                ..opts(provider)
+            };
+            // `dead` registers its ring as `b` does, then dies; `stray` had
+            // it as peer 1, and now reaches `b` at its address.
+            let mut dead = FabricTransport::new(1, 2, o.clone()).unwrap();
+            let dead_ring = dead.alloc(4096).unwrap();
+            let mut b = FabricTransport::new(1, 2, o.clone()).unwrap();
+            let ring = b.alloc(4096).unwrap();
+            let mut stray = FabricTransport::new(0, 2, o).unwrap();
+            stray.connect(1, &b.endpoint()).unwrap();
+            let remote = stray.import(1, dead_ring.descriptor()).unwrap();
+            drop((dead_ring, dead));
+            let mut src = stray.alloc(64).unwrap();
+            src.as_mut_slice().fill(0xee);
+            for k in 0..4 {
+                let req = WriteRequest::test(&src, remote, 8 * k, 8, Some(k as u32), 1);
+                // SAFETY: injected, or kept until the transport drops.
+                unsafe { stray.post_write(1, Lane::Data, &req) }.unwrap();
+            }
+            let (mut cs, mut cb) = (Vec::new(), Vec::new());
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                // The writer may learn of the refusal, or not (injected).
+                let _ = stray.poll(&mut cs);
+                b.poll(&mut cb).unwrap();
+            }
+            assert!(cb.is_empty(), "{provider} {notify:?}: {cb:?}");
+            assert!(
+                ring.as_slice().iter().all(|&x| x == 0),
+                "{provider} {notify:?}: a stray write landed"
+            );
+        }
+    }
+}

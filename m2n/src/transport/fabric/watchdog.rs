@@ -82,6 +82,17 @@ impl Drop for Inside {
     }
 }
 
+/// A call the watchdog thread saw inside the provider.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// Its count (odd: inside).
+    call: u64,
+    /// Since it began, or since it was sent the escape signal.
+    waited: Duration,
+    /// Since it began.
+    total: Duration,
+}
+
 impl Watchdog {
     /// Starts the watchdog thread, which breaks a call off (sends its
     /// thread `escape`, when given) once it has been inside for `limit`,
@@ -98,8 +109,9 @@ impl Watchdog {
         let thread = std::thread::Builder::new()
             .name("m2n-fi-watchdog".into())
             .spawn(move || {
-                // The odd count seen inside, and for how long.
-                let mut inside: Option<(u64, Duration)> = None;
+                // The call seen inside (its odd count), for how long since
+                // it began or was signalled, and in all.
+                let mut inside: Option<Seen> = None;
                 // The count of the call sent the escape signal.
                 let mut signalled = None;
                 let mut stop = watched.stop.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,11 +119,19 @@ impl Watchdog {
                     let c = watched.calls.load(Ordering::Acquire);
                     inside = match inside {
                         _ if c.is_multiple_of(2) => None,
-                        Some((seen, for_)) if seen == c => Some((c, for_ + tick)),
-                        _ => Some((c, Duration::ZERO)),
+                        Some(i) if i.call == c => Some(Seen {
+                            waited: i.waited + tick,
+                            total: i.total + tick,
+                            ..i
+                        }),
+                        _ => Some(Seen {
+                            call: c,
+                            waited: Duration::ZERO,
+                            total: Duration::ZERO,
+                        }),
                     };
-                    match (inside, escape) {
-                        (Some((_, for_)), Some(signo)) if for_ >= limit && signalled != Some(c) => {
+                    match (&mut inside, escape) {
+                        (Some(i), Some(signo)) if i.waited >= limit && signalled != Some(c) => {
                             let thread = watched.thread.load(Ordering::Acquire) as libc::pthread_t;
                             if watched.calls.load(Ordering::Acquire) == c {
                                 // SAFETY: the thread is still inside the same
@@ -120,16 +140,10 @@ impl Watchdog {
                                 unsafe { libc::pthread_kill(thread, signo) };
                             }
                             signalled = Some(c);
-                            inside = Some((c, Duration::ZERO));
+                            i.waited = Duration::ZERO;
                         }
-                        (Some((_, for_)), _) if for_ >= limit => {
-                            on_stuck(
-                                for_ + if signalled == Some(c) {
-                                    limit
-                                } else {
-                                    Duration::ZERO
-                                },
-                            );
+                        (Some(i), _) if i.waited >= limit => {
+                            on_stuck(i.total);
                             inside = None;
                         }
                         _ => {}
