@@ -1,13 +1,16 @@
 //! The fabric backend: m2n over libfabric (`M2N_TRANSPORT=fabric`).
 //!
 //! The same one-sided protocol as verbs, on the API that AWS EFA, HPE
-//! Slingshot and the rest of the OFI world speak. Each process opens three
-//! reliable datagram endpoints (`FI_EP_RDM`): one per lane that only sends,
-//! so credits travel apart from data and can ask for their own traffic
-//! class (`FI_TC_*`), and one that only receives; all share one address
-//! vector and one completion queue. Receive rings are memory regions with
-//! `FI_REMOTE_WRITE`; each message is one RMA write carrying 64 bits of
-//! remote CQ data (`fi_writemsg` with
+//! Slingshot and the rest of the OFI world speak. Each process opens one
+//! reliable datagram endpoint (`FI_EP_RDM`) per lane, so credits travel
+//! apart from data and can ask for their own traffic class (`FI_TC_*`).
+//! Peers write to the data lane's endpoint, so that a connection-oriented
+//! provider carries a ping-pong both ways on one connection (net: one TCP
+//! stream, whose acknowledgements then ride on the replies), except over
+//! rxm (tcp and verbs), where a third endpoint only receives ([`Receiver`]);
+//! all share one address vector and one completion queue. Receive rings
+//! are memory regions with `FI_REMOTE_WRITE`; each message is one RMA
+//! write carrying 64 bits of remote CQ data (`fi_writemsg` with
 //! `FI_REMOTE_CQ_DATA`, the general form of `fi_writedata`, so that each
 //! write can also say `FI_INJECT` and whether it wants a completion), which
 //! the receiver reads from its queue exactly where verbs reads the
@@ -79,6 +82,28 @@ const NO_SLOT: u32 = u32::MAX;
 /// Settings of the fabric transport (`M2N_FI_*`).
 pub use super::options::FabricConfig as FabricOptions;
 use super::options::Notify;
+
+/// The endpoint peers write to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Receiver {
+    /// The data lane's: a ping-pong goes both ways on one connection.
+    DataLane,
+    /// One that only receives, so that each pair of endpoints is connected
+    /// from one side only: libfabric 1.17's rxm (under tcp and verbs)
+    /// crashes on some simultaneous connects. net has its own connection
+    /// manager, which settles them; shm and efa have no connections.
+    Own,
+}
+
+impl Receiver {
+    fn of(provider: &str) -> Self {
+        if provider.split(';').any(|layer| layer == "ofi_rxm") {
+            Receiver::Own
+        } else {
+            Receiver::DataLane
+        }
+    }
+}
 
 /// The exit status of a process whose libfabric call never returned.
 pub const STUCK_EXIT_CODE: i32 = 70;
@@ -714,9 +739,11 @@ pub struct FabricTransport {
     domain: Arc<Domain>,
     cq: Arc<Cq>,
     av: Arc<Av>,
-    /// The data lane's and the ACK lane's sending endpoints, and the
-    /// receiving one peers write to.
-    eps: [Ep; 3],
+    /// The data lane's and the ACK lane's endpoints, and over rxm a third
+    /// that only receives.
+    eps: Vec<Ep>,
+    /// Which of `eps` peers write to.
+    rx: usize,
     /// Message mode's posted notice buffers (after `eps`: the endpoints
     /// close, cancelling the receives, before the buffers go).
     notices: Option<Notices>,
@@ -825,15 +852,15 @@ impl FabricTransport {
                 )
             })
         };
-        // Endpoints that only send and one that only receives: a
-        // connection-oriented layer (rxm) then connects each pair from one
-        // side only (1.17's rxm crashes on some simultaneous connects).
-        let eps = [
-            open(opts.data)?,
-            open(opts.ack)?,
-            open(super::options::TrafficClass::UNSPEC)?,
-        ];
-        let name = eps[2].name().map_err(fi_err)?;
+        let mut eps = vec![open(opts.data)?, open(opts.ack)?];
+        let rx = match Receiver::of(&provider) {
+            Receiver::DataLane => 0,
+            Receiver::Own => {
+                eps.push(open(super::options::TrafficClass::UNSPEC)?);
+                2
+            }
+        };
+        let name = eps[rx].name().map_err(fi_err)?;
         let local_mr = mr_mode & sys::FI_MR_LOCAL != 0;
         let key_mask = match dom.mr_key_size {
             8.. => u64::MAX,
@@ -843,7 +870,7 @@ impl FabricTransport {
         let notices = match notify {
             Notify::Message => Some(Notices::post(
                 &domain,
-                &eps[2],
+                &eps[rx],
                 local_mr.then_some(key_base),
             )?),
             _ => None,
@@ -873,6 +900,7 @@ impl FabricTransport {
             cq,
             av,
             eps,
+            rx,
             notices,
             name,
             addrs: vec![fi::ADDR_NOTAVAIL; world],
@@ -1420,7 +1448,7 @@ impl Transport for FabricTransport {
         self.check_usable()?;
         let _inside = self.watchdog.as_ref().map(watchdog::Watchdog::enter);
         if let Some(n) = &mut self.notices {
-            n.retry(&self.eps[2]).map_err(fi_err)?;
+            n.retry(&self.eps[self.rx]).map_err(fi_err)?;
         }
         loop {
             let n = match self.cq.read(&mut self.entries) {
@@ -1446,7 +1474,7 @@ impl Transport for FabricTransport {
                 } else if let Some(i) = self.notices.as_ref().and_then(|n| n.index_of(e.op_context))
                 {
                     let notices = self.notices.as_mut().expect("index_of found it");
-                    let [data, key] = notices.take(&self.eps[2], i).map_err(fi_err)?;
+                    let [data, key] = notices.take(&self.eps[self.rx], i).map_err(fi_err)?;
                     if e.len != NOTICE_BYTES {
                         return Err(TransportError::os(
                             "reading a write's notice",

@@ -583,3 +583,12 @@ fn a_write_meant_for_another_process_lands_nowhere() {
         }
     }
 }
+
+#[test]
+fn peers_write_to_the_data_lane_except_over_rxm() {
+    assert_eq!(Receiver::of("net"), Receiver::DataLane);
+    assert_eq!(Receiver::of("shm"), Receiver::DataLane);
+    assert_eq!(Receiver::of("efa"), Receiver::DataLane);
+    assert_eq!(Receiver::of("tcp;ofi_rxm"), Receiver::Own);
+    assert_eq!(Receiver::of("verbs;ofi_rxm"), Receiver::Own);
+}
