@@ -196,7 +196,7 @@ impl Channel<'_> {
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
             let late = self.comm.now() >= deadline;
-            let lost = self.comm.lost_snapshot(late);
+            let lost = self.comm.lost_at_deadline(late);
             if let Some(round) = self.try_send(msgs)? {
                 return Ok(round);
             }
@@ -250,7 +250,7 @@ impl Channel<'_> {
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
             let late = self.comm.now() >= deadline;
-            let lost = self.comm.lost_snapshot(late);
+            let lost = self.comm.lost_at_deadline(late);
             if self.is_sent(round)? {
                 return Ok(());
             }
@@ -297,7 +297,7 @@ impl Channel<'_> {
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
             let late = self.comm.now() >= deadline;
-            let lost = self.comm.lost_snapshot(late);
+            let lost = self.comm.lost_at_deadline(late);
             if let Some(r) = self.try_recv()? {
                 return Ok(r);
             }

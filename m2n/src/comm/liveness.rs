@@ -43,7 +43,9 @@ pub(crate) struct Liveness {
     links: Vec<Link>,
     timeout: Duration,
     interval: Duration,
-    last_poll: Instant,
+    /// When `poll` next looks at the links (a comparison per call, no
+    /// arithmetic: it runs in every pass of a polling loop).
+    next_poll: Instant,
     /// Per link: the last `poll` found something to read on it.
     ready: Vec<bool>,
     /// The `poll(2)` table, kept between calls (no allocation per poll).
@@ -198,7 +200,7 @@ impl Liveness {
             links,
             timeout,
             interval,
-            last_poll: now,
+            next_poll: now + POLL_EVERY,
             ready: Vec::with_capacity(n),
             fds: Vec::with_capacity(n),
             any_lost: false,
@@ -212,10 +214,10 @@ impl Liveness {
     /// read: one system call per [`POLL_EVERY`] whatever M x N, plus a
     /// heartbeat per link per interval.
     pub fn poll(&mut self, now: Instant, force: bool) {
-        if !force && now.saturating_duration_since(self.last_poll) < POLL_EVERY {
+        if !force && now < self.next_poll {
             return;
         }
-        self.last_poll = now;
+        self.next_poll = now + POLL_EVERY;
         self.ready.clear();
         self.ready.resize(self.links.len(), false);
         if self.poll_fds().is_err() {

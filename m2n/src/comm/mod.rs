@@ -663,6 +663,18 @@ impl Communicator {
             .collect()
     }
 
+    /// For a blocking call's loop, whose `try_*` checks the peers it waits
+    /// for itself: nothing before the deadline; at it, liveness read at
+    /// once (see [`lost_snapshot`](Self::lost_snapshot)), so that a peer
+    /// found dead then is reported as lost rather than as a timeout.
+    pub(super) fn lost_at_deadline(&mut self, late: bool) -> Vec<(usize, Lost)> {
+        if late {
+            self.lost_snapshot(true)
+        } else {
+            Vec::new()
+        }
+    }
+
     /// `PeerLost` for the first of `indices` (other-side ranks) that was
     /// lost in `snapshot`. A peer that left (rather than hung) may still
     /// have data in flight on the transport (tcp can deliver it after the

@@ -1016,10 +1016,30 @@ impl FabricTransport {
     /// Posts each lane's train: every write but the last with `FI_MORE`.
     /// A write the provider cannot take now stays queued for the next call.
     fn flush(&mut self) {
-        if self._fabric.is_wedged() {
+        // Most calls find nothing queued (a polling loop's): no call into
+        // the provider, so nothing to watch.
+        if self.batch.iter().all(Vec::is_empty) || self._fabric.is_wedged() {
             return;
         }
-        let _inside = self.watchdog.as_ref().map(watchdog::Watchdog::enter);
+        self.watched(Self::post_batches);
+    }
+
+    /// Runs `f`, which calls into the provider, under the watchdog: the
+    /// watchdog is lent out of `self` for the call, so that its guard (a
+    /// borrow) and `f`'s `&mut self` do not overlap.
+    fn watched<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let dog = self.watchdog.take();
+        let r = {
+            let _inside = dog.as_ref().map(watchdog::Watchdog::enter);
+            f(self)
+        };
+        self.watchdog = dog;
+        r
+    }
+
+    /// Posts the queued writes of both lanes, in order, as far as the
+    /// provider takes them (see [`flush`](Self::flush)).
+    fn post_batches(&mut self) {
         for lane in 0..2 {
             let n = self.batch[lane].len();
             let mut posted = 0;
@@ -1214,6 +1234,74 @@ impl FabricTransport {
             let text = self.cq.err_text(e);
             self.close_peer(op.peer, format!("write failed: {text}"));
         }
+    }
+
+    /// Reads the completion queue dry into `out` (see `poll`).
+    fn read_completions(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {
+        if let Some(n) = &mut self.notices {
+            n.retry(&self.eps[self.rx]).map_err(fi_err)?;
+        }
+        loop {
+            let n = match self.cq.read(&mut self.entries) {
+                Ok(n) => n,
+                Err(e) if e.code == sys::FI_EAVAIL as i32 => {
+                    while let Some(err) = self.cq.read_err() {
+                        self.on_error(&err);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(fi_err(e)),
+            };
+            self.counters.cq_polls += 1;
+            self.counters.completions += n as u64;
+            for i in 0..n {
+                let e = self.entries[i];
+                if e.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0 {
+                    out.push(Completion::Arrived {
+                        peer: super::PEER_IN_IMMEDIATE,
+                        imm: e.data as u32,
+                        len: (e.data >> 32) as usize,
+                    });
+                } else if let Some(i) = self.notices.as_ref().and_then(|n| n.index_of(e.op_context))
+                {
+                    let notices = self.notices.as_mut().expect("index_of found it");
+                    let [data, key] = notices.take(&self.eps[self.rx], i).map_err(fi_err)?;
+                    if e.len != NOTICE_BYTES {
+                        return Err(TransportError::os(
+                            "reading a write's notice",
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!("{} bytes arrived (notices are {NOTICE_BYTES})", e.len),
+                            ),
+                        ));
+                    }
+                    self.counters.recv_posts += 1;
+                    if !self.remote_keys.contains(&key) {
+                        // The notice of a write meant for another process
+                        // (see `next_key`), which the provider refused.
+                        continue;
+                    }
+                    out.push(Completion::Arrived {
+                        peer: super::PEER_IN_IMMEDIATE,
+                        imm: data as u32,
+                        len: (data >> 32) as usize,
+                    });
+                } else if let Some(slot) = self.contexts.slot_of(e.op_context) {
+                    if let Some(op) = self.contexts.release(slot) {
+                        if op.report {
+                            self.done.push(Completion::WriteDone {
+                                wr_id: op.user_wr_id,
+                            });
+                        }
+                    }
+                }
+            }
+            if n < self.entries.len() {
+                break;
+            }
+        }
+        out.append(&mut self.done);
+        Ok(())
     }
 }
 
@@ -1446,71 +1534,7 @@ impl Transport for FabricTransport {
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {
         self.flush();
         self.check_usable()?;
-        let _inside = self.watchdog.as_ref().map(watchdog::Watchdog::enter);
-        if let Some(n) = &mut self.notices {
-            n.retry(&self.eps[self.rx]).map_err(fi_err)?;
-        }
-        loop {
-            let n = match self.cq.read(&mut self.entries) {
-                Ok(n) => n,
-                Err(e) if e.code == sys::FI_EAVAIL as i32 => {
-                    while let Some(err) = self.cq.read_err() {
-                        self.on_error(&err);
-                    }
-                    continue;
-                }
-                Err(e) => return Err(fi_err(e)),
-            };
-            self.counters.cq_polls += 1;
-            self.counters.completions += n as u64;
-            for i in 0..n {
-                let e = self.entries[i];
-                if e.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0 {
-                    out.push(Completion::Arrived {
-                        peer: super::PEER_IN_IMMEDIATE,
-                        imm: e.data as u32,
-                        len: (e.data >> 32) as usize,
-                    });
-                } else if let Some(i) = self.notices.as_ref().and_then(|n| n.index_of(e.op_context))
-                {
-                    let notices = self.notices.as_mut().expect("index_of found it");
-                    let [data, key] = notices.take(&self.eps[self.rx], i).map_err(fi_err)?;
-                    if e.len != NOTICE_BYTES {
-                        return Err(TransportError::os(
-                            "reading a write's notice",
-                            std::io::Error::new(
-                                std::io::ErrorKind::InvalidData,
-                                format!("{} bytes arrived (notices are {NOTICE_BYTES})", e.len),
-                            ),
-                        ));
-                    }
-                    self.counters.recv_posts += 1;
-                    if !self.remote_keys.contains(&key) {
-                        // The notice of a write meant for another process
-                        // (see `next_key`), which the provider refused.
-                        continue;
-                    }
-                    out.push(Completion::Arrived {
-                        peer: super::PEER_IN_IMMEDIATE,
-                        imm: data as u32,
-                        len: (data >> 32) as usize,
-                    });
-                } else if let Some(slot) = self.contexts.slot_of(e.op_context) {
-                    if let Some(op) = self.contexts.release(slot) {
-                        if op.report {
-                            self.done.push(Completion::WriteDone {
-                                wr_id: op.user_wr_id,
-                            });
-                        }
-                    }
-                }
-            }
-            if n < self.entries.len() {
-                break;
-            }
-        }
-        out.append(&mut self.done);
-        Ok(())
+        self.watched(|t| t.read_completions(out))
     }
 }
 
