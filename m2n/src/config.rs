@@ -28,6 +28,7 @@
 //! | `M2N_FI_PROVIDER`, `M2N_FI_DOMAIN` | fabric: libfabric provider (`tcp`, `shm`, `verbs`, `efa`, or a stack like `tcp;ofi_rxm`) and domain (`lo`, `rxe0`) | the first `fi_getinfo` offers with RMA writes carrying remote CQ data |
 //! | `M2N_FI_DATA_TCLASS`, `M2N_FI_ACK_TCLASS` | fabric: `FI_TC_*` class per lane's endpoint (`unspec`, `low_latency`, `bulk_data`, ..., `dscp:N`) | `unspec`, `low_latency` |
 //! | `M2N_FI_NOTIFY` | fabric: how a receiver learns of a write and its length: `cq-data` (8 bytes of remote CQ data on the write), `message` (a 16-byte message after it, ordered by `FI_ORDER_SAW`: for rxm over verbs, with 4), or `auto` (`cq-data` where the provider has 8 bytes) | `auto` |
+//! | `M2N_FI_CREDIT_RIDE` | fabric: a credit due on the ACK lane rides in a data write to the same peer queued in the same pass (one provider write naming both ranges) when at most 16 KiB of writes to that peer are in flight ahead of it, instead of going as a write of its own on the ACK lane's endpoint: `auto` (where the provider's traffic classes do not reach the wire, so that endpoint buys credits no priority: `net`, `tcp`, `shm`, `sockets`, `udp`), `0` (never), `1` (wherever the provider takes two ranges per write). Unlike `M2N_CREDIT_PIGGYBACK` it never holds a credit back | `auto` |
 //! | `M2N_FI_STUCK_MS` | fabric: how long one libfabric call may run before the watchdog breaks it off (signal `SIGRTMAX-4`) and the caller gets `PeerLost` (a peer that died inside the provider, e.g. holding shm's lock, leaves it spinning there); still inside as long again, the process exits with status 70; 0: never | 10000 |
 //! | `M2N_CUDA_DEVICE` | the GPU whose memory holds the receive rings (cuda-ipc, `M2N_GPU_RINGS`) | 0 |
 //! | `M2N_GPU_RINGS` | `1`: verbs receive rings in GPU memory (GPUDirect RDMA); cuda-ipc's always are; shm and tcp refuse | 0 |
@@ -348,6 +349,9 @@ impl Config {
             "M2N_FI_DATA_TCLASS" => self.fabric.data = var.value.parse().map_err(|e| var.err(e))?,
             "M2N_FI_ACK_TCLASS" => self.fabric.ack = var.value.parse().map_err(|e| var.err(e))?,
             "M2N_FI_NOTIFY" => self.fabric.notify = var.value.parse().map_err(|e| var.err(e))?,
+            "M2N_FI_CREDIT_RIDE" => {
+                self.fabric.credit_ride = var.value.parse().map_err(|e| var.err(e))?
+            }
             "M2N_FI_STUCK_MS" => self.fabric.stuck_after = Some(var.ms()?).filter(|d| !d.is_zero()),
             _ => return Ok(false),
         }
@@ -513,6 +517,18 @@ mod tests {
         let stuck = |v: &str| env(&[("M2N_FI_STUCK_MS", v)]).unwrap().fabric.stuck_after;
         assert_eq!(stuck("2500"), Some(Duration::from_millis(2500)));
         assert_eq!(stuck("0"), None);
+        let ride = |v: &str| {
+            env(&[("M2N_FI_CREDIT_RIDE", v)])
+                .unwrap()
+                .fabric
+                .credit_ride
+        };
+        use crate::transport::options::CreditRide;
+        assert_eq!(
+            [ride("auto"), ride("0"), ride("1")],
+            [CreditRide::Auto, CreditRide::Never, CreditRide::Always]
+        );
+        assert_eq!(Config::default().fabric.credit_ride, CreditRide::Auto);
         let notify = |v: &str| env(&[("M2N_FI_NOTIFY", v)]).unwrap().fabric.notify;
         use crate::transport::options::Notify;
         assert_eq!(
@@ -535,6 +551,7 @@ mod tests {
             ("M2N_PEER_TIMEOUT_MS", "-1"),
             ("M2N_FI_STUCK_MS", "soon"),
             ("M2N_FI_NOTIFY", "pigeon"),
+            ("M2N_FI_CREDIT_RIDE", "yes"),
             ("M2N_WAIT", "nap"),
             ("M2N_DEPHT", "4"),
             ("M2N_TCP_ACK_DSCP", "64"),

@@ -291,7 +291,7 @@ fn wire_up(
         transport.alloc_ring(ring_bytes)
     }
     .map_err(t)?;
-    let credits = transport.alloc(8 * theirs).map_err(t)?;
+    let credits = transport.alloc(super::CREDIT_BYTES * theirs).map_err(t)?;
     let credit_src = transport.alloc(8).map_err(t)?;
     let published = setup::Published {
         endpoint: transport.endpoint(),

@@ -75,6 +75,23 @@ impl<'a> Msg<'a> {
     };
 }
 
+/// Bytes of a sender's credit region per receiver rank: two credit words,
+/// one per lane the receiver writes them on (each only grows: writes on one
+/// lane land in order), and the sender's credit from that receiver is the
+/// larger. One word for both would go back when a credit on one lane
+/// lands after a newer one on the other.
+pub(crate) const CREDIT_BYTES: usize = 16;
+
+/// The offset, in a sender's credit region, of receiver `rank`'s credit
+/// word on `lane`.
+fn credit_word(rank: usize, lane: Lane) -> usize {
+    rank * CREDIT_BYTES
+        + match lane {
+            Lane::Ack => 0,
+            Lane::Data => 8,
+        }
+}
+
 /// A received round: every sender's message is in the ring. Read the
 /// messages with [`Communicator::message`], then hand it back with
 /// [`Channel::release`] so the senders may reuse the slots.
@@ -522,12 +539,6 @@ impl Communicator {
         if self.recv.credit_owed.is_empty() {
             return Ok(false);
         }
-        let my_slot = self.rank * 8;
-        let lane = if self.config.credit_piggyback {
-            Lane::Data
-        } else {
-            Lane::Ack
-        };
         let mut owed = std::mem::take(&mut self.recv.credit_owed);
         let mut result = Ok(true);
         let mut posted = 0;
@@ -535,17 +546,25 @@ impl Communicator {
             if result.is_err() {
                 return true;
             }
+            let peer_global = self.shape.global(self.other_side(0).role, sender);
+            // On the ACK lane; on the data lane when piggybacked, or where
+            // the transport has it ride in a data write queued this pass.
+            let lane =
+                if self.config.credit_piggyback || self.transport.credit_rides(peer_global, 8) {
+                    Lane::Data
+                } else {
+                    Lane::Ack
+                };
             let req = WriteRequest {
                 local: self.recv.credit_src.id(),
                 local_offset: 0,
                 len: 8,
                 remote: self.recv.credit_dst[sender],
-                remote_offset: my_slot,
+                remote_offset: credit_word(self.rank, lane),
                 imm: None,
                 wr_id: u64::MAX,
                 signaled: false,
             };
-            let peer_global = self.shape.global(self.other_side(0).role, sender);
             // SAFETY: the credit word only ever grows and any value of it is a
             // valid credit, so changes while in flight are harmless.
             match unsafe { self.transport.post_write(peer_global, lane, &req) } {
@@ -619,7 +638,11 @@ impl Communicator {
     fn read_credits(&mut self) -> Result<bool> {
         let mut moved = false;
         for r in 0..self.send.rings.len() {
-            let v = self.send.credits.load_u64(r * 8);
+            let v = [Lane::Ack, Lane::Data]
+                .map(|lane| self.send.credits.load_u64(credit_word(r, lane)))
+                .into_iter()
+                .max()
+                .expect("two words");
             if v > self.send.proto.credit(r) {
                 if let Err(source) = self.send.proto.on_credit(r, v) {
                     let peer = self.other_side(r);

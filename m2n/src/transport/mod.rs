@@ -679,6 +679,15 @@ pub trait Transport: Send + fmt::Debug {
     fn peer_drained(&self, _peer: usize) -> bool {
         true
     }
+
+    /// Whether an unsignalled `len`-byte write to `peer` (a credit), posted
+    /// now on the data lane, would ride in a data write to `peer` already
+    /// queued there, and should: the transport then sends it inside that
+    /// write instead of as a write of its own on the ACK lane, where that
+    /// lane buys it no priority. No by default.
+    fn credit_rides(&self, _peer: usize, _len: usize) -> bool {
+        false
+    }
 }
 
 /// Identifies this boot of this host, so processes on different hosts (or

@@ -223,6 +223,43 @@ impl std::str::FromStr for Notify {
     }
 }
 
+/// Whether a credit on the ACK lane may ride in a data write to the same
+/// peer (`M2N_FI_CREDIT_RIDE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditRide {
+    /// Where the provider's traffic classes do not reach the wire (`net`,
+    /// `tcp`, `shm`, `sockets`, `udp`: there the ACK lane's own endpoint
+    /// buys credits no priority), and never elsewhere (`verbs;ofi_rxm`
+    /// maps them onto the GRH traffic class; `efa`).
+    Auto,
+    /// Never: a credit is always a write of its own on the ACK lane.
+    Never,
+    /// Over any provider that takes two ranges per write.
+    Always,
+}
+
+impl CreditRide {
+    pub fn name(self) -> &'static str {
+        match self {
+            CreditRide::Auto => "auto",
+            CreditRide::Never => "0",
+            CreditRide::Always => "1",
+        }
+    }
+}
+
+impl std::str::FromStr for CreditRide {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "auto" => Ok(CreditRide::Auto),
+            "0" => Ok(CreditRide::Never),
+            "1" => Ok(CreditRide::Always),
+            other => Err(format!("expected auto, 0 or 1, not {other:?}")),
+        }
+    }
+}
+
 /// Settings of the fabric (libfabric) transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FabricConfig {
@@ -252,6 +289,8 @@ pub struct FabricConfig {
     pub stuck_after: Option<std::time::Duration>,
     /// How receivers learn of writes (`M2N_FI_NOTIFY`).
     pub notify: Notify,
+    /// Whether ACK-lane credits ride in data writes (`M2N_FI_CREDIT_RIDE`).
+    pub credit_ride: CreditRide,
 }
 
 impl Default for FabricConfig {
@@ -265,6 +304,7 @@ impl Default for FabricConfig {
             cuda_device: 0,
             stuck_after: Some(std::time::Duration::from_secs(10)),
             notify: Notify::Auto,
+            credit_ride: CreditRide::Auto,
         }
     }
 }

@@ -78,10 +78,24 @@ const MAX_BATCH: usize = 64;
 const FLUSH_AT: usize = 16;
 /// No completion context (an injected write nobody waits for).
 const NO_SLOT: u32 = u32::MAX;
+/// The most bytes of writes to a peer, in flight or queued, that a credit
+/// riding in a data write to it may queue behind (see
+/// [`FabricTransport::ride_acks`]).
+const RIDE_BEHIND: usize = 16 << 10;
 
 /// Settings of the fabric transport (`M2N_FI_*`).
 pub use super::options::FabricConfig as FabricOptions;
-use super::options::Notify;
+use super::options::{CreditRide, Notify};
+
+/// Whether `provider`'s traffic classes stay on the host (`net` and `tcp`
+/// use them only to choose `TCP_NODELAY`, `shm` has no wire): the ACK
+/// lane's own endpoint then buys credits no priority.
+fn classes_stay_on_host(provider: &str) -> bool {
+    matches!(
+        provider.split(';').next(),
+        Some("net" | "tcp" | "shm" | "sockets" | "udp")
+    )
+}
 
 /// The endpoint peers write to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,6 +415,8 @@ struct InFlight {
     user_wr_id: u64,
     report: bool,
     peer: usize,
+    /// The write's bytes (see [`Contexts::bytes_to`]).
+    len: usize,
     _keep: Arc<dyn LocalMemory>,
     /// The source of a credit that rides in this write.
     _rider: Option<Arc<dyn LocalMemory>>,
@@ -447,6 +463,10 @@ struct Contexts {
     ctx: Box<[sys::fi_context2]>,
     ops: Vec<Option<InFlight>>,
     free: Vec<u32>,
+    /// Bytes of the writes to each peer that hold a context (queued or
+    /// posted, not yet complete): what a credit riding in a new write to
+    /// that peer may queue behind.
+    bytes_to: Vec<usize>,
     /// The context of writes without completion.
     spare: Box<sys::fi_context2>,
 }
@@ -466,11 +486,12 @@ impl std::fmt::Debug for Contexts {
 }
 
 impl Contexts {
-    fn new(n: usize) -> Self {
+    fn new(n: usize, peers: usize) -> Self {
         Self {
             ctx: (0..n).map(|_| sys::fi_context2::default()).collect(),
             ops: (0..n).map(|_| None).collect(),
             free: (0..n as u32).rev().collect(),
+            bytes_to: vec![0; peers],
             spare: Box::default(),
         }
     }
@@ -490,6 +511,7 @@ impl Contexts {
     /// A free slot for `op`, or `None` when all are in flight.
     fn claim(&mut self, op: InFlight) -> Option<u32> {
         let slot = self.free.pop()?;
+        self.bytes_to[op.peer] += op.len;
         self.ops[slot as usize] = Some(op);
         Some(slot)
     }
@@ -504,8 +526,9 @@ impl Contexts {
 
     fn release(&mut self, slot: usize) -> Option<InFlight> {
         let op = self.ops[slot].take();
-        if op.is_some() {
+        if let Some(op) = &op {
             self.free.push(slot as u32);
+            self.bytes_to[op.peer] -= op.len;
         }
         op
     }
@@ -772,6 +795,10 @@ pub struct FabricTransport {
     /// `iov_limit` and `rma_iov_limit`): a credit then rides in the data
     /// write it is queued behind.
     two_ranges: bool,
+    /// A credit may leave the ACK lane to ride in a data write to the same
+    /// peer (see [`Transport::credit_rides`]), where that lane's own
+    /// endpoint buys it no priority (`M2N_FI_CREDIT_RIDE`).
+    ride_acks: bool,
     hmem: bool,
     locals: LocalRegions,
     imports: Vec<Imported>,
@@ -883,6 +910,13 @@ impl FabricTransport {
             .map(|limit| watchdog::Watchdog::start(limit, escape, exit_stuck(provider.clone())))
             .transpose()
             .map_err(|e| TransportError::os("spawning the fabric watchdog thread", e))?;
+        let ride_acks = two_ranges
+            && notify != Notify::Message
+            && match opts.credit_ride {
+                CreditRide::Never => false,
+                CreditRide::Always => true,
+                CreditRide::Auto => classes_stay_on_host(&provider),
+            };
         if me == 0 {
             eprintln!(
                 "m2n: fabric transport: provider {provider} (fabric {fabric_name}, domain {domain_name}{}{})",
@@ -911,11 +945,12 @@ impl FabricTransport {
             remote_keys: Vec::new(),
             inject_size,
             two_ranges,
+            ride_acks,
             hmem,
             locals: LocalRegions::default(),
             imports: Vec::new(),
             closed: vec![None; world],
-            contexts: Contexts::new(opts.tx_depth),
+            contexts: Contexts::new(opts.tx_depth, world),
             batch: [Vec::with_capacity(MAX_BATCH), Vec::with_capacity(MAX_BATCH)],
             // Writes reported done between two polls: completions read
             // (up to the contexts) and injected writes done when posted
@@ -1317,12 +1352,17 @@ impl Transport for FabricTransport {
     /// Provider, fabric, domain and inject size in use.
     fn describe(&self) -> String {
         format!(
-            "fabric provider {} on fabric {}, domain {}, inject {} B, ack class {}{}",
+            "fabric provider {} on fabric {}, domain {}, inject {} B, ack class {}{}{}",
             self.provider,
             self.fabric_name,
             self.domain_name,
             self.inject_size,
             self.opts.ack.name(),
+            if self.ride_acks {
+                ", credits ride in data writes"
+            } else {
+                ""
+            },
             if self.hmem { ", FI_HMEM" } else { "" }
         )
     }
@@ -1488,6 +1528,7 @@ impl Transport for FabricTransport {
                 user_wr_id: req.wr_id,
                 report: req.signaled,
                 peer,
+                len: req.len,
                 _keep: local,
                 _rider: None,
             };
@@ -1529,6 +1570,31 @@ impl Transport for FabricTransport {
     /// after the peer timeout, its writes delivered meanwhile.
     fn peer_drained(&self, _peer: usize) -> bool {
         false
+    }
+
+    /// Where credits may ride (`ride_acks`): a data write to `peer` is
+    /// queued that carries CQ data and that the pair leaves injectable if
+    /// it is injected (see [`rider_of`](Self::rider_of)), and at most
+    /// [`RIDE_BEHIND`] bytes of writes to `peer` are in flight or queued,
+    /// so that a credit does not wait behind bulk data on the peer's
+    /// connection, as it would not on the ACK lane's.
+    fn credit_rides(&self, peer: usize, len: usize) -> bool {
+        if !self.ride_acks
+            || self
+                .contexts
+                .bytes_to
+                .get(peer)
+                .is_none_or(|&b| b > RIDE_BEHIND)
+        {
+            return false;
+        }
+        self.batch[lane_index(Lane::Data)].iter().any(|p| {
+            p.peer == peer
+                && !p.written
+                && !p.merged
+                && p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0
+                && (p.flags & sys::FI_INJECT as u64 == 0 || p.len + len <= self.inject_size)
+        })
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {

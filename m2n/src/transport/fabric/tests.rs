@@ -258,6 +258,102 @@ fn credits_ride_in_the_data_write_before_them() {
     }
 }
 
+/// A credit may leave the ACK lane for a data write to the same peer
+/// queued before it (`M2N_FI_CREDIT_RIDE`): by default over the host
+/// providers (their traffic classes stay on the host), never with `0`;
+/// only beside a data write to that peer with CQ data, and not behind
+/// more than 16 KiB of writes to it in flight.
+#[test]
+fn credits_leave_the_ack_lane_only_to_ride() {
+    for (provider, ride) in [
+        ("net", CreditRide::Auto),
+        ("shm", CreditRide::Auto),
+        ("tcp", CreditRide::Auto),
+        ("net", CreditRide::Never),
+        ("shm", CreditRide::Never),
+    ] {
+        let o = FabricOptions {
+            credit_ride: ride,
+            ..opts(provider)
+        };
+        let mut a = FabricTransport::new(0, 2, o.clone()).unwrap();
+        let mut b = FabricTransport::new(1, 2, o).unwrap();
+        let (ea, eb) = (a.endpoint(), b.endpoint());
+        a.connect(1, &eb).unwrap();
+        b.connect(0, &ea).unwrap();
+        let on = ride == CreditRide::Auto;
+        assert_eq!(a.ride_acks, on, "{provider} {ride:?}");
+        assert_eq!(
+            a.describe().contains("credits ride"),
+            on,
+            "{provider}: {}",
+            a.describe()
+        );
+        let src = a.alloc(1 << 20).unwrap();
+        let ring = b.alloc(1 << 20).unwrap();
+        let remote = a.import(1, ring.descriptor()).unwrap();
+        // Nothing queued: nothing to ride in.
+        assert!(!a.credit_rides(1, 8), "{provider}");
+        // A peer out of range never rides.
+        assert!(!a.credit_rides(7, 8), "{provider}");
+        let post = |a: &mut FabricTransport, b: &mut FabricTransport, req: &WriteRequest| loop {
+            // SAFETY: src is not modified until the transports drop.
+            match unsafe { a.post_write(1, Lane::Data, req) } {
+                Ok(()) => break,
+                Err(TransportError::WouldBlock) => {
+                    a.poll(&mut Vec::new()).unwrap();
+                    b.poll(&mut Vec::new()).unwrap();
+                }
+                Err(e) => panic!("{provider}: {e}"),
+            }
+        };
+        // A small data write with CQ data is queued: a credit rides in it.
+        post(
+            &mut a,
+            &mut b,
+            &WriteRequest::test(&src, remote, 0, 8, Some(1), 1),
+        );
+        assert_eq!(a.credit_rides(1, 8), on, "{provider} {ride:?}");
+        // ... but not one to another peer.
+        assert!(!a.credit_rides(0, 8), "{provider}");
+        drive(&mut a, &mut b, |ca, cb| {
+            !cb.is_empty() && ca.contains(&Completion::WriteDone { wr_id: 1 })
+        });
+        assert!(!a.credit_rides(1, 8), "{provider}: sent, nothing queued");
+        // A write without CQ data (another credit) carries none.
+        let bare = WriteRequest {
+            signaled: false,
+            ..WriteRequest::test(&src, remote, 64, 8, None, 0)
+        };
+        post(&mut a, &mut b, &bare);
+        assert!(!a.credit_rides(1, 8), "{provider}: no data write queued");
+        a.poll(&mut Vec::new()).unwrap();
+        // Behind 1 MiB queued to the peer (its completion not read yet):
+        // the credit keeps to the ACK lane.
+        post(
+            &mut a,
+            &mut b,
+            &WriteRequest::test(&src, remote, 0, 1 << 20, Some(2), 2),
+        );
+        assert!(!a.credit_rides(1, 8), "{provider}: behind 1 MiB");
+        drive(&mut a, &mut b, |ca, cb| {
+            !cb.is_empty() && ca.contains(&Completion::WriteDone { wr_id: 2 })
+        });
+        assert_eq!(a.contexts.bytes_to[1], 0, "{provider}: none in flight");
+        // 8 KiB (past every inject size here: a completion asked, the
+        // source kept alive until it): rides.
+        post(
+            &mut a,
+            &mut b,
+            &WriteRequest::test(&src, remote, 0, 8192, Some(3), 3),
+        );
+        assert_eq!(a.credit_rides(1, 8), on, "{provider}: behind 8 KiB");
+        drive(&mut a, &mut b, |ca, cb| {
+            !cb.is_empty() && ca.contains(&Completion::WriteDone { wr_id: 3 })
+        });
+    }
+}
+
 /// Unsignalled small writes (credits) are injected and ask for no
 /// completion; a train of them goes out in one post sequence.
 #[test]
