@@ -20,10 +20,14 @@ fn pair(provider: &str) -> (FabricTransport, FabricTransport) {
 
 /// Two connected transports over `provider` that notify writes by `notify`.
 fn pair_notified(provider: &str, notify: Notify) -> (FabricTransport, FabricTransport) {
-    let o = FabricOptions {
+    pair_with(FabricOptions {
         notify,
         ..opts(provider)
-    };
+    })
+}
+
+/// Two connected transports in this process with options `o`.
+fn pair_with(o: FabricOptions) -> (FabricTransport, FabricTransport) {
     let mut a = FabricTransport::new(0, 2, o.clone()).unwrap();
     let mut b = FabricTransport::new(1, 2, o).unwrap();
     let (ea, eb) = (a.endpoint(), b.endpoint());
@@ -272,15 +276,10 @@ fn credits_leave_the_ack_lane_only_to_ride() {
         ("net", CreditRide::Never),
         ("shm", CreditRide::Never),
     ] {
-        let o = FabricOptions {
+        let (mut a, mut b) = pair_with(FabricOptions {
             credit_ride: ride,
             ..opts(provider)
-        };
-        let mut a = FabricTransport::new(0, 2, o.clone()).unwrap();
-        let mut b = FabricTransport::new(1, 2, o).unwrap();
-        let (ea, eb) = (a.endpoint(), b.endpoint());
-        a.connect(1, &eb).unwrap();
-        b.connect(0, &ea).unwrap();
+        });
         let on = ride == CreditRide::Auto;
         assert_eq!(a.ride_acks, on, "{provider} {ride:?}");
         assert_eq!(
