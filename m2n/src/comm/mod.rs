@@ -638,11 +638,10 @@ impl Communicator {
     fn read_credits(&mut self) -> Result<bool> {
         let mut moved = false;
         for r in 0..self.send.rings.len() {
-            let v = [Lane::Ack, Lane::Data]
-                .map(|lane| self.send.credits.load_u64(credit_word(r, lane)))
-                .into_iter()
-                .max()
-                .expect("two words");
+            let credits = &self.send.credits;
+            let v = credits
+                .load_u64(credit_word(r, Lane::Ack))
+                .max(credits.load_u64(credit_word(r, Lane::Data)));
             if v > self.send.proto.credit(r) {
                 if let Err(source) = self.send.proto.on_credit(r, v) {
                     let peer = self.other_side(r);

@@ -1216,10 +1216,9 @@ impl FabricTransport {
     /// source alive by).
     fn rider_of(&self, lane: usize, at: usize) -> Option<usize> {
         let p = &self.batch[lane][at];
-        if !self.two_ranges || p.written || p.flags & sys::FI_REMOTE_CQ_DATA as u64 == 0 {
+        if !self.can_carry(p, 0) {
             return None;
         }
-        let injected = p.flags & sys::FI_INJECT as u64 != 0;
         let r = at
             + 1
             + self.batch[lane][at + 1..].iter().position(|q| {
@@ -1229,8 +1228,18 @@ impl FabricTransport {
                     && q.done_at_post.is_none()
                     && q.flags & sys::FI_REMOTE_CQ_DATA as u64 == 0
             })?;
-        let q = &self.batch[lane][r];
-        (!injected || p.len + q.len <= self.inject_size).then_some(r)
+        self.can_carry(p, self.batch[lane][r].len).then_some(r)
+    }
+
+    /// Whether queued write `p` can carry a rider of `len` bytes: a data
+    /// write (with CQ data) not yet posted, where the provider takes two
+    /// ranges per write, that stays injectable if it is injected (an
+    /// injected write has no completion to keep a rider's source alive by).
+    fn can_carry(&self, p: &Pending, len: usize) -> bool {
+        self.two_ranges
+            && !p.written
+            && p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0
+            && (p.flags & sys::FI_INJECT as u64 == 0 || p.len + len <= self.inject_size)
     }
 
     /// Message mode: the notice of write `p`, injected on the
@@ -1573,8 +1582,8 @@ impl Transport for FabricTransport {
     }
 
     /// Where credits may ride (`ride_acks`): a data write to `peer` is
-    /// queued that carries CQ data and that the pair leaves injectable if
-    /// it is injected (see [`rider_of`](Self::rider_of)), and at most
+    /// queued that can carry the credit (see [`can_carry`](Self::can_carry)),
+    /// and at most
     /// [`RIDE_BEHIND`] bytes of writes to `peer` are in flight or queued,
     /// so that a credit does not wait behind bulk data on the peer's
     /// connection, as it would not on the ACK lane's.
@@ -1588,13 +1597,9 @@ impl Transport for FabricTransport {
         {
             return false;
         }
-        self.batch[lane_index(Lane::Data)].iter().any(|p| {
-            p.peer == peer
-                && !p.written
-                && !p.merged
-                && p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0
-                && (p.flags & sys::FI_INJECT as u64 == 0 || p.len + len <= self.inject_size)
-        })
+        self.batch[lane_index(Lane::Data)]
+            .iter()
+            .any(|p| p.peer == peer && self.can_carry(p, len))
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {

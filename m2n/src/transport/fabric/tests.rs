@@ -36,6 +36,31 @@ fn pair_with(o: FabricOptions) -> (FabricTransport, FabricTransport) {
     (a, b)
 }
 
+/// Posts `req` from `a` to `b` on `lane`, polling both while the provider
+/// cannot take it yet (the first writes wait while it connects).
+///
+/// # Safety
+/// As [`Transport::post_write`]: the source stays unchanged until the
+/// write completes.
+unsafe fn post_retrying(
+    a: &mut FabricTransport,
+    b: &mut FabricTransport,
+    lane: Lane,
+    req: &WriteRequest,
+) {
+    loop {
+        // SAFETY: forwarded contract.
+        match unsafe { a.post_write(1, lane, req) } {
+            Ok(()) => return,
+            Err(TransportError::WouldBlock) => {
+                a.poll(&mut Vec::new()).unwrap();
+                b.poll(&mut Vec::new()).unwrap();
+            }
+            Err(e) => panic!("{}: {e}", a.provider()),
+        }
+    }
+}
+
 fn drive(
     a: &mut FabricTransport,
     b: &mut FabricTransport,
@@ -194,20 +219,9 @@ fn credits_ride_in_the_data_write_before_them() {
                 signaled: false,
                 ..WriteRequest::test(&word, remote_credits, 8, 8, None, 0)
             };
-            // The first writes wait while the provider connects.
             let before = a.counters().work_requests;
-            let mut ca = Vec::new();
-            loop {
-                // SAFETY: sources unchanged until their completions below.
-                match unsafe { a.post_write(1, Lane::Data, &data) } {
-                    Ok(()) => break,
-                    Err(TransportError::WouldBlock) => {
-                        a.poll(&mut ca).unwrap();
-                        b.poll(&mut Vec::new()).unwrap();
-                    }
-                    Err(e) => panic!("{provider}: {e}"),
-                }
-            }
+            // SAFETY: sources unchanged until their completions below.
+            unsafe { post_retrying(&mut a, &mut b, Lane::Data, &data) };
             // SAFETY: as above.
             unsafe { a.post_write(1, Lane::Data, &credit) }.unwrap();
             let (_, cb) = drive(&mut a, &mut b, |ca, cb| {
@@ -295,16 +309,9 @@ fn credits_leave_the_ack_lane_only_to_ride() {
         assert!(!a.credit_rides(1, 8), "{provider}");
         // A peer out of range never rides.
         assert!(!a.credit_rides(7, 8), "{provider}");
-        let post = |a: &mut FabricTransport, b: &mut FabricTransport, req: &WriteRequest| loop {
-            // SAFETY: src is not modified until the transports drop.
-            match unsafe { a.post_write(1, Lane::Data, req) } {
-                Ok(()) => break,
-                Err(TransportError::WouldBlock) => {
-                    a.poll(&mut Vec::new()).unwrap();
-                    b.poll(&mut Vec::new()).unwrap();
-                }
-                Err(e) => panic!("{provider}: {e}"),
-            }
+        // SAFETY: src is not modified until the transports drop.
+        let post = |a: &mut FabricTransport, b: &mut FabricTransport, req: &WriteRequest| unsafe {
+            post_retrying(a, b, Lane::Data, req)
         };
         // A small data write with CQ data is queued: a credit rides in it.
         post(
