@@ -58,7 +58,7 @@ impl Timing {
     pub fn describe(self) -> &'static str {
         match self {
             Timing::Barrier => "per iteration: MPI barrier, then each rank times from leaving the barrier to its part of the round being complete; the sample is the maximum over ranks",
-            Timing::Loop => "iterations back to back after one MPI barrier per size; each rank times an iteration from the end of its previous one to its part of the round being complete (one-way senders: posted, with up to depth rounds in flight); the sample is the maximum over ranks",
+            Timing::Loop => "iterations back to back after one MPI barrier per size; each rank times an iteration from the end of its previous one to its part of the round being complete (one-way senders: posted, with up to depth rounds in flight); the time is the slowest rank's elapsed time over the iterations divided by their number (as nccl-tests -a 3 and fabtests report a loop), the percentiles those of the per-iteration maxima over ranks",
         }
     }
 }
