@@ -57,7 +57,7 @@ use std::sync::Arc;
 
 use m2n_fabric_sys as sys;
 
-use super::segment::Segment;
+use super::segment::PrivateMemory;
 use super::{
     Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Transport,
     TransportCounters, TransportError, TransportKind, WriteRequest,
@@ -1386,9 +1386,9 @@ impl Transport for FabricTransport {
 
     fn alloc(&mut self, len: usize) -> Result<Region, TransportError> {
         self.check_usable()?;
-        let id = self.locals.next_id();
-        let seg = Segment::create(&format!("m2n-fabric-r{}", id.index()), len)?;
-        let base = seg.as_ptr().as_ptr();
+        // Peers never map it: the provider moves the bytes.
+        let mem = PrivateMemory::new(len)?;
+        let base = mem.as_ptr().as_ptr();
         // SAFETY: the segment lives in the same FabricMemory as the MR.
         let mr = unsafe { self.register_mr(base, len, true, None) }?;
         Ok(self.add(
@@ -1396,7 +1396,7 @@ impl Transport for FabricTransport {
                 base,
                 len,
                 _mr: mr,
-                _owner: Some(Box::new(seg)),
+                _owner: Some(Box::new(mem)),
                 device: false,
             },
             true,
