@@ -162,21 +162,21 @@ impl Place {
     }
 }
 
-/// One message of `size` bytes per peer, from consecutive slices of `send`.
-/// A round's messages, one per peer, `size` bytes each from `send`,
-/// handed to `f`: on the stack for up to 16 peers, so that a loop timing
-/// rounds of a microsecond or two does not time the allocator too.
+/// A round's messages, one per peer, `size` bytes each from consecutive
+/// slices of `send`, handed to `f`: on the stack for up to 16 peers, so
+/// that a loop timing rounds of a microsecond or two does not time the
+/// allocator too.
 fn with_msgs<R>(send: &Region, peers: usize, size: usize, f: impl FnOnce(&[Msg<'_>]) -> R) -> R {
     const ON_STACK: usize = 16;
+    let msg = |p: usize| Msg::new(send, p * size, size);
     if peers <= ON_STACK {
         let mut buf = [Msg::EMPTY; ON_STACK];
         for (p, m) in buf[..peers].iter_mut().enumerate() {
-            *m = Msg::new(send, p * size, size);
+            *m = msg(p);
         }
         f(&buf[..peers])
     } else {
-        let msgs: Vec<Msg<'_>> = (0..peers).map(|p| Msg::new(send, p * size, size)).collect();
-        f(&msgs)
+        f(&(0..peers).map(msg).collect::<Vec<_>>())
     }
 }
 

@@ -112,9 +112,8 @@ pub fn sweep(
 struct Measured {
     /// Per iteration, the maximum over ranks (seconds).
     samples: Vec<f64>,
-    /// Loop timing: each rank's time from the first iteration's start to
-    /// the last one's end over the iterations, the largest over ranks
-    /// (seconds).
+    /// Loop timing: each rank's elapsed time over the iterations divided
+    /// by their number, the largest over ranks (seconds).
     loop_mean: Option<f64>,
     /// Wrong bytes over all ranks.
     wrong: u64,

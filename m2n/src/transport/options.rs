@@ -238,16 +238,6 @@ pub enum CreditRide {
     Always,
 }
 
-impl CreditRide {
-    pub fn name(self) -> &'static str {
-        match self {
-            CreditRide::Auto => "auto",
-            CreditRide::Never => "0",
-            CreditRide::Always => "1",
-        }
-    }
-}
-
 impl std::str::FromStr for CreditRide {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -1389,7 +1389,7 @@ impl Transport for FabricTransport {
         // Peers never map it: the provider moves the bytes.
         let mem = PrivateMemory::new(len)?;
         let base = mem.as_ptr().as_ptr();
-        // SAFETY: the segment lives in the same FabricMemory as the MR.
+        // SAFETY: the memory lives in the same FabricMemory as the MR.
         let mr = unsafe { self.register_mr(base, len, true, None) }?;
         Ok(self.add(
             FabricMemory {
