@@ -111,13 +111,24 @@ impl Backoff {
         }
     }
 
+    /// Whether the next empty poll would spin (rather than yield or
+    /// sleep): a caller may poll more cheaply in between while it does.
+    pub fn spinning(&self) -> bool {
+        self.pause_at(self.idle.saturating_add(1)) == Pause::Spin
+    }
+
     fn pause(&self) -> Pause {
+        self.pause_at(self.idle)
+    }
+
+    /// The pause after `idle` empty polls in a row.
+    fn pause_at(&self, idle: u32) -> Pause {
         match self.mode {
             Mode::Policy(WaitPolicy::Spin) => Pause::Spin,
-            Mode::Policy(WaitPolicy::SpinThenYield(n)) if self.idle <= n => Pause::Spin,
+            Mode::Policy(WaitPolicy::SpinThenYield(n)) if idle <= n => Pause::Spin,
             Mode::Policy(_) => Pause::Yield,
-            Mode::Background if self.idle < 64 => Pause::Spin,
-            Mode::Background if self.idle < 1024 => Pause::Yield,
+            Mode::Background if idle < 64 => Pause::Spin,
+            Mode::Background if idle < 1024 => Pause::Yield,
             Mode::Background => Pause::Sleep,
         }
     }
@@ -153,6 +164,20 @@ mod tests {
         assert_eq!(after(Backoff::background(), 63), Pause::Spin);
         assert_eq!(after(Backoff::background(), 64), Pause::Yield);
         assert_eq!(after(Backoff::background(), 1024), Pause::Sleep);
+    }
+
+    #[test]
+    fn spinning_says_whether_the_next_empty_poll_spins() {
+        let mut b = Backoff::new(WaitPolicy::SpinThenYield(2));
+        assert!(b.spinning());
+        b.wait(false);
+        assert!(b.spinning());
+        b.wait(false);
+        assert!(!b.spinning(), "a third empty poll yields");
+        b.wait(true);
+        assert!(b.spinning());
+        assert!(!Backoff::new(WaitPolicy::Yield).spinning());
+        assert!(Backoff::new(WaitPolicy::Spin).spinning());
     }
 
     #[test]

@@ -411,6 +411,13 @@ impl Communicator {
         Ok(moved)
     }
 
+    /// One read of the transport and nothing else (a spinning receive's
+    /// quick poll): what it finds is handled as in a full pass.
+    pub(super) fn poll_transport_alone(&mut self) -> Result<bool> {
+        let r = self.poll_transport();
+        self.let_streams_go_on_error(r)
+    }
+
     fn progress_inner(&mut self) -> Result<bool> {
         let r = self.progress_steps();
         self.let_streams_go_on_error(r)
