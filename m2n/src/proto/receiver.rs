@@ -39,7 +39,9 @@ pub struct RecvChannel {
     max_arrived: u64,
     /// Releases that may wait unpublished (see [`with_credit_batch`](Self::with_credit_batch)).
     batch: u64,
-    last_credit_at: Option<Instant>,
+    /// When the current credit is due again (`refresh` after the last one
+    /// was published; None before the first).
+    refresh_at: Option<Instant>,
     refresh: Duration,
     /// Length vectors of released rounds, reused by later deliveries so
     /// that receiving allocates nothing once warm.
@@ -62,7 +64,7 @@ impl RecvChannel {
             published: 0,
             max_arrived: 0,
             batch: 1,
-            last_credit_at: None,
+            refresh_at: None,
             refresh,
             spare_lens: Vec::new(),
         })
@@ -245,9 +247,7 @@ impl RecvChannel {
     /// be waiting and the refresh still are.
     pub fn poll_credit(&mut self, now: Instant, hold_batch: bool) -> Option<CreditOp> {
         let unpublished = self.released - self.published;
-        let refresh_due = self
-            .last_credit_at
-            .is_some_and(|at| now.saturating_duration_since(at) >= self.refresh);
+        let refresh_due = self.refresh_at.is_some_and(|at| now >= at);
         let due = if unpublished > 0 {
             let sender_may_wait = self.max_arrived >= self.published + self.geo.depth as u64;
             (unpublished >= self.batch && !hold_batch) || sender_may_wait || refresh_due
@@ -258,7 +258,9 @@ impl RecvChannel {
             return None;
         }
         self.published = self.released;
-        self.last_credit_at = Some(now);
+        // (A deadline, not the last credit's time: a comparison per poll
+        // instead of a subtraction. None past the clock's range: never.)
+        self.refresh_at = now.checked_add(self.refresh);
         Some(CreditOp {
             released: self.released,
         })

@@ -225,7 +225,31 @@ impl LocalMemory for External {
 pub(crate) struct LocalRegions {
     owner: u32,
     regions: Vec<Weak<dyn LocalMemory>>,
+    /// What each region's memory said of itself when registered (it never
+    /// changes), read on the posting path without taking a reference.
+    views: Vec<LocalView>,
 }
+
+/// A registered region's place and keys, as [`LocalMemory`] gives them: a
+/// copy that keeps nothing alive. For a write whose source is read before
+/// its post returns (an injected or copied one); a write read later keeps
+/// the region by [`LocalRegions::source`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LocalView {
+    pub(crate) base: *mut u8,
+    pub(crate) len: usize,
+    #[cfg_attr(not(feature = "fabric"), allow(dead_code))]
+    pub(crate) desc: usize,
+    #[cfg_attr(not(feature = "fabric"), allow(dead_code))]
+    pub(crate) device: bool,
+}
+
+// SAFETY: a view is the address and keys of memory that is itself Send and
+// Sync (every LocalMemory is); it is only read through under the contract
+// of the write that names it, on whichever thread posts that write.
+unsafe impl Send for LocalView {}
+// SAFETY: as above; a view is never written through.
+unsafe impl Sync for LocalView {}
 
 impl Default for LocalRegions {
     fn default() -> Self {
@@ -233,6 +257,7 @@ impl Default for LocalRegions {
         Self {
             owner: NEXT.fetch_add(1, Ordering::Relaxed),
             regions: Vec::new(),
+            views: Vec::new(),
         }
     }
 }
@@ -254,6 +279,12 @@ impl LocalRegions {
     pub(crate) fn add(&mut self, mem: Arc<dyn LocalMemory>, descriptor: Vec<u8>) -> Region {
         let id = self.next_id();
         self.regions.push(Arc::downgrade(&mem));
+        self.views.push(LocalView {
+            base: mem.base(),
+            len: mem.len(),
+            desc: mem.desc(),
+            device: mem.is_device(),
+        });
         Region {
             id,
             ptr: NonNull::new(mem.base()).unwrap_or(NonNull::dangling()),
@@ -297,6 +328,19 @@ impl LocalRegions {
         req: &WriteRequest,
         remote_len: usize,
     ) -> Result<Arc<dyn LocalMemory>, TransportError> {
+        self.view(peer, req, remote_len)?;
+        self.get(req.local)
+    }
+
+    /// [`source`](Self::source)'s checks, and the source's view: no
+    /// reference taken (an atomic read-modify-write and a release per
+    /// write), so the region must stay registered until the source is read.
+    pub(crate) fn view(
+        &self,
+        peer: usize,
+        req: &WriteRequest,
+        remote_len: usize,
+    ) -> Result<LocalView, TransportError> {
         if u32::try_from(req.len).is_err() {
             return Err(TransportError::OutOfBounds {
                 side: "write",
@@ -307,9 +351,16 @@ impl LocalRegions {
             });
         }
         check_range("remote", peer, req.remote_offset, req.len, remote_len)?;
-        let local = self.get(req.local)?;
-        check_range("local", peer, req.local_offset, req.len, local.len())?;
-        Ok(local)
+        let i = req.local.index as usize;
+        let live =
+            self.owns(req.local) && self.regions.get(i).is_some_and(|w| w.strong_count() > 0);
+        // (`let else`, not `ok_or`, on the posting path: `ok_or` builds
+        // its error, and drops it, on every write.)
+        let Some(&view) = self.views.get(i).filter(|_| live) else {
+            return Err(TransportError::UnknownRegion(req.local.index));
+        };
+        check_range("local", peer, req.local_offset, req.len, view.len)?;
+        Ok(view)
     }
 
     pub(crate) fn get(&self, id: RegionId) -> Result<Arc<dyn LocalMemory>, TransportError> {

@@ -1499,13 +1499,19 @@ impl Transport for FabricTransport {
         if dest == fi::ADDR_NOTAVAIL {
             return Err(TransportError::NotConnected(peer));
         }
-        let remote = *self
+        let Some(&remote) = self
             .imports
             .get(req.remote.key as usize)
             .filter(|r| r.peer == peer)
-            .ok_or(TransportError::NotConnected(peer))?;
-        // The library refuses out-of-range writes before posting.
-        let local = self.locals.source(peer, req, req.remote.len)?;
+        else {
+            return Err(TransportError::NotConnected(peer));
+        };
+        // The library refuses out-of-range writes before posting. An
+        // injected write's source is read when its batch is posted, within
+        // the caller's pass or (if the provider is busy) a later one, while
+        // the round is not yet sent, so still the caller's to keep: it
+        // takes no reference to the region.
+        let local = self.locals.view(peer, req, req.remote.len)?;
         if self.batch[l].len() >= MAX_BATCH {
             self.flush();
             if self.batch[l].len() >= MAX_BATCH {
@@ -1517,7 +1523,7 @@ impl Transport for FabricTransport {
         // completion (one the caller waits for is reported done when
         // posted). Larger ones ask for one: their source must stay alive
         // until the provider is done with it.
-        let inject = req.len <= self.inject_size && !local.is_device();
+        let inject = req.len <= self.inject_size && !local.device;
         let complete = !inject;
         let mut flags = 0u64;
         if req.imm.is_some() {
@@ -1529,16 +1535,16 @@ impl Transport for FabricTransport {
         if complete {
             flags |= sys::FI_COMPLETION as u64;
         }
-        // SAFETY: in range, checked by `source`.
-        let addr = unsafe { local.base().add(req.local_offset) } as usize;
-        let desc = local.desc();
+        // SAFETY: in range, checked by `view`.
+        let addr = unsafe { local.base.add(req.local_offset) } as usize;
+        let desc = local.desc;
         let slot = if complete {
             let op = InFlight {
                 user_wr_id: req.wr_id,
                 report: req.signaled,
                 peer,
                 len: req.len,
-                _keep: local,
+                _keep: self.locals.get(req.local)?,
                 _rider: None,
             };
             self.contexts.claim(op).ok_or(TransportError::WouldBlock)?

@@ -237,18 +237,22 @@ impl Transport for ShmTransport {
         _lane: Lane,
         req: &WriteRequest,
     ) -> Result<(), TransportError> {
-        let ring = self
+        let Some(ring) = self
             .peers
             .get(peer)
             .and_then(|p| p.as_ref())
-            .ok_or(TransportError::NotConnected(peer))?
-            .ring;
-        let remote = self
+            .map(|p| p.ring)
+        else {
+            return Err(TransportError::NotConnected(peer));
+        };
+        let Some(remote) = self
             .imports
             .get(req.remote.key as usize)
             .filter(|r| r.peer == peer)
-            .ok_or(TransportError::NotConnected(peer))?;
-        let local = self.locals.source(peer, req, remote.seg.len())?;
+        else {
+            return Err(TransportError::NotConnected(peer));
+        };
+        let local = self.locals.view(peer, req, remote.seg.len())?;
         if req.imm.is_some() && !ring.has_room(peer)? {
             return Err(TransportError::WouldBlock);
         }
@@ -256,7 +260,7 @@ impl Transport for ShmTransport {
         // protocol guarantees the remote range is ours to write (credit) and
         // the caller guarantees the local range is stable (`# Safety`).
         unsafe {
-            let src = local.base().add(req.local_offset);
+            let src = local.base.add(req.local_offset);
             let dst = remote.seg.as_ptr().as_ptr().add(req.remote_offset);
             if req.len == 8 && (src as usize).is_multiple_of(8) && (dst as usize).is_multiple_of(8)
             {
