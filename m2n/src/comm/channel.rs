@@ -196,6 +196,11 @@ impl Channel<'_> {
 
     /// Posts the next round, waiting up to `timeout` for credit.
     pub fn send(&mut self, msgs: &[Msg<'_>], timeout: Duration) -> Result<u64> {
+        // A round with credit goes at once, before the clock and the
+        // deadline are read: on a round trip's path (see `recv`).
+        if let Some(round) = self.try_send(msgs)? {
+            return Ok(round);
+        }
         let deadline = self.comm.now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
@@ -297,6 +302,13 @@ impl Channel<'_> {
     /// Waits up to `timeout` for the next complete round. A sender that is
     /// lost while its message is missing fails the wait with `PeerLost`.
     pub fn recv(&mut self, timeout: Duration) -> Result<RecvRound> {
+        // A round already in goes at once, before the clock and the
+        // deadline are read: the time from a round's arrival to the next
+        // send is the round trip's, and each read of the clock, the
+        // deadline's sum and the wait's set-up counted in it.
+        if let Some(r) = self.try_recv()? {
+            return Ok(r);
+        }
         let deadline = self.comm.now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
