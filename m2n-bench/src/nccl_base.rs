@@ -119,7 +119,7 @@ pub fn gpu_iteration(
     }
     r.advance();
     Ok(Sample {
-        secs: (t1 - t0).as_secs_f64(),
+        span: t1 - t0,
         wrong,
     })
 }

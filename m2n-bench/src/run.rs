@@ -35,35 +35,95 @@ use mpi::topology::SimpleCommunicator;
 use crate::cli::{Pattern, Timing};
 use crate::mpi_base;
 
+/// A point on this rank's timeline, in its [`Clock`]'s units.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp(u64);
+
+/// The time from one stamp to a later one, in the clock's units
+/// ([`Clock::secs_per_unit`] converts them).
+#[derive(Debug, Clone, Copy)]
+pub struct Span(u64);
+
+impl Span {
+    /// In seconds, at [`Clock::secs_per_unit`].
+    pub fn secs(self, secs_per_unit: f64) -> f64 {
+        self.0 as f64 * secs_per_unit
+    }
+}
+
+impl std::ops::Sub for Stamp {
+    type Output = Span;
+    fn sub(self, earlier: Stamp) -> Span {
+        Span(self.0.saturating_sub(earlier.0))
+    }
+}
+
 /// Where this rank's iterations start and end (see the module's docs).
+///
+/// Stamps are the CPU's counter where it can be read (`m2n::clock::ticks`:
+/// a few nanoseconds, no conversion), converted to seconds after the
+/// timed loop at the rate measured against the OS clock since the clock
+/// was made; elsewhere the OS clock's nanoseconds. fabtests' loops read
+/// no clock per iteration, and reading the OS clock and converting its
+/// difference per iteration cost m2n_perf's own loop about 100 cycles a
+/// round trip.
 pub struct Clock {
     timing: Timing,
     wait: WaitPolicy,
     /// When this rank's last iteration ended (or the clock was lined up).
-    last: Instant,
-    /// m2n's clock (the CPU's counter, no system call): an iteration's
-    /// end is read in the loop that fabtests times without reading the
-    /// clock at all, so it should cost as little as it can.
-    now: m2n::clock::Clock,
+    last: Stamp,
+    /// When the clock was made, on the OS clock and in its own units.
+    origin: Instant,
+    origin_units: u64,
+    counter: bool,
 }
 
 impl Clock {
     pub fn new(timing: Timing, wait: WaitPolicy) -> Self {
-        Self {
+        let counter = m2n::clock::ticks().is_some();
+        let origin = Instant::now();
+        let mut clock = Self {
             timing,
             wait,
-            last: Instant::now(),
-            now: m2n::clock::Clock::new(),
+            last: Stamp(0),
+            origin,
+            origin_units: 0,
+            counter,
+        };
+        clock.origin_units = clock.read().0;
+        clock.last = Stamp(clock.origin_units);
+        clock
+    }
+
+    fn read(&self) -> Stamp {
+        match m2n::clock::ticks() {
+            Some(t) if self.counter => Stamp(t),
+            _ => Stamp(self.origin.elapsed().as_nanos() as u64),
         }
+    }
+
+    /// Seconds per unit of [`Span`]: the counter's rate measured against
+    /// the OS clock since the clock was made (over 10 ms at least: it
+    /// waits out the rest the first time), or 1e-9.
+    pub fn secs_per_unit(&self) -> f64 {
+        if !self.counter {
+            return 1e-9;
+        }
+        const MEASURE_OVER: Duration = Duration::from_millis(10);
+        if let Some(rest) = MEASURE_OVER.checked_sub(self.origin.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        let units = self.read().0.saturating_sub(self.origin_units);
+        self.origin.elapsed().as_secs_f64() / units.max(1) as f64
     }
 
     /// An iteration's start: when this rank leaves a barrier of all ranks
     /// (barrier timing), or when its previous iteration ended (loop).
-    pub fn start(&mut self, world: &SimpleCommunicator) -> Instant {
+    pub fn start(&mut self, world: &SimpleCommunicator) -> Stamp {
         match self.timing {
             Timing::Barrier => {
                 mpi_base::barrier(world, self.wait);
-                self.now.now()
+                self.read()
             }
             Timing::Loop => self.last,
         }
@@ -75,8 +135,8 @@ impl Clock {
     }
 
     /// An iteration's end: now.
-    pub fn stop(&mut self) -> Instant {
-        self.last = self.now.now();
+    pub fn stop(&mut self) -> Stamp {
+        self.last = self.read();
         self.last
     }
 
@@ -85,14 +145,14 @@ impl Clock {
     pub fn line_up(&mut self, world: &SimpleCommunicator) {
         if self.timing == Timing::Loop {
             mpi_base::barrier(world, self.wait);
-            self.last = self.now.now();
+            self.last = self.read();
         }
     }
 }
 
 /// What one rank reports for one iteration.
 pub struct Sample {
-    pub secs: f64,
+    pub span: Span,
     pub wrong: u64,
 }
 
@@ -410,7 +470,7 @@ impl M2nRank {
         };
         self.k += 1;
         Ok(Sample {
-            secs: (t1 - t0).as_secs_f64(),
+            span: t1 - t0,
             wrong,
         })
     }
@@ -537,7 +597,7 @@ impl MpiRank {
         }
         self.k += 1;
         Sample {
-            secs: (t1 - t0).as_secs_f64(),
+            span: t1 - t0,
             wrong,
         }
     }

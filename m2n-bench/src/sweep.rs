@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::cli::{Args, Pattern};
 use crate::contender::Contender;
 use crate::report::{self, Run};
-use crate::run::{Clock, M2nRank, Sample};
+use crate::run::{Clock, M2nRank, Sample, Span};
 use crate::stats::Summary;
 use crate::{abort, limit};
 
@@ -132,9 +132,11 @@ fn measure(
         iteration(clock, false);
     }
     clock.line_up(world);
-    let mine: Vec<f64> = (0..args.iters)
-        .map(|_| iteration(clock, false).secs)
+    let spans: Vec<Span> = (0..args.iters)
+        .map(|_| iteration(clock, false).span)
         .collect();
+    let unit = clock.secs_per_unit();
+    let mine: Vec<f64> = spans.iter().map(|s| s.secs(unit)).collect();
     let mut samples = vec![0.0f64; mine.len()];
     world.all_reduce_into(&mine[..], &mut samples[..], SystemOperation::max());
     // Back to back, a rank's iterations tile its time, so their sum is

@@ -285,7 +285,7 @@ impl VerbsRank {
         }
         self.k += 1;
         Ok(Sample {
-            secs: (t1 - t0).as_secs_f64(),
+            span: t1 - t0,
             wrong,
         })
     }

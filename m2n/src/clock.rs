@@ -137,9 +137,10 @@ impl Default for Clock {
 }
 
 /// The CPU's free-running counter, read in user space; `None` where this
-/// build has no way to read one.
+/// build has no way to read one. Its rate is the CPU's (measure it against
+/// the OS clock, as [`Clock`] does).
 #[inline]
-fn ticks() -> Option<u64> {
+pub fn ticks() -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: RDTSC has no preconditions; every x86-64 CPU has it (a
