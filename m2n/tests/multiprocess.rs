@@ -115,6 +115,24 @@ fn kill_mid_run(t: T, victim_role: Role) {
 /// loop: `try_send`, `try_recv`, `is_sent`, `progress`) or `--streams`
 /// (stream-ordered calls and a proxy thread); each must report the loss.
 fn kill_mid_run_in(t: T, victim_role: Role, (m, n): (usize, usize), api: &[&str]) {
+    kill_mid_run_with(t, victim_role, (m, n), api, &[])
+}
+
+/// Receivers that spin (`M2N_WAIT=spin`: a blocking `recv` reads the
+/// transport alone between its full passes, where loss is judged) still
+/// learn that a sender died.
+fn killed_sender_is_lost_for_spinning_receivers(t: T) {
+    kill_mid_run_with(t, Role::Attention, (2, 1), &[], &[("M2N_WAIT", "spin")]);
+}
+
+/// [`kill_mid_run_in`] with `env` added to the workers' environment.
+fn kill_mid_run_with(
+    t: T,
+    victim_role: Role,
+    (m, n): (usize, usize),
+    api: &[&str],
+    env: &[(&str, &str)],
+) {
     let mut flags = vec![
         "--rounds",
         "100000000",
@@ -124,18 +142,15 @@ fn kill_mid_run_in(t: T, victim_role: Role, (m, n): (usize, usize), api: &[&str]
         "120",
     ];
     flags.extend_from_slice(api);
-    let (mut workers, _root) = spawn_group(
-        m,
-        n,
-        &flags,
-        &[
-            ("M2N_TRANSPORT", t.transport()),
-            ("M2N_FI_PROVIDER", t.provider()),
-            ("M2N_FI_NOTIFY", t.notify()),
-            ("M2N_PEER_TIMEOUT_MS", "3000"),
-            ("M2N_FI_STUCK_MS", "6000"),
-        ],
-    );
+    let mut vars = vec![
+        ("M2N_TRANSPORT", t.transport()),
+        ("M2N_FI_PROVIDER", t.provider()),
+        ("M2N_FI_NOTIFY", t.notify()),
+        ("M2N_PEER_TIMEOUT_MS", "3000"),
+        ("M2N_FI_STUCK_MS", "6000"),
+    ];
+    vars.extend_from_slice(env);
+    let (mut workers, _root) = spawn_group(m, n, &flags, &vars);
     for w in workers.iter_mut() {
         assert!(
             w.wait_line("M2N-READY", Duration::from_secs(30)).is_some(),
@@ -691,6 +706,12 @@ macro_rules! transport_suite {
             fn killed_sender_is_peer_lost_for_its_receivers() {
                 if available(TR) {
                     super::killed_sender_is_peer_lost_for_its_receivers(TR)
+                }
+            }
+            #[test]
+            fn killed_sender_is_lost_for_spinning_receivers() {
+                if available(TR) {
+                    super::killed_sender_is_lost_for_spinning_receivers(TR)
                 }
             }
             #[test]
