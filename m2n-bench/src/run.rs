@@ -75,20 +75,16 @@ pub struct Clock {
     /// When the clock was made, on the OS clock and in its own units.
     origin: Instant,
     origin_units: u64,
-    counter: bool,
 }
 
 impl Clock {
     pub fn new(timing: Timing, wait: WaitPolicy) -> Self {
-        let counter = m2n::clock::ticks().is_some();
-        let origin = Instant::now();
         let mut clock = Self {
             timing,
             wait,
             last: Stamp(0),
-            origin,
+            origin: Instant::now(),
             origin_units: 0,
-            counter,
         };
         clock.origin_units = clock.read().0;
         clock.last = Stamp(clock.origin_units);
@@ -97,8 +93,8 @@ impl Clock {
 
     fn read(&self) -> Stamp {
         match m2n::clock::ticks() {
-            Some(t) if self.counter => Stamp(t),
-            _ => Stamp(self.origin.elapsed().as_nanos() as u64),
+            Some(t) => Stamp(t),
+            None => Stamp(self.origin.elapsed().as_nanos() as u64),
         }
     }
 
@@ -106,7 +102,7 @@ impl Clock {
     /// the OS clock since the clock was made (over 10 ms at least: it
     /// waits out the rest the first time), or 1e-9.
     pub fn secs_per_unit(&self) -> f64 {
-        if !self.counter {
+        if m2n::clock::ticks().is_none() {
             return 1e-9;
         }
         const MEASURE_OVER: Duration = Duration::from_millis(10);

@@ -224,10 +224,10 @@ impl LocalMemory for External {
 #[derive(Debug)]
 pub(crate) struct LocalRegions {
     owner: u32,
-    regions: Vec<Weak<dyn LocalMemory>>,
-    /// What each region's memory said of itself when registered (it never
-    /// changes), read on the posting path without taking a reference.
-    views: Vec<LocalView>,
+    /// Each region's memory, and what it said of itself when registered
+    /// (it never changes: read on the posting path without taking a
+    /// reference).
+    regions: Vec<(Weak<dyn LocalMemory>, LocalView)>,
 }
 
 /// A registered region's place and keys, as [`LocalMemory`] gives them: a
@@ -257,7 +257,6 @@ impl Default for LocalRegions {
         Self {
             owner: NEXT.fetch_add(1, Ordering::Relaxed),
             regions: Vec::new(),
-            views: Vec::new(),
         }
     }
 }
@@ -278,13 +277,13 @@ impl LocalRegions {
     /// Registers `mem` and returns its handle.
     pub(crate) fn add(&mut self, mem: Arc<dyn LocalMemory>, descriptor: Vec<u8>) -> Region {
         let id = self.next_id();
-        self.regions.push(Arc::downgrade(&mem));
-        self.views.push(LocalView {
+        let view = LocalView {
             base: mem.base(),
             len: mem.len(),
             desc: mem.desc(),
             device: mem.is_device(),
-        });
+        };
+        self.regions.push((Arc::downgrade(&mem), view));
         Region {
             id,
             ptr: NonNull::new(mem.base()).unwrap_or(NonNull::dangling()),
@@ -351,12 +350,13 @@ impl LocalRegions {
             });
         }
         check_range("remote", peer, req.remote_offset, req.len, remote_len)?;
-        let i = req.local.index as usize;
-        let live =
-            self.owns(req.local) && self.regions.get(i).is_some_and(|w| w.strong_count() > 0);
         // (`let else`, not `ok_or`, on the posting path: `ok_or` builds
         // its error, and drops it, on every write.)
-        let Some(&view) = self.views.get(i).filter(|_| live) else {
+        let Some(&(_, view)) = self
+            .regions
+            .get(req.local.index as usize)
+            .filter(|(mem, _)| self.owns(req.local) && mem.strong_count() > 0)
+        else {
             return Err(TransportError::UnknownRegion(req.local.index));
         };
         check_range("local", peer, req.local_offset, req.len, view.len)?;
@@ -367,7 +367,7 @@ impl LocalRegions {
         self.regions
             .get(id.index as usize)
             .filter(|_| self.owns(id))
-            .and_then(Weak::upgrade)
+            .and_then(|(mem, _)| mem.upgrade())
             .ok_or(TransportError::UnknownRegion(id.index))
     }
 }
