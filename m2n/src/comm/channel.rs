@@ -63,12 +63,18 @@ impl Channel<'_> {
     pub fn try_send(&mut self, msgs: &[Msg<'_>]) -> Result<Option<u64>> {
         self.sending()?;
         self.comm.check_no_stream_sends()?;
-        let lost = self.comm.lost_snapshot(false);
         // Credits first, unless the round can go already (the pass after
-        // posting reads the transport anyway).
-        if !self.comm.send.proto.can_post() {
+        // posting reads the transport anyway). A round that can go waits
+        // on no peer, so no peer's loss is judged for it (the pass reads
+        // liveness): the snapshot is taken only where credit is missing,
+        // before the pass that may bring it.
+        let lost = if self.comm.send.proto.can_post() {
+            Vec::new()
+        } else {
+            let lost = self.comm.lost_snapshot(false);
             self.comm.progress_inner()?;
-        }
+            lost
+        };
         let Prepared {
             sources,
             lens,

@@ -102,6 +102,7 @@ impl RecvChannel {
     ///
     /// Every check happens before any state changes; a failed check is a
     /// protocol error naming the peer.
+    #[inline]
     pub fn on_arrival(&mut self, peer: usize, imm: u32, len: usize) -> Result<(), ProtoError> {
         let imm = Immediate::decode(imm);
         let claimed = usize::from(imm.sender);

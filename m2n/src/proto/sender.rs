@@ -67,6 +67,7 @@ impl SendChannel {
     }
 
     /// Whether every receiver has a free slot for the next round.
+    #[inline]
     pub fn can_post(&self) -> bool {
         self.blocking_receivers().next().is_none()
     }
@@ -126,15 +127,20 @@ impl SendChannel {
     /// A write the transport refused goes back with [`retry`](Self::retry).
     pub fn poll_transmit(&mut self) -> Option<WriteOp> {
         let n = self.geo.receivers;
+        debug_assert!(self.cursor < n);
         for i in 0..n {
-            let r = (self.cursor + i) % n;
+            // cursor < n and i < n: a subtraction, not a division.
+            let r = match self.cursor + i {
+                r if r >= n => r - n,
+                r => r,
+            };
             if let Some(op) = self.queued[r].front() {
                 // post_round already checked credit; this re-check guards the invariant.
                 debug_assert!(op.round < self.credit[r] + self.geo.depth as u64);
                 let op = *op;
                 self.queued[r].pop_front();
                 self.issued[r] = op.round + 1;
-                self.cursor = (r + 1) % n;
+                self.cursor = if r + 1 == n { 0 } else { r + 1 };
                 return Some(op);
             }
         }
