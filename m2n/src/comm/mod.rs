@@ -299,7 +299,17 @@ impl Communicator {
         Peer { role, rank: index }
     }
 
+    /// Every pass starts here: the check inline, the error built aside.
+    #[inline]
     fn check_fatal(&self) -> Result<()> {
+        if self.fatal.is_none() {
+            return Ok(());
+        }
+        self.fatal_error()
+    }
+
+    #[cold]
+    fn fatal_error(&self) -> Result<()> {
         match &self.fatal {
             None => Ok(()),
             Some(Fatal::Protocol(peer, e)) => Err(Error::Protocol {

@@ -125,6 +125,7 @@ impl SendChannel {
 
     /// The next write to hand to the transport, round-robin over receivers.
     /// A write the transport refused goes back with [`retry`](Self::retry).
+    #[inline]
     pub fn poll_transmit(&mut self) -> Option<WriteOp> {
         let n = self.geo.receivers;
         debug_assert!(self.cursor < n);

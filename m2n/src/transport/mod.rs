@@ -334,6 +334,7 @@ impl LocalRegions {
     /// [`source`](Self::source)'s checks, and the source's view: no
     /// reference taken (an atomic read-modify-write and a release per
     /// write), so the region must stay registered until the source is read.
+    #[inline]
     pub(crate) fn view(
         &self,
         peer: usize,
@@ -768,6 +769,7 @@ pub(crate) fn check_registrable(ptr: *mut u8, len: usize) -> Result<(), Transpor
 /// rank) whose connection is not closed: `NotConnected` for a rank out of
 /// range, `PeerClosed` with the reason for a closed one.
 #[cfg_attr(not(any(feature = "verbs", feature = "fabric")), allow(dead_code))]
+#[inline]
 pub(crate) fn check_open(closed: &[Option<String>], peer: usize) -> Result<(), TransportError> {
     match closed.get(peer) {
         None => Err(TransportError::NotConnected(peer)),
@@ -780,6 +782,7 @@ pub(crate) fn check_open(closed: &[Option<String>], peer: usize) -> Result<(), T
 }
 
 /// Checks `offset + len <= region_len` without overflow.
+#[inline]
 pub(crate) fn check_range(
     side: &'static str,
     peer: usize,
