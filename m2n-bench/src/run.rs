@@ -51,6 +51,13 @@ impl Span {
     }
 }
 
+impl std::ops::Add for Span {
+    type Output = Span;
+    fn add(self, other: Span) -> Span {
+        Span(self.0 + other.0)
+    }
+}
+
 impl std::ops::Sub for Stamp {
     type Output = Span;
     fn sub(self, earlier: Stamp) -> Span {
@@ -134,6 +141,13 @@ impl Clock {
     pub fn stop(&mut self) -> Stamp {
         self.last = self.read();
         self.last
+    }
+
+    /// Moves the last iteration's end to now (it went on after
+    /// [`stop`](Self::stop), waiting for its rounds): returns what that adds.
+    pub fn extend(&mut self) -> Span {
+        let end = self.last;
+        self.stop() - end
     }
 
     /// Lines all ranks up before a run of back-to-back iterations (loop

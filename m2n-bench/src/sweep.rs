@@ -66,16 +66,28 @@ pub fn sweep(
     let (work_before, rounds_before) = (contender.comm.transport_counters(), contender.rounds());
     let mut clock = Clock::new(args.timing, run.wait);
     for &s in &args.sizes() {
-        let measured = measure(world, args, &mut clock, |clock, verify| {
-            contender
-                .iteration(world, clock, args.pattern, s, verify)
-                .unwrap_or_else(|e| abort(world, place, e))
+        let measured = measure(world, args, &mut clock, |clock, step| {
+            let mut sample = contender
+                .iteration(world, clock, args.pattern, s, step == Step::Check)
+                .unwrap_or_else(|e| abort(world, place, e));
+            if step == Step::Last {
+                let drained = contender.drain();
+                sample.span = sample.span + clock.extend();
+                drained.unwrap_or_else(|e| abort(world, place, e));
+            }
+            sample
         });
         contender.drain().unwrap_or_else(|e| abort(world, place, e));
         let m2n_side = side(args, place.m, place.n, s, &measured);
         let base_side = baseline.as_mut().map(|b| {
-            let measured = measure(world, args, &mut clock, |clock, verify| {
-                b.iteration(world, clock, place, args.pattern, s, verify)
+            let measured = measure(world, args, &mut clock, |clock, step| {
+                let mut sample =
+                    b.iteration(world, clock, place, args.pattern, s, step == Step::Check);
+                if step == Step::Last {
+                    b.drain();
+                    sample.span = sample.span + clock.extend();
+                }
+                sample
             });
             b.drain();
             side(args, place.m, place.n, s, &measured)
@@ -119,21 +131,44 @@ struct Measured {
     wrong: u64,
 }
 
+/// Which iteration [`measure`] asks a contender for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A warm-up or timed iteration.
+    Run,
+    /// The last warm-up or timed iteration: it also waits until every
+    /// round this rank sent is done, and its span covers that wait.
+    Last,
+    /// The check iteration: every byte filled and checked.
+    Check,
+}
+
 /// Runs warm-up, timed and check iterations of one contender at one size,
 /// the ranks lined up before each of the three.
+///
+/// Back to back, a sender's last iterations leave up to `depth` rounds in
+/// flight; the last warm-up and timed iterations wait for them (`Step::Last`)
+/// before this rank goes into MPI, and the timed span covers that wait, as
+/// fi_rma_bw waits for its last completions before it stops its clock. A
+/// write m2n still holds (the provider had no room for it when it was
+/// posted) moves only while its sender calls m2n: a sender waiting in MPI
+/// for a receiver that waits for that write would be judged lost by the
+/// receiver after the peer timeout (one run of `scripts/fabric-bench` over
+/// libfabric's tcp ended so at 4 MiB one-way, not reproduced since).
 fn measure(
     world: &SimpleCommunicator,
     args: &Args,
     clock: &mut Clock,
-    mut iteration: impl FnMut(&mut Clock, bool) -> Sample,
+    mut iteration: impl FnMut(&mut Clock, Step) -> Sample,
 ) -> Measured {
+    let step = |i: u32, n: u32| if i + 1 == n { Step::Last } else { Step::Run };
     clock.line_up(world);
-    for _ in 0..args.warmup {
-        iteration(clock, false);
+    for i in 0..args.warmup {
+        iteration(clock, step(i, args.warmup));
     }
     clock.line_up(world);
     let spans: Vec<Span> = (0..args.iters)
-        .map(|_| iteration(clock, false).span)
+        .map(|i| iteration(clock, step(i, args.iters)).span)
         .collect();
     let unit = clock.secs_per_unit();
     let mine: Vec<f64> = spans.iter().map(|s| s.secs(unit)).collect();
@@ -155,7 +190,7 @@ fn measure(
     let mut wrong = 0u64;
     if args.check == 1 {
         clock.line_up(world);
-        let mine = iteration(clock, true).wrong;
+        let mine = iteration(clock, Step::Check).wrong;
         world.all_reduce_into(&mine, &mut wrong, SystemOperation::sum());
     }
     Measured {
