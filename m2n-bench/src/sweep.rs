@@ -67,13 +67,11 @@ pub fn sweep(
     let mut clock = Clock::new(args.timing, run.wait);
     for &s in &args.sizes() {
         let measured = measure(world, args, &mut clock, |clock, step| {
-            let mut sample = contender
+            let sample = contender
                 .iteration(world, clock, args.pattern, s, step == Step::Check)
                 .unwrap_or_else(|e| abort(world, place, e));
             if step == Step::Last {
-                let drained = contender.drain();
-                sample.span = sample.span + clock.extend();
-                drained.unwrap_or_else(|e| abort(world, place, e));
+                contender.drain().unwrap_or_else(|e| abort(world, place, e));
             }
             sample
         });
@@ -81,11 +79,9 @@ pub fn sweep(
         let m2n_side = side(args, place.m, place.n, s, &measured);
         let base_side = baseline.as_mut().map(|b| {
             let measured = measure(world, args, &mut clock, |clock, step| {
-                let mut sample =
-                    b.iteration(world, clock, place, args.pattern, s, step == Step::Check);
+                let sample = b.iteration(world, clock, place, args.pattern, s, step == Step::Check);
                 if step == Step::Last {
                     b.drain();
-                    sample.span = sample.span + clock.extend();
                 }
                 sample
             });
@@ -136,8 +132,9 @@ struct Measured {
 enum Step {
     /// A warm-up or timed iteration.
     Run,
-    /// The last warm-up or timed iteration: it also waits until every
-    /// round this rank sent is done, and its span covers that wait.
+    /// The last warm-up or timed iteration: the contender also waits
+    /// until every round this rank sent is done (its drain), and
+    /// [`measure`] extends the iteration's span over that wait.
     Last,
     /// The check iteration: every byte filled and checked.
     Check,
@@ -161,15 +158,21 @@ fn measure(
     clock: &mut Clock,
     mut iteration: impl FnMut(&mut Clock, Step) -> Sample,
 ) -> Measured {
-    let step = |i: u32, n: u32| if i + 1 == n { Step::Last } else { Step::Run };
+    // The `i`th of `n` iterations, its span extended over the drain of
+    // the last one.
+    let mut run = |clock: &mut Clock, i: u32, n: u32| {
+        if i + 1 < n {
+            return iteration(clock, Step::Run).span;
+        }
+        let span = iteration(clock, Step::Last).span;
+        span + clock.extend()
+    };
     clock.line_up(world);
     for i in 0..args.warmup {
-        iteration(clock, step(i, args.warmup));
+        run(clock, i, args.warmup);
     }
     clock.line_up(world);
-    let spans: Vec<Span> = (0..args.iters)
-        .map(|i| iteration(clock, step(i, args.iters)).span)
-        .collect();
+    let spans: Vec<Span> = (0..args.iters).map(|i| run(clock, i, args.iters)).collect();
     let unit = clock.secs_per_unit();
     let mine: Vec<f64> = spans.iter().map(|s| s.secs(unit)).collect();
     let mut samples = vec![0.0f64; mine.len()];

@@ -302,28 +302,27 @@ impl Communicator {
     /// Every pass starts here: the check inline, the error built aside.
     #[inline]
     fn check_fatal(&self) -> Result<()> {
-        if self.fatal.is_none() {
-            return Ok(());
+        match &self.fatal {
+            None => Ok(()),
+            Some(fatal) => Err(Self::fatal_error(fatal)),
         }
-        self.fatal_error()
     }
 
     #[cold]
-    fn fatal_error(&self) -> Result<()> {
-        match &self.fatal {
-            None => Ok(()),
-            Some(Fatal::Protocol(peer, e)) => Err(Error::Protocol {
+    fn fatal_error(fatal: &Fatal) -> Error {
+        match fatal {
+            Fatal::Protocol(peer, e) => Error::Protocol {
                 peer: *peer,
                 source: e.clone(),
-            }),
-            Some(Fatal::Transport(peer, msg)) => Err(Error::Transport {
+            },
+            Fatal::Transport(peer, msg) => Error::Transport {
                 peer: *peer,
                 source: TransportError::Corrupt {
                     peer: peer.map_or(usize::MAX, |p| p.rank),
                     detail: msg.clone(),
                 },
-            }),
-            Some(Fatal::Aborted) => Err(Error::Aborted),
+            },
+            Fatal::Aborted => Error::Aborted,
         }
     }
 
