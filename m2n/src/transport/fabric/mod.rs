@@ -422,12 +422,20 @@ struct InFlight {
     _rider: Option<Arc<dyn LocalMemory>>,
 }
 
+/// One range of a write: the local bytes and where they go.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    local: usize,
+    len: usize,
+    desc: usize,
+    remote_addr: u64,
+    key: u64,
+}
+
 /// A write queued for the next train of its lane.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     peer: usize,
-    /// The source's region (kept alive by a write that carries this one).
-    region: RegionId,
     dest: sys::fi_addr_t,
     local: usize,
     len: usize,
@@ -443,9 +451,9 @@ struct Pending {
     done_at_post: Option<u64>,
     /// Message mode: the write is posted, its notice not yet.
     written: bool,
-    /// Posted inside an earlier data write of its train (see
-    /// [`FabricTransport::rider_of`]).
-    merged: bool,
+    /// A credit posted inside this write, as its first range (see
+    /// [`FabricTransport::carrier`]).
+    rider: Option<Range>,
 }
 
 /// The index in `table` of the context at `p`, if `p` is one of them (a
@@ -1080,10 +1088,6 @@ impl FabricTransport {
             let mut posted = 0;
             while posted < n {
                 let p = self.batch[lane][posted];
-                if p.merged {
-                    posted += 1;
-                    continue;
-                }
                 let more = if posted + 1 < n {
                     sys::FI_MORE as u64
                 } else {
@@ -1107,50 +1111,36 @@ impl FabricTransport {
                 } else {
                     p.flags | more
                 };
-                // A credit queued behind this data write to the same peer
-                // goes in it, first: one message instead of two.
-                let mut rider = if notice {
-                    None
-                } else {
-                    self.rider_of(lane, posted)
+                // The data's range, after the credit riding in it (whose
+                // arrival the data's CQ data then announces too).
+                let data = Range {
+                    local: p.local,
+                    len: p.len,
+                    desc: p.desc,
+                    remote_addr: p.remote_addr,
+                    key: p.key,
                 };
-                // A data write that is not injected reads the credit's
-                // source until it completes: its entry keeps that alive.
-                if let Some(r) = rider.filter(|_| p.slot != NO_SLOT) {
-                    match self.locals.get(self.batch[lane][r].region) {
-                        Ok(source) => self.contexts.keep_rider(p.slot, source),
-                        Err(_) => rider = None,
-                    }
-                }
-                let parts: &[Pending] = match rider {
-                    Some(r) => &[self.batch[lane][r], p],
-                    None => &[p],
+                let (ranges, n) = match p.rider {
+                    Some(credit) => ([credit, data], 2),
+                    None => ([data, data], 1),
                 };
-                let mut iov = [libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }; 2];
-                let mut desc = [std::ptr::null_mut(); 2];
-                let mut rma = [sys::fi_rma_iov::default(); 2];
-                for (i, w) in parts.iter().enumerate() {
-                    iov[i] = libc::iovec {
-                        iov_base: w.local as *mut libc::c_void,
-                        iov_len: w.len,
-                    };
-                    desc[i] = w.desc as *mut libc::c_void;
-                    rma[i] = sys::fi_rma_iov {
-                        addr: w.remote_addr,
-                        len: w.len,
-                        key: w.key,
-                    };
-                }
+                let iov = ranges.map(|w| libc::iovec {
+                    iov_base: w.local as *mut libc::c_void,
+                    iov_len: w.len,
+                });
+                let mut desc = ranges.map(|w| w.desc as *mut libc::c_void);
+                let rma = ranges.map(|w| sys::fi_rma_iov {
+                    addr: w.remote_addr,
+                    len: w.len,
+                    key: w.key,
+                });
                 let msg = sys::fi_msg_rma {
                     msg_iov: iov.as_ptr(),
                     desc: desc.as_mut_ptr(),
-                    iov_count: parts.len(),
+                    iov_count: n,
                     addr: p.dest,
                     rma_iov: rma.as_ptr(),
-                    rma_iov_count: parts.len(),
+                    rma_iov_count: n,
                     context: self.contexts.ptr(p.slot),
                     data: p.data,
                 };
@@ -1170,9 +1160,6 @@ impl FabricTransport {
                         }
                         if let Some(wr_id) = p.done_at_post {
                             self.done.push(Completion::WriteDone { wr_id });
-                        }
-                        if let Some(r) = rider {
-                            self.batch[lane][r].merged = true;
                         }
                         if notice {
                             match self.post_notice(lane, &p, more) {
@@ -1208,38 +1195,23 @@ impl FabricTransport {
         }
     }
 
-    /// The write that can ride in data write `at` of `lane`'s train: the
-    /// first later unsignalled write without CQ data (a credit) to the
-    /// same peer that asks no completion, where the provider takes two
-    /// ranges per write and the pair stays injectable if the data write is
-    /// injected (an injected data write has no completion to keep a longer
-    /// source alive by).
-    fn rider_of(&self, lane: usize, at: usize) -> Option<usize> {
-        let p = &self.batch[lane][at];
-        if !self.can_carry(p, 0) {
+    /// The queued write of `lane` that a credit of `len` bytes to `peer`
+    /// can ride in: the last write queued to `peer` (so that the credit
+    /// still lands after every earlier write to it, as it would alone), if
+    /// that is a data write (with CQ data) carrying no credit yet, where
+    /// the provider takes two ranges per write (and not in message mode,
+    /// whose notice follows the write alone) and the pair stays injectable
+    /// if the data write is injected (an injected write has no completion
+    /// to keep a rider's source alive by).
+    fn carrier(&self, lane: usize, peer: usize, len: usize) -> Option<usize> {
+        if !self.two_ranges || self.notices.is_some() {
             return None;
         }
-        let r = at
-            + 1
-            + self.batch[lane][at + 1..].iter().position(|q| {
-                q.peer == p.peer
-                    && !q.merged
-                    && q.slot == NO_SLOT
-                    && q.done_at_post.is_none()
-                    && q.flags & sys::FI_REMOTE_CQ_DATA as u64 == 0
-            })?;
-        self.can_carry(p, self.batch[lane][r].len).then_some(r)
-    }
-
-    /// Whether queued write `p` can carry a rider of `len` bytes: a data
-    /// write (with CQ data) not yet posted, where the provider takes two
-    /// ranges per write, that stays injectable if it is injected (an
-    /// injected write has no completion to keep a rider's source alive by).
-    fn can_carry(&self, p: &Pending, len: usize) -> bool {
-        self.two_ranges
-            && !p.written
-            && p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0
-            && (p.flags & sys::FI_INJECT as u64 == 0 || p.len + len <= self.inject_size)
+        let at = self.batch[lane].iter().rposition(|p| p.peer == peer)?;
+        let p = &self.batch[lane][at];
+        let fits = p.flags & sys::FI_INJECT as u64 == 0 || p.len + len <= self.inject_size;
+        let data = p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0;
+        (data && fits && p.rider.is_none() && !p.written).then_some(at)
     }
 
     /// Message mode: the notice of write `p`, injected on the
@@ -1512,6 +1484,33 @@ impl Transport for FabricTransport {
         // the round is not yet sent, so still the caller's to keep: it
         // takes no reference to the region.
         let local = self.locals.view(peer, req, req.remote.len)?;
+        // SAFETY: in range, checked by `view`.
+        let addr = unsafe { local.base.add(req.local_offset) } as usize;
+        let remote_addr = remote.addr + req.remote_offset as u64;
+        // A credit (no CQ data, nothing to report, injectable) rides in
+        // the data write queued last to its peer where it can (see
+        // `carrier`): one message instead of two.
+        let credit = req.imm.is_none() && !req.signaled && !local.device;
+        if let Some(at) = self
+            .carrier(l, peer, req.len)
+            .filter(|_| credit && req.len <= self.inject_size)
+        {
+            let carrier_slot = self.batch[l][at].slot;
+            // A data write that is not injected reads the credit's source
+            // until it completes: its entry keeps that alive.
+            if carrier_slot != NO_SLOT {
+                let source = self.locals.get(req.local)?;
+                self.contexts.keep_rider(carrier_slot, source);
+            }
+            self.batch[l][at].rider = Some(Range {
+                local: addr,
+                len: req.len,
+                desc: local.desc,
+                remote_addr,
+                key: remote.key,
+            });
+            return Ok(());
+        }
         if self.batch[l].len() >= MAX_BATCH {
             self.flush();
             if self.batch[l].len() >= MAX_BATCH {
@@ -1535,8 +1534,6 @@ impl Transport for FabricTransport {
         if complete {
             flags |= sys::FI_COMPLETION as u64;
         }
-        // SAFETY: in range, checked by `view`.
-        let addr = unsafe { local.base.add(req.local_offset) } as usize;
         let desc = local.desc;
         let slot = if complete {
             let op = InFlight {
@@ -1553,12 +1550,11 @@ impl Transport for FabricTransport {
         };
         self.batch[l].push(Pending {
             peer,
-            region: req.local,
             dest,
             local: addr,
             len: req.len,
             desc,
-            remote_addr: remote.addr + req.remote_offset as u64,
+            remote_addr,
             key: remote.key,
             // The immediate, and the length in the upper half (`source`
             // checked that it fits in 32 bits).
@@ -1567,7 +1563,7 @@ impl Transport for FabricTransport {
             slot,
             done_at_post: (inject && req.signaled).then_some(req.wr_id),
             written: false,
-            merged: false,
+            rider: None,
         });
         if self.batch[l].len() >= FLUSH_AT {
             self.flush();
@@ -1588,7 +1584,7 @@ impl Transport for FabricTransport {
     }
 
     /// Where credits may ride (`ride_acks`): a data write to `peer` is
-    /// queued that can carry the credit (see [`can_carry`](Self::can_carry)),
+    /// queued that can carry the credit (see [`carrier`](Self::carrier)),
     /// and at most
     /// [`RIDE_BEHIND`] bytes of writes to `peer` are in flight or queued,
     /// so that a credit does not wait behind bulk data on the peer's
@@ -1603,9 +1599,7 @@ impl Transport for FabricTransport {
         {
             return false;
         }
-        self.batch[lane_index(Lane::Data)]
-            .iter()
-            .any(|p| p.peer == peer && self.can_carry(p, len))
+        self.carrier(lane_index(Lane::Data), peer, len).is_some()
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {

@@ -276,6 +276,78 @@ fn credits_ride_in_the_data_write_before_them() {
     }
 }
 
+/// A credit rides only in the write queued last to its peer, and one
+/// credit per write, so that a newer credit never lands before an older
+/// one: two data writes each take the credit queued after them, and a
+/// second credit behind a write that carries one goes alone, after it.
+#[test]
+fn a_credit_rides_only_in_the_last_write_to_its_peer() {
+    for provider in HOST_PROVIDERS {
+        let (mut a, mut b) = pair(provider);
+        let src = a.alloc(64).unwrap();
+        // Four credit values, one word each (their sources differ, as
+        // the values of one word would not once queued).
+        let words = a.alloc(64).unwrap();
+        for (i, v) in [11u64, 12, 13, 14].into_iter().enumerate() {
+            words.store_u64(8 * i, v);
+        }
+        let ring = b.alloc(64).unwrap();
+        let credits = b.alloc(64).unwrap();
+        let remote_ring = a.import(1, ring.descriptor()).unwrap();
+        let remote_credits = a.import(1, credits.descriptor()).unwrap();
+        let credit = |value: usize| WriteRequest {
+            local_offset: 8 * value,
+            signaled: false,
+            ..WriteRequest::test(&words, remote_credits, 0, 8, None, 0)
+        };
+        let data = |k: u64| WriteRequest::test(&src, remote_ring, 0, 8, Some(k as u32), k);
+        let run = |a: &mut FabricTransport, b: &mut FabricTransport, reqs: &[WriteRequest]| {
+            let before = a.counters().work_requests;
+            for req in reqs {
+                // SAFETY: the sources stay unchanged until the transports drop.
+                unsafe { a.post_write(1, Lane::Data, req) }.unwrap();
+            }
+            let last = reqs.iter().filter(|r| r.imm.is_some()).count();
+            drive(a, b, |_, cb| cb.len() == last);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while a.batch.iter().any(|t| !t.is_empty()) {
+                assert!(Instant::now() < deadline, "{provider}: writes still queued");
+                a.poll(&mut Vec::new()).unwrap();
+            }
+            a.counters().work_requests - before
+        };
+        // Polls until the credit word holds `want`.
+        let lands = |a: &mut FabricTransport, b: &mut FabricTransport, want: u64| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while credits.load_u64(0) != want {
+                assert!(
+                    Instant::now() < deadline,
+                    "{provider}: credit {want} never landed"
+                );
+                a.poll(&mut Vec::new()).unwrap();
+                b.poll(&mut Vec::new()).unwrap();
+            }
+        };
+        // Data, credit, data, credit: each credit in the write before it.
+        let writes = run(&mut a, &mut b, &[data(1), credit(0), data(2), credit(1)]);
+        assert_eq!(writes, 2, "{provider}");
+        assert_eq!(credits.load_u64(0), 12, "{provider}: the newer credit");
+        // Data, credit, credit: the second credit alone, after the first.
+        let writes = run(&mut a, &mut b, &[data(3), credit(2), credit(3)]);
+        assert_eq!(writes, 2, "{provider}");
+        lands(&mut a, &mut b, 14);
+        // Data, data, credit, credit: the first credit in the second data
+        // write, the second alone after it (not in the first data write,
+        // where it would land before the older credit).
+        credits.store_u64(0, 0);
+        let writes = run(&mut a, &mut b, &[data(4), data(5), credit(2), credit(3)]);
+        assert_eq!(writes, 3, "{provider}");
+        // (Had credit 14 ridden in the first data write, it would have
+        // landed before credit 13, and the word would stay 13.)
+        lands(&mut a, &mut b, 14);
+    }
+}
+
 /// A credit may leave the ACK lane for a data write to the same peer
 /// queued before it (`M2N_FI_CREDIT_RIDE`): by default over the host
 /// providers (their traffic classes stay on the host), never with `0`;
