@@ -1491,10 +1491,12 @@ impl Transport for FabricTransport {
         // the data write queued last to its peer where it can (see
         // `carrier`): one message instead of two.
         let credit = req.imm.is_none() && !req.signaled && !local.device;
-        if let Some(at) = self
-            .carrier(l, peer, req.len)
-            .filter(|_| credit && req.len <= self.inject_size)
-        {
+        let carrier = if credit && req.len <= self.inject_size {
+            self.carrier(l, peer, req.len)
+        } else {
+            None
+        };
+        if let Some(at) = carrier {
             let carrier_slot = self.batch[l][at].slot;
             // A data write that is not injected reads the credit's source
             // until it completes: its entry keeps that alive.
