@@ -437,11 +437,8 @@ struct Range {
 struct Pending {
     peer: usize,
     dest: sys::fi_addr_t,
-    local: usize,
-    len: usize,
-    desc: usize,
-    remote_addr: u64,
-    key: u64,
+    /// The data's bytes and where they go.
+    range: Range,
     data: u64,
     flags: u64,
     slot: u32,
@@ -1113,16 +1110,9 @@ impl FabricTransport {
                 };
                 // The data's range, after the credit riding in it (whose
                 // arrival the data's CQ data then announces too).
-                let data = Range {
-                    local: p.local,
-                    len: p.len,
-                    desc: p.desc,
-                    remote_addr: p.remote_addr,
-                    key: p.key,
-                };
                 let (ranges, n) = match p.rider {
-                    Some(credit) => ([credit, data], 2),
-                    None => ([data, data], 1),
+                    Some(credit) => ([credit, p.range], 2),
+                    None => ([p.range, p.range], 1),
                 };
                 let iov = ranges.map(|w| libc::iovec {
                     iov_base: w.local as *mut libc::c_void,
@@ -1209,7 +1199,7 @@ impl FabricTransport {
         }
         let at = self.batch[lane].iter().rposition(|p| p.peer == peer)?;
         let p = &self.batch[lane][at];
-        let fits = p.flags & sys::FI_INJECT as u64 == 0 || p.len + len <= self.inject_size;
+        let fits = p.flags & sys::FI_INJECT as u64 == 0 || p.range.len + len <= self.inject_size;
         let data = p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0;
         (data && fits && p.rider.is_none() && !p.written).then_some(at)
     }
@@ -1217,7 +1207,7 @@ impl FabricTransport {
     /// Message mode: the notice of write `p`, injected on the
     /// endpoint that wrote it (so ordered after it, `FI_ORDER_SAW`).
     fn post_notice(&mut self, lane: usize, p: &Pending, more: u64) -> Result<(), FiError> {
-        let notice: Notice = [p.data, p.key];
+        let notice: Notice = [p.data, p.range.key];
         let iov = libc::iovec {
             iov_base: notice.as_ptr().cast_mut().cast(),
             iov_len: NOTICE_BYTES,
@@ -1486,7 +1476,13 @@ impl Transport for FabricTransport {
         let local = self.locals.view(peer, req, req.remote.len)?;
         // SAFETY: in range, checked by `view`.
         let addr = unsafe { local.base.add(req.local_offset) } as usize;
-        let remote_addr = remote.addr + req.remote_offset as u64;
+        let range = Range {
+            local: addr,
+            len: req.len,
+            desc: local.desc,
+            remote_addr: remote.addr + req.remote_offset as u64,
+            key: remote.key,
+        };
         // A credit (no CQ data, nothing to report, injectable) rides in
         // the data write queued last to its peer where it can (see
         // `carrier`): one message instead of two.
@@ -1504,13 +1500,7 @@ impl Transport for FabricTransport {
                 let source = self.locals.get(req.local)?;
                 self.contexts.keep_rider(carrier_slot, source);
             }
-            self.batch[l][at].rider = Some(Range {
-                local: addr,
-                len: req.len,
-                desc: local.desc,
-                remote_addr,
-                key: remote.key,
-            });
+            self.batch[l][at].rider = Some(range);
             return Ok(());
         }
         if self.batch[l].len() >= MAX_BATCH {
@@ -1536,7 +1526,6 @@ impl Transport for FabricTransport {
         if complete {
             flags |= sys::FI_COMPLETION as u64;
         }
-        let desc = local.desc;
         let slot = if complete {
             let op = InFlight {
                 user_wr_id: req.wr_id,
@@ -1553,11 +1542,7 @@ impl Transport for FabricTransport {
         self.batch[l].push(Pending {
             peer,
             dest,
-            local: addr,
-            len: req.len,
-            desc,
-            remote_addr,
-            key: remote.key,
+            range,
             // The immediate, and the length in the upper half (`source`
             // checked that it fits in 32 bits).
             data: u64::from(req.imm.unwrap_or(0)) | (req.len as u64) << 32,
