@@ -466,6 +466,88 @@ fn held_provider_lock(killer: &str, stop: bool) -> bool {
     errors.iter().any(|e| e.contains("left stuck"))
 }
 
+/// libfabric 1.17's shm provider: an expert stopped (SIGSTOP) while it
+/// holds the lock of its own shared region, which its sender must take to
+/// write to it, leaves that sender spinning inside `fi_writemsg` until the
+/// watchdog breaks the call off. The heartbeats the expert sent before it
+/// stopped are still unread then; the sender must not take them for a
+/// live expert (and blame the lock on some other process), but report the
+/// expert lost for its silence, as for any other hung peer.
+#[test]
+fn fabric_shm_receiver_stopped_holding_its_own_lock_is_lost_by_its_silence() {
+    let Some(stopper) = die_in_peer_lock_library() else {
+        return;
+    };
+    let stopper = stopper.to_string_lossy().into_owned();
+    // The sender is left spinning only if its next write comes while the
+    // expert is stopped inside the lock (most runs): tries are repeated
+    // until one went through a broken-off call.
+    for _ in 0..4 {
+        if stopped_in_own_lock(&stopper) {
+            return;
+        }
+    }
+    panic!("in 4 tries, the sender was never left spinning inside the provider");
+}
+
+/// One try of the test above: whether the sender found the loss through a
+/// broken-off call.
+fn stopped_in_own_lock(stopper: &str) -> bool {
+    let root = m2n::Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let uid = root.unique_id().clone();
+    let _served = root.spawn(Duration::from_secs(60));
+    let env = [
+        ("M2N_TRANSPORT", "fabric"),
+        ("M2N_FI_PROVIDER", "shm"),
+        ("M2N_PEER_TIMEOUT_MS", "1500"),
+        ("M2N_HEARTBEAT_MS", "100"),
+        ("M2N_FI_STUCK_MS", "3000"),
+    ];
+    let flags = [
+        "--rounds",
+        "100000000",
+        "--bytes",
+        "64",
+        "--timeout-s",
+        "60",
+    ];
+    let mut expert_env = env.to_vec();
+    expert_env.extend([
+        ("LD_PRELOAD", stopper),
+        ("DIE_IN_PEER_LOCK_AFTER", "5000"),
+        ("DIE_IN_PEER_LOCK_STOP", "1"),
+        ("DIE_IN_PEER_LOCK_WHOSE", "own"),
+    ]);
+    let mut sender = spawn_worker(&uid, Role::Attention, 0, 1, 1, &flags, &env);
+    let expert = spawn_worker(&uid, Role::Expert, 0, 1, 1, &flags, &expert_env);
+    let state = wait_stopped(expert.child.id(), Duration::from_secs(60));
+    assert_eq!(
+        state,
+        Some('T'),
+        "the expert never stopped at its 5000th own lock: {:?}",
+        expert.seen
+    );
+    let status = sender
+        .wait_exit(Duration::from_secs(30))
+        .expect("the sender hung on a stopped expert");
+    expert.signal(Signal::SIGKILL);
+    assert_ne!(status.code(), Some(70), "the watchdog's last resort ran");
+    assert!(!status.success());
+    let err = sender
+        .seen
+        .iter()
+        .find(|l| l.starts_with("M2N-ERROR"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        err.starts_with("M2N-ERROR peer-lost")
+            && err.contains("peer lost: expert 0")
+            && err.contains("no heartbeat"),
+        "{err}"
+    );
+    err.contains("left stuck")
+}
+
 /// Waits until process `pid` is stopped or gone: its state in /proc
 /// (`T` stopped, `Z` exited), `None` if it still runs after `timeout`.
 fn wait_stopped(pid: u32, timeout: Duration) -> Option<char> {

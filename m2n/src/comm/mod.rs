@@ -346,26 +346,35 @@ impl Communicator {
     }
 
     /// The loss behind a transport stuck inside its library (fabric over
-    /// shm: a process died holding a lock of a shared region), as
-    /// `PeerLost`. The transport refuses every later call, so every later
-    /// call comes back here.
+    /// shm: a process died or stopped holding a lock of a shared region),
+    /// as `PeerLost`. The transport refuses every later call, so every
+    /// later call comes back here.
     ///
-    /// - A peer liveness finds lost is the cause: it is named.
+    /// Liveness is given a peer timeout to judge first, counted from its
+    /// first read here: the heartbeats a stopped peer sent before it
+    /// stopped were still unread while this rank spun inside the provider,
+    /// and reading them now makes it look alive until a timeout after.
+    ///
+    /// - A peer liveness finds lost by then is the cause: it is named (a
+    ///   killed one at once, a stopped one when the timeout runs out).
     /// - Otherwise, if a write to an other-side peer was broken off, that
-    ///   peer cannot be reached any more (its region is locked by a process
-    ///   this rank may have no link to, such as another sender): it is
-    ///   named, with why.
-    /// - Otherwise (a receive was broken off: one of this rank's senders
-    ///   died inside it) liveness is waited for, up to the peer timeout (a
-    ///   stopped peer is judged by then, a killed one at once).
+    ///   peer cannot be reached any more: its region is locked by a
+    ///   process this rank may have no link to, such as another sender. It
+    ///   is named, with why.
     ///
-    /// `None` if no peer is lost by then: the stuck transport is then this
-    /// group's fatal error.
+    /// `None` if no peer is lost by then and no write was broken off (a
+    /// receive was): the stuck transport is then this group's fatal error.
     fn lost_behind_stuck(&mut self, writing_to: Option<Peer>) -> Option<Error> {
         const STUCK: &str =
             "this rank's fabric provider was left stuck: broken off by the watchdog";
-        let deadline = Instant::now() + self.config.peer_timeout;
+        let mut deadline = None;
         loop {
+            // The precise time, which the snapshot's coarse clock then
+            // returns: once it is past the deadline, a peer silent since the
+            // first read has been silent for more than the timeout.
+            let now = self.clock.now();
+            let deadline =
+                *deadline.get_or_insert(now + self.config.peer_timeout + liveness::POLL_EVERY);
             let lost = self.lost_snapshot(true);
             let first = lost
                 .iter()
@@ -378,17 +387,17 @@ impl Communicator {
                     reason: format!("{} (and {STUCK})", l.reason),
                 });
             }
-            if let Some(peer) = writing_to.filter(|p| p.role != self.role) {
-                return Some(Error::PeerLost {
-                    peer,
-                    reason: format!(
-                        "a write to it never returned: {STUCK} (another process died inside \
-                         the provider holding the lock of {peer}'s shared region)"
-                    ),
-                });
-            }
-            if Instant::now() >= deadline {
-                return None;
+            if now >= deadline {
+                return writing_to
+                    .filter(|p| p.role != self.role)
+                    .map(|peer| Error::PeerLost {
+                        peer,
+                        reason: format!(
+                            "a write to it never returned: {STUCK} (it answers heartbeats, so \
+                             another process died or stopped inside the provider holding the \
+                             lock of {peer}'s shared region)"
+                        ),
+                    });
             }
             std::thread::sleep(liveness::POLL_EVERY);
         }
