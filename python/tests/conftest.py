@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import transports
 
 import m2n
 
@@ -23,9 +24,11 @@ def run_group(
     config: dict[str, Any] | None = None,
     timeout: float = 60.0,
 ) -> dict[tuple[str, int], Any]:
-    """Run `body(comm)` on every rank of a group, each in a thread; re-raise the first failure."""
+    """Run `body(comm)` on every rank of a group, each in a thread; re-raise the first failure.
+
+    `transport` is one of `transports.NAMES`."""
     root = m2n.Root(timeout=timeout)
-    cfg = {"transport": transport, **(config or {})}
+    cfg = {**transports.config(transport), **(config or {})}
     results: dict[tuple[str, int], Any] = {}
 
     def rank_main(role: str, rank: int) -> None:
@@ -62,6 +65,6 @@ def rank_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Po
     )
 
 
-@pytest.fixture(params=["shm", "tcp"])
+@pytest.fixture(params=transports.NAMES)
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)

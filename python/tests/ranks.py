@@ -6,12 +6,16 @@ import os
 import signal
 import sys
 
+import transports
+
 import m2n
 
 
 def expert_dies(uid: str, rank: str, m: str, n: str, transport: str) -> int:
-    """An expert that answers one round, then is killed (SIGKILL) before the second."""
-    cfg = {"transport": transport, "peer_timeout_ms": 10000}
+    """An expert that answers one round, then is killed (SIGKILL) before the second.
+
+    `transport` is one of `transports.NAMES`."""
+    cfg = {**transports.config(transport), "peer_timeout_ms": 10000}
     comm = m2n.Communicator(m2n.EXPERT, int(rank), (int(m), int(n)), uid, cfg)
     out = bytearray(64)
     comm.register(out)

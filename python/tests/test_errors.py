@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import transports
 from conftest import rank_process, run_group
 
 import m2n
@@ -259,7 +260,7 @@ def test_killed_expert_is_peer_lost(transport: str, shape: tuple[int, int]) -> N
     errors: dict[int, BaseException] = {}
 
     def attention(rank: int) -> None:
-        cfg = {"transport": transport, "peer_timeout_ms": 10000}
+        cfg = {**transports.config(transport), "peer_timeout_ms": 10000}
         with m2n.Communicator(m2n.ATTENTION, rank, shape, root, cfg) as comm:
             x = bytearray(64 * n)
             comm.register(x)

@@ -781,6 +781,9 @@ pub struct FabricTransport {
     addrs: Vec<sys::fi_addr_t>,
     /// Per peer over shm, its files (removed at close if it died).
     shm_files: Vec<Option<ShmFiles>>,
+    /// Over shm, the stem of this transport's endpoint names, by which
+    /// [`linger`] knows it.
+    shm_stem: Option<String>,
     virt_addr: bool,
     /// The key of the next region. The first is random: over net and tcp an address is an IP and a port, which a new
     /// process (of another job) may get once its owner died, while the
@@ -826,10 +829,28 @@ pub struct FabricTransport {
 // pointers in the completion entries are plain data.
 unsafe impl Send for FabricTransport {}
 
+/// What a transport over shm leaves to [`linger`] at its close: its
+/// endpoints, then (closed after them) the notice buffers they may hold
+/// and the sources of its writes still in flight, which a receiver over
+/// shm may read after the post.
+struct Parked {
+    _eps: Vec<Ep>,
+    _notices: Option<Notices>,
+    _contexts: Contexts,
+}
+
 impl Drop for FabricTransport {
     fn drop(&mut self) {
         for files in self.shm_files.iter().flatten() {
             files.remove_if_dead();
+        }
+        if let Some(stem) = self.shm_stem.take() {
+            let parked = Parked {
+                _eps: std::mem::take(&mut self.eps),
+                _notices: self.notices.take(),
+                _contexts: std::mem::replace(&mut self.contexts, Contexts::new(0, 0)),
+            };
+            linger::closed(&stem, Box::new(parked));
         }
     }
 }
@@ -929,6 +950,12 @@ impl FabricTransport {
                 if notify == Notify::Message { ", notices by message" } else { "" }
             );
         }
+        // Over shm, the transport is known to `linger` from here on (nothing
+        // below fails).
+        let shm_stem = ShmFiles::of(&name).map(|f| f.stem);
+        if let Some(stem) = &shm_stem {
+            linger::opened(stem);
+        }
         Ok(Self {
             me,
             world,
@@ -944,6 +971,7 @@ impl FabricTransport {
             name,
             addrs: vec![fi::ADDR_NOTAVAIL; world],
             shm_files: vec![None; world],
+            shm_stem,
             virt_addr: mr_mode & sys::FI_MR_VIRT_ADDR != 0,
             key_mask,
             next_key: key_base.wrapping_add(1) & key_mask,
@@ -1431,7 +1459,13 @@ impl Transport for FabricTransport {
             .map_err(|source| TransportError::BadDescriptor { peer, source })?;
         self.addrs[peer] = self.av.insert(&ep.address).map_err(fi_err)?;
         if self.provider == "shm" {
-            self.shm_files[peer] = ShmFiles::of(&ep.address);
+            let files = ShmFiles::of(&ep.address);
+            if let (Some(f), Some(stem)) = (&files, &self.shm_stem) {
+                if f.pid as u32 == std::process::id() {
+                    linger::linked(stem, &f.stem);
+                }
+            }
+            self.shm_files[peer] = files;
         }
         Ok(())
     }
@@ -1596,6 +1630,7 @@ impl Transport for FabricTransport {
     }
 }
 
+mod linger;
 #[cfg(test)]
 mod tests;
 mod watchdog;

@@ -766,3 +766,44 @@ fn peers_write_to_the_data_lane_except_over_rxm() {
     assert_eq!(Receiver::of("tcp;ofi_rxm"), Receiver::Own);
     assert_eq!(Receiver::of("verbs;ofi_rxm"), Receiver::Own);
 }
+
+/// Over shm, a peer in this process reaches an endpoint through that
+/// endpoint's own mapping of its region (see `linger`): a transport closed
+/// while a peer of this process still writes to it keeps its endpoints
+/// until that peer closes too. Without that, the writes below touch
+/// unmapped memory (SIGSEGV, as ranks in threads of one Python process
+/// did).
+#[test]
+fn a_peer_in_this_process_may_close_while_it_is_written_to() {
+    let (mut a, mut b) = pair("shm");
+    let src = a.alloc(4096).unwrap();
+    let dst = b.alloc(4096).unwrap();
+    let remote = a.import(1, dst.descriptor()).unwrap();
+    let write = |a: &mut FabricTransport, len: usize| {
+        let req = WriteRequest::test(&src, remote, 0, len, Some(1), 3);
+        // SAFETY: src is not modified while the transports live.
+        unsafe { a.post_write(1, Lane::Data, &req) }.unwrap();
+        a.poll(&mut Vec::new()).unwrap();
+    };
+    write(&mut a, 64);
+    let (_, cb) = drive(&mut a, &mut b, |_, cb| !cb.is_empty());
+    assert_eq!(cb.len(), 1);
+    let (a_stem, b_stem) = (a.shm_stem.clone().unwrap(), b.shm_stem.clone().unwrap());
+    drop(dst);
+    drop(b);
+    assert!(linger::parked(&b_stem), "b's endpoints closed under a");
+    // Injected and larger writes (the receiver reads those from the
+    // sender's memory), into the closed peer's parked region.
+    for len in [8, 64, 4096] {
+        write(&mut a, len);
+    }
+    for _ in 0..100 {
+        a.poll(&mut Vec::new()).unwrap();
+    }
+    drop(a);
+    assert!(
+        !linger::parked(&b_stem),
+        "b's endpoints outlived every peer"
+    );
+    assert!(!linger::parked(&a_stem));
+}
