@@ -1,6 +1,7 @@
 //! Rounds allocate nothing once warm: a counting global allocator around
 //! a 1 x 1 group in this process (both ranks' threads count), round trips
-//! over shm and tcp with blocking and non-blocking calls.
+//! over shm, tcp and fabric (libfabric's shm provider) with blocking and
+//! non-blocking calls.
 
 #[path = "../../tests/support/counting.rs"]
 mod counting;
@@ -16,11 +17,13 @@ use m2n::{Config, Msg, TransportKind, WaitPolicy};
 /// Allocations during `measured` round trips after `warm` ones.
 fn allocations(transport: TransportKind, nonblocking: bool) -> u64 {
     let (warm, measured) = (100u64, 400u64);
-    let config = Config {
+    let mut config = Config {
         transport,
         wait: WaitPolicy::Yield,
         ..Config::default()
     };
+    // The fabric transport over the provider every host has.
+    config.fabric.provider = Some("shm".into());
     let (mut a, mut e) = inproc::pair(config, || {});
     let t = Duration::from_secs(10);
     let marks = Arc::new(Barrier::new(2));
@@ -82,7 +85,11 @@ fn allocations(transport: TransportKind, nonblocking: bool) -> u64 {
 
 #[test]
 fn round_trips_allocate_nothing_once_warm() {
-    for transport in [TransportKind::Shm, TransportKind::Tcp] {
+    for transport in [
+        TransportKind::Shm,
+        TransportKind::Tcp,
+        TransportKind::Fabric,
+    ] {
         for nonblocking in [false, true] {
             let n = allocations(transport, nonblocking);
             assert_eq!(
