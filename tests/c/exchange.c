@@ -1,9 +1,10 @@
 /*
  * A 2 x 2 M2N exchange through the installed C library, every byte checked.
  *
- *   ./exchange              launcher: creates the unique id (its root runs in
- *                           this process), starts 4 ranks of itself, waits
- *   ./exchange ROLE RANK ID one rank (started by the launcher)
+ *   ./exchange [TRANSPORT]  launcher: creates the unique id (its root runs in
+ *                           this process), starts 4 ranks of itself over
+ *                           TRANSPORT (shm, the default; tcp; fabric), waits
+ *   ./exchange ROLE RANK ID TRANSPORT  one rank (started by the launcher)
  *
  * Each attention rank dispatches ROUNDS rounds of a message per expert from a
  * buffer of m2n_mem_alloc; each expert checks every byte, answers each
@@ -11,6 +12,8 @@
  * m2n_reg_mem, and the attention ranks check those bytes too.
  */
 #include <m2n.h>
+
+#include "transport.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -50,13 +53,13 @@ static long check(const uint8_t *p, size_t len, int channel, int s, int r, uint6
   return wrong;
 }
 
-static int rank_main(int role, int rank, const char *id_text) {
+static int rank_main(int role, int rank, const char *id_text, const char *transport) {
   m2n_comm_t *comm = NULL;
   m2n_unique_id_t id;
   m2n_config_t cfg;
   CHECK(m2n_unique_id_from_string(id_text, &id));
   CHECK(m2n_config_init(&cfg, sizeof cfg));
-  cfg.transport = M2N_TRANSPORT_SHM;
+  cfg.transport = (m2n_transport_t)transport_named(transport);
   cfg.dispatch_slot_bytes = BYTES;
   cfg.combine_slot_bytes = BYTES;
   CHECK(m2n_comm_init(&comm, role, rank, M, N, &id, &cfg));
@@ -121,13 +124,18 @@ static int rank_main(int role, int rank, const char *id_text) {
 }
 
 int main(int argc, char **argv) {
-  if (argc == 4) return rank_main(atoi(argv[1]), atoi(argv[2]), argv[3]);
+  if (argc == 5) return rank_main(atoi(argv[1]), atoi(argv[2]), argv[3], argv[4]);
+  const char *transport = argc == 2 ? argv[1] : "shm";
+  if (argc > 2 || transport_named(transport) < 0) {
+    fprintf(stderr, "usage: %s [shm|tcp|fabric]\n", argv[0]);
+    return 2;
+  }
   const m2n_comm_t *comm = NULL; /* for CHECK's message */
   int major, minor, patch;
   CHECK(m2n_get_version(&major, &minor, &patch));
   m2n_unique_id_t id;
   CHECK(m2n_get_unique_id(&id));
-  printf("m2n %d.%d.%d, unique id %s\n", major, minor, patch, id.internal);
+  printf("m2n %d.%d.%d over %s, unique id %s\n", major, minor, patch, transport, id.internal);
   fflush(stdout);
   pid_t pids[M + N];
   for (int i = 0; i < M + N; i++) {
@@ -136,7 +144,7 @@ int main(int argc, char **argv) {
     snprintf(rank, sizeof rank, "%d", i < M ? i : i - M);
     pids[i] = fork();
     if (pids[i] == 0) {
-      execl("/proc/self/exe", argv[0], role, rank, id.internal, (char *)NULL);
+      execl("/proc/self/exe", argv[0], role, rank, id.internal, transport, (char *)NULL);
       perror("execl");
       _exit(127);
     }

@@ -2,7 +2,7 @@
  * A lost peer is reported on the non-blocking paths of the installed C
  * library, as on the blocking ones.
  *
- *   ./peer_lost shm|tcp          launcher: a 3 x 2 group of ranks of itself;
+ *   ./peer_lost shm|tcp|fabric   launcher: a 3 x 2 group of ranks of itself;
  *                                 when all run, it kills expert 1 (SIGKILL)
  *   ./peer_lost ROLE RANK ID T   one rank
  *
@@ -12,6 +12,8 @@
  * within the peer timeout (exit 0); one that keeps spinning is a failure.
  */
 #include <m2n.h>
+
+#include "transport.h"
 
 #include <signal.h>
 #include <stdint.h>
@@ -58,7 +60,7 @@ static int rank_main(int role, int rank, const char *id_text, const char *transp
   m2n_config_t cfg;
   CALL(m2n_unique_id_from_string(id_text, &id));
   CALL(m2n_config_init(&cfg, sizeof cfg));
-  cfg.transport = strcmp(transport, "tcp") == 0 ? M2N_TRANSPORT_TCP : M2N_TRANSPORT_SHM;
+  cfg.transport = (m2n_transport_t)transport_named(transport);
   cfg.dispatch_slot_bytes = BYTES;
   cfg.combine_slot_bytes = BYTES;
   CALL(m2n_comm_init(&comm, role, rank, M, N, &id, &cfg));
@@ -133,8 +135,8 @@ static int rank_main(int role, int rank, const char *id_text, const char *transp
 
 int main(int argc, char **argv) {
   if (argc == 5) return rank_main(atoi(argv[1]), atoi(argv[2]), argv[3], argv[4]);
-  if (argc != 2) {
-    fprintf(stderr, "usage: %s shm|tcp\n", argv[0]);
+  if (argc != 2 || transport_named(argv[1]) < 0) {
+    fprintf(stderr, "usage: %s shm|tcp|fabric\n", argv[0]);
     return 2;
   }
   const m2n_comm_t *comm = NULL;
