@@ -177,12 +177,7 @@ fn kill_mid_run_with(
             .wait_exit(Duration::from_secs(20))
             .unwrap_or_else(|| panic!("{} {} hung after the kill", w.role, w.rank));
         assert!(!status.success());
-        let err = w
-            .seen
-            .iter()
-            .find(|l| l.starts_with("M2N-ERROR"))
-            .cloned()
-            .unwrap_or_default();
+        let err = w.error_line();
         assert!(
             err.starts_with("M2N-ERROR peer-lost"),
             "{} {} ({status:?}): {err:?}; it said {:?}",
@@ -306,12 +301,7 @@ fn stopped_peer(t: T, nonblocking: bool) {
         .wait_exit(Duration::from_secs(20))
         .expect("attention hung on a stopped expert");
     assert!(!status.success());
-    let err = workers[0]
-        .seen
-        .iter()
-        .find(|l| l.starts_with("M2N-ERROR"))
-        .cloned()
-        .unwrap_or_default();
+    let err = workers[0].error_line();
     assert!(
         err.contains("peer lost: expert 0") && err.contains("no heartbeat"),
         "{err}"
@@ -383,9 +373,7 @@ fn provider_lock_held_by_a_dead_peer(stop: bool) {
 /// whether a survivor found the loss through a broken-off call (not a call
 /// that returned).
 fn held_provider_lock(killer: &str, stop: bool) -> bool {
-    let root = m2n::Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let uid = root.unique_id().clone();
-    let _served = root.spawn(Duration::from_secs(60));
+    let (uid, _served) = served_root();
     // A deep window: attention 0 seldom waits for credit.
     let env = [
         ("M2N_TRANSPORT", "fabric"),
@@ -448,13 +436,7 @@ fn held_provider_lock(killer: &str, stop: bool) -> bool {
     // survivor reports a lost peer.
     let errors: Vec<String> = [&survivor, &expert]
         .iter()
-        .map(|w| {
-            w.seen
-                .iter()
-                .find(|l| l.starts_with("M2N-ERROR"))
-                .cloned()
-                .unwrap_or_default()
-        })
+        .map(|w| w.error_line())
         .collect();
     if stop {
         victim.signal(Signal::SIGKILL);
@@ -493,9 +475,7 @@ fn fabric_shm_receiver_stopped_holding_its_own_lock_is_lost_by_its_silence() {
 /// One try of the test above: whether the sender found the loss through a
 /// broken-off call.
 fn stopped_in_own_lock(stopper: &str) -> bool {
-    let root = m2n::Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let uid = root.unique_id().clone();
-    let _served = root.spawn(Duration::from_secs(60));
+    let (uid, _served) = served_root();
     let env = [
         ("M2N_TRANSPORT", "fabric"),
         ("M2N_FI_PROVIDER", "shm"),
@@ -533,12 +513,7 @@ fn stopped_in_own_lock(stopper: &str) -> bool {
     expert.signal(Signal::SIGKILL);
     assert_ne!(status.code(), Some(70), "the watchdog's last resort ran");
     assert!(!status.success());
-    let err = sender
-        .seen
-        .iter()
-        .find(|l| l.starts_with("M2N-ERROR"))
-        .cloned()
-        .unwrap_or_default();
+    let err = sender.error_line();
     assert!(
         err.starts_with("M2N-ERROR peer-lost")
             && err.contains("peer lost: expert 0")

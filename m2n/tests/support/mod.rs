@@ -42,6 +42,16 @@ impl Worker {
         }
     }
 
+    /// The first error line it printed (`M2N-ERROR ...`), or "" if none
+    /// (call after `wait_exit`, which collects its lines).
+    pub fn error_line(&self) -> String {
+        self.seen
+            .iter()
+            .find(|l| l.starts_with("M2N-ERROR"))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Waits for a line starting with `prefix`, up to `timeout`.
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
         if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
@@ -159,6 +169,17 @@ pub fn spawn_worker_in(
     Worker::watch(role, rank, child)
 }
 
+/// A bootstrap root on loopback, served on a thread for up to 60 s: its
+/// unique id, and the thread.
+pub fn served_root() -> (
+    UniqueId,
+    std::thread::JoinHandle<Result<(), m2n::bootstrap::BootstrapError>>,
+) {
+    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let uid = root.unique_id().clone();
+    (uid, root.spawn(Duration::from_secs(60)))
+}
+
 /// A root plus every worker of an `m` x `n` group.
 pub fn spawn_group(
     m: usize,
@@ -169,9 +190,7 @@ pub fn spawn_group(
     Vec<Worker>,
     std::thread::JoinHandle<Result<(), m2n::bootstrap::BootstrapError>>,
 ) {
-    let root = Root::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let uid = root.unique_id().clone();
-    let served = root.spawn(Duration::from_secs(60));
+    let (uid, served) = served_root();
     let mut workers = Vec::new();
     for rank in 0..m {
         workers.push(spawn_worker(&uid, Role::Attention, rank, m, n, flags, env));
