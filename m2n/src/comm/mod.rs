@@ -367,14 +367,13 @@ impl Communicator {
     fn lost_behind_stuck(&mut self, writing_to: Option<Peer>) -> Option<Error> {
         const STUCK: &str =
             "this rank's fabric provider was left stuck: broken off by the watchdog";
-        let mut deadline = None;
+        // Read on the precise clock, as is each `now` below (which the
+        // snapshot's coarse clock then returns): once `now` is past the
+        // deadline, a peer silent since the first read has been silent for
+        // more than the timeout.
+        let deadline = self.clock.now() + self.config.peer_timeout + liveness::POLL_EVERY;
         loop {
-            // The precise time, which the snapshot's coarse clock then
-            // returns: once it is past the deadline, a peer silent since the
-            // first read has been silent for more than the timeout.
             let now = self.clock.now();
-            let deadline =
-                *deadline.get_or_insert(now + self.config.peer_timeout + liveness::POLL_EVERY);
             let lost = self.lost_snapshot(true);
             let first = lost
                 .iter()
