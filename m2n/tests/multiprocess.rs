@@ -31,6 +31,12 @@ impl T {
         self.0.split(':').nth(2).unwrap_or("auto")
     }
 
+    /// Whether the fabric transport runs over libfabric's rxm (whose 1.17
+    /// may crash a survivor when a peer dies: see `kill_mid_run_with`).
+    fn over_rxm(self) -> bool {
+        self.provider().contains("ofi_rxm")
+    }
+
     /// Whether each data write is followed by a notice message (asked
     /// for, or rxm over verbs, which has 4 bytes of remote CQ data).
     fn notices(self) -> bool {
@@ -139,11 +145,7 @@ fn kill_mid_run_with(
     api: &[&str],
     env: &[(&str, &str)],
 ) {
-    let tries = if t.provider().contains("ofi_rxm") {
-        2
-    } else {
-        1
-    };
+    let tries = if t.over_rxm() { 2 } else { 1 };
     for attempt in 1..=tries {
         match kill_mid_run_once(t, victim_role, shape, api, env) {
             Ok(()) => return,
@@ -210,7 +212,7 @@ fn kill_mid_run_once(
         assert!(!status.success());
         {
             use std::os::unix::process::ExitStatusExt;
-            if status.signal() == Some(libc::SIGSEGV) && t.provider().contains("ofi_rxm") {
+            if status.signal() == Some(libc::SIGSEGV) && t.over_rxm() {
                 return Err(format!("{} {} died of SIGSEGV", w.role, w.rank));
             }
         }
