@@ -146,6 +146,7 @@ impl Channel<'_> {
         let mut lens = std::mem::take(&mut self.comm.send.lens_scratch);
         lens.clear();
         lens.extend(msgs.iter().map(|m| m.len));
+        let mut copies = Vec::new();
         for (r, m) in msgs.iter().enumerate() {
             let src = match m.region {
                 Some(region) if !self.comm.transport.owns(region.id()) => {
@@ -166,6 +167,14 @@ impl Channel<'_> {
                             region.len()
                         )));
                     }
+                    if let Some(staging) = region.staging().filter(|_| m.len > 0) {
+                        copies.push(staging::StageCopy {
+                            region: region.id(),
+                            staging: staging.clone(),
+                            offset: m.offset,
+                            len: m.len,
+                        });
+                    }
                     (region.id(), m.offset)
                 }
                 None => (self.comm.recv.credit_src.id(), 0),
@@ -180,19 +189,6 @@ impl Channel<'_> {
             }
             sources.push(src);
         }
-        let copies = msgs
-            .iter()
-            .filter_map(|m| {
-                let region = m.region?;
-                let staging = region.staging()?.clone();
-                (m.len > 0).then(|| staging::StageCopy {
-                    region: region.id(),
-                    staging,
-                    offset: m.offset,
-                    len: m.len,
-                })
-            })
-            .collect();
         Ok(Prepared {
             sources,
             lens,

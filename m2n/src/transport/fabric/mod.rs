@@ -817,8 +817,10 @@ pub struct FabricTransport {
     entries: Vec<sys::fi_cq_data_entry>,
     counters: TransportCounters,
     /// Breaks off a call into the provider that never returns (or, as a
-    /// last resort, exits the process).
-    watchdog: Option<watchdog::Watchdog>,
+    /// last resort, exits the process). Boxed: it is lent out of `self`
+    /// for each call into the provider (see `watched`), and moving a
+    /// pointer in and out cost fewer instructions than moving the watchdog.
+    watchdog: Option<Box<watchdog::Watchdog>>,
     /// The peer a write to which was broken off (the provider is wedged).
     stuck_writing_to: Option<usize>,
     _fabric: Arc<Fabric>,
@@ -935,7 +937,8 @@ impl FabricTransport {
             .stuck_after
             .map(|limit| watchdog::Watchdog::start(limit, escape, exit_stuck(provider.clone())))
             .transpose()
-            .map_err(|e| TransportError::os("spawning the fabric watchdog thread", e))?;
+            .map_err(|e| TransportError::os("spawning the fabric watchdog thread", e))?
+            .map(Box::new);
         let ride_acks = two_ranges
             && notify != Notify::Message
             && match opts.credit_ride {
@@ -1098,7 +1101,7 @@ impl FabricTransport {
     fn watched<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         let dog = self.watchdog.take();
         let r = {
-            let _inside = dog.as_ref().map(watchdog::Watchdog::enter);
+            let _inside = dog.as_deref().map(watchdog::Watchdog::enter);
             f(self)
         };
         self.watchdog = dog;
@@ -1112,7 +1115,12 @@ impl FabricTransport {
             let n = self.batch[lane].len();
             let mut posted = 0;
             while posted < n {
-                let p = self.batch[lane][posted];
+                // The fields the post needs, not the whole entry (a copy
+                // of which was a call to memcpy per write).
+                let p = &self.batch[lane][posted];
+                let (peer, dest, range, rider, data, slot) =
+                    (p.peer, p.dest, p.range, p.rider, p.data, p.slot);
+                let (pflags, written, done_at_post) = (p.flags, p.written, p.done_at_post);
                 let more = if posted + 1 < n {
                     sys::FI_MORE as u64
                 } else {
@@ -1120,27 +1128,27 @@ impl FabricTransport {
                 };
                 // Message mode: the write goes without CQ data, and the
                 // notice (the same 64 bits) follows it as a message.
-                let notice = self.notices.is_some() && p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0;
-                if p.written {
-                    match self.post_notice(lane, &p, more) {
+                let notice = self.notices.is_some() && pflags & sys::FI_REMOTE_CQ_DATA as u64 != 0;
+                if written {
+                    match self.post_notice(lane, posted, more) {
                         Ok(()) => {}
                         Err(e) if e.is_again() => break,
                         Err(e) if e.is_broken_off() => return,
-                        Err(e) => self.close_peer(p.peer, format!("notice failed: {e}")),
+                        Err(e) => self.close_peer(peer, format!("notice failed: {e}")),
                     }
                     posted += 1;
                     continue;
                 }
                 let flags = if notice {
-                    p.flags & !(sys::FI_REMOTE_CQ_DATA as u64) | sys::FI_MORE as u64
+                    pflags & !(sys::FI_REMOTE_CQ_DATA as u64) | sys::FI_MORE as u64
                 } else {
-                    p.flags | more
+                    pflags | more
                 };
                 // The data's range, after the credit riding in it (whose
                 // arrival the data's CQ data then announces too).
-                let (ranges, n) = match p.rider {
-                    Some(credit) => ([credit, p.range], 2),
-                    None => ([p.range, p.range], 1),
+                let (ranges, n) = match rider {
+                    Some(credit) => ([credit, range], 2),
+                    None => ([range, range], 1),
                 };
                 let iov = ranges.map(|w| libc::iovec {
                     iov_base: w.local as *mut libc::c_void,
@@ -1156,11 +1164,11 @@ impl FabricTransport {
                     msg_iov: iov.as_ptr(),
                     desc: desc.as_mut_ptr(),
                     iov_count: n,
-                    addr: p.dest,
+                    addr: dest,
                     rma_iov: rma.as_ptr(),
                     rma_iov_count: n,
-                    context: self.contexts.ptr(p.slot),
-                    data: p.data,
+                    context: self.contexts.ptr(slot),
+                    data,
                 };
                 // SAFETY: the sources are registered memory kept alive by the
                 // in-flight entry (the rider's too), or copied at once with
@@ -1170,37 +1178,37 @@ impl FabricTransport {
                 match unsafe { self.eps[lane].write_msg(&msg, flags) } {
                     Ok(()) => {
                         self.counters.work_requests += 1;
-                        if p.flags & sys::FI_INJECT as u64 != 0 {
+                        if pflags & sys::FI_INJECT as u64 != 0 {
                             self.counters.inline += 1;
                         }
-                        if p.flags & sys::FI_COMPLETION as u64 != 0 {
+                        if pflags & sys::FI_COMPLETION as u64 != 0 {
                             self.counters.signaled += 1;
                         }
-                        if let Some(wr_id) = p.done_at_post {
+                        if let Some(wr_id) = done_at_post {
                             self.done.push(Completion::WriteDone { wr_id });
                         }
                         if notice {
-                            match self.post_notice(lane, &p, more) {
+                            match self.post_notice(lane, posted, more) {
                                 Ok(()) => {}
                                 Err(e) if e.is_again() => {
                                     self.batch[lane][posted].written = true;
                                     break;
                                 }
                                 Err(e) if e.is_broken_off() => return,
-                                Err(e) => self.close_peer(p.peer, format!("notice failed: {e}")),
+                                Err(e) => self.close_peer(peer, format!("notice failed: {e}")),
                             }
                         }
                     }
                     Err(e) if e.is_again() => break,
                     // The provider is wedged: the next call says so.
                     Err(e) if e.is_broken_off() => {
-                        self.stuck_writing_to = Some(p.peer);
+                        self.stuck_writing_to = Some(peer);
                         return;
                     }
                     Err(e) => {
-                        self.close_peer(p.peer, format!("write failed: {e}"));
-                        if p.slot != NO_SLOT {
-                            self.contexts.release(p.slot as usize);
+                        self.close_peer(peer, format!("write failed: {e}"));
+                        if slot != NO_SLOT {
+                            self.contexts.release(slot as usize);
                         }
                     }
                 }
@@ -1234,8 +1242,10 @@ impl FabricTransport {
 
     /// Message mode: the notice of write `p`, injected on the
     /// endpoint that wrote it (so ordered after it, `FI_ORDER_SAW`).
-    fn post_notice(&mut self, lane: usize, p: &Pending, more: u64) -> Result<(), FiError> {
+    fn post_notice(&mut self, lane: usize, at: usize, more: u64) -> Result<(), FiError> {
+        let p = &self.batch[lane][at];
         let notice: Notice = [p.data, p.range.key];
+        let dest = p.dest;
         let iov = libc::iovec {
             iov_base: notice.as_ptr().cast_mut().cast(),
             iov_len: NOTICE_BYTES,
@@ -1245,7 +1255,7 @@ impl FabricTransport {
             msg_iov: &iov,
             desc: &mut desc,
             iov_count: 1,
-            addr: p.dest,
+            addr: dest,
             context: self.contexts.ptr(NO_SLOT),
             data: 0,
         };
