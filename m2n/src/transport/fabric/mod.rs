@@ -1240,8 +1240,9 @@ impl FabricTransport {
         (data && fits && p.rider.is_none() && !p.written).then_some(at)
     }
 
-    /// Message mode: the notice of write `p`, injected on the
-    /// endpoint that wrote it (so ordered after it, `FI_ORDER_SAW`).
+    /// Message mode: the notice of the write queued at `at` in `lane`'s
+    /// train, injected on the endpoint that wrote it (so ordered after
+    /// it, `FI_ORDER_SAW`).
     fn post_notice(&mut self, lane: usize, at: usize, more: u64) -> Result<(), FiError> {
         let p = &self.batch[lane][at];
         let notice: Notice = [p.data, p.range.key];
