@@ -47,7 +47,7 @@ use crate::config::Config;
 use crate::group::{Peer, Role, Shape};
 use crate::proto::{ChannelId, Lane, RecvChannel, SendChannel, WriteOp};
 use crate::transport::{
-    Completion, Region, RegionId, RemoteRegion, Transport, TransportError, TransportKind,
+    Completion, Region, RegionId, RemoteRegion, Rider, Transport, TransportError, TransportKind,
     WriteRequest,
 };
 
@@ -469,21 +469,25 @@ impl Communicator {
         self.let_streams_go_on_error(r)
     }
 
-    /// One pass: data writes, then credits (so that piggybacked credits
-    /// share the data's doorbell), then the transport's completions. With
-    /// piggybacked credits (see [`Config::credit_piggyback`]) a batch of
-    /// credits is held until a pass that writes data, on a rank that sends.
+    /// One pass: the credits due are decided, then the data writes go
+    /// (a credit due to the peer of one rides in it where the transport
+    /// can carry it), then the credits left (after the data, so that
+    /// piggybacked ones share its doorbell), then the transport's
+    /// completions. With piggybacked credits (see
+    /// [`Config::credit_piggyback`]) a batch of credits is held until a
+    /// pass that writes data, on a rank that sends.
     fn progress_steps(&mut self) -> Result<bool> {
         self.check_fatal()?;
         let now = self.now();
         let streams = self.streams_active();
         let mut moved = streams && self.drive_stream_sends()?;
-        let wrote = self.post_writes()?;
+        let writes = self.send.stalled.is_some() || self.send.proto.has_queued();
         // A rank that has never sent (a one-way receiver) has no data to
         // carry credits: holding would only delay them to the full window.
-        let hold = self.config.credit_piggyback && !wrote && self.send.proto.next_round() > 0;
-        moved |= wrote;
-        moved |= self.post_credits(now, hold)?;
+        let hold = self.config.credit_piggyback && !writes && self.send.proto.next_round() > 0;
+        self.credits_due(now, hold);
+        moved |= self.post_writes()?;
+        moved |= self.post_owed_credits()?;
         moved |= self.poll_transport()?;
         moved |= self.read_credits()?;
         if streams {
@@ -525,10 +529,40 @@ impl Communicator {
                 wr_id: op.round,
                 signaled: true,
             };
+            // The credit owed to this receiver (the sender of the same
+            // index on the other channel is the same peer) may ride in its
+            // last write of the pass.
+            let owed =
+                if self.recv.credit_owed.is_empty() || self.send.proto.has_queued_to(op.receiver) {
+                    None
+                } else {
+                    self.recv.credit_owed.iter().position(|&s| s == op.receiver)
+                };
+            let credit = owed.map(|_| self.credit_request(op.receiver, Lane::Data));
+            let rider = credit.as_ref().map(|req| Rider {
+                req,
+                data_lane: self.config.credit_piggyback,
+            });
+            // The last data write of the pass, unless piggybacked credits
+            // other than its own follow it on the data lane (they share
+            // its doorbell).
+            let others = self.recv.credit_owed.len() - usize::from(owed.is_some());
+            let followed = self.config.credit_piggyback && others > 0;
+            let last = !followed && !self.send.proto.has_queued();
             // SAFETY: the source bytes stay untouched until the round is sent:
-            // that is the documented contract of `Channel::send`.
-            match unsafe { self.transport.post_write(peer_global, op.lane, &req) } {
-                Ok(()) => moved = true,
+            // that is the documented contract of `Channel::send`; the
+            // credit's, see `post_credits`.
+            match unsafe {
+                self.transport
+                    .post_data(peer_global, op.lane, &req, rider, last)
+            } {
+                Ok(rode) => {
+                    moved = true;
+                    if let (true, Some(at)) = (rode, owed) {
+                        self.recv.credit_owed.swap_remove(at);
+                        self.recv.credit_writes += 1;
+                    }
+                }
                 Err(TransportError::WouldBlock) => {
                     self.send.stalled = Some(op);
                     break;
@@ -551,15 +585,40 @@ impl Communicator {
         Ok(moved)
     }
 
-    /// Writes the receive side's credit to every sender when it is due
+    /// Owes every sender the receive side's credit when it is due
     /// (`hold_batch`: a full batch alone waits for the next data write).
-    fn post_credits(&mut self, now: Instant, hold_batch: bool) -> Result<bool> {
+    fn credits_due(&mut self, now: Instant, hold_batch: bool) {
         if let Some(c) = self.recv.proto.poll_credit(now, hold_batch) {
             self.recv.credit_src.store_u64(0, c.released);
             let owed = &mut self.recv.credit_owed;
             owed.clear();
             owed.extend(0..self.recv.credit_dst.len());
         }
+    }
+
+    /// The write of the credit to `sender`, landing in its word for `lane`.
+    fn credit_request(&self, sender: usize, lane: Lane) -> WriteRequest {
+        WriteRequest {
+            local: self.recv.credit_src.id(),
+            local_offset: 0,
+            len: 8,
+            remote: self.recv.credit_dst[sender],
+            remote_offset: credit_word(self.rank, lane),
+            imm: None,
+            wr_id: u64::MAX,
+            signaled: false,
+        }
+    }
+
+    /// Writes the receive side's credit to every sender when it is due
+    /// (see [`credits_due`](Self::credits_due)).
+    fn post_credits(&mut self, now: Instant, hold_batch: bool) -> Result<bool> {
+        self.credits_due(now, hold_batch);
+        self.post_owed_credits()
+    }
+
+    /// Writes the credit owed to every sender it has not reached yet.
+    fn post_owed_credits(&mut self) -> Result<bool> {
         if self.recv.credit_owed.is_empty() {
             return Ok(false);
         }
@@ -579,16 +638,7 @@ impl Communicator {
                 } else {
                     Lane::Ack
                 };
-            let req = WriteRequest {
-                local: self.recv.credit_src.id(),
-                local_offset: 0,
-                len: 8,
-                remote: self.recv.credit_dst[sender],
-                remote_offset: credit_word(self.rank, lane),
-                imm: None,
-                wr_id: u64::MAX,
-                signaled: false,
-            };
+            let req = self.credit_request(sender, lane);
             // SAFETY: the credit word only ever grows and any value of it is a
             // valid credit, so changes while in flight are harmless.
             match unsafe { self.transport.post_write(peer_global, lane, &req) } {

@@ -159,6 +159,12 @@ impl SendChannel {
         self.queued.iter().any(|q| !q.is_empty())
     }
 
+    /// Whether writes to `receiver` are waiting to be handed to the
+    /// transport.
+    pub fn has_queued_to(&self, receiver: usize) -> bool {
+        self.queued.get(receiver).is_some_and(|q| !q.is_empty())
+    }
+
     /// Records a credit from `receiver`: it has released `released` rounds.
     /// Older credits than the one already seen are ignored.
     pub fn on_credit(&mut self, receiver: usize, released: u64) -> Result<(), ProtoError> {

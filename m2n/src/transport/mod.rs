@@ -557,6 +557,20 @@ impl WriteRequest {
     }
 }
 
+/// A credit offered to [`Transport::post_data`] to ride in a data write
+/// to the same peer: one message instead of two.
+#[derive(Debug, Clone, Copy)]
+pub struct Rider<'a> {
+    /// The credit: an unsignalled write without immediate, to the data
+    /// lane's credit word (where it lands when it rides).
+    pub req: &'a WriteRequest,
+    /// Whether the caller would post it on the data lane anyway
+    /// (piggybacked credits): it then rides wherever the transport can
+    /// carry it. Otherwise only where leaving the ACK lane costs the
+    /// credit nothing (see [`Transport::credit_rides`]).
+    pub data_lane: bool,
+}
+
 /// What [`Transport::poll`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
@@ -721,6 +735,35 @@ pub trait Transport: Send + fmt::Debug {
         lane: Lane,
         req: &WriteRequest,
     ) -> Result<(), TransportError>;
+
+    /// Posts a data write, as [`post_write`](Self::post_write), with what
+    /// the caller's pass knows beyond it:
+    /// - `credit`: a credit due now to the same peer, which the transport
+    ///   may carry inside this write (see [`Rider`]). Returns whether it
+    ///   did; if not, the caller posts the credit itself.
+    /// - `last`: the caller posts no more data writes in this pass, nor
+    ///   credits on this lane but the one offered (which follows if it
+    ///   does not ride and is for the data lane): a transport that holds
+    ///   writes for one doorbell may send them now instead of at the
+    ///   next poll.
+    ///
+    /// By default the data write is posted alone and the credit left to
+    /// the caller.
+    ///
+    /// # Safety
+    /// As [`post_write`](Self::post_write), for both writes.
+    unsafe fn post_data(
+        &mut self,
+        peer: usize,
+        lane: Lane,
+        req: &WriteRequest,
+        credit: Option<Rider<'_>>,
+        last: bool,
+    ) -> Result<bool, TransportError> {
+        let _ = (credit, last);
+        // SAFETY: the caller's contract.
+        unsafe { self.post_write(peer, lane, req) }.map(|()| false)
+    }
 
     /// Appends completions to `out`.
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError>;

@@ -34,10 +34,14 @@
 //! process's regions is let go.
 //!
 //! Writes posted between two polls go out per endpoint as one train, all
-//! but the last flagged `FI_MORE` (the doorbell batching of verbs); a
-//! credit queued behind a data write to the same peer rides in it (one
-//! `fi_writemsg` naming both ranges, where the provider takes two: net, tcp
-//! and shm do), so that piggybacked credits cost no message of their own.
+//! but the last flagged `FI_MORE` (the doorbell batching of verbs); the
+//! last data write of the communicator's pass
+//! ([`Transport::post_data`]) sends the train at once, or, where it has
+//! its lane to itself, goes alone (one call into the provider, on the
+//! round trip's path). A credit offered with a data write, or queued
+//! behind one to the same peer, rides in it (one `fi_writemsg` naming
+//! both ranges, where the provider takes two: net, tcp and shm do), so
+//! that piggybacked credits cost no message of their own.
 //! Only writes too large to inject ask for a completion
 //! (`FI_SELECTIVE_COMPLETION`), each with its own context from a fixed
 //! table, so a round allocates nothing; an injected write the caller waits
@@ -59,7 +63,7 @@ use m2n_fabric_sys as sys;
 
 use super::segment::PrivateMemory;
 use super::{
-    Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Transport,
+    Completion, Lane, LocalMemory, LocalRegions, Region, RegionId, RemoteRegion, Rider, Transport,
     TransportCounters, TransportError, TransportKind, WriteRequest,
 };
 use crate::codec::{DecodeError, Reader, Writer};
@@ -1118,8 +1122,7 @@ impl FabricTransport {
                 // The fields the post needs, not the whole entry (a copy
                 // of which was a call to memcpy per write).
                 let p = &self.batch[lane][posted];
-                let (peer, dest, range, rider, data, slot) =
-                    (p.peer, p.dest, p.range, p.rider, p.data, p.slot);
+                let (peer, slot) = (p.peer, p.slot);
                 let (pflags, written, done_at_post) = (p.flags, p.written, p.done_at_post);
                 let more = if posted + 1 < n {
                     sys::FI_MORE as u64
@@ -1144,49 +1147,10 @@ impl FabricTransport {
                 } else {
                     pflags | more
                 };
-                // The data's range, after the credit riding in it (whose
-                // arrival the data's CQ data then announces too).
-                let (ranges, n) = match rider {
-                    Some(credit) => ([credit, range], 2),
-                    None => ([range, range], 1),
-                };
-                let iov = ranges.map(|w| libc::iovec {
-                    iov_base: w.local as *mut libc::c_void,
-                    iov_len: w.len,
-                });
-                let mut desc = ranges.map(|w| w.desc as *mut libc::c_void);
-                let rma = ranges.map(|w| sys::fi_rma_iov {
-                    addr: w.remote_addr,
-                    len: w.len,
-                    key: w.key,
-                });
-                let msg = sys::fi_msg_rma {
-                    msg_iov: iov.as_ptr(),
-                    desc: desc.as_mut_ptr(),
-                    iov_count: n,
-                    addr: dest,
-                    rma_iov: rma.as_ptr(),
-                    rma_iov_count: n,
-                    context: self.contexts.ptr(slot),
-                    data,
-                };
-                // SAFETY: the sources are registered memory kept alive by the
-                // in-flight entry (the rider's too), or copied at once with
-                // FI_INJECT; the remote ranges were checked against the
-                // peers' regions; the context lives in the fixed table until
-                // its completion.
-                match unsafe { self.eps[lane].write_msg(&msg, flags) } {
+                let p = &self.batch[lane][posted];
+                match Self::write_pending(&self.eps[lane], &mut self.contexts, p, flags) {
                     Ok(()) => {
-                        self.counters.work_requests += 1;
-                        if pflags & sys::FI_INJECT as u64 != 0 {
-                            self.counters.inline += 1;
-                        }
-                        if pflags & sys::FI_COMPLETION as u64 != 0 {
-                            self.counters.signaled += 1;
-                        }
-                        if let Some(wr_id) = done_at_post {
-                            self.done.push(Completion::WriteDone { wr_id });
-                        }
+                        self.note_posted(pflags, done_at_post);
                         if notice {
                             match self.post_notice(lane, posted, more) {
                                 Ok(()) => {}
@@ -1221,6 +1185,64 @@ impl FabricTransport {
         }
     }
 
+    /// Posts `p` (and the credit riding in it) with `flags` on `ep`.
+    /// An associated function, not a method: its callers lend it the
+    /// entry in place (a train's) and the contexts, fields of `self`.
+    fn write_pending(
+        ep: &Ep,
+        contexts: &mut Contexts,
+        p: &Pending,
+        flags: u64,
+    ) -> Result<(), FiError> {
+        // The data's range, after the credit riding in it (whose arrival
+        // the data's CQ data then announces too).
+        let (ranges, n) = match p.rider {
+            Some(credit) => ([credit, p.range], 2),
+            None => ([p.range, p.range], 1),
+        };
+        let iov = ranges.map(|w| libc::iovec {
+            iov_base: w.local as *mut libc::c_void,
+            iov_len: w.len,
+        });
+        let mut desc = ranges.map(|w| w.desc as *mut libc::c_void);
+        let rma = ranges.map(|w| sys::fi_rma_iov {
+            addr: w.remote_addr,
+            len: w.len,
+            key: w.key,
+        });
+        let msg = sys::fi_msg_rma {
+            msg_iov: iov.as_ptr(),
+            desc: desc.as_mut_ptr(),
+            iov_count: n,
+            addr: p.dest,
+            rma_iov: rma.as_ptr(),
+            rma_iov_count: n,
+            context: contexts.ptr(p.slot),
+            data: p.data,
+        };
+        // SAFETY: the sources are registered memory kept alive by the
+        // in-flight entry (the rider's too), or copied at once with
+        // FI_INJECT; the remote ranges were checked against the peers'
+        // regions; the context lives in the fixed table until its
+        // completion.
+        unsafe { ep.write_msg(&msg, flags) }
+    }
+
+    /// Counts a write the provider took (flagged `pflags`), and reports
+    /// it done if it was injected and waited for.
+    fn note_posted(&mut self, pflags: u64, done_at_post: Option<u64>) {
+        self.counters.work_requests += 1;
+        if pflags & sys::FI_INJECT as u64 != 0 {
+            self.counters.inline += 1;
+        }
+        if pflags & sys::FI_COMPLETION as u64 != 0 {
+            self.counters.signaled += 1;
+        }
+        if let Some(wr_id) = done_at_post {
+            self.done.push(Completion::WriteDone { wr_id });
+        }
+    }
+
     /// The queued write of `lane` that a credit of `len` bytes to `peer`
     /// can ride in: the last write queued to `peer` (so that the credit
     /// still lands after every earlier write to it, as it would alone), if
@@ -1230,14 +1252,171 @@ impl FabricTransport {
     /// if the data write is injected (an injected write has no completion
     /// to keep a rider's source alive by).
     fn carrier(&self, lane: usize, peer: usize, len: usize) -> Option<usize> {
-        if !self.two_ranges || self.notices.is_some() {
-            return None;
-        }
         let at = self.batch[lane].iter().rposition(|p| p.peer == peer)?;
-        let p = &self.batch[lane][at];
+        self.can_carry(&self.batch[lane][at], len).then_some(at)
+    }
+
+    /// Whether a credit of `len` bytes can ride in `p` (see
+    /// [`carrier`](Self::carrier)).
+    fn can_carry(&self, p: &Pending, len: usize) -> bool {
+        if !self.two_ranges || self.notices.is_some() {
+            return false;
+        }
         let fits = p.flags & sys::FI_INJECT as u64 == 0 || p.range.len + len <= self.inject_size;
         let data = p.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0;
-        (data && fits && p.rider.is_none() && !p.written).then_some(at)
+        data && fits && p.rider.is_none() && !p.written
+    }
+
+    /// Whether a credit to `peer` may leave the ACK lane to ride in a data
+    /// write: `ride_acks`, and at most [`RIDE_BEHIND`] bytes of writes to
+    /// `peer` in flight or queued, so that a credit does not wait behind
+    /// bulk data on the peer's connection, as it would not on the ACK
+    /// lane's.
+    fn leaves_ack_lane(&self, peer: usize) -> bool {
+        self.ride_acks
+            && self
+                .contexts
+                .bytes_to
+                .get(peer)
+                .is_some_and(|&b| b <= RIDE_BEHIND)
+    }
+
+    /// Where `req` goes, checked (see [`post_write`](Transport::post_write)):
+    /// the peer's address, the write's range, and whether its source is
+    /// device memory.
+    #[inline(always)]
+    fn target(
+        &self,
+        peer: usize,
+        req: &WriteRequest,
+    ) -> Result<(sys::fi_addr_t, Range, bool), TransportError> {
+        super::check_open(&self.closed, peer)?;
+        let dest = self.addrs[peer];
+        if dest == fi::ADDR_NOTAVAIL {
+            return Err(TransportError::NotConnected(peer));
+        }
+        let Some(&remote) = self
+            .imports
+            .get(req.remote.key as usize)
+            .filter(|r| r.peer == peer)
+        else {
+            return Err(TransportError::NotConnected(peer));
+        };
+        // The library refuses out-of-range writes before posting. An
+        // injected write's source is read when its batch is posted, within
+        // the caller's pass or (if the provider is busy) a later one, while
+        // the round is not yet sent, so still the caller's to keep: it
+        // takes no reference to the region.
+        let local = self.locals.view(peer, req, req.remote.len)?;
+        // SAFETY: in range, checked by `view`.
+        let addr = unsafe { local.base.add(req.local_offset) } as usize;
+        let range = Range {
+            local: addr,
+            len: req.len,
+            desc: local.desc,
+            remote_addr: remote.addr + req.remote_offset as u64,
+            key: remote.key,
+        };
+        Ok((dest, range, local.device))
+    }
+
+    /// The entry of a write of `req` to `peer` at `dest` (see `target`),
+    /// with its completion context claimed where it asks for one.
+    #[inline(always)]
+    fn pending(
+        &mut self,
+        peer: usize,
+        req: &WriteRequest,
+        (dest, range, device): (sys::fi_addr_t, Range, bool),
+    ) -> Result<Pending, TransportError> {
+        // Small writes are injected: the provider copies them before the
+        // post returns, so the source is free at once and they ask for no
+        // completion (one the caller waits for is reported done when
+        // posted). Larger ones ask for one: their source must stay alive
+        // until the provider is done with it.
+        let inject = req.len <= self.inject_size && !device;
+        let complete = !inject;
+        let mut flags = 0u64;
+        if req.imm.is_some() {
+            flags |= sys::FI_REMOTE_CQ_DATA as u64;
+        }
+        if inject {
+            flags |= sys::FI_INJECT as u64;
+        }
+        if complete {
+            flags |= sys::FI_COMPLETION as u64;
+        }
+        let slot = if complete {
+            let op = InFlight {
+                user_wr_id: req.wr_id,
+                report: req.signaled,
+                peer,
+                len: req.len,
+                _keep: self.locals.get(req.local)?,
+                _rider: None,
+            };
+            self.contexts.claim(op).ok_or(TransportError::WouldBlock)?
+        } else {
+            NO_SLOT
+        };
+        Ok(Pending {
+            peer,
+            dest,
+            range,
+            // The immediate, and the length in the upper half (`view`
+            // checked that it fits in 32 bits).
+            data: u64::from(req.imm.unwrap_or(0)) | (req.len as u64) << 32,
+            flags,
+            slot,
+            done_at_post: (inject && req.signaled).then_some(req.wr_id),
+            written: false,
+            rider: None,
+        })
+    }
+
+    /// Queues `p` on `lane`'s train, sending the train once it is long
+    /// enough (`FLUSH_AT`) or `now`.
+    fn queue(&mut self, lane: usize, p: Pending, now: bool) {
+        self.batch[lane].push(p);
+        if now || self.batch[lane].len() >= FLUSH_AT {
+            self.flush();
+        }
+    }
+
+    /// Whether `lane` has room for one more write, sending its train if
+    /// that makes room.
+    fn room(&mut self, lane: usize) -> bool {
+        if self.batch[lane].len() >= MAX_BATCH {
+            self.flush();
+        }
+        self.batch[lane].len() < MAX_BATCH
+    }
+
+    /// Posts `p` at once on `lane`, whose train is empty: one call into
+    /// the provider, no train. A write the provider cannot take now is
+    /// queued for the next flush; one it refuses closes its peer (the next
+    /// call says so), as in a train.
+    fn post_alone(&mut self, lane: usize, p: Pending) {
+        debug_assert!(self.batch[lane].is_empty() && self.notices.is_none());
+        let r = self.watched(|t| Self::write_pending(&t.eps[lane], &mut t.contexts, &p, p.flags));
+        match r {
+            Ok(()) => {
+                self.counters.doorbells += 1;
+                self.note_posted(p.flags, p.done_at_post);
+            }
+            Err(e) if e.is_again() => self.batch[lane].push(p),
+            // The provider is wedged: the next call says so.
+            Err(e) if e.is_broken_off() => {
+                self.stuck_writing_to = Some(p.peer);
+                self.batch[lane].push(p);
+            }
+            Err(e) => {
+                self.close_peer(p.peer, format!("write failed: {e}"));
+                if p.slot != NO_SLOT {
+                    self.contexts.release(p.slot as usize);
+                }
+            }
+        }
     }
 
     /// Message mode: the notice of the write queued at `at` in `lane`'s
@@ -1500,38 +1679,12 @@ impl Transport for FabricTransport {
         req: &WriteRequest,
     ) -> Result<(), TransportError> {
         self.check_usable()?;
-        super::check_open(&self.closed, peer)?;
         let l = lane_index(lane);
-        let dest = self.addrs[peer];
-        if dest == fi::ADDR_NOTAVAIL {
-            return Err(TransportError::NotConnected(peer));
-        }
-        let Some(&remote) = self
-            .imports
-            .get(req.remote.key as usize)
-            .filter(|r| r.peer == peer)
-        else {
-            return Err(TransportError::NotConnected(peer));
-        };
-        // The library refuses out-of-range writes before posting. An
-        // injected write's source is read when its batch is posted, within
-        // the caller's pass or (if the provider is busy) a later one, while
-        // the round is not yet sent, so still the caller's to keep: it
-        // takes no reference to the region.
-        let local = self.locals.view(peer, req, req.remote.len)?;
-        // SAFETY: in range, checked by `view`.
-        let addr = unsafe { local.base.add(req.local_offset) } as usize;
-        let range = Range {
-            local: addr,
-            len: req.len,
-            desc: local.desc,
-            remote_addr: remote.addr + req.remote_offset as u64,
-            key: remote.key,
-        };
+        let target = self.target(peer, req)?;
         // A credit (no CQ data, nothing to report, injectable) rides in
         // the data write queued last to its peer where it can (see
         // `carrier`): one message instead of two.
-        let credit = req.imm.is_none() && !req.signaled && !local.device;
+        let credit = req.imm.is_none() && !req.signaled && !target.2;
         let carrier = if credit && req.len <= self.inject_size {
             self.carrier(l, peer, req.len)
         } else {
@@ -1545,62 +1698,79 @@ impl Transport for FabricTransport {
                 let source = self.locals.get(req.local)?;
                 self.contexts.keep_rider(carrier_slot, source);
             }
-            self.batch[l][at].rider = Some(range);
+            self.batch[l][at].rider = Some(target.1);
             return Ok(());
         }
-        if self.batch[l].len() >= MAX_BATCH {
-            self.flush();
-            if self.batch[l].len() >= MAX_BATCH {
-                return Err(TransportError::WouldBlock);
+        if !self.room(l) {
+            return Err(TransportError::WouldBlock);
+        }
+        let p = self.pending(peer, req, target)?;
+        self.queue(l, p, false);
+        Ok(())
+    }
+
+    /// A data write that is `last` in its pass goes at once where it has
+    /// its lane to itself (nothing queued, no notice to follow): one call
+    /// into the provider, no train, no flush. Otherwise it joins the
+    /// lane's train, which then goes if `last`. A credit offered rides in
+    /// it where a credit queued behind it would (see `carrier` and
+    /// `credit_rides`).
+    unsafe fn post_data(
+        &mut self,
+        peer: usize,
+        lane: Lane,
+        req: &WriteRequest,
+        credit: Option<Rider<'_>>,
+        last: bool,
+    ) -> Result<bool, TransportError> {
+        self.check_usable()?;
+        let l = lane_index(lane);
+        let target = self.target(peer, req)?;
+        if !self.room(l) {
+            return Err(TransportError::WouldBlock);
+        }
+        let mut p = self.pending(peer, req, target)?;
+        let mut rode = false;
+        if let Some(c) = credit {
+            let wanted = c.data_lane || self.leaves_ack_lane(peer);
+            let credit = c.req.imm.is_none() && !c.req.signaled && c.req.len <= self.inject_size;
+            if wanted && credit && self.can_carry(&p, c.req.len) {
+                match self.target(peer, c.req) {
+                    Ok((_, range, false)) => {
+                        // As in `post_write`: a write that is not
+                        // injected keeps the credit's source alive.
+                        if p.slot != NO_SLOT {
+                            match self.locals.get(c.req.local) {
+                                Ok(source) => self.contexts.keep_rider(p.slot, source),
+                                Err(e) => {
+                                    self.contexts.release(p.slot as usize);
+                                    return Err(e);
+                                }
+                            }
+                        }
+                        p.rider = Some(range);
+                        rode = true;
+                    }
+                    // Device memory: the credit goes alone.
+                    Ok(_) => {}
+                    Err(e) => {
+                        if p.slot != NO_SLOT {
+                            self.contexts.release(p.slot as usize);
+                        }
+                        return Err(e);
+                    }
+                }
             }
         }
-        // Small writes are injected: the provider copies them before the
-        // post returns, so the source is free at once and they ask for no
-        // completion (one the caller waits for is reported done when
-        // posted). Larger ones ask for one: their source must stay alive
-        // until the provider is done with it.
-        let inject = req.len <= self.inject_size && !local.device;
-        let complete = !inject;
-        let mut flags = 0u64;
-        if req.imm.is_some() {
-            flags |= sys::FI_REMOTE_CQ_DATA as u64;
-        }
-        if inject {
-            flags |= sys::FI_INJECT as u64;
-        }
-        if complete {
-            flags |= sys::FI_COMPLETION as u64;
-        }
-        let slot = if complete {
-            let op = InFlight {
-                user_wr_id: req.wr_id,
-                report: req.signaled,
-                peer,
-                len: req.len,
-                _keep: self.locals.get(req.local)?,
-                _rider: None,
-            };
-            self.contexts.claim(op).ok_or(TransportError::WouldBlock)?
+        // A piggybacked credit that could not ride follows on this lane:
+        // the train waits for it.
+        let last = last && (rode || credit.is_none_or(|c| !c.data_lane));
+        if last && self.batch[l].is_empty() && self.notices.is_none() {
+            self.post_alone(l, p);
         } else {
-            NO_SLOT
-        };
-        self.batch[l].push(Pending {
-            peer,
-            dest,
-            range,
-            // The immediate, and the length in the upper half (`source`
-            // checked that it fits in 32 bits).
-            data: u64::from(req.imm.unwrap_or(0)) | (req.len as u64) << 32,
-            flags,
-            slot,
-            done_at_post: (inject && req.signaled).then_some(req.wr_id),
-            written: false,
-            rider: None,
-        });
-        if self.batch[l].len() >= FLUSH_AT {
-            self.flush();
+            self.queue(l, p, last);
         }
-        Ok(())
+        Ok(rode)
     }
 
     fn owns(&self, region: RegionId) -> bool {
@@ -1622,16 +1792,7 @@ impl Transport for FabricTransport {
     /// so that a credit does not wait behind bulk data on the peer's
     /// connection, as it would not on the ACK lane's.
     fn credit_rides(&self, peer: usize, len: usize) -> bool {
-        if !self.ride_acks
-            || self
-                .contexts
-                .bytes_to
-                .get(peer)
-                .is_none_or(|&b| b > RIDE_BEHIND)
-        {
-            return false;
-        }
-        self.carrier(lane_index(Lane::Data), peer, len).is_some()
+        self.leaves_ack_lane(peer) && self.carrier(lane_index(Lane::Data), peer, len).is_some()
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), TransportError> {

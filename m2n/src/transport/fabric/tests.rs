@@ -432,6 +432,96 @@ fn credits_leave_the_ack_lane_only_to_ride() {
     }
 }
 
+/// `post_data`: a credit offered rides in the data write where leaving
+/// its lane costs nothing (piggybacked, or `M2N_FI_CREDIT_RIDE` lets an
+/// ACK-lane credit ride), and lands with it; the last data write of a
+/// pass goes at once, alone (no train, no poll needed), unless a
+/// piggybacked credit that could not ride follows it (message mode: the
+/// train waits for the credit, one doorbell for both); a write that is
+/// not last waits for its train.
+#[test]
+fn a_last_data_write_goes_at_once_with_the_credit_offered() {
+    for (provider, ride, notify) in [
+        ("shm", CreditRide::Auto, Notify::Auto),
+        ("net", CreditRide::Auto, Notify::Auto),
+        ("tcp", CreditRide::Never, Notify::Auto),
+        ("shm", CreditRide::Auto, Notify::Message),
+    ] {
+        let (mut a, mut b) = pair_with(FabricOptions {
+            credit_ride: ride,
+            notify,
+            ..opts(provider)
+        });
+        let messages = notify == Notify::Message;
+        let src = a.alloc(64).unwrap();
+        let word = a.alloc(64).unwrap();
+        let ring = b.alloc(64).unwrap();
+        let credits = b.alloc(64).unwrap();
+        let remote_ring = a.import(1, ring.descriptor()).unwrap();
+        let remote_credits = a.import(1, credits.descriptor()).unwrap();
+        let data = |k: u64| WriteRequest::test(&src, remote_ring, 0, 8, Some(k as u32), k);
+        // The first writes wait while the provider connects.
+        // SAFETY: the sources stay unchanged until the transports drop.
+        unsafe { post_retrying(&mut a, &mut b, Lane::Data, &data(1)) };
+        drive(&mut a, &mut b, |_, cb| cb.len() == 1);
+        let mut k = 1;
+        for (data_lane, last) in [(true, true), (false, true), (true, false), (false, false)] {
+            k += 1;
+            word.store_u64(0, k);
+            let credit = WriteRequest {
+                signaled: false,
+                ..WriteRequest::test(&word, remote_credits, 8, 8, None, 0)
+            };
+            let rider = Rider {
+                req: &credit,
+                data_lane,
+            };
+            let (writes, doorbells) = (a.counters().work_requests, a.counters().doorbells);
+            // SAFETY: as above.
+            let rode = unsafe { a.post_data(1, Lane::Data, &data(k), Some(rider), last) }.unwrap();
+            let want = !messages && (data_lane || ride == CreditRide::Auto);
+            assert_eq!(
+                rode, want,
+                "{provider} {ride:?} {notify:?}: {data_lane} {last}"
+            );
+            let follows = data_lane && !rode;
+            let alone = last && !follows;
+            // Sent at once (alone, or as a train of the write and its
+            // notice), or left for the poll.
+            assert_eq!(
+                a.batch[0].is_empty(),
+                alone,
+                "{provider} {notify:?}: {data_lane} {last}"
+            );
+            if follows {
+                // SAFETY: as above.
+                unsafe { a.post_write(1, Lane::Data, &credit) }.unwrap();
+            }
+            let (_, cb) = drive(&mut a, &mut b, |_, cb| !cb.is_empty());
+            assert_eq!(cb.len(), 1, "{provider}: {cb:?}");
+            if rode {
+                // Landed with the data, before its CQ data was read.
+                assert_eq!(credits.load_u64(8), k, "{provider}: credit {k}");
+            }
+            let c = a.counters();
+            // The data write, its notice in message mode, and the credit
+            // that followed it (one that neither rode nor followed is
+            // left to the caller's ACK lane).
+            let want = 1 + u64::from(messages) + u64::from(follows);
+            assert_eq!(
+                c.work_requests - writes,
+                want,
+                "{provider} {notify:?}: {data_lane} {last}"
+            );
+            assert_eq!(
+                c.doorbells - doorbells,
+                1,
+                "{provider} {notify:?}: {data_lane} {last}"
+            );
+        }
+    }
+}
+
 /// Unsignalled small writes (credits) are injected and ask for no
 /// completion; a train of them goes out in one post sequence.
 #[test]
