@@ -314,6 +314,14 @@ impl Channel<'_> {
         let deadline = self.comm.now() + timeout;
         let mut backoff = Backoff::new(self.comm.config.wait);
         loop {
+            // Quick reads first: a round trip's answer often lands while
+            // a full pass runs, and is then seen only at the next pass's
+            // read of the transport, a full pass later.
+            if backoff.spinning() {
+                if let Some(r) = self.quick_recv()? {
+                    return Ok(r);
+                }
+            }
             let late = self.comm.now() >= deadline;
             let lost = self.comm.lost_at_deadline(late);
             if let Some(r) = self.try_recv()? {
@@ -337,11 +345,6 @@ impl Channel<'_> {
                     ),
                     waited: timeout,
                 });
-            }
-            if backoff.spinning() {
-                if let Some(r) = self.quick_recv()? {
-                    return Ok(r);
-                }
             }
             backoff.wait(false);
         }
