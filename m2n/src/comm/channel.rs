@@ -101,13 +101,8 @@ impl Channel<'_> {
                 c.run()?;
             }
         }
-        let peer = self.comm.me();
-        let posted = self
-            .comm
-            .send
-            .proto
-            .post_round(&lens)
-            .map_err(|source| Error::Protocol { peer, source })?;
+        // (`validate` checked the count and the lengths.)
+        let posted = self.comm.send.proto.post_checked(&lens);
         self.comm.send.lens_scratch = lens;
         let Some(round) = posted else {
             // Blocked on credit: a receiver that is gone will never give it.

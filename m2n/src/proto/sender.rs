@@ -102,8 +102,17 @@ impl SendChannel {
                 slot_bytes: self.geo.slot_bytes,
             });
         }
+        Ok(self.post_checked(lens))
+    }
+
+    /// [`post_round`](Self::post_round) for lengths already checked (one
+    /// per receiver, none over the slot size), as the communicator's send
+    /// checks them: `None` when the window is full.
+    pub fn post_checked(&mut self, lens: &[usize]) -> Option<u64> {
+        debug_assert!(lens.len() == self.geo.receivers);
+        debug_assert!(lens.iter().all(|&l| l <= self.geo.slot_bytes));
         if !self.can_post() {
-            return Ok(None);
+            return None;
         }
         let round = self.next_round;
         let slot = self.geo.slot_of(round);
@@ -120,7 +129,7 @@ impl SendChannel {
         }
         self.pending.push_back(self.geo.receivers);
         self.next_round += 1;
-        Ok(Some(round))
+        Some(round)
     }
 
     /// The next write to hand to the transport, round-robin over receivers.
