@@ -605,6 +605,32 @@ fn wrong_secret_is_rejected() {
     );
 }
 
+/// Writes the transport cannot take yet wait in the communicator: over
+/// shm with completion rings of one entry, a sender's second round finds
+/// its first receiver's ring full while that receiver has not read it
+/// (the write is held back, and the rest of the round is queued behind
+/// it), and every round still lands, every byte checked.
+#[test]
+fn writes_held_back_by_a_full_transport_all_land() {
+    let (ok, out, err) = run_demo(
+        &[
+            "--senders",
+            "2",
+            "--receivers",
+            "2",
+            "--rounds",
+            "300",
+            "--bytes",
+            "512",
+            "--window",
+            "2",
+        ],
+        &[("M2N_TRANSPORT", "shm"), ("M2N_SHM_QUEUE_DEPTH", "1")],
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains(" 0 wrong"), "{out}");
+}
+
 #[test]
 fn demo_rejects_bad_flags_and_config() {
     let (ok, _, err) = run_demo(&["--senders", "0"], &[]);

@@ -101,10 +101,19 @@ impl Channel<'_> {
                 c.run()?;
             }
         }
+        // A round that is all there is to write goes to the transport
+        // straight from its lengths (see `progress_fresh`).
+        let fresh = self.comm.send.stalled.is_none()
+            && !self.comm.send.proto.has_queued()
+            && !self.comm.streams_active();
         // (`validate` checked the count and the lengths.)
-        let posted = self.comm.send.proto.post_checked(&lens);
-        self.comm.send.lens_scratch = lens;
+        let posted = if fresh {
+            self.comm.send.proto.post_direct(&lens)
+        } else {
+            self.comm.send.proto.post_checked(&lens)
+        };
         let Some(round) = posted else {
+            self.comm.send.lens_scratch = lens;
             // Blocked on credit: a receiver that is gone will never give it.
             if !lost.is_empty() {
                 let blocking: Vec<usize> = self.comm.send.proto.blocking_receivers().collect();
@@ -120,7 +129,13 @@ impl Channel<'_> {
         for c in &copies {
             self.comm.stages.sent_from(c.region, round);
         }
-        self.comm.progress_inner()?;
+        let r = if fresh {
+            self.comm.progress_fresh(round, &lens)
+        } else {
+            self.comm.progress_inner().map(drop)
+        };
+        self.comm.send.lens_scratch = lens;
+        r?;
         Ok(Some(round))
     }
 

@@ -487,7 +487,52 @@ impl Communicator {
         let hold = self.config.credit_piggyback && !writes && self.send.proto.next_round() > 0;
         self.credits_due(now, hold);
         moved |= self.post_writes()?;
-        moved |= self.post_owed_credits()?;
+        moved |= self.after_writes(now, hold, streams)?;
+        Ok(moved)
+    }
+
+    /// A send's pass where its round, just posted with
+    /// [`SendChannel::post_direct`], is all there is to write (no write
+    /// queued or stalled, no streams): as [`progress_steps`](Self::progress_steps),
+    /// the round's writes handed to the transport straight from its
+    /// lengths, not through the protocol's queue. Writes the transport
+    /// cannot take now are queued for the next pass.
+    pub(super) fn progress_fresh(&mut self, round: u64, lens: &[usize]) -> Result<()> {
+        let r = self.fresh_steps(round, lens);
+        self.let_streams_go_on_error(r).map(drop)
+    }
+
+    fn fresh_steps(&mut self, round: u64, lens: &[usize]) -> Result<bool> {
+        debug_assert!(self.send.stalled.is_none() && !self.send.proto.has_queued());
+        let now = self.now();
+        let mut left = lens.len();
+        let mut posted = self.check_fatal().map(|()| true);
+        if posted.is_ok() {
+            self.credits_due(now, false);
+            for (receiver, &len) in lens.iter().enumerate() {
+                let op = self.send.proto.write_of(receiver, round, len);
+                left -= 1;
+                posted = self.post_op(op, left > 0);
+                if !matches!(posted, Ok(true)) {
+                    break;
+                }
+            }
+        }
+        // The writes not handed out wait in the protocol's queue (the one
+        // refused is `stalled`), as the round's writes would have.
+        for (receiver, &len) in lens.iter().enumerate().skip(lens.len() - left) {
+            let op = self.send.proto.write_of(receiver, round, len);
+            self.send.proto.retry(op);
+        }
+        posted?;
+        self.after_writes(now, false, false)
+    }
+
+    /// The rest of a pass, after its data writes: the credits left, the
+    /// transport's completions, the credits read, streams' completions,
+    /// liveness.
+    fn after_writes(&mut self, now: Instant, hold: bool, streams: bool) -> Result<bool> {
+        let mut moved = self.post_owed_credits()?;
         moved |= self.poll_transport()?;
         moved |= self.read_credits()?;
         if streams {
@@ -506,6 +551,8 @@ impl Communicator {
         }
     }
 
+    /// Hands the protocol's queued writes to the transport, as far as it
+    /// takes them.
     fn post_writes(&mut self) -> Result<bool> {
         let mut moved = false;
         loop {
@@ -516,73 +563,85 @@ impl Communicator {
                     None => break,
                 },
             };
-            let (local, local_offset) =
-                self.send.sources[(op.round - self.send.sources_base) as usize][op.receiver];
-            let peer_global = self.shape.global(self.other_side(0).role, op.receiver);
-            let req = WriteRequest {
-                local,
-                local_offset,
-                len: op.len,
-                remote: self.send.rings[op.receiver],
-                remote_offset: op.remote_offset,
-                imm: Some(op.imm),
-                wr_id: op.round,
-                signaled: true,
-            };
-            // The credit owed to this receiver (the sender of the same
-            // index on the other channel is the same peer) may ride in its
-            // last write of the pass.
-            let owed =
-                if self.recv.credit_owed.is_empty() || self.send.proto.has_queued_to(op.receiver) {
-                    None
-                } else {
-                    self.recv.credit_owed.iter().position(|&s| s == op.receiver)
-                };
-            let credit = owed.map(|_| self.credit_request(op.receiver, Lane::Data));
-            let rider = credit.as_ref().map(|req| Rider {
-                req,
-                data_lane: self.config.credit_piggyback,
-            });
-            // The last data write of the pass, unless piggybacked credits
-            // other than its own follow it on the data lane (they share
-            // its doorbell).
-            let others = self.recv.credit_owed.len() - usize::from(owed.is_some());
-            let followed = self.config.credit_piggyback && others > 0;
-            let last = !followed && !self.send.proto.has_queued();
-            // SAFETY: the source bytes stay untouched until the round is sent:
-            // that is the documented contract of `Channel::send`; the
-            // credit's, see `post_credits`.
-            match unsafe {
-                self.transport
-                    .post_data(peer_global, op.lane, &req, rider, last)
-            } {
-                Ok(rode) => {
-                    moved = true;
-                    if let (true, Some(at)) = (rode, owed) {
-                        self.recv.credit_owed.swap_remove(at);
-                        self.recv.credit_writes += 1;
-                    }
-                }
-                Err(TransportError::WouldBlock) => {
-                    self.send.stalled = Some(op);
-                    break;
-                }
-                Err(TransportError::PeerClosed { reason, .. }) => {
-                    // Keep the write: the state stays consistent and every
-                    // later call reports the same lost peer.
-                    self.send.stalled = Some(op);
-                    return Err(Error::PeerLost {
-                        peer: self.other_side(op.receiver),
-                        reason,
-                    });
-                }
-                Err(source) => {
-                    let peer = Some(self.other_side(op.receiver));
-                    return Err(self.fail(Error::Transport { peer, source }));
-                }
+            let more = self.send.proto.has_queued();
+            if !self.post_op(op, more)? {
+                break;
             }
+            moved = true;
         }
         Ok(moved)
+    }
+
+    /// Hands one data write to the transport (`more`: other data writes
+    /// follow in this pass), with the credit owed to its peer offered to
+    /// ride in it. `Ok(false)`: the transport cannot take it now, and it
+    /// is kept as `stalled` for the next pass.
+    fn post_op(&mut self, op: WriteOp, more: bool) -> Result<bool> {
+        let (local, local_offset) =
+            self.send.sources[(op.round - self.send.sources_base) as usize][op.receiver];
+        let peer_global = self.shape.global(self.other_side(0).role, op.receiver);
+        let req = WriteRequest {
+            local,
+            local_offset,
+            len: op.len,
+            remote: self.send.rings[op.receiver],
+            remote_offset: op.remote_offset,
+            imm: Some(op.imm),
+            wr_id: op.round,
+            signaled: true,
+        };
+        // The credit owed to this receiver (the sender of the same index
+        // on the other channel is the same peer) may ride in its last
+        // write of the pass.
+        let owed = if self.recv.credit_owed.is_empty() || self.send.proto.has_queued_to(op.receiver)
+        {
+            None
+        } else {
+            self.recv.credit_owed.iter().position(|&s| s == op.receiver)
+        };
+        let credit = owed.map(|_| self.credit_request(op.receiver, Lane::Data));
+        let rider = credit.as_ref().map(|req| Rider {
+            req,
+            data_lane: self.config.credit_piggyback,
+        });
+        // The last data write of the pass, unless piggybacked credits
+        // other than its own follow it on the data lane (they share its
+        // doorbell).
+        let others = self.recv.credit_owed.len() - usize::from(owed.is_some());
+        let followed = self.config.credit_piggyback && others > 0;
+        let last = !followed && !more;
+        // SAFETY: the source bytes stay untouched until the round is sent:
+        // that is the documented contract of `Channel::send`; the
+        // credit's, see `post_credits`.
+        match unsafe {
+            self.transport
+                .post_data(peer_global, op.lane, &req, rider, last)
+        } {
+            Ok(rode) => {
+                if let (true, Some(at)) = (rode, owed) {
+                    self.recv.credit_owed.swap_remove(at);
+                    self.recv.credit_writes += 1;
+                }
+                Ok(true)
+            }
+            Err(TransportError::WouldBlock) => {
+                self.send.stalled = Some(op);
+                Ok(false)
+            }
+            Err(TransportError::PeerClosed { reason, .. }) => {
+                // Keep the write: the state stays consistent and every
+                // later call reports the same lost peer.
+                self.send.stalled = Some(op);
+                Err(Error::PeerLost {
+                    peer: self.other_side(op.receiver),
+                    reason,
+                })
+            }
+            Err(source) => {
+                let peer = Some(self.other_side(op.receiver));
+                Err(self.fail(Error::Transport { peer, source }))
+            }
+        }
     }
 
     /// Owes every sender the receive side's credit when it is due

@@ -115,21 +115,46 @@ impl SendChannel {
             return None;
         }
         let round = self.next_round;
-        let slot = self.geo.slot_of(round);
-        let imm = Immediate::new(self.channel, self.me, slot, round).encode();
         for (receiver, &len) in lens.iter().enumerate() {
-            self.queued[receiver].push_back(WriteOp {
-                receiver,
-                round,
-                lane: Lane::Data,
-                remote_offset: self.geo.slot_offset(self.me, slot),
-                len,
-                imm,
-            });
+            let op = self.write_of(receiver, round, len);
+            self.queued[receiver].push_back(op);
         }
         self.pending.push_back(self.geo.receivers);
         self.next_round += 1;
         Some(round)
+    }
+
+    /// [`post_checked`](Self::post_checked) without the queue, where
+    /// nothing is queued: the caller hands each receiver's write
+    /// ([`write_of`](Self::write_of)) to the transport itself, and gives
+    /// back with [`retry`](Self::retry) those it could not.
+    pub fn post_direct(&mut self, lens: &[usize]) -> Option<u64> {
+        debug_assert!(lens.len() == self.geo.receivers && !self.has_queued());
+        debug_assert!(lens.iter().all(|&l| l <= self.geo.slot_bytes));
+        if !self.can_post() {
+            return None;
+        }
+        let round = self.next_round;
+        // Handed out, as by `poll_transmit`.
+        for issued in &mut self.issued {
+            *issued = round + 1;
+        }
+        self.pending.push_back(self.geo.receivers);
+        self.next_round += 1;
+        Some(round)
+    }
+
+    /// The write of `len` bytes of `round` to `receiver`.
+    pub fn write_of(&self, receiver: usize, round: u64, len: usize) -> WriteOp {
+        let slot = self.geo.slot_of(round);
+        WriteOp {
+            receiver,
+            round,
+            lane: Lane::Data,
+            remote_offset: self.geo.slot_offset(self.me, slot),
+            len,
+            imm: Immediate::new(self.channel, self.me, slot, round).encode(),
+        }
     }
 
     /// The next write to hand to the transport, round-robin over receivers.
