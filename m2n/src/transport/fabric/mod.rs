@@ -1256,6 +1256,13 @@ impl FabricTransport {
         self.can_carry(&self.batch[lane][at], len).then_some(at)
     }
 
+    /// Whether `req` is a write that may ride in a data write: a credit
+    /// (no CQ data, nothing to report) small enough to inject. Its
+    /// source must also be host memory (see `target`).
+    fn may_ride(&self, req: &WriteRequest) -> bool {
+        req.imm.is_none() && !req.signaled && req.len <= self.inject_size
+    }
+
     /// Whether a credit of `len` bytes can ride in `p` (see
     /// [`carrier`](Self::carrier)).
     fn can_carry(&self, p: &Pending, len: usize) -> bool {
@@ -1684,8 +1691,7 @@ impl Transport for FabricTransport {
         // A credit (no CQ data, nothing to report, injectable) rides in
         // the data write queued last to its peer where it can (see
         // `carrier`): one message instead of two.
-        let credit = req.imm.is_none() && !req.signaled && !target.2;
-        let carrier = if credit && req.len <= self.inject_size {
+        let carrier = if self.may_ride(req) && !target.2 {
             self.carrier(l, peer, req.len)
         } else {
             None
@@ -1715,6 +1721,10 @@ impl Transport for FabricTransport {
     /// lane's train, which then goes if `last`. A credit offered rides in
     /// it where a credit queued behind it would (see `carrier` and
     /// `credit_rides`).
+    ///
+    /// # Safety
+    /// As [`Transport::post_data`]: both writes' sources stay unchanged
+    /// until they complete.
     unsafe fn post_data(
         &mut self,
         peer: usize,
@@ -1733,8 +1743,7 @@ impl Transport for FabricTransport {
         let mut rode = false;
         if let Some(c) = credit {
             let wanted = c.data_lane || self.leaves_ack_lane(peer);
-            let credit = c.req.imm.is_none() && !c.req.signaled && c.req.len <= self.inject_size;
-            if wanted && credit && self.can_carry(&p, c.req.len) {
+            if wanted && self.may_ride(c.req) && self.can_carry(&p, c.req.len) {
                 match self.target(peer, c.req) {
                     Ok((_, range, false)) => {
                         // As in `post_write`: a write that is not
