@@ -1148,7 +1148,13 @@ impl FabricTransport {
                     pflags | more
                 };
                 let p = &self.batch[lane][posted];
-                match Self::write_pending(&self.eps[lane], &mut self.contexts, p, flags) {
+                // A train of one is a write alone (its flags are its own).
+                let r = if n == 1 && !notice {
+                    Self::write_alone(&self.eps[lane], &mut self.contexts, p)
+                } else {
+                    Self::write_pending(&self.eps[lane], &mut self.contexts, p, flags)
+                };
+                match r {
                     Ok(()) => {
                         self.note_posted(pflags, done_at_post);
                         if notice {
@@ -1183,6 +1189,39 @@ impl FabricTransport {
                 self.batch[lane].drain(..posted);
             }
         }
+    }
+
+    /// Posts `p`, a write that goes alone (no `FI_MORE`: see
+    /// [`post_alone`](Self::post_alone), and a train of one), on `ep`,
+    /// with its own flags.
+    fn write_alone(ep: &Ep, contexts: &mut Contexts, p: &Pending) -> Result<(), FiError> {
+        // A write of one range that is injected and asks no completion
+        // (a round trip's reply carrying no credit, a credit alone) goes
+        // through the provider's inject entry, as fabtests' ping-pong
+        // posts. A write that has others after it (`FI_MORE`) stays with
+        // `fi_writemsg`: the flag is the provider's to batch the doorbell,
+        // and only that entry takes it.
+        let inject = sys::FI_INJECT as u64;
+        let cq_data = sys::FI_REMOTE_CQ_DATA as u64;
+        if p.rider.is_none() && p.flags & !cq_data == inject {
+            let w = &p.range;
+            let data = (p.flags & cq_data != 0).then_some(p.data);
+            // SAFETY: injected (`pending` chose it for a source within the
+            // inject size), so the source is read before this returns; it
+            // is registered memory, checked by `target`.
+            let r = unsafe {
+                ep.inject_write(
+                    (w.local as *const u8, w.len),
+                    data,
+                    p.dest,
+                    (w.remote_addr, w.key),
+                )
+            };
+            if let Some(r) = r {
+                return r;
+            }
+        }
+        Self::write_pending(ep, contexts, p, p.flags)
     }
 
     /// Posts `p` (and the credit riding in it) with `flags` on `ep`.
@@ -1405,7 +1444,7 @@ impl FabricTransport {
     /// call says so), as in a train.
     fn post_alone(&mut self, lane: usize, p: Pending) {
         debug_assert!(self.batch[lane].is_empty() && self.notices.is_none());
-        let r = self.watched(|t| Self::write_pending(&t.eps[lane], &mut t.contexts, &p, p.flags));
+        let r = self.watched(|t| Self::write_alone(&t.eps[lane], &mut t.contexts, &p));
         match r {
             Ok(()) => {
                 self.counters.doorbells += 1;
