@@ -705,8 +705,8 @@ impl Ep {
     /// does for any write (over libfabric's shm: its completion queue's
     /// lock, the source's memory kind, the choice of protocol, the
     /// completion's decision): over libfabric 1.17's shm, 324 instructions
-    /// a call against 460 for a write of one range through `fi_writemsg`
-    /// (callgrind), the cost fabtests' ping-pong pays. `None` where the provider has no such entry
+    /// a call against about 430 for the same write through `fi_writemsg`
+    /// (callgrind), as fabtests' ping-pong posts. `None` where the provider has no such entry
     /// (`-FI_ENOSYS` or none in its table): the caller posts with
     /// [`write_msg`](Self::write_msg).
     ///
