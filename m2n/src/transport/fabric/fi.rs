@@ -706,9 +706,9 @@ impl Ep {
     /// lock, the source's memory kind, the choice of protocol, the
     /// completion's decision): over libfabric 1.17's shm, 324 instructions
     /// a call against about 430 for the same write through `fi_writemsg`
-    /// (callgrind), as fabtests' ping-pong posts. `None` where the provider has no such entry
-    /// (`-FI_ENOSYS` or none in its table): the caller posts with
-    /// [`write_msg`](Self::write_msg).
+    /// (callgrind), as fabtests' ping-pong posts. `None` where the
+    /// provider has no such entry (`-FI_ENOSYS` or none in its table): the
+    /// caller posts with [`write_msg`](Self::write_msg).
     ///
     /// # Safety
     /// `buf..buf+len` is readable; `len` is at most the endpoint's inject
