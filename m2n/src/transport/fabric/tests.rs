@@ -570,6 +570,21 @@ fn unsignalled_credit_writes_need_no_completion() {
 }
 
 #[test]
+fn lanes_share_an_endpoint_only_over_shm() {
+    for provider in HOST_PROVIDERS {
+        let (a, _b) = pair(provider);
+        let [data, ack] = a.lane_ep;
+        if provider == "shm" {
+            assert_eq!((data, ack, a.eps.len()), (0, 0, 1), "{provider}");
+        } else {
+            assert_ne!(data, ack, "{provider}: the ACK lane has its own endpoint");
+            assert!(a.eps.len() >= 2 && a.lane_ep.iter().all(|&e| e < a.eps.len()));
+        }
+        assert!(a.rx < a.eps.len(), "{provider}");
+    }
+}
+
+#[test]
 fn a_provider_that_does_not_exist_is_a_clear_unavailable_error() {
     let err = FabricTransport::new(0, 2, opts("nosuchprovider")).unwrap_err();
     assert!(
