@@ -262,7 +262,8 @@ pub struct FabricConfig {
     /// Traffic class of the data lane's endpoint (`M2N_FI_DATA_TCLASS`).
     pub data: TrafficClass,
     /// Traffic class of the ACK lane's endpoint (`M2N_FI_ACK_TCLASS`),
-    /// `low_latency` by default.
+    /// `low_latency` by default; unused where the lanes share one
+    /// endpoint (shm), which has the data lane's.
     pub ack: TrafficClass,
     /// Writes in flight per process that wait for a completion.
     pub tx_depth: usize,
