@@ -722,34 +722,31 @@ impl Ep {
     ) -> Option<Result<(), FiError>> {
         let ep = self.ptr;
         let buf = buf.cast::<libc::c_void>();
-        let ret = match data {
+        let (name, ret) = match data {
             Some(data) => {
+                let name = "fi_inject_writedata";
                 // SAFETY: reads the live endpoint's ops table.
                 let op = unsafe { (*(*self.ptr).rma).injectdata }?;
-                // SAFETY: the header's fi_inject_writedata; the rest is
-                // the caller's contract.
-                guarded(self.fabric(), "fi_inject_writedata", || unsafe {
+                // SAFETY: the header's fi_inject_writedata; the rest is the caller's contract.
+                let ret = guarded(self.fabric(), name, || unsafe {
                     op(ep, buf, len, data, dest, addr, key)
-                })
+                });
+                (name, ret)
             }
             None => {
+                let name = "fi_inject_write";
                 // SAFETY: reads the live endpoint's ops table.
                 let op = unsafe { (*(*self.ptr).rma).inject }?;
-                // SAFETY: the header's fi_inject_write; the rest is the
-                // caller's contract.
-                guarded(self.fabric(), "fi_inject_write", || unsafe {
+                // SAFETY: the header's fi_inject_write; the rest is the caller's contract.
+                let ret = guarded(self.fabric(), name, || unsafe {
                     op(ep, buf, len, dest, addr, key)
-                })
+                });
+                (name, ret)
             }
-        };
-        let op = if data.is_some() {
-            "fi_inject_writedata"
-        } else {
-            "fi_inject_write"
         };
         match ret {
             Ok(ret) if ret == -(sys::FI_ENOSYS as isize) => None,
-            ret => Some(ret.and_then(|ret| check(op, ret as i64))),
+            ret => Some(ret.and_then(|ret| check(name, ret as i64))),
         }
     }
 
