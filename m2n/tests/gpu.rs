@@ -2,8 +2,9 @@
 //! skips on a machine without one; `scripts/gpu-check` runs them on the
 //! GPU machine): stream-gated sends from GPU memory (staged over shm),
 //! stream-gated receives read by copy engines, cuda-ipc rounds between two
-//! processes on one GPU with every byte checked, and the stream-gated
-//! round against the CPU-synchronised one.
+//! processes on one GPU with every byte checked, the stream-gated round
+//! against the CPU-synchronised one, and rounds from GPU memory over
+//! libfabric's shm with FI_HMEM.
 #![cfg(feature = "cuda")]
 
 #[path = "support/inproc.rs"]
@@ -545,6 +546,69 @@ fn graph_safe_calls_captured_into_cuda_graphs_replay_with_every_byte_checked() {
         sys::cuGraphExecDestroy(ge);
     }
     drop((src, back));
+}
+
+/// GPU memory over libfabric: the provider (shm) reads the registered
+/// device buffer itself (FI_HMEM), with no host stage; every byte checked.
+/// Skips, saying why, where libfabric is missing or cannot register CUDA
+/// memory (Debian's libfabric1 is built without CUDA).
+#[test]
+fn rounds_from_gpu_memory_over_fabric_with_fi_hmem() {
+    let Some(()) = gpu() else { return };
+    let mut cfg = config(TransportKind::Fabric);
+    cfg.fabric.provider = Some("shm".into());
+    let (a, e) = inproc::init_pair(cfg, bind);
+    let (mut a, mut e) = match (a, e) {
+        (Ok(a), Ok(e)) => (a, e),
+        (Err(err), _) | (_, Err(err)) if err.to_string().contains("libfabric.so") => {
+            println!("skipped: {err}");
+            return;
+        }
+        (a, e) => panic!("a fabric pair over shm: {:?} {:?}", a.err(), e.err()),
+    };
+    let (len, rounds) = (40_000, 20u8);
+    let d = alloc(len);
+    // SAFETY: `d` stays allocated for the whole test.
+    let region = match unsafe { a.register_gpu(d, len) } {
+        Ok(region) => region,
+        Err(err) if err.to_string().contains("built --with-cuda") => {
+            println!("skipped: {err}");
+            return;
+        }
+        Err(err) => panic!("registering GPU memory over fabric: {err}"),
+    };
+    assert!(
+        !region.is_staged(),
+        "with FI_HMEM the provider reads GPU memory itself"
+    );
+    let expert = std::thread::spawn(move || {
+        // shm's receiver may copy out of the sender's GPU memory.
+        bind();
+        for k in 0..rounds {
+            let r = e.dispatch().recv(Duration::from_secs(20)).unwrap();
+            let got = e.message(&r, 0);
+            let wrong = got.iter().filter(|&&b| b != k + 1).count();
+            assert!(
+                got.len() == len && wrong == 0,
+                "round {k}: {} bytes, {wrong} of them wrong",
+                got.len()
+            );
+            e.dispatch().release(r).unwrap();
+        }
+    });
+    let s = stream();
+    for k in 0..rounds {
+        memset(d, k + 1, len, s);
+        sync(s);
+        let round = a
+            .dispatch()
+            .send(&[Msg::new(&region, 0, len)], Duration::from_secs(20))
+            .unwrap();
+        a.dispatch()
+            .wait_sent(round, Duration::from_secs(20))
+            .unwrap();
+    }
+    expert.join().unwrap();
 }
 
 #[test]

@@ -368,6 +368,24 @@ impl ShmFiles {
     }
 }
 
+/// The error of a registration of GPU `gpu`'s memory that the provider
+/// answered with `FI_ENOSYS`: libfabric's CUDA support is not initialised
+/// (its `fi_mr_regattr` checks that first), because it was built without it
+/// or found no CUDA runtime. Debian's libfabric1 is built without CUDA, and
+/// advertises FI_HMEM all the same.
+fn no_cuda_registration(provider: &str, gpu: i32) -> TransportError {
+    // SAFETY: fi_version() has no preconditions.
+    let version = unsafe { fi::lib().fi_version() };
+    unavailable(format!(
+        "{provider} cannot register memory of GPU {gpu} (fi_mr_regattr: FI_ENOSYS): the CUDA \
+         support of libfabric {}.{} is not initialised; it was built without CUDA (as Debian's \
+         libfabric1 is) or found no CUDA runtime. GPU memory over fabric needs a libfabric \
+         built --with-cuda, such as the EFA installer's",
+        version >> 16,
+        version & 0xffff
+    ))
+}
+
 /// Stacks the default passes over: in libfabric before 1.18, rxm over tcp
 /// crashes (SIGSEGV in `rxm_handle_comp_error`) when two ranks connect to
 /// each other at once or a peer dies; `net`, the native reliable datagram
@@ -828,7 +846,9 @@ pub struct FabricTransport {
     /// peer (see [`Transport::credit_rides`]), where that lane's own
     /// endpoint buys it no priority (`M2N_FI_CREDIT_RIDE`).
     ride_acks: bool,
-    hmem: bool,
+    /// Why GPU memory cannot be registered (no GPU, or no provider with
+    /// FI_HMEM); `None` where it can (FI_HMEM).
+    no_hmem: Option<String>,
     locals: LocalRegions,
     imports: Vec<Imported>,
     closed: Vec<Option<String>>,
@@ -883,12 +903,20 @@ impl FabricTransport {
         // Device memory registration (FI_HMEM) is asked for only where a
         // GPU is present: providers may pick slower paths for it.
         #[cfg(feature = "cuda")]
-        let with_hmem = crate::gpu::init().is_ok();
+        let gpu = crate::gpu::init().map(drop).map_err(|e| e.to_string());
         #[cfg(not(feature = "cuda"))]
-        let with_hmem = false;
-        let ((info, notify), hmem) = match with_hmem.then(|| choose(&opts, true)) {
-            Some(Ok(chosen)) => (chosen, true),
-            _ => (choose(&opts, false)?, false),
+        let gpu: Result<(), String> = Err("m2n was built without the cuda feature".into());
+        let ((info, notify), no_hmem) = match gpu {
+            Ok(()) => match choose(&opts, true) {
+                Ok(chosen) => (chosen, None),
+                Err(e) => (choose(&opts, false)?, Some(format!("with FI_HMEM, {e}"))),
+            },
+            Err(e) => (
+                choose(&opts, false)?,
+                Some(format!(
+                    "FI_HMEM is asked of a provider only where a GPU is present: {e}"
+                )),
+            ),
         };
         let e = info.get_ref();
         let provider = fi::prov_name(e);
@@ -974,7 +1002,7 @@ impl FabricTransport {
         if me == 0 {
             eprintln!(
                 "m2n: fabric transport: provider {provider} (fabric {fabric_name}, domain {domain_name}{}{})",
-                if hmem { ", FI_HMEM" } else { "" },
+                if no_hmem.is_none() { ", FI_HMEM" } else { "" },
                 if notify == Notify::Message { ", notices by message" } else { "" }
             );
         }
@@ -1008,7 +1036,7 @@ impl FabricTransport {
             inject_size,
             two_ranges,
             ride_acks,
-            hmem,
+            no_hmem,
             locals: LocalRegions::default(),
             imports: Vec::new(),
             closed: vec![None; world],
@@ -1071,7 +1099,12 @@ impl FabricTransport {
         // SAFETY: forwarded contract.
         unsafe { self.domain.register(base, len, access, key, device) }
             .map(Some)
-            .map_err(fi_err)
+            .map_err(|e| match device {
+                Some(gpu) if e.code == sys::FI_ENOSYS as i32 => {
+                    no_cuda_registration(&self.provider, gpu)
+                }
+                _ => fi_err(e),
+            })
     }
 
     /// Adds a registered region; its descriptor (for remote writes) when
@@ -1100,14 +1133,13 @@ impl FabricTransport {
 
     #[cfg(feature = "cuda")]
     fn require_hmem(&self) -> Result<(), TransportError> {
-        if self.hmem {
-            return Ok(());
+        match &self.no_hmem {
+            None => Ok(()),
+            Some(why) => Err(unavailable(format!(
+                "GPU memory needs FI_HMEM, and the transport runs on {} without it: {why}",
+                self.provider
+            ))),
         }
-        Err(unavailable(format!(
-            "GPU memory needs a provider with FI_HMEM; {} offers none here (a GPU and a \
-             provider built with CUDA support, such as efa or verbs;ofi_rxm, are needed)",
-            self.provider
-        )))
     }
 
     /// Posts each lane's train: every write but the last with `FI_MORE`.
@@ -1620,7 +1652,11 @@ impl Transport for FabricTransport {
             } else {
                 ""
             },
-            if self.hmem { ", FI_HMEM" } else { "" }
+            if self.no_hmem.is_none() {
+                ", FI_HMEM"
+            } else {
+                ""
+            }
         )
     }
 

@@ -595,6 +595,67 @@ fn a_provider_that_does_not_exist_is_a_clear_unavailable_error() {
     assert!(probe(&opts("tcp")).unwrap().starts_with("tcp;ofi_rxm"));
 }
 
+/// Whether a CUDA driver library loads here: without one, libfabric's
+/// CUDA support cannot initialise, however it was built.
+fn cuda_driver_loadable() -> bool {
+    // SAFETY: dlopen of a library by name, closed at once; a driver's
+    // initialisers have no preconditions.
+    unsafe {
+        let handle = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+        true
+    }
+}
+
+#[test]
+fn gpu_memory_libfabric_cannot_register_is_refused_by_name() {
+    if cuda_driver_loadable() {
+        println!(
+            "skipped: a CUDA driver is present, so libfabric's CUDA support may initialise \
+             (scripts/gpu-check runs GPU memory over fabric)"
+        );
+        return;
+    }
+    for provider in HOST_PROVIDERS {
+        let mut t = FabricTransport::new(0, 2, opts(provider)).unwrap();
+        let mut host = vec![0u8; 4096];
+        // SAFETY: `host` outlives the attempt, which registers nothing.
+        let err = unsafe { t.register_mr(host.as_mut_ptr(), host.len(), true, Some(0)) }
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory of GPU 0")
+                && err.contains("FI_ENOSYS")
+                && err.contains("built --with-cuda"),
+            "{provider}: {err}"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_memory_without_a_gpu_is_refused_naming_why() {
+    if let Ok(n) = crate::gpu::init() {
+        println!("skipped: this machine has {n} GPU(s)");
+        return;
+    }
+    let mut t = FabricTransport::new(0, 2, opts("shm")).unwrap();
+    assert!(!t.describe().contains("FI_HMEM"), "{}", t.describe());
+    // SAFETY: refused before the address is used.
+    let err = unsafe { t.register_device(0x1000, 4096) }
+        .map(drop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("GPU memory needs FI_HMEM") && err.contains("only where a GPU is present"),
+        "{err}"
+    );
+}
+
 #[test]
 fn endpoints_of_another_provider_or_shape_are_refused_by_name() {
     let (mut a, b) = pair("tcp");
