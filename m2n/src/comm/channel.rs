@@ -386,8 +386,9 @@ impl Channel<'_> {
     }
 
     /// Hands a round back: its slots return to the senders as credit (at
-    /// once to a sender whose window is full; a batch of releases with the
-    /// next call's pass, after that pass's data writes, see
+    /// once where a sender may be waiting for it, its window full; else a
+    /// batch of releases, and the periodic refresh, with the next call's
+    /// pass, after that pass's data writes, see
     /// [`Config::credit_batch`](crate::Config::credit_batch)).
     pub fn release(&mut self, round: RecvRound) -> Result<()> {
         self.receiving()?;
@@ -401,6 +402,14 @@ impl Channel<'_> {
             .release(round.round)
             .map_err(|source| Error::Protocol { peer, source })?;
         self.comm.recv.proto.recycle_lens(round.lens);
-        self.comm.credit_after_release()
+        // Only a sender that may be waiting needs the credit before the
+        // next pass: on a round trip's path, the release is followed by
+        // the reply's send, whose pass decides the rest.
+        if self.comm.recv.proto.sender_may_wait() {
+            self.comm.credit_after_release()
+        } else {
+            let r = self.comm.check_fatal();
+            self.comm.let_streams_go_on_error(r)
+        }
     }
 }

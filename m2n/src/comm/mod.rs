@@ -449,15 +449,15 @@ impl Communicator {
         r
     }
 
-    /// After a release: a credit a sender may be waiting for (its window
-    /// full) or the periodic refresh goes out at once, and the transport is
-    /// polled to send it. A batch that is merely complete waits for the
-    /// next pass (the next send, receive or progress call on this group),
-    /// which posts it after that pass's data writes: a release on the way
-    /// to the next send then neither costs a pass of its own nor puts its
-    /// credit on the wire ahead of the data (in a round trip, the reply).
-    /// A sender held by such a credit is not waiting for it yet, as with a
-    /// batch not yet complete.
+    /// After a release that a sender may be waiting for (its window full):
+    /// the credit goes out at once, and the transport is polled to send
+    /// it. After any other release, a batch that is merely complete and
+    /// the periodic refresh wait for the next pass (the next send, receive
+    /// or progress call on this group), which posts them after that pass's
+    /// data writes: a release on the way to the next send then neither
+    /// costs a pass of its own nor puts its credit on the wire ahead of
+    /// the data (in a round trip, the reply). A sender held by such a
+    /// credit is not waiting for it yet, as with a batch not yet complete.
     pub(super) fn credit_after_release(&mut self) -> Result<()> {
         let r = self.check_fatal().and_then(|()| {
             let now = self.now();

@@ -240,6 +240,13 @@ impl RecvChannel {
         Ok(())
     }
 
+    /// Whether a release is unpublished that some sender may be waiting
+    /// for: it has used its whole window past the last credit published.
+    #[inline]
+    pub fn sender_may_wait(&self) -> bool {
+        self.released > self.published && self.max_arrived >= self.published + self.geo.depth as u64
+    }
+
     /// The credit to write to every sender now, if any: after `batch`
     /// releases, after any release a sender may be waiting for, and every
     /// `refresh` interval (which also repairs a lost credit). With
@@ -250,8 +257,7 @@ impl RecvChannel {
         let unpublished = self.released - self.published;
         let refresh_due = self.refresh_at.is_some_and(|at| now >= at);
         let due = if unpublished > 0 {
-            let sender_may_wait = self.max_arrived >= self.published + self.geo.depth as u64;
-            (unpublished >= self.batch && !hold_batch) || sender_may_wait || refresh_due
+            (unpublished >= self.batch && !hold_batch) || self.sender_may_wait() || refresh_due
         } else {
             self.released > 0 && refresh_due
         };
