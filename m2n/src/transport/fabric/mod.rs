@@ -1101,7 +1101,19 @@ impl FabricTransport {
             .map(Some)
             .map_err(|e| match device {
                 Some(gpu) if e.code == sys::FI_ENOSYS as i32 => {
-                    no_cuda_registration(&self.provider, gpu)
+                    let err = no_cuda_registration(&self.provider, gpu);
+                    // Unavailable: the communicator sends such memory
+                    // through a host stage, as over shm and tcp. Later
+                    // registrations go there at once (`require_hmem`), and
+                    // the process is told once why it copies.
+                    static TOLD: std::sync::Once = std::sync::Once::new();
+                    TOLD.call_once(|| {
+                        eprintln!(
+                            "m2n: fabric transport: GPU memory goes through a host stage: {err}"
+                        )
+                    });
+                    self.no_hmem = Some(err.to_string());
+                    err
                 }
                 _ => fi_err(e),
             })

@@ -633,6 +633,9 @@ fn gpu_memory_libfabric_cannot_register_is_refused_by_name() {
                 && err.contains("built --with-cuda"),
             "{provider}: {err}"
         );
+        // Later registrations are refused at once, for the same reason.
+        assert_eq!(t.no_hmem.as_deref(), Some(err.as_str()), "{provider}");
+        assert!(!t.describe().contains("FI_HMEM"), "{}", t.describe());
     }
 }
 
