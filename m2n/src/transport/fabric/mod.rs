@@ -1101,17 +1101,9 @@ impl FabricTransport {
             .map(Some)
             .map_err(|e| match device {
                 Some(gpu) if e.code == sys::FI_ENOSYS as i32 => {
+                    // Later registrations are refused at once, for the
+                    // same reason (`require_hmem`).
                     let err = no_cuda_registration(&self.provider, gpu);
-                    // Unavailable: the communicator sends such memory
-                    // through a host stage, as over shm and tcp. Later
-                    // registrations go there at once (`require_hmem`), and
-                    // the process is told once why it copies.
-                    static TOLD: std::sync::Once = std::sync::Once::new();
-                    TOLD.call_once(|| {
-                        eprintln!(
-                            "m2n: fabric transport: GPU memory goes through a host stage: {err}"
-                        )
-                    });
                     self.no_hmem = Some(err.to_string());
                     err
                 }
@@ -1722,7 +1714,20 @@ impl Transport for FabricTransport {
         self.require_hmem()?;
         let device = self.opts.cuda_device as i32;
         // SAFETY: forwarded contract: the device memory outlives the region.
-        let mr = unsafe { self.register_mr(dptr as *mut u8, len, false, Some(device)) }?;
+        let mr = unsafe { self.register_mr(dptr as *mut u8, len, false, Some(device)) }
+            .inspect_err(|e| {
+                // Unavailable: the communicator sends such memory through a
+                // host stage, as over shm and tcp; the process is told once
+                // why it copies.
+                static TOLD: std::sync::Once = std::sync::Once::new();
+                if matches!(e, TransportError::Unavailable(..)) {
+                    TOLD.call_once(|| {
+                        eprintln!(
+                            "m2n: fabric transport: GPU memory goes through a host stage: {e}"
+                        )
+                    });
+                }
+            })?;
         Ok(self.add(
             FabricMemory {
                 base: dptr as *mut u8,
