@@ -1543,8 +1543,7 @@ impl FabricTransport {
             context: self.contexts.ptr(NO_SLOT),
             data: 0,
         };
-        // SAFETY: injected: the provider copies the notice before this
-        // returns, and asks no completion (the context is the spare one).
+        // SAFETY: injected (copied before the call returns), no completion asked (the spare context).
         unsafe { self.eps[self.lane_ep[lane]].send_msg(&msg, sys::FI_INJECT as u64 | more) }?;
         self.counters.work_requests += 1;
         self.counters.inline += 1;

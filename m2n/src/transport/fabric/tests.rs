@@ -598,8 +598,7 @@ fn a_provider_that_does_not_exist_is_a_clear_unavailable_error() {
 /// Whether a CUDA driver library loads here: without one, libfabric's
 /// CUDA support cannot initialise, however it was built.
 fn cuda_driver_loadable() -> bool {
-    // SAFETY: dlopen of a library by name, closed at once; a driver's
-    // initialisers have no preconditions.
+    // SAFETY: dlopen by name, closed at once; a driver's initialisers have no preconditions.
     unsafe {
         let handle = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
         if handle.is_null() {
